@@ -1,0 +1,41 @@
+# enclaveml: `make demo` and `make test` work on a fresh clone; each creates .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+SHARED ?= ../shared
+
+.PHONY: venv test demo zoo bench-assess bench-serve bench-caltrain bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch (its wheel lies on disk here; a plain `torch` pulls a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e '.[samples,test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+zoo: $(STAMP)
+	$(PY) benchmarks/train_zoo.py
+
+bench-assess: $(STAMP)
+	$(PY) benchmarks/bench_assess.py
+
+bench-serve: $(STAMP)
+	$(PY) benchmarks/bench_serve.py
+
+bench-caltrain: $(STAMP)
+	$(PY) benchmarks/bench_caltrain.py
+
+bench: bench-assess bench-serve bench-caltrain
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
