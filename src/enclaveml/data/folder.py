@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import paths
+from .. import paths as _paths
 from ..errors import DataError
 from .preprocess import Preprocessing, decode_image, image_to_tensor, load_image_bytes
 
@@ -73,7 +73,7 @@ def _cache_path(root: Path, samples, pre: Preprocessing, limit_key: str) -> Path
     for p, _ in samples[:: max(1, len(samples) // 64)]:
         st = os.stat(p)
         h.update(f"{p}:{st.st_size}:{int(st.st_mtime)}".encode())
-    base = paths.cache()
+    base = _paths.cache()
     return base / "folders" / f"{h.hexdigest()[:24]}.npz"
 
 
