@@ -1,0 +1,200 @@
+"""`enclaveml attest ...`: check evidence by hand, pin the sim enclave (client/owner side).
+
+    enclaveml attest verify EVIDENCE [--collateral FILE]... [--policy FILE] [--report-data HEX] [--now ISO8601] [--json]
+    enclaveml attest policy --tee sim [--config JSON] [--out FILE]
+    enclaveml attest measure --tee sim [--config JSON]
+    enclaveml attest evidence --tee sim --report-data HEX [--config JSON] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import EnclaveMLError, UserInputError
+
+attest_app = typer.Typer(help="Verify TEE evidence and write attestation policies.", no_args_is_help=True)
+
+
+def _config(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        if text.startswith("@"):
+            text = Path(text[1:]).read_text()
+        cfg = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"--config is not a JSON object or @file: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserInputError("--config must be a JSON object")
+    return cfg
+
+
+def _now(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UserInputError(f"--now {text!r} is not ISO 8601 (e.g. 2025-07-04T00:00:00Z)") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _hex(name: str, text: str | None, size: int | None = None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        b = bytes.fromhex(text)
+    except ValueError:
+        raise UserInputError(f"{name} is not hex") from None
+    if size is not None and len(b) != size:
+        raise UserInputError(f"{name} must be {size} bytes ({2 * size} hex digits), got {len(b)}")
+    return b
+
+
+def _require_sim(tee: str) -> None:
+    if tee != "sim":
+        raise UserInputError(f"--tee {tee}: only sim can be measured locally; hardware measurements come from the build (see docs/tee.md)")
+
+
+def _print_claims(claims, verdict: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"attestation evidence: {verdict}", show_header=False)
+    t.add_row("type", claims.backend)
+    t.add_row("measurement", claims.measurement)
+    t.add_row("report data", claims.report_data.hex())
+    t.add_row("TCB status", claims.tcb_status)
+    t.add_row("advisories", ", ".join(claims.advisories) or "-")
+    t.add_row("timestamp", claims.timestamp.isoformat() if claims.timestamp else "- (freshness comes from the report data)")
+    for k in ("mr_signer", "isv_svn", "tee_tcb_svn", "fmspc", "policy", "debug", "reported_tcb", "platform_key", "product"):
+        if k in claims.details:
+            t.add_row(k, str(claims.details[k]))
+    Console(width=200).print(t)
+
+
+def _with_clock_hint(e: EnclaveMLError, ev, now: str | None) -> EnclaveMLError:
+    """Collateral expires: when the wall clock was used, say when the given collateral is valid."""
+    from ..errors import EvidenceRejected
+
+    if now is not None or not isinstance(e, EvidenceRejected) or ev is None or ev.backend not in ("sgx", "tdx") or not ev.collateral:
+        return e
+    from .collateral import collateral_validity
+
+    try:
+        start, end = collateral_validity(ev.collateral)
+    except UserInputError:
+        return e
+    t = datetime.now(timezone.utc)
+    if start <= t <= end:
+        return e
+    return EvidenceRejected(f"{e} (the collateral is valid {start.isoformat()} .. {end.isoformat()}; "
+                            "fetch fresh collateral or pin the clock with --now)")
+
+
+@attest_app.command("verify")
+def verify_cmd(
+    evidence: Path = typer.Argument(..., help="Evidence JSON, or a raw SGX/TDX quote, SEV-SNP report or sim quote."),
+    collateral: Optional[list[Path]] = typer.Option(None, "--collateral", help="dcap-qvl collateral JSON (SGX/TDX) or certificates (SEV-SNP VCEK, ASK/ARK chain; repeat)."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Policy TOML; without it only signatures and chain are checked."),
+    type_: Optional[str] = typer.Option(None, "--type", help="Evidence type of a raw file: sgx, tdx, sev-snp or sim (default: detected)."),
+    report_data: Optional[str] = typer.Option(None, "--report-data", help="Expected 64-byte report data, hex."),
+    now: Optional[str] = typer.Option(None, "--now", help="Pin the clock (ISO 8601), e.g. inside the collateral's validity."),
+    fetch_collateral: Optional[str] = typer.Option(None, "--fetch-collateral", help="Fetch SGX/TDX collateral from this PCCS URL (or 'intel')."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: the claims, or the reason for refusal."),
+) -> None:
+    """Verify evidence and print its claims (type, measurement, report data, TCB status) or why it is refused."""
+    from . import load_policy, verify_claims_only, verify_evidence
+    from .evidence import Evidence
+    from .evidence_files import load_evidence
+
+    try:
+        ev = load_evidence(evidence, type_, list(collateral or []))
+        if fetch_collateral and ev.backend in ("sgx", "tdx"):
+            from .collateral import fetch_collateral as fetch
+
+            ev = Evidence(ev.backend, ev.quote, fetch(ev.quote, None if fetch_collateral == "intel" else fetch_collateral))
+        when = _now(now)
+        expected = _hex("--report-data", report_data, 64)
+        if policy is not None:
+            claims = verify_evidence(ev, load_policy(policy), expected, when)
+            verdict = f"ACCEPTED by policy {policy}"
+        else:
+            claims = verify_claims_only(ev, when)
+            if expected is not None:
+                from . import rules
+
+                rules.report_data(claims, expected)
+            verdict = "GENUINE (no policy given: measurement and TCB status not judged)"
+    except EnclaveMLError as e:
+        e = _with_clock_hint(e, locals().get("ev"), now)
+        if as_json:
+            print(json.dumps({"verified": False, "error": type(e).__name__, "reason": str(e)}))
+            raise typer.Exit(2)
+        raise e from None
+    if as_json:
+        print(json.dumps({"verified": True, "policy": str(policy) if policy else None, "claims": claims.to_dict()}, indent=2))
+    else:
+        _print_claims(claims, verdict)
+
+
+@attest_app.command("measure")
+def measure_cmd(
+    tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+) -> None:
+    """Print the expected measurement of this installed enclaveml for the sim backend."""
+    _require_sim(tee)
+    from .sim import expected_sim_measurement
+
+    print(expected_sim_measurement(_config(config)))
+
+
+@attest_app.command("policy")
+def policy_cmd(
+    tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+    max_age_s: int = typer.Option(300, "--max-age-s", help="Oldest evidence accepted, seconds."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write here (default: print)."),
+) -> None:
+    """Write a policy pinning the local sim platform key and this code's sim measurement."""
+    _require_sim(tee)
+    from .policy import write_policy
+    from .sim import sim_policy
+
+    p = sim_policy(_config(config), max_age_s=max_age_s)
+    if out is None:
+        sys.stdout.write(p.to_toml())
+    else:
+        write_policy(p, out)
+        print(f"wrote {out}")
+
+
+@attest_app.command("evidence")
+def evidence_cmd(
+    report_data: str = typer.Option(..., "--report-data", help="64 bytes of report data, hex."),
+    tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the Evidence JSON here (default: print)."),
+) -> None:
+    """Produce sim evidence for given report data (for trying `attest verify`; uses the local platform key)."""
+    _require_sim(tee)
+    from . import get_backend
+
+    ev = get_backend("sim", config=_config(config)).evidence(_hex("--report-data", report_data, 64))
+    text = json.dumps(ev.to_dict(), indent=2)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text + "\n")
+        print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(attest_app, name="attest")

@@ -1,0 +1,187 @@
+"""The attestation policy: which verified evidence a client or owner accepts (client/owner side).
+
+A small TOML file (read with `tomllib`, written by `write_policy`) that `infer`, `deploy` and
+`train contribute` load before trusting an enclave. Every field fails closed: an evidence type
+with no pinned measurement is refused, and the default TCB acceptance is `UpToDate` only. The
+field reference with an example is in docs/tee.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserInputError
+from .evidence import EVIDENCE_TYPES
+
+_HEX = re.compile(r"^[0-9a-f]*$")
+SNP_TCB_FIELDS = ("bootloader", "tee", "snp", "microcode")
+
+# Every TCB status dcap-qvl can report for SGX/TDX (Intel's tcbStatus values).
+KNOWN_TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
+
+
+def _hex_list(name: str, values: Any, length: int | None = None) -> list[str]:
+    if not isinstance(values, (list, tuple)):
+        raise UserInputError(f"policy field {name} must be a list of hex strings")
+    out = []
+    for v in values:
+        if not isinstance(v, str) or not _HEX.match(v.lower()) or len(v) % 2:
+            raise UserInputError(f"policy field {name}: {v!r} is not a hex string")
+        if length is not None and len(v) != 2 * length:
+            raise UserInputError(f"policy field {name}: {v!r} is not {length} bytes of hex")
+        out.append(v.lower())
+    return out
+
+
+def _str_list(name: str, values: Any) -> list[str]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise UserInputError(f"policy field {name} must be a list of strings")
+    return list(values)
+
+
+@dataclass
+class Policy:
+    """What evidence to accept. Defaults accept nothing until measurements are pinned.
+
+    allowed_backends       evidence types accepted ("sim", "sgx", "tdx", "sev-snp"); sim must be
+                           named explicitly because it has no hardware protection
+    measurements           {evidence type: [accepted measurement hex]} (sim: code+config hash,
+                           sgx: MRENCLAVE, tdx: MRTD, sev-snp: MEASUREMENT); required per type
+    sim_platform_keys      Ed25519 public keys (hex) of the sim platforms trusted to sign evidence
+    accepted_tcb_statuses  SGX/TDX TCB statuses accepted, e.g. add "SWHardeningNeeded"
+    rejected_advisories    Intel advisory IDs that refuse a quote even if its status is accepted
+    max_age_s              oldest evidence accepted, for evidence with a timestamp (sim)
+    allow_debug            accept debug enclaves/TDs/guests (never in production)
+    sgx_mrsigners          accepted MRSIGNER values (hex); empty means any signer
+    min_isv_svn            lowest SGX ISVSVN accepted
+    min_tee_tcb_svn        lowest TDX TEE_TCB_SVN, 16 bytes hex, compared byte by byte
+    min_snp_tcb            lowest SNP reported TCB {bootloader, tee, snp, microcode}
+    pccs_url               where to fetch SGX/TDX collateral when evidence carries none
+                           ("intel" for Intel PCS); unset means collateral must come with it
+    """
+
+    allowed_backends: list[str] = field(default_factory=lambda: ["sgx", "tdx", "sev-snp"])
+    measurements: dict[str, list[str]] = field(default_factory=dict)
+    sim_platform_keys: list[str] = field(default_factory=list)
+    accepted_tcb_statuses: list[str] = field(default_factory=lambda: ["UpToDate"])
+    rejected_advisories: list[str] = field(default_factory=list)
+    max_age_s: int = 300
+    allow_debug: bool = False
+    sgx_mrsigners: list[str] = field(default_factory=list)
+    min_isv_svn: int | None = None
+    min_tee_tcb_svn: str | None = None
+    min_snp_tcb: dict[str, int] = field(default_factory=dict)
+    pccs_url: str | None = None
+
+    def __post_init__(self) -> None:
+        self.allowed_backends = _str_list("allowed_backends", self.allowed_backends)
+        for b in self.allowed_backends:
+            if b not in EVIDENCE_TYPES:
+                raise UserInputError(f"policy field allowed_backends: unknown type {b!r} (known: {', '.join(EVIDENCE_TYPES)})")
+        if not isinstance(self.measurements, dict):
+            raise UserInputError("policy field measurements must be a table {type: [hex, ...]}")
+        ms = {}
+        for b, vals in self.measurements.items():
+            if b not in EVIDENCE_TYPES:
+                raise UserInputError(f"policy field measurements: unknown type {b!r}")
+            ms[b] = _hex_list(f"measurements.{b}", vals)
+        self.measurements = ms
+        self.sim_platform_keys = _hex_list("sim_platform_keys", self.sim_platform_keys, 32)
+        self.accepted_tcb_statuses = _str_list("accepted_tcb_statuses", self.accepted_tcb_statuses)
+        for s in self.accepted_tcb_statuses:
+            if s not in KNOWN_TCB_STATUSES:
+                raise UserInputError(f"policy field accepted_tcb_statuses: unknown status {s!r} (known: {', '.join(KNOWN_TCB_STATUSES)})")
+        self.rejected_advisories = _str_list("rejected_advisories", self.rejected_advisories)
+        if isinstance(self.max_age_s, bool) or not isinstance(self.max_age_s, int) or self.max_age_s <= 0:
+            raise UserInputError("policy field max_age_s must be a positive integer (seconds)")
+        if not isinstance(self.allow_debug, bool):
+            raise UserInputError("policy field allow_debug must be true or false")
+        self.sgx_mrsigners = _hex_list("sgx_mrsigners", self.sgx_mrsigners, 32)
+        if self.min_isv_svn is not None and (isinstance(self.min_isv_svn, bool) or not isinstance(self.min_isv_svn, int) or not 0 <= self.min_isv_svn <= 0xFFFF):
+            raise UserInputError("policy field min_isv_svn must be an integer 0..65535")
+        if self.min_tee_tcb_svn is not None:
+            self.min_tee_tcb_svn = _hex_list("min_tee_tcb_svn", [self.min_tee_tcb_svn], 16)[0]
+        if not isinstance(self.min_snp_tcb, dict):
+            raise UserInputError("policy field min_snp_tcb must be a table")
+        if self.pccs_url is not None and (not isinstance(self.pccs_url, str) or not (
+                self.pccs_url == "intel" or self.pccs_url.startswith("https://"))):
+            raise UserInputError("policy field pccs_url must be \"intel\" or an https:// URL")
+        for k, v in self.min_snp_tcb.items():
+            if k not in SNP_TCB_FIELDS or isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
+                raise UserInputError(f"policy field min_snp_tcb: {k} = {v!r} (fields {', '.join(SNP_TCB_FIELDS)}, values 0..255)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        """The policy as a commented TOML document that `load_policy` reads back to an equal Policy."""
+        s = json.dumps  # JSON strings and arrays of strings are valid TOML basic strings/arrays
+        lines = [
+            "# enclaveml attestation policy (see docs/tee.md for every field)",
+            f"allowed_backends = {s(self.allowed_backends)}",
+            f"sim_platform_keys = {s(self.sim_platform_keys)}",
+            f"accepted_tcb_statuses = {s(self.accepted_tcb_statuses)}",
+            f"rejected_advisories = {s(self.rejected_advisories)}",
+            f"max_age_s = {self.max_age_s}",
+            f"allow_debug = {'true' if self.allow_debug else 'false'}",
+            f"sgx_mrsigners = {s(self.sgx_mrsigners)}",
+        ]
+        if self.min_isv_svn is not None:
+            lines.append(f"min_isv_svn = {self.min_isv_svn}")
+        if self.min_tee_tcb_svn is not None:
+            lines.append(f"min_tee_tcb_svn = {s(self.min_tee_tcb_svn)}")
+        if self.pccs_url is not None:
+            lines.append(f"pccs_url = {s(self.pccs_url)}")
+        lines += ["", "# accepted measurements per evidence type", "[measurements]"]
+        lines += [f"{s(b)} = {s(v)}" for b, v in sorted(self.measurements.items())]
+        if self.min_snp_tcb:
+            lines += ["", "[min_snp_tcb]"] + [f"{k} = {v}" for k, v in sorted(self.min_snp_tcb.items())]
+        return "\n".join(lines) + "\n"
+
+
+_FIELDS = {f.name for f in fields(Policy)}
+
+
+def policy_from_dict(d: dict[str, Any]) -> Policy:
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown:  # a typo must not silently leave a rule at its default
+        raise UserInputError(f"unknown policy field(s): {', '.join(unknown)} (known: {', '.join(sorted(_FIELDS))})")
+    return Policy(**d)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read a TOML policy file; unreadable, malformed or unknown fields are `UserInputError`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserInputError(f"policy file {p} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserInputError(f"policy file {p} is not valid TOML: {e}") from None
+    try:
+        return policy_from_dict(data)
+    except UserInputError as e:
+        raise UserInputError(f"policy file {p}: {e}") from None
+    except TypeError as e:
+        raise UserInputError(f"policy file {p}: {e}") from None
+
+
+def write_policy(policy: Policy, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(policy.to_toml(), encoding="utf-8")
+    return p

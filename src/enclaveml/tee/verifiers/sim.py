@@ -1,0 +1,89 @@
+"""Verifier for simulated-TEE evidence (client/owner side): Ed25519 over canonical JSON.
+
+The signature proves the evidence came from a holder of the sim platform key; the policy's
+`sim_platform_keys` decides whether that platform is trusted. The quote must be exactly the
+canonical encoding of what it carries, so any changed byte is refused (not only those the
+signature covers after parsing).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ...errors import EvidenceRejected, PolicyViolation
+from .. import rules, sim_evidence
+from ..evidence import REPORT_DATA_SIZE, Claims, Evidence
+from ..policy import Policy
+from . import Verifier, register_verifier
+
+_BODY_FIELDS = {"version", "backend", "measurement", "report_data", "timestamp", "config", "platform_key"}
+
+
+def _hex_field(body: dict, name: str, size: int) -> bytes:
+    v = body.get(name)
+    try:
+        b = bytes.fromhex(v) if isinstance(v, str) else b""
+    except ValueError:
+        b = b""
+    if len(b) != size or v != b.hex():
+        raise EvidenceRejected(f"sim evidence field {name} is not {size} bytes of lowercase hex")
+    return b
+
+
+@register_verifier("sim")
+class SimVerifier(Verifier):
+    def verify(self, evidence: Evidence, now: datetime) -> Claims:
+        raw = bytes(evidence.quote)
+        if len(raw) > sim_evidence.MAX_QUOTE_BYTES:
+            raise EvidenceRejected("sim evidence is too large")
+        try:
+            doc = json.loads(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise EvidenceRejected(f"sim evidence is not JSON: {e}") from None
+        if not isinstance(doc, dict) or set(doc) != {"body", "signature"} or not isinstance(doc["body"], dict):
+            raise EvidenceRejected("sim evidence must be {body, signature}")
+        body = doc["body"]
+        if set(body) != _BODY_FIELDS:
+            raise EvidenceRejected(f"sim evidence body has fields {sorted(body)}, want {sorted(_BODY_FIELDS)}")
+        if body["version"] != sim_evidence.VERSION or body["backend"] != "sim":
+            raise EvidenceRejected(f"unsupported sim evidence version {body['version']!r} / backend {body['backend']!r}")
+        sig = _hex_field(doc, "signature", 64)
+        pub = _hex_field(body, "platform_key", 32)
+        measurement = _hex_field(body, "measurement", 32)
+        report_data = _hex_field(body, "report_data", REPORT_DATA_SIZE)
+        try:
+            canonical = sim_evidence.encode_quote(body, sig)
+        except (TypeError, ValueError) as e:
+            raise EvidenceRejected(f"sim evidence cannot be canonicalised: {e}") from None
+        if canonical != raw:
+            raise EvidenceRejected("sim evidence is not in canonical form (altered after signing?)")
+        try:
+            Ed25519PublicKey.from_public_bytes(pub).verify(sig, sim_evidence.signed_message(body))
+        except InvalidSignature:
+            raise EvidenceRejected("sim evidence signature is invalid") from None
+        try:
+            ts = datetime.fromisoformat(body["timestamp"])
+        except (TypeError, ValueError):
+            raise EvidenceRejected("sim evidence timestamp is not ISO 8601") from None
+        if ts.tzinfo is None:
+            raise EvidenceRejected("sim evidence timestamp has no time zone")
+        return Claims(
+            backend="sim",
+            measurement=measurement.hex(),
+            report_data=report_data,
+            tcb_status="Simulated",
+            advisories=[],
+            timestamp=ts.astimezone(timezone.utc),
+            details={"platform_key": pub.hex(), "config": body["config"], "hardware_protection": False},
+        )
+
+    def check_policy(self, claims: Claims, policy: Policy, now: datetime) -> None:
+        key = claims.details["platform_key"]
+        if not rules.hex_in(key, policy.sim_platform_keys):
+            known = "[" + ", ".join(policy.sim_platform_keys) + "]"
+            raise PolicyViolation(f"policy rule sim_platform_keys: platform key {key} is not in {known}")
+        rules.max_age(claims, policy, now)
