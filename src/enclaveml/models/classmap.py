@@ -1,0 +1,114 @@
+"""The secret class mapping: a permutation that hides which BackNet output is which class.
+
+Trust side: owner (creates it, permutes the last layer) and enclave (maps scores back). The host
+runs a BackNet whose final `nn.Linear` has its rows permuted by `pi`, so its scores come out in a
+secret order: host position j holds the score of original class `permutation[j]`. Only the
+enclave, which decrypts this mapping, turns them back into the original order and label names.
+
+Serialised as JSON: {"v": 1, "permutation": [...], "labels": [...]} (always sealed at rest).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import TamperedMessage, UserInputError
+
+
+@dataclass(frozen=True)
+class ClassMapping:
+    """`permutation[j]` = original class index of host output j; `labels` in original order."""
+
+    permutation: tuple[int, ...]
+    labels: tuple[str, ...]
+
+    def __init__(self, permutation: Sequence[int], labels: Sequence[str]):
+        perm = tuple(int(p) for p in permutation)
+        labs = tuple(str(s) for s in labels)
+        if sorted(perm) != list(range(len(perm))):
+            raise UserInputError("class mapping: not a permutation of 0..n-1")
+        if len(labs) != len(perm):
+            raise UserInputError(f"class mapping: {len(labs)} labels for {len(perm)} classes")
+        object.__setattr__(self, "permutation", perm)
+        object.__setattr__(self, "labels", labs)
+
+    @classmethod
+    def random(cls, num_classes: int, labels: Sequence[str] | None = None) -> "ClassMapping":
+        """A uniformly random non-identity permutation from the OS CSPRNG (identity only if n = 1)."""
+        if num_classes < 1:
+            raise UserInputError("class mapping needs at least one class")
+        labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
+        rng = secrets.SystemRandom()
+        perm = list(range(num_classes))
+        while True:
+            rng.shuffle(perm)
+            if num_classes == 1 or perm != sorted(perm):
+                return cls(perm, labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.permutation)
+
+    def _index(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.permutation, dtype=torch.long, device=device)
+
+    def _inverse(self, device=None) -> torch.Tensor:
+        inv = [0] * len(self.permutation)
+        for j, p in enumerate(self.permutation):
+            inv[p] = j
+        return torch.tensor(inv, dtype=torch.long, device=device)
+
+    def permute_linear(self, fc: nn.Linear) -> nn.Linear:
+        """A copy of `fc` whose output rows are in host order (row j = original row permutation[j])."""
+        if not isinstance(fc, nn.Linear) or fc.out_features != self.num_classes:
+            raise UserInputError(f"class mapping: the last layer must be an nn.Linear with {self.num_classes} outputs")
+        idx = self._index(fc.weight.device)
+        out = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None,
+                        device=fc.weight.device, dtype=fc.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(fc.weight.index_select(0, idx))
+            if fc.bias is not None:
+                out.bias.copy_(fc.bias.index_select(0, idx))
+        return out
+
+    def permute_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of a weight or bias tensor (dim 0 = classes) in host order."""
+        return t.index_select(0, self._index(t.device))
+
+    def to_original(self, scores_in_host_order: torch.Tensor) -> torch.Tensor:
+        """Scores (..., n) in host order -> original class order (a pure gather: bit-exact)."""
+        return scores_in_host_order.index_select(-1, self._inverse(scores_in_host_order.device))
+
+    def to_host(self, scores_in_original_order: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_original`."""
+        return scores_in_original_order.index_select(-1, self._index(scores_in_original_order.device))
+
+    def host_index(self, original_class: int) -> int:
+        """Where the host's output holds `original_class` (e.g. to compute a loss in host order)."""
+        return self.permutation.index(int(original_class))
+
+    def label(self, original_class: int) -> str:
+        return self.labels[int(original_class)]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"v": 1, "permutation": list(self.permutation), "labels": list(self.labels)},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ClassMapping":
+        try:
+            d = json.loads(bytes(data))
+            if d.get("v") != 1:
+                raise ValueError("version")
+            return cls(d["permutation"], d["labels"])
+        except (ValueError, KeyError, TypeError, AttributeError, UserInputError):
+            raise TamperedMessage("class mapping is malformed") from None
+
+    def __repr__(self) -> str:  # the permutation is a secret: never print it
+        return f"ClassMapping(num_classes={self.num_classes})"
