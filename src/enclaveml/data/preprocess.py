@@ -93,11 +93,12 @@ def decode_image(data: bytes, pre: Preprocessing, name: str = "image") -> Image.
         return img
     img = img.convert("RGB")
     if (img.height, img.width) != (h, w):
+        # Centre crop in *source* coordinates, then one resize straight to the model's size: memory
+        # stays bounded by the source image even for extreme aspect ratios (1 x 1,000,000 pixels).
         scale = max(h / img.height, w / img.width)
-        nh, nw = max(h, round(img.height * scale)), max(w, round(img.width * scale))
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-        top, left = (nh - h) // 2, (nw - w) // 2
-        img = img.crop((left, top, left + w, top + h))
+        cw, ch = min(img.width, w / scale), min(img.height, h / scale)
+        left, top = (img.width - cw) / 2, (img.height - ch) / 2
+        img = img.resize((w, h), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
     return img
 
 
