@@ -51,11 +51,12 @@ def _raw_inner_object(text: str, key: str) -> str:
     for i in range(start, len(text)):
         c = text[i]
         if in_str:
-            esc = (c == "\\") and not esc
-            if c == '"' and not esc:
-                in_str = False
-            elif c != "\\":
+            if esc:
                 esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
         elif c == '"':
             in_str = True
         elif c == "{":

@@ -170,7 +170,7 @@ def load_policy(path: str | Path) -> Policy:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise UserInputError(f"policy file {p} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserInputError(f"policy file {p} is not valid TOML: {e}") from None
     try:
         return policy_from_dict(data)

@@ -42,8 +42,8 @@ class SimVerifier(Verifier):
             raise EvidenceRejected("sim evidence is too large")
         try:
             doc = json.loads(raw.decode("ascii"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise EvidenceRejected(f"sim evidence is not JSON: {e}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise EvidenceRejected(f"sim evidence is not JSON: {type(e).__name__}") from None
         if not isinstance(doc, dict) or set(doc) != {"body", "signature"} or not isinstance(doc["body"], dict):
             raise EvidenceRejected("sim evidence must be {body, signature}")
         body = doc["body"]

@@ -22,7 +22,7 @@ import warnings
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -76,7 +76,11 @@ def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str
     key = issuer.public_key()
     if cert.issuer != issuer.subject or not isinstance(key, rsa.RSAPublicKey):
         raise EvidenceRejected(f"SEV-SNP {what} is not issued by {issuer.subject.rfc4514_string()}")
-    if not isinstance(cert.signature_hash_algorithm, hashes.SHA384):
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # an unknown signature OID in host-supplied collateral
+        raise EvidenceRejected(f"SEV-SNP {what} uses an unsupported signature algorithm") from None
+    if not isinstance(algorithm, hashes.SHA384):
         raise EvidenceRejected(f"SEV-SNP {what} is not signed with SHA-384")
     pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
     try:
