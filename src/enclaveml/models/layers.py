@@ -102,7 +102,8 @@ class LayeredModel(nn.Module):
 class FrontNet(nn.Sequential):
     """The first `k` layers: runs inside the enclave on decrypted inputs."""
 
-    def __init__(self, layers: "OrderedDict[str, nn.Module]", k: int):
+    def __init__(self, layers: "OrderedDict[str, nn.Module]", k: int | None = None):
+        # k is None for slices: nn.Sequential slicing rebuilds the class from an OrderedDict alone.
         super().__init__(layers)
         self.k = k
 
@@ -110,7 +111,7 @@ class FrontNet(nn.Sequential):
 class BackNet(nn.Sequential):
     """Layers k..n-1: runs on the untrusted host (GPU if any) on IR tensors."""
 
-    def __init__(self, layers: "OrderedDict[str, nn.Module]", k: int):
+    def __init__(self, layers: "OrderedDict[str, nn.Module]", k: int | None = None):
         super().__init__(layers)
         self.k = k
 
