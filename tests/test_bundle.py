@@ -11,8 +11,8 @@ import torch
 from enclaveml.crypto import SigningKey, generate_key
 from enclaveml.errors import PartitionError, TamperedMessage, UserInputError
 from enclaveml.models import zoo
-from enclaveml.models.bundle import (BACKNET, CLASSMAP, FRONTNET, MANIFEST, SIGNATURE, bundle_files, load_manifest,
-                                     make_bundle, open_enclave_parts, read_public_bundle)
+from enclaveml.models.bundle import (BACKNET, CLASSMAP, FRONTNET, MANIFEST, SIGNATURE, build_arch, bundle_files,
+                                     load_manifest, make_bundle, open_enclave_parts, read_public_bundle)
 from enclaveml.models.classmap import ClassMapping
 
 
@@ -164,15 +164,60 @@ def test_bad_inputs_write_nothing(tmp_path, owner):
         make_bundle(m, 3, tmp_path / "full", {"zoo": "darknet"}, e.preprocessing, list(e.classes), owner)
 
 
-def test_factory_arch(tmp_path, owner):
+FACTORY = "enclaveml.models.zoo.extraction:build"
+
+
+def test_factory_arch_only_when_the_caller_allows_it(tmp_path, owner):
     m = zoo.load("extraction", pretrained=False)
     e = zoo.entry("extraction")
-    arch = {"factory": "enclaveml.models.zoo.extraction:build", "kwargs": {"num_classes": 10}}
+    arch = {"factory": FACTORY, "kwargs": {"num_classes": 10}}
     man, key = make_bundle(m, 3, tmp_path / "f", arch, e.preprocessing, list(e.classes), owner)
-    front, mapping = open_enclave_parts(tmp_path / "f", key)
+    # the default (what a host or enclave gets unless its configuration names the factory): refused
+    with pytest.raises(UserInputError, match="not allowed by this enclave's configuration"):
+        open_enclave_parts(tmp_path / "f", key)
+    with pytest.raises(UserInputError, match="not allowed"):
+        read_public_bundle(tmp_path / "f")
+    with pytest.raises(UserInputError, match="not allowed"):
+        open_enclave_parts(tmp_path / "f", key, allowed_factories={"enclaveml.models.zoo.darknet:build"})
+    with pytest.raises(TypeError):  # one string is not a set of names
+        open_enclave_parts(tmp_path / "f", key, allowed_factories=FACTORY)
+    front, mapping = open_enclave_parts(tmp_path / "f", key, allowed_factories=frozenset({FACTORY}))
+    _, back = read_public_bundle(tmp_path / "f", allowed_factories={FACTORY})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(front(x), m.split(3)[0](x))
+        assert torch.allclose(mapping.to_original(back(front(x))), m(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [
+    {"factory": "os:makedirs", "kwargs": {"name": "x"}},  # not in the allow-list
+    {"factory": FACTORY, "kwargs": {"num_classes": [10]}},  # kwargs must be scalars
+    {"factory": FACTORY, "kwargs": {"num_classes": {"a": 1}}},
+    {"factory": FACTORY, "kwargs": {"__class__": 1}},
+    {"factory": FACTORY, "kwargs": {"not an identifier": 1}},
+    {"factory": FACTORY, "kwargs": {"no_such_kwarg": 1}},  # an allowed factory that fails: still UserInputError
+    {"factory": FACTORY, "kwargs": [1]},
+    {"factory": "os.system"}, {"factory": "a:b:c"}, {"factory": ":b"}, {"factory": 5},
+    {"zoo": "darknet", "factory": FACTORY}, {"zoo": 5}, {"zoo": "no-such-model"}, {}, [], "darknet",
+])
+def test_build_arch_refuses_everything_but_zoo_and_allowed_factories(arch):
+    with pytest.raises(UserInputError):
+        build_arch(arch, (3, 32, 32), 10, allowed_factories={FACTORY})
+
+
+def test_build_arch_kwargs_reach_an_allowed_factory():
+    m = build_arch({"factory": FACTORY, "kwargs": {"num_classes": 7}}, allowed_factories={FACTORY})
+    assert m.num_classes == 7
+    assert build_arch({"zoo": "darknet"}).num_classes == 10  # zoo: no allow-list needed
+
+
+def test_make_bundle_refuses_an_arch_no_reader_would_build(tmp_path, owner):
+    m = zoo.load("extraction", pretrained=False)
+    e = zoo.entry("extraction")
+    with pytest.raises(UserInputError, match="plain JSON scalar"):
+        make_bundle(m, 3, tmp_path / "f", {"factory": FACTORY, "kwargs": {"num_classes": [10]}}, e.preprocessing,
+                    list(e.classes), owner)
+    assert not (tmp_path / "f").exists()
 
 
 def test_classmap_round_trip_and_validation():

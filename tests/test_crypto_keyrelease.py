@@ -85,3 +85,23 @@ def test_owner_commands_and_authority(parties):
         require_owner(cmd, SigningKey.generate().public_key())
     with pytest.raises(TamperedMessage):
         open_key_release(kp, msg)  # a delete command is not a key release
+
+
+def _signed(owner, kp, body: bytes) -> bytes:
+    msg, _ = seal_request(kp.public_bytes(), owner.public_key().to_bytes() + owner.sign(SIGNING_LABEL + body) + body,
+                          info=INFO)
+    return msg
+
+
+@pytest.mark.parametrize("body", [
+    b'{"v":1,"args":' + b"[" * 5000 + b"]" * 5000 + b"}",  # RecursionError in plain json.loads
+    b'{"v":true,"command":"c","model_id":"m","nonce":"00","enclave":"00","args":{}}',  # true is not version 1
+    b'{"v":1,"v":1,"command":"c","model_id":"m","nonce":"00","enclave":"00","args":{}}',  # repeated key
+    b'{"v":1,"command":"c","model_id":"m","nonce":"00","enclave":"00","args":{"x":NaN}}',
+    b'{"v":1,"command":"c","model_id":"m","nonce":"00","enclave":"00","args":{"x":1e999}}',
+])
+def test_hostile_signed_bodies_are_tampered(parties, body):
+    """The signer is whoever the message names, so a signed body is still hostile input."""
+    owner, kp, _, _ = parties
+    with pytest.raises(TamperedMessage, match="malformed"):
+        open_owner_command(kp, _signed(owner, kp, body))

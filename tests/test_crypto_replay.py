@@ -96,3 +96,34 @@ def test_framed_request_through_hpke():
         parse_fresh(b"\x01short")
     with pytest.raises(TamperedMessage):
         parse_fresh(b"\x02" + framed[1:])
+
+
+def test_clock_going_back_never_revives_a_forgotten_request():
+    """The clock is the host's: the guard judges against the highest time it has seen (F-4)."""
+    clock = Clock()
+    g = ReplayGuard(window_s=10, clock=clock)
+    start = clock.t
+    g.check(b"old", start)
+    clock.t += 100
+    g.check(b"new", clock.t)  # "old" expires and is forgotten
+    assert len(g) == 1
+    clock.t = start  # rolled back
+    with pytest.raises(ReplayedMessage, match="window"):
+        g.check(b"old", start)
+    with pytest.raises(ReplayedMessage, match="window"):
+        g.check(b"fresh-by-the-rolled-back-clock", start)  # fails closed
+    g.check(b"fresh", start + 100)  # requests fresh by the high-water mark still pass
+
+
+def test_client_timestamps_do_not_move_the_high_water_mark():
+    clock = Clock()
+    g = ReplayGuard(window_s=10, clock=clock)
+    g.check(b"ahead", clock.t + 10)  # allowed, but must not drag "now" forward
+    g.check(b"behind", clock.t - 10)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_unusable_clock_fails_closed(bad):
+    clock = Clock(bad)
+    with pytest.raises(ReplayedMessage):
+        ReplayGuard(clock=clock).check(b"id", 0.0)

@@ -3,7 +3,8 @@
 Trust side: all. Clients seal requests and open responses; the enclave opens requests, seals
 responses, checks freshness and opens key releases; the owner signs and seals bundles and key
 releases. Every authentication failure raises `TamperedMessage` (one type, whatever the cause),
-replays raise `ReplayedMessage`. Raw primitives live in the private `_hazmat` module. Pinned
+replays raise `ReplayedMessage`. JSON that crossed a trust boundary is parsed with
+`loads_untrusted` (bounded depth, finite numbers, `ValueError` for anything else). Raw primitives live in the private `_hazmat` module. Pinned
 choices and wire formats: docs/crypto.md.
 """
 
@@ -13,6 +14,7 @@ from .keyrelease import (KeyRelease, OwnerCommand, open_key_release, open_owner_
 from .replay import ReplayGuard, frame_fresh, parse_fresh
 from .sealing import generate_key, open_sealed, seal
 from .signing import SigningKey, VerifyKey
+from .wirejson import loads_untrusted
 
 
 def sha256(data: bytes) -> bytes:
@@ -26,5 +28,5 @@ __all__ = [
     "HpkeKeyPair", "seal_request", "open_request", "RequestContext", "ResponseSealer",
     "SigningKey", "VerifyKey", "generate_key", "seal", "open_sealed", "ReplayGuard",
     "frame_fresh", "parse_fresh", "KeyRelease", "OwnerCommand", "seal_key_release", "open_key_release",
-    "seal_owner_command", "open_owner_command", "require_owner", "sha256",
+    "seal_owner_command", "open_owner_command", "require_owner", "sha256", "loads_untrusted",
 ]

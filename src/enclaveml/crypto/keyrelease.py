@@ -16,7 +16,9 @@ Wire format (docs/crypto.md):
 Signed, then encrypted: the host sees neither the model key nor who the owner is; the signature
 names the target enclave key and the attestation nonce, so a command cannot be replayed to a
 later enclave session or redirected to another enclave. The enclave checks the nonce it issued
-(`expected_nonce`); the JSON is parsed only after the signature verifies.
+(`expected_nonce`); the JSON is parsed only after the signature verifies, and then with
+`wirejson.loads_untrusted` (bounded depth, finite numbers): the signer is whoever the message
+names, so the body is hostile input until the owner is checked.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from ..errors import TamperedMessage, Unauthorized
 from . import _hazmat as hz
 from .hpke import HpkeKeyPair, open_request, seal_request
 from .signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, SigningKey, VerifyKey
+from .wirejson import loads_untrusted
 
 INFO = b"enclaveml/v1 owner-command"
 SIGNING_LABEL = b"enclaveml/v1 owner-command\x00"
 RELEASE_KEY = "release-key"
 MAX_NONCE_BYTES = 128
+#: Nesting allowed in a command body ({"args": {"config": {...: [...]}}} is 4 deep).
+MAX_BODY_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class KeyRelease:
 
 
 def _canonical(obj: dict) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def seal_owner_command(owner: SigningKey, enclave_public: bytes, command: str, model_id: str,
@@ -87,8 +92,8 @@ def open_owner_command(kp: HpkeKeyPair, msg: bytes, expected_nonce: bytes | None
         raise TamperedMessage("owner command carries an invalid owner key") from None
     owner.verify(sig, SIGNING_LABEL + body)  # authenticate before parsing
     try:
-        d = json.loads(body)
-        if d.get("v") != 1:
+        d = loads_untrusted(body, max_depth=MAX_BODY_DEPTH)  # ValueError on any hostile shape
+        if type(d.get("v")) is not int or d.get("v") != 1:  # `true` is not version 1
             raise ValueError("version")
         command, model_id, args = d["command"], d["model_id"], d["args"]
         nonce, enclave = bytes.fromhex(d["nonce"]), bytes.fromhex(d["enclave"])

@@ -8,6 +8,12 @@ The client puts a random request id and its clock's timestamp inside the encrypt
 Memory is bounded: ids older than the window are forgotten (the window alone rejects them), and
 if `max_entries` is reached the oldest id is evicted and its timestamp becomes a floor below which
 every request is refused. So the guard fails closed: never does forgetting let a replay through.
+
+The clock is the host's (inside a TEE `time.time()` comes from the untrusted OS), so the guard
+never lets it go back: "now" is the highest time the clock has ever shown (a high-water mark),
+and both the window and the forgetting are judged against it. A host that rolls the clock back
+only makes requests look stale (fails closed); it cannot revive an id that was forgotten. Client
+timestamps do not move the mark (any client could otherwise push it forward and lock others out).
 """
 
 from __future__ import annotations
@@ -40,10 +46,19 @@ class ReplayGuard:
         self._seen: dict[bytes, float] = {}
         self._by_time: list[tuple[float, bytes]] = []
         self._floor = -math.inf
+        self._high_water = -math.inf  # the highest time the clock has shown; never goes back
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._seen)
+
+    def _now(self) -> float:
+        """max(clock(), every earlier reading): a clock set back cannot make old requests fresh."""
+        t = float(self._clock())
+        if not math.isfinite(t):
+            raise ReplayedMessage("the enclave's clock gave no usable time")
+        self._high_water = max(self._high_water, t)
+        return self._high_water
 
     def _forget_expired(self, now: float) -> None:
         while self._by_time and self._by_time[0][0] < now - self.window_s:
@@ -57,7 +72,7 @@ class ReplayGuard:
             raise ReplayedMessage("request id must be 1 to 64 bytes")
         ts = float(timestamp)
         with self._lock:
-            now = float(self._clock())
+            now = self._now()
             if not math.isfinite(ts) or abs(now - ts) > self.window_s:
                 raise ReplayedMessage(f"request timestamp is outside the {self.window_s:g} s freshness window")
             if ts <= self._floor:

@@ -18,6 +18,12 @@ Both sealed parts use AAD = "enclaveml/v1 bundle-part\\0" || SHA-256(canonical m
 "\\0" || part name, where the core is the manifest without its "parts" table (which itself holds
 the hashes of the sealed files). So a sealed part opens only in its own bundle, under its own
 name. Weights are never pickled: safetensors only, loaded from bytes.
+
+Architectures: a manifest is signed only by whoever made it, so it names code, never runs it.
+`{"zoo": name}` is always built; `{"factory": "pkg.mod:fn", "kwargs": {...}}` only when the
+CALLER's `allowed_factories` names that exact "pkg.mod:fn" (the owner on their machine, or a
+list fixed in the enclave's measured configuration and the server's), with kwargs that are plain
+JSON scalars. Anything else raises `UserInputError` before any import.
 """
 
 from __future__ import annotations
@@ -25,18 +31,21 @@ from __future__ import annotations
 import hmac
 import importlib
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import AbstractSet, Any, Iterable, Mapping
 
 from torch import nn
 
 from ..crypto import SigningKey, VerifyKey, generate_key, open_sealed, seal, sha256
 from ..crypto.signing import write_all
+from ..crypto.wirejson import loads_untrusted
 from ..data.preprocess import Preprocessing
 from ..errors import PartitionError, TamperedMessage, UserInputError
 from .classmap import ClassMapping
@@ -53,6 +62,12 @@ MANIFEST_LABEL = b"enclaveml/v1 bundle-manifest\x00"
 PART_LABEL = b"enclaveml/v1 bundle-part\x00"
 #: A manifest is small; refuse to parse anything bigger (it is read before the model key is known).
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 4096
+#: Nesting of a manifest: {"preprocessing": {"size": [...]}} is 3 deep; the arch's kwargs are scalars.
+MAX_MANIFEST_DEPTH = 8
+#: Largest dimension or count a manifest may state (shapes, k, number of classes).
+MAX_DIM = (1 << 31) - 1
+_FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _canonical(obj: Any) -> bytes:
@@ -104,13 +119,23 @@ class BundleManifest:
 
     @classmethod
     def _from_dict(cls, d: dict, raw: bytes) -> "BundleManifest":
-        if d.get("format") != FORMAT:
+        """Parse a decoded manifest strictly; `ValueError`/`TypeError`/`KeyError` on any bad field."""
+        if not isinstance(d, dict):
+            raise ValueError("a manifest is a JSON object")
+        if type(d.get("format")) is not int or d["format"] != FORMAT:
             raise UserInputError(f"bundle format {d.get('format')!r} is not supported (expected {FORMAT})")
-        m = cls(format=FORMAT, bundle_id=str(d["bundle_id"]), name=str(d["name"]), arch=dict(d["arch"]),
-                k=int(d["k"]), layers=[str(s) for s in d["layers"]], input_shape=tuple(int(i) for i in d["input_shape"]),
-                ir_shape=tuple(int(i) for i in d["ir_shape"]),
-                preprocessing=Preprocessing.from_dict(d["preprocessing"]), num_classes=int(d["num_classes"]),
-                owner=str(d["owner"]), parts={str(a): str(b) for a, b in dict(d["parts"]).items()}, raw=raw)
+        owner = _str(d["owner"])
+        if len(owner) != 64 or any(c not in "0123456789abcdef" for c in owner):
+            raise ValueError("owner must be 64 lower-case hex digits (an Ed25519 public key)")
+        parts = d["parts"]
+        if not isinstance(parts, dict):
+            raise ValueError("parts")
+        m = cls(format=FORMAT, bundle_id=_str(d["bundle_id"]), name=_str(d["name"]), arch=check_arch(d["arch"]),
+                k=_dim(d["k"]), layers=[_str(s) for s in _list(d["layers"])],
+                input_shape=tuple(_dim(i) for i in _list(d["input_shape"])),
+                ir_shape=tuple(_dim(i) for i in _list(d["ir_shape"])),
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]), num_classes=_dim(d["num_classes"]),
+                owner=owner, parts={_str(a): _str(b) for a, b in parts.items()}, raw=raw)
         if set(m.parts) != set(PARTS) or not 1 <= m.k < len(m.layers):
             raise ValueError("parts or k")
         return m
@@ -123,10 +148,10 @@ class BundleManifest:
         Without `expected_owner` this proves only that the manifest is self-consistent; pass the
         owner key you trust (the enclave: the key-release signer) to prove who made it.
         """
-        if len(manifest_bytes) > MAX_MANIFEST_BYTES or len(signature_bytes) > 4096:
+        if len(manifest_bytes) > MAX_MANIFEST_BYTES or len(signature_bytes) > MAX_SIGNATURE_BYTES:
             raise TamperedMessage("bundle manifest or signature is too large")
         try:
-            sig = json.loads(signature_bytes)
+            sig = loads_untrusted(signature_bytes, max_depth=2)  # read before any authentication
             owner = VerifyKey.from_bytes(bytes.fromhex(sig["owner"]))
             signature = bytes.fromhex(sig["signature"])
             if sig.get("alg") != "Ed25519":
@@ -136,45 +161,121 @@ class BundleManifest:
         if expected_owner is not None and owner != expected_owner:
             raise TamperedMessage("bundle is signed by another owner than expected")
         owner.verify(signature, MANIFEST_LABEL + bytes(manifest_bytes))  # authenticate before parsing
-        try:
-            m = cls._from_dict(json.loads(manifest_bytes), bytes(manifest_bytes))
+        try:  # signed, but by a key the upload itself names: still hostile input on the host path
+            m = cls._from_dict(loads_untrusted(manifest_bytes, max_depth=MAX_MANIFEST_DEPTH), bytes(manifest_bytes))
+            named_owner = bytes.fromhex(m.owner)
         except UserInputError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             raise TamperedMessage("bundle manifest is malformed") from None
-        if not hmac.compare_digest(bytes.fromhex(m.owner), owner.to_bytes()):
+        if not hmac.compare_digest(named_owner, owner.to_bytes()):
             raise TamperedMessage("bundle manifest names another owner than its signer")
         return m
 
 
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
+def _list(v: Any) -> list:
+    if not isinstance(v, list):
+        raise TypeError("expected a list")
+    return v
+
+
+def _dim(v: Any) -> int:
+    """A count or a dimension: a JSON integer (not a bool, not a float) in 0..MAX_DIM."""
+    if type(v) is not int or not 0 <= v <= MAX_DIM:
+        raise ValueError("expected an integer in range")
+    return v
+
+
 # ---------------------------------------------------------------------------- architectures
 
-def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | None = None) -> LayeredModel:
+def check_arch(arch: Any) -> dict:
+    """The shape of a manifest's `arch`, checked without importing anything; returns a copy.
+
+    `{"zoo": name}`, or `{"factory": "pkg.module:function"}` with optional `"kwargs"`: an object
+    whose keys are identifiers and whose values are plain JSON scalars (string, finite number,
+    boolean, null). Whether a factory may be *called* is decided by `build_arch`'s allow-list.
+    """
+    if not isinstance(arch, Mapping):
+        raise UserInputError("arch must be an object: {'zoo': name} or {'factory': 'pkg.module:function'}")
+    keys = set(arch)
+    if keys == {"zoo"}:
+        if not isinstance(arch["zoo"], str):
+            raise UserInputError("arch 'zoo' must be a zoo model name")
+        return {"zoo": arch["zoo"]}
+    if "factory" in keys and keys <= {"factory", "kwargs"}:
+        spec = arch["factory"]
+        if not isinstance(spec, str) or not _FACTORY.fullmatch(spec):
+            raise UserInputError(f"model factory {str(spec)[:80]!r} must look like 'package.module:function'")
+        kwargs = arch.get("kwargs", {})
+        if not isinstance(kwargs, Mapping):
+            raise UserInputError(f"model factory {spec!r}: kwargs must be an object")
+        for name, value in kwargs.items():
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+                raise UserInputError(f"model factory {spec!r}: kwarg names must be identifiers not starting with '_'")
+            if not (value is None or isinstance(value, (str, bool, int))
+                    or (isinstance(value, float) and math.isfinite(value))):
+                raise UserInputError(f"model factory {spec!r}: kwarg {name!r} is not a plain JSON scalar "
+                                     "(string, number, boolean or null)")
+        return {"factory": spec, **({"kwargs": dict(kwargs)} if "kwargs" in keys else {})}
+    raise UserInputError("arch must be exactly {'zoo': name} or {'factory': 'pkg.module:function', 'kwargs': {...}}")
+
+
+def _allow_list(allowed_factories: Iterable[str]) -> AbstractSet[str]:
+    if isinstance(allowed_factories, (str, bytes)):  # frozenset("a:b") would allow single letters
+        raise TypeError("allowed_factories is a set of 'package.module:function' strings, not one string")
+    return frozenset(allowed_factories)
+
+
+def _require_allowed(arch: Mapping[str, Any], allowed: AbstractSet[str]) -> None:
+    """Zoo architectures pass; a factory only if the caller's allow-list names it exactly."""
+    if "factory" in arch and arch["factory"] not in allowed:
+        raise UserInputError(f"model factory {str(arch['factory'])[:80]!r} is not allowed by this enclave's "
+                             "configuration (only zoo architectures are, unless the operator allows the factory "
+                             "by name)")
+
+
+def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | None = None,
+               allowed_factories: Iterable[str] = frozenset()) -> LayeredModel:
     """Rebuild a model's architecture (random weights) from a manifest's `arch`.
 
-    `{"zoo": name}` builds a zoo model; `{"factory": "pkg.module:function", "kwargs": {...}}` calls
-    a function that returns a `LayeredModel` or an `nn.Sequential` (wrapped with the given shapes).
+    `{"zoo": name}` builds a zoo model (always allowed). `{"factory": "pkg.module:function",
+    "kwargs": {...}}` imports and calls that function only if the exact string is in
+    `allowed_factories`, which the CALLER fixes from configuration it trusts (the owner's own
+    command line; the enclave's measured configuration), never from the manifest. The function
+    returns a `LayeredModel`, or an `nn.Sequential` or list of blocks (wrapped with the given shapes).
+    `UserInputError` for anything else; a factory that is not allowed is refused before any import.
     """
+    arch = check_arch(arch)
+    allowed = _allow_list(allowed_factories)
     if "zoo" in arch:
         from . import zoo
 
-        model = zoo.entry(str(arch["zoo"])).build()
-    elif "factory" in arch:
-        spec = str(arch["factory"])
-        mod_name, sep, fn_name = spec.partition(":")
-        if not sep or not mod_name or not fn_name:
-            raise UserInputError(f"model factory {spec!r} must look like 'package.module:function'")
+        model = zoo.entry(arch["zoo"]).build()
+    else:
+        _require_allowed(arch, allowed)
+        spec = arch["factory"]
+        mod_name, _, fn_name = spec.partition(":")
         try:
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise UserInputError(f"model factory {spec!r} cannot be imported ({type(e).__name__})") from None
-        model = fn(**dict(arch.get("kwargs", {})))
+        try:
+            model = fn(**arch.get("kwargs", {}))
+        except Exception as e:  # an allowed factory, but called with kwargs it does not take, or failing
+            raise UserInputError(f"model factory {spec!r} failed ({type(e).__name__})") from None
         if not isinstance(model, LayeredModel):
-            if input_shape is None or num_classes is None:
-                raise UserInputError(f"model factory {spec!r} did not return a LayeredModel")
+            blocks = isinstance(model, nn.Sequential) or (
+                isinstance(model, (list, tuple)) and all(isinstance(b, nn.Module) for b in model))
+            if not blocks or input_shape is None or num_classes is None:
+                raise UserInputError(f"model factory {spec!r} did not return a LayeredModel, an nn.Sequential "
+                                     "or a list of blocks")
             model = LayeredModel.from_sequential(model, tuple(input_shape), int(num_classes))
-    else:
-        raise UserInputError("arch must name a zoo model {'zoo': ...} or a factory {'factory': 'mod:fn'}")
     return model.eval()
 
 
@@ -198,6 +299,7 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
     written, and the directory appears atomically (written beside it, then renamed).
     """
     out = Path(out_dir)
+    arch = check_arch(arch)  # a bundle whose arch no reader would accept is refused here, early
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"{out}: already exists and is not an empty directory")
     model.check_point(k)
@@ -301,12 +403,17 @@ def load_manifest(bundle: "str | os.PathLike[str] | Mapping[str, bytes]",
 
 
 def read_public_bundle(bundle: "str | os.PathLike[str] | Mapping[str, bytes]",
-                       expected_owner: VerifyKey | None = None) -> tuple[BundleManifest, BackNet]:
-    """Host side: verify the manifest and load the BackNet (scores come out in the secret order)."""
+                       expected_owner: VerifyKey | None = None,
+                       allowed_factories: Iterable[str] = frozenset()) -> tuple[BundleManifest, BackNet]:
+    """Host side: verify the manifest and load the BackNet (scores come out in the secret order).
+
+    Zoo architectures only, unless `allowed_factories` (the server's configuration, never the
+    upload) names the manifest's factory; see `build_arch`.
+    """
     manifest = load_manifest(bundle, expected_owner)
     data = _read_files(bundle, (BACKNET,))[BACKNET]
     _check_part(manifest, BACKNET, data)
-    model = build_arch(manifest.arch, manifest.input_shape, manifest.num_classes)
+    model = build_arch(manifest.arch, manifest.input_shape, manifest.num_classes, allowed_factories)
     _check_arch(model, manifest)
     _, back = model.split(manifest.k)
     _load_state(back, data, BACKNET)
@@ -319,22 +426,27 @@ def _check_arch(model: LayeredModel, manifest: BundleManifest) -> None:
 
 
 def open_enclave_parts(bundle: "str | os.PathLike[str] | Mapping[str, bytes]", model_key: bytes,
-                       expected_owner: VerifyKey | None = None) -> tuple[FrontNet, ClassMapping]:
+                       expected_owner: VerifyKey | None = None,
+                       allowed_factories: Iterable[str] = frozenset()) -> tuple[FrontNet, ClassMapping]:
     """Enclave side: decrypt and load the FrontNet and the class mapping.
 
     `bundle` is a directory or a mapping of file name -> bytes (what the host hands the enclave).
     Pass `expected_owner` = the key-release signer so that only that owner's bundle is accepted.
-    The architecture code is imported only after both parts authenticate under the model key.
+    Zoo architectures only, unless `allowed_factories` (fixed in the enclave's measured
+    configuration) names the manifest's factory; the allow-list is checked before anything is
+    decrypted, and the architecture is built only after both parts authenticate.
     """
     files = _read_files(bundle, (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP))
     manifest = BundleManifest.verify(files[MANIFEST], files[SIGNATURE], expected_owner)
+    allowed = _allow_list(allowed_factories)
+    _require_allowed(manifest.arch, allowed)  # before any decryption or import
     for part in (FRONTNET, CLASSMAP):
         _check_part(manifest, part, files[part])
     front_bytes = open_sealed(model_key, files[FRONTNET], aad=manifest.part_aad(FRONTNET))
     mapping = ClassMapping.from_bytes(open_sealed(model_key, files[CLASSMAP], aad=manifest.part_aad(CLASSMAP)))
     if mapping.num_classes != manifest.num_classes:
         raise TamperedMessage("class mapping size does not match the manifest")
-    model = build_arch(manifest.arch, manifest.input_shape, manifest.num_classes)
+    model = build_arch(manifest.arch, manifest.input_shape, manifest.num_classes, allowed)
     _check_arch(model, manifest)
     front, _ = model.split(manifest.k)
     _load_state(front, front_bytes, FRONTNET)

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..crypto.wirejson import loads_untrusted
 from ..errors import TamperedMessage, UserInputError
 
 
@@ -103,10 +104,14 @@ class ClassMapping:
     @classmethod
     def from_bytes(cls, data: bytes) -> "ClassMapping":
         try:
-            d = json.loads(bytes(data))
-            if d.get("v") != 1:
+            d = loads_untrusted(data, max_depth=4)
+            if type(d.get("v")) is not int or d.get("v") != 1:
                 raise ValueError("version")
-            return cls(d["permutation"], d["labels"])
+            perm, labels = d["permutation"], d["labels"]
+            if (not isinstance(perm, list) or not isinstance(labels, list)
+                    or any(type(p) is not int for p in perm) or any(not isinstance(s, str) for s in labels)):
+                raise ValueError("types")
+            return cls(perm, labels)
         except (ValueError, KeyError, TypeError, AttributeError, UserInputError):
             raise TamperedMessage("class mapping is malformed") from None
 
