@@ -1,0 +1,247 @@
+"""`make bench-serve`: Infenclave on loopback against plain PyTorch, same model, inputs, preprocessing.
+
+Trust side: operator (runs the owner, the clients and the server on one machine).
+
+Service: `enclaveml serve --tee sim` (host + enclave worker) with the Darknet-like zoo model at the
+recommended split (from --assessment / $ASSESSMENT / out/demo/assess/assessment.json, else --k),
+deployed by an owner; several client threads send the CIFAR-10 test set as encrypted batch
+requests (each image its own HPKE request), and one client sends single-image requests one after
+another for the latency figures. Plain: the same JPEG bytes decoded and preprocessed by the same
+code, then the whole model, in batches (throughput) and one image at a time (latency), in this
+process, with its best torch thread count. The two alternate in --rounds slices so that a shared
+machine whose load changes treats both alike. CPU ms/image (all processes: clients, host,
+enclave worker) is the load-independent cost.
+
+Prints a table, then as its LAST line one JSON object with images_per_s_service,
+images_per_s_plain, throughput_ratio, p50_ms_service, p99_ms_service, p50_ms_plain,
+p99_ms_plain, accuracy_service, accuracy_plain (and a few more keys describing the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def load_test_set(data: Path, limit: int | None) -> tuple[list[bytes], list[int], list[str]]:
+    from enclaveml.data.folder import list_image_folder
+
+    classes, samples = list_image_folder(data)
+    if limit:
+        step = max(1, len(samples) // limit)
+        samples = samples[::step][:limit]
+    return [Path(p).read_bytes() for p, _ in samples], [y for _, y in samples], classes
+
+
+def _cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_pid(pid: int) -> float:
+    """User + system CPU seconds of another process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def recommended_k(assessment: str | None, default: int) -> tuple[int, str]:
+    if assessment and Path(assessment).exists():
+        rep = json.loads(Path(assessment).read_text())
+        if isinstance(rep.get("recommended"), int):
+            return rep["recommended"], f"recommended by {assessment}"
+    return default, "fixed (no assessment given)"
+
+
+@torch.no_grad()
+def plain_throughput(model, pre, images: list[bytes], labels: list[int], batch: int) -> tuple[float, int]:
+    """(seconds, correct): decode + preprocess + the whole model, `batch` images at a time."""
+    t0 = time.perf_counter()
+    correct = 0
+    for i in range(0, len(images), batch):
+        x = torch.stack([pre(b) for b in images[i:i + batch]])
+        correct += int((model(x).argmax(1) == torch.tensor(labels[i:i + batch])).sum())
+    return time.perf_counter() - t0, correct
+
+
+@torch.no_grad()
+def plain_latencies(model, pre, images: list[bytes]) -> list[float]:
+    lat = []
+    for b in images:
+        t = time.perf_counter()
+        model(pre(b).unsqueeze(0)).argmax(1)
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def service_throughput(clients: list, model_id: str, images: list[bytes], labels: list[int],
+                       batch: int) -> tuple[float, int]:
+    """(seconds, correct): the clients send encrypted batch requests concurrently."""
+    chunks = [list(range(i, min(i + batch, len(images)))) for i in range(0, len(images), batch)]
+    preds: dict[int, int] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def run(ci: int) -> None:
+        try:
+            for k in range(ci, len(chunks), len(clients)):
+                idx = chunks[k]
+                res = clients[ci].infer([images[i] for i in idx], model=model_id, top_k=1)
+                with lock:
+                    for i, r in zip(idx, res):
+                        preds[i] = r["top"][0]["index"]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return dt, sum(int(preds[i] == labels[i]) for i in range(len(images)))
+
+
+def service_latencies(client, model_id: str, images: list[bytes]) -> list[float]:
+    lat = []
+    for b in images:
+        t = time.perf_counter()
+        client.infer([b], model=model_id, top_k=1)
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def main() -> None:
+    from enclaveml import paths
+    from enclaveml.crypto import SigningKey
+    from enclaveml.models import zoo
+    from enclaveml.models.bundle import make_bundle
+    from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env
+
+    shared = paths.shared_dir()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=os.environ.get("DATA") or (str(shared / "data" / "cifar10" / "test") if shared else None))
+    ap.add_argument("--assessment", default=os.environ.get("ASSESSMENT") or "out/demo/assess/assessment.json",
+                    help="assessment.json whose recommended split to use (absent: --k)")
+    ap.add_argument("--k", type=int, default=3, help="split when no assessment is given")
+    ap.add_argument("--limit", type=int, default=None, help="use this many test images (default: all)")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32, help="images per client request (and plain batch)")
+    ap.add_argument("--single", type=int, default=400, help="single-image requests for latency")
+    ap.add_argument("--rounds", type=int, default=4, help="alternations of plain and service runs")
+    ap.add_argument("--plain-threads", default=f"1,{os.cpu_count() or 1}",
+                    help="torch thread counts to try for plain PyTorch; the best throughput is the baseline")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server's host process")
+    ap.add_argument("--server-args", default="", help="extra `enclaveml serve` arguments")
+    args = ap.parse_args()
+    if not args.data or not Path(args.data).is_dir():
+        sys.exit("no CIFAR-10 test folder: pass --data DIR (DIR/<class>/*.jpg)")
+
+    try:
+        model, trained = zoo.load("darknet"), True
+    except Exception:
+        model, trained = zoo.load("darknet", pretrained=False), False
+        print("warning: darknet has no trained weights yet; accuracy figures are meaningless", file=sys.stderr)
+    entry = zoo.entry("darknet")
+    k, k_source = recommended_k(args.assessment, args.k)
+    images, labels, classes = load_test_set(Path(args.data), args.limit)
+    print(f"{len(images)} images, darknet split at k={k} ({k_source}), {args.clients} clients x batch {args.batch}",
+          file=sys.stderr)
+
+    best = None  # plain PyTorch's best thread count, picked on a sample
+    for n in sorted({int(t) for t in args.plain_threads.split(",")}):
+        torch.set_num_threads(n)
+        dt, _ = plain_throughput(model, entry.preprocessing, images[:300], labels[:300], args.batch)
+        print(f"plain PyTorch, {n} thread(s): {300 / dt:.1f} images/s on 300 images", file=sys.stderr)
+        if best is None or 300 / dt > best[1]:
+            best = (n, 300 / dt)
+    plain_threads = best[0]
+
+    from enclaveml.client import EnclaveClient
+
+    acc = {"plain_s": 0.0, "plain_ok": 0, "service_s": 0.0, "service_ok": 0, "plain_cpu": 0.0, "service_cpu": 0.0}
+    lat_plain: list[float] = []
+    lat_service: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        tmp = Path(tmp)
+        owner = SigningKey.generate()
+        _, key = make_bundle(model, k, tmp / "bundle", {"zoo": "darknet"}, entry.preprocessing, classes, owner)
+        home = tmp / "home"
+        extra = ["--torch-threads", str(args.torch_threads), *args.server_args.split()]
+        with ServerProcess(tmp / "store", tmp / "server.log", env=server_env(home), extra_args=extra) as srv:
+            policy = local_sim_policy(home)
+            with EnclaveClient(srv.url, policy) as c:
+                c.deploy(tmp / "bundle", key, owner, model_id="darknet")
+            clients = [EnclaveClient(srv.url, policy) for _ in range(args.clients)]
+            for c in clients:
+                c.infer([images[0]], model="darknet")  # attest and warm each connection
+            # Rounds alternate plain and service on the same slices, so that a machine whose load
+            # changes during the run (shared CI) treats both alike.
+            n, r = len(images), args.rounds
+            for i in range(r):
+                part = slice(i * n // r, (i + 1) * n // r)
+                single = images[i * args.single // r:(i + 1) * args.single // r]
+                torch.set_num_threads(plain_threads)
+                c0 = _cpu_self()
+                pdt, ok = plain_throughput(model, entry.preprocessing, images[part], labels[part], args.batch)
+                acc["plain_cpu"] += _cpu_self() - c0
+                acc["plain_s"] += pdt
+                acc["plain_ok"] += ok
+                lat_plain += plain_latencies(model, entry.preprocessing, single)
+                torch.set_num_threads(1)
+                pids = (srv.pid, srv.enclave_pid())
+                c0 = _cpu_self() + sum(_cpu_pid(p) for p in pids)
+                sdt, ok = service_throughput(clients, "darknet", images[part], labels[part], args.batch)
+                acc["service_cpu"] += _cpu_self() + sum(_cpu_pid(p) for p in pids) - c0
+                acc["service_s"] += sdt
+                acc["service_ok"] += ok
+                lat_service += service_latencies(clients[0], "darknet", single)
+                m = len(images[part])
+                print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f} images/s", file=sys.stderr)
+            for c in clients:
+                c.close()
+    plain = {"images_per_s": n / acc["plain_s"], "accuracy": acc["plain_ok"] / n, "cpu_ms": 1000 * acc["plain_cpu"] / n,
+             "p50_ms": 1000 * _pct(lat_plain, 50), "p99_ms": 1000 * _pct(lat_plain, 99)}
+    service = {"images_per_s": n / acc["service_s"], "accuracy": acc["service_ok"] / n,
+               "cpu_ms": 1000 * acc["service_cpu"] / n,
+               "p50_ms": 1000 * _pct(lat_service, 50), "p99_ms": 1000 * _pct(lat_service, 99)}
+
+    out = {
+        "images_per_s_service": round(service["images_per_s"], 1),
+        "images_per_s_plain": round(plain["images_per_s"], 1),
+        "throughput_ratio": round(service["images_per_s"] / plain["images_per_s"], 3),
+        "p50_ms_service": round(service["p50_ms"], 3), "p99_ms_service": round(service["p99_ms"], 3),
+        "p50_ms_plain": round(plain["p50_ms"], 3), "p99_ms_plain": round(plain["p99_ms"], 3),
+        "accuracy_service": round(service["accuracy"], 4), "accuracy_plain": round(plain["accuracy"], 4),
+        "images": len(images), "k": k, "clients": args.clients, "batch": args.batch, "plain_threads": plain_threads, "rounds": args.rounds,
+        "cpu_ms_per_image_service": round(service["cpu_ms"], 3), "cpu_ms_per_image_plain": round(plain["cpu_ms"], 3),
+        "load_average_1m": round(os.getloadavg()[0], 2), "trained": trained,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
+    }
+    print(f"{'':18}{'service':>12}{'plain':>12}", file=sys.stderr)
+    print(f"{'images/s':18}{out['images_per_s_service']:>12}{out['images_per_s_plain']:>12}", file=sys.stderr)
+    print(f"{'p50 ms (single)':18}{out['p50_ms_service']:>12}{out['p50_ms_plain']:>12}", file=sys.stderr)
+    print(f"{'p99 ms (single)':18}{out['p99_ms_service']:>12}{out['p99_ms_plain']:>12}", file=sys.stderr)
+    print(f"{'CPU ms/image':18}{out['cpu_ms_per_image_service']:>12}{out['cpu_ms_per_image_plain']:>12}", file=sys.stderr)
+    print(f"{'top-1 accuracy':18}{out['accuracy_service']:>12}{out['accuracy_plain']:>12}", file=sys.stderr)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

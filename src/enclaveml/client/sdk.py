@@ -1,0 +1,240 @@
+"""The Infenclave client SDK: attest the enclave, deploy a bundle, run encrypted inference.
+
+Trust side: client (and owner). Trusts nothing the server says until the enclave's evidence
+verifies against the caller's policy; then encrypts to the attested key only. The host sees
+ciphertext, sizes and timing.
+
+    from enclaveml.client import EnclaveClient
+    c = EnclaveClient("http://127.0.0.1:8080", "policy.toml")
+    c.deploy("bundles/darknet", model_key, owner_key)          # owner
+    c.infer([open("cat.jpg", "rb").read()], model="darknet")  # anyone with the policy
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import httpx
+
+from .. import errors as E
+from ..crypto import SigningKey, frame_fresh, seal_key_release, seal_owner_command, seal_request
+from ..serve import protocol
+
+#: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
+#: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+#: How long an attestation is reused before the client asks for fresh evidence.
+REATTEST_S = 300.0
+#: One batch request carries at most this many images and bytes (the server's limits are larger).
+BATCH_CHUNK = 64
+BATCH_BYTES = 16 * 1024 * 1024
+
+
+def _chunks(images: list[bytes]) -> list[list[bytes]]:
+    out: list[list[bytes]] = [[]]
+    size = 0
+    if not images:
+        return []
+    for img in images:
+        if out[-1] and (len(out[-1]) >= BATCH_CHUNK or size + len(img) > BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(img)
+        size += len(img)
+    return out
+
+
+@dataclass(frozen=True)
+class AttestedEnclave:
+    """An enclave key the client verified evidence for, and what the evidence said."""
+
+    public_key: bytes
+    nonce: bytes
+    claims: Any
+    at: float
+
+
+def _error_from_response(r: httpx.Response) -> E.EnclaveMLError:
+    try:
+        body = r.json()
+        kind, msg = str(body.get("error", "")), str(body.get("message", ""))
+    except ValueError:
+        kind, msg = "", r.text[:200]
+    return error_from_kind(kind, msg, r.status_code)
+
+
+def error_from_kind(kind: str, msg: str, status: int) -> E.EnclaveMLError:
+    cls = getattr(E, kind, None)
+    if isinstance(cls, type) and issubclass(cls, E.EnclaveMLError):
+        return cls(f"server: {msg}")
+    if kind == "PayloadTooLarge":
+        return E.DataError(f"server: {msg}")
+    return E.EnclaveMLError(f"server answered {status} {kind}: {msg}".rstrip(": "))
+
+
+class EnclaveClient:
+    """One server URL and one attestation policy. Thread-safe; reuses one HTTP connection pool."""
+
+    def __init__(self, url: str, policy, timeout: float = 60.0, http: httpx.Client | None = None,
+                 reattest_s: float = REATTEST_S):
+        from ..tee import Policy, load_policy
+
+        self.url = url.rstrip("/")
+        self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        self.http = http or httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(socket_options=NODELAY))
+        self.reattest_s = reattest_s
+        self._attested: AttestedEnclave | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "EnclaveClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            r = self.http.request(method, self.url + path, **kw)
+        except httpx.HTTPError as e:
+            raise E.UserInputError(f"cannot reach {self.url} ({type(e).__name__})") from None
+        if r.status_code >= 400:
+            raise _error_from_response(r)
+        return r
+
+    # -- attestation ------------------------------------------------------------------------
+
+    def attest(self) -> AttestedEnclave:
+        """Fetch fresh evidence with a random nonce and verify it against the policy."""
+        from ..tee import Evidence, bind_report_data, verify_evidence
+
+        nonce = os.urandom(32)
+        body = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()}).json()
+        try:
+            pk = bytes.fromhex(body["public_key"])
+            evidence = Evidence.from_dict(body["evidence"])
+        except (KeyError, TypeError, ValueError):
+            raise E.EvidenceRejected("the server's evidence answer is malformed") from None
+        if len(pk) != 32:
+            raise E.EvidenceRejected("the enclave public key is not 32 bytes")
+        claims = verify_evidence(evidence, self.policy, bind_report_data(pk, nonce))
+        att = AttestedEnclave(pk, nonce, claims, time.monotonic())
+        with self._lock:
+            self._attested = att
+        return att
+
+    def attested(self) -> AttestedEnclave:
+        with self._lock:
+            att = self._attested
+        if att is None or time.monotonic() - att.at > self.reattest_s:
+            att = self.attest()
+        return att
+
+    # -- owner operations -------------------------------------------------------------------
+
+    def deploy(self, bundle_dir: str | os.PathLike[str], model_key: bytes, owner_key: SigningKey,
+               model_id: str | None = None) -> dict:
+        """Attest, release the model key sealed to the enclave and signed, upload the bundle."""
+        from ..models.bundle import bundle_files, load_manifest
+
+        files = bundle_files(bundle_dir)
+        manifest = load_manifest(files, expected_owner=owner_key.public_key())
+        model_id = protocol.check_model_id(model_id or manifest.name)
+        att = self.attest()  # always fresh: the release is bound to this nonce
+        release = seal_key_release(owner_key, att.public_key, model_id, model_key, att.nonce)
+        body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
+        return self._request("POST", f"/v1/models/{model_id}", content=body,
+                             headers={"content-type": "application/octet-stream"}).json()
+
+    def delete(self, model_id: str, owner_key: SigningKey) -> dict:
+        """Attest, then send a delete command signed by the owner and sealed to the enclave."""
+        protocol.check_model_id(model_id)
+        att = self.attest()
+        cmd = seal_owner_command(owner_key, att.public_key, "delete", model_id, att.nonce)
+        return self._request("DELETE", f"/v1/models/{model_id}", content=cmd).json()
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _seal(self, att: AttestedEnclave, image: bytes, model: str, top_k: int, logits: bool):
+        framed = frame_fresh(protocol.encode_payload(image, top_k, logits))
+        return seal_request(att.public_key, framed, protocol.infer_aad(model))
+
+    def infer(self, images: Sequence[bytes], model: str, top_k: int = 5, logits: bool = False) -> list[dict]:
+        """Encrypt each image to the attested enclave and return its decrypted result.
+
+        A result is {"model", "top": [{"index", "label", "score"}...], "logits"?}. One failed image
+        raises its error (use `infer_each` to get per-image errors instead).
+        """
+        out = self.infer_each(images, model, top_k, logits)
+        for r in out:
+            if isinstance(r, Exception):
+                raise r
+        return out  # type: ignore[return-value]
+
+    def infer_each(self, images: Sequence[bytes], model: str, top_k: int = 5,
+                   logits: bool = False) -> list[dict | E.EnclaveMLError]:
+        protocol.check_model_id(model)
+        images = [bytes(i) for i in images]
+        try:
+            return self._infer_each(self.attested(), images, model, top_k, logits)
+        except E.TamperedMessage:
+            # The enclave may have restarted (new key): attest again once and retry. Safe: a
+            # request to an old key never decrypted anywhere.
+            return self._infer_each(self.attest(), images, model, top_k, logits)
+
+    def _infer_one(self, att: AttestedEnclave, image: bytes, model: str, top_k: int, logits: bool) -> dict:
+        msg, ctx = self._seal(att, image, model, top_k, logits)
+        r = self._request("POST", f"/v1/models/{model}/infer", content=msg,
+                          headers={"content-type": "application/octet-stream"})
+        return protocol.decode_result(ctx.open_response(r.content, protocol.infer_aad(model)))
+
+    def _infer_each(self, att: AttestedEnclave, images: list[bytes], model: str, top_k: int, logits: bool) -> list:
+        out: list = []
+        for chunk in _chunks(images):
+            if len(chunk) == 1:  # one image: the plain endpoint
+                try:
+                    out.append(self._infer_one(att, chunk[0], model, top_k, logits))
+                except E.TamperedMessage:
+                    raise  # maybe a new enclave key: the caller attests again
+                except E.EnclaveMLError as e:
+                    out.append(e)
+                continue
+            sealed = [self._seal(att, img, model, top_k, logits) for img in chunk]
+            body = protocol.pack_parts({str(i): m for i, (m, _) in enumerate(sealed)})
+            r = self._request("POST", f"/v1/models/{model}/infer_batch", content=body,
+                              headers={"content-type": "application/octet-stream"})
+            parts = protocol.unpack_parts(r.content, {str(i) for i in range(len(chunk))} |
+                                          {f"e{i}" for i in range(len(chunk))})
+            tampered = 0
+            for i, (_, ctx) in enumerate(sealed):
+                if str(i) in parts:
+                    out.append(protocol.decode_result(ctx.open_response(parts[str(i)], protocol.infer_aad(model))))
+                elif f"e{i}" in parts:
+                    try:
+                        eb = json.loads(parts[f"e{i}"])
+                        err = error_from_kind(str(eb.get("error")), str(eb.get("message")), int(eb.get("status", 0)))
+                    except (ValueError, TypeError, AttributeError):
+                        err = E.EnclaveMLError("server sent a malformed error")
+                    out.append(err)
+                    tampered += isinstance(err, E.TamperedMessage)
+                else:
+                    raise E.TamperedMessage("the server's batch answer lacks an item")
+            if tampered == len(chunk):
+                raise E.TamperedMessage("server: every request failed authentication")
+        return out
+
+    def health(self) -> dict:
+        return self._request("GET", "/healthz").json()
+
+    def metrics(self) -> dict:
+        return self._request("GET", "/metrics", params={"format": "json"}).json()

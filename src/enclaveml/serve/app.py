@@ -1,0 +1,365 @@
+"""The untrusted host server: HTTP routes that move bytes between clients and the enclave worker.
+
+Trust side: host. It never holds a plaintext input, a decoded pixel, a label name or a key: it
+forwards ciphertext to the enclave, runs the public BackNet on IR tensors, and returns sealed
+responses. Every `EnclaveMLError` becomes a status code, a short JSON error and a counter; the
+server keeps serving.
+
+Routes (docs/serving.md):
+    GET    /healthz                      liveness: enclave process up, deployed models
+    GET    /metrics[?format=json]        counters, latency and batch-size histograms
+    GET    /v1/evidence?nonce=HEX        the enclave's evidence binding SHA-256(pk || nonce), and pk
+    GET    /v1/models                    deployed model ids and public bundle facts
+    POST   /v1/models/{id}               deploy/replace: pack_parts(key_release + bundle files)
+    DELETE /v1/models/{id}               delete: an owner command sealed to the enclave
+    POST   /v1/models/{id}/infer         one HPKE request -> one sealed response
+    POST   /v1/models/{id}/infer_batch   pack_parts of requests -> pack_parts of responses/errors
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .. import errors as E
+from . import protocol
+from .batcher import pick_device
+from .channel import ChannelError, RemoteError
+from .metrics import BATCH_BUCKETS, Metrics, json_logger
+
+#: Status code for each error kind; anything not listed is a 500 (and its message is not sent).
+STATUS = {
+    "PayloadTooLarge": 413,
+    "TamperedMessage": 400,
+    "EvidenceRejected": 400,
+    "DataError": 422,
+    "UserInputError": 400,
+    "PartitionError": 400,
+    "Unauthorized": 403,
+    "PolicyViolation": 403,
+    "UnknownModel": 404,
+    "ReplayedMessage": 409,
+    "EnclaveUnavailable": 503,
+}
+ERROR_CLASSES = (E.UnknownModel, E.DataError, E.PartitionError, E.UserInputError, E.TamperedMessage,
+                 E.ReplayedMessage, E.EvidenceRejected, E.PolicyViolation, E.Unauthorized)
+
+
+class PayloadTooLarge(E.UserInputError):
+    """A request body is over the configured limit."""
+
+
+@dataclass
+class ServerConfig:
+    tee: str = "sim"
+    store: Path = Path("store")
+    device: str = "auto"
+    max_batch: int = 64
+    window_ms: float = 0.0
+    enclave_threads: int = 2
+    max_request_bytes: int = 8 * 1024 * 1024 + 4096
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_batch_request: int = 256
+    worker_args: list[str] = field(default_factory=list)
+    worker_socket: str | None = None
+
+
+def error_kind(e: BaseException) -> str:
+    if isinstance(e, PayloadTooLarge):
+        return "PayloadTooLarge"
+    for cls in ERROR_CLASSES:
+        if isinstance(e, cls):
+            return cls.__name__
+    if isinstance(e, ChannelError):
+        return "EnclaveUnavailable"
+    return "InternalError"
+
+
+def error_body(e: BaseException) -> tuple[int, dict]:
+    kind = error_kind(e)
+    msg = str(e)[:300] if kind != "InternalError" else "internal error"
+    if kind == "EnclaveUnavailable":
+        msg = "the enclave worker is not available"
+    return STATUS.get(kind, 500), {"error": kind, "message": msg}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` before reading it all."""
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        try:
+            if int(cl) > limit:
+                raise PayloadTooLarge(f"body of {int(cl)} bytes is over the {limit}-byte limit")
+        except ValueError:
+            raise E.UserInputError("bad Content-Length") from None
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+    return bytes(buf)
+
+
+async def wait(fut: Future):
+    return await asyncio.wrap_future(fut)
+
+
+class HostState:
+    """What the host process holds: the enclave proxy, per-model pipelines, store, metrics, log."""
+
+    def __init__(self, cfg: ServerConfig):
+        from .host import EnclaveProxy
+        from .store import ModelStore
+
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.log = json_logger()
+        self.store = ModelStore(cfg.store)
+        self.device = pick_device(cfg.device)
+        self.enclave = EnclaveProxy(cfg.tee, threads=cfg.enclave_threads, extra_args=cfg.worker_args,
+                                    socket_path=cfg.worker_socket)
+        self.pipelines: dict = {}
+        self.public: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.log.info("enclave started", extra={"fields": {
+            "enclave_pid": self.enclave.pid, "tee": cfg.tee, "device": str(self.device),
+            "measurement": self.enclave.info.get("measurement"), "hardening": self.enclave.info.get("hardening")}})
+
+    def pipeline(self, model_id: str):
+        with self.lock:
+            p = self.pipelines.get(model_id)
+        if p is None:
+            raise E.UnknownModel(f"no model {model_id!r} is deployed")
+        return p
+
+
+def create_app(cfg: ServerConfig) -> FastAPI:
+    state: dict[str, HostState] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["s"] = await asyncio.to_thread(HostState, cfg)
+        try:
+            yield
+        finally:
+            for p in list(state["s"].pipelines.values()):
+                p.close()  # in the loop: the batchers' futures belong to it
+            await asyncio.to_thread(state["s"].enclave.close)
+
+    app = FastAPI(title="enclaveml host", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def S() -> HostState:
+        return state["s"]
+
+    app.add_middleware(ObserveMiddleware, state=state)
+
+    async def on_error(request: Request, e: Exception):
+        code, body = error_body(e)
+        s = state.get("s")
+        if s is not None:
+            s.metrics.inc("errors_total", kind=body["error"])
+            if code >= 500:
+                s.log.warning("server error", extra={"fields": {"route": _route_name(request.url.path, request.method), "kind": body["error"],
+                                                                "type": type(e).__name__}})
+        return JSONResponse(body, status_code=code)
+
+    for exc_type in (E.EnclaveMLError, ChannelError, RemoteError, Exception):
+        app.add_exception_handler(exc_type, on_error)
+
+    @app.get("/healthz")
+    async def healthz():
+        s = S()
+        ok = s.enclave.alive()
+        body = {"status": "ok" if ok else "enclave down", "tee": cfg.tee, "enclave_pid": s.enclave.pid,
+                "device": str(s.device), "models": sorted(s.pipelines)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(format: str = "prometheus"):
+        if format == "json":
+            return JSONResponse(S().metrics.to_json())
+        return PlainTextResponse(S().metrics.to_prometheus(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/evidence")
+    async def evidence(nonce: str = ""):
+        if not 16 <= len(nonce) <= 128:
+            raise E.DataError("nonce must be 8 to 64 bytes of hex")
+        h, _, _ = await wait(S().enclave.call_async({"op": "evidence", "nonce": nonce}))
+        return {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": nonce}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"models": [{"id": m, **S().public.get(m, {})} for m in sorted(S().pipelines)]}
+
+    @app.post("/v1/models/{model_id}")
+    async def deploy(model_id: str, request: Request):
+        s = S()
+        protocol.check_model_id(model_id)
+        body = await read_body(request, cfg.max_upload_bytes)
+        from ..models import bundle as B
+
+        files = protocol.unpack_parts(body, {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS})
+        missing = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS} - set(files)
+        if missing:
+            raise E.DataError(f"upload is missing {', '.join(sorted(missing))}")
+        # Check the public half first, so that a bad BackNet changes nothing in the enclave.
+        protocol.check_servable_arch(B.load_manifest(files).arch)
+        manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files)
+        enclave_parts = {n: files[n] for n in (protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP)}
+        h, _, _ = await wait(s.enclave.call_async({"op": "deploy", "model": model_id}, None, enclave_parts))
+        if h.get("bundle_id") != manifest.bundle_id:
+            raise E.TamperedMessage("the enclave accepted another bundle than the host loaded")
+        from .host import ModelPipeline
+
+        pipe = ModelPipeline(model_id, s.enclave, backnet, s.device, cfg.max_batch, cfg.window_ms / 1000.0,
+                             on_batch=lambda n: s.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id))
+        await asyncio.to_thread(s.store.save, model_id, {n: files[n] for n in files if n != protocol.KEY_RELEASE})
+        with s.lock:
+            old = s.pipelines.get(model_id)
+            s.pipelines[model_id] = pipe
+            s.public[model_id] = {"bundle_id": manifest.bundle_id, "name": manifest.name, "k": manifest.k,
+                                  "ir_shape": list(manifest.ir_shape), "owner": h.get("owner")}
+        if old is not None:
+            old.close()
+        s.metrics.inc("deployments_total", outcome="replaced" if h.get("replaced") else "created")
+        return {"model": model_id, "bundle_id": manifest.bundle_id, "k": manifest.k, "replaced": bool(h.get("replaced"))}
+
+    @app.delete("/v1/models/{model_id}")
+    async def delete(model_id: str, request: Request):
+        s = S()
+        protocol.check_model_id(model_id)
+        body = await read_body(request, 65536)
+        await wait(s.enclave.call_async({"op": "delete", "model": model_id}, None, {"command": body}))
+        with s.lock:
+            old = s.pipelines.pop(model_id, None)
+            s.public.pop(model_id, None)
+        if old is not None:
+            old.close()
+        await asyncio.to_thread(s.store.delete, model_id)
+        s.metrics.inc("deployments_total", outcome="deleted")
+        return {"model": model_id, "deleted": True}
+
+    @app.post("/v1/models/{model_id}/infer")
+    async def infer(model_id: str, request: Request):
+        s = S()
+        pipe = s.pipeline(model_id)
+        body = await read_body(request, cfg.max_request_bytes)
+        t0 = time.perf_counter()
+        resp = await pipe.run(body)
+        s.metrics.observe("inference_seconds", time.perf_counter() - t0, model=model_id)
+        s.metrics.inc("inferences_total", model=model_id, outcome="ok")
+        return Response(resp, media_type="application/octet-stream")
+
+    @app.post("/v1/models/{model_id}/infer_batch")
+    async def infer_batch(model_id: str, request: Request):
+        s = S()
+        pipe = s.pipeline(model_id)
+        body = await read_body(request, cfg.max_request_bytes * 4 + cfg.max_batch_request * 64)
+        allowed = {str(i) for i in range(cfg.max_batch_request)}
+        parts = protocol.unpack_parts(body, allowed)
+        t0 = time.perf_counter()
+        names = sorted(parts, key=int)
+        results = await asyncio.gather(*(pipe.run(parts[n]) for n in names), return_exceptions=True)
+        out = {}
+        for n, r in zip(names, results):
+            if isinstance(r, BaseException):
+                code, eb = error_body(r)
+                s.metrics.inc("errors_total", kind=eb["error"])
+                out[f"e{n}"] = json.dumps({**eb, "status": code}).encode()
+            else:
+                s.metrics.inc("inferences_total", model=model_id, outcome="ok")
+                out[n] = r
+        s.metrics.observe("inference_seconds", time.perf_counter() - t0, model=model_id)
+        return Response(protocol.pack_parts(out), media_type="application/octet-stream")
+
+    return app
+
+
+def _route_name(p: str, method: str) -> str:
+    if p.startswith("/v1/models/"):
+        rest = p[len("/v1/models/"):]
+        if rest.endswith("/infer"):
+            return "infer"
+        if rest.endswith("/infer_batch"):
+            return "infer_batch"
+        return "model_" + method.lower()
+    return {"/healthz": "healthz", "/metrics": "metrics", "/v1/evidence": "evidence", "/v1/models": "models"}.get(p, "other")
+
+
+class ObserveMiddleware:
+    """Pure ASGI middleware: a request id header, one JSON log line and metrics per request.
+
+    (Starlette's BaseHTTPMiddleware would add a task and a stream copy per request.)
+    """
+
+    def __init__(self, app, state: dict):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        rid = os.urandom(8).hex()
+        info = {"status": 500, "bytes_out": 0}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                info["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                for k, v in headers:
+                    if k == b"content-length":
+                        info["bytes_out"] = int(v)
+                message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            s = self.state.get("s")
+            if s is not None:
+                dt = time.perf_counter() - t0
+                route = _route_name(scope.get("path", ""), scope.get("method", ""))
+                bytes_in = next((int(v) for k, v in scope.get("headers", []) if k == b"content-length"), 0)
+                s.metrics.inc("http_requests_total", route=route, status=str(info["status"]))
+                s.metrics.observe("http_request_seconds", dt, route=route)
+                s.log.info("request", extra={"fields": {
+                    "request_id": rid, "method": scope.get("method"), "route": route, "status": info["status"],
+                    "bytes_in": bytes_in, "bytes_out": info["bytes_out"], "ms": round(dt * 1000, 3)}})
+
+
+def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8080, torch_threads: int = 1) -> None:
+    """Run the server until interrupted; logs one JSON line `listening` with the real port."""
+    import socket
+
+    import uvicorn
+
+    torch.set_num_threads(max(1, torch_threads))
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it: no Nagle delays
+    sock.bind((host, port))
+    log = json_logger()
+    config = uvicorn.Config(create_app(cfg), log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    startup = server.startup
+
+    async def announce(sockets=None):
+        await startup(sockets=sockets)
+        log.info("listening", extra={"fields": {"host": host, "port": sock.getsockname()[1], "pid": os.getpid()}})
+
+    server.startup = announce  # type: ignore[method-assign]
+    server.run(sockets=[sock])

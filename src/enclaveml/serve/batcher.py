@@ -1,0 +1,132 @@
+"""Dynamic batching: gather items submitted one at a time into batches for one call.
+
+Trust side: host. Used for the BackNet (IR tensors -> scores, on the GPU when there is one) and
+for the channel calls to the enclave (many requests per FrontNet pass, many responses per call).
+
+Policy: at most `concurrency` batches run at once. When a runner is free, a batch takes the
+waiting items (up to `max_batch`), at once if `window_s` is 0, else after waiting `window_s` for
+more. Under light load a request waits at most `window_s`; under heavy load items queue while
+the runners are busy, so batches grow by themselves. It all happens inside the server's event
+loop: no collector thread, so no thread hop per stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Sequence
+
+import torch
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' -> the first CUDA GPU when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class BackNetExecutor:
+    """Runs one BackNet on batches of IR tensors (each (1, ...)) on its own thread (GPU if any)."""
+
+    def __init__(self, backnet: torch.nn.Module, device: torch.device, max_batch: int = 64,
+                 window_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
+        self.device = device
+        self.backnet = backnet.to(device).eval()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="backnet")
+        self.batcher = AsyncBatcher(self._run, max_batch, window_s, concurrency=1, on_batch=on_batch)
+
+    @torch.no_grad()
+    def _forward(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
+        x = torch.cat(irs).to(self.device, non_blocking=True)
+        return list(self.backnet(x).float().cpu().unbind(0))
+
+    async def _run(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._forward, irs)
+
+    async def submit(self, ir: torch.Tensor) -> torch.Tensor:
+        return await self.batcher.submit(ir)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self._thread.shutdown(wait=False)
+
+
+class AsyncBatcher:
+    """`await submit(item)` -> result; `run_batch(items)` is a coroutine returning one result (or
+    an Exception) per item. At most `concurrency` batches run at once; a batch starts at once
+    when a runner is free and `window_s` is 0 (or `max_batch` items wait), else after `window_s`.
+    Use from one event loop only.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Any]], Awaitable[Sequence[Any]]], max_batch: int = 64,
+                 window_s: float = 0.0, concurrency: int = 1, on_batch: Callable[[int], None] | None = None):
+        if max_batch < 1 or window_s < 0 or concurrency < 1:
+            raise ValueError("max_batch >= 1, window_s >= 0, concurrency >= 1")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.concurrency = concurrency
+        self.on_batch = on_batch
+        self._items: list[tuple[Any, asyncio.Future]] = []
+        self._running = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def submit(self, item: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        fut = asyncio.get_running_loop().create_future()
+        self._items.append((item, fut))
+        self._maybe_start()
+        return await fut
+
+    def _maybe_start(self) -> None:
+        while self._items and self._running < self.concurrency:
+            if len(self._items) < self.max_batch and self.window_s > 0:
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(self.window_s, self._on_timer)
+                return
+            self._start()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._items and self._running < self.concurrency:
+            self._start()
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._items = self._items[: self.max_batch], self._items[self.max_batch:]
+        self._running += 1
+        asyncio.ensure_future(self._run(batch))
+
+    async def _run(self, batch: list) -> None:
+        items = [it for it, _ in batch]
+        try:
+            if self.on_batch is not None:
+                self.on_batch(len(items))
+            results = list(await self.run_batch(items))
+            if len(results) != len(items):
+                raise RuntimeError("batch function returned the wrong number of results")
+        except BaseException as e:  # every item learns about the failure
+            results = [e] * len(items)
+        finally:
+            self._running -= 1
+        for (_, fut), r in zip(batch, results):
+            if fut.done():
+                continue
+            if isinstance(r, BaseException):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
+        self._maybe_start()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        items, self._items = self._items, []
+        for _, fut in items:
+            if not fut.done():
+                fut.set_exception(RuntimeError("batcher is closed"))

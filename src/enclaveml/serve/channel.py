@@ -1,0 +1,654 @@
+"""A local channel between a host process and its enclave worker process: JSON + bytes + tensors.
+
+Trust side: both (host and enclave each hold one end). Generic: Infenclave serving and the
+CalTrain training enclave both use it; it knows nothing about models or cryptography.
+
+Why not `multiprocessing` queues: they pickle, and unpickling bytes from the other trust side runs
+code. Here a message is a JSON header, named raw byte blobs, and named tensors whose bytes travel
+through POSIX shared memory (only name, dtype, shape and place travel on the socket).
+
+Frame on the socket (one `socket.socketpair`, SOCK_STREAM, inherited by the worker as an fd):
+
+    u32 big-endian  n = length of the meta JSON
+    n bytes         meta = {"h": header, "b": [[name, nbytes]...],
+                            "t": [[name, dtype, shape, segment, offset, nbytes]...],
+                            "f": [[segment, offset]...]}        # "f": slots the peer may reuse
+    sum(nbytes)     the blobs' bytes, in the order of "b"
+
+Tensors: each side owns one shared-memory *arena* (created on its first tensor send) that it writes
+outgoing tensors into (first-fit allocation, 64-byte aligned). The receiver copies a tensor out in
+`recv()` and at once sends a small control frame ("f") so the sender can reuse the slot. If the
+arena is full (or a tensor is larger than it) the sender uses a one-off segment that the receiver
+unlinks after copying, so a send never blocks waiting for the peer. Received tensors are private
+copies: the sender may overwrite its arena at once, and the receiver validates after copying, so
+the peer cannot change a tensor under the receiver's feet.
+
+Without shared memory (`Channel(use_shm=False)`: enclaves that cannot map host memory, reached
+over a socket path with `spawn_enclave_worker_at`), a tensor's segment is "" and its bytes follow
+the blobs on the socket, in descriptor order. A receiver accepts both forms.
+
+Every field from the peer is checked (sizes, dtypes, segment names, bounds); a malformed frame
+raises `ChannelError` and the channel should be closed.
+
+Request/reply: `ChannelClient.call()` tags a header with an id and returns a Future resolved by a
+reader thread, so many requests can be in flight; `serve_channel()` is the worker-side loop that
+runs a handler on a thread pool and replies with the same id. An `EnclaveMLError` raised by the
+handler travels back as {"error": class name, "message": text} and is raised again by the caller's
+Future as the same class (only classes of `enclaveml.errors`; anything else is "InternalError",
+whose message is not sent).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import errors as _errors
+
+#: Largest meta JSON and largest total of blob bytes accepted in one frame.
+MAX_META_BYTES = 1 << 20
+MAX_BLOB_BYTES = 64 << 20
+#: Largest tensor accepted in one frame (bytes).
+MAX_TENSOR_BYTES = 1 << 30
+DEFAULT_ARENA_BYTES = 16 << 20
+#: Segment name of a tensor whose bytes follow the blobs on the socket (no shared memory).
+INLINE = ""
+#: Largest total of inline tensor bytes accepted in one frame.
+MAX_INLINE_BYTES = 256 << 20
+ALIGN = 64
+
+_LEN = struct.Struct(">I")
+_IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+_SEGMENT_NAME = re.compile(r"^eml[0-9a-z_]{1,60}$")
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+Header = dict[str, Any]
+Message = tuple[Header, dict[str, torch.Tensor], dict[str, bytes]]
+
+
+class ChannelError(ConnectionError):
+    """The peer sent a malformed frame, or the channel is closed."""
+
+
+class ChannelClosed(ChannelError):
+    """The other end closed the channel (or its process died)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory: attach without the resource tracker, and the sender's arena.
+
+
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    """Python < 3.13 registers every attach with the resource tracker, which would unlink the
+    segment when *this* process exits; segments here have exactly one owner that unlinks them."""
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:
+        pass
+
+
+def _segment_name(kind: str) -> str:
+    return f"eml{kind}_{os.getpid()}_{os.urandom(6).hex()}"
+
+
+class _Arena:
+    """One shared-memory segment the sender carves tensor slots from (first-fit, coalescing)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.shm = shared_memory.SharedMemory(name=_segment_name("a"), create=True, size=size)
+        self._free: list[tuple[int, int]] = [(0, size)]  # sorted (offset, length)
+        self._used: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def alloc(self, n: int) -> int | None:
+        n = max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
+        with self._lock:
+            for i, (off, length) in enumerate(self._free):
+                if length >= n:
+                    if length == n:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (off + n, length - n)
+                    self._used[off] = n
+                    return off
+        return None
+
+    def free(self, off: int) -> None:
+        with self._lock:
+            n = self._used.pop(off, None)
+            if n is None:
+                return  # unknown or already freed: ignore (the peer cannot make us double-free)
+            self._free.append((off, n))
+            self._free.sort()
+            merged: list[tuple[int, int]] = []
+            for o, length in self._free:
+                if merged and merged[-1][0] + merged[-1][1] == o:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + length)
+                else:
+                    merged.append((o, length))
+            self._free = merged
+
+    def in_use(self) -> int:
+        with self._lock:
+            return sum(self._used.values())
+
+    def close(self) -> None:
+        try:
+            self.shm.close()
+        finally:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's bytes as a flat uint8 numpy array (no copy when already so)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure framing.
+
+
+def encode_meta(header: Header, blobs: dict[str, bytes], tensor_descs: list[list], frees: list[list]) -> bytes:
+    """The length-prefixed meta JSON of one frame (blob bytes follow it on the wire)."""
+    meta: dict[str, Any] = {"h": header}
+    if blobs:
+        meta["b"] = [[name, len(b)] for name, b in blobs.items()]
+    if tensor_descs:
+        meta["t"] = tensor_descs
+    if frees:
+        meta["f"] = frees
+    raw = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    if len(raw) > MAX_META_BYTES:
+        raise ChannelError("frame header is too large")
+    return _LEN.pack(len(raw)) + raw
+
+
+def decode_meta(raw: bytes) -> tuple[Header, list[tuple[str, int]], list[list], list[tuple[str, int]]]:
+    """Parse and validate a meta JSON from the peer: (header, blob sizes, tensor descs, frees)."""
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ChannelError("frame header is not JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("h", {}), dict):
+        raise ChannelError("frame header has the wrong shape")
+    blobs = []
+    total = 0
+    for item in meta.get("b", []):
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not isinstance(item[1], int) or item[1] < 0):
+            raise ChannelError("bad blob descriptor")
+        total += item[1]
+        blobs.append((item[0], item[1]))
+    if total > MAX_BLOB_BYTES:
+        raise ChannelError("frame blobs are too large")
+    tensors = []
+    for d in meta.get("t", []):
+        if not isinstance(d, list) or len(d) != 6:
+            raise ChannelError("bad tensor descriptor")
+        name, dtype, shape, seg, off, nbytes = d
+        if (not isinstance(name, str) or dtype not in _DTYPES or not isinstance(shape, list)
+                or not all(isinstance(s, int) and 0 <= s for s in shape) or len(shape) > 8
+                or not isinstance(seg, str) or not (_SEGMENT_NAME.match(seg) or (seg == INLINE and off == 0))
+                or not isinstance(off, int) or off < 0 or not isinstance(nbytes, int) or nbytes < 0
+                or nbytes > MAX_TENSOR_BYTES):
+            raise ChannelError("bad tensor descriptor")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * torch.empty((), dtype=_DTYPES[dtype]).element_size() != nbytes:
+            raise ChannelError("tensor descriptor size does not match its shape")
+        tensors.append(d)
+    frees = []
+    for f in meta.get("f", []):
+        if not isinstance(f, list) or len(f) != 2 or not isinstance(f[0], str) or not isinstance(f[1], int):
+            raise ChannelError("bad free descriptor")
+        frees.append((f[0], f[1]))
+    return meta.get("h", {}), blobs, tensors, frees
+
+
+# ---------------------------------------------------------------------------------------------
+# The channel: moves frames over a socket, tensors through shared memory.
+
+
+class Channel:
+    """One end of a host <-> enclave channel. `send` is thread-safe; call `recv` from one thread."""
+
+    def __init__(self, sock: socket.socket, arena_bytes: int = DEFAULT_ARENA_BYTES, use_shm: bool = True):
+        self.sock = sock
+        self.use_shm = bool(use_shm)
+        self.arena_bytes = int(arena_bytes)
+        self._arena: _Arena | None = None
+        self._peer_segments: dict[str, shared_memory.SharedMemory] = {}
+        self._send_lock = threading.Lock()
+        self._arena_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_fd(cls, fd: int, arena_bytes: int = DEFAULT_ARENA_BYTES, use_shm: bool = True) -> "Channel":
+        """The worker's end: wrap the socket fd inherited from `spawn_enclave_worker`."""
+        return cls(socket.socket(fileno=fd), arena_bytes, use_shm)
+
+    @classmethod
+    def connect(cls, path: str, arena_bytes: int = DEFAULT_ARENA_BYTES, use_shm: bool = True) -> "Channel":
+        """The worker's end when it cannot inherit an fd (e.g. under Gramine): connect to `path`."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        return cls(sock, arena_bytes, use_shm)
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def _get_arena(self) -> _Arena:
+        with self._arena_lock:
+            if self._arena is None:
+                self._arena = _Arena(self.arena_bytes)
+            return self._arena
+
+    def _place(self, name: str, t: torch.Tensor) -> list:
+        if t.dtype not in _DTYPE_NAMES:
+            raise ChannelError(f"tensor {name!r}: dtype {t.dtype} cannot travel on the channel")
+        src = _tensor_bytes(t)
+        n = src.nbytes
+        arena = self._get_arena()
+        off = arena.alloc(n) if n <= arena.size else None
+        if off is not None:
+            arena.shm.buf[off:off + n] = src
+            seg = arena.name
+        else:  # arena full: a one-off segment the receiver unlinks
+            one = shared_memory.SharedMemory(name=_segment_name("o"), create=True, size=max(n, 1))
+            try:
+                one.buf[:n] = src
+            finally:
+                _untrack(one)
+                one.close()
+            seg, off = one.name, 0
+        return [name, _DTYPE_NAMES[t.dtype], list(t.shape), seg, off, n]
+
+    def send(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
+             blobs: dict[str, bytes] | None = None) -> None:
+        """Send one message. Tensors go through shared memory; blobs and header on the socket."""
+        blobs = {k: (v if isinstance(v, (bytes, bytearray, memoryview)) else bytes(v)) for k, v in (blobs or {}).items()}
+        if self.use_shm:
+            descs = [self._place(name, t) for name, t in (tensors or {}).items()]
+            inline: list = []
+        else:  # tensor bytes follow the blobs on the socket
+            descs, inline = [], []
+            for name, t in (tensors or {}).items():
+                if t.dtype not in _DTYPE_NAMES:
+                    raise ChannelError(f"tensor {name!r}: dtype {t.dtype} cannot travel on the channel")
+                src = _tensor_bytes(t)
+                descs.append([name, _DTYPE_NAMES[t.dtype], list(t.shape), INLINE, 0, src.nbytes])
+                inline.append(src)
+        self._send_frame(encode_meta(header, blobs, descs, []), list(blobs.values()) + inline)
+
+    def _send_frame(self, meta: bytes, blobs: list) -> None:
+        """Meta and blobs in as few syscalls as the kernel allows (scatter-gather `sendmsg`)."""
+        if self._closed:
+            raise ChannelClosed("channel is closed")
+        views = [memoryview(meta)] + [memoryview(b).cast("B") for b in blobs if len(b)]
+        with self._send_lock:
+            try:
+                while views:
+                    sent = self.sock.sendmsg(views[:_IOV_MAX])
+                    while sent and views:
+                        if sent >= len(views[0]):
+                            sent -= len(views[0])
+                            views.pop(0)
+                        else:
+                            views[0] = views[0][sent:]
+                            sent = 0
+            except OSError as e:
+                raise ChannelClosed(f"channel send failed ({type(e).__name__})") from None
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _recv_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:], n - got)
+            except OSError as e:
+                raise ChannelClosed(f"channel receive failed ({type(e).__name__})") from None
+            if k == 0:
+                raise ChannelClosed("the peer closed the channel")
+            got += k
+        return buf
+
+    def _peer_segment(self, name: str) -> shared_memory.SharedMemory:
+        shm = self._peer_segments.get(name)
+        if shm is None:
+            try:
+                shm = shared_memory.SharedMemory(name=name, create=False)
+            except (FileNotFoundError, ValueError, OSError):
+                raise ChannelError("tensor refers to a missing shared-memory segment") from None
+            # A one-off is unlinked by us below (unlink() unregisters it); an arena stays the peer's.
+            if name.startswith("emla"):
+                if f"_{os.getpid()}_" not in name:  # (both ends in one process: tests)
+                    _untrack(shm)
+                self._peer_segments[name] = shm
+        return shm
+
+    def _take_tensor(self, desc: list) -> torch.Tensor:
+        name, dtype, shape, seg, off, nbytes = desc
+        one_off = not seg.startswith("emla")
+        shm = self._peer_segment(seg)
+        try:
+            if off + nbytes > shm.size:
+                raise ChannelError("tensor lies outside its shared-memory segment")
+            out = torch.empty(shape, dtype=_DTYPES[dtype])
+            if nbytes:
+                dst = out.reshape(-1).view(torch.uint8).numpy()
+                dst[:] = np.frombuffer(shm.buf, dtype=np.uint8, count=nbytes, offset=off)
+            return out
+        finally:
+            if one_off:
+                shm.close()
+                try:
+                    shm.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def recv(self) -> Message:
+        """Receive the next message: (header, tensors, blobs). Raises `ChannelClosed` at EOF."""
+        while True:
+            (n,) = _LEN.unpack(self._recv_exact(_LEN.size))
+            if n > MAX_META_BYTES:
+                raise ChannelError("frame header is too large")
+            header, blob_sizes, tdescs, frees = decode_meta(bytes(self._recv_exact(n)))
+            for seg, off in frees:
+                if self._arena is not None and seg == self._arena.name:
+                    self._arena.free(off)
+            raw = memoryview(self._recv_exact(sum(size for _, size in blob_sizes)))  # one read for all
+            blobs, pos = {}, 0
+            for name, size in blob_sizes:
+                blobs[name] = bytes(raw[pos:pos + size])
+                pos += size
+            if not tdescs:
+                if frees and not header and not blobs:
+                    continue  # a pure control frame
+                return header, {}, blobs
+            inline_total = sum(d[5] for d in tdescs if d[3] == INLINE)
+            if inline_total > MAX_INLINE_BYTES:
+                raise ChannelError("frame tensors are too large")
+            inline = memoryview(self._recv_exact(inline_total)) if inline_total else None
+            tensors, ipos = {}, 0
+            try:
+                for d in tdescs:
+                    if d[3] == INLINE:
+                        out = torch.empty(d[2], dtype=_DTYPES[d[1]])
+                        if d[5]:
+                            out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(inline, np.uint8, d[5], ipos)
+                        ipos += d[5]
+                        tensors[d[0]] = out
+                    else:
+                        tensors[d[0]] = self._take_tensor(d)
+            finally:
+                done = [[d[3], d[4]] for d in tdescs if d[3].startswith("emla")]
+                if done:
+                    try:
+                        self._send_frame(encode_meta({}, {}, [], done), [])
+                    except ChannelClosed:
+                        pass
+            return header, tensors, blobs
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def arena_in_use(self) -> int:
+        """Bytes of this side's arena still waiting for the peer to copy them (for tests/metrics)."""
+        return self._arena.in_use() if self._arena is not None else 0
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for shm in self._peer_segments.values():
+            try:
+                shm.close()
+            except BufferError:
+                pass
+        self._peer_segments.clear()
+        if self._arena is not None:
+            self._arena.close()
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def spawn_enclave_worker(module: str, args: list[str], env: dict[str, str] | None = None,
+                         arena_bytes: int = DEFAULT_ARENA_BYTES) -> tuple[subprocess.Popen, Channel]:
+    """Start `python -m module --channel-fd FD *args` connected to the returned Channel.
+
+    The worker finds its end with `Channel.from_fd(int(fd))` (see `channel_fd_from_argv`). The
+    worker is a separate process (its own address space), never a fork of the host.
+    """
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fd = child.fileno()
+        proc = subprocess.Popen([sys.executable, "-m", module, "--channel-fd", str(fd), *args],
+                                pass_fds=(fd,), env=env, close_fds=True)
+    finally:
+        child.close()
+    return proc, Channel(parent, arena_bytes)
+
+
+def spawn_enclave_worker_at(path: str, argv: list[str] | None = None, env: dict[str, str] | None = None,
+                            launch=None, timeout_s: float = 120.0, use_shm: bool = False
+                            ) -> tuple[subprocess.Popen, Channel]:
+    """Listen on the Unix socket `path`, start the worker, accept its connection.
+
+    For workers that cannot inherit an fd (Gramine: its manifest fixes argv and the worker runs
+    `--channel-path PATH`). Either `argv` (run as a subprocess) or `launch()` (returns a Popen,
+    e.g. `tee.gramine.build_and_launch`). Shared memory is off by default here: an enclave that
+    cannot inherit fds usually cannot map host shared memory either, so tensors go inline.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.exists(path):
+            os.unlink(path)
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(1)
+        listener.settimeout(timeout_s)
+        proc = launch() if launch is not None else subprocess.Popen(list(argv or []), env=env, close_fds=True)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            proc.kill()
+            raise ChannelClosed(f"the enclave worker did not connect to {path} in {timeout_s:.0f} s") from None
+        conn.settimeout(None)
+        return proc, Channel(conn, use_shm=use_shm)
+    finally:
+        listener.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def worker_channel_from_argv(argv: list[str]) -> tuple[Channel, list[str]]:
+    """A worker's channel from `--channel-fd FD` or `--channel-path PATH` (`--no-shm`: inline
+    tensors), and the other arguments."""
+    argv = list(argv)
+    shm = "--no-shm" not in argv
+    argv = [a for a in argv if a != "--no-shm"]
+    if "--channel-path" in argv:
+        i = argv.index("--channel-path")
+        return Channel.connect(argv[i + 1], use_shm=shm), argv[:i] + argv[i + 2:]
+    fd, rest = channel_fd_from_argv(argv)
+    return Channel.from_fd(fd, use_shm=shm), rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Request/reply on top of a channel.
+
+
+def _error_reply(rid: Any, e: BaseException) -> Header:
+    if isinstance(e, _errors.EnclaveMLError):
+        return {"id": rid, "error": type(e).__name__, "message": str(e)}
+    return {"id": rid, "error": "InternalError", "message": "internal error in the worker"}
+
+
+class RemoteError(RuntimeError):
+    """The worker failed with an error that is not one of `enclaveml.errors` (details withheld)."""
+
+
+def raise_remote(header: Header) -> None:
+    """Re-raise the error a reply carries as its own `enclaveml.errors` class."""
+    kind = header.get("error")
+    if kind is None:
+        return
+    cls = getattr(_errors, str(kind), None)
+    msg = str(header.get("message", ""))[:500]
+    if isinstance(cls, type) and issubclass(cls, _errors.EnclaveMLError):
+        raise cls(msg)
+    raise RemoteError(msg or str(kind))
+
+
+class ChannelClient:
+    """Caller side: `call()` sends a request and returns a Future of the reply (many in flight)."""
+
+    def __init__(self, channel: Channel, on_unsolicited: Callable[[Message], None] | None = None):
+        self.channel = channel
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._on_unsolicited = on_unsolicited
+        self.closed: BaseException | None = None
+        self._reader = threading.Thread(target=self._read_loop, name="channel-reader", daemon=True)
+        self._reader.start()
+
+    def call(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
+             blobs: dict[str, bytes] | None = None) -> "Future[Message]":
+        fut: Future = Future()
+        rid = next(self._ids)
+        with self._lock:
+            if self.closed is not None:
+                fut.set_exception(ChannelClosed("the enclave channel is closed"))
+                return fut
+            self._pending[rid] = fut
+        try:
+            self.channel.send({**header, "id": rid}, tensors, blobs)
+        except BaseException as e:
+            with self._lock:
+                self._pending.pop(rid, None)
+            fut.set_exception(e)
+        return fut
+
+    def request(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
+                blobs: dict[str, bytes] | None = None, timeout: float | None = 60.0) -> Message:
+        """Blocking `call`: the reply, or the worker's error raised as its own class."""
+        return self.call(header, tensors, blobs).result(timeout)
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                msg = self.channel.recv()
+                rid = msg[0].get("id")
+                with self._lock:
+                    fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+                if fut is None:
+                    if self._on_unsolicited is not None:
+                        self._on_unsolicited(msg)
+                    continue
+                try:
+                    raise_remote(msg[0])
+                    fut.set_result(msg)
+                except BaseException as e:
+                    fut.set_exception(e)
+        except BaseException as e:
+            with self._lock:
+                self.closed = e
+                pending, self._pending = self._pending, {}
+            for fut in pending.values():
+                fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+Handler = Callable[[Header, dict[str, torch.Tensor], dict[str, bytes]],
+                   "tuple[Header, dict[str, torch.Tensor] | None, dict[str, bytes] | None]"]
+
+
+def serve_channel(channel: Channel, handler: Handler, max_workers: int = 4,
+                  inline: Callable[[Header], bool] | None = None) -> None:
+    """Worker side: run `handler` for each request on a thread pool, reply with the same id.
+
+    Returns (after closing the channel, which unlinks this side's arena) when the peer closes it.
+    `inline(header)` may say that a request must run on the reading thread (e.g. a cheap one).
+    """
+    def run(header: Header, tensors, blobs) -> None:
+        rid = header.get("id")
+        try:
+            h, t, b = handler(header, tensors, blobs)
+            reply = ({**h, "id": rid}, t, b)
+        except BaseException as e:  # every failure becomes a reply; the loop goes on
+            reply = (_error_reply(rid, e), None, None)
+        try:
+            channel.send(*reply)
+        except ChannelClosed:
+            pass
+        except ChannelError as e:  # e.g. a tensor dtype that cannot travel
+            try:
+                channel.send(_error_reply(rid, e))
+            except ChannelError:
+                pass
+
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="enclave") as pool:
+        while True:
+            try:
+                header, tensors, blobs = channel.recv()
+            except ChannelClosed:
+                break
+            if inline is not None and inline(header):
+                run(header, tensors, blobs)
+            else:
+                pool.submit(run, header, tensors, blobs)
+    channel.close()
+
+
+def channel_fd_from_argv(argv: list[str]) -> tuple[int, list[str]]:
+    """Split `--channel-fd FD` off a worker's argv: (fd, the other arguments)."""
+    if "--channel-fd" not in argv:
+        raise SystemExit("this module is an enclave worker: start it with spawn_enclave_worker()")
+    i = argv.index("--channel-fd")
+    return int(argv[i + 1]), argv[:i] + argv[i + 2:]

@@ -1,0 +1,238 @@
+"""The enclave's serving logic: attestation, deployments, and the two halves of an inference.
+
+Trust side: enclave (runs in the worker process, `worker.py`, which only moves bytes to it). Holds
+the HPKE private key, the model keys, the FrontNets, the class mappings, the replay guard and the
+per-request response contexts. What leaves this object towards the host: evidence, the public
+key, IR tensors, opaque handles, sealed responses, and error kinds with short messages that
+never quote plaintext.
+
+Life of a request: `front(model, ciphertext)` opens it (TamperedMessage), checks freshness
+(ReplayedMessage), decodes and preprocesses the image here (DataError), runs the FrontNet and
+returns (handle, IR). The host runs the BackNet and calls `finish(handle, scores)` with the scores
+in the secret class order; the enclave maps them back, picks the top k with label names and seals
+the answer to that request only. Handles not finished within `handle_ttl_s` are dropped.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..crypto import HpkeKeyPair, ReplayGuard, open_key_release, open_owner_command, open_request, require_owner
+from ..crypto.replay import parse_fresh
+from ..crypto.signing import VerifyKey
+from ..data.preprocess import Preprocessing
+from ..errors import DataError, ReplayedMessage, TamperedMessage, Unauthorized, UnknownModel
+from ..models.bundle import CLASSMAP, FRONTNET, MANIFEST, SIGNATURE, load_manifest, open_enclave_parts
+from ..models.classmap import ClassMapping
+from ..models.layers import FrontNet
+from ..tee import bind_report_data
+from ..tee.backend import EnclaveBackend
+from . import protocol
+
+DELETE = "delete"
+NONCE_TTL_S = 600.0
+MAX_NONCES = 10_000
+
+
+@dataclass
+class Deployment:
+    """A model deployed in this enclave, bound to the owner key that released its model key."""
+
+    model_id: str
+    owner: VerifyKey
+    front: FrontNet
+    mapping: ClassMapping = field(repr=False)
+    preprocessing: Preprocessing
+    bundle_id: str
+    k: int
+
+
+@dataclass
+class _Pending:
+    sealer: object = field(repr=False)
+    model_id: str = ""
+    top_k: int = 5
+    logits: bool = False
+    aad: bytes = b""
+    created: float = 0.0
+
+
+class EnclaveService:
+    """All enclave state for serving. Thread-safe: many `front`/`finish` calls run concurrently."""
+
+    def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
+                 device: str = "cpu"):
+        self.backend = backend
+        self.kp = HpkeKeyPair.generate()
+        self.guard = ReplayGuard(window_s=replay_window_s)
+        self.handle_ttl_s = handle_ttl_s
+        self.device = torch.device(device)
+        self._deployments: dict[str, Deployment] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._nonces: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    # -- attestation -------------------------------------------------------------------------
+
+    def public_key(self) -> bytes:
+        return self.kp.public_bytes()
+
+    def evidence(self, nonce: bytes) -> dict:
+        """Evidence binding SHA-256(public key || nonce); the nonce is remembered for one owner command."""
+        if not 8 <= len(nonce) <= 64:
+            raise DataError("attestation nonce must be 8 to 64 bytes")
+        ev = self.backend.evidence(bind_report_data(self.public_key(), nonce))
+        now = time.monotonic()
+        with self._lock:
+            for n, t in list(self._nonces.items()):
+                if now - t > NONCE_TTL_S:
+                    del self._nonces[n]
+            if len(self._nonces) >= MAX_NONCES:
+                self._nonces.pop(next(iter(self._nonces)))
+            self._nonces[bytes(nonce)] = now
+        return ev.to_dict()
+
+    def _consume_nonce(self, nonce: bytes) -> None:
+        """An owner command must carry a nonce this enclave issued recently, used once only."""
+        with self._lock:
+            for n, t in list(self._nonces.items()):
+                if hmac.compare_digest(n, nonce) and time.monotonic() - t <= NONCE_TTL_S:
+                    del self._nonces[n]
+                    return
+        raise ReplayedMessage("owner command does not carry a fresh nonce issued by this enclave")
+
+    # -- owner commands ----------------------------------------------------------------------
+
+    def deploy(self, model_id: str, key_release: bytes, files: dict[str, bytes]) -> dict:
+        """Open the key release, check the owner, decrypt the FrontNet and class map, install."""
+        protocol.check_model_id(model_id)
+        rel = open_key_release(self.kp, key_release)
+        if rel.model_id != model_id:
+            raise TamperedMessage("key release was signed for another model id")
+        self._check_owner(model_id, rel.owner)  # before anything changes, the nonce included
+        self._consume_nonce(rel.nonce)
+        parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP) if n in files}
+        manifest = load_manifest(parts, expected_owner=rel.owner)
+        protocol.check_servable_arch(manifest.arch)  # before any architecture code is imported
+        front, mapping = open_enclave_parts(parts, rel.model_key, expected_owner=rel.owner)
+        front = front.to(self.device)
+        dep = Deployment(model_id, rel.owner, front, mapping, manifest.preprocessing, manifest.bundle_id, manifest.k)
+        with self._lock:
+            current = self._deployments.get(model_id)
+            if current is not None and current.owner != rel.owner:  # a race with another deploy
+                raise Unauthorized(f"model {model_id!r} belongs to another owner")
+            self._deployments[model_id] = dep
+        return {"model": model_id, "bundle_id": manifest.bundle_id, "k": manifest.k,
+                "owner": rel.owner.fingerprint(), "replaced": current is not None}
+
+    def _check_owner(self, model_id: str, owner: VerifyKey) -> None:
+        """A deployment, once made, can be replaced only by the key that made it."""
+        with self._lock:
+            current = self._deployments.get(model_id)
+        if current is not None and current.owner != owner:
+            raise Unauthorized(f"model {model_id!r} belongs to another owner")
+
+    def delete(self, model_id: str, command: bytes) -> dict:
+        cmd = open_owner_command(self.kp, command)
+        if cmd.command != DELETE or cmd.model_id != model_id:
+            raise TamperedMessage("owner command is not a delete of this model")
+        with self._lock:
+            current = self._deployments.get(model_id)
+        if current is None:
+            raise UnknownModel(f"no model {model_id!r} is deployed")
+        require_owner(cmd, current.owner)
+        self._consume_nonce(cmd.nonce)
+        with self._lock:
+            if self._deployments.get(model_id) is current:
+                del self._deployments[model_id]
+        return {"model": model_id, "deleted": True}
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._deployments)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def _deployment(self, model_id: str) -> Deployment:
+        with self._lock:
+            dep = self._deployments.get(model_id)
+        if dep is None:
+            raise UnknownModel(f"no model {model_id!r} is deployed")
+        return dep
+
+    def _open(self, model_id: str, ciphertext: bytes) -> tuple[Deployment, torch.Tensor, _Pending]:
+        dep = self._deployment(model_id)
+        aad = protocol.infer_aad(model_id)
+        framed, sealer = open_request(self.kp, ciphertext, aad)
+        rid, ts, payload = parse_fresh(framed)
+        self.guard.check(rid, ts)
+        opts, image = protocol.decode_payload(payload)
+        x = dep.preprocessing(image)  # decode + preprocess here, never on the host
+        return dep, x, _Pending(sealer, model_id, opts["top_k"], opts["logits"], aad, time.monotonic())
+
+    @torch.no_grad()
+    def front(self, model_id: str, ciphertext: bytes) -> tuple[str, torch.Tensor]:
+        """One request -> (handle, IR of shape (1, ...))."""
+        dep, x, pending = self._open(model_id, ciphertext)
+        ir = dep.front(x.unsqueeze(0).to(self.device)).cpu()
+        return self._remember(pending), ir
+
+    @torch.no_grad()
+    def front_batch(self, model_id: str, ciphertexts: list[bytes]) -> list[tuple[str, torch.Tensor] | Exception]:
+        """Several requests for one model through one FrontNet pass; failures stay per request."""
+        dep = self._deployment(model_id)
+        opened: list[tuple[torch.Tensor, _Pending] | Exception] = []
+        for ct in ciphertexts:
+            try:
+                _, x, p = self._open(model_id, ct)
+                opened.append((x, p))
+            except Exception as e:
+                opened.append(e)
+        good = [o for o in opened if not isinstance(o, Exception)]
+        irs = dep.front(torch.stack([x for x, _ in good]).to(self.device)).cpu() if good else None
+        out: list[tuple[str, torch.Tensor] | Exception] = []
+        i = 0
+        for o in opened:
+            if isinstance(o, Exception):
+                out.append(o)
+            else:
+                out.append((self._remember(o[1]), irs[i:i + 1]))
+                i += 1
+        return out
+
+    def _remember(self, pending: _Pending) -> str:
+        handle = os.urandom(12).hex()
+        now = time.monotonic()
+        with self._lock:
+            if len(self._pending) > 256:
+                for h, p in list(self._pending.items()):
+                    if now - p.created > self.handle_ttl_s:
+                        del self._pending[h]
+            self._pending[handle] = pending
+        return handle
+
+    def finish(self, handle: str, scores_host_order: torch.Tensor) -> bytes:
+        """Scores in the secret order -> sealed top-k result for the request behind `handle`."""
+        with self._lock:
+            pending = self._pending.pop(handle, None)
+        if pending is None:
+            raise UnknownModel("unknown or expired request handle")
+        dep = self._deployment(pending.model_id)
+        scores = scores_host_order.detach().reshape(-1).to(torch.float32).cpu()
+        if scores.numel() != dep.mapping.num_classes or not torch.isfinite(scores).all():
+            raise DataError("BackNet scores have the wrong size or are not finite")
+        logits = dep.mapping.to_original(scores)
+        probs = torch.softmax(logits.double(), dim=0)
+        result = protocol.encode_result(pending.model_id, probs.tolist(), list(dep.mapping.labels),
+                                        pending.top_k, logits.tolist() if pending.logits else None)
+        return pending.sealer.seal_response(result, pending.aad)
+
+    def abort(self, handle: str) -> None:
+        with self._lock:
+            self._pending.pop(handle, None)

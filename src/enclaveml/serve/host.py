@@ -1,0 +1,127 @@
+"""The host's handle on its enclave worker: start it, call it, batch calls per model.
+
+Trust side: host (untrusted). Everything that passes through here is ciphertext, evidence, IR
+tensors, scores in the secret class order, opaque handles and sealed responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from . import channel as ch
+from .batcher import AsyncBatcher, BackNetExecutor
+from ..errors import EnclaveMLError
+
+
+def _item_error(item: dict) -> Exception:
+    try:
+        ch.raise_remote(item)
+    except Exception as e:
+        return e
+    return ch.RemoteError("missing result")
+
+
+class EnclaveProxy:
+    """Starts `python -m enclaveml.serve.worker` and offers its operations as method calls."""
+
+    def __init__(self, tee: str = "sim", threads: int = 2, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None, timeout_s: float = 60.0, socket_path: str | None = None):
+        args = ["--tee", tee, "--threads", str(threads), *(extra_args or [])]
+        if socket_path is None:  # inherited socketpair fd, tensors through shared memory
+            self.proc, chan = ch.spawn_enclave_worker("enclaveml.serve.worker", args, env=env)
+        else:  # a Unix socket path, tensors inline (for enclaves that cannot inherit fds)
+            argv = [sys.executable, "-m", "enclaveml.serve.worker", "--channel-path", socket_path, "--no-shm", *args]
+            self.proc, chan = ch.spawn_enclave_worker_at(socket_path, argv, env=env)
+        self.client = ch.ChannelClient(chan)
+        self.timeout_s = timeout_s
+        self.info: dict[str, Any] = self.call({"op": "info"})[0]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.client.closed is None
+
+    def call(self, header: dict, tensors=None, blobs=None):
+        return self.client.request(header, tensors, blobs, timeout=self.timeout_s)
+
+    def call_async(self, header: dict, tensors=None, blobs=None) -> Future:
+        return self.client.call(header, tensors, blobs)
+
+    def close(self) -> None:
+        self.client.close()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class ModelPipeline:
+    """One deployed model on the host: enclave FrontNet calls, BackNet, enclave finish calls.
+
+    Each stage batches on its own, in the event loop: `front` sends many ciphertexts in one
+    channel call, the BackNet runs one tensor batch on its thread, `finish` seals many responses
+    in one channel call. Two enclave calls per stage may be in flight, so the stages overlap.
+    """
+
+    def __init__(self, model_id: str, enclave: EnclaveProxy, backnet: torch.nn.Module, device: torch.device,
+                 max_batch: int = 64, window_s: float = 0.0, on_batch=None):
+        self.model_id = model_id
+        self.enclave = enclave
+        self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch)
+        self.front = AsyncBatcher(self._front, max_batch, 0.0, concurrency=2)
+        self.finish = AsyncBatcher(self._finish, max_batch, 0.0, concurrency=2)
+
+    async def run(self, ciphertext: bytes) -> bytes:
+        """One request through the three stages -> the sealed response."""
+        handle, ir = await self.front.submit(ciphertext)
+        try:
+            scores = await self.back.submit(ir)
+        except BaseException:
+            self.abort(handle)
+            raise
+        return await self.finish.submit((handle, scores))
+
+    async def _front(self, ciphertexts: list[bytes]) -> list:
+        blobs = {f"r{i}": c for i, c in enumerate(ciphertexts)}
+        header = {"op": "front_batch", "model": self.model_id, "n": len(ciphertexts)}
+        h, t, _ = await asyncio.wrap_future(self.enclave.call_async(header, None, blobs))
+        items = h.get("items", [])
+        if len(items) != len(ciphertexts):
+            raise ch.RemoteError("enclave answered the wrong number of items")
+        ir = t.get("ir")
+        out, row = [], 0
+        for it in items:
+            if "handle" in it:
+                out.append((str(it["handle"]), ir[row:row + 1]))
+                row += 1
+            else:
+                out.append(_item_error(it))
+        return out
+
+    async def _finish(self, items: list[tuple[str, torch.Tensor]]) -> list:
+        handles = [h for h, _ in items]
+        scores = torch.stack([s for _, s in items])
+        fut = self.enclave.call_async({"op": "finish_batch", "handles": handles}, {"scores": scores})
+        h, _, b = await asyncio.wrap_future(fut)
+        res = h.get("items", [])
+        if len(res) != len(items):
+            raise ch.RemoteError("enclave answered the wrong number of items")
+        return [b[f"r{i}"] if r.get("ok") else _item_error(r) for i, r in enumerate(res)]
+
+    def abort(self, handle: str) -> None:
+        try:
+            self.enclave.call_async({"op": "abort", "handles": [handle]})
+        except (EnclaveMLError, ch.ChannelError):
+            pass
+
+    def close(self) -> None:
+        for b in (self.front, self.back, self.finish):
+            b.close()

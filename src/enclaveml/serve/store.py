@@ -1,0 +1,53 @@
+"""The host's store of deployed bundles: public parts and ciphertext only, on untrusted disk.
+
+Trust side: host. One folder per model id holding the bundle files exactly as uploaded
+(manifest.json, manifest.sig, backnet.safetensors, frontnet.sealed, classmap.sealed). Never a
+model key, a key release (it is useless after the enclave session anyway), an input or a label.
+Writes are atomic (temporary folder, then rename), so a crash leaves the old version or the new.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..models.bundle import BACKNET, CLASSMAP, FRONTNET, MANIFEST, SIGNATURE
+from .protocol import check_model_id
+
+STORED_PARTS = (MANIFEST, SIGNATURE, BACKNET, FRONTNET, CLASSMAP)
+
+
+class ModelStore:
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, model_id: str) -> Path:
+        return self.root / check_model_id(model_id)
+
+    def save(self, model_id: str, files: dict[str, bytes]) -> Path:
+        target = self._dir(model_id)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=self.root))
+        try:
+            for name in STORED_PARTS:
+                if name in files:
+                    (tmp / name).write_bytes(files[name])
+            old = None
+            if target.exists():
+                old = self.root / f".{model_id}.old.{os.getpid()}"
+                os.rename(target, old)
+            os.rename(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def delete(self, model_id: str) -> None:
+        shutil.rmtree(self._dir(model_id), ignore_errors=True)
+
+    def models(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -1,0 +1,115 @@
+"""The enclave worker process: `python -m enclaveml.serve.worker --channel-fd FD --tee sim`.
+
+(Or `--channel-path PATH [--no-shm]` where the worker cannot inherit an fd, e.g. under Gramine.)
+
+Trust side: enclave. Started by the host with `channel.spawn_enclave_worker`; hardens itself
+first (before any secret exists in its memory), then answers the host's requests on the channel
+by calling `EnclaveService` (all logic lives there; this file only moves bytes). Requests run on
+a thread pool so several proceed at once (torch releases the GIL in its kernels).
+
+Operations (header "op"): info, evidence, deploy, delete, front, front_batch, finish, finish_batch,
+abort. Replies carry the same "id"; failures come back as {"error": kind, "message": text}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .channel import serve_channel, worker_channel_from_argv
+
+
+def _handler(svc, info: dict):
+    from ..errors import DataError
+
+    def handle(h: dict, tensors: dict, blobs: dict):
+        op = h.get("op")
+        if op == "front":
+            handle_id, ir = svc.front(str(h.get("model", "")), blobs.get("request", b""))
+            return {"handle": handle_id}, {"ir": ir}, None
+        if op == "front_batch":
+            n = int(h.get("n", 0))
+            outs = svc.front_batch(str(h.get("model", "")), [blobs.get(f"r{i}", b"") for i in range(n)])
+            items, irs = [], []
+            for o in outs:
+                if isinstance(o, Exception):
+                    items.append(_error_item(o))
+                else:
+                    items.append({"handle": o[0]})
+                    irs.append(o[1])
+            return {"items": items}, ({"ir": torch.cat(irs)} if irs else None), None
+        if op == "finish":
+            return {}, None, {"response": svc.finish(str(h.get("handle", "")), tensors["scores"])}
+        if op == "finish_batch":
+            handles = [str(x) for x in h.get("handles", [])]
+            scores = tensors.get("scores")
+            if scores is None or scores.shape[0] != len(handles):
+                raise DataError("finish_batch: one row of scores per handle")
+            items, blobs_out = [], {}
+            for i, hd in enumerate(handles):
+                try:
+                    blobs_out[f"r{i}"] = svc.finish(hd, scores[i])
+                    items.append({"ok": True})
+                except Exception as e:
+                    items.append(_error_item(e))
+            return {"items": items}, None, blobs_out
+        if op == "abort":
+            for hd in h.get("handles", []):
+                svc.abort(str(hd))
+            return {}, None, None
+        if op == "evidence":
+            try:
+                nonce = bytes.fromhex(str(h.get("nonce", "")))
+            except ValueError:
+                raise DataError("nonce must be hex") from None
+            return {"evidence": svc.evidence(nonce), "public_key": svc.public_key().hex()}, None, None
+        if op == "deploy":
+            files = {k: v for k, v in blobs.items() if k != "key_release"}
+            return svc.deploy(str(h.get("model", "")), blobs.get("key_release", b""), files), None, None
+        if op == "delete":
+            return svc.delete(str(h.get("model", "")), blobs.get("command", b"")), None, None
+        if op == "info":
+            return {**info, "models": svc.models()}, None, None
+        raise DataError(f"unknown enclave operation {str(op)[:32]!r}")
+
+    return handle
+
+
+def _error_item(e: Exception) -> dict:
+    from ..errors import EnclaveMLError
+
+    if isinstance(e, EnclaveMLError):
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": "InternalError", "message": "internal error in the worker"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    channel, rest = worker_channel_from_argv(list(sys.argv[1:] if argv is None else argv))
+    p = argparse.ArgumentParser(prog="enclaveml.serve.worker")
+    p.add_argument("--tee", default="sim")
+    p.add_argument("--threads", type=int, default=2, help="requests handled at once")
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--replay-window", type=float, default=120.0)
+    p.add_argument("--no-lock-memory", action="store_true")
+    args = p.parse_args(rest)
+
+    from ..tee import get_backend
+
+    options = {"lock_memory": not args.no_lock_memory} if args.tee == "sim" else {}
+    backend = get_backend(args.tee, **options)
+    hardening = backend.harden()  # first: before any key or input exists in this process
+    torch.set_num_threads(max(1, args.torch_threads))
+    measurement = backend.measurement()  # measured at launch, like a TEE
+
+    from .enclave import EnclaveService
+
+    svc = EnclaveService(backend, replay_window_s=args.replay_window)
+    info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex()}
+    serve_channel(channel, _handler(svc, info), max_workers=max(1, args.threads),
+                  inline=lambda h: h.get("op") in ("abort", "info"))
+
+
+if __name__ == "__main__":
+    main()

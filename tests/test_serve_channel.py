@@ -1,0 +1,203 @@
+"""The host <-> enclave channel: real processes, a real socketpair, real shared memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from enclaveml.errors import TamperedMessage
+from enclaveml.serve import channel as ch
+
+ECHO_WORKER = '''
+import sys, torch
+torch.set_num_threads(1)
+from enclaveml.errors import TamperedMessage
+from enclaveml.serve.channel import Channel, serve_channel, channel_fd_from_argv
+
+def handle(h, tensors, blobs):
+    if h.get("op") == "fail":
+        raise TamperedMessage("bad tag")
+    if h.get("op") == "crash":
+        raise RuntimeError("secret detail that must not travel")
+    if h.get("op") == "exit":
+        import os; os._exit(3)
+    out = {k: (v * 2 if v.is_floating_point() else v) for k, v in tensors.items()}
+    return ({"op": "echo", "n": h.get("n"), "pid": __import__("os").getpid()}, out,
+            {k: v[::-1] for k, v in blobs.items()})
+
+fd, rest = channel_fd_from_argv(sys.argv[1:])
+serve_channel(Channel.from_fd(fd, arena_bytes=int(rest[0])), handle, max_workers=4)
+'''
+
+
+@pytest.fixture
+def echo(tmp_path):
+    (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
+    client = ch.ChannelClient(chan)
+    yield proc, chan, client
+    client.close()
+    proc.wait(60)
+
+
+def _shm_names() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("eml")}
+
+
+def test_round_trip_tensors_blobs_and_header(echo):
+    proc, chan, client = echo
+    tensors = {
+        "f32": torch.randn(3, 4, 5),
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "i64": torch.arange(10),
+        "u8": torch.randint(0, 255, (2, 3), dtype=torch.uint8),
+        "strided": torch.randn(6, 4).t(),  # non-contiguous input is sent contiguous
+        "big": torch.randn(600_000),  # 2.4 MB: larger than the 1 MiB arena -> one-off segment
+        "empty": torch.zeros(0, 3),
+    }
+    h, t, b = client.request({"op": "echo", "n": 7}, tensors, {"x": b"abc", "nothing": b""})
+    assert h["op"] == "echo" and h["n"] == 7 and h["pid"] == proc.pid != os.getpid()
+    assert b == {"x": b"cba", "nothing": b""}
+    for k, v in tensors.items():
+        assert t[k].dtype == v.dtype and t[k].shape == v.shape, k
+        want = v * 2 if v.is_floating_point() else v
+        assert torch.equal(t[k], want), k
+
+
+def test_many_requests_in_flight_match_their_replies(echo):
+    _, chan, client = echo
+    futs = {}
+    lock = threading.Lock()
+
+    def fire(i):
+        f = client.call({"op": "echo", "n": i}, {"x": torch.full((64, 64), float(i))})
+        with lock:
+            futs[i] = f
+
+    threads = [threading.Thread(target=fire, args=(i,)) for i in range(60)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i, f in futs.items():
+        h, t, _ = f.result(60)
+        assert h["n"] == i
+        assert torch.equal(t["x"], torch.full((64, 64), 2.0 * i))
+    # Every arena slot the host wrote was copied by the worker and handed back.
+    deadline = time.time() + 5
+    while chan.arena_in_use() and time.time() < deadline:
+        time.sleep(0.01)
+    assert chan.arena_in_use() == 0
+
+
+def test_errors_come_back_as_their_class_without_internal_details(echo):
+    _, _, client = echo
+    with pytest.raises(TamperedMessage, match="bad tag"):
+        client.request({"op": "fail"})
+    with pytest.raises(ch.RemoteError) as ei:
+        client.request({"op": "crash"})
+    assert "secret detail" not in str(ei.value)
+    # The worker keeps serving after failures.
+    assert client.request({"op": "echo", "n": 1})[0]["n"] == 1
+
+
+def test_worker_death_fails_pending_calls(echo):
+    proc, _, client = echo
+    with pytest.raises(ch.ChannelClosed):
+        client.request({"op": "exit"}, timeout=60)
+    assert proc.wait(60) == 3
+    with pytest.raises(ch.ChannelClosed):
+        client.request({"op": "echo"}, timeout=60)
+
+
+def test_no_shared_memory_segments_outlive_the_channel(tmp_path):
+    before = _shm_names()
+    (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["65536"], env=env, arena_bytes=65536)
+    client = ch.ChannelClient(chan)
+    client.request({"op": "echo"}, {"a": torch.randn(100), "b": torch.randn(100_000)})
+    client.close()
+    proc.wait(60)
+    assert _shm_names() - before == set()
+
+
+@pytest.mark.parametrize("meta", [
+    b"not json",
+    b"[1, 2]",
+    b'{"h": {}, "b": [["x", -1]]}',
+    b'{"h": {}, "b": [["x", 999999999999]]}',
+    b'{"h": {}, "t": [["x", "float32", [2], "/etc/passwd", 0, 8]]}',
+    b'{"h": {}, "t": [["x", "float32", [3], "emla_1_2", 0, 8]]}',
+    b'{"h": {}, "t": [["x", "object", [1], "emla_1_2", 0, 8]]}',
+    b'{"h": {}, "t": [["x", "float32", [2], "emla_1_2", -64, 8]]}',
+])
+def test_malformed_frames_are_refused(meta):
+    with pytest.raises(ch.ChannelError):
+        ch.decode_meta(meta)
+
+
+def test_frame_round_trip_is_pure():
+    raw = ch.encode_meta({"op": "x", "n": 1}, {"a": b"12"}, [["t", "float32", [2], "emla_1_ab", 0, 8]], [])
+    header, blobs, tensors, frees = ch.decode_meta(raw[4:])
+    assert header == {"op": "x", "n": 1} and blobs == [("a", 2)] and tensors[0][0] == "t" and frees == []
+
+
+def test_peer_cannot_point_outside_a_segment():
+    a, b = __import__("socket").socketpair()
+    left, right = ch.Channel(a, 4096), ch.Channel(b, 4096)
+    try:
+        left.send({}, {"x": torch.ones(4)})  # creates left's arena
+        seg = left._arena.name
+        bad = ch.encode_meta({"op": "evil"}, {}, [["x", "float32", [2048], seg, 0, 8192]], [])
+        left._send_frame(bad, [])
+        right.recv()  # the honest message
+        with pytest.raises(ch.ChannelError, match="outside"):
+            right.recv()
+    finally:
+        left.close()
+        right.close()
+
+
+def test_inline_tensors_over_a_socket_path(tmp_path):
+    """The transport for enclaves that cannot inherit an fd or map host memory (Gramine)."""
+    worker = ECHO_WORKER.replace(
+        "fd, rest = channel_fd_from_argv(sys.argv[1:])\nserve_channel(Channel.from_fd(fd, arena_bytes=int(rest[0])), handle, max_workers=4)",
+        "from enclaveml.serve.channel import worker_channel_from_argv\n"
+        "chan, rest = worker_channel_from_argv(sys.argv[1:])\nassert not chan.use_shm\nserve_channel(chan, handle)")
+    assert worker != ECHO_WORKER
+    (tmp_path / "echo_worker_path.py").write_text(worker)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    before = _shm_names()
+    sock = str(tmp_path / "w.sock")
+    proc, chan = ch.spawn_enclave_worker_at(
+        sock, [__import__("sys").executable, "-m", "echo_worker_path", "--channel-path", sock, "--no-shm"], env=env)
+    client = ch.ChannelClient(chan)
+    try:
+        t = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int32), "e": torch.zeros(0)}
+        h, out, b = client.request({"op": "echo", "n": 2}, t, {"x": b"hello"})
+        assert h["n"] == 2 and b == {"x": b"olleh"}
+        assert torch.equal(out["a"], t["a"] * 2) and torch.equal(out["b"], t["b"]) and out["e"].shape == (0,)
+        assert _shm_names() - before == set() and not os.path.exists(sock)
+    finally:
+        client.close()
+        proc.wait(60)
+
+
+def test_enclave_worker_runs_over_a_socket_path(tmp_path):
+    from enclaveml.serve.host import EnclaveProxy
+
+    env = {**os.environ, "ENCLAVEML_HOME": str(tmp_path / "home")}
+    proxy = EnclaveProxy("sim", socket_path=str(tmp_path / "enclave.sock"), env=env)
+    try:
+        assert proxy.info["tee"] == "sim" and len(bytes.fromhex(proxy.info["public_key"])) == 32
+        h, _, _ = proxy.call({"op": "evidence", "nonce": "ab" * 16})
+        assert h["evidence"]["backend"] == "sim" and h["public_key"] == proxy.info["public_key"]
+    finally:
+        proxy.close()

@@ -1,0 +1,292 @@
+"""End to end: a real `enclaveml serve` subprocess (host + enclave worker), real HTTP, real crypto.
+
+One server per module (starting one costs seconds). Every bad request below must be refused with
+its status and counted, and a good request must still succeed right after.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from enclaveml import errors as E
+from enclaveml.client import EnclaveClient
+from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_request
+from enclaveml.models import zoo
+from enclaveml.models.bundle import bundle_files, make_bundle
+from enclaveml.serve import protocol
+from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
+
+MODEL = "darknet"
+K = 3
+
+
+def _zoo_model():
+    try:
+        return zoo.load(MODEL), True
+    except E.UserInputError:  # weights not trained yet: plumbing still fully testable
+        return zoo.load(MODEL, pretrained=False), False
+
+
+def _images(cifar10_dir: Path, per_class: int = 1) -> list[tuple[str, bytes]]:
+    out = []
+    for cls in sorted(p.name for p in (cifar10_dir / "test").iterdir()):
+        for p in sorted((cifar10_dir / "test" / cls).glob("*.jpg"))[:per_class]:
+            out.append((cls, p.read_bytes()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cifar10_dir):
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("serve")
+    home = base / "home"
+    pkg = snapshot_package(base / "pkg")
+    model, trained = _zoo_model()
+    entry = zoo.entry(MODEL)
+    owner = SigningKey.generate()
+    _, key = make_bundle(model, K, base / "bundle", {"zoo": MODEL}, entry.preprocessing, list(entry.classes), owner)
+    policy = local_sim_policy(home, pkg)
+    srv = ServerProcess(base / "store", base / "server.log", env=server_env(home, pkg),
+                        extra_args=["--max-request-bytes", "300000"]).start()
+    client = EnclaveClient(srv.url, policy)
+    try:
+        client.deploy(base / "bundle", key, owner, model_id=MODEL)
+        yield SimpleNamespace(srv=srv, client=client, policy=policy, owner=owner, key=key, model=model,
+                              entry=entry, base=base, home=home, trained=trained,
+                              images=_images(cifar10_dir))
+    finally:
+        client.close()
+        srv.stop()
+
+
+def _errors(s, kind: str) -> float:
+    m = s.client.metrics()
+    return sum(c["value"] for c in m["counters"] if c["name"] == "errors_total" and c["labels"].get("kind") == kind)
+
+
+def _good(s) -> None:
+    """A good request still gets the right answer."""
+    _, img = s.images[0]
+    res = s.client.infer([img], model=MODEL, top_k=3)[0]
+    with torch.no_grad():
+        ref = s.model(s.entry.preprocessing(img).unsqueeze(0))[0]
+    assert res["top"][0]["index"] == int(ref.argmax())
+
+
+def _raw_request(s, image: bytes, model: str = MODEL, aad_model: str | None = None) -> tuple[bytes, object]:
+    att = s.client.attested()
+    framed = frame_fresh(protocol.encode_payload(image, 5))
+    return seal_request(att.public_key, framed, protocol.infer_aad(aad_model or model))
+
+
+def _post(s, body: bytes, model: str = MODEL) -> httpx.Response:
+    return httpx.post(f"{s.srv.url}/v1/models/{model}/infer", content=body, timeout=60)
+
+
+def test_predictions_match_the_plain_model(served):
+    s = served
+    images = [img for _, img in s.images]
+    results = s.client.infer(images, model=MODEL, top_k=3, logits=True)
+    x = torch.stack([s.entry.preprocessing(img) for img in images])
+    with torch.no_grad():
+        ref = s.model(x)
+    got = torch.tensor([r["logits"] for r in results], dtype=torch.float32)
+    assert got.shape == ref.shape
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    assert (got - ref).abs().max().item() < 1e-5
+    for r, row in zip(results, ref):
+        assert r["top"][0]["label"] == s.entry.classes[int(row.argmax())]
+        assert len(r["top"]) == 3
+    if s.trained:  # the trained zoo model gets most of one-per-class right
+        labels = [c for c, _ in s.images]
+        assert sum(r["top"][0]["label"] == c for r, c in zip(results, labels)) >= 5
+    # the single-request path agrees with the batch path
+    one = s.client.infer([images[0]], model=MODEL, logits=True)[0]
+    assert max(abs(a - b) for a, b in zip(one["logits"], results[0]["logits"])) < 1e-5
+
+
+def test_tampered_ciphertext_is_rejected_and_counted(served):
+    s = served
+    before = _errors(s, "TamperedMessage")
+    msg, _ = _raw_request(s, s.images[1][1])
+    bad = bytearray(msg)
+    bad[len(bad) // 2] ^= 0x01
+    r = _post(s, bytes(bad))
+    assert r.status_code == 400 and r.json()["error"] == "TamperedMessage"
+    r = _post(s, msg[: len(msg) - 7])  # truncated
+    assert r.status_code == 400 and r.json()["error"] == "TamperedMessage"
+    r = _post(s, b"")  # empty
+    assert r.status_code == 400
+    assert _errors(s, "TamperedMessage") == before + 3
+    _good(s)
+
+
+def test_request_for_another_model_cannot_be_redirected(served):
+    s = served
+    msg, _ = _raw_request(s, s.images[1][1], aad_model="other-model")
+    r = _post(s, msg)  # sealed for "other-model", sent to darknet: the AAD does not match
+    assert r.status_code == 400 and r.json()["error"] == "TamperedMessage"
+    _good(s)
+
+
+def test_replayed_request_is_rejected(served):
+    s = served
+    before = _errors(s, "ReplayedMessage")
+    msg, ctx = _raw_request(s, s.images[2][1])
+    r1 = _post(s, msg)
+    assert r1.status_code == 200
+    protocol.decode_result(ctx.open_response(r1.content, protocol.infer_aad(MODEL)))
+    r2 = _post(s, msg)
+    assert r2.status_code == 409 and r2.json()["error"] == "ReplayedMessage"
+    assert _errors(s, "ReplayedMessage") == before + 1
+    _good(s)
+
+
+def test_stale_request_is_rejected(served):
+    s = served
+    att = s.client.attested()
+    framed = frame_fresh(protocol.encode_payload(s.images[0][1]), clock=lambda: 1_000_000.0)
+    msg, _ = seal_request(att.public_key, framed, protocol.infer_aad(MODEL))
+    r = _post(s, msg)
+    assert r.status_code == 409 and r.json()["error"] == "ReplayedMessage"
+
+
+def test_unknown_model(served):
+    s = served
+    before = _errors(s, "UnknownModel")
+    msg, _ = _raw_request(s, s.images[0][1], model="nope")
+    r = _post(s, msg, model="nope")
+    assert r.status_code == 404 and r.json()["error"] == "UnknownModel"
+    with pytest.raises(E.UnknownModel):
+        s.client.infer([s.images[0][1]], model="nope")
+    assert _errors(s, "UnknownModel") == before + 2
+    _good(s)
+
+
+def test_non_image_payload(served):
+    s = served
+    before = _errors(s, "DataError")
+    for junk in (b"definitely not an image" * 10, b"\x89PNG\r\n\x1a\n" + os.urandom(200), b"GIF89a" + bytes(100)):
+        with pytest.raises(E.DataError):
+            s.client.infer([junk], model=MODEL)
+    assert _errors(s, "DataError") == before + 3
+    # in a batch, a bad image fails alone
+    res = s.client.infer_each([s.images[0][1], b"junk", s.images[1][1]], model=MODEL)
+    assert isinstance(res[1], E.DataError) and isinstance(res[0], dict) and isinstance(res[2], dict)
+    _good(s)
+
+
+def test_oversized_payload(served):
+    s = served
+    before = _errors(s, "PayloadTooLarge")
+    r = _post(s, os.urandom(300_001))
+    assert r.status_code == 413 and r.json()["error"] == "PayloadTooLarge"
+    with pytest.raises(E.DataError, match="limit"):
+        s.client.infer([os.urandom(310_000)], model=MODEL)
+    assert _errors(s, "PayloadTooLarge") == before + 2
+    _good(s)
+
+
+def test_evidence_failing_policy_stops_the_client_before_sending(served):
+    s = served
+    from dataclasses import replace
+
+    wrong_measurement = replace(s.policy, measurements={"sim": ["00" * 32]})
+    with pytest.raises(E.PolicyViolation):
+        EnclaveClient(s.srv.url, wrong_measurement).infer([s.images[0][1]], model=MODEL)
+    wrong_platform = replace(s.policy, sim_platform_keys=[SigningKey.generate().public_key().to_bytes().hex()])
+    with pytest.raises((E.EvidenceRejected, E.PolicyViolation)):
+        EnclaveClient(s.srv.url, wrong_platform).attest()
+    no_sim = replace(s.policy, allowed_backends=["sgx"])
+    with pytest.raises(E.PolicyViolation):
+        EnclaveClient(s.srv.url, no_sim).deploy(s.base / "bundle", s.key, s.owner, model_id="x")
+    assert "x" not in s.client.health()["models"]
+    _good(s)
+
+
+def test_wrong_owner_cannot_replace_or_delete(served, tmp_path):
+    s = served
+    before = _errors(s, "Unauthorized")
+    mallory = SigningKey.generate()
+    m2 = zoo.load(MODEL, pretrained=False)
+    _, key2 = make_bundle(m2, K, tmp_path / "evil", {"zoo": MODEL}, s.entry.preprocessing, ["evil"] * 10, mallory)
+    bundle_id = {m["id"]: m for m in httpx.get(s.srv.url + "/v1/models").json()["models"]}[MODEL]["bundle_id"]
+    with pytest.raises(E.Unauthorized):
+        s.client.deploy(tmp_path / "evil", key2, mallory, model_id=MODEL)
+    with pytest.raises(E.Unauthorized):
+        s.client.delete(MODEL, mallory)
+    assert _errors(s, "Unauthorized") == before + 2
+    now = {m["id"]: m for m in httpx.get(s.srv.url + "/v1/models").json()["models"]}[MODEL]["bundle_id"]
+    assert now == bundle_id
+    assert sorted(p.name for p in (s.base / "store" / MODEL).iterdir())  # store untouched
+    _good(s)
+
+
+def test_key_release_cannot_be_replayed_or_forged(served):
+    s = served
+    files = bundle_files(s.base / "bundle")
+    att = s.client.attest()
+    release = seal_key_release(s.owner, att.public_key, MODEL, s.key, att.nonce)
+    body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
+    r1 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)
+    assert r1.status_code == 200 and r1.json()["replaced"] is True
+    r2 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)  # same nonce again
+    assert r2.status_code == 409 and r2.json()["error"] == "ReplayedMessage"
+    forged = bytearray(release)
+    forged[-5] ^= 1
+    body = protocol.pack_parts({protocol.KEY_RELEASE: bytes(forged), **files})
+    r3 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)
+    assert r3.status_code == 400 and r3.json()["error"] == "TamperedMessage"
+    _good(s)
+
+
+def test_owner_can_delete_and_deploy_again(served):
+    s = served
+    s.client.deploy(s.base / "bundle", s.key, s.owner, model_id="second")
+    assert "second" in s.client.health()["models"]
+    s.client.infer([s.images[0][1]], model="second")
+    s.client.delete("second", s.owner)
+    assert "second" not in s.client.health()["models"]
+    assert not (s.base / "store" / "second").exists()
+    with pytest.raises(E.UnknownModel):
+        s.client.infer([s.images[0][1]], model="second")
+
+
+def test_health_and_metrics(served):
+    s = served
+    h = s.client.health()
+    assert h["status"] == "ok" and MODEL in h["models"] and h["enclave_pid"] != s.srv.pid
+    text = httpx.get(s.srv.url + "/metrics").text
+    assert "enclaveml_http_requests_total{" in text
+    assert 'enclaveml_backnet_batch_size_bucket{model="darknet",le="1"}' in text
+    assert "enclaveml_inference_seconds_count" in text
+    assert 'enclaveml_errors_total{kind="TamperedMessage"}' in text or _errors(s, "TamperedMessage") == 0
+    # logs are one JSON object per line
+    import json
+
+    lines = (s.base / "server.log").read_text().splitlines()
+    assert lines and all(json.loads(line)["event"] for line in lines if line.startswith("{"))
+
+
+def test_enclave_worker_is_a_separate_hardened_process(served):
+    import json
+
+    s = served
+    pid = s.srv.enclave_pid()
+    started = [json.loads(line) for line in (s.base / "server.log").read_text().splitlines()
+               if '"event":"enclave started"' in line][0]
+    assert started["enclave_pid"] == pid != s.srv.pid
+    assert started["hardening"]["non_dumpable"] == "applied"
+    assert started["hardening"]["no_core_files"] == "applied"
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    core = [line for line in limits.splitlines() if line.startswith("Max core file size")][0].split()
+    assert core[4:6] == ["0", "0"]
+    # the worker's command line is the worker module, not a fork of the host server
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"enclaveml.serve.worker" in cmdline

@@ -1,0 +1,219 @@
+"""Sans-I/O pieces of serving: wire formats, the dynamic batcher, the enclave service in-process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from enclaveml import errors as E
+from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_owner_command, seal_request
+from enclaveml.models import zoo
+from enclaveml.models.bundle import bundle_files, make_bundle, read_public_bundle
+from enclaveml.serve import protocol
+from enclaveml.serve.batcher import AsyncBatcher
+from enclaveml.serve.enclave import EnclaveService
+from enclaveml.serve.metrics import Metrics
+from enclaveml.tee import get_backend
+
+
+def test_payload_round_trip_and_limits():
+    opts, img = protocol.decode_payload(protocol.encode_payload(b"\xff\xd8jpeg", top_k=3, logits=True))
+    assert opts == {"top_k": 3, "logits": True} and img == b"\xff\xd8jpeg"
+    with pytest.raises(E.UserInputError):
+        protocol.encode_payload(b"x", top_k=0)
+    with pytest.raises(E.TamperedMessage):
+        protocol.decode_payload(b"\x00")
+    with pytest.raises(E.TamperedMessage):
+        protocol.decode_payload(b"\xff\xff{}")
+    with pytest.raises(E.DataError):
+        protocol.decode_payload(b"\x00\x02[]img")
+    with pytest.raises(E.DataError):
+        protocol.decode_payload(b"\x00\x0c{\"top_k\":0}img")
+
+
+def test_result_lists_top_k_in_score_order():
+    res = protocol.decode_result(protocol.encode_result("m", [0.1, 0.7, 0.2], ["a", "b", "c"], 2))
+    assert [t["label"] for t in res["top"]] == ["b", "c"] and "logits" not in res
+    with pytest.raises(E.TamperedMessage):
+        protocol.decode_result(b'{"v": 1, "top": [{"label": 3}]}')
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "..", ".hidden", "x" * 65, "caf\u00e9", "a b"])
+def test_model_ids_are_url_safe(bad):
+    with pytest.raises(E.UserInputError):
+        protocol.check_model_id(bad)
+
+
+def test_parts_round_trip_and_refuse_bad_bodies():
+    parts = {"a": b"123", "b": b"", "c": b"x" * 1000}
+    assert protocol.unpack_parts(protocol.pack_parts(parts), {"a", "b", "c"}) == parts
+    body = protocol.pack_parts(parts)
+    for bad in (body[:-1], body + b"!", b"\x00\x00", protocol.pack_parts({"zzz": b"1"}),
+                b"\x00\x00\x00\x05[1,2]", b"\x00\x00\x00\x10[[\"a\",1],[\"a\",1]]aa"):
+        with pytest.raises(E.DataError):
+            protocol.unpack_parts(bad, {"a", "b", "c"})
+
+
+def test_batcher_groups_waiting_items_and_keeps_order():
+    sizes = []
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def run(items):
+            await gate.wait()
+            return [x * 10 for x in items]
+
+        b = AsyncBatcher(run, max_batch=8, window_s=0.0, on_batch=sizes.append)
+        tasks = [asyncio.ensure_future(b.submit(i)) for i in range(20)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == [i * 10 for i in range(20)]
+    assert sizes == [1, 8, 8, 3]  # the first ran alone; the rest queued meanwhile and batched
+
+
+def test_batcher_window_collects_items_that_arrive_later():
+    sizes = []
+
+    async def main():
+        async def run(items):
+            return items
+
+        b = AsyncBatcher(run, max_batch=64, window_s=0.1, on_batch=sizes.append)
+        t1 = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.02)
+        return await asyncio.gather(t1, b.submit(2))
+
+    assert asyncio.run(main()) == [1, 2] and sizes == [2]
+
+
+def test_batcher_failures_reach_every_item_and_it_keeps_working():
+    calls = []
+
+    async def run(items):
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return [e if isinstance(e, Exception) else e + 1 for e in items]
+
+    async def main():
+        b = AsyncBatcher(run, max_batch=4, window_s=0.0, concurrency=2)
+        with pytest.raises(RuntimeError):
+            await b.submit(1)
+        assert await b.submit(2) == 3
+        with pytest.raises(ValueError):
+            await b.submit(ValueError("one item"))  # a per-item exception fails only that item
+        b.close()
+        with pytest.raises(RuntimeError):
+            await b.submit(4)
+
+    asyncio.run(main())
+
+
+def test_metrics_render_prometheus_text():
+    m = Metrics()
+    m.inc("errors_total", kind="TamperedMessage")
+    m.observe("batch", 3, buckets=(1, 4, 16), model="d")
+    text = m.to_prometheus()
+    assert 'enclaveml_errors_total{kind="TamperedMessage"} 1' in text
+    assert 'enclaveml_batch_bucket{model="d",le="4"} 1' in text and 'enclaveml_batch_count{model="d"} 1' in text
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("svc")
+    entry = zoo.entry("darknet")
+    model = zoo.load("darknet", pretrained=False)
+    owner = SigningKey.generate()
+    _, key = make_bundle(model, 2, base / "b", {"zoo": "darknet"}, entry.preprocessing, list(entry.classes), owner)
+    svc = EnclaveService(get_backend("sim", platform_dir=base / "platform", lock_memory=False))
+    nonce = b"deploy-nonce-123"
+    svc.evidence(nonce)
+    files = bundle_files(base / "b")
+    svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, nonce), files)
+    _, back = read_public_bundle(files)
+    return svc, back, model, entry, owner, key, files
+
+
+def _request(svc, image: bytes, model_id: str = "d"):
+    aad = protocol.infer_aad(model_id)
+    return seal_request(svc.public_key(), frame_fresh(protocol.encode_payload(image, 3, True)), aad) + (aad,)
+
+
+def test_enclave_service_front_finish_matches_the_plain_model(service, cifar10_dir):
+    svc, back, model, entry, *_ = service
+    image = sorted((cifar10_dir / "test" / "dog").glob("*.jpg"))[0].read_bytes()
+    msg, ctx, aad = _request(svc, image)
+    handle, ir = svc.front("d", msg)
+    with torch.no_grad():
+        scores = back(ir)[0]
+        ref = model(entry.preprocessing(image).unsqueeze(0))[0]
+    res = protocol.decode_result(ctx.open_response(svc.finish(handle, scores), aad))
+    assert torch.allclose(torch.tensor(res["logits"]), ref, atol=1e-5)
+    assert res["top"][0]["index"] == int(ref.argmax())
+    with pytest.raises(E.UnknownModel):
+        svc.finish(handle, scores)  # a handle answers once
+
+
+def test_enclave_service_refuses_and_stays_consistent(service):
+    svc, back, model, entry, owner, key, files = service
+    msg, _, _ = _request(svc, b"not an image")
+    with pytest.raises(E.DataError):
+        svc.front("d", msg)
+    with pytest.raises(E.ReplayedMessage):
+        svc.front("d", msg)  # the id was used, even though the image was bad
+    with pytest.raises(E.UnknownModel):
+        svc.front("zz", _request(svc, b"x", "zz")[0])
+    # an owner command needs a nonce this enclave issued
+    with pytest.raises(E.ReplayedMessage):
+        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"never-issued-nonce"), files)
+    other = SigningKey.generate()
+    svc.evidence(b"nonce-for-mallory")
+    with pytest.raises(E.Unauthorized):
+        svc.delete("d", seal_owner_command(other, svc.public_key(), "delete", "d", b"nonce-for-mallory"))
+    assert svc.models() == ["d"]
+    outs = svc.front_batch("d", [_request(svc, b"junk")[0], b"\x00" * 10])
+    assert isinstance(outs[0], E.DataError) and isinstance(outs[1], E.TamperedMessage)
+
+
+def test_client_splits_batches_by_count_and_bytes():
+    from enclaveml.client.sdk import BATCH_BYTES, BATCH_CHUNK, _chunks
+
+    assert [len(c) for c in _chunks([b"x"] * (BATCH_CHUNK * 2 + 1))] == [BATCH_CHUNK, BATCH_CHUNK, 1]
+    big = b"x" * (BATCH_BYTES // 2 + 1)
+    assert [len(c) for c in _chunks([big, big, b"y", big])] == [1, 2, 1]
+    assert _chunks([]) == []
+
+
+def test_only_zoo_architectures_are_served(tmp_path):
+    """A signed manifest naming `os:system` as its factory must not make anything run."""
+    import json
+
+    protocol.check_servable_arch({"zoo": "darknet"})
+    for arch in ({"factory": "os:system", "kwargs": {"command": "true"}}, {"zoo": "nope"},
+                 {"zoo": "darknet", "factory": "os:system"}):
+        with pytest.raises(E.UserInputError):
+            protocol.check_servable_arch(arch)
+    # end to end in the enclave service: a deploy with such a manifest is refused before import
+    from enclaveml.models.bundle import MANIFEST, MANIFEST_LABEL, SIGNATURE
+
+    svc = EnclaveService(get_backend("sim", platform_dir=tmp_path / "p", lock_memory=False))
+    owner = SigningKey.generate()
+    model = zoo.load("darknet", pretrained=False)
+    _, key = make_bundle(model, 2, tmp_path / "b", {"zoo": "darknet"}, zoo.entry("darknet").preprocessing,
+                         list(zoo.entry("darknet").classes), owner)
+    files = bundle_files(tmp_path / "b")
+    m = json.loads(files[MANIFEST])
+    m["arch"] = {"factory": "os:system", "kwargs": {"command": f"touch {tmp_path}/pwned"}}
+    files[MANIFEST] = json.dumps(m).encode()
+    files[SIGNATURE] = json.dumps({"alg": "Ed25519", "owner": owner.public_key().to_bytes().hex(),
+                                   "signature": owner.sign(MANIFEST_LABEL + files[MANIFEST]).hex()}).encode()
+    svc.evidence(b"nonce-0123456789")
+    with pytest.raises(E.UserInputError):
+        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"nonce-0123456789"), files)
+    assert not (tmp_path / "pwned").exists() and svc.models() == []
