@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 
-.PHONY: venv test demo zoo bench-assess bench-serve bench-caltrain bench clean
+.PHONY: venv test demo zoo bench-assess bench-serve load-serve bench-caltrain bench-crypto bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ bench-assess: $(STAMP)
 bench-serve: $(STAMP)
 	$(PY) benchmarks/bench_serve.py
 
+load-serve: $(STAMP)
+	$(PY) benchmarks/load_serve.py
+
 bench-caltrain: $(STAMP)
 	$(PY) benchmarks/bench_caltrain.py
+
+bench-crypto: $(STAMP)
+	$(PY) benchmarks/bench_crypto.py
 
 bench: bench-assess bench-serve bench-caltrain
 

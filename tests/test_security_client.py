@@ -46,18 +46,12 @@ def test_a_key_without_matching_evidence_is_never_used():
     assert all(b"secret image" not in (r.content or b"") for r in seen)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: client/sdk.py EnclaveClient.attest calls .json() on the evidence answer "
-                                       "outside its try block: a non-JSON 200 answer raises json.JSONDecodeError "
-                                       "(and deeply nested JSON RecursionError) instead of EvidenceRejected")
 @pytest.mark.parametrize("content", [b"not json", b"[" * 100_000])
 def test_non_json_evidence_answer_is_evidence_rejected(content):
     with pytest.raises(E.EvidenceRejected):
         _client(200, content).attest()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: client/sdk.py _error_from_response calls body.get() on any JSON: an "
-                                       "error answer whose body is a JSON list or string raises AttributeError "
-                                       "instead of an EnclaveMLError")
 @pytest.mark.parametrize("content", [b"[1,2]", b'"x"'])
 def test_error_answers_that_are_not_objects_become_enclaveml_errors(content):
     with pytest.raises(E.EnclaveMLError):

@@ -140,10 +140,6 @@ def test_front_and_deploy_on_junk_raise_only_documented_errors(world, junk):
         assert isinstance(out, list) and all(isinstance(o, TRUST) for o in out)
 
 
-@pytest.mark.xfail(strict=True, reason="finding F-6 (medium): the sealed response's length depends on the predicted "
-                                       "label's name (encode_result puts label strings and variable-length float "
-                                       "reprs in the JSON, unpadded), so the host learns the predicted class from "
-                                       "the ciphertext length; pad the result to a fixed size before sealing")
 def test_response_length_does_not_depend_on_the_prediction(world):
     svc, *_, image = world
     lengths = set()
@@ -183,9 +179,6 @@ def test_a_self_owned_bundle_cannot_run_arbitrary_functions_inside_the_enclave(w
     assert not target.exists(), "the enclave called os.makedirs named by an attacker's manifest"
 
 
-@pytest.mark.xfail(strict=True, reason="finding F-15 (low): enclave errors travel to the host in the clear "
-                                       "(worker reply {'error', 'message'}), and data/preprocess.py decode_image puts "
-                                       "the decrypted image's width x height in its DataError message")
 def test_enclave_error_messages_do_not_reveal_plaintext_properties(world):
     import struct
     import zlib

@@ -217,3 +217,108 @@ def test_only_zoo_architectures_are_served(tmp_path):
     with pytest.raises(E.UserInputError):
         svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"nonce-0123456789"), files)
     assert not (tmp_path / "pwned").exists() and svc.models() == []
+
+
+def test_result_is_padded_to_a_length_that_does_not_depend_on_the_winner():
+    """F-6: labels of 1 to 40 characters, any winner, any scores: one length per (top_k, logits)."""
+    labels = ["x" * (1 + 3 * i) for i in range(10)] + ["\u00e9t\u00e9"]
+    for top_k in (1, 3, 11):
+        for want_logits in (False, True):
+            sizes = set()
+            for winner in range(len(labels)):
+                probs = [1e-300 / (i + 1) if i != winner else 0.123456789 for i in range(len(labels))]
+                logits = [-1.7976931348623157e308] * len(labels) if want_logits else None
+                raw = protocol.encode_result("m" * 64, probs, labels, top_k, logits)
+                sizes.add(len(raw))
+                res = protocol.decode_result(raw)
+                assert res["top"][0]["label"] == labels[winner]
+            assert sizes == {protocol.result_size("m" * 64, labels, top_k, want_logits)}
+            assert next(iter(sizes)) % protocol.RESULT_BLOCK == 0
+
+
+def test_result_version_must_be_the_integer_1():
+    for bad in (b'{"v": true, "top": []}', b'{"v": 1.0, "top": []}', b'[' * 5000, b'{"v": 1, "top": [], "top": []}'):
+        with pytest.raises(E.TamperedMessage):
+            protocol.decode_result(bad)
+    assert protocol.decode_result(b'{"v": 1, "top": []}' + bytes(100))["top"] == []
+
+
+def test_request_payload_is_padded_to_size_buckets():
+    sizes = {len(protocol.encode_payload(b"i" * n)) for n in (0, 10, 500, 900)}
+    assert sizes == {1024}
+    assert len(protocol.encode_payload(b"i" * 3000)) == 4096
+    assert len(protocol.encode_payload(b"i" * (3 << 20))) == 4 << 20
+    assert (8 << 20) < len(protocol.encode_payload(b"i" * (8 << 20))) < (8 << 20) + 100  # past the cap: unpadded
+    for n in (0, 1, 1000, 5000):
+        image = bytes(range(256)) * (n // 256) + b"\x00" * (n % 256)  # trailing zeros stay the image's
+        assert protocol.decode_payload(protocol.encode_payload(image, 2)) == ({"top_k": 2, "logits": False}, image)
+    unpadded = protocol.encode_payload(b"img", pad=False)
+    assert protocol.decode_payload(unpadded)[1] == b"img" and len(unpadded) < 100
+
+
+@pytest.mark.parametrize("opts,tail", [(b'{"image_bytes":5}', b"abc"), (b'{"image_bytes":-1}', b"abc"),
+                                       (b'{"image_bytes":true}', b"abc"), (b'{"image_bytes":1}', b"ab"),
+                                       (b'{"image_bytes":1.0}', b"a"), (b'{"logits":1}', b"a")])
+def test_request_padding_and_options_are_checked(opts, tail):
+    with pytest.raises(E.DataError):
+        protocol.decode_payload(len(opts).to_bytes(2, "big") + opts + tail)
+
+
+def test_client_does_not_resend_images_when_the_host_claims_tampering():
+    """F-13: a forged TamperedMessage must not make the SDK seal and send the images again."""
+    import httpx
+
+    from enclaveml.client import sdk
+    from enclaveml.tee import Policy
+
+    sent: list = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        sent.append(req.url.path)
+        return httpx.Response(400, json={"error": "TamperedMessage", "message": "forged"})
+
+    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"]),
+                          http=httpx.Client(transport=httpx.MockTransport(handler)))
+    from enclaveml.crypto import HpkeKeyPair
+
+    c._attested = sdk.AttestedEnclave(HpkeKeyPair.generate().public_bytes(), b"n" * 32, None, float("inf"))
+    with pytest.raises(E.TamperedMessage):
+        c.infer([b"image"], model="m")
+    assert sent == ["/v1/models/m/infer"] and c._attested is None  # sent once; attests afresh next time
+
+
+def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_path):
+    """`serve --allow-factory`: the enclave builds a factory architecture only if its configuration,
+    which the sim measurement covers, names it exactly; the default keeps the plain measurement."""
+    from enclaveml.tee.sim import expected_sim_measurement
+
+    factory = "enclaveml.models.zoo.extraction:build"
+    arch = {"factory": factory, "kwargs": {"num_classes": 10}}
+    with pytest.raises(E.UserInputError):
+        protocol.check_servable_arch(arch)
+    protocol.check_servable_arch(arch, (factory,))
+    with pytest.raises(E.UserInputError):
+        protocol.check_servable_arch(arch, ("enclaveml.models.zoo.darknet:build",))
+    with pytest.raises(E.UserInputError):
+        protocol.enclave_config(["os.system"])  # not package.module:function
+    assert protocol.enclave_config([]) == {}
+    cfg = protocol.enclave_config([factory, factory])
+    assert cfg == {"allowed_factories": [factory]}
+    assert expected_sim_measurement(cfg) != expected_sim_measurement(protocol.enclave_config([]))
+
+    owner = SigningKey.generate()
+    e = zoo.entry("extraction")
+    _, key = make_bundle(zoo.load("extraction", pretrained=False), 3, tmp_path / "b", arch, e.preprocessing,
+                         list(e.classes), owner)
+    files = bundle_files(tmp_path / "b")
+    backend = get_backend("sim", platform_dir=tmp_path / "p", lock_memory=False, config=cfg)
+    for allowed, ok in (((), False), ((factory,), True)):
+        svc = EnclaveService(backend, allowed_factories=allowed)
+        nonce = b"factory-nonce-01"
+        svc.evidence(nonce)
+        release = seal_key_release(owner, svc.public_key(), "fac", key, nonce)
+        if ok:
+            assert svc.deploy("fac", release, files)["model"] == "fac"
+        else:
+            with pytest.raises(E.UserInputError):
+                svc.deploy("fac", release, files)

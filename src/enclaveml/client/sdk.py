@@ -12,7 +12,6 @@ ciphertext, sizes and timing.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 import httpx
 
 from .. import errors as E
-from ..crypto import SigningKey, frame_fresh, seal_key_release, seal_owner_command, seal_request
+from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_request
 from ..serve import protocol
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
@@ -42,11 +41,12 @@ def _chunks(images: list[bytes]) -> list[list[bytes]]:
     if not images:
         return []
     for img in images:
-        if out[-1] and (len(out[-1]) >= BATCH_CHUNK or size + len(img) > BATCH_BYTES):
+        n = protocol.padded_payload_size(len(img) + 64)  # what the request will weigh once padded
+        if out[-1] and (len(out[-1]) >= BATCH_CHUNK or size + n > BATCH_BYTES):
             out.append([])
             size = 0
         out[-1].append(img)
-        size += len(img)
+        size += n
     return out
 
 
@@ -60,12 +60,24 @@ class AttestedEnclave:
     at: float
 
 
+def _json_body(r: httpx.Response, what: str = "answer") -> Any:
+    """The JSON of a server answer (hostile bytes: bounded depth, finite numbers), or an
+    `EnclaveMLError` (never a parser's own exception type)."""
+    try:
+        return loads_untrusted(r.content)
+    except ValueError:
+        raise E.EnclaveMLError(f"the server's {what} is not valid JSON") from None
+
+
 def _error_from_response(r: httpx.Response) -> E.EnclaveMLError:
     try:
-        body = r.json()
-        kind, msg = str(body.get("error", "")), str(body.get("message", ""))
+        body = loads_untrusted(r.content)
     except ValueError:
-        kind, msg = "", r.text[:200]
+        body = None
+    if isinstance(body, dict):
+        kind, msg = str(body.get("error", ""))[:100], str(body.get("message", ""))[:500]
+    else:  # not JSON, or a JSON list / string / number
+        kind, msg = "", r.content[:200].decode("utf-8", "replace")
     return error_from_kind(kind, msg, r.status_code)
 
 
@@ -82,13 +94,16 @@ class EnclaveClient:
     """One server URL and one attestation policy. Thread-safe; reuses one HTTP connection pool."""
 
     def __init__(self, url: str, policy, timeout: float = 60.0, http: httpx.Client | None = None,
-                 reattest_s: float = REATTEST_S):
+                 reattest_s: float = REATTEST_S, pad_requests: bool = True):
         from ..tee import Policy, load_policy
 
         self.url = url.rstrip("/")
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.http = http or httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(socket_options=NODELAY))
         self.reattest_s = reattest_s
+        #: Pad each request to a size bucket (protocol.padded_payload_size) so that its length shows
+        #: the host only the bucket of the image size; False sends exact sizes (less bandwidth).
+        self.pad_requests = bool(pad_requests)
         self._attested: AttestedEnclave | None = None
         self._lock = threading.Lock()
 
@@ -119,8 +134,9 @@ class EnclaveClient:
         from ..tee import Evidence, bind_report_data, verify_evidence
 
         nonce = os.urandom(32)
-        body = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()}).json()
+        r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()})
         try:
+            body = loads_untrusted(r.content)
             pk = bytes.fromhex(body["public_key"])
             evidence = Evidence.from_dict(body["evidence"])
         except (KeyError, TypeError, ValueError):
@@ -153,20 +169,20 @@ class EnclaveClient:
         att = self.attest()  # always fresh: the release is bound to this nonce
         release = seal_key_release(owner_key, att.public_key, model_id, model_key, att.nonce)
         body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
-        return self._request("POST", f"/v1/models/{model_id}", content=body,
-                             headers={"content-type": "application/octet-stream"}).json()
+        return _json_body(self._request("POST", f"/v1/models/{model_id}", content=body,
+                                        headers={"content-type": "application/octet-stream"}))
 
     def delete(self, model_id: str, owner_key: SigningKey) -> dict:
         """Attest, then send a delete command signed by the owner and sealed to the enclave."""
         protocol.check_model_id(model_id)
         att = self.attest()
         cmd = seal_owner_command(owner_key, att.public_key, "delete", model_id, att.nonce)
-        return self._request("DELETE", f"/v1/models/{model_id}", content=cmd).json()
+        return _json_body(self._request("DELETE", f"/v1/models/{model_id}", content=cmd))
 
     # -- inference --------------------------------------------------------------------------
 
     def _seal(self, att: AttestedEnclave, image: bytes, model: str, top_k: int, logits: bool):
-        framed = frame_fresh(protocol.encode_payload(image, top_k, logits))
+        framed = frame_fresh(protocol.encode_payload(image, top_k, logits, pad=self.pad_requests))
         return seal_request(att.public_key, framed, protocol.infer_aad(model))
 
     def infer(self, images: Sequence[bytes], model: str, top_k: int = 5, logits: bool = False) -> list[dict]:
@@ -188,9 +204,13 @@ class EnclaveClient:
         try:
             return self._infer_each(self.attested(), images, model, top_k, logits)
         except E.TamperedMessage:
-            # The enclave may have restarted (new key): attest again once and retry. Safe: a
-            # request to an old key never decrypted anywhere.
-            return self._infer_each(self.attest(), images, model, top_k, logits)
+            # The enclave may have restarted (new key), or the host may only claim so (it can
+            # forge that error, or corrupt a response the enclave already produced). Never re-send
+            # the images on the host's word: forget the attestation, so that the caller's next
+            # call attests afresh, and raise.
+            with self._lock:
+                self._attested = None
+            raise
 
     def _infer_one(self, att: AttestedEnclave, image: bytes, model: str, top_k: int, logits: bool) -> dict:
         msg, ctx = self._seal(att, image, model, top_k, logits)
@@ -221,8 +241,11 @@ class EnclaveClient:
                     out.append(protocol.decode_result(ctx.open_response(parts[str(i)], protocol.infer_aad(model))))
                 elif f"e{i}" in parts:
                     try:
-                        eb = json.loads(parts[f"e{i}"])
-                        err = error_from_kind(str(eb.get("error")), str(eb.get("message")), int(eb.get("status", 0)))
+                        eb = loads_untrusted(parts[f"e{i}"])
+                        status = eb.get("status", 0)
+                        if type(status) is not int:
+                            raise ValueError
+                        err = error_from_kind(str(eb.get("error"))[:100], str(eb.get("message"))[:500], status)
                     except (ValueError, TypeError, AttributeError):
                         err = E.EnclaveMLError("server sent a malformed error")
                     out.append(err)
@@ -234,7 +257,7 @@ class EnclaveClient:
         return out
 
     def health(self) -> dict:
-        return self._request("GET", "/healthz").json()
+        return _json_body(self._request("GET", "/healthz"))
 
     def metrics(self) -> dict:
-        return self._request("GET", "/metrics", params={"format": "json"}).json()
+        return _json_body(self._request("GET", "/metrics", params={"format": "json"}))

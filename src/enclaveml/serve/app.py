@@ -73,6 +73,8 @@ class ServerConfig:
     max_batch_request: int = 256
     worker_args: list[str] = field(default_factory=list)
     worker_socket: str | None = None
+    #: Model factories besides the zoo that host and enclave build ('package.module:function').
+    allowed_factories: tuple[str, ...] = ()
 
 
 def error_kind(e: BaseException) -> str:
@@ -127,7 +129,9 @@ class HostState:
         self.log = json_logger()
         self.store = ModelStore(cfg.store)
         self.device = pick_device(cfg.device)
-        self.enclave = EnclaveProxy(cfg.tee, threads=cfg.enclave_threads, extra_args=cfg.worker_args,
+        factory_args = [a for f in protocol.check_factory_names(list(cfg.allowed_factories))
+                        for a in ("--allow-factory", f)]
+        self.enclave = EnclaveProxy(cfg.tee, threads=cfg.enclave_threads, extra_args=[*factory_args, *cfg.worker_args],
                                     socket_path=cfg.worker_socket)
         self.pipelines: dict = {}
         self.public: dict[str, dict] = {}
@@ -214,8 +218,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         if missing:
             raise E.DataError(f"upload is missing {', '.join(sorted(missing))}")
         # Check the public half first, so that a bad BackNet changes nothing in the enclave.
-        protocol.check_servable_arch(B.load_manifest(files).arch)
-        manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files)
+        protocol.check_servable_arch(B.load_manifest(files).arch, cfg.allowed_factories)
+        manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, cfg.allowed_factories)
         enclave_parts = {n: files[n] for n in (protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP)}
         h, _, _ = await wait(s.enclave.call_async({"op": "deploy", "model": model_id}, None, enclave_parts))
         if h.get("bundle_id") != manifest.bundle_id:

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from .. import errors as _errors
+from ..crypto import loads_untrusted
 
 #: Largest meta JSON and largest total of blob bytes accepted in one frame.
 MAX_META_BYTES = 1 << 20
@@ -72,7 +73,9 @@ ALIGN = 64
 
 _LEN = struct.Struct(">I")
 _IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
-_SEGMENT_NAME = re.compile(r"^eml[0-9a-z_]{1,60}$")
+_SEGMENT_NAME = re.compile(r"eml[0-9a-z_]{1,60}\Z")  # \Z: "$" would let a trailing newline in
+#: Largest tensor dimension accepted from the peer.
+MAX_DIM = 2**31
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
@@ -196,16 +199,17 @@ def encode_meta(header: Header, blobs: dict[str, bytes], tensor_descs: list[list
 def decode_meta(raw: bytes) -> tuple[Header, list[tuple[str, int]], list[list], list[tuple[str, int]]]:
     """Parse and validate a meta JSON from the peer: (header, blob sizes, tensor descs, frees)."""
     try:
-        meta = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+        meta = loads_untrusted(raw, max_bytes=MAX_META_BYTES)
+    except ValueError:
         raise ChannelError("frame header is not JSON") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("h", {}), dict):
+    if (not isinstance(meta, dict) or not isinstance(meta.get("h", {}), dict)
+            or not all(isinstance(meta.get(k, []), list) for k in ("b", "t", "f"))):
         raise ChannelError("frame header has the wrong shape")
     blobs = []
     total = 0
     for item in meta.get("b", []):
         if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                or not isinstance(item[1], int) or item[1] < 0):
+                or type(item[1]) is not int or item[1] < 0):
             raise ChannelError("bad blob descriptor")
         total += item[1]
         blobs.append((item[0], item[1]))
@@ -216,21 +220,26 @@ def decode_meta(raw: bytes) -> tuple[Header, list[tuple[str, int]], list[list], 
         if not isinstance(d, list) or len(d) != 6:
             raise ChannelError("bad tensor descriptor")
         name, dtype, shape, seg, off, nbytes = d
-        if (not isinstance(name, str) or dtype not in _DTYPES or not isinstance(shape, list)
-                or not all(isinstance(s, int) and 0 <= s for s in shape) or len(shape) > 8
-                or not isinstance(seg, str) or not (_SEGMENT_NAME.match(seg) or (seg == INLINE and off == 0))
-                or not isinstance(off, int) or off < 0 or not isinstance(nbytes, int) or nbytes < 0
-                or nbytes > MAX_TENSOR_BYTES):
+        if (not isinstance(name, str) or not isinstance(dtype, str) or dtype not in _DTYPES
+                or not isinstance(shape, list) or len(shape) > 8
+                or not all(type(s) is int and 0 <= s < MAX_DIM for s in shape)
+                or not isinstance(seg, str) or type(off) is not int or off < 0
+                or not (_SEGMENT_NAME.match(seg) or (seg == INLINE and off == 0))
+                or type(nbytes) is not int or nbytes < 0 or nbytes > MAX_TENSOR_BYTES):
             raise ChannelError("bad tensor descriptor")
-        numel = 1
+        numel, span = 1, 1
         for s in shape:
             numel *= s
-        if numel * torch.empty((), dtype=_DTYPES[dtype]).element_size() != nbytes:
+            span *= max(s, 1)  # bounds the shape even when a zero dim makes numel 0
+        elsize = torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        if numel * elsize != nbytes:
             raise ChannelError("tensor descriptor size does not match its shape")
+        if span * elsize > MAX_TENSOR_BYTES:
+            raise ChannelError("tensor descriptor shape is too large")
         tensors.append(d)
     frees = []
     for f in meta.get("f", []):
-        if not isinstance(f, list) or len(f) != 2 or not isinstance(f[0], str) or not isinstance(f[1], int):
+        if not isinstance(f, list) or len(f) != 2 or not isinstance(f[0], str) or type(f[1]) is not int:
             raise ChannelError("bad free descriptor")
         frees.append((f[0], f[1]))
     return meta.get("h", {}), blobs, tensors, frees

@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         worker_socket: str = typer.Option(None, "--worker-socket",
                                           help="talk to the enclave worker over this Unix socket path, tensors inline "
                                                "(for enclaves that cannot inherit fds or map host memory)"),
+        allow_factory: list[str] = typer.Option([], "--allow-factory",
+                                                help="also serve models built by this 'package.module:function' "
+                                                     "(repeatable; part of the enclave's measured configuration)"),
     ) -> None:
         """Serve deployed models: host server (untrusted) + enclave worker process, until Ctrl-C."""
         from ..errors import UserInputError
@@ -35,5 +38,5 @@ def register(app: typer.Typer) -> None:
 
         cfg = ServerConfig(tee=tee, store=store, device=device, max_batch=max_batch, window_ms=window_ms,
                            enclave_threads=enclave_threads, max_request_bytes=max_request_bytes,
-                           worker_socket=worker_socket)
+                           worker_socket=worker_socket, allowed_factories=tuple(allow_factory or ()))
         serve(cfg, host=host, port=port, torch_threads=torch_threads)

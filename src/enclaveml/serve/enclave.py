@@ -36,6 +36,9 @@ from ..tee.backend import EnclaveBackend
 from . import protocol
 
 DELETE = "delete"
+#: The one message a client (and so the host, which relays it in the clear) gets for an image the
+#: enclave cannot decode: the decoder's own messages may quote the plaintext image's size or mode.
+UNDECODABLE_IMAGE = "input is not a decodable JPEG/PNG image within the limits"
 NONCE_TTL_S = 600.0
 MAX_NONCES = 10_000
 
@@ -67,8 +70,11 @@ class EnclaveService:
     """All enclave state for serving. Thread-safe: many `front`/`finish` calls run concurrently."""
 
     def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
-                 device: str = "cpu"):
+                 device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = ()):
         self.backend = backend
+        #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
+        #: configuration (`protocol.enclave_config`), never from an upload.
+        self.allowed_factories = protocol.check_factory_names(list(allowed_factories))
         self.kp = HpkeKeyPair.generate()
         self.guard = ReplayGuard(window_s=replay_window_s)
         self.handle_ttl_s = handle_ttl_s
@@ -119,8 +125,9 @@ class EnclaveService:
         self._consume_nonce(rel.nonce)
         parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP) if n in files}
         manifest = load_manifest(parts, expected_owner=rel.owner)
-        protocol.check_servable_arch(manifest.arch)  # before any architecture code is imported
-        front, mapping = open_enclave_parts(parts, rel.model_key, expected_owner=rel.owner)
+        protocol.check_servable_arch(manifest.arch, self.allowed_factories)  # before any import
+        front, mapping = open_enclave_parts(parts, rel.model_key, expected_owner=rel.owner,
+                                            allowed_factories=self.allowed_factories)
         front = front.to(self.device)
         dep = Deployment(model_id, rel.owner, front, mapping, manifest.preprocessing, manifest.bundle_id, manifest.k)
         with self._lock:
@@ -173,7 +180,10 @@ class EnclaveService:
         rid, ts, payload = parse_fresh(framed)
         self.guard.check(rid, ts)
         opts, image = protocol.decode_payload(payload)
-        x = dep.preprocessing(image)  # decode + preprocess here, never on the host
+        try:
+            x = dep.preprocessing(image)  # decode + preprocess here, never on the host
+        except DataError:
+            raise DataError(UNDECODABLE_IMAGE) from None  # no plaintext detail crosses to the host
         return dep, x, _Pending(sealer, model_id, opts["top_k"], opts["logits"], aad, time.monotonic())
 
     @torch.no_grad()

@@ -30,7 +30,9 @@ def _handler(svc, info: dict):
             handle_id, ir = svc.front(str(h.get("model", "")), blobs.get("request", b""))
             return {"handle": handle_id}, {"ir": ir}, None
         if op == "front_batch":
-            n = int(h.get("n", 0))
+            n = h.get("n", 0)
+            if type(n) is not int or not 0 <= n <= 4096:
+                raise DataError("front_batch: n must be 0..4096")
             outs = svc.front_batch(str(h.get("model", "")), [blobs.get(f"r{i}", b"") for i in range(n)])
             items, irs = [], []
             for o in outs:
@@ -43,6 +45,8 @@ def _handler(svc, info: dict):
         if op == "finish":
             return {}, None, {"response": svc.finish(str(h.get("handle", "")), tensors["scores"])}
         if op == "finish_batch":
+            if not isinstance(h.get("handles", []), list):
+                raise DataError("finish_batch: handles must be a list")
             handles = [str(x) for x in h.get("handles", [])]
             scores = tensors.get("scores")
             if scores is None or scores.shape[0] != len(handles):
@@ -93,11 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--replay-window", type=float, default=120.0)
     p.add_argument("--no-lock-memory", action="store_true")
+    p.add_argument("--allow-factory", action="append", default=[],
+                   help="a model factory 'package.module:function' this enclave may build (measured)")
     args = p.parse_args(rest)
 
     from ..tee import get_backend
+    from .protocol import enclave_config
 
-    options = {"lock_memory": not args.no_lock_memory} if args.tee == "sim" else {}
+    config = enclave_config(args.allow_factory)  # part of the measurement (sim); argv under Gramine
+    options = {"lock_memory": not args.no_lock_memory, "config": config} if args.tee == "sim" else {}
     backend = get_backend(args.tee, **options)
     hardening = backend.harden()  # first: before any key or input exists in this process
     torch.set_num_threads(max(1, args.torch_threads))
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from .enclave import EnclaveService
 
-    svc = EnclaveService(backend, replay_window_s=args.replay_window)
+    svc = EnclaveService(backend, replay_window_s=args.replay_window,
+                         allowed_factories=config.get("allowed_factories", ()))
     info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex()}
     serve_channel(channel, _handler(svc, info), max_workers=max(1, args.threads),
                   inline=lambda h: h.get("op") in ("abort", "info"))
