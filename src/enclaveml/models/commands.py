@@ -1,8 +1,86 @@
-"""`enclaveml zoo`: list the zoo models with their measured accuracy (owner side)."""
+"""`enclaveml zoo` and `enclaveml partition`: list models, and split one into a bundle (owner side).
+
+`partition` runs on the model owner's machine. It writes a bundle directory (a signed manifest, the
+plain BackNet, the sealed FrontNet and class mapping) and the model key in `BUNDLE.modelkey`
+beside it (mode 0600). The model key never leaves the owner's machine except sealed to an
+attested enclave (`enclaveml deploy`).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from ..errors import UserInputError
+
+
+def _partition_point(at: Optional[int], assessment: Optional[Path], model_name: str, force: bool) -> int:
+    """K from --at, or the assessment's `recommended` point; never shallower than it unless forced."""
+    recommended = None
+    if assessment is not None:
+        try:
+            report = json.loads(Path(assessment).read_text())
+        except OSError as e:
+            raise UserInputError(f"{assessment}: cannot read assessment ({e.strerror})") from None
+        except ValueError:
+            raise UserInputError(f"{assessment}: not a JSON assessment report") from None
+        if not isinstance(report, dict) or "recommended" not in report:
+            raise UserInputError(f"{assessment}: no 'recommended' partition point in the assessment")
+        named = report.get("model")
+        if isinstance(named, str) and named != model_name:
+            raise UserInputError(f"{assessment}: the assessment is for model {named!r}, not {model_name!r}")
+        recommended = report["recommended"]
+        if recommended is not None and (isinstance(recommended, bool) or not isinstance(recommended, int)):
+            raise UserInputError(f"{assessment}: 'recommended' must be a layer index")
+    if at is None:
+        if assessment is None:
+            raise UserInputError("give the partition point with --at K, or an assessment with --assessment FILE")
+        if recommended is None:
+            raise UserInputError(f"{assessment}: the assessment recommends no partition point; choose one with --at K")
+        return recommended
+    if recommended is not None and at < recommended and not force:
+        raise UserInputError(f"--at {at} is shallower than the assessment's recommended point {recommended} "
+                             "(its IR leaks by that assessment); pass --force to override")
+    return at
+
+
+def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: Optional[str],
+                input_size: Optional[str], mean: Optional[str], std: Optional[str]):
+    """(LayeredModel, arch dict, Preprocessing, class names) for a zoo name or a `module:factory`."""
+    from .loading import load_model
+
+    if ":" in model and weights is None:
+        raise UserInputError(f"user model {model!r} needs --weights FILE (.safetensors or a .pt state dict)")
+    m, pre, names = load_model(model, str(weights) if weights else None, input_size, _floats(mean, "--mean"),
+                               _floats(std, "--std"), resize=True, pretrained=not untrained)
+    arch = {"factory": model} if ":" in model else {"zoo": model}
+    if classes is not None:
+        names = [c.strip() for c in classes.split(",")]
+    if names is None:
+        names = [str(i) for i in range(m.num_classes)]
+    if len(names) != m.num_classes:
+        raise UserInputError(f"{len(names)} class names given for a model with {m.num_classes} classes")
+    return m, arch, pre, names
+
+
+def _floats(text: Optional[str], flag: str):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserInputError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def _default_name(model: str, out: Path) -> str:
+    """The zoo name, or the bundle directory's name made URL-safe (it is the default model id)."""
+    if ":" not in model:
+        return model
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in out.resolve().name)
+    return safe.lstrip(".")[:64] or "model"
 
 
 def register(app: typer.Typer) -> None:
@@ -23,3 +101,84 @@ def register(app: typer.Typer) -> None:
             acc = f"{card['test_accuracy']:.2%}" if "test_accuracy" in card else "not trained"
             t.add_row(name, str(len(m)), f"{sum(p.numel() for p in m.parameters()):,}", acc, e.description)
         Console().print(t)
+
+    @app.command("partition")
+    def partition_cmd(
+        model: str = typer.Argument(..., help="Zoo model name, or 'package.module:factory' with --weights."),
+        out: Path = typer.Option(..., "--out", help="Bundle directory to create (must not exist)."),
+        at: Optional[int] = typer.Option(None, "--at", help="Partition point K: layers 0..K-1 run in the enclave."),
+        assessment: Optional[Path] = typer.Option(None, "--assessment", help="assessment.json; K defaults to its 'recommended'."),
+        owner_key: Optional[Path] = typer.Option(None, "--owner-key", help="Owner's Ed25519 key (default ENCLAVEML_HOME/owner.key, created on first use)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="safetensors weights of a user model."),
+        classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class names (user models)."),
+        input_size: Optional[str] = typer.Option(None, "--input-size", help="CxHxW of a user model, e.g. 3x224x224."),
+        mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel normalisation mean, e.g. 0.485,0.456,0.406."),
+        std: Optional[str] = typer.Option(None, "--std", help="Per-channel normalisation std."),
+        name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest (default: the zoo name, else the bundle directory's name)."),
+        force: bool = typer.Option(False, "--force", help="Allow a K shallower than the assessment recommends."),
+        untrained: bool = typer.Option(False, "--untrained", help="Zoo model with random weights (tests and demos only)."),
+    ) -> None:
+        """Split a model at K into a deployable bundle; the model key is written to BUNDLE.modelkey (0600)."""
+        import torch
+
+        from .. import paths
+        from ..crypto import SigningKey
+        from .bundle import make_bundle, model_key_path, save_model_key
+
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        key_path = model_key_path(out)
+        if out.exists():
+            raise UserInputError(f"{out}: already exists; choose a new bundle directory")
+        if key_path.exists():
+            raise UserInputError(f"{key_path}: a model key is already there; refusing to overwrite it")
+        k = _partition_point(at, assessment, model, force)
+        m, arch, pre, names = _load_model(model, weights, untrained, classes, input_size, mean, std)
+        m.check_point(k)
+        owner = SigningKey.load_or_create(owner_key or paths.home() / "owner.key")
+        manifest, model_key = make_bundle(m, k, out, arch, pre, names, owner, name=name or _default_name(model, out))
+        try:
+            save_model_key(key_path, model_key)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        front_params = sum(p.numel() for p in m.split(k)[0].parameters())
+        typer.echo(f"bundle     {out}")
+        typer.echo(f"model      {manifest.name}  ({len(manifest.layers)} layers, {manifest.num_classes} classes)")
+        typer.echo(f"split      k={k}: enclave runs {', '.join(manifest.frontnet_layers)} "
+                   f"({front_params:,} params); host runs {', '.join(manifest.layers[k:])}")
+        typer.echo(f"IR shape   {list(manifest.ir_shape)}")
+        typer.echo(f"owner      {owner.public_key().fingerprint()}")
+        typer.echo(f"model key  {key_path} (0600; keep it here: it leaves this machine only sealed to an attested enclave)")
+
+    @app.command("inspect")
+    def inspect_cmd(
+        bundle: Path = typer.Argument(..., help="Bundle directory written by `enclaveml partition`."),
+        owner: Optional[str] = typer.Option(None, "--owner", help="Expected owner key fingerprint (hex, a prefix of 16+ digits is enough)."),
+    ) -> None:
+        """Verify a bundle's signature and part hashes and print what the host may know of it."""
+        import hmac as _hmac
+
+        from ..crypto import sha256
+        from ..errors import TamperedMessage
+        from .bundle import PARTS, load_manifest
+
+        manifest = load_manifest(bundle)
+        fp = manifest.owner_key.fingerprint()
+        if owner is not None:
+            want = owner.strip().lower()
+            if len(want) < 16 or not _hmac.compare_digest(fp[: len(want)], want):
+                raise TamperedMessage(f"{bundle}: signed by owner {fp[:16]}..., not the expected {want[:16]}...")
+        for part in PARTS:
+            try:
+                data = (bundle / part).read_bytes()
+            except OSError as e:
+                raise UserInputError(f"{bundle / part}: cannot read ({e.strerror})") from None
+            if not _hmac.compare_digest(sha256(data).hex(), manifest.parts[part]):
+                raise TamperedMessage(f"{bundle / part} does not match the signed manifest")
+        typer.echo(f"bundle     {bundle} (signature and {len(PARTS)} part hashes verified)")
+        typer.echo(f"model      {manifest.name}  arch {json.dumps(manifest.arch)}  id {manifest.bundle_id}")
+        typer.echo(f"split      k={manifest.k}: enclave {', '.join(manifest.frontnet_layers)}; host {', '.join(manifest.layers[manifest.k:])}")
+        typer.echo(f"shapes     input {list(manifest.input_shape)}  IR {list(manifest.ir_shape)}  classes {manifest.num_classes}")
+        typer.echo(f"owner      {fp}")

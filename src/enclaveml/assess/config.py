@@ -1,0 +1,39 @@
+"""Settings of one assessment run, with defaults strong enough for real findings (owner side)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+#: Usable EPC of SGX1 (the 128 MiB EPC minus the enclave page cache metadata): the default budget.
+SGX1_EPC_BYTES = 93 * 1024 * 1024
+
+
+@dataclass
+class AssessConfig:
+    samples: int = 64  # test samples: KL test and decoder evaluation
+    points: tuple[int, ...] | None = None  # None: every candidate point
+    tests: tuple[str, ...] = ("kl", "decoder", "rmle")
+    ssim_threshold: float = 0.3  # SSIM <= this is "unrecognisable" (He et al., ACSAC 2019)
+    kl_tolerance: float = 0.1  # a point leaks when own channels beat uniform on this fraction more samples than chance
+    budget_bytes: int = SGX1_EPC_BYTES
+    # decoder inversion (black box): one small decoder per point, trained on held-out data
+    decoder_train: int = 4000
+    decoder_steps: int = 400
+    decoder_batch: int = 32
+    decoder_lr: float = 2e-3
+    # white-box rMLE with a total-variation prior
+    rmle_samples: int = 8
+    rmle_steps: int = 150
+    rmle_lr: float = 0.05
+    rmle_tv: float = 0.02
+    # KL test and cost
+    kl_batch: int = 512
+    latency_repeats: int = 10
+    report_images: int = 6
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["points"] = list(self.points) if self.points is not None else None
+        d["tests"] = list(self.tests)
+        return d

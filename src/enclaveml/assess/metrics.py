@@ -1,0 +1,71 @@
+"""Leakage metrics as pure functions: SSIM, PSNR and KL divergence (owner side, assessment).
+
+No state, no I/O: tensors in, tensors out, so each is checked against a reference in a few lines.
+Images are float tensors in [0, 1], shaped (N, C, H, W); results are per image, shape (N,).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    ax = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    g = g / g.sum()
+    w = torch.outer(g, g)
+    return w.expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11,
+         sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per image, averaged over channels and pixels.
+
+    Gaussian-weighted local statistics with the usual K1=0.01, K2=0.03 and 'valid' borders (as
+    scikit-image with `gaussian_weights=True`, the convention of He et al.); images smaller than
+    the window shrink it.
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim wants two (N,C,H,W) tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.double(), y.double()
+    win = min(win_size, x.shape[-1], x.shape[-2])
+    win -= (win + 1) % 2  # odd
+    c = x.shape[1]
+    w = _gaussian_window(win, sigma, c, x.dtype)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, groups=c)
+
+    mx, my = filt(x), filt(y)
+    # population (Gaussian-weighted) variances, as Wang et al. (scikit-image: use_sample_covariance=False)
+    vx = filt(x * x) - mx * mx
+    vy = filt(y * y) - my * my
+    vxy = filt(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3)).float()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image (capped at 100 dB for identical images)."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    out = 10 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
+    return out.clamp(max=100.0).float()
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """KL(p || q) in nats along the last dimension; p and q are probability vectors.
+
+    Broadcasts, so one reference distribution p (..., K) can be compared with many q at once.
+    """
+    p = p.double().clamp_min(0)
+    q = q.double().clamp_min(eps)
+    terms = torch.where(p > 0, p * (torch.log(p.clamp_min(eps)) - torch.log(q)), torch.zeros_like(p))
+    return terms.sum(-1).clamp_min(0).float()  # rounding can dip below the true minimum 0
+
+
+def kl_to_uniform(p: torch.Tensor) -> torch.Tensor:
+    """KL(p || uniform): the paper's baseline, log K minus the entropy of p."""
+    k = p.shape[-1]
+    return kl_divergence(p, torch.full_like(p, 1.0 / k))
