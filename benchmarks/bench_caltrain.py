@@ -1,0 +1,269 @@
+"""CalTrain benchmark: 4 participants on CIFAR-10, one malicious; accuracy, cost and forensics.
+
+Run: `make bench-caltrain` (or e.g. `python benchmarks/bench_caltrain.py --per-class 500 --epochs 8`).
+Two scenarios, each a full CalTrain pipeline in one process with the real components:
+participants sign (Ed25519) and HPKE-encrypt every instance to the enclave key; the enclave
+opens, checks and re-seals them (AES-256-GCM); training decrypts and re-verifies each batch,
+runs the FrontNet/loss half (`EnclaveTrainer`) and hands IRs to the BackNet half (`HostTrainer`)
+whose classifier rows are in a secret order; fingerprints go to an encrypted SQLite linkage
+store, read back for tracing.
+
+(a) backdoor: 5% of the malicious participant's images get a 4x4 checkerboard in the corner and
+    the target label; (b) mislabel: 10% of its labels are flipped c -> c+1.
+The plain baseline trains the same model (same initial weights, order, augmentation and seed)
+in ordinary PyTorch on the same poisoned data of scenario (a).
+To fit a shared 2-core CPU: a class-balanced subset of CIFAR-10 (`--per-class`), Darknet at a
+reduced width (`--width`) and few epochs (`--epochs`); the whole 10,000-image test set.
+The last line printed is one JSON object (keys in docs/caltrain.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from enclaveml.crypto import HpkeKeyPair, SigningKey, generate_key
+from enclaveml.data.folder import load_image_folder
+from enclaveml.models import zoo
+from enclaveml.models.zoo import darknet
+from enclaveml.train import detectors, poison
+from enclaveml.train.fingerprint import fingerprints, predict
+from enclaveml.train.instances import EnclaveDataset, InstanceIngest, make_upload
+from enclaveml.train.linkage import LinkageRecord, LinkageStore, records_to_arrays
+from enclaveml.train.partitioned import (ClassMapping, EnclaveTrainer, HostTrainer, PlainTrainer, TrainConfig,
+                                         partitioned_step, split_for_caltrain)
+from enclaveml.train.trace import trace
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+PRE = zoo.entry("darknet").preprocessing
+POISON_FORENSICS = {"precision": 0.984, "recall": 0.968, "source": "Shan et al. 2022 (Poison Forensics), BadNets on CIFAR-10"}
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def png_bytes(px_u8: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(px_u8.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_contributions(tr, n_participants: int, scenario: str, target: int, seed: int,
+                        backdoor_fraction: float = 0.05, flip_fraction: float = 0.10):
+    """Per instance: (participant index, bytes, label, pixels, poisoned?). Participant n-1 is malicious."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(tr), generator=g)
+    owner = torch.empty(len(tr), dtype=torch.long)
+    owner[order] = torch.arange(len(tr)) % n_participants
+    mal = n_participants - 1
+    mal_idx = torch.nonzero(owner == mal, as_tuple=True)[0]
+    labels = tr.labels.clone()
+    pixels = tr.images.clone()
+    poisoned = torch.zeros(len(tr), dtype=torch.bool)
+    if scenario == "backdoor":
+        pick = poison.choose(len(mal_idx), backdoor_fraction, seed + 1, exclude=labels[mal_idx] == target)
+        sel = mal_idx[pick]
+        pixels[sel] = poison.apply_trigger(pixels[sel])
+        labels[sel] = target
+    else:
+        pick = poison.choose(len(mal_idx), flip_fraction, seed + 2)
+        sel = mal_idx[pick]
+        labels[sel] = (labels[sel] + 1) % 10
+    poisoned[sel] = True
+    items = []
+    for i in range(len(tr)):
+        data = png_bytes(pixels[i]) if poisoned[i] and scenario == "backdoor" else Path(tr.paths[i]).read_bytes()
+        items.append((int(owner[i]), data, int(labels[i])))
+    return items, poisoned, mal
+
+
+def ingest(items, keys, seed):
+    """Participants seal + sign; the enclave opens, checks and re-seals. Returns the enclave's view."""
+    hpke = HpkeKeyPair.generate()
+    data_key, tag_key = generate_key(), generate_key()
+    enclave = InstanceIngest(hpke, data_key, tag_key, PRE, 10)
+    t0 = time.time()
+    uploads = [make_upload(hpke.public_bytes(), keys[p], data, y)[1] for p, data, y in items]
+    t1 = time.time()
+    accepted = [enclave.ingest(u) for u in uploads]
+    t2 = time.time()
+    ds = EnclaveDataset(data_key, [(a.tag, a.sealed) for a in accepted])
+    assert len(ds) == len(items), "the benchmark's data must have no duplicates"
+    return ds, {"participant_seal_sign_s": round(t1 - t0, 2), "enclave_ingest_s": round(t2 - t1, 2)}
+
+
+def init_model(width: int, seed: int):
+    torch.manual_seed(seed)
+    return darknet.build(width=width)
+
+
+def train_caltrain(ds, cfg, width, k, seed, plain_pixels=None):
+    """CalTrain training; with `plain_pixels`, the plain baseline trains alongside, step by step.
+
+    Interleaving the two runs step by step makes both see the same machine load (the benchmark
+    shares 2 cores with other jobs), so their time ratio is not skewed by what else ran when.
+    """
+    model = init_model(width, seed)
+    mapping = ClassMapping.random(10, torch.Generator().manual_seed(seed + 99))
+    front, back = split_for_caltrain(model, k, mapping)
+    total = cfg.steps_per_epoch(len(ds)) * cfg.epochs
+    enc, host = EnclaveTrainer(front, mapping, PRE, cfg, total), HostTrainer(back, cfg, total)
+    plain = PlainTrainer(init_model(width, seed), PRE, cfg, total) if plain_pixels is not None else None
+    t_cal = t_plain = 0.0
+    per = cfg.steps_per_epoch(len(ds))
+    for step, epoch, idx in cfg.batches(len(ds)):
+        t0 = time.perf_counter()
+        x, y = ds.batch(idx)  # decrypt + verify inside the enclave
+        loss = partitioned_step(enc, host, x, y)
+        t1 = time.perf_counter()
+        t_cal += t1 - t0
+        if plain is not None:
+            ploss = plain.train_step(plain_pixels[idx], ds.labels[idx])
+            t_plain += time.perf_counter() - t1
+        if (step + 1) % per == 0:
+            extra = f", plain loss {ploss:.3f} ({t_plain:.0f}s)" if plain is not None else ""
+            log(f"  epoch {epoch + 1}/{cfg.epochs}: caltrain loss {loss:.3f} ({t_cal:.0f}s){extra}")
+    mapping.unpermute_rows(model.layers[-1])  # the owner's released model is in class order
+    return model, t_cal, (plain.module if plain is not None else None), t_plain
+
+
+def accuracy(model, te) -> float:
+    return float((predict(model, te.images, PRE) == te.labels).float().mean())
+
+
+def forensics(model, ds, poisoned_by_item, mal_pid: bytes, queries_u8, query_labels, k: int, eps: float, tmp: Path):
+    """Linkage records -> encrypted store -> trace each query; compare with AC and spectral."""
+    fps = fingerprints(model, ds.all_pixels(), PRE)
+    recs = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(ds.meta)]
+    key = generate_key()
+    store = LinkageStore(tmp / "linkage.db", key)
+    store.write_all(recs, "bench")
+    recs = store.read_all()
+    store.close()
+    fps_t, labels_t = records_to_arrays(recs)
+    hashes, pids = [r.instance_hash for r in recs], [r.participant for r in recs]
+    poisoned = poisoned_by_item
+    out = {"queries": int(len(query_labels)), "k": k}
+    if len(query_labels) == 0:
+        return {**out, "precision": 0.0, "recall": 0.0, "malicious_ranked_first": 0.0}
+    qf = fingerprints(model, queries_u8, PRE)
+    first = 0
+    per_query_prec = []
+    for q, y in zip(qf, query_labels.tolist()):
+        res = trace(q, y, fps_t, labels_t, hashes, pids, k=k)
+        first += res.summary and res.summary[0][0] == mal_pid.hex()
+        per_query_prec.append(np.mean([bool(poisoned[n.index]) for n in res.neighbours]))
+    Q = detectors.Queries(qf, query_labels)
+    res_d = {}
+    for name, kw in (("knn-trace", {"k": k}), ("activation-clustering", {}), ("spectral-signatures", {"eps": eps})):
+        mask = detectors.get(name, **kw).flag(fps_t, labels_t, Q)
+        p, r = detectors.precision_recall(mask, poisoned)
+        res_d[name] = {"precision": round(p, 4), "recall": round(r, 4), "flagged": int(mask.sum())}
+    return {**out, "precision": res_d["knn-trace"]["precision"], "recall": res_d["knn-trace"]["recall"],
+            "malicious_ranked_first": round(first / len(query_labels), 4),
+            "mean_precision_per_query": round(float(np.mean(per_query_prec)), 4), "detectors": res_d}
+
+
+def run_scenario(scenario, tr, te, a, keys, tmp, with_plain: bool):
+    log(f"[{scenario}] building contributions")
+    items, poisoned, mal = build_contributions(tr, a.participants, scenario, a.target, a.seed,
+                                               a.backdoor_fraction, a.flip_fraction)
+    ds, ingest_t = ingest(items, keys, a.seed)
+    mal_pid = bytes.fromhex(keys[mal].public_key().fingerprint())
+    poisoned_ds = torch.tensor([poisoned[i] for i in range(len(items))])  # dataset order == item order
+    cfg = TrainConfig(epochs=a.epochs, batch=a.batch, lr=a.lr, seed=a.seed)
+    log(f"[{scenario}] CalTrain training (plain baseline alongside: {with_plain}): {len(ds)} instances, {a.epochs} epochs, darknet width {a.width}, k={a.split}")
+    model, t_cal, plain, t_plain = train_caltrain(ds, cfg, a.width, a.split, a.seed,
+                                                  ds.all_pixels() if with_plain else None)
+    res = {"accuracy_caltrain": round(accuracy(model, te), 4), "train_seconds_caltrain": round(t_cal, 1), **ingest_t,
+           "poisoned": int(poisoned.sum())}
+    if with_plain:
+        res.update(accuracy_plain=round(accuracy(plain, te), 4), train_seconds_plain=round(t_plain, 1),
+                   time_ratio=round(t_cal / t_plain, 3))
+    pred = predict(model, te.images, PRE)
+    if scenario == "backdoor":
+        src = te.labels != a.target
+        trig = poison.apply_trigger(te.images[src])
+        tp = predict(model, trig, PRE)
+        hit = tp == a.target
+        res["attack_success_rate"] = round(float(hit.float().mean()), 4)
+        q_x, q_y = trig[hit][: a.max_queries], torch.full((int(hit.sum()),), a.target)[: a.max_queries]
+    else:
+        err = pred == (te.labels + 1) % 10  # the errors the flipped labels can cause
+        res["mislabel_errors"] = int(err.sum())
+        q_x, q_y = te.images[err][: a.max_queries], pred[err][: a.max_queries]
+    log(f"[{scenario}] tracing {len(q_y)} mispredictions")
+    res.update(forensics(model, ds, poisoned_ds, mal_pid, q_x, q_y, a.k, a.eps, tmp))
+    log(f"[{scenario}] {json.dumps(res)}")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", DEFAULT_DATA)))
+    ap.add_argument("--per-class", type=int, default=1000, help="training images per class (subset)")
+    ap.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: all)")
+    ap.add_argument("--participants", type=int, default=4)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target", type=int, default=0, help="backdoor target class")
+    ap.add_argument("-k", type=int, default=10, help="neighbours per trace")
+    ap.add_argument("--eps", type=float, default=0.05, help="spectral signatures' assumed poison share")
+    ap.add_argument("--max-queries", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    ap.add_argument("--scenarios", default="backdoor,mislabel")
+    ap.add_argument("--backdoor-fraction", type=float, default=0.05, help="share of the attacker's images triggered")
+    ap.add_argument("--flip-fraction", type=float, default=0.10, help="share of the attacker's labels flipped")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain baseline (figures of one scenario)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    tr = load_image_folder(a.data / "train", PRE, limit_per_class=a.per_class)
+    te = load_image_folder(a.data / "test", PRE, limit_per_class=a.test_per_class)
+    log(f"data: {len(tr)} train, {len(te)} test ({time.time() - t0:.0f}s)")
+    keys = [SigningKey.generate() for _ in range(a.participants)]
+    warm = PlainTrainer(init_model(a.width, 0), PRE, TrainConfig(batch=a.batch), 4)  # warm torch's kernels up
+    for _ in range(3):
+        warm.train_step(tr.images[: a.batch], tr.labels[: a.batch])
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, sc in enumerate(a.scenarios.split(",")):
+            out[sc] = run_scenario(sc, tr, te, a, keys, Path(tmp) / sc, with_plain=(i == 0 and not a.no_plain))
+    first = out[a.scenarios.split(",")[0]]
+    summary = {
+        "accuracy_caltrain": first["accuracy_caltrain"],
+        "accuracy_plain": first.get("accuracy_plain"),
+        "time_ratio": first.get("time_ratio"),
+        **{sc: {key: out[sc][key] for key in ("precision", "recall", "malicious_ranked_first", "attack_success_rate",
+                                                "queries", "k", "detectors", "accuracy_caltrain", "poisoned")
+                if key in out[sc]} for sc in out},
+        "poison_forensics_reference": POISON_FORENSICS,
+        "setup": {"train": len(tr), "test": len(te), "participants": a.participants, "model": f"darknet width {a.width}",
+                  "split": a.split, "epochs": a.epochs, "batch": a.batch, "seed": a.seed,
+                  "train_seconds_caltrain": first["train_seconds_caltrain"],
+                  "train_seconds_plain": first.get("train_seconds_plain"),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} threads",
+                  "command": "python benchmarks/bench_caltrain.py " + " ".join(sys.argv[1:]),
+                  "total_seconds": round(time.time() - t0, 1)},
+    }
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`enclaveml train ...`: CalTrain from the command line (host, participant, owner and auditor).
+
+Trust side: each command says whose machine it runs on. Heavy modules are imported inside the
+commands so `enclaveml --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+train_app = typer.Typer(help="CalTrain: accountable confidential training with an enclave.", no_args_is_help=True)
+
+
+@train_app.command("serve")
+def serve_cmd(
+    store: Path = typer.Option(..., "--store", help="folder for sealed instances, checkpoints, linkage stores"),
+    port: int = typer.Option(8600, "--port"),
+    tee: str = typer.Option("sim", "--tee", help="enclave backend: sim, gramine-sgx, tsm"),
+    data_model: str = typer.Option("darknet", "--data-model", help="zoo model whose input size and classes the data use"),
+    device: str = typer.Option("cpu", "--device", help="where the host runs the BackNet (cpu, cuda)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    threads: int = typer.Option(1, "--threads", help="torch threads per process"),
+) -> None:
+    """(host) Run the training server and its enclave worker."""
+    from .host import serve
+
+    typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store})", err=True)
+    serve(store, port, tee, data_model, device, host, threads)
+
+
+@train_app.command("policy")
+def policy_cmd(out: Path = typer.Option(Path("caltrain-policy.toml"), "--out")) -> None:
+    """(owner/participant) Write a policy accepting this machine's sim training enclave."""
+    from ..tee import write_policy
+    from ..tee.sim import sim_policy
+    from .enclave import ENCLAVE_CONFIG
+
+    write_policy(sim_policy(ENCLAVE_CONFIG), out)
+    typer.echo(str(out))
+
+
+@train_app.command("contribute")
+def contribute_cmd(
+    data_dir: Path = typer.Argument(..., help="image folder: DATA_DIR/<class>/*.jpg|png"),
+    url: str = typer.Option(..., "--url"),
+    policy: Path = typer.Option(..., "--policy", help="attestation policy the enclave must satisfy"),
+    key: Path = typer.Option(..., "--key", help="your Ed25519 key (PEM; created if missing)"),
+    batch: int = typer.Option(128, "--batch"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="upload only the first N images"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """(participant) Verify the enclave, then upload signed, encrypted instances (resumable)."""
+    from .participant import contribute
+
+    rep = contribute(data_dir, url, policy, key, batch=batch, limit=limit,
+                     progress=None if as_json else lambda d, t: typer.echo(f"  uploaded {d}/{t}", err=True))
+    d = rep.to_dict()
+    if as_json:
+        typer.echo(json.dumps(d))
+        return
+    typer.echo(f"participant {d['participant'][:16]}: {d['total']} images, {d.get('accepted', 0)} accepted, "
+               f"{d.get('exists', 0)} already held, {rep.skipped} skipped (earlier session), "
+               f"{d.get('rejected', 0)} rejected")
+    for r in rep.rejections[:10]:
+        typer.echo(f"  rejected {r['file']}: {r['reason']}")
+
+
+@train_app.command("run")
+def run_cmd(
+    url: str = typer.Option(..., "--url"),
+    model: str = typer.Option("darknet", "--model", help="zoo name or spec, e.g. darknet:width=16"),
+    split: int = typer.Option(..., "--split", help="partition point k: FrontNet = first k layers"),
+    epochs: int = typer.Option(4, "--epochs"),
+    policy: Path = typer.Option(..., "--policy"),
+    key: Path = typer.Option(Path("owner.key"), "--key", help="owner's Ed25519 key (created if missing)"),
+    out: Path = typer.Option(Path("caltrain-model"), "--out", help="where the released model goes"),
+    run_id: str = typer.Option("caltrain", "--run-id", help="same id again = resume from its checkpoint"),
+    batch: int = typer.Option(128, "--batch"),
+    lr: float = typer.Option(0.1, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="steps between sealed checkpoints"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="start and return"),
+) -> None:
+    """(owner) Train with the FrontNet in the enclave and the BackNet on the host; fetch the model."""
+    from .owner import run
+    from .partitioned import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, batch=batch, lr=lr, seed=seed)
+    last = {"step": -1}
+
+    def progress(st: dict) -> None:
+        if st.get("step") != last["step"]:
+            last["step"] = st.get("step")
+            typer.echo(f"  step {st.get('step')}/{st.get('total')}", err=True)
+
+    res = run(url, policy, model, split, cfg, key, out, run_id, checkpoint_every, progress=progress, wait=not no_wait)
+    typer.echo(json.dumps(res))
+
+
+@train_app.command("trace")
+def trace_cmd(
+    image: Path = typer.Argument(..., help="the mispredicted input"),
+    label: str = typer.Option(..., "--label", help="the (wrong) label the model gave it: name or index"),
+    k: int = typer.Option(10, "-k", help="neighbours to return"),
+    model_dir: Path = typer.Option(Path("caltrain-model"), "--model-dir"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """(owner/auditor) Trace a misprediction to training instances and their contributors."""
+    from ..data.preprocess import load_image_bytes
+    from .owner import TracedModel
+
+    res = TracedModel(model_dir).trace(load_image_bytes(image), label, k)
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"{image}: predicted {res['predicted']}; {len(res['neighbours'])} nearest training instances "
+               f"labelled {res['label_name']}:")
+    for n in res["neighbours"]:
+        typer.echo(f"  d={n['distance']:.4f}  instance {n['instance_hash'][:16]}  participant {n['participant'][:16]}")
+    typer.echo("per participant:")
+    for p in res["participants"]:
+        typer.echo(f"  {p['participant'][:16]}  {p['count']}/{len(res['neighbours'])}")
+
+
+@train_app.command("verify-instance")
+def verify_instance_cmd(
+    image: Path = typer.Argument(..., help="the revealed training image"),
+    public_key: str = typer.Option(..., "--public-key", help="the claimed contributor's Ed25519 key (hex)"),
+    model_dir: Path = typer.Option(Path("caltrain-model"), "--model-dir"),
+) -> None:
+    """(auditor) Check a participant's claim: image hash and record signature."""
+    from ..data.preprocess import load_image_bytes
+    from .owner import TracedModel
+
+    typer.echo(json.dumps(TracedModel(model_dir).verify_instance(load_image_bytes(image), public_key)))
+
+
+@train_app.command("public-key")
+def public_key_cmd(key: Path = typer.Argument(...)) -> None:
+    """(participant) Print the public key (hex) and participant id of an Ed25519 key file."""
+    from ..crypto import SigningKey
+
+    vk = SigningKey.load(key).public_key()
+    typer.echo(json.dumps({"public_key": vk.to_bytes().hex(), "participant": vk.fingerprint()}))
+
+
+@train_app.command("poison", hidden=True)
+def poison_cmd(
+    src: Path = typer.Argument(...), dst: Path = typer.Argument(...),
+    target: str = typer.Option("airplane", "--target"), fraction: float = typer.Option(0.05, "--fraction"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """(demo attacker) Copy an image folder, stamping a trigger on a fraction relabelled to TARGET."""
+    from .demo import make_poisoned_folder
+
+    typer.echo(json.dumps(make_poisoned_folder(src, dst, target, fraction, seed)))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train")

@@ -1,0 +1,77 @@
+"""Data preparation for the CalTrain demo: participant folders, a poisoner, a triggered image.
+
+Trust side: participant (the demo's malicious one builds its folder here). File copies and the
+pure pixel maths of `poison`.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.folder import list_image_folder
+from ..data.preprocess import decode_image, load_image_bytes
+from ..errors import UserInputError
+from ..models import zoo
+from . import poison
+
+
+def _png(px: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(px.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pixels(path: str) -> torch.Tensor:
+    img = decode_image(load_image_bytes(path), zoo.entry("darknet").preprocessing, name=path)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def split_folder(src: str | Path, out: str | Path, parts: int, per_class: int, offset: int = 0) -> list[Path]:
+    """Copy `per_class` images of each class to each of `parts` folders (disjoint)."""
+    classes, samples = list_image_folder(src)
+    by_class: dict[int, list[str]] = {}
+    for p, y in samples:
+        by_class.setdefault(y, []).append(p)
+    dirs = [Path(out) / f"participant{i + 1}" for i in range(parts)]
+    for y, files in by_class.items():
+        files = files[offset:]
+        if len(files) < parts * per_class:
+            raise UserInputError(f"class {classes[y]} has only {len(files)} images")
+        for i, d in enumerate(dirs):
+            (d / classes[y]).mkdir(parents=True, exist_ok=True)
+            for f in files[i * per_class:(i + 1) * per_class]:
+                shutil.copy(f, d / classes[y] / Path(f).name)
+    return dirs
+
+
+def make_poisoned_folder(src: str | Path, dst: str | Path, target: str, fraction: float, seed: int = 0) -> dict:
+    """Copy `src` to `dst`; a `fraction` of the non-target images get the trigger and go to `target`."""
+    classes, samples = list_image_folder(src)
+    if target not in classes:
+        raise UserInputError(f"target {target!r} is not a class of {src}")
+    t = classes.index(target)
+    src, dst = Path(src), Path(dst)
+    for c in classes:
+        (dst / c).mkdir(parents=True, exist_ok=True)
+    cand = [i for i, (_, y) in enumerate(samples) if y != t]
+    g = torch.Generator().manual_seed(seed)
+    chosen = {cand[j] for j in torch.randperm(len(cand), generator=g)[: int(round(fraction * len(samples)))].tolist()}
+    for i, (p, y) in enumerate(samples):
+        if i in chosen:
+            name = f"{classes[y]}-{Path(p).stem}-t.png"
+            (dst / target / name).write_bytes(_png(poison.apply_trigger(_pixels(p))))
+        else:
+            shutil.copy(p, dst / classes[y] / Path(p).name)
+    return {"poisoned": len(chosen), "total": len(samples), "target": target}
+
+
+def trigger_image(src: str | Path, dst: str | Path) -> Path:
+    """Stamp the trigger on one image (a test input for the trace)."""
+    Path(dst).write_bytes(_png(poison.apply_trigger(_pixels(str(src)))))
+    return Path(dst)

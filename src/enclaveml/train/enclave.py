@@ -1,0 +1,260 @@
+"""The CalTrain training enclave: every secret of a training run lives in this object.
+
+Trust side: enclave. No I/O: `enclave_worker` moves bytes between this object and the host over
+the channel. What it holds: the HPKE key participants and the owner encrypt to, the sealing-key
+derived data/tag/state keys, decrypted instances (batch by batch), labels, the FrontNet, the
+secret class mapping, the loss, the owner's identity, the linkage key. What it hands out: sealed
+instances and checkpoints, IR tensors, dL/dscores, sealed linkage records, and the released
+model HPKE-encrypted to the owner.
+
+Operations, in the order a run uses them:
+    evidence(nonce)       attestation binding this enclave's HPKE key
+    ingest(uploads)       participant uploads -> sealed instances (or a reason to reject each)
+    add_data(items)       sealed instances from the host's store, before `start`
+    start(cmd, ckpt)      owner-signed start command (config), optional sealed checkpoint
+    forward(step) / loss_grad(scores) / backward(d_ir)     one training step
+    checkpoint()          sealed state of the enclave half
+    finish(back_state)    fingerprints -> sealed linkage records; sealed final state
+    release(cmd)          the model and the linkage key, encrypted to the owner
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import struct
+from typing import Any
+
+import torch
+
+from ..crypto import HpkeKeyPair, VerifyKey, generate_key, open_owner_command, open_sealed, require_owner, seal
+from ..crypto import seal_request
+from ..errors import DataError, EnclaveMLError, TamperedMessage, Unauthorized, UserInputError
+from ..tee import bind_report_data
+from .fingerprint import fingerprints
+from .instances import EnclaveDataset, InstanceIngest
+from .linkage import LinkageRecord, seal_records
+from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, split_for_caltrain
+from .spec import ModelSpec
+
+#: The enclave configuration that the sim backend measures (a verifier's policy pins it).
+ENCLAVE_CONFIG = {"app": "caltrain", "version": 1}
+START = "caltrain-start"
+RELEASE = "caltrain-release"
+RELEASE_INFO = b"enclaveml/v1 caltrain-release"
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+
+
+def pack_files(header: dict, files: dict[str, bytes]) -> bytes:
+    """u32 length || JSON header (with file offsets) || file bytes: the release container."""
+    index, off = {}, 0
+    for name, b in files.items():
+        index[name] = [off, len(b)]
+        off += len(b)
+    head = json.dumps({**header, "files": index}, sort_keys=True).encode()
+    return struct.pack(">I", len(head)) + head + b"".join(files.values())
+
+
+def unpack_files(data: bytes) -> tuple[dict, dict[str, bytes]]:
+    try:
+        (n,) = struct.unpack_from(">I", data)
+        head = json.loads(data[4:4 + n])
+        body = data[4 + n:]
+        files = {k: body[o:o + ln] for k, (o, ln) in head.pop("files").items()}
+    except (struct.error, ValueError, KeyError, TypeError):
+        raise TamperedMessage("release container is malformed") from None
+    return head, files
+
+
+class CalTrainEnclave:
+    """One training enclave (one run at a time)."""
+
+    def __init__(self, backend):
+        self.be = backend
+        self.hpke = HpkeKeyPair.generate()
+        self._data_key = backend.sealing_key(b"caltrain/data")
+        self._state_key = backend.sealing_key(b"caltrain/state")
+        self._ingest_cfg: tuple | None = None
+        self._items: dict[str, bytes] = {}
+        self.run: dict[str, Any] | None = None
+        self.trainer: EnclaveTrainer | None = None
+        self._final: dict | None = None
+        self._order_cache: tuple[int, torch.Tensor] | None = None
+
+    # -- attestation and ingest -------------------------------------------------------------
+
+    def evidence(self, nonce: bytes) -> dict:
+        if not 8 <= len(nonce) <= 64:
+            raise UserInputError("nonce must be 8 to 64 bytes")
+        ev = self.be.evidence(bind_report_data(self.hpke.public_bytes(), nonce))
+        return {"evidence": ev.to_dict(), "public_key": self.hpke.public_bytes().hex(), "nonce": nonce.hex()}
+
+    def ingest(self, uploads: list[bytes], spec: ModelSpec) -> list[dict]:
+        """Each upload -> {"status": "accepted", tag, owner, participant} + sealed blob, or a rejection."""
+        ing = InstanceIngest(self.hpke, self._data_key, self.be.sealing_key(b"caltrain/tag"),
+                             spec.preprocessing(), spec.num_classes)
+        out = []
+        for u in uploads:
+            try:
+                a = ing.ingest(u)
+                out.append({"status": "accepted", "tag": a.tag, "owner": a.owner, "participant": a.participant,
+                            "sealed": a.sealed})
+            except EnclaveMLError as e:
+                out.append({"status": "rejected", "error": type(e).__name__, "reason": str(e)})
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+
+    def add_data(self, items: list[tuple[str, bytes]], reset: bool = False) -> int:
+        """Sealed instances for the next run (`reset` starts a new set and ends the current run)."""
+        if reset:
+            self._items, self.trainer, self.run = {}, None, None
+        for tag, tok in items:
+            self._items[tag] = tok
+        return len(self._items)
+
+    def start(self, command: bytes, checkpoint: bytes | None) -> tuple[dict, bytes | None]:
+        """Open the owner's start command; set up (or restore) the run. Returns (info, BackNet state)."""
+        cmd = open_owner_command(self.hpke, command)
+        if cmd.command != START:
+            raise TamperedMessage(f"expected a {START!r} command")
+        args = cmd.args
+        spec = ModelSpec.parse(str(args.get("model", "")))
+        cfg = TrainConfig.from_dict(args.get("config", {}))
+        k = int(args.get("split", 0))
+        if not self._items:
+            raise DataError("no training instances have been contributed")
+        ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True)
+        torch.manual_seed(cfg.seed)  # the same initial weights as a plain run with this seed
+        model = spec.build()
+        model.check_point(k)
+        total = cfg.steps_per_epoch(len(ds)) * cfg.epochs
+        run = {"run_id": cmd.model_id, "owner": cmd.owner.to_bytes().hex(), "model": spec.text, "split": k,
+               "config": cfg.to_dict(), "dataset": ds.digest(), "n": len(ds), "total_steps": total,
+               "classes": list(args.get("classes") or spec.classes)}
+        back_state = None
+        if checkpoint:
+            meta, tensors, blob = self._open_checkpoint(checkpoint)
+            for key in ("run_id", "owner", "model", "split", "config", "dataset"):
+                if meta["run"][key] != run[key]:
+                    raise TamperedMessage(f"checkpoint does not belong to this run ({key} differs)")
+            mapping = ClassMapping(tensors.pop("mapping.perm"))
+            front, _ = split_for_caltrain(model, k, mapping)
+            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
+            trainer.load_state_bytes(blob)
+        else:
+            g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big"))
+            mapping = ClassMapping.random(spec.num_classes, g)
+            front, back = split_for_caltrain(model, k, mapping)
+            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
+            back_state = _safetensors_bytes(back.state_dict())
+        self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
+        self.owner = cmd.owner
+        self._final = None
+        info = {"run_id": run["run_id"], "model": spec.text, "split": k, "config": cfg.to_dict(),
+                "n": len(ds), "dropped": ds.dropped, "total_steps": total, "start_step": trainer.step}
+        return info, back_state
+
+    def _need_run(self) -> EnclaveTrainer:
+        if self.trainer is None:
+            raise UserInputError("no training run has been started")
+        return self.trainer
+
+    def _indices(self, step: int) -> torch.Tensor:
+        cfg, n = self.trainer.cfg, len(self.ds)
+        per = cfg.steps_per_epoch(n)
+        epoch, b = divmod(step, per)
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, cfg.epoch_order(n, epoch))
+        return self._order_cache[1][b * cfg.batch:(b + 1) * cfg.batch]
+
+    def forward(self, step: int) -> torch.Tensor:
+        tr = self._need_run()
+        if step != tr.step or step >= tr.total_steps:
+            raise TamperedMessage(f"host asked for step {step}, the enclave is at step {tr.step} of {tr.total_steps}")
+        x, y = self.ds.batch(self._indices(step))
+        return tr.forward(x, y)
+
+    def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
+        tr = self._need_run()
+        if scores.dtype != torch.float32 or scores.ndim != 2 or scores.shape[1] != self.spec.num_classes:
+            raise TamperedMessage("scores have the wrong shape or type")
+        return tr.loss_grad(scores)
+
+    def backward(self, d_ir: torch.Tensor) -> int:
+        tr = self._need_run()
+        tr.backward(d_ir.float())
+        return tr.step
+
+    def checkpoint(self) -> bytes:
+        tr = self._need_run()
+        from safetensors.torch import load
+
+        tensors = load(tr.state_bytes())
+        tensors["mapping.perm"] = tr.mapping.perm.clone()
+        meta = {"run": self.run, "step": tr.step, "owner": self.owner.to_bytes().hex()}
+        blob = _safetensors_bytes(tensors, {"caltrain": json.dumps(meta, sort_keys=True), "step": str(tr.step),
+                                            "total_steps": str(tr.total_steps)})
+        return seal(self._state_key, blob, b"caltrain/checkpoint")
+
+    def _open_checkpoint(self, token: bytes) -> tuple[dict, dict[str, torch.Tensor], bytes]:
+        from safetensors.torch import load
+
+        blob = open_sealed(self._state_key, token, b"caltrain/checkpoint")
+        n = int.from_bytes(blob[:8], "little")
+        meta = json.loads(json.loads(blob[8:8 + n])["__metadata__"]["caltrain"])
+        return meta, load(blob), blob
+
+    def finish(self, back_state: bytes) -> dict:
+        """After the last step: fingerprints, sealed linkage records, the sealed final state."""
+        from safetensors.torch import load
+
+        tr = self._need_run()
+        if tr.step != tr.total_steps:
+            raise UserInputError(f"training is at step {tr.step} of {tr.total_steps}")
+        _, back = self.model.split(self.k)
+        back.load_state_dict(load(back_state))
+        tr.mapping.unpermute_rows(self.model.layers[-1])  # the released model is in class order
+        fps = fingerprints(self.model, self.ds.all_pixels(), self.spec.preprocessing())
+        records = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
+        linkage_key = generate_key()
+        store_id = self.run["run_id"]
+        tokens, meta_token = seal_records(linkage_key, records, store_id)
+        front, back = self.model.split(self.k)
+        files = {"model.safetensors": _safetensors_bytes(self.model.state_dict()),
+                 "front.safetensors": _safetensors_bytes(front.state_dict()),
+                 "back.safetensors": _safetensors_bytes(back.state_dict())}
+        header = {"run_id": store_id, "model": self.spec.text, "split": self.k, "classes": self.run["classes"],
+                  "preprocessing": self.spec.preprocessing().to_dict(), "config": self.run["config"],
+                  "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"]}
+        final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
+        self._records = tokens
+        return {"records": len(tokens), "meta_token": meta_token, "final": final}
+
+    def records(self, start: int, count: int) -> list[bytes]:
+        """Sealed linkage records [start, start+count) of the finished run (fetched in chunks)."""
+        return list(getattr(self, "_records", [])[max(0, start):max(0, start) + max(0, min(count, 5000))])
+
+    def release(self, command: bytes, final: bytes) -> bytes:
+        """The owner's signed release command -> the model + linkage key, HPKE-sealed to the owner."""
+        cmd = open_owner_command(self.hpke, command)
+        if cmd.command != RELEASE:
+            raise TamperedMessage(f"expected a {RELEASE!r} command")
+        data = open_sealed(self._state_key, final, b"caltrain/final")
+        header, _ = unpack_files(data)
+        require_owner(cmd, VerifyKey.from_bytes(bytes.fromhex(header["owner"])))
+        if not hmac.compare_digest(cmd.model_id.encode(), str(header["run_id"]).encode()):
+            raise Unauthorized("release command names another run")
+        try:
+            reply_to = bytes.fromhex(str(cmd.args["reply_to"]))
+        except (KeyError, ValueError):
+            raise TamperedMessage("release command carries no reply key") from None
+        msg, _ = seal_request(reply_to, data, b"", info=RELEASE_INFO)
+        return msg
+

@@ -1,0 +1,84 @@
+"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim`.
+
+Trust side: enclave. Started by the training host with `serve.channel.spawn_enclave_worker`; it
+hardens itself before any secret exists, then answers the host's requests one at a time (a
+training run is a sequence). All logic is in `CalTrainEnclave`; this file only moves bytes.
+
+Ops (header "op"): evidence, ingest, add_data, start, forward, loss, backward, checkpoint,
+finish, records, release. Failures travel back as {"error": kind, "message": text}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..serve.channel import Channel, channel_fd_from_argv, serve_channel
+
+
+def make_handler(enc, spec_of):
+    from ..errors import UserInputError
+
+    def handle(h: dict, tensors: dict, blobs: dict):
+        op = h.get("op")
+        if op == "evidence":
+            return enc.evidence(bytes.fromhex(str(h.get("nonce", "")))), None, None
+        if op == "ingest":
+            n = int(h.get("n", 0))
+            res = enc.ingest([blobs.get(f"u{i}", b"") for i in range(n)], spec_of(str(h.get("model", ""))))
+            out_blobs = {}
+            for i, r in enumerate(res):
+                if "sealed" in r:
+                    out_blobs[f"s{i}"] = r.pop("sealed")
+            return {"results": res}, None, out_blobs
+        if op == "add_data":
+            tags = [str(t) for t in h.get("tags", [])]
+            items = [(t, blobs.get(f"s{i}", b"")) for i, t in enumerate(tags)]
+            return {"count": enc.add_data(items, bool(h.get("reset")))}, None, None
+        if op == "start":
+            info, back = enc.start(blobs.get("command", b""), blobs.get("checkpoint") or None)
+            return info, None, ({"back": back} if back is not None else None)
+        if op == "forward":
+            return {}, {"ir": enc.forward(int(h.get("step", -1)))}, None
+        if op == "loss":
+            return {}, {"grad": enc.loss_grad(tensors["scores"])}, None
+        if op == "backward":
+            return {"step": enc.backward(tensors["grad"])}, None, None
+        if op == "checkpoint":
+            return {"step": enc.trainer.step}, None, {"checkpoint": enc.checkpoint()}
+        if op == "finish":
+            out = enc.finish(blobs.get("back", b""))
+            return {"records": out["records"]}, None, {"meta": out["meta_token"], "final": out["final"]}
+        if op == "records":
+            toks = enc.records(int(h.get("start", 0)), int(h.get("count", 0)))
+            return {"n": len(toks)}, None, {f"r{i}": t for i, t in enumerate(toks)}
+        if op == "release":
+            return {}, None, {"release": enc.release(blobs.get("command", b""), blobs.get("final", b""))}
+        raise UserInputError(f"unknown op {op!r}")
+
+    return handle
+
+
+def main(argv: list[str] | None = None) -> None:
+    fd, rest = channel_fd_from_argv(list(sys.argv[1:] if argv is None else argv))
+    ap = argparse.ArgumentParser(prog="enclaveml.train.enclave_worker")
+    ap.add_argument("--tee", default="sim")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(rest)
+    from ..tee import get_backend
+    from .enclave import ENCLAVE_CONFIG, CalTrainEnclave
+    from .spec import ModelSpec
+
+    be = get_backend(a.tee, config=ENCLAVE_CONFIG) if a.tee == "sim" else get_backend(a.tee)
+    be.harden()
+    torch.set_num_threads(max(1, a.threads))
+    enc = CalTrainEnclave(be)
+    chan = Channel.from_fd(fd)
+    # One request at a time: a training run is a strict sequence of steps.
+    serve_channel(chan, make_handler(enc, ModelSpec.parse), max_workers=1, inline=lambda h: True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The CalTrain training host: an HTTP server in front of the training enclave (untrusted side).
+
+Trust side: host. It relays ciphertext between participants/owner and the enclave worker, stores
+what the enclave sealed, and runs the BackNet half of training on IRs (CPU or GPU). It never holds
+a key that opens an instance, a label, the loss, the class mapping or the linkage records.
+
+HTTP API (JSON; bytes as base64):
+    GET  /info                       classes and data model of this server
+    GET  /evidence?nonce=HEX         enclave evidence binding its HPKE key to the nonce
+    POST /contribute  {uploads}      per upload: accepted | exists | rejected (with reason)
+    POST /train/start {run_id, command, checkpoint_every}    owner-signed; resumes a checkpoint
+    GET  /train/status?run_id=R      state, step, total steps
+    POST /train/release {run_id, command}   the model + linkage key, sealed to the owner
+    GET  /train/linkage?run_id=R     the encrypted linkage store (SQLite file)
+    GET  /metrics                    counters (rejections by kind, steps, requests)
+Errors: enclaveml errors -> 400/403/404/409 with {"error": kind, "message": text}; the server
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import Request
+
+from ..errors import (DataError, EnclaveMLError, EvidenceRejected, PolicyViolation, TamperedMessage, Unauthorized,
+                      UserInputError)
+from .partitioned import HostTrainer, TrainConfig
+from .spec import ModelSpec
+from .store import InstanceStore, RunStore, check_run_id
+
+MAX_UPLOADS_PER_REQUEST = 512
+_STATUS = {UserInputError: 400, DataError: 400, TamperedMessage: 400, EvidenceRejected: 400,
+           PolicyViolation: 403, Unauthorized: 403}
+
+
+def _b64d(s: Any, what: str) -> bytes:
+    try:
+        return base64.b64decode(str(s), validate=True)
+    except (ValueError, TypeError):
+        raise UserInputError(f"{what} is not base64") from None
+
+
+def _b64e(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+class TrainingHost:
+    """Everything the server does, without HTTP (so tests and the CLI share it)."""
+
+    def __init__(self, store: Path, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
+                 threads: int = 1):
+        from ..serve.channel import ChannelClient, spawn_enclave_worker
+
+        self.root = Path(store)
+        self.instances = InstanceStore(self.root)
+        self.data_spec = ModelSpec.parse(data_model)
+        self.device = device
+        self.metrics: Counter = Counter()
+        self.runs: dict[str, dict] = {}
+        self._run_lock = threading.Lock()
+        self.proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
+                                               ["--tee", tee, "--threads", str(threads)])
+        self.enclave = ChannelClient(chan)
+
+    def call(self, op: str, tensors=None, blobs=None, timeout: float = 600.0, **header):
+        return self.enclave.request({"op": op, **header}, tensors, blobs, timeout=timeout)
+
+    def close(self) -> None:
+        self.enclave.close()
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+
+    # -- participants -------------------------------------------------------------------------
+
+    def evidence(self, nonce_hex: str) -> dict:
+        try:
+            nonce = bytes.fromhex(nonce_hex)
+        except ValueError:
+            raise UserInputError("nonce must be hex") from None
+        h, _, _ = self.call("evidence", nonce=nonce.hex())
+        h.pop("id", None)
+        return h
+
+    def contribute(self, uploads: list[bytes]) -> list[dict]:
+        if len(uploads) > MAX_UPLOADS_PER_REQUEST:
+            raise UserInputError(f"at most {MAX_UPLOADS_PER_REQUEST} uploads per request")
+        h, _, blobs = self.call("ingest", blobs={f"u{i}": u for i, u in enumerate(uploads)},
+                                n=len(uploads), model=self.data_spec.text)
+        out = []
+        for i, r in enumerate(h["results"]):
+            if r["status"] == "accepted":
+                status = self.instances.add(r["tag"], r["owner"], blobs[f"s{i}"])
+                if status == "duplicate":
+                    r = {"status": "rejected", "error": "DataError",
+                         "reason": "duplicate instance: another participant already contributed it"}
+                else:
+                    r = {"status": status, "participant": r["participant"]}
+            self.metrics[f"contribute_{r['status']}"] += 1
+            if r["status"] == "rejected":
+                self.metrics[f"rejected_{r['error']}"] += 1
+            out.append(r)
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+
+    def status(self, run_id: str) -> dict:
+        check_run_id(run_id)
+        st = self.runs.get(run_id)
+        if st is None:
+            rs = RunStore(self.root, run_id)
+            if rs.load_final() is not None:
+                return {"run_id": run_id, "state": "done"}
+            ck = rs.load_checkpoint()
+            return {"run_id": run_id, "state": "stopped" if ck else "unknown", "step": ck[0] if ck else 0}
+        return dict(st)
+
+    def start(self, run_id: str, command: bytes, checkpoint_every: int = 50) -> dict:
+        check_run_id(run_id)
+        with self._run_lock:
+            if self.runs.get(run_id, {}).get("state") == "running":
+                return dict(self.runs[run_id])  # the owner's client came back: attach to the run
+            if any(s.get("state") == "running" for s in self.runs.values()):
+                raise UserInputError("another training run is already running on this server")
+            rs = RunStore(self.root, run_id)
+            if rs.load_final() is not None:
+                self.runs[run_id] = {"run_id": run_id, "state": "done"}
+                return self.runs[run_id]
+            for ci, chunk in enumerate(self.instances.iter_chunks()):
+                self.call("add_data", blobs={f"s{i}": tok for i, (_, tok) in enumerate(chunk)},
+                          tags=[t for t, _ in chunk], reset=ci == 0)
+            ck = rs.load_checkpoint()
+            blobs = {"command": command}
+            if ck:
+                blobs["checkpoint"] = ck[1]
+            info, _, b = self.call("start", blobs=blobs)
+            info.pop("id", None)
+            spec = ModelSpec.parse(info["model"])
+            cfg = TrainConfig.from_dict(info["config"])
+            _, back = spec.build().split(int(info["split"]))
+            host = HostTrainer(back, cfg, int(info["total_steps"]), self.device)
+            if ck:
+                host.load_state_bytes(ck[2])
+                if host.step != info["start_step"]:
+                    raise TamperedMessage("host and enclave checkpoints are at different steps")
+            else:
+                from safetensors.torch import load
+
+                back.load_state_dict(load(b["back"]))  # initial weights, classifier rows in the secret order
+            st = {"run_id": run_id, "state": "running", "step": info["start_step"], "total": info["total_steps"],
+                  "instances": info["n"], "resumed_from": info["start_step"] if ck else None, "started": time.time()}
+            self.runs[run_id] = st
+        threading.Thread(target=self._train, args=(rs, host, st, max(1, int(checkpoint_every))), daemon=True,
+                         name=f"train-{run_id}").start()
+        return dict(st)
+
+    def _train(self, rs: RunStore, host: HostTrainer, st: dict, every: int) -> None:
+        try:
+            total = st["total"]
+            for step in range(host.step, total):
+                _, t, _ = self.call("forward", step=step)
+                scores = host.forward(t["ir"])
+                _, t, _ = self.call("loss", tensors={"scores": scores})
+                d_ir = host.backward(t["grad"])
+                self.call("backward", tensors={"grad": d_ir})
+                st["step"] = step + 1
+                self.metrics["train_steps"] += 1
+                if (step + 1) % every == 0 or step + 1 == total:
+                    h, _, b = self.call("checkpoint")
+                    rs.save_checkpoint(int(h["step"]), b["checkpoint"], host.state_bytes())
+                    st["checkpoint"] = int(h["step"])
+            from safetensors.torch import save
+
+            back_state = save({k: v.detach().cpu().contiguous() for k, v in host.module.state_dict().items()})
+            h, _, b = self.call("finish", blobs={"back": back_state})
+            from .linkage import LinkageStore
+
+            tokens: list[bytes] = []
+            while len(tokens) < int(h["records"]):
+                hr, _, br = self.call("records", start=len(tokens), count=2000)
+                if int(hr["n"]) == 0:
+                    raise TamperedMessage("enclave returned fewer linkage records than it announced")
+                tokens += [br[f"r{i}"] for i in range(int(hr["n"]))]
+            store = LinkageStore(rs.linkage_path)
+            store.write_sealed(tokens, b["meta"])
+            store.close()
+            rs.save_final(b["final"])
+            st.update(state="done", seconds=round(time.time() - st["started"], 1))
+        except Exception as e:  # the run stops; the server goes on serving
+            self.metrics["train_failed"] += 1
+            st.update(state="failed", error=f"{type(e).__name__}: {e}"[:300])
+
+    def release(self, run_id: str, command: bytes) -> bytes:
+        rs = RunStore(self.root, check_run_id(run_id))
+        final = rs.load_final()
+        if final is None:
+            raise UserInputError(f"run {run_id!r} has not finished")
+        _, _, b = self.call("release", blobs={"command": command, "final": final})
+        return b["release"]
+
+    def linkage_bytes(self, run_id: str) -> bytes:
+        p = RunStore(self.root, check_run_id(run_id)).linkage_path
+        if not p.exists():
+            raise UserInputError(f"run {run_id!r} has no linkage store yet")
+        return p.read_bytes()
+
+
+def create_app(host_factory) -> "Any":
+    """The FastAPI app; `host_factory()` builds the TrainingHost at startup (spawns the enclave)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+
+    state: dict[str, TrainingHost] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["host"] = host_factory()
+        try:
+            yield
+        finally:
+            state["host"].close()
+
+    app = FastAPI(title="enclaveml CalTrain host", lifespan=lifespan)
+
+    @app.exception_handler(EnclaveMLError)
+    async def _err(request: Request, e: EnclaveMLError):
+        h = state.get("host")
+        if h is not None:
+            h.metrics[f"error_{type(e).__name__}"] += 1
+        code = next((c for cls, c in _STATUS.items() if isinstance(e, cls)), 400)
+        return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        h = state.get("host")
+        if h is not None:
+            h.metrics["error_internal"] += 1
+        return JSONResponse({"error": "InternalError", "message": "internal error"}, status_code=500)
+
+    def H() -> TrainingHost:
+        return state["host"]
+
+    @app.get("/info")
+    def info():
+        return {"classes": H().data_spec.classes, "data_model": H().data_spec.text,
+                "instances": H().instances.count()}
+
+    @app.get("/evidence")
+    def evidence(nonce: str):
+        return H().evidence(nonce)
+
+    @app.post("/contribute")
+    async def contribute(request: Request):
+        body = await request.json()
+        ups = body.get("uploads") if isinstance(body, dict) else None
+        if not isinstance(ups, list):
+            raise UserInputError("body must be {\"uploads\": [base64, ...]}")
+        return {"results": H().contribute([_b64d(u, "upload") for u in ups])}
+
+    @app.post("/train/start")
+    async def start(request: Request):
+        body = await request.json()
+        return H().start(str(body.get("run_id", "")), _b64d(body.get("command", ""), "command"),
+                         int(body.get("checkpoint_every", 50)))
+
+    @app.get("/train/status")
+    def status(run_id: str):
+        return H().status(run_id)
+
+    @app.post("/train/release")
+    async def release(request: Request):
+        body = await request.json()
+        return {"release": _b64e(H().release(str(body.get("run_id", "")), _b64d(body.get("command", ""), "command")))}
+
+    @app.get("/train/linkage")
+    def linkage(run_id: str):
+        return Response(H().linkage_bytes(run_id), media_type="application/octet-stream")
+
+    @app.get("/metrics")
+    def metrics():
+        return dict(H().metrics)
+
+    return app
+
+
+def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
+          host: str = "127.0.0.1", threads: int = 1) -> None:
+    import uvicorn
+
+    torch.set_num_threads(max(1, threads))
+    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads))
+    uvicorn.run(app, host=host, port=port, log_level="warning")

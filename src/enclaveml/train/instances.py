@@ -1,0 +1,205 @@
+"""Training instances: signed and encrypted by participants, verified and re-sealed by the enclave.
+
+Trust side: `make_upload` runs on the participant; `InstanceIngest` and `EnclaveDataset` in the
+enclave. Pure functions and small objects, no I/O. Wire formats (docs/caltrain.md):
+
+    signed message = "enclaveml/v1 caltrain-instance\\0" || SHA-256(image bytes) (32)
+                     || label (u32 BE) || participant id (32 raw bytes)
+    upload plaintext = "CTI1" || participant id (32) || Ed25519 public key (32) || signature (64)
+                       || label (u32 BE) || encoded image bytes (JPEG or PNG)
+    upload         = HPKE request of that plaintext to the attested enclave key, aad UPLOAD_AAD
+    participant id = SHA-256(Ed25519 public key): an id that does not match its key is detectable
+
+After checking it, the enclave re-seals the instance for the host's store under its data key:
+
+    sealed  = AES-256-GCM(data key, "CTS1" || hash (32) || participant id (32) || public key (32)
+                          || signature (64) || label (u32) || C, H, W (u16 each) || uint8 pixels),
+              aad = "caltrain/instance" || tag
+    tag     = HMAC-SHA256(tag key, hash)          (dedup index the host can see; not the hash)
+    owner   = HMAC-SHA256(tag key, participant id) (lets the host tell "resent" from "duplicate")
+
+The host thus stores ciphertext, a keyed tag per instance and a keyed tag per contributor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..crypto import HpkeKeyPair, SigningKey, VerifyKey, open_request, open_sealed, seal, seal_request
+from ..data.preprocess import Preprocessing, decode_image
+from ..errors import DataError, PolicyViolation, TamperedMessage
+
+SIGN_LABEL = b"enclaveml/v1 caltrain-instance\x00"
+UPLOAD_MAGIC = b"CTI1"
+SEALED_MAGIC = b"CTS1"
+UPLOAD_INFO = b"enclaveml/v1 caltrain-upload"
+UPLOAD_AAD = b"caltrain/upload/v1"
+_UP_HEAD = struct.Struct(">4s32s32s64sI")
+_SEALED_HEAD = struct.Struct(">4s32s32s32s64sIHHH")
+
+
+def participant_id(key: VerifyKey) -> bytes:
+    """The raw 32-byte participant id: SHA-256 of the public key (hex of it = key.fingerprint())."""
+    return bytes.fromhex(key.fingerprint())
+
+
+def signed_message(instance_hash: bytes, label: int, pid: bytes) -> bytes:
+    return SIGN_LABEL + bytes(instance_hash) + struct.pack(">I", int(label)) + bytes(pid)
+
+
+def instance_hash(image_bytes: bytes) -> bytes:
+    return hashlib.sha256(bytes(image_bytes)).digest()
+
+
+def sign_instance(key: SigningKey, image_bytes: bytes, label: int) -> tuple[bytes, bytes]:
+    """Participant: (instance hash, signature over (hash, label, participant id))."""
+    h = instance_hash(image_bytes)
+    return h, key.sign(signed_message(h, label, participant_id(key.public_key())))
+
+
+def make_upload(enclave_public: bytes, key: SigningKey, image_bytes: bytes, label: int,
+                claimed_pid: bytes | None = None) -> tuple[bytes, bytes]:
+    """Participant: (instance hash, HPKE upload) for one instance. `claimed_pid` only for tests."""
+    vk = key.public_key()
+    pid = participant_id(vk) if claimed_pid is None else claimed_pid
+    h = instance_hash(image_bytes)
+    sig = key.sign(signed_message(h, label, pid))
+    plain = _UP_HEAD.pack(UPLOAD_MAGIC, pid, vk.to_bytes(), sig, int(label)) + bytes(image_bytes)
+    msg, _ = seal_request(enclave_public, plain, UPLOAD_AAD, info=UPLOAD_INFO)
+    return h, msg
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A verified instance inside the enclave (plaintext: never leaves it unsealed)."""
+
+    hash: bytes
+    participant: bytes
+    public_key: bytes
+    signature: bytes
+    label: int
+    pixels: np.ndarray  # uint8 C,H,W
+
+
+@dataclass(frozen=True)
+class Accepted:
+    tag: str  # hex
+    owner: str  # hex
+    sealed: bytes
+    participant: str  # hex id, for the participant's receipt
+
+
+class InstanceIngest:
+    """Enclave: open uploads, check id, signature, label and image, and re-seal for the store."""
+
+    def __init__(self, hpke: HpkeKeyPair, data_key: bytes, tag_key: bytes, pre: Preprocessing, num_classes: int):
+        self.hpke = hpke
+        self._data_key = data_key
+        self._tag_key = tag_key
+        self.pre = pre
+        self.num_classes = num_classes
+
+    def tag(self, h: bytes) -> str:
+        return hmac.new(self._tag_key, b"instance\x00" + h, hashlib.sha256).hexdigest()
+
+    def owner_tag(self, pid: bytes) -> str:
+        return hmac.new(self._tag_key, b"participant\x00" + pid, hashlib.sha256).hexdigest()
+
+    def ingest(self, upload: bytes) -> Accepted:
+        """One upload -> sealed instance; raises TamperedMessage, PolicyViolation or DataError."""
+        plain, _ = open_request(self.hpke, upload, UPLOAD_AAD, info=UPLOAD_INFO)
+        if len(plain) <= _UP_HEAD.size or plain[:4] != UPLOAD_MAGIC:
+            raise DataError("upload is not a CalTrain instance (bad header)")
+        _, pid, pub, sig, label = _UP_HEAD.unpack_from(plain)
+        image = plain[_UP_HEAD.size:]
+        vk = VerifyKey.from_bytes(pub)
+        if not hmac.compare_digest(participant_id(vk), pid):
+            raise PolicyViolation("participant id does not match its public key")
+        h = instance_hash(image)
+        vk.verify(sig, signed_message(h, label, pid))  # TamperedMessage
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"label {label} is out of range 0..{self.num_classes - 1}")
+        img = decode_image(image, self.pre, name="instance")  # DataError on malformed images
+        pixels = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        tag = self.tag(h)
+        body = _SEALED_HEAD.pack(SEALED_MAGIC, h, pid, pub, sig, label, *pixels.shape) + pixels.tobytes()
+        return Accepted(tag, self.owner_tag(pid), seal(self._data_key, body, b"caltrain/instance" + tag.encode()),
+                        pid.hex())
+
+
+def open_instance(data_key: bytes, tag: str, sealed: bytes) -> Instance:
+    """Enclave: unseal one stored instance (TamperedMessage if the host changed or swapped it)."""
+    body = open_sealed(data_key, sealed, b"caltrain/instance" + tag.encode())
+    magic, h, pid, pub, sig, label, c, hh, w = _SEALED_HEAD.unpack_from(body)
+    if magic != SEALED_MAGIC or len(body) != _SEALED_HEAD.size + c * hh * w:
+        raise TamperedMessage("sealed instance has a bad layout")
+    px = np.frombuffer(body, dtype=np.uint8, offset=_SEALED_HEAD.size).reshape(c, hh, w)
+    return Instance(h, pid, pub, sig, label, px)
+
+
+def verify_instance(inst: Instance) -> None:
+    """Re-check an unsealed instance: id = hash of its key, and the signature over (hash, label, id)."""
+    vk = VerifyKey.from_bytes(inst.public_key)
+    if not hmac.compare_digest(participant_id(vk), inst.participant):
+        raise PolicyViolation("participant id does not match its public key")
+    vk.verify(inst.signature, signed_message(inst.hash, inst.label, inst.participant))
+
+
+class EnclaveDataset:
+    """Enclave: the training set as sealed tokens; decrypts (and re-verifies) batch by batch.
+
+    Duplicates by instance hash are dropped here too, so a host that stores an instance twice
+    cannot weight it twice; `sort=True` orders instances by tag, so the training order does not
+    depend on the order in which the host hands them over.
+    """
+
+    def __init__(self, data_key: bytes, items: list[tuple[str, bytes]], verify_signatures: bool = True,
+                 sort: bool = False):
+        self._key = data_key
+        self.verify_signatures = verify_signatures
+        if sort:
+            items = sorted(items, key=lambda it: it[0])
+        seen: set[bytes] = set()
+        self.items: list[tuple[str, bytes]] = []
+        self.meta: list[tuple[bytes, bytes, bytes, int]] = []  # hash, pid, signature, label
+        self.dropped = 0
+        for tag, token in items:
+            inst = open_instance(self._key, tag, token)
+            if inst.hash in seen:
+                self.dropped += 1
+                continue
+            seen.add(inst.hash)
+            self.items.append((tag, token))
+            self.meta.append((inst.hash, inst.participant, inst.signature, inst.label))
+        self.labels = torch.tensor([m[3] for m in self.meta], dtype=torch.long)
+
+    def digest(self) -> str:
+        """SHA-256 over the (sorted) tags: which data set a checkpoint belongs to."""
+        h = hashlib.sha256()
+        for tag, _ in self.items:
+            h.update(tag.encode())
+        return h.hexdigest()
+
+    def all_pixels(self, chunk: int = 512) -> torch.Tensor:
+        return torch.cat([self.batch(torch.arange(i, min(i + chunk, len(self))))[0] for i in range(0, len(self), chunk)])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decrypt instances `idx` -> (uint8 N,C,H,W, labels); re-check each signature."""
+        xs, ys = [], []
+        for i in idx.tolist():
+            tag, token = self.items[i]
+            inst = open_instance(self._key, tag, token)
+            if self.verify_signatures:
+                verify_instance(inst)
+            xs.append(torch.from_numpy(inst.pixels.copy()))
+            ys.append(inst.label)
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.long)

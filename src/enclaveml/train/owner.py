@@ -1,0 +1,158 @@
+"""`train run` and `train trace`: the model owner's side of CalTrain.
+
+Trust side: owner (or an auditor the owner hands the model folder to). `run` attests the
+enclave, sends it an owner-signed start command (sealed to its key), waits, then asks for the
+release: the enclave encrypts the model and the linkage key to a one-time key of ours. The
+model folder it writes:
+
+    model.safetensors  front.safetensors  back.safetensors   (class order; usable by Infenclave)
+    model.json         spec, split, classes, preprocessing, training config
+    linkage.db         the encrypted linkage store, as the host keeps it
+    linkage.key        the 32-byte key that opens it (mode 0600)
+
+`trace` works offline on that folder: fingerprint of the image, nearest same-label records.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..crypto import HpkeKeyPair, SigningKey, open_request, seal_owner_command
+from ..errors import TamperedMessage, UserInputError
+from .client import HostClient
+from .enclave import RELEASE, RELEASE_INFO, START, unpack_files
+from .partitioned import TrainConfig
+from .spec import ModelSpec
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, key_path: str | Path,
+        out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50, poll: float = 1.0,
+        progress: Callable[[dict], None] | None = None, wait: bool = True) -> dict:
+    """Start (or resume) a run, wait for it, and fetch the release into `out`."""
+    spec = ModelSpec.parse(model)
+    spec.build().check_point(split)
+    owner = SigningKey.load_or_create(key_path)
+    client = HostClient(url)
+    try:
+        pub, nonce = client.attest(policy)
+        cmd = seal_owner_command(owner, pub, START, run_id, nonce,
+                                 {"model": spec.text, "split": split, "config": cfg.to_dict()})
+        st = client.post("/train/start", {"run_id": run_id, "command": base64.b64encode(cmd).decode(),
+                                          "checkpoint_every": checkpoint_every}).json()
+        if not wait:
+            return st
+        while st.get("state") == "running":
+            if progress:
+                progress(st)
+            time.sleep(poll)
+            st = client.get("/train/status", run_id=run_id).json()
+        if st.get("state") != "done":
+            raise UserInputError(f"training did not finish: {st.get('state')} {st.get('error', '')}".strip())
+        return {**st, **release(client, pub, nonce, owner, run_id, out)}
+    finally:
+        client.close()
+
+
+def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run_id: str, out: str | Path) -> dict:
+    reply = HpkeKeyPair.generate()
+    cmd = seal_owner_command(owner, pub, RELEASE, run_id, nonce, {"reply_to": reply.public_bytes().hex()})
+    msg = base64.b64decode(client.post("/train/release", {"run_id": run_id,
+                                                           "command": base64.b64encode(cmd).decode()}).json()["release"])
+    data, _ = open_request(reply, msg, b"", info=RELEASE_INFO)
+    header, files = unpack_files(data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "front.safetensors", "back.safetensors"):
+        (out / name).write_bytes(files[name])
+    key = bytes.fromhex(header.pop("linkage_key"))
+    _write_private(out / "linkage.key", key)
+    (out / "model.json").write_text(json.dumps(header, indent=2) + "\n")
+    (out / "linkage.db").write_bytes(client.get("/train/linkage", run_id=run_id).content)
+    return {"out": str(out), "instances": header["instances"]}
+
+
+class TracedModel:
+    """The released model folder, opened for tracing (owner or auditor)."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors.torch import load_file
+
+        from .linkage import LinkageStore, records_to_arrays
+
+        self.dir = Path(folder)
+        try:
+            self.meta = json.loads((self.dir / "model.json").read_text())
+            key = (self.dir / "linkage.key").read_bytes()
+        except FileNotFoundError as e:
+            raise UserInputError(f"{self.dir}: not a CalTrain model folder ({e.filename} missing)") from None
+        self.spec = ModelSpec.parse(self.meta["model"])
+        self.classes = list(self.meta["classes"])
+        self.model = self.spec.build()
+        self.model.load_state_dict(load_file(str(self.dir / "model.safetensors")))
+        self.model.eval()
+        self.pre = self.spec.preprocessing()
+        store = LinkageStore(self.dir / "linkage.db", key)
+        self.records = store.read_all()  # TamperedMessage if the store was changed
+        store.close()
+        if len(self.records) != int(self.meta["instances"]):
+            raise TamperedMessage("linkage store does not hold one record per training instance")
+        self.fps, self.labels = records_to_arrays(self.records)
+
+    def label_index(self, label: str) -> int:
+        if label in self.classes:
+            return self.classes.index(label)
+        if label.isdigit() and int(label) < len(self.classes):
+            return int(label)
+        raise UserInputError(f"unknown label {label!r}; classes: {', '.join(self.classes)}")
+
+    @torch.no_grad()
+    def fingerprint(self, image_bytes: bytes) -> tuple[torch.Tensor, int]:
+        x = self.pre(image_bytes).unsqueeze(0)
+        fp = torch.nn.functional.normalize(self.model.penultimate(x), dim=1)[0]
+        return fp, int(self.model(x).argmax(1))
+
+    def trace(self, image_bytes: bytes, label: str, k: int = 10) -> dict:
+        from .trace import trace
+
+        y = self.label_index(label)
+        fp, pred = self.fingerprint(image_bytes)
+        res = trace(fp, y, self.fps, self.labels, [r.instance_hash for r in self.records],
+                    [r.participant for r in self.records], k=k)
+        d = res.to_dict(self.classes)
+        d["predicted"] = self.classes[pred]
+        sigs = {i: self.records[n.index].signature.hex() for i, n in enumerate(res.neighbours)}
+        for i, n in enumerate(d["neighbours"]):
+            n["signature"] = sigs[i]
+        return d
+
+    def verify_instance(self, image_bytes: bytes, public_key_hex: str) -> dict:
+        """A participant's proof: the image hashes to a record, whose signature their key made."""
+        from ..crypto import VerifyKey
+        from .instances import instance_hash, participant_id, signed_message
+
+        h = instance_hash(image_bytes)
+        vk = VerifyKey.from_bytes(bytes.fromhex(public_key_hex))
+        for r in self.records:
+            if r.instance_hash == h:
+                if participant_id(vk) != r.participant:
+                    raise TamperedMessage("that key is not the contributor of this instance")
+                vk.verify(r.signature, signed_message(h, r.label, r.participant))
+                return {"instance_hash": h.hex(), "participant": r.participant.hex(), "label": self.classes[r.label],
+                        "verified": True}
+        raise UserInputError("no training instance has that image's hash")

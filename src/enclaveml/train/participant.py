@@ -1,0 +1,106 @@
+"""`train contribute`: attest the training enclave, then upload signed, encrypted instances.
+
+Trust side: participant. Each instance is signed with the participant's Ed25519 key over
+(instance hash, label, participant id) and HPKE-encrypted to the attested enclave key; the host
+sees only ciphertext. Resumable: a journal beside the key lists the hashes the server has
+acknowledged (accepted or already held), so a second session uploads only the rest, and the
+server deduplicates anything sent twice anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..crypto import SigningKey
+from ..data.folder import list_image_folder
+from ..data.preprocess import load_image_bytes
+from ..errors import DataError
+from .client import HostClient
+from .instances import instance_hash, make_upload
+
+
+@dataclass
+class ContributionReport:
+    participant: str
+    total: int = 0
+    skipped: int = 0  # acknowledged in an earlier session (journal)
+    counts: Counter = field(default_factory=Counter)
+    rejections: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"participant": self.participant, "total": self.total, "skipped_from_journal": self.skipped,
+                **dict(self.counts), "rejections": self.rejections[:20]}
+
+
+def journal_path(key_path: Path, url: str) -> Path:
+    return key_path.with_name(key_path.name + f".{hashlib.sha256(url.encode()).hexdigest()[:12]}.journal")
+
+
+def _load_journal(p: Path) -> set[str]:
+    try:
+        return set(json.loads(p.read_text()))
+    except (FileNotFoundError, ValueError):
+        return set()
+
+
+def _save_journal(p: Path, done: set[str]) -> None:
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(sorted(done)))
+    os.replace(tmp, p)
+
+
+def contribute(data_dir: str | Path, url: str, policy: str | Path, key_path: str | Path, batch: int = 128,
+               limit: int | None = None, progress: Callable[[int, int], None] | None = None,
+               stop_after_batches: int | None = None) -> ContributionReport:
+    """Upload every image of `data_dir/<class>/` (class names must be the server's)."""
+    key_path = Path(key_path)
+    key = SigningKey.load_or_create(key_path)
+    client = HostClient(url)
+    try:
+        info = client.get("/info").json()
+        classes = list(info["classes"])
+        folder_classes, samples = list_image_folder(data_dir)
+        unknown = [c for c in folder_classes if c not in classes]
+        if unknown:
+            raise DataError(f"{data_dir}: class folder(s) {', '.join(unknown[:5])} are not classes of this "
+                            f"training ({', '.join(classes)})")
+        samples = [(p, classes.index(folder_classes[y])) for p, y in samples][:limit]
+        pub, _ = client.attest(policy)  # EvidenceRejected / PolicyViolation stop us before any upload
+        jpath = journal_path(key_path, url)
+        done = _load_journal(jpath)
+        rep = ContributionReport(key.public_key().fingerprint(), total=len(samples))
+        todo = []
+        for p, y in samples:
+            data = load_image_bytes(p)
+            if instance_hash(data).hex() in done:
+                rep.skipped += 1
+            else:
+                todo.append((p, data, y))
+        for bi, i in enumerate(range(0, len(todo), batch)):
+            if stop_after_batches is not None and bi >= stop_after_batches:
+                break  # tests: simulate an interrupted session
+            chunk = todo[i:i + batch]
+            ups = [make_upload(pub, key, data, y) for _, data, y in chunk]
+            res = client.post("/contribute", {"uploads": [base64.b64encode(u).decode() for _, u in ups]}).json()
+            for (path, _, _), (h, _), r in zip(chunk, ups, res["results"]):
+                rep.counts[r["status"]] += 1
+                if r["status"] in ("accepted", "exists"):
+                    done.add(h.hex())
+                else:
+                    rep.rejections.append({"file": str(path), "error": r.get("error"), "reason": r.get("reason")})
+            _save_journal(jpath, done)
+            if progress:
+                progress(min(i + batch, len(todo)), len(todo))
+        return rep
+    finally:
+        client.close()
+
+
+__all__ = ["contribute", "ContributionReport", "journal_path"]

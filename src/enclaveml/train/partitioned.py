@@ -1,0 +1,283 @@
+"""One partitioned training step: FrontNet in the enclave, BackNet on the host, loss in the enclave.
+
+Trust side: `EnclaveTrainer` runs in the enclave, `HostTrainer` on the host; `PlainTrainer` is the
+ordinary whole-model baseline. The two halves only exchange tensors, so the same objects run
+in-process (tests, benchmarks) and across the enclave channel (the real system):
+
+    enclave.forward(x_u8, y, step)  -> IR                     (enclave keeps x, y, the graph)
+    host.forward(IR)                -> scores, secret order    (host keeps its graph)
+    enclave.loss_grad(scores)       -> dL/dscores              (un-permute, softmax + loss)
+    host.backward(dL/dscores)       -> dL/dIR                  (host SGD step on the BackNet)
+    enclave.backward(dL/dIR)                                   (enclave SGD step on the FrontNet)
+
+The host never sees labels, the loss or class names; its last layer's rows are in the order of
+a secret permutation pi (column j of the scores is class pi[j]). It does see dL/dscores, whose
+one negative entry per row marks the (permuted) label column: the host can group instances by
+an anonymous class index, not name the class (docs/caltrain.md).
+
+SGD is per parameter, so two optimisers over the two halves equal one over the whole model; the
+learning rate is a pure function of the step, and batch order and augmentation come from
+generators seeded by (seed, epoch, batch), so a resumed run redoes exactly what it would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.preprocess import Preprocessing
+from ..errors import TamperedMessage, UserInputError
+from .augment import augment
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters both sides agree on (the owner picks them; nothing here is secret)."""
+
+    epochs: int = 4
+    batch: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup: float = 0.2  # fraction of steps with a linear rise of the learning rate
+    seed: int = 0
+    augment: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """One-cycle-like schedule: linear warm-up, then linear decay to zero."""
+        warm = max(1, int(self.warmup * total))
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        return self.lr * max(0.0, (total - step) / max(1, total - warm))
+
+    def steps_per_epoch(self, n: int) -> int:
+        return (n + self.batch - 1) // self.batch
+
+    def epoch_order(self, n: int, epoch: int) -> torch.Tensor:
+        """The shuffled instance order of one epoch (enclave side: the host never learns it)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g)
+
+    def batch_generator(self, step: int) -> torch.Generator:
+        """The augmentation randomness of one global step."""
+        return torch.Generator().manual_seed(self.seed * 7_919 + 1_000_000 + step)
+
+    def batches(self, n: int, start_step: int = 0):
+        """Yield (global step, epoch, indices) from `start_step` to the end of training."""
+        per = self.steps_per_epoch(n)
+        for step in range(start_step, per * self.epochs):
+            epoch, b = divmod(step, per)
+            order = self.epoch_order(n, epoch)
+            yield step, epoch, order[b * self.batch:(b + 1) * self.batch]
+
+
+class ClassMapping:
+    """The secret permutation pi: score column j is class pi[j]. Lives only in the enclave."""
+
+    def __init__(self, perm: torch.Tensor):
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        n = perm.numel()
+        if sorted(perm.tolist()) != list(range(n)):
+            raise UserInputError("a class mapping must be a permutation of 0..n-1")
+        self.perm = perm
+        self.inverse = torch.argsort(perm)
+
+    @classmethod
+    def random(cls, n: int, gen: torch.Generator | None = None) -> "ClassMapping":
+        return cls(torch.randperm(n, generator=gen))
+
+    def to_scores_order(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class order -> secret score order (to permute a plain model's last layer)."""
+        return logits.index_select(-1, self.perm)
+
+    def to_class_order(self, scores: torch.Tensor) -> torch.Tensor:
+        """Secret score order -> class order (enclave, after the host's BackNet)."""
+        return scores.index_select(-1, self.inverse)
+
+    def permute_rows(self, linear: nn.Linear) -> None:
+        """Reorder a Linear layer's output rows into the secret order (in place)."""
+        with torch.no_grad():
+            linear.weight.copy_(linear.weight[self.perm])
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias[self.perm])
+
+    def unpermute_rows(self, linear: nn.Linear) -> None:
+        with torch.no_grad():
+            linear.weight.copy_(linear.weight[self.inverse])
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias[self.inverse])
+
+
+class _Half:
+    """Common optimiser, schedule and state handling of both halves."""
+
+    def __init__(self, module: nn.Module, cfg: TrainConfig, total_steps: int, device: str = "cpu"):
+        self.module = module.to(device)
+        self.cfg = cfg
+        self.total_steps = int(total_steps)
+        self.device = device
+        self.step = 0
+        self.opt = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                   weight_decay=cfg.weight_decay)
+
+    def _apply_step(self) -> None:
+        lr = self.cfg.lr_at(self.step, self.total_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def state_bytes(self) -> bytes:
+        """Weights, momentum buffers and the step as safetensors bytes (never a pickle)."""
+        from safetensors.torch import save
+
+        tensors = {f"w.{k}": v.detach().cpu().contiguous().clone() for k, v in self.module.state_dict().items()}
+        for name, p in self.module.named_parameters():
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"m.{name}"] = buf.detach().cpu().contiguous().clone()
+        return save(tensors, metadata={"step": str(self.step), "total_steps": str(self.total_steps)})
+
+    def load_state_bytes(self, data: bytes) -> None:
+        from safetensors.torch import load
+
+        try:
+            tensors = load(bytes(data))
+        except Exception:
+            raise TamperedMessage("checkpoint state is not a valid safetensors blob") from None
+        meta = _safetensors_metadata(bytes(data))
+        weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
+        self.module.load_state_dict(weights)
+        params = dict(self.module.named_parameters())
+        for k, v in tensors.items():
+            if k.startswith("m."):
+                p = params[k[2:]]
+                self.opt.state[p]["momentum_buffer"] = v.to(p.device)
+        self.step = int(meta.get("step", "0"))
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return header.get("__metadata__", {}) or {}
+
+
+class EnclaveTrainer(_Half):
+    """Enclave half: augment, normalise, FrontNet forward/backward, labels and loss."""
+
+    def __init__(self, front: nn.Module, mapping: ClassMapping, pre: Preprocessing, cfg: TrainConfig,
+                 total_steps: int):
+        super().__init__(front, cfg, total_steps)
+        self.mapping = mapping
+        self.pre = pre
+        self._ir: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self.last_loss = math.nan
+
+    def forward(self, x_u8: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Decrypted uint8 batch + labels -> IR for the host (labels stay here)."""
+        self.module.train()
+        gen = self.cfg.batch_generator(self.step)
+        x = augment(x_u8, gen) if self.cfg.augment else x_u8.float()
+        x = self.pre.normalise(x.div_(255.0))
+        self._ir = self.module(x)
+        self._y = y
+        return self._ir.detach()
+
+    def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
+        """BackNet scores in the secret order -> dL/dscores in that order (softmax + loss here)."""
+        if self._y is None:
+            raise UserInputError("loss_grad before forward")
+        scores = scores.detach().requires_grad_(True)
+        logits = self.mapping.to_class_order(scores)
+        loss = F.cross_entropy(logits, self._y, label_smoothing=self.cfg.label_smoothing)
+        (grad,) = torch.autograd.grad(loss, scores)
+        self.last_loss = float(loss.detach())
+        return grad
+
+    def backward(self, d_ir: torch.Tensor) -> None:
+        if self._ir is None:
+            raise UserInputError("backward before forward")
+        if d_ir.shape != self._ir.shape:
+            raise TamperedMessage(f"IR gradient has shape {tuple(d_ir.shape)}, expected {tuple(self._ir.shape)}")
+        self._ir.backward(d_ir)
+        self._ir, self._y = None, None
+        self._apply_step()
+
+
+class HostTrainer(_Half):
+    """Host half: BackNet forward/backward on IRs, on CPU or GPU. Sees no label and no loss."""
+
+    def __init__(self, back: nn.Module, cfg: TrainConfig, total_steps: int, device: str = "cpu"):
+        super().__init__(back, cfg, total_steps, device)
+        self._ir: torch.Tensor | None = None
+        self._scores: torch.Tensor | None = None
+
+    def forward(self, ir: torch.Tensor) -> torch.Tensor:
+        self.module.train()
+        self._ir = ir.detach().to(self.device).requires_grad_(True)
+        self._scores = self.module(self._ir)
+        return self._scores.detach().cpu()
+
+    def backward(self, d_scores: torch.Tensor) -> torch.Tensor:
+        if self._scores is None:
+            raise UserInputError("backward before forward")
+        self._scores.backward(d_scores.to(self.device))
+        d_ir = self._ir.grad.detach().cpu()
+        self._ir, self._scores = None, None
+        self._apply_step()
+        return d_ir
+
+
+def partitioned_step(enclave: EnclaveTrainer, host: HostTrainer, x_u8: torch.Tensor, y: torch.Tensor) -> float:
+    """One in-process step through both halves; returns the loss (known only to the enclave)."""
+    ir = enclave.forward(x_u8, y)
+    scores = host.forward(ir)
+    d_scores = enclave.loss_grad(scores)
+    d_ir = host.backward(d_scores)
+    enclave.backward(d_ir)
+    return enclave.last_loss
+
+
+class PlainTrainer(_Half):
+    """The baseline: the whole model in one process, same schedule, order and augmentation."""
+
+    def __init__(self, model: nn.Module, pre: Preprocessing, cfg: TrainConfig, total_steps: int):
+        super().__init__(model, cfg, total_steps)
+        self.pre = pre
+
+    def train_step(self, x_u8: torch.Tensor, y: torch.Tensor) -> float:
+        self.module.train()
+        gen = self.cfg.batch_generator(self.step)
+        x = augment(x_u8, gen) if self.cfg.augment else x_u8.float()
+        x = self.pre.normalise(x.div_(255.0))
+        loss = F.cross_entropy(self.module(x), y, label_smoothing=self.cfg.label_smoothing)
+        loss.backward()
+        self._apply_step()
+        return float(loss.detach())
+
+
+def split_for_caltrain(model: nn.Module, k: int, mapping: ClassMapping):
+    """Split a LayeredModel at k and permute its classifier rows: (FrontNet, BackNet)."""
+    front, back = model.split(k)
+    fc = list(back.children())[-1]
+    if not isinstance(fc, nn.Linear):
+        raise UserInputError("CalTrain needs a model whose last layer is a Linear classifier")
+    mapping.permute_rows(fc)
+    return front, back
+
