@@ -30,11 +30,17 @@ print(f"   participants 1, 2: 400 clean images each; participant 3: 400 images, 
       f"{info['poisoned']} stamped with a 4x4 trigger and relabelled {info['target']}")
 PYEOF
 
-echo "== host: training server + enclave worker (sim TEE) on $URL"
-"$EML" train serve --store "$WORK/store" --port "$PORT" > "$WORK/serve.log" 2>&1 &
+echo "== owner: an Ed25519 key; participants agree to train for its public key"
+OWNER_PUB="$("$PY" -c 'import sys; from enclaveml.crypto import SigningKey
+print(SigningKey.load_or_create(sys.argv[1]).public_key().to_bytes().hex())' "$WORK/owner.key")"
+echo "   owner public key ${OWNER_PUB:0:16}..."
+
+echo "== host: training server + enclave worker (sim TEE, configured for that owner) on $URL"
+"$EML" train serve --store "$WORK/store" --port "$PORT" --owner "$OWNER_PUB" > "$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 600); do curl -sf "$URL/info" > /dev/null 2>&1 && break; sleep 0.2; done
-"$EML" train policy --out "$WORK/policy.toml" > /dev/null
+# The policy pins the measurement of an enclave whose configuration names this owner.
+"$EML" train policy --owner "$OWNER_PUB" --out "$WORK/policy.toml" > /dev/null
 
 for i in 1 2 3; do
   echo "== participant $i: verify the enclave's evidence, upload signed + encrypted instances"

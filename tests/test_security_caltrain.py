@@ -1,8 +1,8 @@
 """Security review (engineer F): the CalTrain enclave driven in-process by a hostile host.
 
 The training host relays every command, so it can replay, reorder, swap sealed blobs, and sign
-commands with keys of its own. Participants contribute data after attesting only the enclave's
-code (no owner is named anywhere they check), which is the root of finding F-2.
+commands with keys of its own. The fix for finding F-2 pins the owner's key in the enclave's
+measured configuration, which the participants' policies pin in turn.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 from enclaveml.crypto import SigningKey, seal_owner_command
 from enclaveml.errors import ReplayedMessage, TamperedMessage, Unauthorized, UserInputError, PolicyViolation
 from enclaveml.tee.sim import SimBackend
-from enclaveml.train.enclave import ENCLAVE_CONFIG, START, CalTrainEnclave
+from enclaveml.train.enclave import ENCLAVE_CONFIG, START, CalTrainEnclave, enclave_config
 from enclaveml.train.instances import make_upload
 from enclaveml.train.partitioned import TrainConfig
 from enclaveml.train.spec import ModelSpec
@@ -24,6 +24,8 @@ from enclaveml.train.spec import ModelSpec
 SPEC = "darknet:width=4"
 CFG = TrainConfig(epochs=1, batch=4, seed=1)
 REFUSED = (TamperedMessage, Unauthorized, PolicyViolation, ReplayedMessage)
+#: The owner the participants agreed to: pinned in the enclave's measured configuration (F-2 fix).
+OWNER = SigningKey.generate()
 
 
 def _png(seed: int) -> bytes:
@@ -37,7 +39,8 @@ def _png(seed: int) -> bytes:
 @pytest.fixture()
 def caltrain(tmp_path_factory):
     torch.set_num_threads(1)
-    be = SimBackend(ENCLAVE_CONFIG, platform_dir=tmp_path_factory.getbasetemp() / "caltrain-platform", lock_memory=False)
+    be = SimBackend(enclave_config(OWNER.public_key()), platform_dir=tmp_path_factory.getbasetemp() / "caltrain-platform",
+                    lock_memory=False)
     enc = CalTrainEnclave(be)
     spec = ModelSpec.parse(SPEC)
     participants = [SigningKey.generate(), SigningKey.generate()]
@@ -53,11 +56,6 @@ def _start_cmd(enc, signer: SigningKey, run_id: str = "run-1", nonce: bytes = b"
                               {"model": SPEC, "split": 3, "config": {**CFG.to_dict(), **cfg}})
 
 
-@pytest.mark.xfail(strict=True, reason="finding F-2 (high): train/enclave.py CalTrainEnclave.start accepts a "
-                                       "caltrain-start command signed by ANY key and makes that key the run's owner; "
-                                       "release then hands the model and the linkage key (every instance's label, "
-                                       "participant id and embedding) to it. Participants never see or pin an owner, "
-                                       "so the untrusted host can train on their data for itself")
 def test_start_signed_by_a_key_the_participants_never_agreed_to_is_refused(caltrain):
     enc, _ = caltrain
     mallory = SigningKey.generate()  # e.g. the host operator
@@ -65,13 +63,9 @@ def test_start_signed_by_a_key_the_participants_never_agreed_to_is_refused(caltr
         enc.start(_start_cmd(enc, mallory), None)
 
 
-@pytest.mark.xfail(strict=True, reason="finding F-3 (medium): train/enclave.py start() and release() call "
-                                       "open_owner_command without expected_nonce and never consume the nonce, so "
-                                       "the host can replay an owner's start (restarting the run, e.g. after "
-                                       "changing the data set with add_data(reset=True)) at will")
 def test_the_same_start_command_cannot_be_replayed(caltrain):
     enc, _ = caltrain
-    owner = SigningKey.generate()
+    owner = OWNER
     cmd = _start_cmd(enc, owner)
     try:
         enc.start(cmd, None)
@@ -83,7 +77,7 @@ def test_the_same_start_command_cannot_be_replayed(caltrain):
 
 def test_host_cannot_pick_the_step_or_feed_malformed_scores(caltrain):
     enc, _ = caltrain
-    owner = SigningKey.generate()
+    owner = OWNER
     enc.start(_start_cmd(enc, owner), None)
     with pytest.raises(TamperedMessage):
         enc.forward(1)  # skipping a step
@@ -99,18 +93,19 @@ def test_sealed_instances_swapped_between_tags_are_refused(caltrain, tmp_path):
     enc, res = caltrain
     enc.add_data([(res[0]["tag"], res[1]["sealed"]), (res[1]["tag"], res[0]["sealed"])], reset=True)
     with pytest.raises(TamperedMessage):
-        enc.start(_start_cmd(enc, SigningKey.generate()), None)
+        enc.start(_start_cmd(enc, OWNER), None)
 
 
 def test_checkpoint_of_another_run_or_config_is_refused(caltrain):
     enc, _ = caltrain
-    owner = SigningKey.generate()
+    owner = OWNER
     enc.start(_start_cmd(enc, owner, run_id="run-a"), None)
     ck = enc.checkpoint()
-    for cmd in (_start_cmd(enc, owner, run_id="run-b"), _start_cmd(enc, owner, run_id="run-a", lr=0.5),
-                _start_cmd(enc, SigningKey.generate(), run_id="run-a")):
+    for cmd in (_start_cmd(enc, owner, run_id="run-b"), _start_cmd(enc, owner, run_id="run-a", lr=0.5)):
         with pytest.raises(TamperedMessage):
             enc.start(cmd, ck)
+    with pytest.raises(Unauthorized):  # another key than the pinned owner, even with a valid checkpoint
+        enc.start(_start_cmd(enc, SigningKey.generate(), run_id="run-a"), ck)
     bad = bytearray(ck)
     bad[len(bad) // 2] ^= 1
     with pytest.raises(TamperedMessage):

@@ -46,14 +46,14 @@ def _free_port() -> int:
 class Server:
     """`enclaveml train serve` as a subprocess in its own process group (killed by that id)."""
 
-    def __init__(self, store: Path, home: Path):
-        self.store, self.home = store, home
+    def __init__(self, store: Path, home: Path, owner: str):
+        self.store, self.home, self.owner = store, home, owner
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "ENCLAVEML_HOME": str(home), "PYTHONPATH": str(ROOT / "src")}
         self.log = open(store.parent / f"serve-{self.port}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "enclaveml", "train", "serve", "--store", str(store),
-                                      "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                      "--port", str(self.port), "--owner", owner], env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         c = HostClient(self.url, timeout=5)
         for _ in range(300):
@@ -96,7 +96,9 @@ def env(tmp_path_factory, cifar10_dir):
     data = base / "data"
     demo.split_folder(cifar10_dir / "train", data, 3, 4)  # 3 disjoint folders, 40 images each
     policy = base / "policy.toml"
-    d = {"base": base, "data": data, "policy": policy, "srv": Server(base / "store", home)}
+    owner = SigningKey.load_or_create(base / "owner.key").public_key().to_bytes().hex()
+    d = {"base": base, "data": data, "policy": policy, "owner": base / "owner.key",
+         "srv": Server(base / "store", home, owner)}
     _pin_policy(d["srv"], policy)
     yield d
     d["srv"].kill()
@@ -175,7 +177,7 @@ def test_train_release_trace_and_resume_after_kill(env, tmp_path):
         pytest.skip("server not running")
     HostClient(srv.url).get("/info")
     cfg = TrainConfig(epochs=3, batch=10, lr=0.05, seed=1)
-    owner = tmp_path / "owner.key"
+    owner = env["owner"]  # the key the server's (measured) enclave configuration names
     # an uninterrupted reference run
     ref = run(srv.url, env["policy"], "darknet:width=4", 4, cfg, owner, tmp_path / "ref", run_id="ref",
               checkpoint_every=4, poll=0.1)
@@ -190,7 +192,7 @@ def test_train_release_trace_and_resume_after_kill(env, tmp_path):
     c.close()
     srv.kill()
     assert st["state"] == "running", "the run finished before it could be killed"
-    srv2 = Server(srv.store, srv.home)
+    srv2 = Server(srv.store, srv.home, srv.owner)
     env["srv"] = srv2
     _pin_policy(srv2, env["policy"])
     res = run(srv2.url, env["policy"], "darknet:width=4", 4, cfg, owner, tmp_path / "m", run_id="killed",

@@ -24,22 +24,31 @@ def serve_cmd(
     device: str = typer.Option("cpu", "--device", help="where the host runs the BackNet (cpu, cuda)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     threads: int = typer.Option(1, "--threads", help="torch threads per process"),
+    owner: str = typer.Option(..., "--owner", help="the one owner allowed to start runs and receive the model: "
+                              "Ed25519 public key (hex) or key file (measured into the enclave config)"),
 ) -> None:
-    """(host) Run the training server and its enclave worker."""
+    """(host) Run the training server and its enclave worker, configured for one owner."""
+    from .enclave import parse_owner
     from .host import serve
 
-    typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store})", err=True)
-    serve(store, port, tee, data_model, device, host, threads)
+    vk = parse_owner(owner)
+    typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {vk.fingerprint()[:16]})",
+               err=True)
+    serve(store, port, tee, data_model, device, host, threads, vk.to_bytes().hex())
 
 
 @train_app.command("policy")
-def policy_cmd(out: Path = typer.Option(Path("caltrain-policy.toml"), "--out")) -> None:
-    """(owner/participant) Write a policy accepting this machine's sim training enclave."""
+def policy_cmd(
+    owner: str = typer.Option(..., "--owner", help="the owner you agree to train for: Ed25519 public key (hex) "
+                              "or key file; the policy accepts only an enclave configured with this owner"),
+    out: Path = typer.Option(Path("caltrain-policy.toml"), "--out"),
+) -> None:
+    """(owner/participant) Write a policy accepting this machine's sim training enclave for OWNER."""
     from ..tee import write_policy
     from ..tee.sim import sim_policy
-    from .enclave import ENCLAVE_CONFIG
+    from .enclave import enclave_config
 
-    write_policy(sim_policy(ENCLAVE_CONFIG), out)
+    write_policy(sim_policy(enclave_config(owner)), out)
     typer.echo(str(out))
 
 

@@ -16,6 +16,17 @@ Operations, in the order a run uses them:
     checkpoint()          sealed state of the enclave half
     finish(back_state)    fingerprints -> sealed linkage records; sealed final state
     release(cmd)          the model and the linkage key, encrypted to the owner
+
+Who may train (F-2): the owner's Ed25519 public key is part of the enclave configuration
+(`enclave_config(owner)`, measured by the sim backend; `train serve --owner`), so the measurement
+participants pin in their policy names the one key that may start a run and receive its result;
+`start`/`release` from any other key raise `Unauthorized`. An enclave configured without an owner
+(`ENCLAVE_CONFIG`) accepts any signer: its measurement differs, `train policy` never pins it, and
+it exists only for in-process tests.
+
+Replay (F-3): every owner command carries a nonce; the enclave accepts each nonce once. Commands
+are sealed to this process's fresh HPKE key, so a command cannot outlive the enclave instance and
+its record of used nonces.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 
 from ..crypto import HpkeKeyPair, VerifyKey, generate_key, open_owner_command, open_sealed, require_owner, seal
 from ..crypto import seal_request
-from ..errors import DataError, EnclaveMLError, TamperedMessage, Unauthorized, UserInputError
+from ..errors import DataError, EnclaveMLError, ReplayedMessage, TamperedMessage, Unauthorized, UserInputError
 from ..tee import bind_report_data
 from .fingerprint import fingerprints
 from .instances import EnclaveDataset, InstanceIngest
@@ -38,11 +49,51 @@ from .linkage import LinkageRecord, seal_records
 from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, split_for_caltrain
 from .spec import ModelSpec
 
-#: The enclave configuration that the sim backend measures (a verifier's policy pins it).
+#: The base enclave configuration that the sim backend measures (a verifier's policy pins it).
+#: Deployed enclaves add the owner's key: `enclave_config(owner)`.
 ENCLAVE_CONFIG = {"app": "caltrain", "version": 1}
 START = "caltrain-start"
 RELEASE = "caltrain-release"
 RELEASE_INFO = b"enclaveml/v1 caltrain-release"
+
+
+def parse_owner(value: "str | bytes | VerifyKey") -> VerifyKey:
+    """An owner's Ed25519 public key from a VerifyKey, 32 raw bytes, 64 hex digits, or a key file
+    (public key hex, or a private key PEM as `SigningKey.load` reads it)."""
+    from pathlib import Path
+
+    if isinstance(value, VerifyKey):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return VerifyKey.from_bytes(bytes(value))
+        except Exception:
+            raise UserInputError("owner key must be a 32-byte Ed25519 public key") from None
+    text = str(value).strip()
+    try:
+        if len(text) == 64:
+            return VerifyKey.from_bytes(bytes.fromhex(text))
+    except Exception:
+        pass
+    path = Path(text)
+    if path.is_file():
+        raw = path.read_text().strip()
+        if len(raw) == 64:
+            return parse_owner(raw)
+        from ..crypto import SigningKey
+
+        try:
+            return SigningKey.load(path).public_key()
+        except Exception:
+            raise UserInputError(f"{path}: not an Ed25519 key (public key hex or private key PEM)") from None
+    raise UserInputError("owner must be an Ed25519 public key (64 hex digits) or a key file")
+
+
+def enclave_config(owner: "str | bytes | VerifyKey | None") -> dict:
+    """The measured configuration of a training enclave whose only owner is `owner`."""
+    if owner is None:
+        return dict(ENCLAVE_CONFIG)
+    return {**ENCLAVE_CONFIG, "owner": parse_owner(owner).to_bytes().hex()}
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -75,8 +126,14 @@ def unpack_files(data: bytes) -> tuple[dict, dict[str, bytes]]:
 class CalTrainEnclave:
     """One training enclave (one run at a time)."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, owner: "str | bytes | VerifyKey | None" = None):
+        """`owner`: the only key whose start/release commands are accepted. Default: the `owner` of
+        the backend's measured configuration (sim); None there too = any signer (tests only)."""
         self.be = backend
+        if owner is None:
+            owner = (getattr(backend, "config", None) or {}).get("owner")
+        self.allowed_owner: VerifyKey | None = None if owner is None else parse_owner(owner)
+        self._used_nonces: set[bytes] = set()
         self.hpke = HpkeKeyPair.generate()
         self._data_key = backend.sealing_key(b"caltrain/data")
         self._state_key = backend.sealing_key(b"caltrain/state")
@@ -119,11 +176,25 @@ class CalTrainEnclave:
             self._items[tag] = tok
         return len(self._items)
 
+    def _open_command(self, command: bytes, kind: str):
+        """Decrypt + verify an owner command of `kind` from the configured owner (nonce: `_consume_nonce`)."""
+        cmd = open_owner_command(self.hpke, command)
+        if cmd.command != kind:
+            raise TamperedMessage(f"expected a {kind!r} command")
+        if self.allowed_owner is not None and not hmac.compare_digest(cmd.owner.to_bytes(),
+                                                                      self.allowed_owner.to_bytes()):
+            raise Unauthorized(f"{kind!r} is not signed by the owner this enclave was configured with")
+        return cmd
+
+    def _consume_nonce(self, nonce: bytes) -> None:
+        """Once the command is fully checked, just before it takes effect: each nonce works once."""
+        if bytes(nonce) in self._used_nonces:
+            raise ReplayedMessage("owner command carries a nonce this enclave has already accepted")
+        self._used_nonces.add(bytes(nonce))
+
     def start(self, command: bytes, checkpoint: bytes | None) -> tuple[dict, bytes | None]:
         """Open the owner's start command; set up (or restore) the run. Returns (info, BackNet state)."""
-        cmd = open_owner_command(self.hpke, command)
-        if cmd.command != START:
-            raise TamperedMessage(f"expected a {START!r} command")
+        cmd = self._open_command(command, START)
         args = cmd.args
         spec = ModelSpec.parse(str(args.get("model", "")))
         cfg = TrainConfig.from_dict(args.get("config", {}))
@@ -154,6 +225,7 @@ class CalTrainEnclave:
             front, back = split_for_caltrain(model, k, mapping)
             trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
             back_state = _safetensors_bytes(back.state_dict())
+        self._consume_nonce(cmd.nonce)
         self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
         self.owner = cmd.owner
         self._final = None
@@ -243,9 +315,7 @@ class CalTrainEnclave:
 
     def release(self, command: bytes, final: bytes) -> bytes:
         """The owner's signed release command -> the model + linkage key, HPKE-sealed to the owner."""
-        cmd = open_owner_command(self.hpke, command)
-        if cmd.command != RELEASE:
-            raise TamperedMessage(f"expected a {RELEASE!r} command")
+        cmd = self._open_command(command, RELEASE)
         data = open_sealed(self._state_key, final, b"caltrain/final")
         header, _ = unpack_files(data)
         require_owner(cmd, VerifyKey.from_bytes(bytes.fromhex(header["owner"])))
@@ -256,5 +326,6 @@ class CalTrainEnclave:
         except (KeyError, ValueError):
             raise TamperedMessage("release command carries no reply key") from None
         msg, _ = seal_request(reply_to, data, b"", info=RELEASE_INFO)
+        self._consume_nonce(cmd.nonce)
         return msg
 

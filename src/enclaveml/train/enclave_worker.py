@@ -1,4 +1,4 @@
-"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim`.
+"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim --owner HEX`.
 
 Trust side: enclave. Started by the training host with `serve.channel.spawn_enclave_worker`; it
 hardens itself before any secret exists, then answers the host's requests one at a time (a
@@ -66,15 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="enclaveml.train.enclave_worker")
     ap.add_argument("--tee", default="sim")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--owner", required=True, help="the run owner's Ed25519 public key, hex (measured config)")
     a = ap.parse_args(rest)
     from ..tee import get_backend
-    from .enclave import ENCLAVE_CONFIG, CalTrainEnclave
+    from .enclave import CalTrainEnclave, enclave_config
     from .spec import ModelSpec
 
-    be = get_backend(a.tee, config=ENCLAVE_CONFIG) if a.tee == "sim" else get_backend(a.tee)
+    config = enclave_config(a.owner)  # part of the measurement (sim); argv under Gramine
+    be = get_backend(a.tee, config=config) if a.tee == "sim" else get_backend(a.tee)
     be.harden()
     torch.set_num_threads(max(1, a.threads))
-    enc = CalTrainEnclave(be)
+    enc = CalTrainEnclave(be, owner=config["owner"])
     chan = Channel.from_fd(fd)
     # One request at a time: a training run is a strict sequence of steps.
     serve_channel(chan, make_handler(enc, ModelSpec.parse), max_workers=1, inline=lambda h: True)

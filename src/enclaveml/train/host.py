@@ -56,8 +56,13 @@ class TrainingHost:
     """Everything the server does, without HTTP (so tests and the CLI share it)."""
 
     def __init__(self, store: Path, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
-                 threads: int = 1):
+                 threads: int = 1, owner: str | bytes | None = None):
         from ..serve.channel import ChannelClient, spawn_enclave_worker
+        from .enclave import parse_owner
+
+        if owner is None:
+            raise UserInputError("a training enclave needs its owner's public key (train serve --owner)")
+        owner_hex = parse_owner(owner).to_bytes().hex()
 
         self.root = Path(store)
         self.instances = InstanceStore(self.root)
@@ -67,7 +72,7 @@ class TrainingHost:
         self.runs: dict[str, dict] = {}
         self._run_lock = threading.Lock()
         self.proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
-                                               ["--tee", tee, "--threads", str(threads)])
+                                               ["--tee", tee, "--threads", str(threads), "--owner", owner_hex])
         self.enclave = ChannelClient(chan)
 
     def call(self, op: str, tensors=None, blobs=None, timeout: float = 600.0, **header):
@@ -293,9 +298,12 @@ def create_app(host_factory) -> "Any":
 
 
 def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
-          host: str = "127.0.0.1", threads: int = 1) -> None:
+          host: str = "127.0.0.1", threads: int = 1, owner: str | bytes | None = None) -> None:
     import uvicorn
 
+    from .enclave import parse_owner
+
+    owner_hex = parse_owner(owner).to_bytes().hex() if owner is not None else None  # fail before spawning
     torch.set_num_threads(max(1, threads))
-    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads))
+    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex))
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -53,17 +53,18 @@ def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, 
         pub, nonce = client.attest(policy)
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
                                  {"model": spec.text, "split": split, "config": cfg.to_dict()})
-        st = client.post("/train/start", {"run_id": run_id, "command": base64.b64encode(cmd).decode(),
-                                          "checkpoint_every": checkpoint_every}).json()
+        st = client.post_json("/train/start", {"run_id": run_id, "command": base64.b64encode(cmd).decode(),
+                                               "checkpoint_every": checkpoint_every})
         if not wait:
             return st
         while st.get("state") == "running":
             if progress:
                 progress(st)
             time.sleep(poll)
-            st = client.get("/train/status", run_id=run_id).json()
+            st = client.get_json("/train/status", run_id=run_id)
         if st.get("state") != "done":
             raise UserInputError(f"training did not finish: {st.get('state')} {st.get('error', '')}".strip())
+        pub, nonce = client.attest(policy)  # a fresh nonce: the enclave accepts each one once
         return {**st, **release(client, pub, nonce, owner, run_id, out)}
     finally:
         client.close()
@@ -72,8 +73,11 @@ def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, 
 def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run_id: str, out: str | Path) -> dict:
     reply = HpkeKeyPair.generate()
     cmd = seal_owner_command(owner, pub, RELEASE, run_id, nonce, {"reply_to": reply.public_bytes().hex()})
-    msg = base64.b64decode(client.post("/train/release", {"run_id": run_id,
-                                                           "command": base64.b64encode(cmd).decode()}).json()["release"])
+    ans = client.post_json("/train/release", {"run_id": run_id, "command": base64.b64encode(cmd).decode()})
+    try:
+        msg = base64.b64decode(str(ans["release"]), validate=True)
+    except (KeyError, ValueError):
+        raise TamperedMessage("the server's release answer is malformed") from None
     data, _ = open_request(reply, msg, b"", info=RELEASE_INFO)
     header, files = unpack_files(data)
     out = Path(out)

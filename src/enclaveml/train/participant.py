@@ -21,7 +21,7 @@ from typing import Callable
 from ..crypto import SigningKey
 from ..data.folder import list_image_folder
 from ..data.preprocess import load_image_bytes
-from ..errors import DataError
+from ..errors import DataError, TamperedMessage
 from .client import HostClient
 from .instances import instance_hash, make_upload
 
@@ -64,8 +64,10 @@ def contribute(data_dir: str | Path, url: str, policy: str | Path, key_path: str
     key = SigningKey.load_or_create(key_path)
     client = HostClient(url)
     try:
-        info = client.get("/info").json()
-        classes = list(info["classes"])
+        info = client.get_json("/info")
+        classes = info.get("classes")
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise TamperedMessage("the server's /info answer names no classes")
         folder_classes, samples = list_image_folder(data_dir)
         unknown = [c for c in folder_classes if c not in classes]
         if unknown:
@@ -88,8 +90,12 @@ def contribute(data_dir: str | Path, url: str, policy: str | Path, key_path: str
                 break  # tests: simulate an interrupted session
             chunk = todo[i:i + batch]
             ups = [make_upload(pub, key, data, y) for _, data, y in chunk]
-            res = client.post("/contribute", {"uploads": [base64.b64encode(u).decode() for _, u in ups]}).json()
-            for (path, _, _), (h, _), r in zip(chunk, ups, res["results"]):
+            res = client.post_json("/contribute", {"uploads": [base64.b64encode(u).decode() for _, u in ups]})
+            results = res.get("results")
+            if not isinstance(results, list) or len(results) != len(ups) or \
+                    not all(isinstance(r, dict) and isinstance(r.get("status"), str) for r in results):
+                raise TamperedMessage("the server's /contribute answer is malformed")
+            for (path, _, _), (h, _), r in zip(chunk, ups, results):
                 rep.counts[r["status"]] += 1
                 if r["status"] in ("accepted", "exists"):
                     done.add(h.hex())
