@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -73,6 +74,8 @@ class ServerConfig:
     max_batch_request: int = 256
     worker_args: list[str] = field(default_factory=list)
     worker_socket: str | None = None
+    #: Starts the worker at `worker_socket` instead of `python -m enclaveml.serve.worker` (gramine-sgx).
+    worker_launch: Any = None
     #: Model factories besides the zoo that host and enclave build ('package.module:function').
     allowed_factories: tuple[str, ...] = ()
 
@@ -132,7 +135,7 @@ class HostState:
         factory_args = [a for f in protocol.check_factory_names(list(cfg.allowed_factories))
                         for a in ("--allow-factory", f)]
         self.enclave = EnclaveProxy(cfg.tee, threads=cfg.enclave_threads, extra_args=[*factory_args, *cfg.worker_args],
-                                    socket_path=cfg.worker_socket)
+                                    socket_path=cfg.worker_socket, launch=cfg.worker_launch)
         self.pipelines: dict = {}
         self.public: dict[str, dict] = {}
         self.lock = threading.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -27,16 +28,75 @@ def register(app: typer.Typer) -> None:
         allow_factory: list[str] = typer.Option([], "--allow-factory",
                                                 help="also serve models built by this 'package.module:function' "
                                                      "(repeatable; part of the enclave's measured configuration)"),
+        gramine_dir: Optional[Path] = typer.Option(None, "--gramine-dir",
+                                                   help="gramine-sgx: where the manifest, signature and worker "
+                                                        "socket go (default STORE/gramine)"),
+        cost: Optional[Path] = typer.Option(None, "--cost",
+                                            help="gramine-sgx: assessment.json (or a cost report) sizing the "
+                                                 "enclave from the recommended point's cost"),
+        signing_key: Optional[Path] = typer.Option(None, "--signing-key",
+                                                   help="gramine-sgx: RSA-3072 key for gramine-sgx-sign "
+                                                        "(default: Gramine's own default key)"),
+        dry_run: bool = typer.Option(False, "--dry-run",
+                                     help="gramine-sgx: write the manifest, print the Gramine commands, do not launch"),
     ) -> None:
         """Serve deployed models: host server (untrusted) + enclave worker process, until Ctrl-C."""
         from ..errors import UserInputError
         from .app import ServerConfig, serve
 
+        if tee != "gramine-sgx" and (gramine_dir or cost or signing_key or dry_run):
+            raise UserInputError("--gramine-dir, --cost, --signing-key and --dry-run are for --tee gramine-sgx")
+        launch = None
         if tee == "gramine-sgx":
-            raise UserInputError("serve --tee gramine-sgx is not wired yet: the worker must be launched by "
-                                 "gramine-sgx with --channel-path (docs/serving.md); use --tee sim or tsm")
+            from . import protocol
+
+            gramine_socket, launch = _prepare_gramine(
+                gramine_dir or store / "gramine", cost, signing_key, dry_run, enclave_threads,
+                protocol.check_factory_names(list(allow_factory or ())))
+            if launch is None:  # --dry-run
+                return
 
         cfg = ServerConfig(tee=tee, store=store, device=device, max_batch=max_batch, window_ms=window_ms,
                            enclave_threads=enclave_threads, max_request_bytes=max_request_bytes,
-                           worker_socket=worker_socket, allowed_factories=tuple(allow_factory or ()))
+                           worker_socket=worker_socket if launch is None else gramine_socket, worker_launch=launch,
+                           allowed_factories=tuple(allow_factory or ()))
         serve(cfg, host=host, port=port, torch_threads=torch_threads)
+
+
+def _prepare_gramine(workdir: Path, cost_path: Optional[Path], signing_key: Optional[Path], dry_run: bool,
+                     threads: int, factories: list[str]):
+    """Write the worker's manifest template into `workdir`; with `dry_run` print the Gramine
+    commands and return (socket, None); else check the tools, render and sign, and return
+    (socket path, launch) where launch() starts `gramine-sgx worker`."""
+    import shlex
+    import sys
+
+    from ..errors import UserInputError
+    from ..tee import gramine
+
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    sock = workdir / "worker.sock"
+    if len(str(sock).encode()) > 100:  # sun_path is 108 bytes on Linux
+        raise UserInputError(f"--gramine-dir {workdir} is too long for a Unix socket path; pick a shorter one")
+    sealed = workdir / "sealed"
+    sealed.mkdir(exist_ok=True)
+    opts = dict(argv=gramine.worker_argv(sock, threads=threads, allowed_factories=factories), state_dir=sealed)
+    if cost_path is not None:
+        cost = gramine.cost_from_file(cost_path)
+        cost.setdefault("threads", threads)
+        text = gramine.manifest_for_cost(cost, **opts)
+    else:
+        text = gramine.generate_manifest(**opts)
+    (workdir / "worker.manifest.template").write_text(text)
+    cmds = gramine.build_commands(workdir, signing_key)
+    if dry_run:
+        print(f"manifest template: {workdir / 'worker.manifest.template'}")
+        print(f"worker socket: {sock}")
+        for cmd in cmds:
+            print(f"(cd {shlex.quote(str(workdir))} && {shlex.join(cmd)})")
+        return str(sock), None
+    gramine.require_tools()
+    build = gramine.build_enclave(workdir, text, signing_key)
+    print(f"enclave signed: MRENCLAVE {build.mrenclave} MRSIGNER {build.mrsigner}", file=sys.stderr, flush=True)
+    return str(sock), lambda: gramine.launch_enclave(build)

@@ -59,7 +59,7 @@ def enclave_size_for(model_bytes: int, threads: int = 1, runtime_bytes: int = RU
 
 def sizing_from_cost(cost: dict[str, Any]) -> tuple[int, int]:
     """(model bytes, torch threads) from a cost report: FrontNet parameter bytes plus peak activation
-    bytes. Accepts the keys `frontnet_param_bytes`/`param_bytes` and `peak_activation_bytes`/
+    bytes. Accepts the keys `frontnet_param_bytes`/`param_bytes`/`weight_bytes` (assess's cost) and `peak_activation_bytes`/
     `peak_memory_bytes`, and `threads`/`torch_threads` (default 1)."""
 
     def pick(*names: str) -> int | None:
@@ -68,7 +68,7 @@ def sizing_from_cost(cost: dict[str, Any]) -> tuple[int, int]:
                 return int(cost[n])
         return None
 
-    params = pick("frontnet_param_bytes", "param_bytes", "params_bytes")
+    params = pick("frontnet_param_bytes", "param_bytes", "params_bytes", "weight_bytes")
     peak = pick("peak_activation_bytes", "peak_memory_bytes", "activation_bytes")
     if params is None and peak is None:
         raise UserInputError(
@@ -218,6 +218,48 @@ def manifest_for_cost(cost: dict[str, Any], **kw: Any) -> str:
     return generate_manifest(enclave_size=enclave_size_for(model_bytes, threads), max_threads=BASE_THREADS + threads, **kw)
 
 
+def cost_from_file(path: str | Path) -> dict[str, Any]:
+    """The cost report from `path`: an assessment.json (the cost of its recommended point) or a
+    bare cost report (a JSON object with the sizing keys of `sizing_from_cost`)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"cannot read the cost report {path}: {e}") from None
+    if not isinstance(record, dict):
+        raise UserInputError(f"{path}: not a JSON object")
+    if "points" in record:  # an assessment record
+        rec = record.get("recommended")
+        point = next((p for p in record["points"] if isinstance(p, dict) and p.get("index") == rec), None)
+        if rec is None or point is None or not isinstance(point.get("cost"), dict):
+            raise UserInputError(f"{path}: the assessment has no recommended point with a cost report")
+        return dict(point["cost"])
+    return record
+
+
+def worker_argv(channel_path: str | Path, threads: int = 2, torch_threads: int | None = None,
+                allowed_factories: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The worker's fixed command line in the manifest (measured): socket-path channel, inline tensors."""
+    argv = [*WORKER_ARGV, "--channel-path", str(channel_path), "--no-shm", "--threads", str(int(threads))]
+    if torch_threads is not None:
+        argv += ["--torch-threads", str(int(torch_threads))]
+    for f in allowed_factories:
+        argv += ["--allow-factory", f]
+    return argv
+
+
+def build_commands(workdir: str | Path, signing_key: str | Path | None = None,
+                   arch_libdir: str = "/lib/x86_64-linux-gnu") -> list[list[str]]:
+    """The commands `build_enclave` then `launch_enclave` run, in `workdir` (render, sign, start)."""
+    wd = Path(workdir)
+    tmpl, manifest, sgx = wd / "worker.manifest.template", wd / "worker.manifest", wd / "worker.manifest.sgx"
+    return [
+        ["gramine-manifest", f"-Darch_libdir={arch_libdir}", str(tmpl), str(manifest)],
+        ["gramine-sgx-sign", "--manifest", str(manifest), "--output", str(sgx)]
+        + (["--key", str(signing_key)] if signing_key else []),
+        ["gramine-sgx", "worker"],
+    ]
+
+
 def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
 
@@ -269,12 +311,7 @@ def build_enclave(workdir: str | Path, manifest_template: str, signing_key: str 
     wd.mkdir(parents=True, exist_ok=True)
     tmpl, manifest, sgx = wd / "worker.manifest.template", wd / "worker.manifest", wd / "worker.manifest.sgx"
     tmpl.write_text(manifest_template)
-    cmds = [
-        ["gramine-manifest", f"-Darch_libdir={arch_libdir}", str(tmpl), str(manifest)],
-        ["gramine-sgx-sign", "--manifest", str(manifest), "--output", str(sgx)]
-        + (["--key", str(signing_key)] if signing_key else []),
-    ]
-    for cmd in cmds:
+    for cmd in build_commands(wd, signing_key, arch_libdir)[:2]:
         r = subprocess.run(cmd, cwd=wd, capture_output=True, text=True)
         if r.returncode != 0:
             raise UserInputError(f"{cmd[0]} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
