@@ -26,6 +26,12 @@ export ASSESSMENT="$OUT/assess/assessment.json"
 
 for act in assess serve caltrain; do
   script="scripts/demo_$act.sh"
+  if [ "$act" = caltrain ] && [ ! -d "$DATA/train" ]; then
+    echo
+    echo "(skipping caltrain: training three participants needs a CIFAR-10 train/ split, and the"
+    echo " images packaged with pip are too few; run DATA=/path/to/cifar10 make demo for that act)"
+    continue
+  fi
   if [ -f "$script" ]; then
     echo
     echo "================ enclaveml demo: $act ================"
