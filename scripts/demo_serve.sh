@@ -66,7 +66,7 @@ for cls in airplane cat ship truck; do
   f=$(ls "$TEST/$cls" 2>/dev/null | head -n 1 || true)
   [ -n "$f" ] && imgs+=("$TEST/$cls/$f")
 done
-[ ${#imgs[@]} -gt 0 ] || imgs=($(find "$TEST" -name '*.jpg' | head -n 4))
+[ ${#imgs[@]} -gt 0 ] || mapfile -t imgs < <(find "$TEST" \( -name '*.jpg' -o -name '*.png' \) | sort | head -n 4)
 enclaveml infer "${imgs[@]}" --url "$URL" --policy "$S/policy.toml" --top-k 3
 
 echo "== 6. client: a photo (scikit-image's chelsea the cat, PNG, resized inside the enclave)"
