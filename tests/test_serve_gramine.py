@@ -4,7 +4,6 @@ worker as a plain process over the socket-path channel."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import stat
@@ -18,22 +17,7 @@ import httpx
 from enclaveml.tee import gramine
 
 
-def _render(template: str) -> str:
-    return (template.replace("{{ gramine.libos }}", "/usr/lib/x86_64-linux-gnu/gramine/libsysdb.so")
-            .replace("{{ gramine.runtimedir() }}", "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc")
-            .replace("{{ arch_libdir }}", "/lib/x86_64-linux-gnu"))
-
-
-def _pkg_dir(name: str) -> Path:
-    return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations))).resolve()
-
-
-def _covered(path: Path, trusted: list[str]) -> bool:
-    for t in trusted:
-        t = t.removeprefix("file:")
-        if str(path) == t.rstrip("/") or (t.endswith("/") and str(path).startswith(t)):
-            return True
-    return False
+from manifest_helpers import covered as _covered, pkg_dir as _pkg_dir, render as _render
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

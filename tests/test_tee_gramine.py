@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 import tomllib
@@ -18,23 +17,7 @@ from enclaveml.tee import bind_report_data, get_backend, verify_claims_only
 from enclaveml.tee import gramine
 
 
-def _render(template: str) -> str:
-    """What gramine-manifest would substitute (Gramine's own paths), for inspection only."""
-    return (template.replace("{{ gramine.libos }}", "/usr/lib/x86_64-linux-gnu/gramine/libsysdb.so")
-            .replace("{{ gramine.runtimedir() }}", "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc")
-            .replace("{{ arch_libdir }}", "/lib/x86_64-linux-gnu"))
-
-
-def _pkg_dir(name: str) -> Path:
-    return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations))).resolve()
-
-
-def _covered(path: Path, trusted: list[str]) -> bool:
-    for t in trusted:
-        t = t.removeprefix("file:")
-        if str(path) == t.rstrip("/") or (t.endswith("/") and str(path).startswith(t)):
-            return True
-    return False
+from manifest_helpers import covered as _covered, pkg_dir as _pkg_dir, render as _render
 
 
 def test_manifest_is_well_formed_and_lists_what_the_worker_needs(tmp_path):
