@@ -92,6 +92,18 @@ def kmeans2(x: torch.Tensor, gen: torch.Generator, iters: int = 50) -> torch.Ten
     return assign
 
 
+def _per_class_centred(fps: torch.Tensor, labels: torch.Tensor, min_size: int = 4):
+    """For each class with enough members: (indices, centred fingerprints, right singular vectors)."""
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c, as_tuple=True)[0]
+        if len(idx) < min_size:
+            continue
+        x = fps[idx].float()
+        x = x - x.mean(0)
+        _, _, v = torch.linalg.svd(x, full_matrices=False)
+        yield idx, x, v
+
+
 @register
 class ActivationClustering(Detector):
     name = "activation-clustering"
@@ -102,14 +114,8 @@ class ActivationClustering(Detector):
     def flag(self, fps, labels, queries=None):
         mask = torch.zeros(len(fps), dtype=torch.bool)
         gen = torch.Generator().manual_seed(self.seed)
-        for c in labels.unique().tolist():
-            idx = torch.nonzero(labels == c, as_tuple=True)[0]
-            if len(idx) < 4:
-                continue
-            x = fps[idx].float()
-            x = x - x.mean(0)
+        for idx, x, v in _per_class_centred(fps, labels):
             q = min(self.dims, x.shape[1], len(idx) - 1)
-            _, _, v = torch.linalg.svd(x, full_matrices=False)
             z = x @ v[:q].T
             assign = kmeans2(z, gen)
             sizes = torch.bincount(assign, minlength=2)
@@ -128,13 +134,7 @@ class SpectralSignatures(Detector):
 
     def flag(self, fps, labels, queries=None):
         mask = torch.zeros(len(fps), dtype=torch.bool)
-        for c in labels.unique().tolist():
-            idx = torch.nonzero(labels == c, as_tuple=True)[0]
-            if len(idx) < 4:
-                continue
-            x = fps[idx].float()
-            x = x - x.mean(0)
-            _, _, v = torch.linalg.svd(x, full_matrices=False)
+        for idx, x, v in _per_class_centred(fps, labels):
             score = (x @ v[0]) ** 2
             n_flag = min(len(idx), max(1, int(round(1.5 * self.eps * len(idx)))))
             mask[idx[torch.topk(score, n_flag).indices]] = True
