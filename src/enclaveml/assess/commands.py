@@ -12,16 +12,6 @@ import typer
 from ..errors import UserInputError
 
 
-def _floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UserInputError(f"{what} {text!r}: expected comma-separated numbers") from None
-    return vals
-
-
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -66,7 +56,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..models.loading import load_model
+        from ..models.loading import load_model, parse_floats
         from . import leakage
         from .config import AssessConfig
         from .data import load_assess_data
@@ -82,7 +72,7 @@ def register(app: typer.Typer) -> None:
         test_names = tuple(t.strip() for t in tests.split(",") if t.strip())
         for t in test_names:
             leakage.get(t)
-        m, pre, classes = load_model(model, weights, input_size, _floats(mean, "--mean"), _floats(std, "--std"), resize)
+        m, pre, classes = load_model(model, weights, input_size, parse_floats(mean, "--mean"), parse_floats(std, "--std"), resize)
         cfg = AssessConfig(samples=samples, points=_ints(points, "--points"), tests=test_names,
                            ssim_threshold=ssim_threshold, kl_tolerance=kl_tolerance, budget_bytes=int(budget_mb * 2**20),
                            decoder_steps=decoder_steps, decoder_train=decoder_train, decoder_batch=decoder_batch, rmle_steps=rmle_steps,

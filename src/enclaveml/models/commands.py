@@ -50,12 +50,12 @@ def _partition_point(at: Optional[int], assessment: Optional[Path], model_name: 
 def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: Optional[str],
                 input_size: Optional[str], mean: Optional[str], std: Optional[str]):
     """(LayeredModel, arch dict, Preprocessing, class names) for a zoo name or a `module:factory`."""
-    from .loading import load_model
+    from .loading import load_model, parse_floats
 
     if ":" in model and weights is None:
         raise UserInputError(f"user model {model!r} needs --weights FILE (.safetensors or a .pt state dict)")
-    m, pre, names = load_model(model, str(weights) if weights else None, input_size, _floats(mean, "--mean"),
-                               _floats(std, "--std"), resize=True, pretrained=not untrained)
+    m, pre, names = load_model(model, str(weights) if weights else None, input_size, parse_floats(mean, "--mean"),
+                               parse_floats(std, "--std"), resize=True, pretrained=not untrained)
     arch = {"factory": model} if ":" in model else {"zoo": model}
     if classes is not None:
         names = [c.strip() for c in classes.split(",")]
@@ -64,15 +64,6 @@ def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: O
     if len(names) != m.num_classes:
         raise UserInputError(f"{len(names)} class names given for a model with {m.num_classes} classes")
     return m, arch, pre, names
-
-
-def _floats(text: Optional[str], flag: str):
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UserInputError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
 def _default_name(model: str, out: Path) -> str:

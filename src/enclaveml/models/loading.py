@@ -33,6 +33,16 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    """`--mean`/`--std` style comma-separated numbers (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserInputError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
 def _import_factory(spec: str):
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
