@@ -31,7 +31,7 @@ DYNAMIC_IMPORT_ALLOW = {
     # uploaded, self-signed manifest. Kept here so that this rule stays green; the xfail tests are
     # test_security_enclave.py::test_a_self_owned_bundle_cannot_run_arbitrary_functions_inside_the_enclave
     # and test_security_parsers.py::test_host_side_bundle_reader_does_not_run_code_named_by_an_uploaded_manifest.
-    "models/bundle.py": "build_arch: see finding F-1 in docs/security-review.md",
+    "models/bundle.py": "build_arch: imports only factories in the caller's allow-list (finding F-1, fixed)",
 }
 
 #: Non-constant-time comparisons of digest-like values that are not secrets. (file, line text) -> why.
