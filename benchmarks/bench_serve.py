@@ -4,9 +4,9 @@ Trust side: operator (runs the owner, the clients and the server on one machine)
 
 Service: `enclaveml serve --tee sim` (host + enclave worker) with the Darknet-like zoo model at the
 recommended split (from --assessment / $ASSESSMENT / out/demo/assess/assessment.json, else --k),
-deployed by an owner; several client threads send the CIFAR-10 test set as encrypted batch
-requests (each image its own HPKE request), and one client sends single-image requests one after
-another for the latency figures. Plain: the same JPEG bytes decoded and preprocessed by the same
+deployed by an owner; several client threads send the CIFAR-10 test set as encrypted requests of
+--batch images each (one HPKE message per request), and one client sends single-image requests one
+after another for the latency figures. Plain: the same JPEG bytes decoded and preprocessed by the same
 code, then the whole model, in batches (throughput) and one image at a time (latency), in this
 process, with its best torch thread count. The two alternate in --rounds slices so that a shared
 machine whose load changes treats both alike. CPU ms/image (all processes: clients, host,

@@ -76,7 +76,8 @@ def test_same_request_twice_in_one_batch_is_served_once(world):
     assert len(ok) == 1
     assert isinstance(out[1], ReplayedMessage)
     assert all(isinstance(o, TamperedMessage) for o in out[2:])
-    handle, ir = ok[0]
+    handle, ir, failed = ok[0]
+    assert ir.shape[0] == 1 and failed == 0
     resp = svc.finish(handle, torch.zeros(10))
     assert ctx.open_response(resp, protocol.infer_aad(MODEL))
 

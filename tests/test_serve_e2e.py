@@ -179,6 +179,7 @@ def test_non_image_payload(served):
     # in a batch, a bad image fails alone
     res = s.client.infer_each([s.images[0][1], b"junk", s.images[1][1]], model=MODEL)
     assert isinstance(res[1], E.DataError) and isinstance(res[0], dict) and isinstance(res[2], dict)
+    assert _errors(s, "DataError") == before + 4  # counted, though the host never saw which one
     _good(s)
 
 

@@ -20,7 +20,14 @@ from enclaveml.tee import get_backend
 
 def test_payload_round_trip_and_limits():
     opts, img = protocol.decode_payload(protocol.encode_payload(b"\xff\xd8jpeg", top_k=3, logits=True))
-    assert opts == {"top_k": 3, "logits": True} and img == b"\xff\xd8jpeg"
+    assert opts == {"top_k": 3, "logits": True} and img == [b"\xff\xd8jpeg"]
+    many = [b"a", b"", b"ccc" * 100, b"\x00\x00"]  # empty images and trailing zeros stay the images'
+    for pad in (True, False):
+        assert protocol.decode_payload(protocol.encode_payload(many, 1, pad=pad)) == ({"top_k": 1, "logits": False}, many)
+    with pytest.raises(E.UserInputError):
+        protocol.encode_payload([], 1)
+    with pytest.raises(E.UserInputError):
+        protocol.encode_payload([b"x"] * (protocol.MAX_IMAGES + 1), 1)
     with pytest.raises(E.UserInputError):
         protocol.encode_payload(b"x", top_k=0)
     with pytest.raises(E.TamperedMessage):
@@ -181,6 +188,50 @@ def test_enclave_service_refuses_and_stays_consistent(service):
     assert isinstance(outs[0], E.DataError) and isinstance(outs[1], E.TamperedMessage)
 
 
+def test_one_request_with_several_images_answers_each_in_order(service, cifar10_dir):
+    """Several images in one HPKE request: one IR row per decodable image, one sealed item per
+    image in request order, an undecodable image answered by an error item in its place."""
+    svc, back, model, entry, *_ = service
+    images = [p.read_bytes() for p in sorted((cifar10_dir / "test" / "cat").glob("*.jpg"))[:3]]
+    batch = [images[0], b"not an image", images[1], images[2]]
+    aad = protocol.infer_aad("d")
+    msg, ctx = seal_request(svc.public_key(), frame_fresh(protocol.encode_payload(batch, 2, True)), aad)
+    handle, ir = svc.front("d", msg)
+    assert ir.shape[0] == 3
+    with torch.no_grad():
+        scores = back(ir)
+        ref = model(torch.stack([entry.preprocessing(b) for b in images]))
+    with pytest.raises(E.DataError):
+        svc.finish(handle, scores[:2])  # one row per decoded image, no fewer (and the handle is spent)
+    msg, ctx = seal_request(svc.public_key(), frame_fresh(protocol.encode_payload(batch, 2, True)), aad)
+    handle, ir = svc.front("d", msg)
+    sealed = svc.finish(handle, back(ir).detach())
+    plain = ctx.open_response(sealed, aad)
+    labels = list(svc._deployment("d").mapping.labels)
+    assert len(plain) == len(batch) * protocol.result_size("d", labels, 2, True)  # the error item too
+    res = protocol.decode_results(plain, len(batch))
+    assert isinstance(res[1], E.DataError) and "decodable" in str(res[1])
+    for r, want in zip([res[0], res[2], res[3]], ref):
+        assert torch.allclose(torch.tensor(r["logits"]), want, atol=1e-5)
+    # a request whose images all fail still gets its sealed answer, without a BackNet pass
+    msg, ctx = seal_request(svc.public_key(), frame_fresh(protocol.encode_payload([b"x", b"y"], 1)), aad)
+    handle, ir = svc.front("d", msg)
+    assert ir.numel() == 0
+    res = protocol.decode_results(ctx.open_response(svc.finish(handle, torch.empty(0)), aad), 2)
+    assert all(isinstance(r, E.DataError) for r in res)
+    with pytest.raises(E.TamperedMessage):  # a response cut to another item count
+        protocol.decode_results(b"x" * 10, 3)
+
+
+def test_error_items_are_as_long_as_results():
+    labels = ["a", "bb", "c" * 40]
+    for top_k, logits in ((1, False), (3, True)):
+        size = protocol.result_size("m", labels, top_k, logits)
+        assert len(protocol.encode_error_item("m", labels, top_k, logits)) == size
+        assert len(protocol.encode_result("m", [0.2, 0.3, 0.5], labels, top_k, [1.0, 2.0, 3.0] if logits else None)) == size
+    assert len(protocol.encode_error_item("m", ["a"], 1, False)) == protocol.RESULT_BLOCK
+
+
 def test_client_splits_batches_by_count_and_bytes():
     from enclaveml.client.sdk import BATCH_BYTES, BATCH_CHUNK, _chunks
 
@@ -251,14 +302,20 @@ def test_request_payload_is_padded_to_size_buckets():
     assert (8 << 20) < len(protocol.encode_payload(b"i" * (8 << 20))) < (8 << 20) + 100  # past the cap: unpadded
     for n in (0, 1, 1000, 5000):
         image = bytes(range(256)) * (n // 256) + b"\x00" * (n % 256)  # trailing zeros stay the image's
-        assert protocol.decode_payload(protocol.encode_payload(image, 2)) == ({"top_k": 2, "logits": False}, image)
+        assert protocol.decode_payload(protocol.encode_payload(image, 2)) == ({"top_k": 2, "logits": False}, [image])
     unpadded = protocol.encode_payload(b"img", pad=False)
-    assert protocol.decode_payload(unpadded)[1] == b"img" and len(unpadded) < 100
+    assert protocol.decode_payload(unpadded)[1] == [b"img"] and len(unpadded) < 100
+    # the padding hides how a request's bytes split into images
+    assert len(protocol.encode_payload([b"i" * 100] * 5)) == len(protocol.encode_payload([b"i" * 500]))
 
 
 @pytest.mark.parametrize("opts,tail", [(b'{"image_bytes":5}', b"abc"), (b'{"image_bytes":-1}', b"abc"),
                                        (b'{"image_bytes":true}', b"abc"), (b'{"image_bytes":1}', b"ab"),
-                                       (b'{"image_bytes":1.0}', b"a"), (b'{"logits":1}', b"a")])
+                                       (b'{"image_bytes":1.0}', b"a"), (b'{"logits":1}', b"a"),
+                                       (b'{"image_bytes":[]}', b""), (b'{"image_bytes":[1,-1]}', b"ab"),
+                                       (b'{"image_bytes":[2,2]}', b"abc"), (b'{"image_bytes":[1,1]}', b"abc"),
+                                       (b'{"image_bytes":[1,"1"]}', b"ab"), (b'{"image_bytes":{"0":1}}', b"a"),
+                                       (b'{"image_bytes":[' + b"0," * 256 + b'0]}', b"")])
 def test_request_padding_and_options_are_checked(opts, tail):
     with pytest.raises(E.DataError):
         protocol.decode_payload(len(opts).to_bytes(2, "big") + opts + tail)

@@ -30,9 +30,10 @@ from ..serve import protocol
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 #: How long an attestation is reused before the client asks for fresh evidence.
 REATTEST_S = 300.0
-#: One batch request carries at most this many images and bytes (the server's limits are larger).
+#: One request carries at most this many images and (padded) bytes, within the server's default
+#: `--max-request-bytes` (8 MiB + 4 KiB); a larger image goes alone.
 BATCH_CHUNK = 64
-BATCH_BYTES = 16 * 1024 * 1024
+BATCH_BYTES = 8 * 1024 * 1024
 
 
 def _chunks(images: list[bytes]) -> list[list[bytes]]:
@@ -41,8 +42,8 @@ def _chunks(images: list[bytes]) -> list[list[bytes]]:
     if not images:
         return []
     for img in images:
-        n = protocol.padded_payload_size(len(img) + 64)  # what the request will weigh once padded
-        if out[-1] and (len(out[-1]) >= BATCH_CHUNK or size + n > BATCH_BYTES):
+        n = len(img) + 16  # its bytes and its entry in the options
+        if out[-1] and (len(out[-1]) >= BATCH_CHUNK or protocol.padded_payload_size(size + n + 256) > BATCH_BYTES):
             out.append([])
             size = 0
         out[-1].append(img)
@@ -181,8 +182,8 @@ class EnclaveClient:
 
     # -- inference --------------------------------------------------------------------------
 
-    def _seal(self, att: AttestedEnclave, image: bytes, model: str, top_k: int, logits: bool):
-        framed = frame_fresh(protocol.encode_payload(image, top_k, logits, pad=self.pad_requests))
+    def _seal(self, att: AttestedEnclave, images: list[bytes], model: str, top_k: int, logits: bool):
+        framed = frame_fresh(protocol.encode_payload(images, top_k, logits, pad=self.pad_requests))
         return seal_request(att.public_key, framed, protocol.infer_aad(model))
 
     def infer(self, images: Sequence[bytes], model: str, top_k: int = 5, logits: bool = False) -> list[dict]:
@@ -212,48 +213,20 @@ class EnclaveClient:
                 self._attested = None
             raise
 
-    def _infer_one(self, att: AttestedEnclave, image: bytes, model: str, top_k: int, logits: bool) -> dict:
-        msg, ctx = self._seal(att, image, model, top_k, logits)
-        r = self._request("POST", f"/v1/models/{model}/infer", content=msg,
-                          headers={"content-type": "application/octet-stream"})
-        return protocol.decode_result(ctx.open_response(r.content, protocol.infer_aad(model)))
-
     def _infer_each(self, att: AttestedEnclave, images: list[bytes], model: str, top_k: int, logits: bool) -> list:
+        """One encrypted request per chunk of images (one HPKE message for the lot)."""
         out: list = []
         for chunk in _chunks(images):
-            if len(chunk) == 1:  # one image: the plain endpoint
-                try:
-                    out.append(self._infer_one(att, chunk[0], model, top_k, logits))
-                except E.TamperedMessage:
-                    raise  # maybe a new enclave key: the caller attests again
-                except E.EnclaveMLError as e:
-                    out.append(e)
+            msg, ctx = self._seal(att, chunk, model, top_k, logits)
+            try:
+                r = self._request("POST", f"/v1/models/{model}/infer", content=msg,
+                                  headers={"content-type": "application/octet-stream"})
+            except E.TamperedMessage:
+                raise  # maybe a new enclave key: the caller attests again
+            except E.EnclaveMLError as e:  # the request as a whole failed: each of its images did
+                out.extend([e] * len(chunk))
                 continue
-            sealed = [self._seal(att, img, model, top_k, logits) for img in chunk]
-            body = protocol.pack_parts({str(i): m for i, (m, _) in enumerate(sealed)})
-            r = self._request("POST", f"/v1/models/{model}/infer_batch", content=body,
-                              headers={"content-type": "application/octet-stream"})
-            parts = protocol.unpack_parts(r.content, {str(i) for i in range(len(chunk))} |
-                                          {f"e{i}" for i in range(len(chunk))})
-            tampered = 0
-            for i, (_, ctx) in enumerate(sealed):
-                if str(i) in parts:
-                    out.append(protocol.decode_result(ctx.open_response(parts[str(i)], protocol.infer_aad(model))))
-                elif f"e{i}" in parts:
-                    try:
-                        eb = loads_untrusted(parts[f"e{i}"])
-                        status = eb.get("status", 0)
-                        if type(status) is not int:
-                            raise ValueError
-                        err = error_from_kind(str(eb.get("error"))[:100], str(eb.get("message"))[:500], status)
-                    except (ValueError, TypeError, AttributeError):
-                        err = E.EnclaveMLError("server sent a malformed error")
-                    out.append(err)
-                    tampered += isinstance(err, E.TamperedMessage)
-                else:
-                    raise E.TamperedMessage("the server's batch answer lacks an item")
-            if tampered == len(chunk):
-                raise E.TamperedMessage("server: every request failed authentication")
+            out.extend(protocol.decode_results(ctx.open_response(r.content, protocol.infer_aad(model)), len(chunk)))
         return out
 
     def health(self) -> dict:

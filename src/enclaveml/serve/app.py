@@ -12,14 +12,12 @@ Routes (docs/serving.md):
     GET    /v1/models                    deployed model ids and public bundle facts
     POST   /v1/models/{id}               deploy/replace: pack_parts(key_release + bundle files)
     DELETE /v1/models/{id}               delete: an owner command sealed to the enclave
-    POST   /v1/models/{id}/infer         one HPKE request -> one sealed response
-    POST   /v1/models/{id}/infer_batch   pack_parts of requests -> pack_parts of responses/errors
+    POST   /v1/models/{id}/infer         one HPKE request (1..256 images) -> one sealed response
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 import time
@@ -71,7 +69,6 @@ class ServerConfig:
     enclave_threads: int = 2
     max_request_bytes: int = 8 * 1024 * 1024 + 4096
     max_upload_bytes: int = 512 * 1024 * 1024
-    max_batch_request: int = 256
     worker_args: list[str] = field(default_factory=list)
     worker_socket: str | None = None
     #: Starts the worker at `worker_socket` instead of `python -m enclaveml.serve.worker` (gramine-sgx).
@@ -230,7 +227,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         from .host import ModelPipeline
 
         pipe = ModelPipeline(model_id, s.enclave, backnet, s.device, cfg.max_batch, cfg.window_ms / 1000.0,
-                             on_batch=lambda n: s.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id))
+                             on_batch=lambda n: s.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
+                             on_failed=lambda n: s.metrics.inc("errors_total", n, kind="DataError"))
         await asyncio.to_thread(s.store.save, model_id, {n: files[n] for n in files if n != protocol.KEY_RELEASE})
         with s.lock:
             old = s.pipelines.get(model_id)
@@ -268,28 +266,6 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         s.metrics.inc("inferences_total", model=model_id, outcome="ok")
         return Response(resp, media_type="application/octet-stream")
 
-    @app.post("/v1/models/{model_id}/infer_batch")
-    async def infer_batch(model_id: str, request: Request):
-        s = S()
-        pipe = s.pipeline(model_id)
-        body = await read_body(request, cfg.max_request_bytes * 4 + cfg.max_batch_request * 64)
-        allowed = {str(i) for i in range(cfg.max_batch_request)}
-        parts = protocol.unpack_parts(body, allowed)
-        t0 = time.perf_counter()
-        names = sorted(parts, key=int)
-        results = await asyncio.gather(*(pipe.run(parts[n]) for n in names), return_exceptions=True)
-        out = {}
-        for n, r in zip(names, results):
-            if isinstance(r, BaseException):
-                code, eb = error_body(r)
-                s.metrics.inc("errors_total", kind=eb["error"])
-                out[f"e{n}"] = json.dumps({**eb, "status": code}).encode()
-            else:
-                s.metrics.inc("inferences_total", model=model_id, outcome="ok")
-                out[n] = r
-        s.metrics.observe("inference_seconds", time.perf_counter() - t0, model=model_id)
-        return Response(protocol.pack_parts(out), media_type="application/octet-stream")
-
     return app
 
 
@@ -298,8 +274,6 @@ def _route_name(p: str, method: str) -> str:
         rest = p[len("/v1/models/"):]
         if rest.endswith("/infer"):
             return "infer"
-        if rest.endswith("/infer_batch"):
-            return "infer_batch"
         return "model_" + method.lower()
     return {"/healthz": "healthz", "/metrics": "metrics", "/v1/evidence": "evidence", "/v1/models": "models"}.get(p, "other")
 

@@ -26,19 +26,21 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 class BackNetExecutor:
-    """Runs one BackNet on batches of IR tensors (each (1, ...)) on its own thread (GPU if any)."""
+    """Runs one BackNet on batches of IR tensors (each (rows, ...), one request's decoded images)
+    on its own thread (GPU if any); `max_batch` counts rows."""
 
     def __init__(self, backnet: torch.nn.Module, device: torch.device, max_batch: int = 64,
                  window_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
         self.device = device
         self.backnet = backnet.to(device).eval()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="backnet")
-        self.batcher = AsyncBatcher(self._run, max_batch, window_s, concurrency=1, on_batch=on_batch)
+        self.batcher = AsyncBatcher(self._run, max_batch, window_s, concurrency=1, on_batch=on_batch,
+                                    weight=lambda ir: int(ir.shape[0]))
 
     @torch.no_grad()
     def _forward(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
         x = torch.cat(irs).to(self.device, non_blocking=True)
-        return list(self.backnet(x).float().cpu().unbind(0))
+        return list(self.backnet(x).float().cpu().split([int(ir.shape[0]) for ir in irs]))
 
     async def _run(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._forward, irs)
@@ -54,12 +56,14 @@ class BackNetExecutor:
 class AsyncBatcher:
     """`await submit(item)` -> result; `run_batch(items)` is a coroutine returning one result (or
     an Exception) per item. At most `concurrency` batches run at once; a batch starts at once
-    when a runner is free and `window_s` is 0 (or `max_batch` items wait), else after `window_s`.
-    Use from one event loop only.
+    when a runner is free and `window_s` is 0 (or `max_batch` worth of items wait), else after
+    `window_s`. An item weighs `weight(item)` (default 1) against `max_batch`; a batch always
+    takes at least one item. Use from one event loop only.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Awaitable[Sequence[Any]]], max_batch: int = 64,
-                 window_s: float = 0.0, concurrency: int = 1, on_batch: Callable[[int], None] | None = None):
+                 window_s: float = 0.0, concurrency: int = 1, on_batch: Callable[[int], None] | None = None,
+                 weight: Callable[[Any], int] | None = None):
         if max_batch < 1 or window_s < 0 or concurrency < 1:
             raise ValueError("max_batch >= 1, window_s >= 0, concurrency >= 1")
         self.run_batch = run_batch
@@ -67,7 +71,9 @@ class AsyncBatcher:
         self.window_s = window_s
         self.concurrency = concurrency
         self.on_batch = on_batch
+        self.weight = weight or (lambda _: 1)
         self._items: list[tuple[Any, asyncio.Future]] = []
+        self._waiting = 0  # total weight of self._items
         self._running = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -77,12 +83,13 @@ class AsyncBatcher:
             raise RuntimeError("batcher is closed")
         fut = asyncio.get_running_loop().create_future()
         self._items.append((item, fut))
+        self._waiting += self.weight(item)
         self._maybe_start()
         return await fut
 
     def _maybe_start(self) -> None:
         while self._items and self._running < self.concurrency:
-            if len(self._items) < self.max_batch and self.window_s > 0:
+            if self._waiting < self.max_batch and self.window_s > 0:
                 if self._timer is None:
                     self._timer = asyncio.get_running_loop().call_later(self.window_s, self._on_timer)
                 return
@@ -97,7 +104,12 @@ class AsyncBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._items = self._items[: self.max_batch], self._items[self.max_batch:]
+        take, total = 0, 0
+        while take < len(self._items) and (take == 0 or total + self.weight(self._items[take][0]) <= self.max_batch):
+            total += self.weight(self._items[take][0])
+            take += 1
+        batch, self._items = self._items[:take], self._items[take:]
+        self._waiting -= total
         self._running += 1
         asyncio.ensure_future(self._run(batch))
 
@@ -105,7 +117,7 @@ class AsyncBatcher:
         items = [it for it, _ in batch]
         try:
             if self.on_batch is not None:
-                self.on_batch(len(items))
+                self.on_batch(sum(self.weight(it) for it in items))
             results = list(await self.run_batch(items))
             if len(results) != len(items):
                 raise RuntimeError("batch function returned the wrong number of results")
@@ -127,6 +139,7 @@ class AsyncBatcher:
         if self._timer is not None:
             self._timer.cancel()
         items, self._items = self._items, []
+        self._waiting = 0
         for _, fut in items:
             if not fut.done():
                 fut.set_exception(RuntimeError("batcher is closed"))

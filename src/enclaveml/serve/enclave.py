@@ -6,11 +6,14 @@ per-request response contexts. What leaves this object towards the host: evidenc
 key, IR tensors, opaque handles, sealed responses, and error kinds with short messages that
 never quote plaintext.
 
-Life of a request: `front(model, ciphertext)` opens it (TamperedMessage), checks freshness
-(ReplayedMessage), decodes and preprocesses the image here (DataError), runs the FrontNet and
-returns (handle, IR). The host runs the BackNet and calls `finish(handle, scores)` with the scores
-in the secret class order; the enclave maps them back, picks the top k with label names and seals
-the answer to that request only. Handles not finished within `handle_ttl_s` are dropped.
+Life of a request (one or several images): `front(model, ciphertext)` opens it (TamperedMessage),
+checks freshness (ReplayedMessage), decodes and preprocesses the images here (DataError for a
+one-image request; in a larger request a bad image gets an error item, sealed), runs the FrontNet
+and returns (handle, IR with one row per decoded image). The host runs the BackNet and calls
+`finish(handle, scores)` with the scores in the secret class order; the enclave maps them back,
+picks the top k with label names and seals the answer to that request only. Handles not finished
+within `handle_ttl_s` are dropped. `front_batch` runs the images of many requests through one
+FrontNet pass.
 """
 
 from __future__ import annotations
@@ -36,9 +39,7 @@ from ..tee.backend import EnclaveBackend
 from . import protocol
 
 DELETE = "delete"
-#: The one message a client (and so the host, which relays it in the clear) gets for an image the
-#: enclave cannot decode: the decoder's own messages may quote the plaintext image's size or mode.
-UNDECODABLE_IMAGE = "input is not a decodable JPEG/PNG image within the limits"
+UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE
 NONCE_TTL_S = 600.0
 MAX_NONCES = 10_000
 
@@ -64,6 +65,12 @@ class _Pending:
     logits: bool = False
     aad: bytes = b""
     created: float = 0.0
+    #: Per image of the request: its row in the IR, or -1 for an image that could not be decoded.
+    slots: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(1 for r in self.slots if r >= 0)
 
 
 class EnclaveService:
@@ -173,47 +180,57 @@ class EnclaveService:
             raise UnknownModel(f"no model {model_id!r} is deployed")
         return dep
 
-    def _open(self, model_id: str, ciphertext: bytes) -> tuple[Deployment, torch.Tensor, _Pending]:
+    def _open(self, model_id: str, ciphertext: bytes) -> tuple[Deployment, list[torch.Tensor], _Pending]:
         dep = self._deployment(model_id)
         aad = protocol.infer_aad(model_id)
         framed, sealer = open_request(self.kp, ciphertext, aad)
         rid, ts, payload = parse_fresh(framed)
         self.guard.check(rid, ts)
-        opts, image = protocol.decode_payload(payload)
-        try:
-            x = dep.preprocessing(image)  # decode + preprocess here, never on the host
-        except DataError:
-            raise DataError(UNDECODABLE_IMAGE) from None  # no plaintext detail crosses to the host
-        return dep, x, _Pending(sealer, model_id, opts["top_k"], opts["logits"], aad, time.monotonic())
+        opts, images = protocol.decode_payload(payload)
+        xs: list[torch.Tensor] = []
+        slots: list[int] = []
+        for image in images:
+            try:
+                xs.append(dep.preprocessing(image))  # decode + preprocess here, never on the host
+                slots.append(len(xs) - 1)
+            except DataError:
+                if len(images) == 1:  # no plaintext detail crosses to the host
+                    raise DataError(UNDECODABLE_IMAGE) from None
+                slots.append(-1)
+        return dep, xs, _Pending(sealer, model_id, opts["top_k"], opts["logits"], aad, time.monotonic(), tuple(slots))
 
     @torch.no_grad()
     def front(self, model_id: str, ciphertext: bytes) -> tuple[str, torch.Tensor]:
-        """One request -> (handle, IR of shape (1, ...))."""
-        dep, x, pending = self._open(model_id, ciphertext)
-        ir = dep.front(x.unsqueeze(0).to(self.device)).cpu()
-        return self._remember(pending), ir
+        """One request -> (handle, IR of shape (decoded images, ...); empty if none decoded)."""
+        out = self.front_batch(model_id, [ciphertext])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out[0], out[1]
 
     @torch.no_grad()
-    def front_batch(self, model_id: str, ciphertexts: list[bytes]) -> list[tuple[str, torch.Tensor] | Exception]:
-        """Several requests for one model through one FrontNet pass; failures stay per request."""
+    def front_batch(self, model_id: str,
+                    ciphertexts: list[bytes]) -> list[tuple[str, torch.Tensor, int] | Exception]:
+        """Several requests for one model through one FrontNet pass -> per request (handle, IR
+        rows, images that failed to decode), or its error; failures stay per request."""
         dep = self._deployment(model_id)
-        opened: list[tuple[torch.Tensor, _Pending] | Exception] = []
+        opened: list[tuple[list[torch.Tensor], _Pending] | Exception] = []
         for ct in ciphertexts:
             try:
-                _, x, p = self._open(model_id, ct)
-                opened.append((x, p))
+                _, xs, p = self._open(model_id, ct)
+                opened.append((xs, p))
             except Exception as e:
                 opened.append(e)
-        good = [o for o in opened if not isinstance(o, Exception)]
-        irs = dep.front(torch.stack([x for x, _ in good]).to(self.device)).cpu() if good else None
-        out: list[tuple[str, torch.Tensor] | Exception] = []
-        i = 0
+        xs_all = [x for o in opened if not isinstance(o, Exception) for x in o[0]]
+        irs = dep.front(torch.stack(xs_all).to(self.device)).cpu() if xs_all else torch.empty(0)
+        out: list[tuple[str, torch.Tensor, int] | Exception] = []
+        row = 0
         for o in opened:
             if isinstance(o, Exception):
                 out.append(o)
-            else:
-                out.append((self._remember(o[1]), irs[i:i + 1]))
-                i += 1
+                continue
+            xs, p = o
+            out.append((self._remember(p), irs[row:row + len(xs)], len(p.slots) - len(xs)))
+            row += len(xs)
         return out
 
     def _remember(self, pending: _Pending) -> str:
@@ -228,20 +245,27 @@ class EnclaveService:
         return handle
 
     def finish(self, handle: str, scores_host_order: torch.Tensor) -> bytes:
-        """Scores in the secret order -> sealed top-k result for the request behind `handle`."""
+        """Scores in the secret order (one row per decoded image) -> the sealed answer (one item per
+        image of the request) for the request behind `handle`."""
         with self._lock:
             pending = self._pending.pop(handle, None)
         if pending is None:
             raise UnknownModel("unknown or expired request handle")
         dep = self._deployment(pending.model_id)
-        scores = scores_host_order.detach().reshape(-1).to(torch.float32).cpu()
-        if scores.numel() != dep.mapping.num_classes or not torch.isfinite(scores).all():
+        labels, n = list(dep.mapping.labels), dep.mapping.num_classes
+        scores = scores_host_order.detach().to(torch.float32).cpu()
+        if scores.numel() != pending.rows * n or not torch.isfinite(scores).all():
             raise DataError("BackNet scores have the wrong size or are not finite")
-        logits = dep.mapping.to_original(scores)
-        probs = torch.softmax(logits.double(), dim=0)
-        result = protocol.encode_result(pending.model_id, probs.tolist(), list(dep.mapping.labels),
-                                        pending.top_k, logits.tolist() if pending.logits else None)
-        return pending.sealer.seal_response(result, pending.aad)
+        logits = dep.mapping.to_original(scores.reshape(pending.rows, n))
+        probs = torch.softmax(logits.double(), dim=1).tolist()
+        items = []
+        for row in pending.slots:
+            if row < 0:
+                items.append(protocol.encode_error_item(pending.model_id, labels, pending.top_k, pending.logits))
+            else:
+                items.append(protocol.encode_result(pending.model_id, probs[row], labels, pending.top_k,
+                                                    logits[row].tolist() if pending.logits else None))
+        return pending.sealer.seal_response(b"".join(items), pending.aad)
 
     def abort(self, handle: str) -> None:
         with self._lock:

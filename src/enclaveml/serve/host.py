@@ -71,13 +71,16 @@ class ModelPipeline:
 
     Each stage batches on its own, in the event loop: `front` sends many ciphertexts in one
     channel call, the BackNet runs one tensor batch on its thread, `finish` seals many responses
-    in one channel call. Two enclave calls per stage may be in flight, so the stages overlap.
+    in one channel call. Two enclave calls per stage may be in flight, so the stages overlap. A
+    request may carry several images: its IR has one row per image the enclave decoded.
     """
 
     def __init__(self, model_id: str, enclave: EnclaveProxy, backnet: torch.nn.Module, device: torch.device,
-                 max_batch: int = 64, window_s: float = 0.0, on_batch=None):
+                 max_batch: int = 64, window_s: float = 0.0, on_batch=None, on_failed=None):
         self.model_id = model_id
         self.enclave = enclave
+        #: Called with the number of a request's images the enclave could not decode (metrics).
+        self.on_failed = on_failed
         self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch)
         self.front = AsyncBatcher(self._front, max_batch, 0.0, concurrency=2)
         self.finish = AsyncBatcher(self._finish, max_batch, 0.0, concurrency=2)
@@ -86,7 +89,7 @@ class ModelPipeline:
         """One request through the three stages -> the sealed response."""
         handle, ir = await self.front.submit(ciphertext)
         try:
-            scores = await self.back.submit(ir)
+            scores = await self.back.submit(ir) if ir.shape[0] else torch.empty(0)
         except BaseException:
             self.abort(handle)
             raise
@@ -103,16 +106,21 @@ class ModelPipeline:
         out, row = [], 0
         for it in items:
             if "handle" in it:
-                out.append((str(it["handle"]), ir[row:row + 1]))
-                row += 1
+                rows = int(it.get("rows", 0))
+                out.append((str(it["handle"]), ir[row:row + rows] if rows else torch.empty(0)))
+                row += rows
+                if it.get("failed") and self.on_failed is not None:
+                    self.on_failed(int(it["failed"]))
             else:
                 out.append(_item_error(it))
         return out
 
     async def _finish(self, items: list[tuple[str, torch.Tensor]]) -> list:
         handles = [h for h, _ in items]
-        scores = torch.stack([s for _, s in items])
-        fut = self.enclave.call_async({"op": "finish_batch", "handles": handles}, {"scores": scores})
+        rows = [int(s.shape[0]) if s.dim() == 2 else 0 for _, s in items]
+        full = [s for _, s in items if s.dim() == 2 and s.shape[0]]
+        tensors = {"scores": torch.cat(full)} if full else None
+        fut = self.enclave.call_async({"op": "finish_batch", "handles": handles, "rows": rows}, tensors)
         h, _, b = await asyncio.wrap_future(fut)
         res = h.get("items", [])
         if len(res) != len(items):

@@ -4,29 +4,36 @@ Trust side: all. The client builds requests and reads results; the enclave reads
 builds results; the host only splits upload bodies into parts. Crypto details (HPKE suite, the
 OHTTP-style response, freshness header) live in `enclaveml.crypto` and docs/crypto.md.
 
-Inference request (HTTP body of POST /v1/models/{model}/infer):
+Inference request (HTTP body of POST /v1/models/{model}/infer), one or several images:
 
     body      = HPKE request to the attested enclave key (enc(32) || ct), info "enclaveml/v1 request",
                 aad = "enclaveml/v1 infer\\0" || model id (UTF-8)   -> the host cannot redirect it
     plaintext = freshness header (version 1 || request id 16 || timestamp f64) || payload
-    payload   = u16 n || options JSON (n bytes) || image bytes || zero padding
-    options   = {"top_k": 5, "logits": false, "image_bytes": len(image)}
+    payload   = u16 n || options JSON (n bytes) || image bytes... || zero padding
+    options   = {"top_k": 5, "logits": false, "image_bytes": [len(image), ...]}
 
-The client pads the payload with zero bytes to a size bucket (`padded_payload_size`: powers of two
-from 1 KiB to 1 MiB, then whole MiB, never past `MAX_PADDED_PAYLOAD` unless already larger), so the
-request's length tells the host only the bucket of the image size. "image_bytes" says where the
-image ends; without it (older clients) the image runs to the end of the payload.
+Several images travel in one request (up to `MAX_IMAGES`): one HPKE encapsulation, one AEAD pass,
+one HTTP exchange and one replay-guard entry for the lot, which is what makes batch-friendly
+loads cheap. "image_bytes" lists where each image ends; an int means one image, and without it
+(older clients) the one image runs to the end of the payload. The client pads the payload with
+zero bytes to a size bucket (`padded_payload_size`: powers of two from 1 KiB to 1 MiB, then whole
+MiB, never past `MAX_PADDED_PAYLOAD` unless already larger), so the request's length tells the host
+only the bucket of the images' total size.
 
 Inference response (HTTP 200 body): the enclave's sealed response to that request (RFC 9458
-pattern, same aad), whose plaintext is the result JSON followed by zero bytes:
+pattern, same aad), whose plaintext is one fixed-size item per image, in request order:
 
-    {"v": 1, "model": id, "top": [{"index": i, "label": name, "score": p}, ...],
-     "logits": [...] (original class order, only if asked)} || 0x00 ...
+    item = {"v": 1, "model": id, "top": [{"index": i, "label": name, "score": p}, ...],
+            "logits": [...] (original class order, only if asked)} || 0x00 ...
+         | {"v": 1, "model": id, "error": "DataError", "message": UNDECODABLE_IMAGE} || 0x00 ...
 
-The padding brings the plaintext to `result_size(...)`: a multiple of 256 bytes that is at least the
-longest result *any* class could produce for this deployment, top_k and logits flag, so the length
-of a sealed response does not depend on the prediction (security review F-6). The client strips
-trailing zero bytes (JSON never ends with one) before parsing.
+Every item is padded to `result_size(...)`: a multiple of 256 bytes that is at least the longest
+item *any* outcome could produce for this deployment, top_k and logits flag (an error included),
+so the length of a sealed response does not depend on the predictions (security review F-6); the
+client splits the plaintext into equal parts and strips each part's trailing zero bytes (JSON
+never ends with one). A one-image request whose image cannot be decoded fails as a whole (a
+DataError the host relays); in a several-image request that image's item says so, sealed, and the
+host learns only how many of the request's images failed (it counts them).
 
 Model upload (POST /v1/models/{model}) and other multi-part bodies: `pack_parts`:
 
@@ -47,6 +54,12 @@ INFER_AAD_LABEL = b"enclaveml/v1 infer\x00"
 MAX_TOP_K = 100
 MAX_OPTIONS_BYTES = 4096
 MAX_MODEL_ID = 64
+#: Images in one inference request (one HPKE message).
+MAX_IMAGES = 256
+#: The one message a client (and so the host, which relays it in the clear for a one-image
+#: request) gets for an image the enclave cannot decode: the decoder's own messages may quote the
+#: plaintext image's size or mode.
+UNDECODABLE_IMAGE = "input is not a decodable JPEG/PNG image within the limits"
 #: Result plaintexts are padded to a multiple of this many bytes (see `result_size`).
 RESULT_BLOCK = 256
 #: Longest JSON text of one float (`repr` of a double, e.g. "-2.2250738585072014e-308": 24) + slack.
@@ -127,24 +140,27 @@ def padded_payload_size(n: int) -> int:
     return min(-(-n // PAD_STEP) * PAD_STEP, MAX_PADDED_PAYLOAD)
 
 
-def encode_payload(image: bytes, top_k: int = 5, logits: bool = False, pad: bool = True) -> bytes:
+def encode_payload(images: "bytes | list[bytes]", top_k: int = 5, logits: bool = False, pad: bool = True) -> bytes:
     """Client side: the inner payload (options + image bytes + padding), to frame with
-    `crypto.frame_fresh`. `pad=False` sends the image unpadded (its exact size shows)."""
+    `crypto.frame_fresh`. One image (bytes) or several (a list). `pad=False` sends the images
+    unpadded (their exact total size shows)."""
     if type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K:
         raise UserInputError(f"top_k must be 1..{MAX_TOP_K}")
-    image = bytes(image)
+    batch = [bytes(i) for i in images] if isinstance(images, list) else [bytes(images)]
+    if not 1 <= len(batch) <= MAX_IMAGES:
+        raise UserInputError(f"a request carries 1 to {MAX_IMAGES} images")
     opts_d: dict[str, Any] = {"top_k": top_k, "logits": bool(logits)}
-    if pad:
-        opts_d["image_bytes"] = len(image)
+    if pad or len(batch) > 1:
+        opts_d["image_bytes"] = [len(i) for i in batch]
     opts = json.dumps(opts_d, separators=(",", ":")).encode()
-    payload = _U16.pack(len(opts)) + opts + image
+    payload = _U16.pack(len(opts)) + opts + b"".join(batch)
     if pad:
         payload += bytes(padded_payload_size(len(payload)) - len(payload))
     return payload
 
 
-def decode_payload(payload: bytes) -> tuple[dict[str, Any], bytes]:
-    """Enclave side: (options, image bytes) from an authenticated payload."""
+def decode_payload(payload: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    """Enclave side: (options, [image bytes, ...]) from an authenticated payload."""
     if len(payload) < _U16.size:
         raise TamperedMessage("request payload is truncated")
     (n,) = _U16.unpack_from(payload)
@@ -162,15 +178,23 @@ def decode_payload(payload: bytes) -> tuple[dict[str, Any], bytes]:
     logits = opts.get("logits", False)
     if type(logits) is not bool:
         raise DataError("logits must be true or false")
-    rest = payload[_U16.size + n:]
-    size = opts.get("image_bytes")
-    if size is not None:
-        if type(size) is not int or not 0 <= size <= len(rest):
-            raise DataError("request image size is not valid")
-        if rest[size:] != bytes(len(rest) - size):
-            raise DataError("request padding is not zero bytes")
-        rest = rest[:size]
-    return {"top_k": top_k, "logits": logits}, rest
+    rest = memoryview(payload)[_U16.size + n:]
+    sizes = opts.get("image_bytes")
+    if sizes is None:  # one image, unpadded, to the end
+        return {"top_k": top_k, "logits": logits}, [bytes(rest)]
+    if type(sizes) is int:
+        sizes = [sizes]
+    if (not isinstance(sizes, list) or not 1 <= len(sizes) <= MAX_IMAGES
+            or not all(type(z) is int and z >= 0 for z in sizes) or sum(sizes) > len(rest)):
+        raise DataError("request image sizes are not valid")
+    end = sum(sizes)
+    if any(rest[end:]):
+        raise DataError("request padding is not zero bytes")
+    images, pos = [], 0
+    for z in sizes:
+        images.append(bytes(rest[pos:pos + z]))
+        pos += z
+    return {"top_k": top_k, "logits": logits}, images
 
 
 def _json(v: Any) -> str:
@@ -192,7 +216,18 @@ def result_size(model_id: str, labels: list[str], top_k: int, logits: bool) -> i
     bound = len(_json({"v": 1, "model": model_id, "top": []})) + sum(longest_labels) + k * (entry + 1)
     if logits:
         bound += len(',"logits":[]') + n * (_FLOAT_CHARS + 1)
+    bound = max(bound, len(_error_item(model_id)))
     return max(1, -(-bound // RESULT_BLOCK)) * RESULT_BLOCK
+
+
+def _error_item(model_id: str) -> bytes:
+    return _json({"v": 1, "model": model_id, "error": "DataError", "message": UNDECODABLE_IMAGE}).encode()
+
+
+def encode_error_item(model_id: str, labels: list[str], top_k: int, logits: bool) -> bytes:
+    """Enclave side: the item for an image it could not decode, as long as any result item."""
+    raw = _error_item(model_id)
+    return raw + bytes(result_size(model_id, list(labels), top_k, logits) - len(raw))
 
 
 def encode_result(model_id: str, probs: list[float], labels: list[str], top_k: int,
@@ -213,10 +248,23 @@ def encode_result(model_id: str, probs: list[float], labels: list[str], top_k: i
 
 def decode_result(data: bytes) -> dict[str, Any]:
     """Client side: parse an (authenticated) result JSON, after removing its zero padding."""
+    res = _decode_item(data)
+    if "error" in res:
+        raise TamperedMessage("result is malformed")
+    return res
+
+
+def _decode_item(data: bytes) -> dict[str, Any]:
+    """A result item, or an error item ({"error": "DataError", "message": str}); anything else
+    is malformed."""
     try:
         res = loads_untrusted(bytes(data).rstrip(b"\x00"))
         if not isinstance(res, dict) or type(res.get("v")) is not int or res["v"] != 1:
             raise ValueError
+        if "error" in res:
+            if res["error"] != "DataError" or not isinstance(res.get("message"), str):
+                raise ValueError
+            return res
         if not isinstance(res.get("top"), list):
             raise ValueError
         for t in res["top"]:
@@ -226,6 +274,20 @@ def decode_result(data: bytes) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise TamperedMessage("result is malformed") from None
     return res
+
+
+def decode_results(data: bytes, n: int) -> "list[dict[str, Any] | DataError]":
+    """Client side: the `n` items of an (authenticated) response, in request order; an image the
+    enclave could not decode comes back as a `DataError` in its place."""
+    data = bytes(data)
+    if n < 1 or len(data) % n:
+        raise TamperedMessage("response does not hold one equal-sized item per image")
+    size = len(data) // n
+    out: list[dict[str, Any] | DataError] = []
+    for i in range(n):
+        item = _decode_item(data[i * size:(i + 1) * size])
+        out.append(DataError(item["message"][:300]) if "error" in item else item)
+    return out
 
 
 def pack_parts(parts: dict[str, bytes]) -> bytes:

@@ -7,8 +7,10 @@ first (before any secret exists in its memory), then answers the host's requests
 by calling `EnclaveService` (all logic lives there; this file only moves bytes). Requests run on
 a thread pool so several proceed at once (torch releases the GIL in its kernels).
 
-Operations (header "op"): info, evidence, deploy, delete, front, front_batch, finish, finish_batch,
-abort. Replies carry the same "id"; failures come back as {"error": kind, "message": text}.
+Operations (header "op"): info, evidence, deploy, delete, front_batch, finish_batch, abort. Replies
+carry the same "id"; failures come back as {"error": kind, "message": text}. A request may carry
+several images: `front_batch` answers per request {"handle", "rows", "failed"} with the IR rows of
+all requests concatenated, and `finish_batch` takes per handle its number of rows of scores.
 """
 
 from __future__ import annotations
@@ -26,9 +28,6 @@ def _handler(svc, info: dict):
 
     def handle(h: dict, tensors: dict, blobs: dict):
         op = h.get("op")
-        if op == "front":
-            handle_id, ir = svc.front(str(h.get("model", "")), blobs.get("request", b""))
-            return {"handle": handle_id}, {"ir": ir}, None
         if op == "front_batch":
             n = h.get("n", 0)
             if type(n) is not int or not 0 <= n <= 4096:
@@ -39,25 +38,28 @@ def _handler(svc, info: dict):
                 if isinstance(o, Exception):
                     items.append(_error_item(o))
                 else:
-                    items.append({"handle": o[0]})
-                    irs.append(o[1])
+                    items.append({"handle": o[0], "rows": int(o[1].shape[0]) if o[1].dim() else 0, "failed": o[2]})
+                    if o[1].numel():
+                        irs.append(o[1])
             return {"items": items}, ({"ir": torch.cat(irs)} if irs else None), None
-        if op == "finish":
-            return {}, None, {"response": svc.finish(str(h.get("handle", "")), tensors["scores"])}
         if op == "finish_batch":
-            if not isinstance(h.get("handles", []), list):
-                raise DataError("finish_batch: handles must be a list")
-            handles = [str(x) for x in h.get("handles", [])]
+            handles, rows = h.get("handles", []), h.get("rows", [])
+            if (not isinstance(handles, list) or not isinstance(rows, list) or len(rows) != len(handles)
+                    or not all(type(r) is int and 0 <= r <= 4096 for r in rows)):
+                raise DataError("finish_batch: handles and rows must be lists of one length")
             scores = tensors.get("scores")
-            if scores is None or scores.shape[0] != len(handles):
-                raise DataError("finish_batch: one row of scores per handle")
-            items, blobs_out = [], {}
-            for i, hd in enumerate(handles):
+            total = sum(rows)
+            if (scores is None and total) or (scores is not None and (scores.dim() != 2 or scores.shape[0] != total)):
+                raise DataError("finish_batch: the scores must have one row per decoded image")
+            items, blobs_out, row = [], {}, 0
+            for i, (hd, r) in enumerate(zip(handles, rows)):
                 try:
-                    blobs_out[f"r{i}"] = svc.finish(hd, scores[i])
+                    part = scores[row:row + r] if r else torch.empty(0)
+                    blobs_out[f"r{i}"] = svc.finish(str(hd), part)
                     items.append({"ok": True})
                 except Exception as e:
                     items.append(_error_item(e))
+                row += r
             return {"items": items}, None, blobs_out
         if op == "abort":
             for hd in h.get("handles", []):
