@@ -195,3 +195,38 @@ def test_enclave_error_messages_do_not_reveal_plaintext_properties(world):
     with pytest.raises(DataError) as ei:
         svc.front(MODEL, msg)
     assert "4321" not in str(ei.value) and "5678" not in str(ei.value), str(ei.value)
+
+
+def test_sealed_deployments_restore_only_where_and_as_sealed(world, tmp_path):
+    """The host keeps `deploy`'s sealed record on its disk and hands it back after a restart; it
+    can replay it, move it to another model id, pair it with another bundle, or take it to an
+    enclave with other code or another platform. Only the faithful restore works."""
+    svc, owner, key, files, backend, base, image = world
+    nonce = b"owner-nonce-0002"
+    svc.evidence(nonce)
+    sealed = svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce), files)["sealed"]
+    assert key not in sealed and key.hex().encode() not in sealed
+
+    fresh = EnclaveService(SimBackend({}, platform_dir=base / "platform", lock_memory=False))  # a restarted worker
+    out = fresh.restore(MODEL, sealed, files)
+    assert out["bundle_id"] == svc._deployment(MODEL).bundle_id and fresh.models() == [MODEL]
+    msg, ctx = _request(fresh, image)
+    handle, ir = fresh.front(MODEL, msg)
+    assert ctx.open_response(fresh.finish(handle, torch.zeros(10)), protocol.infer_aad(MODEL))
+
+    other = EnclaveService(SimBackend({}, platform_dir=base / "platform", lock_memory=False))
+    with pytest.raises(TamperedMessage):  # the record names its model id
+        other.restore("another-id", sealed, files)
+    flipped = bytearray(sealed)
+    flipped[-1] ^= 1
+    with pytest.raises(TamperedMessage):
+        other.restore(MODEL, bytes(flipped), files)
+    _, key2 = make_bundle(zoo.load("darknet", pretrained=False), 4, base / "bundle2", {"zoo": "darknet"},
+                          zoo.entry("darknet").preprocessing, list(zoo.entry("darknet").classes), owner)
+    with pytest.raises(TamperedMessage):  # same owner, another bundle
+        other.restore(MODEL, sealed, bundle_files(base / "bundle2"))
+    for elsewhere in (SimBackend({"other": "config"}, platform_dir=base / "platform", lock_memory=False),
+                      SimBackend({}, platform_dir=base / "other-platform", lock_memory=False)):
+        with pytest.raises(TamperedMessage):  # other enclave code (measurement) or another machine
+            EnclaveService(elsewhere).restore(MODEL, sealed, files)
+    assert other.models() == []

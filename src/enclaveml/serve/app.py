@@ -117,11 +117,16 @@ async def wait(fut: Future):
     return await asyncio.wrap_future(fut)
 
 
+#: How often the host checks that its enclave worker is alive, and the longest wait between
+#: restarts of a worker that keeps dying.
+SUPERVISE_S = 0.5
+MAX_RESTART_BACKOFF_S = 30.0
+
+
 class HostState:
     """What the host process holds: the enclave proxy, per-model pipelines, store, metrics, log."""
 
     def __init__(self, cfg: ServerConfig):
-        from .host import EnclaveProxy
         from .store import ModelStore
 
         self.cfg = cfg
@@ -129,16 +134,23 @@ class HostState:
         self.log = json_logger()
         self.store = ModelStore(cfg.store)
         self.device = pick_device(cfg.device)
-        factory_args = [a for f in protocol.check_factory_names(list(cfg.allowed_factories))
-                        for a in ("--allow-factory", f)]
-        self.enclave = EnclaveProxy(cfg.tee, threads=cfg.enclave_threads, extra_args=[*factory_args, *cfg.worker_args],
-                                    socket_path=cfg.worker_socket, launch=cfg.worker_launch)
         self.pipelines: dict = {}
         self.public: dict[str, dict] = {}
         self.lock = threading.Lock()
+        self.enclave = self.start_enclave()
+
+    def start_enclave(self):
+        from .host import EnclaveProxy
+
+        factory_args = [a for f in protocol.check_factory_names(list(self.cfg.allowed_factories))
+                        for a in ("--allow-factory", f)]
+        enclave = EnclaveProxy(self.cfg.tee, threads=self.cfg.enclave_threads,
+                               extra_args=[*factory_args, *self.cfg.worker_args],
+                               socket_path=self.cfg.worker_socket, launch=self.cfg.worker_launch)
         self.log.info("enclave started", extra={"fields": {
-            "enclave_pid": self.enclave.pid, "tee": cfg.tee, "device": str(self.device),
-            "measurement": self.enclave.info.get("measurement"), "hardening": self.enclave.info.get("hardening")}})
+            "enclave_pid": enclave.pid, "tee": self.cfg.tee, "device": str(self.device),
+            "measurement": enclave.info.get("measurement"), "hardening": enclave.info.get("hardening")}})
+        return enclave
 
     def pipeline(self, model_id: str):
         with self.lock:
@@ -147,6 +159,76 @@ class HostState:
             raise E.UnknownModel(f"no model {model_id!r} is deployed")
         return p
 
+    def install(self, model_id: str, manifest, backnet, owner: str | None):
+        """Serve `model_id` through a new pipeline (in the event loop: its batchers live there)."""
+        from .host import ModelPipeline
+
+        pipe = ModelPipeline(model_id, self.enclave, backnet, self.device, self.cfg.max_batch, self.cfg.window_ms / 1000.0,
+                             on_batch=lambda n: self.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
+                             on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"))
+        with self.lock:
+            old = self.pipelines.get(model_id)
+            self.pipelines[model_id] = pipe
+            self.public[model_id] = {"bundle_id": manifest.bundle_id, "name": manifest.name, "k": manifest.k,
+                                     "ir_shape": list(manifest.ir_shape), "owner": owner}
+        if old is not None:
+            old.close()
+
+    async def restore_all(self) -> None:
+        """Bring back every stored deployment from its sealed record (after a start or a worker
+        restart): the enclave opens what it sealed; the owner is not needed. A deployment that
+        does not restore (e.g. sealed by other enclave code) is logged and skipped."""
+        from ..models import bundle as B
+        from .store import SEALED_DEPLOYMENT
+
+        for model_id in await asyncio.to_thread(self.store.models):
+            try:
+                files = await asyncio.to_thread(self.store.load, model_id)
+                if SEALED_DEPLOYMENT not in files:
+                    raise E.DataError("no sealed deployment stored")
+                parts = {n: files[n] for n in (B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP)}
+                h, _, _ = await wait(self.enclave.call_async({"op": "restore", "model": model_id}, None,
+                                                             {**parts, "sealed": files[SEALED_DEPLOYMENT]}))
+                manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, self.cfg.allowed_factories)
+                if manifest.bundle_id != h.get("bundle_id"):
+                    raise E.TamperedMessage("the enclave restored another bundle than the host loaded")
+                self.install(model_id, manifest, backnet, h.get("owner"))
+                self.metrics.inc("deployments_total", outcome="restored")
+                self.log.info("deployment restored", extra={"fields": {"model": model_id, "bundle_id": manifest.bundle_id}})
+            except Exception as e:  # one bad record must not keep the others down
+                self.log.warning("deployment not restored", extra={"fields": {
+                    "model": model_id, "kind": error_kind(e), "message": str(e)[:200]}})
+
+    async def supervise(self) -> None:
+        """Restart a dead enclave worker and restore its deployments (with backoff if it keeps dying).
+
+        Requests in flight when it died get 503 (EnclaveUnavailable); clients then see a new
+        enclave key, attest again and resend themselves (the SDK never resends on the host's word).
+        """
+        backoff = SUPERVISE_S
+        while True:
+            await asyncio.sleep(SUPERVISE_S)
+            if self.enclave.alive():
+                backoff = SUPERVISE_S
+                continue
+            dead = self.enclave
+            self.metrics.inc("enclave_restarts_total")
+            self.log.warning("enclave worker died; restarting", extra={"fields": {
+                "enclave_pid": dead.pid, "exit_code": dead.proc.poll()}})
+            with self.lock:
+                old, self.pipelines, self.public = list(self.pipelines.values()), {}, {}
+            for p in old:
+                p.close()
+            await asyncio.to_thread(dead.close)
+            try:
+                self.enclave = await asyncio.to_thread(self.start_enclave)
+            except Exception as e:
+                self.log.warning("enclave restart failed", extra={"fields": {"type": type(e).__name__}})
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, MAX_RESTART_BACKOFF_S)
+                continue
+            await self.restore_all()
+
 
 def create_app(cfg: ServerConfig) -> FastAPI:
     state: dict[str, HostState] = {}
@@ -154,9 +236,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state["s"] = await asyncio.to_thread(HostState, cfg)
+        await state["s"].restore_all()
+        supervisor = asyncio.ensure_future(state["s"].supervise())
         try:
             yield
         finally:
+            supervisor.cancel()
             for p in list(state["s"].pipelines.values()):
                 p.close()  # in the loop: the batchers' futures belong to it
             await asyncio.to_thread(state["s"].enclave.close)
@@ -221,22 +306,14 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         protocol.check_servable_arch(B.load_manifest(files).arch, cfg.allowed_factories)
         manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, cfg.allowed_factories)
         enclave_parts = {n: files[n] for n in (protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP)}
-        h, _, _ = await wait(s.enclave.call_async({"op": "deploy", "model": model_id}, None, enclave_parts))
+        h, _, sealed = await wait(s.enclave.call_async({"op": "deploy", "model": model_id}, None, enclave_parts))
         if h.get("bundle_id") != manifest.bundle_id:
             raise E.TamperedMessage("the enclave accepted another bundle than the host loaded")
-        from .host import ModelPipeline
+        from .store import SEALED_DEPLOYMENT
 
-        pipe = ModelPipeline(model_id, s.enclave, backnet, s.device, cfg.max_batch, cfg.window_ms / 1000.0,
-                             on_batch=lambda n: s.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
-                             on_failed=lambda n: s.metrics.inc("errors_total", n, kind="DataError"))
-        await asyncio.to_thread(s.store.save, model_id, {n: files[n] for n in files if n != protocol.KEY_RELEASE})
-        with s.lock:
-            old = s.pipelines.get(model_id)
-            s.pipelines[model_id] = pipe
-            s.public[model_id] = {"bundle_id": manifest.bundle_id, "name": manifest.name, "k": manifest.k,
-                                  "ir_shape": list(manifest.ir_shape), "owner": h.get("owner")}
-        if old is not None:
-            old.close()
+        stored = {n: files[n] for n in files if n != protocol.KEY_RELEASE}
+        await asyncio.to_thread(s.store.save, model_id, {**stored, SEALED_DEPLOYMENT: sealed.get("sealed", b"")})
+        s.install(model_id, manifest, backnet, h.get("owner"))
         s.metrics.inc("deployments_total", outcome="replaced" if h.get("replaced") else "created")
         return {"model": model_id, "bundle_id": manifest.bundle_id, "k": manifest.k, "replaced": bool(h.get("replaced"))}
 

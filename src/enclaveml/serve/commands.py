@@ -20,6 +20,8 @@ def register(app: typer.Typer) -> None:
         window_ms: float = typer.Option(0.0, "--batch-window-ms", help="how long a BackNet batch waits for more requests (0: take what is queued when the BackNet is free)"),
         enclave_threads: int = typer.Option(2, "--enclave-threads", help="requests the enclave handles at once"),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch threads of the host process"),
+        enclave_torch_threads: int = typer.Option(1, "--enclave-torch-threads",
+                                                  help="torch threads per FrontNet pass in the enclave"),
         max_request_bytes: int = typer.Option(8 * 1024 * 1024 + 4096, "--max-request-bytes",
                                               help="largest inference request body (larger: 413)"),
         worker_socket: str = typer.Option(None, "--worker-socket",
@@ -58,6 +60,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = ServerConfig(tee=tee, store=store, device=device, max_batch=max_batch, window_ms=window_ms,
                            enclave_threads=enclave_threads, max_request_bytes=max_request_bytes,
+                           worker_args=["--torch-threads", str(max(1, enclave_torch_threads))],
                            worker_socket=worker_socket if launch is None else gramine_socket, worker_launch=launch,
                            allowed_factories=tuple(allow_factory or ()))
         serve(cfg, host=host, port=port, torch_threads=torch_threads)

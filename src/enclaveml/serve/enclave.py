@@ -19,6 +19,7 @@ FrontNet pass.
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import threading
 import time
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..crypto import HpkeKeyPair, ReplayGuard, open_key_release, open_owner_command, open_request, require_owner
+from ..crypto import (HpkeKeyPair, ReplayGuard, open_key_release, open_owner_command, open_request, open_sealed,
+                      require_owner, seal)
 from ..crypto.replay import parse_fresh
 from ..crypto.signing import VerifyKey
 from ..data.preprocess import Preprocessing
@@ -40,6 +42,9 @@ from . import protocol
 
 DELETE = "delete"
 UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE
+#: Sealing-key label and AAD prefix of a sealed deployment (see `deploy` and `restore`).
+DEPLOYMENT_SEAL_LABEL = b"enclaveml/v1 deployments"
+DEPLOYMENT_AAD = b"enclaveml/v1 sealed deployment\x00"
 NONCE_TTL_S = 600.0
 MAX_NONCES = 10_000
 
@@ -123,27 +128,58 @@ class EnclaveService:
     # -- owner commands ----------------------------------------------------------------------
 
     def deploy(self, model_id: str, key_release: bytes, files: dict[str, bytes]) -> dict:
-        """Open the key release, check the owner, decrypt the FrontNet and class map, install."""
+        """Open the key release, check the owner, decrypt the FrontNet and class map, install.
+
+        The answer's "sealed" holds the deployment (model id, owner key, model key, bundle id)
+        sealed under this enclave's sealing key, for the host to keep beside the bundle: after a
+        worker restart, `restore` brings the deployment back without the owner.
+        """
         protocol.check_model_id(model_id)
         rel = open_key_release(self.kp, key_release)
         if rel.model_id != model_id:
             raise TamperedMessage("key release was signed for another model id")
         self._check_owner(model_id, rel.owner)  # before anything changes, the nonce included
         self._consume_nonce(rel.nonce)
+        out = self._install(model_id, rel.owner, rel.model_key, files)
+        record = json.dumps({"model": model_id, "owner": rel.owner.to_bytes().hex(), "model_key": rel.model_key.hex(),
+                             "bundle_id": out["bundle_id"]}, separators=(",", ":")).encode()
+        key = self.backend.sealing_key(DEPLOYMENT_SEAL_LABEL)
+        return {**out, "sealed": seal(key, record, DEPLOYMENT_AAD + model_id.encode())}
+
+    def restore(self, model_id: str, sealed: bytes, files: dict[str, bytes]) -> dict:
+        """Reinstall a deployment this enclave identity sealed (`deploy`'s "sealed"), from the
+        bundle files the host kept. TamperedMessage for anything sealed elsewhere, for another
+        model id or bundle; a deployment already present is left alone."""
+        protocol.check_model_id(model_id)
+        key = self.backend.sealing_key(DEPLOYMENT_SEAL_LABEL)
+        try:
+            rec = json.loads(open_sealed(key, sealed, DEPLOYMENT_AAD + model_id.encode()))
+            owner = VerifyKey.from_bytes(bytes.fromhex(rec["owner"]))
+            model_key, bundle_id = bytes.fromhex(rec["model_key"]), str(rec["bundle_id"])
+            if rec["model"] != model_id:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):  # sealed by us, so only a format change gets here
+            raise TamperedMessage("sealed deployment is not valid") from None
+        if load_manifest(files, expected_owner=owner).bundle_id != bundle_id:
+            raise TamperedMessage("the bundle files are not the sealed deployment's bundle")
+        self._check_owner(model_id, owner)
+        return self._install(model_id, owner, model_key, files)
+
+    def _install(self, model_id: str, owner: VerifyKey, model_key: bytes, files: dict[str, bytes]) -> dict:
         parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP) if n in files}
-        manifest = load_manifest(parts, expected_owner=rel.owner)
+        manifest = load_manifest(parts, expected_owner=owner)
         protocol.check_servable_arch(manifest.arch, self.allowed_factories)  # before any import
-        front, mapping = open_enclave_parts(parts, rel.model_key, expected_owner=rel.owner,
+        front, mapping = open_enclave_parts(parts, model_key, expected_owner=owner,
                                             allowed_factories=self.allowed_factories)
         front = front.to(self.device)
-        dep = Deployment(model_id, rel.owner, front, mapping, manifest.preprocessing, manifest.bundle_id, manifest.k)
+        dep = Deployment(model_id, owner, front, mapping, manifest.preprocessing, manifest.bundle_id, manifest.k)
         with self._lock:
             current = self._deployments.get(model_id)
-            if current is not None and current.owner != rel.owner:  # a race with another deploy
+            if current is not None and current.owner != owner:  # a race with another deploy
                 raise Unauthorized(f"model {model_id!r} belongs to another owner")
             self._deployments[model_id] = dep
         return {"model": model_id, "bundle_id": manifest.bundle_id, "k": manifest.k,
-                "owner": rel.owner.fingerprint(), "replaced": current is not None}
+                "owner": owner.fingerprint(), "replaced": current is not None}
 
     def _check_owner(self, model_id: str, owner: VerifyKey) -> None:
         """A deployment, once made, can be replaced only by the key that made it."""

@@ -1,8 +1,11 @@
 """The host's store of deployed bundles: public parts and ciphertext only, on untrusted disk.
 
 Trust side: host. One folder per model id holding the bundle files exactly as uploaded
-(manifest.json, manifest.sig, backnet.safetensors, frontnet.sealed, classmap.sealed). Never a
-model key, a key release (it is useless after the enclave session anyway), an input or a label.
+(manifest.json, manifest.sig, backnet.safetensors, frontnet.sealed, classmap.sealed) and the
+enclave's sealed deployment (deployment.sealed: the model key sealed to the enclave's identity,
+which only an enclave with the same measurement on the same platform can open). Never a
+plaintext model key, a key release (it is useless after the enclave session anyway), an input or
+a label.
 Writes are atomic (temporary folder, then rename), so a crash leaves the old version or the new.
 """
 
@@ -16,7 +19,8 @@ from pathlib import Path
 from ..models.bundle import BACKNET, CLASSMAP, FRONTNET, MANIFEST, SIGNATURE
 from .protocol import check_model_id
 
-STORED_PARTS = (MANIFEST, SIGNATURE, BACKNET, FRONTNET, CLASSMAP)
+SEALED_DEPLOYMENT = "deployment.sealed"
+STORED_PARTS = (MANIFEST, SIGNATURE, BACKNET, FRONTNET, CLASSMAP, SEALED_DEPLOYMENT)
 
 
 class ModelStore:
@@ -45,6 +49,11 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
+
+    def load(self, model_id: str) -> dict[str, bytes]:
+        """The stored files of one deployment (those present)."""
+        d = self._dir(model_id)
+        return {name: (d / name).read_bytes() for name in STORED_PARTS if (d / name).is_file()}
 
     def delete(self, model_id: str) -> None:
         shutil.rmtree(self._dir(model_id), ignore_errors=True)
