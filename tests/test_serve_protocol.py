@@ -83,6 +83,29 @@ def test_batcher_groups_waiting_items_and_keeps_order():
     assert sizes == [1, 8, 8, 3]  # the first ran alone; the rest queued meanwhile and batched
 
 
+def test_batcher_counts_item_weights_against_max_batch():
+    """Requests of several images: a batch holds at most max_batch rows, but an item heavier than
+    that still runs (alone)."""
+    batches = []
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def run(items):
+            await gate.wait()
+            batches.append(list(items))
+            return items
+
+        b = AsyncBatcher(run, max_batch=8, window_s=0.0, weight=len, on_batch=lambda n: None)
+        tasks = [asyncio.ensure_future(b.submit("x" * n)) for n in (1, 5, 3, 12, 2, 2, 4)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert [[len(i) for i in batch] for batch in batches] == [[1], [5, 3], [12], [2, 2, 4]]
+
+
 def test_batcher_window_collects_items_that_arrive_later():
     sizes = []
 
