@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import struct
 from typing import Any
 
@@ -137,6 +136,7 @@ class CalTrainEnclave:
         self.hpke = HpkeKeyPair.generate()
         self._data_key = backend.sealing_key(b"caltrain/data")
         self._state_key = backend.sealing_key(b"caltrain/state")
+        self._mapping_key = backend.sealing_key(b"caltrain/mapping")
         self._ingest_cfg: tuple | None = None
         self._items: dict[str, bytes] = {}
         self.run: dict[str, Any] | None = None
@@ -171,7 +171,7 @@ class CalTrainEnclave:
     def add_data(self, items: list[tuple[str, bytes]], reset: bool = False) -> int:
         """Sealed instances for the next run (`reset` starts a new set and ends the current run)."""
         if reset:
-            self._items, self.trainer, self.run = {}, None, None
+            self._items, self.trainer, self.run, self._order_cache = {}, None, None, None
         for tag, tok in items:
             self._items[tag] = tok
         return len(self._items)
@@ -220,18 +220,35 @@ class CalTrainEnclave:
             trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
             trainer.load_state_bytes(blob)
         else:
-            g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big"))
-            mapping = ClassMapping.random(spec.num_classes, g)
+            mapping = self._mapping_for(run, spec.num_classes)
             front, back = split_for_caltrain(model, k, mapping)
             trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
             back_state = _safetensors_bytes(back.state_dict())
         self._consume_nonce(cmd.nonce)
+        self._order_cache = None  # the epoch order belongs to this run's seed and data set
         self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
         self.owner = cmd.owner
         self._final = None
         info = {"run_id": run["run_id"], "model": spec.text, "split": k, "config": cfg.to_dict(),
                 "n": len(ds), "dropped": ds.dropped, "total_steps": total, "start_step": trainer.step}
         return info, back_state
+
+    def _mapping_for(self, run: dict, num_classes: int) -> ClassMapping:
+        """The secret class permutation of a run: a keyed function of what defines the training.
+
+        HMAC(sealing key "caltrain/mapping", owner, model, split, config incl. seed, data set
+        digest) seeds the permutation. The host cannot compute it (it never holds the sealing
+        key), and two runs of the same configuration on the same data in this enclave (same code,
+        same platform) get the same permutation, so they are bit-for-bit the same training. A
+        fresh random permutation per run made same-seed runs drift: the BackNet's classifier rows
+        and the dL/dIR sum over classes come in another order, which changes float32 rounding
+        (first difference ~1e-8 at step 0) and training amplifies it (docs/caltrain.md).
+        The run id is left out on purpose: a rerun under another id is the same training.
+        """
+        ident = {key: run[key] for key in ("owner", "model", "split", "config", "dataset")}
+        digest = hmac.new(self._mapping_key, json.dumps(ident, sort_keys=True).encode(), "sha256").digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big"))
+        return ClassMapping.random(num_classes, g)
 
     def _need_run(self) -> EnclaveTrainer:
         if self.trainer is None:
