@@ -10,6 +10,10 @@ store, read back for tracing.
 
 (a) backdoor: 5% of the malicious participant's images get a 4x4 checkerboard in the corner and
     the target label; (b) mislabel: 10% of its labels are flipped c -> c+1.
+Each misprediction is traced in both trace modes (`nearest`, the default, and `mislabel`; see
+enclaveml.train.trace); the scenario's top-level precision/recall/malicious_ranked_first are the
+`nearest` mode's, `modes` holds both. Queries are a seeded random sample of the scenario's
+errors (test images are stored class by class, so the first N would cover only a few classes).
 The plain baseline trains the same model (same initial weights, order, augmentation and seed)
 in ordinary PyTorch on the same poisoned data of scenario (a).
 To fit a shared 2-core CPU: a class-balanced subset of CIFAR-10 (`--per-class`), Darknet at a
@@ -43,7 +47,7 @@ from enclaveml.train.instances import EnclaveDataset, InstanceIngest, make_uploa
 from enclaveml.train.linkage import LinkageRecord, LinkageStore, records_to_arrays
 from enclaveml.train.partitioned import (ClassMapping, EnclaveTrainer, HostTrainer, PlainTrainer, TrainConfig,
                                          partitioned_step, split_for_caltrain)
-from enclaveml.train.trace import trace
+from enclaveml.train.trace import MODES, centroid_margins, trace
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 PRE = zoo.entry("darknet").preprocessing
@@ -143,6 +147,12 @@ def accuracy(model, te) -> float:
     return float((predict(model, te.images, PRE) == te.labels).float().mean())
 
 
+def sample_queries(n: int, max_queries: int, seed: int) -> torch.Tensor:
+    """Indices of up to `max_queries` of n errors, drawn at random (reproducibly), in order."""
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))[:max_queries]
+    return pick.sort().values
+
+
 def forensics(model, ds, poisoned_by_item, mal_pid: bytes, queries_u8, query_labels, k: int, eps: float, tmp: Path):
     """Linkage records -> encrypted store -> trace each query; compare with AC and spectral."""
     fps = fingerprints(model, ds.all_pixels(), PRE)
@@ -159,21 +169,37 @@ def forensics(model, ds, poisoned_by_item, mal_pid: bytes, queries_u8, query_lab
     if len(query_labels) == 0:
         return {**out, "precision": 0.0, "recall": 0.0, "malicious_ranked_first": 0.0}
     qf = fingerprints(model, queries_u8, PRE)
-    first = 0
-    per_query_prec = []
-    for q, y in zip(qf, query_labels.tolist()):
-        res = trace(q, y, fps_t, labels_t, hashes, pids, k=k)
-        first += res.summary and res.summary[0][0] == mal_pid.hex()
-        per_query_prec.append(np.mean([bool(poisoned[n.index]) for n in res.neighbours]))
+    margins = centroid_margins(fps_t, labels_t)
+    modes = {}
+    for mode in MODES:
+        first, per_query_prec, mask = 0, [], torch.zeros(len(recs), dtype=torch.bool)
+        for q, y in zip(qf, query_labels.tolist()):
+            res = trace(q, y, fps_t, labels_t, hashes, pids, k=k, mode=mode, margins=margins)
+            first += bool(res.summary) and res.summary[0][0] == mal_pid.hex()
+            idx = [n.index for n in res.neighbours]
+            mask[idx] = True
+            per_query_prec.append(np.mean([bool(poisoned[i]) for i in idx]))
+        p, r = detectors.precision_recall(mask, poisoned)
+        modes[mode] = {"precision": round(p, 4), "recall": round(r, 4),
+                       "malicious_ranked_first": round(first / len(query_labels), 4),
+                       "mean_precision_per_query": round(float(np.mean(per_query_prec)), 4), "flagged": int(mask.sum())}
     Q = detectors.Queries(qf, query_labels)
     res_d = {}
-    for name, kw in (("knn-trace", {"k": k}), ("activation-clustering", {}), ("spectral-signatures", {"eps": eps})):
+    for name, kw in (("knn-trace", {"k": k}), ("mislabel-trace", {"k": k}), ("activation-clustering", {}),
+                     ("spectral-signatures", {"eps": eps})):
         mask = detectors.get(name, **kw).flag(fps_t, labels_t, Q)
         p, r = detectors.precision_recall(mask, poisoned)
         res_d[name] = {"precision": round(p, 4), "recall": round(r, 4), "flagged": int(mask.sum())}
-    return {**out, "precision": res_d["knn-trace"]["precision"], "recall": res_d["knn-trace"]["recall"],
-            "malicious_ranked_first": round(first / len(query_labels), 4),
-            "mean_precision_per_query": round(float(np.mean(per_query_prec)), 4), "detectors": res_d}
+    assert res_d["knn-trace"]["precision"] == modes["nearest"]["precision"]  # the detector is the trace's union
+    # where the poisoned fingerprints sit: centroid margin < 0 = among another label's instances
+    neg = margins < 0
+    where = {"poisoned_margin_mean": round(float(margins[poisoned].mean()), 4),
+             "clean_margin_mean": round(float(margins[~poisoned].mean()), 4),
+             "poisoned_negative_margin": round(float(neg[poisoned].float().mean()), 4),
+             "clean_negative_margin": round(float(neg[~poisoned].float().mean()), 4)}
+    return {**out, **{key: modes["nearest"][key] for key in ("precision", "recall", "malicious_ranked_first",
+                                                           "mean_precision_per_query")},
+            "modes": modes, "fingerprints": where, "detectors": res_d}
 
 
 def run_scenario(scenario, tr, te, a, keys, tmp, with_plain: bool):
@@ -199,11 +225,16 @@ def run_scenario(scenario, tr, te, a, keys, tmp, with_plain: bool):
         tp = predict(model, trig, PRE)
         hit = tp == a.target
         res["attack_success_rate"] = round(float(hit.float().mean()), 4)
-        q_x, q_y = trig[hit][: a.max_queries], torch.full((int(hit.sum()),), a.target)[: a.max_queries]
+        pick = sample_queries(int(hit.sum()), a.max_queries, a.seed)
+        q_x, q_y = trig[hit][pick], torch.full((len(pick),), a.target)
     else:
         err = pred == (te.labels + 1) % 10  # the errors the flipped labels can cause
         res["mislabel_errors"] = int(err.sum())
-        q_x, q_y = te.images[err][: a.max_queries], pred[err][: a.max_queries]
+        # the mirror confusion c -> c-1, which the flips do not push: a control for how many
+        # c -> c+1 errors the model makes anyway (about as many, at this attack strength)
+        res["control_errors"] = int((pred == (te.labels - 1) % 10).sum())
+        pick = sample_queries(int(err.sum()), a.max_queries, a.seed)
+        q_x, q_y = te.images[err][pick], pred[err][pick]
     log(f"[{scenario}] tracing {len(q_y)} mispredictions")
     res.update(forensics(model, ds, poisoned_ds, mal_pid, q_x, q_y, a.k, a.eps, tmp))
     log(f"[{scenario}] {json.dumps(res)}")
@@ -251,7 +282,8 @@ def main() -> None:
         "accuracy_plain": first.get("accuracy_plain"),
         "time_ratio": first.get("time_ratio"),
         **{sc: {key: out[sc][key] for key in ("precision", "recall", "malicious_ranked_first", "attack_success_rate",
-                                                "queries", "k", "detectors", "accuracy_caltrain", "poisoned")
+                                                "queries", "k", "modes", "fingerprints", "mislabel_errors",
+                                                "control_errors", "detectors", "accuracy_caltrain", "poisoned")
                 if key in out[sc]} for sc in out},
         "poison_forensics_reference": POISON_FORENSICS,
         "setup": {"train": len(tr), "test": len(te), "participants": a.participants, "model": f"darknet width {a.width}",

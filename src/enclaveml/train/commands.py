@@ -115,21 +115,41 @@ def trace_cmd(
     image: Path = typer.Argument(..., help="the mispredicted input"),
     label: str = typer.Option(..., "--label", help="the (wrong) label the model gave it: name or index"),
     k: int = typer.Option(10, "-k", help="neighbours to return"),
+    mode: str = typer.Option("nearest", "--mode", help="nearest: the K nearest same-label instances (backdoors); "
+                             "mislabel: same-label instances near the input whose fingerprints sit among "
+                             "another class (flipped labels)"),
     model_dir: Path = typer.Option(Path("caltrain-model"), "--model-dir"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """(owner/auditor) Trace a misprediction to training instances and their contributors."""
     from ..data.preprocess import load_image_bytes
+    from ..errors import UserInputError
     from .owner import TracedModel
+    from .trace import MODES, trace
 
-    res = TracedModel(model_dir).trace(load_image_bytes(image), label, k)
+    if mode not in MODES:
+        raise UserInputError(f"unknown trace mode {mode!r}; known: {', '.join(MODES)}")
+    tm = TracedModel(model_dir)
+    data = load_image_bytes(image)
+    if mode == "nearest":
+        res = tm.trace(data, label, k)
+    else:  # TracedModel.trace knows only the nearest mode: the same steps, with the mode passed
+        fp, pred = tm.fingerprint(data)
+        r = trace(fp, tm.label_index(label), tm.fps, tm.labels, [x.instance_hash for x in tm.records],
+                  [x.participant for x in tm.records], k=k, mode=mode)
+        res = {**r.to_dict(tm.classes), "predicted": tm.classes[pred]}
+        for n, nd in zip(r.neighbours, res["neighbours"]):
+            nd["signature"] = tm.records[n.index].signature.hex()
     if as_json:
         typer.echo(json.dumps(res))
         return
-    typer.echo(f"{image}: predicted {res['predicted']}; {len(res['neighbours'])} nearest training instances "
+    what = "nearest" if mode == "nearest" else "most suspicious (near and among another class)"
+    typer.echo(f"{image}: predicted {res['predicted']}; {len(res['neighbours'])} {what} training instances "
                f"labelled {res['label_name']}:")
     for n in res["neighbours"]:
-        typer.echo(f"  d={n['distance']:.4f}  instance {n['instance_hash'][:16]}  participant {n['participant'][:16]}")
+        extra = f"  margin={n['margin']:+.4f}" if "margin" in n else ""
+        typer.echo(f"  d={n['distance']:.4f}{extra}  instance {n['instance_hash'][:16]}  "
+                   f"participant {n['participant'][:16]}")
     typer.echo("per participant:")
     for p in res["participants"]:
         typer.echo(f"  {p['participant'][:16]}  {p['count']}/{len(res['neighbours'])}")

@@ -5,6 +5,9 @@ Trust side: owner/auditor (pure tensor logic, no I/O). Every detector answers th
 
 - `knn-trace`: CalTrain's own forensics. For each traced misprediction (query fingerprint and
   the wrong label), the K nearest same-label training fingerprints are flagged.
+- `mislabel-trace`: the same with trace mode `mislabel` (query distance + centroid margin, see
+  `trace`): for each traced misprediction, the K same-label instances that sit nearest and most
+  among another class are flagged.
 - `activation-clustering` (Chen et al. 2018): per class, fingerprints reduced to 10 dimensions,
   k-means with k=2; the smaller cluster is flagged when its share is under `max_share`.
 - `spectral-signatures` (Tran et al. 2018): per class, scores are squared projections on the top
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .trace import nearest_same_label
+from .trace import centroid_margins, rank_same_label
 
 DETECTORS: dict[str, type["Detector"]] = {}
 
@@ -58,18 +61,26 @@ def get(name: str, **kwargs) -> Detector:
 @register
 class KnnTrace(Detector):
     name = "knn-trace"
+    mode = "nearest"
 
-    def __init__(self, k: int = 10):
-        self.k = k
+    def __init__(self, k: int = 10, weight: float = 1.0):
+        self.k, self.weight = k, weight
 
     def flag(self, fps, labels, queries=None):
         mask = torch.zeros(len(fps), dtype=torch.bool)
         if queries is None:
             return mask
+        margins = centroid_margins(fps, labels) if self.mode == "mislabel" else None  # once, not per query
         for q, y in zip(queries.fps, queries.labels.tolist()):
-            idx, _ = nearest_same_label(q, y, fps, labels, self.k)
+            idx, _ = rank_same_label(q, y, fps, labels, self.k, self.mode, margins, self.weight)
             mask[idx] = True
         return mask
+
+
+@register
+class MislabelTrace(KnnTrace):
+    name = "mislabel-trace"
+    mode = "mislabel"
 
 
 def kmeans2(x: torch.Tensor, gen: torch.Generator, iters: int = 50) -> torch.Tensor:
