@@ -3,8 +3,10 @@
 What it measures: the owner-visible time of one CalTrain training run on the real system, as
 `enclaveml train serve` runs it (an HTTP host process with the BackNet, and an enclave worker
 process with the FrontNet, labels, loss and data, connected by the enclave channel), against
-plain PyTorch training (`PlainTrainer`) of the same model, initial weights, seed, schedule and
-images, in this process.
+plain PyTorch training (`PlainTrainer`) of the same model, seed, schedule and images, in this
+process. (Not the same initial weights: the enclave draws its own from a keyed seed that the host
+cannot recompute, so plain and CalTrain start from different random weights of the same
+distribution.)
 
     seconds_caltrain        `train.owner.run` end to end: attest, start (the host hands every
                             sealed instance to the enclave, which opens and re-verifies them),
@@ -28,8 +30,8 @@ median of the default 3 runs leaves out; `seconds_caltrain_runs` lists every run
 
 Participants (`--participants`) contribute the images over HTTP first (signed, HPKE-encrypted
 to the attested enclave); that time is reported (`seconds_contribute`) but is not training.
-The enclave trains in its own order (instances sorted by keyed tag), so the two runs see the
-same images in different orders: accuracies agree statistically, not exactly.
+The enclave trains in its own order (instances sorted by keyed tag) from its own initial weights,
+so the two see the same images in different orders: accuracies agree statistically, not exactly.
 
 Run: `python benchmarks/bench_caltrain_networked.py` (defaults: 5,000 CIFAR-10 images,
 `darknet:width=16`, k=5, 2 epochs, 3 CalTrain and 4 plain runs; about 2 minutes on 2 cores).
@@ -130,7 +132,7 @@ def participant_folders(tr, classes: list[str], out: Path, n: int) -> list[Path]
 
 
 def train_plain(spec: ModelSpec, tr, cfg: TrainConfig) -> tuple[torch.nn.Module, float]:
-    torch.manual_seed(cfg.seed)  # the enclave builds its model exactly so
+    torch.manual_seed(cfg.seed)  # the enclave uses a keyed seed instead (the host must not know its weights)
     model = spec.build()
     total = cfg.steps_per_epoch(len(tr)) * cfg.epochs
     trainer = PlainTrainer(model, spec.preprocessing(), cfg, total)

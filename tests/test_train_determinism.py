@@ -127,3 +127,22 @@ def test_epoch_order_is_never_carried_over_to_the_next_run(enc):
     _start(enc, one, "third")
     idx = torch.cat([enc._indices(s) for s in range(one.steps_per_epoch(30))])
     assert sorted(idx.tolist()) == list(range(30))
+
+
+def test_host_cannot_rebuild_the_initial_model_from_the_config_seed(enc):
+    """The host gets the config (its seed included) and the BackNet's initial weights. Were the
+    model built from `torch.manual_seed(config seed)`, the host could build the same model, match
+    the classifier rows to recover the secret class order, and know the FrontNet at step 0."""
+    from safetensors.torch import load
+
+    cfg = TrainConfig(epochs=1, batch=8, seed=123)
+    info, back_state = _start(enc, cfg)
+    secret = load(back_state)
+    torch.manual_seed(info["config"]["seed"])
+    public = ModelSpec.parse(info["model"]).build()
+    rows = public.layers.fc.weight.detach()
+    assert not any(bool((rows == row).all(1).any()) for row in secret["fc.weight"])
+    public_back = dict(public.split(4)[1].state_dict())
+    same = [n for n, t in secret.items() if n in public_back and t.shape == public_back[n].shape
+            and t.numel() > 1 and t.dtype.is_floating_point and t.std() > 0 and torch.equal(t, public_back[n])]
+    assert same == [], f"BackNet tensors equal to a public-seed build: {same}"

@@ -165,7 +165,8 @@ class HostState:
 
         pipe = ModelPipeline(model_id, self.enclave, backnet, self.device, self.cfg.max_batch, self.cfg.window_ms / 1000.0,
                              on_batch=lambda n: self.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
-                             on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"))
+                             on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"),
+                             on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st))
         with self.lock:
             old = self.pipelines.get(model_id)
             self.pipelines[model_id] = pipe

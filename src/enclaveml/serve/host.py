@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -76,9 +77,11 @@ class ModelPipeline:
     """
 
     def __init__(self, model_id: str, enclave: EnclaveProxy, backnet: torch.nn.Module, device: torch.device,
-                 max_batch: int = 64, window_s: float = 0.0, on_batch=None, on_failed=None):
+                 max_batch: int = 64, window_s: float = 0.0, on_batch=None, on_failed=None, on_stage=None):
         self.model_id = model_id
         self.enclave = enclave
+        #: Called with (stage, seconds) for each request's front, backnet and finish (metrics).
+        self.on_stage = on_stage
         #: Called with the number of a request's images the enclave could not decode (metrics).
         self.on_failed = on_failed
         self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch)
@@ -87,13 +90,20 @@ class ModelPipeline:
 
     async def run(self, ciphertext: bytes) -> bytes:
         """One request through the three stages -> the sealed response."""
+        t0 = time.perf_counter()
         handle, ir = await self.front.submit(ciphertext)
+        t1 = time.perf_counter()
         try:
             scores = await self.back.submit(ir) if ir.shape[0] else torch.empty(0)
         except BaseException:
             self.abort(handle)
             raise
-        return await self.finish.submit((handle, scores))
+        t2 = time.perf_counter()
+        out = await self.finish.submit((handle, scores))
+        if self.on_stage is not None:
+            for stage, dt in (("front", t1 - t0), ("backnet", t2 - t1), ("finish", time.perf_counter() - t2)):
+                self.on_stage(stage, dt)
+        return out
 
     async def _front(self, ciphertexts: list[bytes]) -> list:
         blobs = {f"r{i}": c for i, c in enumerate(ciphertexts)}

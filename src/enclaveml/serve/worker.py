@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                          allowed_factories=config.get("allowed_factories", ()))
     info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex()}
     serve_channel(channel, _handler(svc, info), max_workers=max(1, args.threads),
-                  inline=lambda h: h.get("op") in ("abort", "info"))
+                  inline=lambda h: h.get("op") in ("abort", "info", "finish_batch"))
 
 
 if __name__ == "__main__":

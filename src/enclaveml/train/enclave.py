@@ -202,13 +202,19 @@ class CalTrainEnclave:
         if not self._items:
             raise DataError("no training instances have been contributed")
         ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True)
-        torch.manual_seed(cfg.seed)  # the same initial weights as a plain run with this seed
-        model = spec.build()
-        model.check_point(k)
         total = cfg.steps_per_epoch(len(ds)) * cfg.epochs
         run = {"run_id": cmd.model_id, "owner": cmd.owner.to_bytes().hex(), "model": spec.text, "split": k,
                "config": cfg.to_dict(), "dataset": ds.digest(), "n": len(ds), "total_steps": total,
                "classes": list(args.get("classes") or spec.classes)}
+        # Initial weights from a keyed seed, not from the config's seed: the host receives the
+        # BackNet's initial weights (classifier rows in the secret order). Built from
+        # manual_seed(config seed), the host could rebuild the same model, match the rows and
+        # recover the secret class order (then name each instance's class from the sign of
+        # dL/dscores), and it would know the FrontNet at step 0, making the first IRs a white-box
+        # inversion. A small config seed could even be brute-forced from the BackNet weights.
+        torch.manual_seed(self._secret_seed(b"init", run))
+        model = spec.build()
+        model.check_point(k)
         back_state = None
         if checkpoint:
             meta, tensors, blob = self._open_checkpoint(checkpoint)
@@ -233,21 +239,27 @@ class CalTrainEnclave:
                 "n": len(ds), "dropped": ds.dropped, "total_steps": total, "start_step": trainer.step}
         return info, back_state
 
-    def _mapping_for(self, run: dict, num_classes: int) -> ClassMapping:
-        """The secret class permutation of a run: a keyed function of what defines the training.
+    def _secret_seed(self, purpose: bytes, run: dict) -> int:
+        """A 64-bit seed that is a keyed function of what defines the training.
 
-        HMAC(sealing key "caltrain/mapping", owner, model, split, config incl. seed, data set
-        digest) seeds the permutation. The host cannot compute it (it never holds the sealing
-        key), and two runs of the same configuration on the same data in this enclave (same code,
-        same platform) get the same permutation, so they are bit-for-bit the same training. A
-        fresh random permutation per run made same-seed runs drift: the BackNet's classifier rows
-        and the dL/dIR sum over classes come in another order, which changes float32 rounding
-        (first difference ~1e-8 at step 0) and training amplifies it (docs/caltrain.md).
-        The run id is left out on purpose: a rerun under another id is the same training.
+        HMAC(sealing key "caltrain/mapping", purpose, owner, model, split, config incl. seed,
+        data set digest). The host cannot compute it (it never holds the sealing key), and two
+        runs of the same configuration on the same data in this enclave (same code, same
+        platform) get the same seeds, so they are bit-for-bit the same training. The run id is
+        left out on purpose: a rerun under another id is the same training.
         """
         ident = {key: run[key] for key in ("owner", "model", "split", "config", "dataset")}
-        digest = hmac.new(self._mapping_key, json.dumps(ident, sort_keys=True).encode(), "sha256").digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big"))
+        msg = purpose + b"\x00" + json.dumps(ident, sort_keys=True).encode()
+        return int.from_bytes(hmac.new(self._mapping_key, msg, "sha256").digest()[:8], "big")
+
+    def _mapping_for(self, run: dict, num_classes: int) -> ClassMapping:
+        """The secret class permutation of a run, from `_secret_seed(b"mapping")`.
+
+        Not a fresh random permutation per run: that made same-seed runs drift (the BackNet's
+        classifier rows and the dL/dIR sum over classes come in another order, which changes
+        float32 rounding, ~1e-8 at step 0, and training amplifies it; docs/caltrain.md).
+        """
+        g = torch.Generator().manual_seed(self._secret_seed(b"mapping", run))
         return ClassMapping.random(num_classes, g)
 
     def _need_run(self) -> EnclaveTrainer:
