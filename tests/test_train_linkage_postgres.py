@@ -242,3 +242,43 @@ def test_clear_error_without_psycopg(monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
     with pytest.raises(UserInputError, match=r"enclaveml\[postgres\]"):
         LinkageStore.open_url("postgresql://u@127.0.0.1:1/db", KEY, store="r")
+
+
+def test_training_server_keeps_linkage_in_postgres(pg, tmp_path, cifar10_dir):
+    """`train serve --linkage-url`: a real run's records land in PostgreSQL (none on the host's
+    disk), the owner's release still carries a SQLite copy, and `trace --linkage URL` reads the
+    database directly with the same answer."""
+    from test_train_system import Server, _pin_policy
+
+    from enclaveml.crypto import SigningKey
+    from enclaveml.train import demo
+    from enclaveml.train.owner import TracedModel, run
+    from enclaveml.train.participant import contribute
+    from enclaveml.train.partitioned import TrainConfig
+
+    url, host_db = pg
+    data = tmp_path / "data"
+    demo.split_folder(cifar10_dir / "train", data, 2, 2)
+    owner = SigningKey.load_or_create(tmp_path / "owner.key").public_key().to_bytes().hex()
+    srv = Server(tmp_path / "store", tmp_path / "home", owner, extra=("--linkage-url", url))
+    try:
+        _pin_policy(srv, tmp_path / "policy.toml")
+        for i in (1, 2):
+            contribute(data / f"participant{i}", srv.url, tmp_path / "policy.toml", tmp_path / f"p{i}.key")
+        cfg = TrainConfig(epochs=1, batch=10, lr=0.05, seed=1)
+        res = run(srv.url, tmp_path / "policy.toml", "darknet:width=4", 4, cfg, tmp_path / "owner.key",
+                  tmp_path / "model", run_id="pg-run", poll=0.1)
+    finally:
+        srv.kill()
+    assert res["state"] == "done"
+    n = res["instances"]
+    assert not list((tmp_path / "store").rglob("linkage.db"))  # nothing on the host's disk
+    rows = host_db.execute("SELECT count(*) FROM caltrain_linkage_records WHERE store = %s", ("pg-run",)).fetchone()
+    assert rows[0] == n
+    image = next((data / "participant2").rglob("*.jpg")).read_bytes()
+    from_copy = TracedModel(tmp_path / "model").trace(image, "cat", k=3)
+    from_db = TracedModel(tmp_path / "model", linkage=url).trace(image, "cat", k=3)
+    assert from_copy == from_db and len(from_db["neighbours"]) == 3
+    host_db.execute("DELETE FROM caltrain_linkage_records WHERE store = %s AND seq = 3", ("pg-run",))
+    with pytest.raises(TamperedMessage):
+        TracedModel(tmp_path / "model", linkage=url)

@@ -47,14 +47,14 @@ def _free_port() -> int:
 class Server:
     """`enclaveml train serve` as a subprocess in its own process group (killed by that id)."""
 
-    def __init__(self, store: Path, home: Path, owner: str):
+    def __init__(self, store: Path, home: Path, owner: str, extra: tuple[str, ...] = ()):
         self.store, self.home, self.owner = store, home, owner
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "ENCLAVEML_HOME": str(home), "PYTHONPATH": str(ROOT / "src")}
         self.log = open(store.parent / f"serve-{self.port}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "enclaveml", "train", "serve", "--store", str(store),
-                                      "--port", str(self.port), "--owner", owner], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                      "--port", str(self.port), "--owner", owner, *extra], env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         c = HostClient(self.url, timeout=5)
         for _ in range(300):

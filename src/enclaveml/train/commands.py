@@ -24,6 +24,9 @@ def serve_cmd(
     device: str = typer.Option("cpu", "--device", help="where the host runs the BackNet (cpu, cuda)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     threads: int = typer.Option(1, "--threads", help="torch threads per process"),
+    linkage_url: Optional[str] = typer.Option(None, "--linkage-url", envvar="ENCLAVEML_LINKAGE_URL",
+                                              help="keep linkage records in PostgreSQL (postgresql://user@host/db; "
+                                              "prefer the environment variable for a password) instead of --store"),
     owner: str = typer.Option(..., "--owner", help="the one owner allowed to start runs and receive the model: "
                               "Ed25519 public key (hex) or key file (measured into the enclave config)"),
 ) -> None:
@@ -34,7 +37,7 @@ def serve_cmd(
     vk = parse_owner(owner)
     typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {vk.fingerprint()[:16]})",
                err=True)
-    serve(store, port, tee, data_model, device, host, threads, vk.to_bytes().hex())
+    serve(store, port, tee, data_model, device, host, threads, vk.to_bytes().hex(), linkage_url)
 
 
 @train_app.command("policy")
@@ -119,27 +122,20 @@ def trace_cmd(
                              "mislabel: same-label instances near the input whose fingerprints sit among "
                              "another class (flipped labels)"),
     model_dir: Path = typer.Option(Path("caltrain-model"), "--model-dir"),
+    linkage: Optional[str] = typer.Option(None, "--linkage", envvar="ENCLAVEML_LINKAGE_URL",
+                                          help="read the linkage records from this postgresql:// URL (or "
+                                          "SQLite file) instead of MODEL_DIR/linkage.db"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """(owner/auditor) Trace a misprediction to training instances and their contributors."""
     from ..data.preprocess import load_image_bytes
     from ..errors import UserInputError
     from .owner import TracedModel
-    from .trace import MODES, trace
+    from .trace import MODES
 
     if mode not in MODES:
         raise UserInputError(f"unknown trace mode {mode!r}; known: {', '.join(MODES)}")
-    tm = TracedModel(model_dir)
-    data = load_image_bytes(image)
-    if mode == "nearest":
-        res = tm.trace(data, label, k)
-    else:  # TracedModel.trace knows only the nearest mode: the same steps, with the mode passed
-        fp, pred = tm.fingerprint(data)
-        r = trace(fp, tm.label_index(label), tm.fps, tm.labels, [x.instance_hash for x in tm.records],
-                  [x.participant for x in tm.records], k=k, mode=mode)
-        res = {**r.to_dict(tm.classes), "predicted": tm.classes[pred]}
-        for n, nd in zip(r.neighbours, res["neighbours"]):
-            nd["signature"] = tm.records[n.index].signature.hex()
+    res = TracedModel(model_dir, linkage).trace(load_image_bytes(image), label, k, mode)
     if as_json:
         typer.echo(json.dumps(res))
         return

@@ -56,7 +56,7 @@ class TrainingHost:
     """Everything the server does, without HTTP (so tests and the CLI share it)."""
 
     def __init__(self, store: Path, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
-                 threads: int = 1, owner: str | bytes | None = None):
+                 threads: int = 1, owner: str | bytes | None = None, linkage_url: str | None = None):
         from ..serve.channel import ChannelClient, spawn_enclave_worker
         from .enclave import parse_owner
 
@@ -65,6 +65,14 @@ class TrainingHost:
         owner_hex = parse_owner(owner).to_bytes().hex()
 
         self.root = Path(store)
+        #: Where finished runs' linkage records go: None for `runs/<run>/linkage.db` (SQLite), or a
+        #: `postgresql://` URL (one store per run id in shared tables; docs/caltrain.md).
+        self.linkage_url = linkage_url
+        if linkage_url is not None:
+            from .linkage import POSTGRES_SCHEMES
+
+            if not linkage_url.startswith(POSTGRES_SCHEMES):
+                raise UserInputError("--linkage-url must be a postgresql:// URL (SQLite stores live in --store)")
         self.instances = InstanceStore(self.root)
         self.data_spec = ModelSpec.parse(data_model)
         self.device = device
@@ -187,17 +195,14 @@ class TrainingHost:
 
             back_state = save({k: v.detach().cpu().contiguous() for k, v in host.module.state_dict().items()})
             h, _, b = self.call("finish", blobs={"back": back_state})
-            from .linkage import LinkageStore
-
             tokens: list[bytes] = []
             while len(tokens) < int(h["records"]):
                 hr, _, br = self.call("records", start=len(tokens), count=2000)
                 if int(hr["n"]) == 0:
                     raise TamperedMessage("enclave returned fewer linkage records than it announced")
                 tokens += [br[f"r{i}"] for i in range(int(hr["n"]))]
-            store = LinkageStore(rs.linkage_path)
-            store.write_sealed(tokens, b["meta"])
-            store.close()
+            with self._linkage(rs, st["run_id"]) as store:
+                store.write_sealed(tokens, b["meta"])
             rs.save_final(b["final"])
             st.update(state="done", seconds=round(time.time() - st["started"], 1))
         except Exception as e:  # the run stops; the server goes on serving
@@ -212,11 +217,29 @@ class TrainingHost:
         _, _, b = self.call("release", blobs={"command": command, "final": final})
         return b["release"]
 
+    def _linkage(self, rs: "RunStore", run_id: str):
+        from .linkage import LinkageStore
+
+        return LinkageStore(self.linkage_url, store=run_id) if self.linkage_url else LinkageStore(rs.linkage_path)
+
     def linkage_bytes(self, run_id: str) -> bytes:
-        p = RunStore(self.root, check_run_id(run_id)).linkage_path
-        if not p.exists():
-            raise UserInputError(f"run {run_id!r} has no linkage store yet")
-        return p.read_bytes()
+        """The run's sealed linkage store as one SQLite file (copied out of PostgreSQL if it lives
+        there), so the owner's tools read it the same way whatever the server's backend."""
+        rs = RunStore(self.root, check_run_id(run_id))
+        if self.linkage_url is None:
+            if not rs.linkage_path.exists():
+                raise UserInputError(f"run {run_id!r} has no linkage store yet")
+            return rs.linkage_path.read_bytes()
+        import tempfile
+
+        from .linkage import LinkageStore
+
+        with self._linkage(rs, run_id) as src:
+            tokens, meta = src.read_sealed()  # UserInputError if the run has no records yet
+        with tempfile.TemporaryDirectory(prefix="linkage-") as tmp:
+            with LinkageStore(Path(tmp) / "linkage.db") as copy:
+                copy.write_sealed(tokens, meta)
+            return (Path(tmp) / "linkage.db").read_bytes()
 
 
 def create_app(host_factory) -> "Any":
@@ -298,12 +321,13 @@ def create_app(host_factory) -> "Any":
 
 
 def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
-          host: str = "127.0.0.1", threads: int = 1, owner: str | bytes | None = None) -> None:
+          host: str = "127.0.0.1", threads: int = 1, owner: str | bytes | None = None,
+          linkage_url: str | None = None) -> None:
     import uvicorn
 
     from .enclave import parse_owner
 
     owner_hex = parse_owner(owner).to_bytes().hex() if owner is not None else None  # fail before spawning
     torch.set_num_threads(max(1, threads))
-    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex))
+    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex, linkage_url))
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -94,7 +94,9 @@ def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run
 class TracedModel:
     """The released model folder, opened for tracing (owner or auditor)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, linkage: str | Path | None = None):
+        """`linkage`: read the records from there (a `postgresql://` URL or another SQLite file)
+        instead of the folder's linkage.db; the folder's key and run id still decide what opens."""
         from safetensors.torch import load_file
 
         from .linkage import LinkageStore, records_to_arrays
@@ -111,9 +113,9 @@ class TracedModel:
         self.model.load_state_dict(load_file(str(self.dir / "model.safetensors")))
         self.model.eval()
         self.pre = self.spec.preprocessing()
-        store = LinkageStore(self.dir / "linkage.db", key)
-        self.records = store.read_all()  # TamperedMessage if the store was changed
-        store.close()
+        with LinkageStore(linkage or self.dir / "linkage.db", key,
+                          store=self.meta.get("run_id") if linkage else None) as store:
+            self.records = store.read_all()  # TamperedMessage if the store was changed
         if len(self.records) != int(self.meta["instances"]):
             raise TamperedMessage("linkage store does not hold one record per training instance")
         self.fps, self.labels = records_to_arrays(self.records)
@@ -131,13 +133,14 @@ class TracedModel:
         fp = torch.nn.functional.normalize(self.model.penultimate(x), dim=1)[0]
         return fp, int(self.model(x).argmax(1))
 
-    def trace(self, image_bytes: bytes, label: str, k: int = 10) -> dict:
+    def trace(self, image_bytes: bytes, label: str, k: int = 10, mode: str = "nearest") -> dict:
+        """Trace a misprediction (`trace.MODES`: "nearest" for backdoors, "mislabel" for flipped labels)."""
         from .trace import trace
 
         y = self.label_index(label)
         fp, pred = self.fingerprint(image_bytes)
         res = trace(fp, y, self.fps, self.labels, [r.instance_hash for r in self.records],
-                    [r.participant for r in self.records], k=k)
+                    [r.participant for r in self.records], k=k, mode=mode)
         d = res.to_dict(self.classes)
         d["predicted"] = self.classes[pred]
         sigs = {i: self.records[n.index].signature.hex() for i, n in enumerate(res.neighbours)}
