@@ -141,7 +141,7 @@ def main() -> None:
                     help="assessment.json whose recommended split to use (absent: --k)")
     ap.add_argument("--k", type=int, default=3, help="split when no assessment is given")
     ap.add_argument("--limit", type=int, default=None, help="use this many test images (default: all)")
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=8, help="concurrent client threads for the throughput figure")
     ap.add_argument("--batch", type=int, default=32, help="images per client request (and plain batch)")
     ap.add_argument("--single", type=int, default=400, help="single-image requests for latency")
     ap.add_argument("--rounds", type=int, default=4, help="alternations of plain and service runs")

@@ -42,6 +42,7 @@ Model upload (POST /v1/models/{model}) and other multi-part bodies: `pack_parts`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -201,13 +202,19 @@ def _json(v: Any) -> str:
     return json.dumps(v, separators=(",", ":"), allow_nan=False)
 
 
-def result_size(model_id: str, labels: list[str], top_k: int, logits: bool) -> int:
+def result_size(model_id: str, labels: "list[str] | tuple[str, ...]", top_k: int, logits: bool) -> int:
     """The padded plaintext size of every result for this deployment, `top_k` and `logits` flag.
 
     An upper bound on the JSON of any outcome (the longest labels and numbers in every top-k
     slot, every logit at its longest), rounded up to a multiple of `RESULT_BLOCK`. It depends only
-    on the deployment and the request's options, never on the scores.
+    on the deployment and the request's options, never on the scores. (Cached: the enclave asks
+    for it once per image, and it costs more than the result's JSON.)
     """
+    return _result_size(model_id, tuple(labels), top_k, bool(logits))
+
+
+@functools.lru_cache(maxsize=256)
+def _result_size(model_id: str, labels: tuple[str, ...], top_k: int, logits: bool) -> int:
     n = len(labels)
     k = min(top_k, n)
     longest_labels = sorted((len(_json(str(lab))) for lab in labels), reverse=True)[:k]
@@ -227,7 +234,7 @@ def _error_item(model_id: str) -> bytes:
 def encode_error_item(model_id: str, labels: list[str], top_k: int, logits: bool) -> bytes:
     """Enclave side: the item for an image it could not decode, as long as any result item."""
     raw = _error_item(model_id)
-    return raw + bytes(result_size(model_id, list(labels), top_k, logits) - len(raw))
+    return raw + bytes(result_size(model_id, labels, top_k, logits) - len(raw))
 
 
 def encode_result(model_id: str, probs: list[float], labels: list[str], top_k: int,
@@ -240,7 +247,7 @@ def encode_result(model_id: str, probs: list[float], labels: list[str], top_k: i
     if logits is not None:
         res["logits"] = [float(v) for v in logits]
     raw = _json(res).encode()
-    size = result_size(model_id, list(labels), top_k, logits is not None)
+    size = result_size(model_id, labels, top_k, logits is not None)
     if len(raw) > size:  # cannot happen (result_size is an upper bound); never send a telling length
         raise RuntimeError("result is longer than its padded size")
     return raw + bytes(size - len(raw))
