@@ -7,11 +7,9 @@ measured configuration, which the participants' policies pin in turn.
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
-from PIL import Image
 
 from enclaveml.crypto import SigningKey, seal_owner_command
 from enclaveml.errors import ReplayedMessage, TamperedMessage, Unauthorized, UserInputError, PolicyViolation
@@ -20,20 +18,13 @@ from enclaveml.train.enclave import ENCLAVE_CONFIG, START, CalTrainEnclave, encl
 from enclaveml.train.instances import make_upload
 from enclaveml.train.partitioned import TrainConfig
 from enclaveml.train.spec import ModelSpec
+from image_helpers import random_png
 
 SPEC = "darknet:width=4"
 CFG = TrainConfig(epochs=1, batch=4, seed=1)
 REFUSED = (TamperedMessage, Unauthorized, PolicyViolation, ReplayedMessage)
 #: The owner the participants agreed to: pinned in the enclave's measured configuration (F-2 fix).
 OWNER = SigningKey.generate()
-
-
-def _png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    px = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-    b = io.BytesIO()
-    Image.fromarray(px, "RGB").save(b, "PNG")
-    return b.getvalue()
 
 
 @pytest.fixture()
@@ -44,7 +35,7 @@ def caltrain(tmp_path_factory):
     enc = CalTrainEnclave(be)
     spec = ModelSpec.parse(SPEC)
     participants = [SigningKey.generate(), SigningKey.generate()]
-    uploads = [make_upload(enc.hpke.public_bytes(), participants[i % 2], _png(i), i % 10)[1] for i in range(6)]
+    uploads = [make_upload(enc.hpke.public_bytes(), participants[i % 2], random_png(i), i % 10)[1] for i in range(6)]
     res = enc.ingest(uploads, spec)
     assert all(r["status"] == "accepted" for r in res), res
     enc.add_data([(r["tag"], r["sealed"]) for r in res])

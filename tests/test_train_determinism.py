@@ -10,11 +10,9 @@ belongs to one run (seed and data set), never to the next.
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
-from PIL import Image
 
 from enclaveml.crypto import SigningKey, seal_owner_command
 from enclaveml.tee.sim import SimBackend
@@ -22,17 +20,10 @@ from enclaveml.train.enclave import START, CalTrainEnclave, enclave_config
 from enclaveml.train.instances import make_upload
 from enclaveml.train.partitioned import HostTrainer, TrainConfig
 from enclaveml.train.spec import ModelSpec
+from image_helpers import random_png
 
 SPEC = "darknet:width=4"
 OWNER = SigningKey.generate()
-
-
-def _png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    px = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-    b = io.BytesIO()
-    Image.fromarray(px, "RGB").save(b, "PNG")
-    return b.getvalue()
 
 
 @pytest.fixture()
@@ -46,7 +37,7 @@ def enc(tmp_path):
 
 
 def _add(e: CalTrainEnclave, seeds, reset: bool = False) -> None:
-    res = e.ingest([make_upload(e.hpke.public_bytes(), e._participant, _png(i), i % 10)[1] for i in seeds],
+    res = e.ingest([make_upload(e.hpke.public_bytes(), e._participant, random_png(i), i % 10)[1] for i in seeds],
                    ModelSpec.parse(SPEC))
     e.add_data([(r["tag"], r["sealed"]) for r in res], reset=reset)
 

@@ -3,11 +3,9 @@ commands are one-time, and the owner/participant client treats the host's answer
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
-from PIL import Image
 
 from enclaveml.crypto import HpkeKeyPair, SigningKey, seal_owner_command
 from enclaveml.errors import ReplayedMessage, TamperedMessage, Unauthorized, UserInputError
@@ -17,17 +15,10 @@ from enclaveml.train.enclave import ENCLAVE_CONFIG, RELEASE, START, CalTrainEncl
 from enclaveml.train.instances import make_upload
 from enclaveml.train.partitioned import TrainConfig
 from enclaveml.train.spec import ModelSpec
+from image_helpers import random_png
 
 SPEC = "darknet:width=4"
 CFG = TrainConfig(epochs=1, batch=4, seed=1)
-
-
-def _png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    px = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-    b = io.BytesIO()
-    Image.fromarray(px, "RGB").save(b, "PNG")
-    return b.getvalue()
 
 
 OWNER = SigningKey.generate()
@@ -40,7 +31,7 @@ def owned(tmp_path_factory):
                     platform_dir=tmp_path_factory.getbasetemp() / "caltrain-platform", lock_memory=False)
     enc = CalTrainEnclave(be)
     p = SigningKey.generate()
-    res = enc.ingest([make_upload(enc.hpke.public_bytes(), p, _png(i), i % 10)[1] for i in range(6)],
+    res = enc.ingest([make_upload(enc.hpke.public_bytes(), p, random_png(i), i % 10)[1] for i in range(6)],
                      ModelSpec.parse(SPEC))
     enc.add_data([(r["tag"], r["sealed"]) for r in res])
     return enc
