@@ -201,3 +201,39 @@ def test_enclave_worker_runs_over_a_socket_path(tmp_path):
         assert h["evidence"]["backend"] == "sim" and h["public_key"] == proxy.info["public_key"]
     finally:
         proxy.close()
+
+
+def test_an_event_loop_can_read_the_replies(tmp_path):
+    """Loop mode (the host server's): replies are read by the event loop when the socket is
+    readable, awaited there and from other threads; an 8 MB blob crosses the socket the loop made
+    non-blocking; the worker's death fails what is pending; close from another thread is clean."""
+    import asyncio
+
+    (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
+        client = ch.ChannelClient(chan, loop=loop)
+        big = os.urandom(8 << 20)
+        h, t, b = await asyncio.wrap_future(client.call({"op": "echo", "n": 1}, {"x": torch.arange(5.0)}, {"big": big}))
+        assert h["n"] == 1 and torch.equal(t["x"], torch.arange(5.0) * 2) and b["big"] == big[::-1]
+        many = await asyncio.gather(*(asyncio.wrap_future(client.call({"op": "echo", "n": i})) for i in range(50)))
+        assert [m[0]["n"] for m in many] == list(range(50))
+        # a blocking request from another thread, answered through the loop
+        assert (await asyncio.to_thread(client.request, {"op": "echo", "n": 99}))[0]["n"] == 99
+        with pytest.raises(ch.ChannelClosed):
+            await asyncio.wrap_future(client.call({"op": "exit"}))
+        assert client.closed is not None and proc.wait(60) == 3
+        await asyncio.to_thread(client.close)
+
+        proc2, chan2 = ch.spawn_enclave_worker("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
+        client2 = ch.ChannelClient(chan2, loop=loop)
+        assert (await asyncio.wrap_future(client2.call({"op": "echo", "n": 2})))[0]["n"] == 2
+        await asyncio.to_thread(client2.close)  # from another thread: the loop stops reading first
+        assert proc2.wait(60) == 0
+        with pytest.raises(ch.ChannelClosed):
+            client2.request({"op": "echo"}, timeout=5)
+
+    asyncio.run(main())

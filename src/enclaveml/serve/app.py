@@ -126,10 +126,11 @@ MAX_RESTART_BACKOFF_S = 30.0
 class HostState:
     """What the host process holds: the enclave proxy, per-model pipelines, store, metrics, log."""
 
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, loop: "asyncio.AbstractEventLoop | None" = None):
         from .store import ModelStore
 
         self.cfg = cfg
+        self.loop = loop
         self.metrics = Metrics()
         self.log = json_logger()
         self.store = ModelStore(cfg.store)
@@ -146,7 +147,7 @@ class HostState:
                         for a in ("--allow-factory", f)]
         enclave = EnclaveProxy(self.cfg.tee, threads=self.cfg.enclave_threads,
                                extra_args=[*factory_args, *self.cfg.worker_args],
-                               socket_path=self.cfg.worker_socket, launch=self.cfg.worker_launch)
+                               socket_path=self.cfg.worker_socket, launch=self.cfg.worker_launch, loop=self.loop)
         self.log.info("enclave started", extra={"fields": {
             "enclave_pid": enclave.pid, "tee": self.cfg.tee, "device": str(self.device),
             "measurement": enclave.info.get("measurement"), "hardening": enclave.info.get("hardening")}})
@@ -236,7 +237,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["s"] = await asyncio.to_thread(HostState, cfg)
+        state["s"] = await asyncio.to_thread(HostState, cfg, asyncio.get_running_loop())
         await state["s"].restore_all()
         supervisor = asyncio.ensure_future(state["s"].supervise())
         try:

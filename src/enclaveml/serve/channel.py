@@ -40,10 +40,12 @@ whose message is not sent).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import re
+import select
 import socket
 import struct
 import subprocess
@@ -327,7 +329,11 @@ class Channel:
         with self._send_lock:
             try:
                 while views:
-                    sent = self.sock.sendmsg(views[:_IOV_MAX])
+                    try:
+                        sent = self.sock.sendmsg(views[:_IOV_MAX])
+                    except BlockingIOError:  # an event loop polling this socket made it non-blocking
+                        select.select([], [self.sock], [], 1.0)
+                        continue
                     while sent and views:
                         if sent >= len(views[0]):
                             sent -= len(views[0])
@@ -347,6 +353,9 @@ class Channel:
         while got < n:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
+            except BlockingIOError:  # non-blocking (polled by an event loop): the rest is coming
+                select.select([self.sock], [], [], 1.0)
+                continue
             except OSError as e:
                 raise ChannelClosed(f"channel receive failed ({type(e).__name__})") from None
             if k == 0:
@@ -391,45 +400,54 @@ class Channel:
     def recv(self) -> Message:
         """Receive the next message: (header, tensors, blobs). Raises `ChannelClosed` at EOF."""
         while True:
-            (n,) = _LEN.unpack(self._recv_exact(_LEN.size))
-            if n > MAX_META_BYTES:
-                raise ChannelError("frame header is too large")
-            header, blob_sizes, tdescs, frees = decode_meta(bytes(self._recv_exact(n)))
-            for seg, off in frees:
-                if self._arena is not None and seg == self._arena.name:
-                    self._arena.free(off)
-            raw = memoryview(self._recv_exact(sum(size for _, size in blob_sizes)))  # one read for all
-            blobs, pos = {}, 0
-            for name, size in blob_sizes:
-                blobs[name] = bytes(raw[pos:pos + size])
-                pos += size
-            if not tdescs:
-                if frees and not header and not blobs:
-                    continue  # a pure control frame
-                return header, {}, blobs
-            inline_total = sum(d[5] for d in tdescs if d[3] == INLINE)
-            if inline_total > MAX_INLINE_BYTES:
-                raise ChannelError("frame tensors are too large")
-            inline = memoryview(self._recv_exact(inline_total)) if inline_total else None
-            tensors, ipos = {}, 0
-            try:
-                for d in tdescs:
-                    if d[3] == INLINE:
-                        out = torch.empty(d[2], dtype=_DTYPES[d[1]])
-                        if d[5]:
-                            out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(inline, np.uint8, d[5], ipos)
-                        ipos += d[5]
-                        tensors[d[0]] = out
-                    else:
-                        tensors[d[0]] = self._take_tensor(d)
-            finally:
-                done = [[d[3], d[4]] for d in tdescs if d[3].startswith("emla")]
-                if done:
-                    try:
-                        self._send_frame(encode_meta({}, {}, [], done), [])
-                    except ChannelClosed:
-                        pass
-            return header, tensors, blobs
+            msg = self.recv_frame()
+            if msg is not None:
+                return msg
+
+    def recv_frame(self) -> Message | None:
+        """Receive one frame: a message, or None for a pure control frame (freed slots).
+
+        For an event loop that reads when the socket is readable: one call per readiness event
+        never waits for a second frame."""
+        (n,) = _LEN.unpack(self._recv_exact(_LEN.size))
+        if n > MAX_META_BYTES:
+            raise ChannelError("frame header is too large")
+        header, blob_sizes, tdescs, frees = decode_meta(bytes(self._recv_exact(n)))
+        for seg, off in frees:
+            if self._arena is not None and seg == self._arena.name:
+                self._arena.free(off)
+        raw = memoryview(self._recv_exact(sum(size for _, size in blob_sizes)))  # one read for all
+        blobs, pos = {}, 0
+        for name, size in blob_sizes:
+            blobs[name] = bytes(raw[pos:pos + size])
+            pos += size
+        if not tdescs:
+            if frees and not header and not blobs:
+                return None  # a pure control frame
+            return header, {}, blobs
+        inline_total = sum(d[5] for d in tdescs if d[3] == INLINE)
+        if inline_total > MAX_INLINE_BYTES:
+            raise ChannelError("frame tensors are too large")
+        inline = memoryview(self._recv_exact(inline_total)) if inline_total else None
+        tensors, ipos = {}, 0
+        try:
+            for d in tdescs:
+                if d[3] == INLINE:
+                    out = torch.empty(d[2], dtype=_DTYPES[d[1]])
+                    if d[5]:
+                        out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(inline, np.uint8, d[5], ipos)
+                    ipos += d[5]
+                    tensors[d[0]] = out
+                else:
+                    tensors[d[0]] = self._take_tensor(d)
+        finally:
+            done = [[d[3], d[4]] for d in tdescs if d[3].startswith("emla")]
+            if done:
+                try:
+                    self._send_frame(encode_meta({}, {}, [], done), [])
+                except ChannelClosed:
+                    pass
+        return header, tensors, blobs
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -553,17 +571,29 @@ def raise_remote(header: Header) -> None:
 
 
 class ChannelClient:
-    """Caller side: `call()` sends a request and returns a Future of the reply (many in flight)."""
+    """Caller side: `call()` sends a request and returns a Future of the reply (many in flight).
 
-    def __init__(self, channel: Channel, on_unsolicited: Callable[[Message], None] | None = None):
+    Replies are read by a thread of its own, or, given `loop`, by that asyncio event loop when the
+    socket is readable: a reply then reaches the coroutine awaiting it without waking another
+    thread first (one hand-off less per call on the serving path; blocking `request()` from
+    other threads still works).
+    """
+
+    def __init__(self, channel: Channel, on_unsolicited: Callable[[Message], None] | None = None,
+                 loop: "asyncio.AbstractEventLoop | None" = None):
         self.channel = channel
         self._ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._on_unsolicited = on_unsolicited
         self.closed: BaseException | None = None
-        self._reader = threading.Thread(target=self._read_loop, name="channel-reader", daemon=True)
-        self._reader.start()
+        self._loop = loop
+        self._reader: threading.Thread | None = None
+        if loop is None:
+            self._reader = threading.Thread(target=self._read_loop, name="channel-reader", daemon=True)
+            self._reader.start()
+        else:
+            loop.call_soon_threadsafe(loop.add_reader, channel.sock.fileno(), self._on_readable)
 
     def call(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
              blobs: dict[str, bytes] | None = None) -> "Future[Message]":
@@ -587,31 +617,80 @@ class ChannelClient:
         """Blocking `call`: the reply, or the worker's error raised as its own class."""
         return self.call(header, tensors, blobs).result(timeout)
 
+    def _dispatch(self, msg: Message) -> None:
+        rid = msg[0].get("id")
+        with self._lock:
+            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if fut is None:
+            if self._on_unsolicited is not None:
+                self._on_unsolicited(msg)
+            return
+        try:
+            raise_remote(msg[0])
+            fut.set_result(msg)
+        except BaseException as e:
+            fut.set_exception(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        with self._lock:
+            self.closed = e
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
+
     def _read_loop(self) -> None:
         try:
             while True:
-                msg = self.channel.recv()
-                rid = msg[0].get("id")
-                with self._lock:
-                    fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
-                if fut is None:
-                    if self._on_unsolicited is not None:
-                        self._on_unsolicited(msg)
-                    continue
-                try:
-                    raise_remote(msg[0])
-                    fut.set_result(msg)
-                except BaseException as e:
-                    fut.set_exception(e)
+                self._dispatch(self.channel.recv())
         except BaseException as e:
-            with self._lock:
-                self.closed = e
-                pending, self._pending = self._pending, {}
-            for fut in pending.values():
-                fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
+            self._fail_all(e)
+
+    def _on_readable(self) -> None:
+        """Loop mode: one frame per readiness event (the loop calls again while more is queued)."""
+        try:
+            msg = self.channel.recv_frame()
+        except BaseException as e:
+            self._stop_reading()
+            self._fail_all(e)
+            return
+        if msg is not None:
+            self._dispatch(msg)
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.channel.sock.fileno())
+            except (ValueError, OSError):  # already closed
+                pass
 
     def close(self) -> None:
-        self.channel.close()
+        if self._loop is None or self._loop.is_closed() or not self._loop.is_running():
+            self.channel.close()
+            return
+        done = threading.Event()
+
+        def close_in_loop() -> None:
+            try:
+                self._stop_reading()
+                self.channel.close()
+            finally:
+                done.set()
+
+        if _running_loop() is self._loop:
+            close_in_loop()
+        else:
+            self._loop.call_soon_threadsafe(close_in_loop)
+            if not done.wait(5.0):
+                self.channel.close()
+        if self.closed is None:
+            self._fail_all(ChannelClosed("the enclave channel is closed"))
+
+
+def _running_loop() -> "asyncio.AbstractEventLoop | None":
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 Handler = Callable[[Header, dict[str, torch.Tensor], dict[str, bytes]],

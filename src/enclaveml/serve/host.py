@@ -32,7 +32,7 @@ class EnclaveProxy:
 
     def __init__(self, tee: str = "sim", threads: int = 2, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None, timeout_s: float = 60.0, socket_path: str | None = None,
-                 launch=None):
+                 launch=None, loop: "asyncio.AbstractEventLoop | None" = None):
         args = ["--tee", tee, "--threads", str(threads), *(extra_args or [])]
         if socket_path is None:  # inherited socketpair fd, tensors through shared memory
             self.proc, chan = ch.spawn_enclave_worker("enclaveml.serve.worker", args, env=env)
@@ -41,7 +41,7 @@ class EnclaveProxy:
             # `launch` (e.g. `gramine-sgx worker`) starts the worker instead: its argv is fixed by the
             # signed manifest, not by this host.
             self.proc, chan = ch.spawn_enclave_worker_at(socket_path, argv, env=env, launch=launch)
-        self.client = ch.ChannelClient(chan)
+        self.client = ch.ChannelClient(chan, loop=loop)  # loop: replies read by the server's event loop
         self.timeout_s = timeout_s
         self.info: dict[str, Any] = self.call({"op": "info"})[0]
 
