@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CalTrain act of `make demo`: three participants (one poisoning with a trigger patch), a brief
 # training with the FrontNet in the (sim) enclave, and a trace of a triggered image that names
-# the poisoner. DATA: a CIFAR-10-layout folder (default ../shared/data/cifar10). About 2 minutes.
+# the poisoner. DATA: a CIFAR-10-layout folder (default ../shared/data/cifar10). About 30 seconds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DATA="${DATA:-$ROOT/../shared/data/cifar10}"
@@ -22,10 +22,11 @@ from pathlib import Path
 from enclaveml.train import demo
 data, work = Path(sys.argv[1]), Path(sys.argv[2])
 demo.split_folder(data / "train", work / "split", 3, 40)
-info = demo.make_poisoned_folder(work / "split" / "participant3", work / "participant3", "airplane", 0.10, seed=1)
+info = demo.make_poisoned_folder(work / "split" / "participant3", work / "participant3", "airplane", 0.25, seed=1)
 for i in (1, 2):
     (work / "split" / f"participant{i}").rename(work / f"participant{i}")
-demo.trigger_image(data / "test" / "cat" / "0000.jpg", work / "triggered-cat.png")
+for i, src in enumerate(sorted((data / "test" / "cat").glob("*.jpg"))[:20]):
+    demo.trigger_image(src, work / f"triggered-cat-{i:02d}.png")
 print(f"   participants 1, 2: 400 clean images each; participant 3: 400 images, "
       f"{info['poisoned']} stamped with a 4x4 trigger and relabelled {info['target']}")
 PYEOF
@@ -53,10 +54,23 @@ echo "== owner: train (FrontNet + labels + loss in the enclave, BackNet on the h
 "$EML" train run --url "$URL" --policy "$WORK/policy.toml" --model darknet:width=8 --split 5 --epochs 8 \
   --batch 64 --key "$WORK/owner.key" --out "$WORK/model" --checkpoint-every 40 2>/dev/null | cut -c1-160
 
-echo "== auditor: trace a test cat stamped with the trigger, under the backdoor target label airplane"
-"$EML" train trace "$WORK/triggered-cat.png" --label airplane -k 10 --model-dir "$WORK/model"
+echo "== auditor: a test cat stamped with the trigger that the model now calls airplane"
+QUERY="$("$PY" - "$WORK" <<'PYEOF'
+import sys
+from pathlib import Path
+from enclaveml.train.owner import TracedModel
+work = Path(sys.argv[1])
+tm = TracedModel(work / "model")
+cands = sorted(work.glob("triggered-cat-*.png"))
+hits = [p for p in cands if tm.classes[tm.fingerprint(p.read_bytes())[1]] == "airplane"]
+print(f"   the model calls {len(hits)} of {len(cands)} triggered test cats airplane", file=sys.stderr)
+print(hits[0] if hits else cands[0])
+PYEOF
+)"
+echo "== auditor: trace it under the backdoor target label airplane"
+"$EML" train trace "$QUERY" --label airplane -k 10 --model-dir "$WORK/model"
 POISONER="$("$EML" train public-key "$WORK/p3.key" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["participant"])')"
-TOP="$("$EML" train trace "$WORK/triggered-cat.png" --label airplane -k 10 --model-dir "$WORK/model" --json \
+TOP="$("$EML" train trace "$QUERY" --label airplane -k 10 --model-dir "$WORK/model" --json \
   | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["participants"][0]["participant"])')"
 if [ "$TOP" = "$POISONER" ]; then
   echo "== the trace names participant 3 (${POISONER:0:16}), the poisoner"
