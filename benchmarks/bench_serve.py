@@ -3,7 +3,8 @@
 Trust side: operator (runs the owner, the clients and the server on one machine).
 
 Service: `enclaveml serve --tee sim` (host + enclave worker) with the Darknet-like zoo model at the
-recommended split (from --assessment / $ASSESSMENT / out/demo/assess/assessment.json, else --k),
+recommended split (from --assessment / $ASSESSMENT / the full assessment `make bench-assess` wrote,
+out/bench/assess/darknet/assessment.json / the demo's out/demo/assess/assessment.json, else --k),
 deployed by an owner; several client threads send the CIFAR-10 test set as encrypted requests of
 --batch images each (one HPKE message per request), and one client sends single-image requests one
 after another for the latency figures. Plain: the same JPEG bytes decoded and preprocessed by the same
@@ -137,8 +138,10 @@ def main() -> None:
     shared = paths.shared_dir()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("DATA") or (str(shared / "data" / "cifar10" / "test") if shared else None))
-    ap.add_argument("--assessment", default=os.environ.get("ASSESSMENT") or "out/demo/assess/assessment.json",
-                    help="assessment.json whose recommended split to use (absent: --k)")
+    found = [a for a in ("out/bench/assess/darknet/assessment.json", "out/demo/assess/assessment.json") if Path(a).exists()]
+    ap.add_argument("--assessment", default=os.environ.get("ASSESSMENT") or (found[0] if found else None),
+                    help="assessment.json whose recommended split to use (default: `make bench-assess`'s, "
+                         "else `make demo`'s; absent: --k)")
     ap.add_argument("--k", type=int, default=3, help="split when no assessment is given")
     ap.add_argument("--limit", type=int, default=None, help="use this many test images (default: all)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent client threads for the throughput figure")
