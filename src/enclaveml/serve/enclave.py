@@ -82,8 +82,9 @@ class EnclaveService:
     """All enclave state for serving. Thread-safe: many `front`/`finish` calls run concurrently."""
 
     def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
-                 device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = ()):
+                 device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = 64):
         self.backend = backend
+        self.max_pass = max(1, int(max_pass))
         #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
         #: configuration (`protocol.enclave_config`), never from an upload.
         self.allowed_factories = protocol.check_factory_names(list(allowed_factories))
@@ -257,7 +258,10 @@ class EnclaveService:
             except Exception as e:
                 opened.append(e)
         xs_all = [x for o in opened if not isinstance(o, Exception) for x in o[0]]
-        irs = dep.front(torch.stack(xs_all).to(self.device)).cpu() if xs_all else torch.empty(0)
+        # At most `max_pass` images per FrontNet pass: many requests of many images must not
+        # outgrow the enclave's memory (the assessment's cost figures assume bounded batches).
+        irs = (torch.cat([dep.front(torch.stack(xs_all[i:i + self.max_pass]).to(self.device)).cpu()
+                          for i in range(0, len(xs_all), self.max_pass)]) if xs_all else torch.empty(0))
         out: list[tuple[str, torch.Tensor, int] | Exception] = []
         row = 0
         for o in opened:
