@@ -247,7 +247,7 @@ class EnclaveService:
     @torch.no_grad()
     def front_batch(self, model_id: str,
                     ciphertexts: list[bytes]) -> list[tuple[str, torch.Tensor, int] | Exception]:
-        """Several requests for one model through one FrontNet pass -> per request (handle, IR
+        """Several requests for one model through shared FrontNet passes (`max_pass` images each) -> per request (handle, IR
         rows, images that failed to decode), or its error; failures stay per request."""
         dep = self._deployment(model_id)
         opened: list[tuple[list[torch.Tensor], _Pending] | Exception] = []
