@@ -247,8 +247,9 @@ class EnclaveService:
     @torch.no_grad()
     def front_batch(self, model_id: str,
                     ciphertexts: list[bytes]) -> list[tuple[str, torch.Tensor, int] | Exception]:
-        """Several requests for one model through shared FrontNet passes (`max_pass` images each) -> per request (handle, IR
-        rows, images that failed to decode), or its error; failures stay per request."""
+        """Several requests for one model through shared FrontNet passes (`max_pass` images each)
+        -> per request (handle, IR rows, images that failed to decode), or its error; failures
+        stay per request."""
         dep = self._deployment(model_id)
         opened: list[tuple[list[torch.Tensor], _Pending] | Exception] = []
         for ct in ciphertexts:
