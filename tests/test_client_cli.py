@@ -30,7 +30,7 @@ def test_deploy_infer_undeploy_from_the_command_line(tmp_path, cifar10_dir):
     bundle = tmp_path / "bundle"
     _cli(env, "partition", "darknet", "--at", "4", "--untrained", "--out", bundle)
     assert (tmp_path / "bundle.modelkey").exists() and (home / "owner.key").exists()
-    _cli(env, "attest", "policy", "--tee", "sim", "--out", tmp_path / "policy.toml")
+    _cli(env, "attest", "policy", "--tee", "sim", "--model", bundle, "--out", tmp_path / "policy.toml")
     images = sorted((cifar10_dir / "test" / "ship").glob("*.jpg"))[:2]
     with ServerProcess(tmp_path / "store", tmp_path / "server.log", env=env) as srv:
         out = _cli(env, "deploy", bundle, "--url", srv.url, "--policy", tmp_path / "policy.toml").stdout
@@ -48,7 +48,7 @@ def test_deploy_infer_undeploy_from_the_command_line(tmp_path, cifar10_dir):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
         assert "deleted darknet" in _cli(env, "undeploy", "darknet", "--url", srv.url, "--policy",
                                          tmp_path / "policy.toml").stdout
-        assert "darknet" not in httpx.get(srv.url + "/healthz").json()["models"]
+        assert not any(m.endswith("/darknet") for m in httpx.get(srv.url + "/healthz").json()["models"])
 
 
 def test_cli_reports_an_unreachable_server(tmp_path):

@@ -19,6 +19,7 @@ from enclaveml.errors import (DataError, EvidenceRejected, ReplayedMessage, Tamp
                               Unauthorized, UserInputError)
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
+from enclaveml.protocol import ModelPin, ModelRef, Target
 from enclaveml.serve import protocol
 from enclaveml.serve.enclave import EnclaveService
 from enclaveml.tee import bind_report_data, verify_evidence
@@ -43,13 +44,22 @@ def world(tmp_path_factory):
     nonce = b"owner-nonce-0001"
     svc.evidence(nonce)
     svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce), files)
+    global REF
+    REF = str(ModelRef(owner.public_key().to_bytes().hex(), MODEL))
     b = io.BytesIO()
     Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(b, "PNG")
     return svc, owner, key, files, backend, base, b.getvalue()
 
 
+REF = ""  # OWNERHEX/MODEL, set by the fixture
+
+
 def _request(svc, image: bytes, model: str = MODEL, top_k: int = 1):
-    return seal_request(svc.public_key(), frame_fresh(protocol.encode_payload(image, top_k)), protocol.infer_aad(model))
+    """(request body pinned to the owner's `model`, opener of its answer)."""
+    ref = ModelRef(ModelRef.parse(REF).owner, model)
+    body, ctx, aad = protocol.seal_infer(svc.public_key(), Target(ref, ModelPin(ref.owner)),
+                                         frame_fresh(protocol.encode_payload(image, top_k)))
+    return body, lambda resp: ctx.open_response(resp, aad)
 
 
 def test_evidence_binds_this_enclave_key_and_the_callers_nonce(world):
@@ -71,7 +81,7 @@ def test_evidence_binds_this_enclave_key_and_the_callers_nonce(world):
 def test_same_request_twice_in_one_batch_is_served_once(world):
     svc, *_, image = world
     msg, ctx = _request(svc, image)
-    out = svc.front_batch(MODEL, [msg, msg, msg[:-1], b"", b"\x00" * 80])
+    out = svc.front_batch(REF, [msg, msg, msg[:-1], b"", b"\x00" * 80])
     ok = [o for o in out if not isinstance(o, Exception)]
     assert len(ok) == 1
     assert isinstance(out[1], ReplayedMessage)
@@ -79,20 +89,20 @@ def test_same_request_twice_in_one_batch_is_served_once(world):
     handle, ir, failed = ok[0]
     assert ir.shape[0] == 1 and failed == 0
     resp = svc.finish(handle, torch.zeros(10))
-    assert ctx.open_response(resp, protocol.infer_aad(MODEL))
+    assert ctx(resp)
 
 
 def test_a_handle_is_finished_once_and_bad_scores_are_refused(world):
     svc, *_, image = world
     for bad in (torch.zeros(9), torch.zeros(11), torch.full((10,), float("nan")), torch.full((10,), float("inf"))):
         msg, ctx = _request(svc, image)
-        handle, _ = svc.front(MODEL, msg)
+        handle, _ = svc.front(REF, msg)
         with pytest.raises(DataError):
             svc.finish(handle, bad)
         with pytest.raises(UnknownModel):  # a refused finish consumes the handle (fails closed)
             svc.finish(handle, torch.zeros(10))
     msg, ctx = _request(svc, image)
-    handle, _ = svc.front(MODEL, msg)
+    handle, _ = svc.front(REF, msg)
     svc.finish(handle, torch.zeros(10))
     with pytest.raises(UnknownModel):  # a second answer to the same request (e.g. with other scores)
         svc.finish(handle, torch.ones(10))
@@ -105,7 +115,7 @@ def test_request_sealed_for_one_model_cannot_be_run_on_another(world):
     svc, *_, image = world
     msg, _ = _request(svc, image, model="other-model")
     with pytest.raises((TamperedMessage, UnknownModel)):
-        svc.front(MODEL, msg)
+        svc.front(REF, msg)
 
 
 def test_forged_owner_commands_from_the_host(world):
@@ -113,25 +123,26 @@ def test_forged_owner_commands_from_the_host(world):
     mallory = SigningKey.generate()
     n1 = b"host-nonce-00001"
     svc.evidence(n1)
-    with pytest.raises(Unauthorized):  # replace a model the host does not own
+    with pytest.raises(TamperedMessage):  # the owner's signed bundle under a key release by another key
         svc.deploy(MODEL, seal_key_release(mallory, svc.public_key(), MODEL, key, n1), files)
-    with pytest.raises(Unauthorized):  # delete it
-        svc.delete(MODEL, seal_owner_command(mallory, svc.public_key(), "delete", MODEL, n1))
+    svc.evidence(n1)
+    with pytest.raises(Unauthorized):  # delete a model the host does not own
+        svc.delete(REF, seal_owner_command(mallory, svc.public_key(), "delete", MODEL, n1))
     with pytest.raises(TamperedMessage):  # the owner's release for MODEL used for another id
         svc.deploy("another", seal_key_release(owner, svc.public_key(), MODEL, key, n1), files)
     with pytest.raises(ReplayedMessage):  # a nonce this enclave never issued
         svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, b"never-issued-nonce"), files)
     with pytest.raises(TamperedMessage):  # a key release used as a delete
-        svc.delete(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, n1))
-    assert svc.models() == [MODEL]
+        svc.delete(REF, seal_key_release(owner, svc.public_key(), MODEL, key, n1))
+    assert svc.models() == [REF]
 
 
 @pytest.mark.parametrize("junk", [b"", b"\x00", b"\xff" * 31, b"A" * 48, b"\x00" * 4096])
 def test_front_and_deploy_on_junk_raise_only_documented_errors(world, junk):
     svc, _, _, files, *_ = world
-    for call in (lambda: svc.front(MODEL, junk), lambda: svc.front("no-such-model", junk),
-                 lambda: svc.deploy(MODEL, junk, files), lambda: svc.delete(MODEL, junk),
-                 lambda: svc.front_batch(MODEL, [junk])):
+    for call in (lambda: svc.front(REF, junk), lambda: svc.front("no-such-model", junk),
+                 lambda: svc.deploy(MODEL, junk, files), lambda: svc.delete(REF, junk),
+                 lambda: svc.front_batch(REF, [junk])):
         try:
             out = call()
         except TRUST:
@@ -146,7 +157,7 @@ def test_response_length_does_not_depend_on_the_prediction(world):
     lengths = set()
     for cls in range(10):
         msg, _ = _request(svc, image, top_k=1)
-        handle, _ = svc.front(MODEL, msg)
+        handle, _ = svc.front(REF, msg)
         # the host controls the BackNet scores, so it can try each host-order position as the winner
         scores = torch.zeros(10)
         scores[cls] = 5.0
@@ -158,7 +169,7 @@ def test_host_order_scores_do_not_reveal_labels_directly(world):
     """The BackNet's output positions are permuted: position j is not class j for a random mapping
     (it can be for some j by chance, never for all)."""
     svc, *_ = world
-    dep = svc._deployment(MODEL)
+    dep = svc._deployment(ModelRef.parse(REF))
     assert list(dep.mapping.permutation) != list(range(10))
     assert "permutation" not in repr(dep) and str(list(dep.mapping.permutation)) not in repr(dep)
 
@@ -193,7 +204,7 @@ def test_enclave_error_messages_do_not_reveal_plaintext_properties(world):
            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
     msg, _ = _request(svc, png)
     with pytest.raises(DataError) as ei:
-        svc.front(MODEL, msg)
+        svc.front(REF, msg)
     assert "4321" not in str(ei.value) and "5678" not in str(ei.value), str(ei.value)
 
 
@@ -208,25 +219,27 @@ def test_sealed_deployments_restore_only_where_and_as_sealed(world, tmp_path):
     assert key not in sealed and key.hex().encode() not in sealed
 
     fresh = EnclaveService(SimBackend({}, platform_dir=base / "platform", lock_memory=False))  # a restarted worker
-    out = fresh.restore(MODEL, sealed, files)
-    assert out["bundle_id"] == svc._deployment(MODEL).bundle_id and fresh.models() == [MODEL]
+    out = fresh.restore(REF, sealed, files)
+    assert out["bundle_id"] == svc._deployment(ModelRef.parse(REF)).bundle_id and fresh.models() == [REF]
     msg, ctx = _request(fresh, image)
-    handle, ir = fresh.front(MODEL, msg)
-    assert ctx.open_response(fresh.finish(handle, torch.zeros(10)), protocol.infer_aad(MODEL))
+    handle, ir = fresh.front(REF, msg)
+    assert ctx(fresh.finish(handle, torch.zeros(10)))
 
     other = EnclaveService(SimBackend({}, platform_dir=base / "platform", lock_memory=False))
     with pytest.raises(TamperedMessage):  # the record names its model id
-        other.restore("another-id", sealed, files)
+        other.restore(REF.replace(MODEL, "another-id"), sealed, files)
+    with pytest.raises(TamperedMessage):  # and its owner
+        other.restore("cd" * 32 + "/" + MODEL, sealed, files)
     flipped = bytearray(sealed)
     flipped[-1] ^= 1
     with pytest.raises(TamperedMessage):
-        other.restore(MODEL, bytes(flipped), files)
+        other.restore(REF, bytes(flipped), files)
     _, key2 = make_bundle(zoo.load("darknet", pretrained=False), 4, base / "bundle2", {"zoo": "darknet"},
                           zoo.entry("darknet").preprocessing, list(zoo.entry("darknet").classes), owner)
     with pytest.raises(TamperedMessage):  # same owner, another bundle
-        other.restore(MODEL, sealed, bundle_files(base / "bundle2"))
+        other.restore(REF, sealed, bundle_files(base / "bundle2"))
     for elsewhere in (SimBackend({"other": "config"}, platform_dir=base / "platform", lock_memory=False),
                       SimBackend({}, platform_dir=base / "other-platform", lock_memory=False)):
         with pytest.raises(TamperedMessage):  # other enclave code (measurement) or another machine
-            EnclaveService(elsewhere).restore(MODEL, sealed, files)
+            EnclaveService(elsewhere).restore(REF, sealed, files)
     assert other.models() == []

@@ -16,7 +16,8 @@ import torch
 
 from enclaveml import errors as E
 from enclaveml.client import EnclaveClient
-from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_request
+from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_owner_command
+from enclaveml.protocol import ModelPin, ModelRef, Target
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
 from enclaveml.serve import protocol
@@ -79,14 +80,21 @@ def _good(s) -> None:
     assert res["top"][0]["index"] == int(ref.argmax())
 
 
-def _raw_request(s, image: bytes, model: str = MODEL, aad_model: str | None = None) -> tuple[bytes, object]:
+def _ref(s, model: str = MODEL) -> ModelRef:
+    return ModelRef(s.owner.public_key().to_bytes().hex(), model)
+
+
+def _raw_request(s, image: bytes, model: str = MODEL, clock=None):
+    """(request body, opener of its answer) for `model` of the owner, pinned to the owner only."""
     att = s.client.attested()
-    framed = frame_fresh(protocol.encode_payload(image, 5))
-    return seal_request(att.public_key, framed, protocol.infer_aad(aad_model or model))
+    ref = _ref(s, model)
+    framed = frame_fresh(protocol.encode_payload(image, 5), **({"clock": clock} if clock else {}))
+    body, ctx, aad = protocol.seal_infer(att.public_key, Target(ref, ModelPin(ref.owner)), framed)
+    return body, lambda content: ctx.open_response(content, aad)
 
 
 def _post(s, body: bytes, model: str = MODEL) -> httpx.Response:
-    return httpx.post(f"{s.srv.url}/v1/models/{model}/infer", content=body, timeout=60)
+    return httpx.post(f"{s.srv.url}/v1/models/{_ref(s, model)}/infer", content=body, timeout=60)
 
 
 def test_predictions_match_the_plain_model(served):
@@ -129,9 +137,17 @@ def test_tampered_ciphertext_is_rejected_and_counted(served):
 
 def test_request_for_another_model_cannot_be_redirected(served):
     s = served
-    msg, _ = _raw_request(s, s.images[1][1], aad_model="other-model")
-    r = _post(s, msg)  # sealed for "other-model", sent to darknet: the AAD does not match
+    msg, _ = _raw_request(s, s.images[1][1], model="other-model")
+    r = _post(s, msg)  # for "other-model", sent to darknet: the enclave sees the target differs
     assert r.status_code == 400 and r.json()["error"] == "TamperedMessage"
+    # a host that rewrites the clear target (to loosen the pin) breaks the AAD
+    from enclaveml.protocol.identity import split_target, frame_target
+
+    msg, _ = _raw_request(s, s.images[1][1])
+    target, _, hpke = split_target(msg)
+    loosened = Target(target.ref, ModelPin(target.ref.owner, ("ab" * 16,), 1))
+    r = _post(s, frame_target(loosened, hpke))
+    assert r.status_code in (400, 403) and r.json()["error"] in ("TamperedMessage", "PolicyViolation")
     _good(s)
 
 
@@ -141,7 +157,7 @@ def test_replayed_request_is_rejected(served):
     msg, ctx = _raw_request(s, s.images[2][1])
     r1 = _post(s, msg)
     assert r1.status_code == 200
-    protocol.decode_result(ctx.open_response(r1.content, protocol.infer_aad(MODEL)))
+    protocol.decode_result(ctx(r1.content))
     r2 = _post(s, msg)
     assert r2.status_code == 409 and r2.json()["error"] == "ReplayedMessage"
     assert _errors(s, "ReplayedMessage") == before + 1
@@ -150,9 +166,7 @@ def test_replayed_request_is_rejected(served):
 
 def test_stale_request_is_rejected(served):
     s = served
-    att = s.client.attested()
-    framed = frame_fresh(protocol.encode_payload(s.images[0][1]), clock=lambda: 1_000_000.0)
-    msg, _ = seal_request(att.public_key, framed, protocol.infer_aad(MODEL))
+    msg, _ = _raw_request(s, s.images[0][1], clock=lambda: 1_000_000.0)
     r = _post(s, msg)
     assert r.status_code == 409 and r.json()["error"] == "ReplayedMessage"
 
@@ -163,8 +177,11 @@ def test_unknown_model(served):
     msg, _ = _raw_request(s, s.images[0][1], model="nope")
     r = _post(s, msg, model="nope")
     assert r.status_code == 404 and r.json()["error"] == "UnknownModel"
+    with pytest.raises(E.PolicyViolation, match="pins no model named 'nope'"):
+        s.client.infer([s.images[0][1]], model="nope")  # refused before anything is sent
+    pinned = s.client.policy.with_pin("nope", ModelPin(_ref(s).owner))
     with pytest.raises(E.UnknownModel):
-        s.client.infer([s.images[0][1]], model="nope")
+        EnclaveClient(s.srv.url, pinned).infer([s.images[0][1]], model="nope")  # the identity query
     assert _errors(s, "UnknownModel") == before + 2
     _good(s)
 
@@ -207,26 +224,35 @@ def test_evidence_failing_policy_stops_the_client_before_sending(served):
     no_sim = replace(s.policy, allowed_backends=["sgx"])
     with pytest.raises(E.PolicyViolation):
         EnclaveClient(s.srv.url, no_sim).deploy(s.base / "bundle", s.key, s.owner, model_id="x")
-    assert "x" not in s.client.health()["models"]
+    assert str(_ref(s, "x")) not in s.client.health()["models"]
     _good(s)
 
 
-def test_wrong_owner_cannot_replace_or_delete(served, tmp_path):
+def test_another_key_cannot_shadow_replace_or_delete_the_owners_model(served, tmp_path):
+    """Name squatting: any key may deploy under its own name space, never over the owner's."""
     s = served
     before = _errors(s, "Unauthorized")
     mallory = SigningKey.generate()
     m2 = zoo.load(MODEL, pretrained=False)
-    _, key2 = make_bundle(m2, K, tmp_path / "evil", {"zoo": MODEL}, s.entry.preprocessing, ["evil"] * 10, mallory)
-    bundle_id = {m["id"]: m for m in httpx.get(s.srv.url + "/v1/models").json()["models"]}[MODEL]["bundle_id"]
-    with pytest.raises(E.Unauthorized):
-        s.client.deploy(tmp_path / "evil", key2, mallory, model_id=MODEL)
-    with pytest.raises(E.Unauthorized):
-        s.client.delete(MODEL, mallory)
-    assert _errors(s, "Unauthorized") == before + 2
-    now = {m["id"]: m for m in httpx.get(s.srv.url + "/v1/models").json()["models"]}[MODEL]["bundle_id"]
-    assert now == bundle_id
-    assert sorted(p.name for p in (s.base / "store" / MODEL).iterdir())  # store untouched
-    _good(s)
+    _, key2 = make_bundle(m2, 1, tmp_path / "evil", {"zoo": MODEL}, s.entry.preprocessing, ["evil"] * 10, mallory)
+    listed = lambda: {m["id"]: m for m in httpx.get(s.srv.url + "/v1/models").json()["models"]}  # noqa: E731
+    bundle_id = listed()[str(_ref(s))]["bundle_id"]
+    squatter = EnclaveClient(s.srv.url, s.policy)
+    res = squatter.deploy(tmp_path / "evil", key2, mallory, model_id=MODEL)  # its own OWNER/darknet
+    mref = ModelRef(mallory.public_key().to_bytes().hex(), MODEL)
+    assert res["model"] == str(mref) and listed()[str(_ref(s))]["bundle_id"] == bundle_id
+    # a delete of the owner's deployment signed by mallory is refused inside the enclave
+    att = s.client.attest()
+    cmd = seal_owner_command(mallory, att.public_key, "delete", MODEL, att.nonce)
+    r = httpx.request("DELETE", f"{s.srv.url}/v1/models/{_ref(s)}", content=cmd, timeout=60)
+    assert r.status_code == 403 and r.json()["error"] == "Unauthorized"
+    assert _errors(s, "Unauthorized") == before + 1
+    assert listed()[str(_ref(s))]["bundle_id"] == bundle_id
+    assert sorted(p.name for p in (s.base / "store" / _ref(s).owner / MODEL).iterdir())  # store untouched
+    _good(s)  # the owner's pin still reaches the owner's model, not the squatter's k=1 split
+    squatter.delete(MODEL, mallory)
+    assert str(mref) not in listed() and str(_ref(s)) in listed()
+    squatter.close()
 
 
 def test_key_release_cannot_be_replayed_or_forged(served):
@@ -250,11 +276,11 @@ def test_key_release_cannot_be_replayed_or_forged(served):
 def test_owner_can_delete_and_deploy_again(served):
     s = served
     s.client.deploy(s.base / "bundle", s.key, s.owner, model_id="second")
-    assert "second" in s.client.health()["models"]
+    assert str(_ref(s, "second")) in s.client.health()["models"]
     s.client.infer([s.images[0][1]], model="second")
     s.client.delete("second", s.owner)
-    assert "second" not in s.client.health()["models"]
-    assert not (s.base / "store" / "second").exists()
+    assert str(_ref(s, "second")) not in s.client.health()["models"]
+    assert not (s.base / "store" / _ref(s).owner / "second").exists()
     with pytest.raises(E.UnknownModel):
         s.client.infer([s.images[0][1]], model="second")
 
@@ -262,10 +288,10 @@ def test_owner_can_delete_and_deploy_again(served):
 def test_health_and_metrics(served):
     s = served
     h = s.client.health()
-    assert h["status"] == "ok" and MODEL in h["models"] and h["enclave_pid"] != s.srv.pid
+    assert h["status"] == "ok" and str(_ref(s)) in h["models"] and h["enclave_pid"] != s.srv.pid
     text = httpx.get(s.srv.url + "/metrics").text
     assert "enclaveml_http_requests_total{" in text
-    assert 'enclaveml_backnet_batch_size_bucket{model="darknet",le="1"}' in text
+    assert f'enclaveml_backnet_batch_size_bucket{{model="{_ref(s)}",le="1"}}' in text
     assert "enclaveml_inference_seconds_count" in text
     assert 'enclaveml_errors_total{kind="TamperedMessage"}' in text or _errors(s, "TamperedMessage") == 0
     # logs are one JSON object per line

@@ -11,6 +11,7 @@ from enclaveml import errors as E
 from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_owner_command, seal_request
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle, read_public_bundle
+from enclaveml.protocol import ModelIdentity, ModelPin, ModelRef, Target
 from enclaveml.serve import protocol
 from enclaveml.serve.batcher import AsyncBatcher
 from enclaveml.serve.enclave import EnclaveService
@@ -40,8 +41,12 @@ def test_payload_round_trip_and_limits():
         protocol.decode_payload(b"\x00\x0c{\"top_k\":0}img")
 
 
+ID = ModelIdentity("ab" * 32, "m", "cd" * 16, 3)
+
+
 def test_result_lists_top_k_in_score_order():
-    res = protocol.decode_result(protocol.encode_result("m", [0.1, 0.7, 0.2], ["a", "b", "c"], 2))
+    res = protocol.decode_result(protocol.encode_result(ID, [0.1, 0.7, 0.2], ["a", "b", "c"], 2))
+    assert (res["owner"], res["model"], res["bundle_id"], res["k"], res["head"]) == ("ab" * 32, "m", "cd" * 16, 3, 0)
     assert [t["label"] for t in res["top"]] == ["b", "c"] and "logits" not in res
     with pytest.raises(E.TamperedMessage):
         protocol.decode_result(b'{"v": 1, "top": [{"label": 3}]}')
@@ -167,19 +172,32 @@ def service(tmp_path_factory):
     files = bundle_files(base / "b")
     svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, nonce), files)
     _, back = read_public_bundle(files)
+    global D
+    D = str(ModelRef(owner.public_key().to_bytes().hex(), "d"))
     return svc, back, model, entry, owner, key, files
 
 
-def _request(svc, image: bytes, model_id: str = "d"):
-    aad = protocol.infer_aad(model_id)
-    return seal_request(svc.public_key(), frame_fresh(protocol.encode_payload(image, 3, True)), aad) + (aad,)
+D = ""  # the fixture's deployment, OWNERHEX/d
+
+
+def _target(ref: str) -> Target:
+    r = ModelRef.parse(ref)
+    return Target(r, ModelPin(r.owner))
+
+
+def _seal(svc, payload: bytes, ref: str | None = None):
+    return protocol.seal_infer(svc.public_key(), _target(ref or D), frame_fresh(payload))
+
+
+def _request(svc, image: bytes, ref: str | None = None):
+    return _seal(svc, protocol.encode_payload(image, 3, True), ref)
 
 
 def test_enclave_service_front_finish_matches_the_plain_model(service, cifar10_dir):
     svc, back, model, entry, *_ = service
     image = sorted((cifar10_dir / "test" / "dog").glob("*.jpg"))[0].read_bytes()
     msg, ctx, aad = _request(svc, image)
-    handle, ir = svc.front("d", msg)
+    handle, ir = svc.front(D, msg)
     with torch.no_grad():
         scores = back(ir)[0]
         ref = model(entry.preprocessing(image).unsqueeze(0))[0]
@@ -194,20 +212,23 @@ def test_enclave_service_refuses_and_stays_consistent(service):
     svc, back, model, entry, owner, key, files = service
     msg, _, _ = _request(svc, b"not an image")
     with pytest.raises(E.DataError):
-        svc.front("d", msg)
+        svc.front(D, msg)
     with pytest.raises(E.ReplayedMessage):
-        svc.front("d", msg)  # the id was used, even though the image was bad
+        svc.front(D, msg)  # the id was used, even though the image was bad
+    zz = D.replace("/d", "/zz")
     with pytest.raises(E.UnknownModel):
-        svc.front("zz", _request(svc, b"x", "zz")[0])
+        svc.front(zz, _request(svc, b"x", zz)[0])
+    with pytest.raises(E.TamperedMessage):  # routed by the host to another deployment than its target
+        svc.front(D, _request(svc, b"x", zz)[0])
     # an owner command needs a nonce this enclave issued
     with pytest.raises(E.ReplayedMessage):
         svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"never-issued-nonce"), files)
     other = SigningKey.generate()
     svc.evidence(b"nonce-for-mallory")
     with pytest.raises(E.Unauthorized):
-        svc.delete("d", seal_owner_command(other, svc.public_key(), "delete", "d", b"nonce-for-mallory"))
-    assert svc.models() == ["d"]
-    outs = svc.front_batch("d", [_request(svc, b"junk")[0], b"\x00" * 10])
+        svc.delete(D, seal_owner_command(other, svc.public_key(), "delete", "d", b"nonce-for-mallory"))
+    assert svc.models() == [D]
+    outs = svc.front_batch(D, [_request(svc, b"junk")[0], b"\x00" * 10])
     assert isinstance(outs[0], E.DataError) and isinstance(outs[1], E.TamperedMessage)
 
 
@@ -217,32 +238,32 @@ def test_one_request_with_several_images_answers_each_in_order(service, cifar10_
     svc, back, model, entry, *_ = service
     images = [p.read_bytes() for p in sorted((cifar10_dir / "test" / "cat").glob("*.jpg"))[:3]]
     batch = [images[0], b"not an image", images[1], images[2]]
-    aad = protocol.infer_aad("d")
-    msg, ctx = seal_request(svc.public_key(), frame_fresh(protocol.encode_payload(batch, 2, True)), aad)
-    handle, ir = svc.front("d", msg)
+    msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 2, True))
+    handle, ir = svc.front(D, msg)
     assert ir.shape[0] == 3
     with torch.no_grad():
         scores = back(ir)
         ref = model(torch.stack([entry.preprocessing(b) for b in images]))
     with pytest.raises(E.DataError):
         svc.finish(handle, scores[:2])  # one row per decoded image, no fewer (and the handle is spent)
-    msg, ctx = seal_request(svc.public_key(), frame_fresh(protocol.encode_payload(batch, 2, True)), aad)
+    msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 2, True))
     svc.max_pass = 2  # three decoded images in two FrontNet passes: the same answers
     try:
-        handle, ir = svc.front("d", msg)
+        handle, ir = svc.front(D, msg)
     finally:
         svc.max_pass = 64
     sealed = svc.finish(handle, back(ir).detach())
     plain = ctx.open_response(sealed, aad)
-    labels = list(svc._deployment("d").mapping.labels)
-    assert len(plain) == len(batch) * protocol.result_size("d", labels, 2, True)  # the error item too
-    res = protocol.decode_results(plain, len(batch))
+    dep = svc._deployment(ModelRef.parse(D))
+    labels = list(dep.mapping.labels)
+    assert len(plain) == len(batch) * protocol.result_size(dep.identity, labels, 2, True)  # the error item too
+    res = protocol.decode_results(plain, len(batch), expected=_target(D))
     assert isinstance(res[1], E.DataError) and "decodable" in str(res[1])
     for r, want in zip([res[0], res[2], res[3]], ref):
         assert torch.allclose(torch.tensor(r["logits"]), want, atol=1e-5)
     # a request whose images all fail still gets its sealed answer, without a BackNet pass
-    msg, ctx = seal_request(svc.public_key(), frame_fresh(protocol.encode_payload([b"x", b"y"], 1)), aad)
-    handle, ir = svc.front("d", msg)
+    msg, ctx, aad = _seal(svc, protocol.encode_payload([b"x", b"y"], 1))
+    handle, ir = svc.front(D, msg)
     assert ir.numel() == 0
     res = protocol.decode_results(ctx.open_response(svc.finish(handle, torch.empty(0)), aad), 2)
     assert all(isinstance(r, E.DataError) for r in res)
@@ -253,10 +274,10 @@ def test_one_request_with_several_images_answers_each_in_order(service, cifar10_
 def test_error_items_are_as_long_as_results():
     labels = ["a", "bb", "c" * 40]
     for top_k, logits in ((1, False), (3, True)):
-        size = protocol.result_size("m", labels, top_k, logits)
-        assert len(protocol.encode_error_item("m", labels, top_k, logits)) == size
-        assert len(protocol.encode_result("m", [0.2, 0.3, 0.5], labels, top_k, [1.0, 2.0, 3.0] if logits else None)) == size
-    assert len(protocol.encode_error_item("m", ["a"], 1, False)) == protocol.RESULT_BLOCK
+        size = protocol.result_size(ID, labels, top_k, logits)
+        assert len(protocol.encode_error_item(ID, labels, top_k, logits)) == size
+        assert len(protocol.encode_result(ID, [0.2, 0.3, 0.5], labels, top_k, [1.0, 2.0, 3.0] if logits else None)) == size
+    assert len(protocol.encode_error_item(ID, ["a"], 1, False)) == protocol.RESULT_BLOCK
 
 
 def test_client_splits_batches_by_count_and_bytes():
@@ -306,19 +327,23 @@ def test_result_is_padded_to_a_length_that_does_not_depend_on_the_winner():
             for winner in range(len(labels)):
                 probs = [1e-300 / (i + 1) if i != winner else 0.123456789 for i in range(len(labels))]
                 logits = [-1.7976931348623157e308] * len(labels) if want_logits else None
-                raw = protocol.encode_result("m" * 64, probs, labels, top_k, logits)
+                raw = protocol.encode_result(ModelIdentity("ab" * 32, "m" * 64, "cd" * 32, 99999, 9),
+                                             probs, labels, top_k, logits)
                 sizes.add(len(raw))
                 res = protocol.decode_result(raw)
                 assert res["top"][0]["label"] == labels[winner]
-            assert sizes == {protocol.result_size("m" * 64, labels, top_k, want_logits)}
+            assert sizes == {protocol.result_size(ModelIdentity("ab" * 32, "m" * 64, "cd" * 32, 99999, 9),
+                                                  labels, top_k, want_logits)}
             assert next(iter(sizes)) % protocol.RESULT_BLOCK == 0
 
 
 def test_result_version_must_be_the_integer_1():
-    for bad in (b'{"v": true, "top": []}', b'{"v": 1.0, "top": []}', b'[' * 5000, b'{"v": 1, "top": [], "top": []}'):
+    ident = b'"model":"m","owner":"' + b"ab" * 32 + b'","bundle_id":"cd","k":1,"head":0'
+    for bad in (b'{"v": true, "top": [], ' + ident + b'}', b'{"v": 1.0, "top": [], ' + ident + b'}', b'[' * 5000,
+                b'{"v": 1, "top": [], "top": [], ' + ident + b'}', b'{"v": 1, "top": []}'):
         with pytest.raises(E.TamperedMessage):
             protocol.decode_result(bad)
-    assert protocol.decode_result(b'{"v": 1, "top": []}' + bytes(100))["top"] == []
+    assert protocol.decode_result(b'{"v": 1, "top": [], ' + ident + b'}' + bytes(100))["top"] == []
 
 
 def test_request_payload_is_padded_to_size_buckets():
@@ -361,14 +386,17 @@ def test_client_does_not_resend_images_when_the_host_claims_tampering():
         sent.append(req.url.path)
         return httpx.Response(400, json={"error": "TamperedMessage", "message": "forged"})
 
-    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"]),
-                          http=httpx.Client(transport=httpx.MockTransport(handler)))
     from enclaveml.crypto import HpkeKeyPair
 
-    c._attested = sdk.AttestedEnclave(HpkeKeyPair.generate().public_bytes(), b"n" * 32, None, float("inf"))
+    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"], models={"m": {"owner": "ab" * 32}}),
+                          http=httpx.Client(transport=httpx.MockTransport(handler)))
+    att = sdk.AttestedEnclave(HpkeKeyPair.generate().public_bytes(), b"n" * 32, None, float("inf"))
+    target = c.target("m")
+    att.identities[target] = ModelIdentity("ab" * 32, "m", "cd" * 16, 5)  # as if the enclave had said so
+    c._attested = att
     with pytest.raises(E.TamperedMessage):
         c.infer([b"image"], model="m")
-    assert sent == ["/v1/models/m/infer"] and c._attested is None  # sent once; attests afresh next time
+    assert sent == [f"/v1/models/{'ab' * 32}/m/infer"] and c._attested is None  # sent once; attests afresh
 
 
 def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_path):
@@ -402,7 +430,7 @@ def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_
         svc.evidence(nonce)
         release = seal_key_release(owner, svc.public_key(), "fac", key, nonce)
         if ok:
-            assert svc.deploy("fac", release, files)["model"] == "fac"
+            assert svc.deploy("fac", release, files)["model"].endswith("/fac")
         else:
             with pytest.raises(E.UserInputError):
                 svc.deploy("fac", release, files)

@@ -54,11 +54,12 @@ def test_killed_worker_is_restarted_and_server_restart_restores(tmp_path: Path, 
     with ServerProcess(tmp_path / "store", tmp_path / "server.log", env=server_env(home, pkg)) as srv:
         with EnclaveClient(srv.url, policy) as c:
             c.deploy(tmp_path / "bundle", key, owner, model_id="m")
+            policy = c.policy  # now pins the owner's model "m" (what a client's policy file would hold)
             assert [r["top"][0]["index"] for r in c.infer(images, model="m")] == want
             old_pid = srv.enclave_pid()
             os.kill(old_pid, signal.SIGKILL)
             body = _wait_for_new_enclave(srv, old_pid)
-            assert body["models"] == ["m"]
+            assert body["models"] == [f"{owner.public_key().to_bytes().hex()}/m"]
             # The new enclave has a new key: the client's old attestation fails closed once ...
             with pytest.raises(E.TamperedMessage):
                 c.infer(images, model="m")
@@ -73,7 +74,7 @@ def test_killed_worker_is_restarted_and_server_restart_restores(tmp_path: Path, 
             assert [r["top"][0]["index"] for r in c.infer(images, model="m")] == want
 
     # A host that edits the sealed record gets nothing restored (and says so in its log).
-    sealed = tmp_path / "store" / "m" / SEALED_DEPLOYMENT
+    sealed = tmp_path / "store" / owner.public_key().to_bytes().hex() / "m" / SEALED_DEPLOYMENT
     blob = bytearray(sealed.read_bytes())
     blob[-1] ^= 1
     sealed.write_bytes(bytes(blob))

@@ -37,14 +37,18 @@ def register(app: typer.Typer) -> None:
         with EnclaveClient(url, policy) as c:
             res = c.deploy(bundle, key, _owner_key(owner_key), model_id=model)
         verb = "replaced" if res.get("replaced") else "deployed"
-        typer.echo(f"{verb} {res['model']} (bundle {res['bundle_id']}, k={res['k']}) on {url}")
+        owner = str(res.get("owner", ""))
+        head = f", head={res['head']}" if res.get("head") else ""
+        typer.echo(f"{verb} {res.get('name', res['model'])} (owner {owner[:16]}..., bundle {res['bundle_id']}, "
+                   f"k={res['k']}{head}) on {url}")
 
     @app.command("infer")
     def infer_cmd(
         images: List[Path] = typer.Argument(..., help="JPEG or PNG files."),
         url: str = typer.Option(..., "--url", help="Server URL."),
         policy: Path = typer.Option(..., "--policy", help="Attestation policy (TOML) the enclave must satisfy."),
-        model: str = typer.Option("darknet", "--model", help="Deployed model id."),
+        model: str = typer.Option("darknet", "--model", help="Deployed model name; the policy must pin it "
+                                  "(owner, bundle ids, smallest k: `enclaveml attest pin`)."),
         top_k: int = typer.Option(5, "--top-k", help="How many labels to return per image."),
         as_json: bool = typer.Option(False, "--json", help="One JSON object per image."),
     ) -> None:

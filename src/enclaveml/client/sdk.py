@@ -2,7 +2,11 @@
 
 Trust side: client (and owner). Trusts nothing the server says until the enclave's evidence
 verifies against the caller's policy; then encrypts to the attested key only. The host sees
-ciphertext, sizes and timing.
+ciphertext, sizes and timing. Before any image leaves, the client asks the attested enclave which
+deployment it holds under the model's name and owner (the answer is sealed to this client, so the
+host cannot forge it) and refuses one that does not match the policy's pin of that model (owner
+key, bundle ids, smallest split); every request carries the pin for the enclave to check again,
+and every answer names the deployment that produced it.
 
     from enclaveml.client import EnclaveClient
     c = EnclaveClient("http://127.0.0.1:8080", "policy.toml")
@@ -16,13 +20,15 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import httpx
 
 from .. import errors as E
 from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_request
+from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, decode_identity, frame_target,
+                                 identity_aad, infer_aad)
 from ..serve import protocol
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
@@ -59,6 +65,8 @@ class AttestedEnclave:
     nonce: bytes
     claims: Any
     at: float
+    #: Deployments whose identity this enclave reported and the pin accepted (name -> identity).
+    identities: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _json_body(r: httpx.Response, what: str = "answer") -> Any:
@@ -161,30 +169,72 @@ class EnclaveClient:
 
     def deploy(self, bundle_dir: str | os.PathLike[str], model_key: bytes, owner_key: SigningKey,
                model_id: str | None = None) -> dict:
-        """Attest, release the model key sealed to the enclave and signed, upload the bundle."""
+        """Attest, release the model key sealed to the enclave and signed, upload the bundle.
+
+        The deployment is `OWNER/name` for this owner key. The owner trusts what it deployed
+        itself, so this client's (in-memory) policy then pins it if it pinned nothing of that
+        name (or adds the bundle id to the owner's own pin); clients elsewhere need the pin in
+        their policy file (`enclaveml attest pin`).
+        """
         from ..models.bundle import bundle_files, load_manifest
 
         files = bundle_files(bundle_dir)
         manifest = load_manifest(files, expected_owner=owner_key.public_key())
-        model_id = protocol.check_model_id(model_id or manifest.name)
+        name = protocol.check_model_id(model_id or manifest.name)
         att = self.attest()  # always fresh: the release is bound to this nonce
-        release = seal_key_release(owner_key, att.public_key, model_id, model_key, att.nonce)
+        release = seal_key_release(owner_key, att.public_key, name, model_key, att.nonce)
         body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
-        return _json_body(self._request("POST", f"/v1/models/{model_id}", content=body,
-                                        headers={"content-type": "application/octet-stream"}))
+        out = _json_body(self._request("POST", f"/v1/models/{name}", content=body,
+                                       headers={"content-type": "application/octet-stream"}))
+        owner = owner_key.public_key().to_bytes().hex()
+        with self._lock:
+            old = self.policy.models.get(name)
+            if old is None:
+                self.policy = self.policy.with_pin(name, ModelPin(owner, (manifest.bundle_id,), manifest.k))
+            elif old["owner"] == owner and old["bundle_ids"]:
+                self.policy = self.policy.with_pin(name, ModelPin(owner, (*old["bundle_ids"], manifest.bundle_id),
+                                                                  old["min_k"]))
+        return out
 
     def delete(self, model_id: str, owner_key: SigningKey) -> dict:
         """Attest, then send a delete command signed by the owner and sealed to the enclave."""
-        protocol.check_model_id(model_id)
+        ref = ModelRef(owner_key.public_key().to_bytes().hex(), protocol.check_model_id(model_id))
         att = self.attest()
-        cmd = seal_owner_command(owner_key, att.public_key, "delete", model_id, att.nonce)
-        return _json_body(self._request("DELETE", f"/v1/models/{model_id}", content=cmd))
+        cmd = seal_owner_command(owner_key, att.public_key, "delete", ref.name, att.nonce)
+        return _json_body(self._request("DELETE", f"/v1/models/{ref}", content=cmd))
+
+    # -- model identity ---------------------------------------------------------------------
+
+    def target(self, model: str) -> Target:
+        """The pinned deployment a request for `model` goes to (`PolicyViolation` if unpinned)."""
+        pin = self.policy.pin(protocol.check_model_id(model))
+        return Target(ModelRef(pin.owner, model), pin)
+
+    def identity(self, model: str, att: AttestedEnclave | None = None) -> ModelIdentity:
+        """Ask the attested enclave what it has deployed as `model` (by the pinned owner), and
+        refuse it (`PolicyViolation`, saying what differs) unless it matches the pin."""
+        att = att or self.attested()
+        target = self.target(model)
+        raw = target.to_bytes()
+        msg, ctx = seal_request(att.public_key, frame_fresh(b""), identity_aad(raw))
+        r = self._request("POST", f"/v1/models/{target.ref}/identity", content=frame_target(target, msg),
+                          headers={"content-type": "application/octet-stream"})
+        ident = decode_identity(ctx.open_response(r.content, identity_aad(raw)))
+        return target.allows(ident)
+
+    def _verified(self, att: AttestedEnclave, model: str) -> Target:
+        """The target of `model`, once this enclave reported an identity its pin accepts."""
+        target = self.target(model)
+        if target not in att.identities:
+            att.identities[target] = self.identity(model, att)
+        return target
 
     # -- inference --------------------------------------------------------------------------
 
-    def _seal(self, att: AttestedEnclave, images: list[bytes], model: str, top_k: int, logits: bool):
+    def _seal(self, att: AttestedEnclave, images: list[bytes], target: Target, top_k: int, logits: bool):
         framed = frame_fresh(protocol.encode_payload(images, top_k, logits, pad=self.pad_requests))
-        return seal_request(att.public_key, framed, protocol.infer_aad(model))
+        body, ctx, _ = protocol.seal_infer(att.public_key, target, framed)
+        return body, ctx
 
     def infer(self, images: Sequence[bytes], model: str, top_k: int = 5, logits: bool = False) -> list[dict]:
         """Encrypt each image to the attested enclave and return its decrypted result.
@@ -203,8 +253,10 @@ class EnclaveClient:
         protocol.check_model_id(model)
         images = [bytes(i) for i in images]
         try:
-            return self._infer_each(self.attested(), images, model, top_k, logits)
-        except E.TamperedMessage:
+            att = self.attested()
+            target = self._verified(att, model)  # before any image leaves this client
+            return self._infer_each(att, images, target, top_k, logits)
+        except (E.TamperedMessage, E.PolicyViolation, E.UnknownModel):
             # The enclave may have restarted (new key), or the host may only claim so (it can
             # forge that error, or corrupt a response the enclave already produced). Never re-send
             # the images on the host's word: forget the attestation, so that the caller's next
@@ -213,20 +265,22 @@ class EnclaveClient:
                 self._attested = None
             raise
 
-    def _infer_each(self, att: AttestedEnclave, images: list[bytes], model: str, top_k: int, logits: bool) -> list:
+    def _infer_each(self, att: AttestedEnclave, images: list[bytes], target: Target, top_k: int,
+                    logits: bool) -> list:
         """One encrypted request per chunk of images (one HPKE message for the lot)."""
         out: list = []
+        aad = infer_aad(target.to_bytes())
         for chunk in _chunks(images):
-            msg, ctx = self._seal(att, chunk, model, top_k, logits)
+            msg, ctx = self._seal(att, chunk, target, top_k, logits)
             try:
-                r = self._request("POST", f"/v1/models/{model}/infer", content=msg,
+                r = self._request("POST", f"/v1/models/{target.ref}/infer", content=msg,
                                   headers={"content-type": "application/octet-stream"})
-            except E.TamperedMessage:
-                raise  # maybe a new enclave key: the caller attests again
+            except (E.TamperedMessage, E.PolicyViolation):
+                raise  # maybe a new enclave key or deployment: the caller attests again
             except E.EnclaveMLError as e:  # the request as a whole failed: each of its images did
                 out.extend([e] * len(chunk))
                 continue
-            out.extend(protocol.decode_results(ctx.open_response(r.content, protocol.infer_aad(model)), len(chunk)))
+            out.extend(protocol.decode_results(ctx.open_response(r.content, aad), len(chunk), expected=target))
         return out
 
     def health(self) -> dict:

@@ -12,7 +12,11 @@ Layout of a bundle directory (docs/crypto.md):
                          "enclaveml/v1 bundle-manifest\\0" || the exact bytes of manifest.json
     backnet.safetensors  layers k..n-1, the last Linear's rows permuted by the secret mapping
     frontnet.sealed      AES-256-GCM token (crypto.seal) of layers 0..k-1 as safetensors
-    classmap.sealed      AES-256-GCM token of the ClassMapping JSON
+    classmap.sealed      AES-256-GCM token of the ClassMapping JSON (padded: its size shows only
+                         the number of classes, never the label names' length)
+    head.sealed          only with `head` = N > 0: AES-256-GCM token of the last N layers (the
+                         classifier head), which then run in the enclave too; the host never sees
+                         class scores and its BackNet holds no class rows
 
 Both sealed parts use AAD = "enclaveml/v1 bundle-part\\0" || SHA-256(canonical manifest core) ||
 "\\0" || part name, where the core is the manifest without its "parts" table (which itself holds
@@ -37,6 +41,7 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AbstractSet, Any, Iterable, Mapping
@@ -57,6 +62,7 @@ SIGNATURE = "manifest.sig"
 BACKNET = "backnet.safetensors"
 FRONTNET = "frontnet.sealed"
 CLASSMAP = "classmap.sealed"
+HEAD = "head.sealed"
 PARTS = (BACKNET, FRONTNET, CLASSMAP)
 MANIFEST_LABEL = b"enclaveml/v1 bundle-manifest\x00"
 PART_LABEL = b"enclaveml/v1 bundle-part\x00"
@@ -91,6 +97,18 @@ class BundleManifest:
     owner: str  # hex of the owner's Ed25519 public key
     parts: dict[str, str]  # file name -> hex SHA-256
     raw: bytes = field(repr=False, compare=False, default=b"")
+    #: Layers at the end that run in the enclave after the BackNet (0: the host runs the classifier).
+    head: int = 0
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The files this bundle has besides its manifest and signature."""
+        return PARTS + ((HEAD,) if self.head else ())
+
+    @property
+    def back_stop(self) -> int:
+        """Index after the BackNet's last layer (the head, if any, starts there)."""
+        return len(self.layers) - self.head
 
     @property
     def owner_key(self) -> VerifyKey:
@@ -105,7 +123,7 @@ class BundleManifest:
         return {"format": self.format, "bundle_id": self.bundle_id, "name": self.name, "arch": self.arch,
                 "k": self.k, "layers": list(self.layers), "input_shape": list(self.input_shape),
                 "ir_shape": list(self.ir_shape), "preprocessing": self.preprocessing.to_dict(),
-                "num_classes": self.num_classes, "owner": self.owner}
+                "num_classes": self.num_classes, "owner": self.owner, **({"head": self.head} if self.head else {})}
 
     def core_digest(self) -> bytes:
         return sha256(_canonical(self.core()))
@@ -135,9 +153,12 @@ class BundleManifest:
                 input_shape=tuple(_dim(i) for i in _list(d["input_shape"])),
                 ir_shape=tuple(_dim(i) for i in _list(d["ir_shape"])),
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]), num_classes=_dim(d["num_classes"]),
-                owner=owner, parts={_str(a): _str(b) for a, b in parts.items()}, raw=raw)
-        if set(m.parts) != set(PARTS) or not 1 <= m.k < len(m.layers):
-            raise ValueError("parts or k")
+                owner=owner, parts={_str(a): _str(b) for a, b in parts.items()}, raw=raw,
+                head=_dim(d.get("head", 0)))
+        if "head" in d and m.head == 0:  # one encoding only: a plain bundle has no "head" key
+            raise ValueError("head")
+        if set(m.parts) != set(m.part_names) or not 1 <= m.k < m.back_stop <= len(m.layers):
+            raise ValueError("parts, k or head")
         return m
 
     @classmethod
@@ -279,7 +300,7 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
     return model.eval()
 
 
-def _last_linear(model: LayeredModel) -> tuple[str, nn.Linear]:
+def _last_linear(model: LayeredModel) -> tuple[str, nn.Linear]:  # noqa: D103 (see make_bundle)
     name, last = list(model.layers.named_children())[-1]
     if not isinstance(last, nn.Linear) or last.out_features != model.num_classes:
         raise PartitionError(f"the last layer ({name}) must be an nn.Linear with {model.num_classes} outputs "
@@ -291,9 +312,13 @@ def _last_linear(model: LayeredModel) -> tuple[str, nn.Linear]:
 
 def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", arch: dict,
                 preprocessing: Preprocessing, classes: list[str], owner_key: SigningKey,
-                name: str | None = None, model_key: bytes | None = None) -> tuple[BundleManifest, bytes]:
+                name: str | None = None, model_key: bytes | None = None,
+                head: int = 0) -> tuple[BundleManifest, bytes]:
     """Split `model` at `k` and write a bundle to `out_dir` (which must not exist yet, or be empty).
 
+    With `head` = N > 0 the last N layers (the classifier head) are sealed too and run in the
+    enclave after the BackNet, so the host never sees class scores (worth it when the head was
+    trained on private data; a fully public model is matched against its public weights anyway).
     Returns `(manifest, model_key)`. Keep the model key on the owner's machine; it leaves only
     sealed to an attested enclave (`crypto.seal_key_release`). All checks run before anything is
     written, and the directory appears atomically (written beside it, then renamed).
@@ -304,6 +329,9 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
         raise UserInputError(f"{out}: already exists and is not an empty directory")
     model.check_point(k)
     last_name, _ = _last_linear(model)
+    if type(head) is not int or head < 0 or k >= len(model) - head:
+        raise PartitionError(f"--head {head} with k={k} leaves no BackNet layer for the host "
+                             f"(this model has {len(model)} layers: need k + head < {len(model)})")
     classes = [str(c) for c in classes]
     if len(classes) != model.num_classes:
         raise UserInputError(f"{len(classes)} class names for a model with {model.num_classes} classes")
@@ -317,14 +345,15 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
     model.eval()
     try:
         ir_shape = model.partition_points()[k - 1].out_shape
-        front, back = model.split(k)
+        front, back, head_net = _split3(model, k, len(model) - head)
         mapping = ClassMapping.random(model.num_classes, classes)
-        back_state = layer_state_dict(back)
+        last_state = layer_state_dict(head_net if head else back)  # the part holding the classifier
         for suffix in ("weight", "bias"):
-            if f"{last_name}.{suffix}" in back_state:
-                back_state[f"{last_name}.{suffix}"] = mapping.permute_rows(back_state[f"{last_name}.{suffix}"]).contiguous()
+            if f"{last_name}.{suffix}" in last_state:
+                last_state[f"{last_name}.{suffix}"] = mapping.permute_rows(last_state[f"{last_name}.{suffix}"]).contiguous()
         front_bytes = st_save(layer_state_dict(front), metadata={"part": "frontnet", "k": str(k)})
-        back_bytes = st_save(back_state, metadata={"part": "backnet", "k": str(k)})
+        back_bytes = st_save(last_state if not head else layer_state_dict(back), metadata={"part": "backnet", "k": str(k)})
+        head_bytes = st_save(last_state, metadata={"part": "head", "n": str(head)}) if head else b""
     finally:
         model.train(was_training)
 
@@ -332,12 +361,15 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
     manifest = BundleManifest(
         format=FORMAT, bundle_id=secrets.token_hex(16), name=name or str(arch.get("zoo") or arch.get("factory")),
         arch=dict(arch), k=k, layers=model.names, input_shape=tuple(model.input_shape), ir_shape=tuple(ir_shape),
-        preprocessing=preprocessing, num_classes=model.num_classes, owner=owner_pub.to_bytes().hex(), parts={})
+        preprocessing=preprocessing, num_classes=model.num_classes, owner=owner_pub.to_bytes().hex(), parts={},
+        head=head)
     files = {
         BACKNET: back_bytes,
         FRONTNET: seal(key, front_bytes, aad=manifest.part_aad(FRONTNET)),
         CLASSMAP: seal(key, mapping.to_bytes(), aad=manifest.part_aad(CLASSMAP)),
     }
+    if head:
+        files[HEAD] = seal(key, head_bytes, aad=manifest.part_aad(HEAD))
     manifest = replace(manifest, parts={n: sha256(b).hex() for n, b in files.items()})
     raw = manifest.to_json()
     manifest = replace(manifest, raw=raw)
@@ -415,9 +447,35 @@ def read_public_bundle(bundle: "str | os.PathLike[str] | Mapping[str, bytes]",
     _check_part(manifest, BACKNET, data)
     model = build_arch(manifest.arch, manifest.input_shape, manifest.num_classes, allowed_factories)
     _check_arch(model, manifest)
-    _, back = model.split(manifest.k)
+    _, back, _ = _split3(model, manifest.k, manifest.back_stop)
     _load_state(back, data, BACKNET)
     return manifest, back.eval()
+
+
+def _split3(model: LayeredModel, k: int, stop: int) -> tuple[FrontNet, BackNet, "nn.Sequential | None"]:
+    """FrontNet layers[:k], BackNet layers[k:stop], head layers[stop:] (None when stop is the end)."""
+    front, rest = model.split(k)
+    items = list(rest.named_children())
+    cut = stop - k
+    back = BackNet(OrderedDict(items[:cut]), k)
+    return front, back, (nn.Sequential(OrderedDict(items[cut:])) if cut < len(items) else None)
+
+
+@dataclass(frozen=True)
+class EnclaveParts:
+    """What only the enclave may hold of a bundle: FrontNet, class mapping and, if any, the head."""
+
+    front: FrontNet
+    mapping: ClassMapping
+    head: "nn.Sequential | None" = None
+    #: Shape of one BackNet output (the head's input), without the batch dimension.
+    head_in_shape: tuple[int, ...] = ()
+
+    def __iter__(self):  # `front, mapping = open_enclave_parts(...)` for a bundle without a head
+        return iter((self.front, self.mapping))
+
+    def __getitem__(self, i: int):
+        return (self.front, self.mapping)[i]
 
 
 def _check_arch(model: LayeredModel, manifest: BundleManifest) -> None:
@@ -427,7 +485,7 @@ def _check_arch(model: LayeredModel, manifest: BundleManifest) -> None:
 
 def open_enclave_parts(bundle: "str | os.PathLike[str] | Mapping[str, bytes]", model_key: bytes,
                        expected_owner: VerifyKey | None = None,
-                       allowed_factories: Iterable[str] = frozenset()) -> tuple[FrontNet, ClassMapping]:
+                       allowed_factories: Iterable[str] = frozenset()) -> EnclaveParts:
     """Enclave side: decrypt and load the FrontNet and the class mapping.
 
     `bundle` is a directory or a mapping of file name -> bytes (what the host hands the enclave).
@@ -436,26 +494,35 @@ def open_enclave_parts(bundle: "str | os.PathLike[str] | Mapping[str, bytes]", m
     configuration) names the manifest's factory; the allow-list is checked before anything is
     decrypted, and the architecture is built only after both parts authenticate.
     """
-    files = _read_files(bundle, (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP))
+    files = _read_files(bundle, (MANIFEST, SIGNATURE))
     manifest = BundleManifest.verify(files[MANIFEST], files[SIGNATURE], expected_owner)
+    secret_parts = (FRONTNET, CLASSMAP) + ((HEAD,) if manifest.head else ())
+    files.update(_read_files(bundle, secret_parts))
     allowed = _allow_list(allowed_factories)
     _require_allowed(manifest.arch, allowed)  # before any decryption or import
-    for part in (FRONTNET, CLASSMAP):
+    for part in secret_parts:
         _check_part(manifest, part, files[part])
     front_bytes = open_sealed(model_key, files[FRONTNET], aad=manifest.part_aad(FRONTNET))
     mapping = ClassMapping.from_bytes(open_sealed(model_key, files[CLASSMAP], aad=manifest.part_aad(CLASSMAP)))
     if mapping.num_classes != manifest.num_classes:
         raise TamperedMessage("class mapping size does not match the manifest")
+    head_bytes = open_sealed(model_key, files[HEAD], aad=manifest.part_aad(HEAD)) if manifest.head else b""
     model = build_arch(manifest.arch, manifest.input_shape, manifest.num_classes, allowed)
     _check_arch(model, manifest)
-    front, _ = model.split(manifest.k)
+    front, _, head = _split3(model, manifest.k, manifest.back_stop)
     _load_state(front, front_bytes, FRONTNET)
-    return front.eval(), mapping
+    if head is None:
+        return EnclaveParts(front.eval(), mapping)
+    _load_state(head, head_bytes, HEAD)
+    head_in = model.partition_points()[manifest.back_stop - 1].out_shape
+    return EnclaveParts(front.eval(), mapping, head.eval(), tuple(head_in))
 
 
 def bundle_files(bundle: "str | os.PathLike[str]") -> dict[str, bytes]:
     """All files of a bundle directory as bytes (what a host forwards to its enclave)."""
-    return _read_files(bundle, (MANIFEST, SIGNATURE, *PARTS))
+    files = _read_files(bundle, (MANIFEST, SIGNATURE))
+    manifest = BundleManifest.verify(files[MANIFEST], files[SIGNATURE])
+    return {**files, **_read_files(bundle, manifest.part_names)}
 
 
 

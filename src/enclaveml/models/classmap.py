@@ -5,7 +5,10 @@ runs a BackNet whose final `nn.Linear` has its rows permuted by `pi`, so its sco
 secret order: host position j holds the score of original class `permutation[j]`. Only the
 enclave, which decrypts this mapping, turns them back into the original order and label names.
 
-Serialised as JSON: {"v": 1, "permutation": [...], "labels": [...]} (always sealed at rest).
+Serialised as JSON: {"v": 1, "permutation": [...], "labels": [...]} (always sealed at rest),
+padded with spaces to `padded_size(n)`, a length that depends on the number of classes only (which
+the manifest states anyway), so the sealed map's size does not reveal the label names' length.
+Labels are at most `MAX_LABEL_BYTES` of UTF-8 without control characters.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ from torch import nn
 
 from ..crypto.wirejson import loads_untrusted
 from ..errors import TamperedMessage, UserInputError
+
+#: Longest label name (UTF-8 bytes). JSON escapes only '"' and '\\' in them (control characters are
+#: refused), so one label's JSON string is at most 2 * MAX_LABEL_BYTES + 2 bytes.
+MAX_LABEL_BYTES = 256
+_EMPTY = len(b'{"v":1,"permutation":[],"labels":[]}')
+
+
+def padded_size(num_classes: int) -> int:
+    """The serialised size of every class mapping with `num_classes` classes, whatever its labels."""
+    n = int(num_classes)
+    return _EMPTY + n * (len(str(max(n - 1, 0))) + 1) + n * (2 * MAX_LABEL_BYTES + 3)
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,10 @@ class ClassMapping:
             raise UserInputError("class mapping: not a permutation of 0..n-1")
         if len(labs) != len(perm):
             raise UserInputError(f"class mapping: {len(labs)} labels for {len(perm)} classes")
+        for lab in labs:
+            if len(lab.encode()) > MAX_LABEL_BYTES or any(ord(c) < 0x20 or ord(c) == 0x7F for c in lab):
+                raise UserInputError(f"class mapping: label {lab[:40]!r} is longer than {MAX_LABEL_BYTES} UTF-8 "
+                                     "bytes or holds control characters")
         object.__setattr__(self, "permutation", perm)
         object.__setattr__(self, "labels", labs)
 
@@ -98,8 +116,13 @@ class ClassMapping:
         return self.labels[int(original_class)]
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"v": 1, "permutation": list(self.permutation), "labels": list(self.labels)},
-                          separators=(",", ":")).encode()
+        """The JSON, padded with spaces to `padded_size(num_classes)` (length-hiding)."""
+        raw = json.dumps({"v": 1, "permutation": list(self.permutation), "labels": list(self.labels)},
+                         separators=(",", ":"), ensure_ascii=False).encode()
+        size = padded_size(self.num_classes)
+        if len(raw) > size:  # cannot happen: labels are bounded in __init__
+            raise RuntimeError("class mapping is longer than its padded size")
+        return raw + b" " * (size - len(raw))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ClassMapping":

@@ -9,10 +9,12 @@ Routes (docs/serving.md):
     GET    /healthz                      liveness: enclave process up, deployed models
     GET    /metrics[?format=json]        counters, latency and batch-size histograms
     GET    /v1/evidence?nonce=HEX        the enclave's evidence binding SHA-256(pk || nonce), and pk
-    GET    /v1/models                    deployed model ids and public bundle facts
-    POST   /v1/models/{id}               deploy/replace: pack_parts(key_release + bundle files)
-    DELETE /v1/models/{id}               delete: an owner command sealed to the enclave
-    POST   /v1/models/{id}/infer         one HPKE request (1..256 images) -> one sealed response
+    GET    /v1/models                    deployments (OWNERHEX/name) and public bundle facts
+    POST   /v1/models/{name}             deploy/replace: pack_parts(key_release + bundle files); the
+                                         deployment is OWNERHEX/name for the key-release signer
+    DELETE /v1/models/{owner}/{name}     delete: an owner command sealed to the enclave
+    POST   /v1/models/{owner}/{name}/identity  the deployed identity, sealed to the asking client
+    POST   /v1/models/{owner}/{name}/infer     one HPKE request (1..256 images) -> one sealed response
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors as E
+from ..protocol.identity import ModelRef
 from . import protocol
 from .batcher import pick_device
 from .channel import ChannelError, RemoteError
@@ -157,7 +160,7 @@ class HostState:
         with self.lock:
             p = self.pipelines.get(model_id)
         if p is None:
-            raise E.UnknownModel(f"no model {model_id!r} is deployed")
+            raise E.UnknownModel(f"no model {model_id[:90]!r} is deployed")
         return p
 
     def install(self, model_id: str, manifest, backnet, owner: str | None):
@@ -172,7 +175,8 @@ class HostState:
             old = self.pipelines.get(model_id)
             self.pipelines[model_id] = pipe
             self.public[model_id] = {"bundle_id": manifest.bundle_id, "name": manifest.name, "k": manifest.k,
-                                     "ir_shape": list(manifest.ir_shape), "owner": owner}
+                                     "head": manifest.head, "ir_shape": list(manifest.ir_shape),
+                                     "owner": manifest.owner, "owner_fingerprint": owner}
         if old is not None:
             old.close()
 
@@ -183,12 +187,13 @@ class HostState:
         from ..models import bundle as B
         from .store import SEALED_DEPLOYMENT
 
-        for model_id in await asyncio.to_thread(self.store.models):
+        for ref in await asyncio.to_thread(self.store.models):
+            model_id = str(ref)
             try:
-                files = await asyncio.to_thread(self.store.load, model_id)
+                files = await asyncio.to_thread(self.store.load, ref)
                 if SEALED_DEPLOYMENT not in files:
                     raise E.DataError("no sealed deployment stored")
-                parts = {n: files[n] for n in (B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP)}
+                parts = {n: files[n] for n in (B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP, B.HEAD) if n in files}
                 h, _, _ = await wait(self.enclave.call_async({"op": "restore", "model": model_id}, None,
                                                              {**parts, "sealed": files[SEALED_DEPLOYMENT]}))
                 manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, self.cfg.allowed_factories)
@@ -293,50 +298,66 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def list_models():
         return {"models": [{"id": m, **S().public.get(m, {})} for m in sorted(S().pipelines)]}
 
-    @app.post("/v1/models/{model_id}")
-    async def deploy(model_id: str, request: Request):
+    @app.post("/v1/models/{name}")
+    async def deploy(name: str, request: Request):
         s = S()
-        protocol.check_model_id(model_id)
+        protocol.check_model_id(name)
         body = await read_body(request, cfg.max_upload_bytes)
         from ..models import bundle as B
 
-        files = protocol.unpack_parts(body, {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS})
+        allowed = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS, B.HEAD}
+        files = protocol.unpack_parts(body, allowed)
         missing = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS} - set(files)
         if missing:
             raise E.DataError(f"upload is missing {', '.join(sorted(missing))}")
         # Check the public half first, so that a bad BackNet changes nothing in the enclave.
-        protocol.check_servable_arch(B.load_manifest(files).arch, cfg.allowed_factories)
+        public = B.load_manifest(files)
+        protocol.check_servable_arch(public.arch, cfg.allowed_factories)
+        if set(files) - {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE} != set(public.part_names):
+            raise E.DataError(f"upload parts do not match the manifest ({', '.join(public.part_names)})")
         manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, cfg.allowed_factories)
-        enclave_parts = {n: files[n] for n in (protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP)}
-        h, _, sealed = await wait(s.enclave.call_async({"op": "deploy", "model": model_id}, None, enclave_parts))
-        if h.get("bundle_id") != manifest.bundle_id:
+        enclave_parts = {n: files[n] for n in (protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP,
+                                               B.HEAD) if n in files}
+        h, _, sealed = await wait(s.enclave.call_async({"op": "deploy", "model": name}, None, enclave_parts))
+        ref = ModelRef(manifest.owner, name)
+        if h.get("bundle_id") != manifest.bundle_id or h.get("model") != str(ref):
             raise E.TamperedMessage("the enclave accepted another bundle than the host loaded")
         from .store import SEALED_DEPLOYMENT
 
         stored = {n: files[n] for n in files if n != protocol.KEY_RELEASE}
-        await asyncio.to_thread(s.store.save, model_id, {**stored, SEALED_DEPLOYMENT: sealed.get("sealed", b"")})
-        s.install(model_id, manifest, backnet, h.get("owner"))
+        await asyncio.to_thread(s.store.save, ref, {**stored, SEALED_DEPLOYMENT: sealed.get("sealed", b"")})
+        s.install(str(ref), manifest, backnet, h.get("owner"))
         s.metrics.inc("deployments_total", outcome="replaced" if h.get("replaced") else "created")
-        return {"model": model_id, "bundle_id": manifest.bundle_id, "k": manifest.k, "replaced": bool(h.get("replaced"))}
+        return {"model": str(ref), "name": name, "owner": manifest.owner, "bundle_id": manifest.bundle_id,
+                "k": manifest.k, "head": manifest.head, "replaced": bool(h.get("replaced"))}
 
-    @app.delete("/v1/models/{model_id}")
-    async def delete(model_id: str, request: Request):
+    @app.delete("/v1/models/{owner}/{name}")
+    async def delete(owner: str, name: str, request: Request):
         s = S()
-        protocol.check_model_id(model_id)
+        ref = ModelRef(owner, name)
         body = await read_body(request, 65536)
-        await wait(s.enclave.call_async({"op": "delete", "model": model_id}, None, {"command": body}))
+        await wait(s.enclave.call_async({"op": "delete", "model": str(ref)}, None, {"command": body}))
         with s.lock:
-            old = s.pipelines.pop(model_id, None)
-            s.public.pop(model_id, None)
+            old = s.pipelines.pop(str(ref), None)
+            s.public.pop(str(ref), None)
         if old is not None:
             old.close()
-        await asyncio.to_thread(s.store.delete, model_id)
+        await asyncio.to_thread(s.store.delete, ref)
         s.metrics.inc("deployments_total", outcome="deleted")
-        return {"model": model_id, "deleted": True}
+        return {"model": str(ref), "deleted": True}
 
-    @app.post("/v1/models/{model_id}/infer")
-    async def infer(model_id: str, request: Request):
+    @app.post("/v1/models/{owner}/{name}/identity")
+    async def identity(owner: str, name: str, request: Request):
         s = S()
+        ref = ModelRef(owner, name)
+        body = await read_body(request, 8192)
+        _, _, b = await wait(s.enclave.call_async({"op": "identity", "model": str(ref)}, None, {"request": body}))
+        return Response(b["identity"], media_type="application/octet-stream")
+
+    @app.post("/v1/models/{owner}/{name}/infer")
+    async def infer(owner: str, name: str, request: Request):
+        s = S()
+        model_id = str(ModelRef(owner, name))
         pipe = s.pipeline(model_id)
         body = await read_body(request, cfg.max_request_bytes)
         t0 = time.perf_counter()
@@ -353,6 +374,8 @@ def _route_name(p: str, method: str) -> str:
         rest = p[len("/v1/models/"):]
         if rest.endswith("/infer"):
             return "infer"
+        if rest.endswith("/identity"):
+            return "identity"
         return "model_" + method.lower()
     return {"/healthz": "healthz", "/metrics": "metrics", "/v1/evidence": "evidence", "/v1/models": "models"}.get(p, "other")
 

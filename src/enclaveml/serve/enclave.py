@@ -6,8 +6,16 @@ per-request response contexts. What leaves this object towards the host: evidenc
 key, IR tensors, opaque handles, sealed responses, and error kinds with short messages that
 never quote plaintext.
 
-Life of a request (one or several images): `front(model, ciphertext)` opens it (TamperedMessage),
-checks freshness (ReplayedMessage), decodes and preprocesses the images here (DataError for a
+Deployments are addressed by (owner key, name) (`ModelRef`, rendered OWNERHEX/name): another
+key's deployment of the same name lives beside the owner's and can never shadow, block or evict
+it. Every request carries its target (the ref and the client's pin: accepted bundle ids, smallest
+k) in the clear and as its AAD; the enclave refuses a deployment that does not match before it
+opens or decodes anything (PolicyViolation), and repeats its identity in every sealed answer.
+`identity(ref, request)` reports the deployed identity, sealed to the asking client, so that a
+client can refuse a substituted deployment before any image leaves it.
+
+Life of a request (one or several images): `front(model, ciphertext)` checks the target against
+the deployment (PolicyViolation), opens it (TamperedMessage), checks freshness (ReplayedMessage), decodes and preprocesses the images here (DataError for a
 one-image request; in a larger request a bad image gets an error item, sealed), runs the FrontNet
 and returns (handle, IR with one row per decoded image). The host runs the BackNet and calls
 `finish(handle, scores)` with the scores in the secret class order; the enclave maps them back,
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import os
 import threading
 import time
@@ -32,10 +41,12 @@ from ..crypto import (HpkeKeyPair, ReplayGuard, open_key_release, open_owner_com
 from ..crypto.replay import parse_fresh
 from ..crypto.signing import VerifyKey
 from ..data.preprocess import Preprocessing
-from ..errors import DataError, ReplayedMessage, TamperedMessage, Unauthorized, UnknownModel
-from ..models.bundle import CLASSMAP, FRONTNET, MANIFEST, SIGNATURE, load_manifest, open_enclave_parts
+from ..errors import DataError, ReplayedMessage, TamperedMessage, UnknownModel
+from ..models.bundle import CLASSMAP, FRONTNET, HEAD, MANIFEST, SIGNATURE, load_manifest, open_enclave_parts
 from ..models.classmap import ClassMapping
 from ..models.layers import FrontNet
+from ..protocol.identity import (ModelIdentity, ModelRef, encode_identity, identity_aad, infer_aad,
+                                 split_target)
 from ..tee import bind_report_data
 from ..tee.backend import EnclaveBackend
 from . import protocol
@@ -53,19 +64,27 @@ MAX_NONCES = 10_000
 class Deployment:
     """A model deployed in this enclave, bound to the owner key that released its model key."""
 
-    model_id: str
+    ref: ModelRef
     owner: VerifyKey
     front: FrontNet
     mapping: ClassMapping = field(repr=False)
     preprocessing: Preprocessing
     bundle_id: str
     k: int
+    #: The classifier head run here after the BackNet (`partition --head N`), and its input shape.
+    head: "torch.nn.Module | None" = field(default=None, repr=False)
+    head_layers: int = 0
+    head_in_shape: tuple[int, ...] = ()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(self.ref.owner, self.ref.name, self.bundle_id, self.k, self.head_layers)
 
 
 @dataclass
 class _Pending:
     sealer: object = field(repr=False)
-    model_id: str = ""
+    dep: "Deployment | None" = field(default=None, repr=False)
     top_k: int = 5
     logits: bool = False
     aad: bytes = b""
@@ -92,7 +111,7 @@ class EnclaveService:
         self.guard = ReplayGuard(window_s=replay_window_s)
         self.handle_ttl_s = handle_ttl_s
         self.device = torch.device(device)
-        self._deployments: dict[str, Deployment] = {}
+        self._deployments: dict[ModelRef, Deployment] = {}
         self._pending: dict[str, _Pending] = {}
         self._nonces: dict[bytes, float] = {}
         self._lock = threading.Lock()
@@ -128,99 +147,112 @@ class EnclaveService:
 
     # -- owner commands ----------------------------------------------------------------------
 
-    def deploy(self, model_id: str, key_release: bytes, files: dict[str, bytes]) -> dict:
-        """Open the key release, check the owner, decrypt the FrontNet and class map, install.
+    def deploy(self, name: str, key_release: bytes, files: dict[str, bytes]) -> dict:
+        """Open the key release, check the owner, decrypt the FrontNet and class map, install
+        under (release signer, name).
 
-        The answer's "sealed" holds the deployment (model id, owner key, model key, bundle id)
-        sealed under this enclave's sealing key, for the host to keep beside the bundle: after a
-        worker restart, `restore` brings the deployment back without the owner.
+        The answer's "sealed" holds the deployment (ref, model key, bundle id) sealed under this
+        enclave's sealing key, for the host to keep beside the bundle: after a worker restart,
+        `restore` brings the deployment back without the owner.
         """
-        protocol.check_model_id(model_id)
+        protocol.check_model_id(name)
         rel = open_key_release(self.kp, key_release)
-        if rel.model_id != model_id:
-            raise TamperedMessage("key release was signed for another model id")
-        self._check_owner(model_id, rel.owner)  # before anything changes, the nonce included
+        if rel.model_id != name:
+            raise TamperedMessage("key release was signed for another model name")
         self._consume_nonce(rel.nonce)
-        out = self._install(model_id, rel.owner, rel.model_key, files)
-        record = json.dumps({"model": model_id, "owner": rel.owner.to_bytes().hex(), "model_key": rel.model_key.hex(),
+        ref = ModelRef(rel.owner.to_bytes().hex(), name)
+        out = self._install(ref, rel.owner, rel.model_key, files)
+        record = json.dumps({"model": str(ref), "owner": ref.owner, "model_key": rel.model_key.hex(),
                              "bundle_id": out["bundle_id"]}, separators=(",", ":")).encode()
         key = self.backend.sealing_key(DEPLOYMENT_SEAL_LABEL)
-        return {**out, "sealed": seal(key, record, DEPLOYMENT_AAD + model_id.encode())}
+        return {**out, "sealed": seal(key, record, DEPLOYMENT_AAD + str(ref).encode())}
 
-    def restore(self, model_id: str, sealed: bytes, files: dict[str, bytes]) -> dict:
+    def restore(self, ref_text: str, sealed: bytes, files: dict[str, bytes]) -> dict:
         """Reinstall a deployment this enclave identity sealed (`deploy`'s "sealed"), from the
         bundle files the host kept. TamperedMessage for anything sealed elsewhere, for another
-        model id or bundle; a deployment already present is left alone."""
-        protocol.check_model_id(model_id)
+        ref or bundle."""
+        ref = ModelRef.parse(ref_text)
         key = self.backend.sealing_key(DEPLOYMENT_SEAL_LABEL)
         try:
-            rec = json.loads(open_sealed(key, sealed, DEPLOYMENT_AAD + model_id.encode()))
+            rec = json.loads(open_sealed(key, sealed, DEPLOYMENT_AAD + str(ref).encode()))
             owner = VerifyKey.from_bytes(bytes.fromhex(rec["owner"]))
             model_key, bundle_id = bytes.fromhex(rec["model_key"]), str(rec["bundle_id"])
-            if rec["model"] != model_id:
+            if rec["model"] != str(ref) or rec["owner"] != ref.owner:
                 raise ValueError
         except (ValueError, KeyError, TypeError):  # sealed by us, so only a format change gets here
             raise TamperedMessage("sealed deployment is not valid") from None
         if load_manifest(files, expected_owner=owner).bundle_id != bundle_id:
             raise TamperedMessage("the bundle files are not the sealed deployment's bundle")
-        self._check_owner(model_id, owner)
-        return self._install(model_id, owner, model_key, files)
+        return self._install(ref, owner, model_key, files)
 
-    def _install(self, model_id: str, owner: VerifyKey, model_key: bytes, files: dict[str, bytes]) -> dict:
-        parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP) if n in files}
+    def _install(self, ref: ModelRef, owner: VerifyKey, model_key: bytes, files: dict[str, bytes]) -> dict:
+        parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP, HEAD) if n in files}
         manifest = load_manifest(parts, expected_owner=owner)
         protocol.check_servable_arch(manifest.arch, self.allowed_factories)  # before any import
-        front, mapping = open_enclave_parts(parts, model_key, expected_owner=owner,
-                                            allowed_factories=self.allowed_factories)
-        front = front.to(self.device)
-        dep = Deployment(model_id, owner, front, mapping, manifest.preprocessing, manifest.bundle_id, manifest.k)
+        ep = open_enclave_parts(parts, model_key, expected_owner=owner, allowed_factories=self.allowed_factories)
+        head = ep.head.to(self.device) if ep.head is not None else None
+        dep = Deployment(ref, owner, ep.front.to(self.device), ep.mapping, manifest.preprocessing,
+                         manifest.bundle_id, manifest.k, head, manifest.head, ep.head_in_shape)
         with self._lock:
-            current = self._deployments.get(model_id)
-            if current is not None and current.owner != owner:  # a race with another deploy
-                raise Unauthorized(f"model {model_id!r} belongs to another owner")
-            self._deployments[model_id] = dep
-        return {"model": model_id, "bundle_id": manifest.bundle_id, "k": manifest.k,
+            current = self._deployments.get(ref)
+            self._deployments[ref] = dep
+        return {"model": str(ref), "bundle_id": manifest.bundle_id, "k": manifest.k, "head": manifest.head,
                 "owner": owner.fingerprint(), "replaced": current is not None}
 
-    def _check_owner(self, model_id: str, owner: VerifyKey) -> None:
-        """A deployment, once made, can be replaced only by the key that made it."""
-        with self._lock:
-            current = self._deployments.get(model_id)
-        if current is not None and current.owner != owner:
-            raise Unauthorized(f"model {model_id!r} belongs to another owner")
-
-    def delete(self, model_id: str, command: bytes) -> dict:
+    def delete(self, ref_text: str, command: bytes) -> dict:
+        ref = ModelRef.parse(ref_text)
         cmd = open_owner_command(self.kp, command)
-        if cmd.command != DELETE or cmd.model_id != model_id:
+        if cmd.command != DELETE or cmd.model_id != ref.name:
             raise TamperedMessage("owner command is not a delete of this model")
         with self._lock:
-            current = self._deployments.get(model_id)
+            current = self._deployments.get(ref)
         if current is None:
-            raise UnknownModel(f"no model {model_id!r} is deployed")
+            raise UnknownModel(f"no model {ref.short()} is deployed")
         require_owner(cmd, current.owner)
         self._consume_nonce(cmd.nonce)
         with self._lock:
-            if self._deployments.get(model_id) is current:
-                del self._deployments[model_id]
-        return {"model": model_id, "deleted": True}
+            if self._deployments.get(ref) is current:
+                del self._deployments[ref]
+        return {"model": str(ref), "deleted": True}
 
     def models(self) -> list[str]:
         with self._lock:
-            return sorted(self._deployments)
+            return sorted(str(r) for r in self._deployments)
 
     # -- inference ---------------------------------------------------------------------------
 
-    def _deployment(self, model_id: str) -> Deployment:
+    def _deployment(self, ref: ModelRef) -> Deployment:
         with self._lock:
-            dep = self._deployments.get(model_id)
+            dep = self._deployments.get(ref)
         if dep is None:
-            raise UnknownModel(f"no model {model_id!r} is deployed")
+            raise UnknownModel(f"no model {ref.short()} is deployed")
         return dep
 
-    def _open(self, model_id: str, ciphertext: bytes) -> tuple[Deployment, list[torch.Tensor], _Pending]:
-        dep = self._deployment(model_id)
-        aad = protocol.infer_aad(model_id)
-        framed, sealer = open_request(self.kp, ciphertext, aad)
+    def _target(self, ref: ModelRef, body: bytes):
+        """(deployment, target bytes, HPKE message) of a request the host routed to `ref`; the
+        target is checked against the deployment before anything is opened or decoded."""
+        target, raw, msg = split_target(body)
+        if target.ref != ref:
+            raise TamperedMessage("the request is for another deployment than the host routed it to")
+        dep = self._deployment(ref)
+        target.allows(dep.identity)  # PolicyViolation: not the deployment the client pinned
+        return dep, raw, msg
+
+    def identity(self, ref_text: str, body: bytes) -> bytes:
+        """The deployed identity under `ref`, sealed to the asking client (it cannot come from the
+        host). The request is a fresh HPKE message (empty payload) with the identity AAD."""
+        ref = ModelRef.parse(ref_text)
+        target, raw, msg = split_target(body)
+        if target.ref != ref:
+            raise TamperedMessage("the request is for another deployment than the host routed it to")
+        framed, sealer = open_request(self.kp, msg, identity_aad(raw))
+        rid, ts, _ = parse_fresh(framed)
+        self.guard.check(rid, ts)
+        return sealer.seal_response(encode_identity(self._deployment(ref).identity), identity_aad(raw))
+
+    def _open(self, dep: Deployment, raw: bytes, msg: bytes) -> tuple[list[torch.Tensor], _Pending]:
+        aad = infer_aad(raw)
+        framed, sealer = open_request(self.kp, msg, aad)
         rid, ts, payload = parse_fresh(framed)
         self.guard.check(rid, ts)
         opts, images = protocol.decode_payload(payload)
@@ -234,7 +266,7 @@ class EnclaveService:
                 if len(images) == 1:  # no plaintext detail crosses to the host
                     raise DataError(UNDECODABLE_IMAGE) from None
                 slots.append(-1)
-        return dep, xs, _Pending(sealer, model_id, opts["top_k"], opts["logits"], aad, time.monotonic(), tuple(slots))
+        return xs, _Pending(sealer, dep, opts["top_k"], opts["logits"], aad, time.monotonic(), tuple(slots))
 
     @torch.no_grad()
     def front(self, model_id: str, ciphertext: bytes) -> tuple[str, torch.Tensor]:
@@ -247,15 +279,18 @@ class EnclaveService:
     @torch.no_grad()
     def front_batch(self, model_id: str,
                     ciphertexts: list[bytes]) -> list[tuple[str, torch.Tensor, int] | Exception]:
-        """Several requests for one model through shared FrontNet passes (`max_pass` images each)
-        -> per request (handle, IR rows, images that failed to decode), or its error; failures
-        stay per request."""
-        dep = self._deployment(model_id)
+        """Several requests for one deployment (`model_id` = OWNERHEX/name) through shared FrontNet
+        passes (`max_pass` images each) -> per request (handle, IR rows, images that failed to
+        decode), or its error; failures stay per request."""
+        ref = ModelRef.parse(model_id)
+        dep = self._deployment(ref)
         opened: list[tuple[list[torch.Tensor], _Pending] | Exception] = []
         for ct in ciphertexts:
             try:
-                _, xs, p = self._open(model_id, ct)
-                opened.append((xs, p))
+                d, raw, msg = self._target(ref, ct)
+                if d is not dep:  # redeployed between the two look-ups: refuse, the client resends
+                    raise UnknownModel(f"model {ref.short()} was redeployed")
+                opened.append(self._open(dep, raw, msg))
             except Exception as e:
                 opened.append(e)
         xs_all = [x for o in opened if not isinstance(o, Exception) for x in o[0]]
@@ -292,19 +327,27 @@ class EnclaveService:
             pending = self._pending.pop(handle, None)
         if pending is None:
             raise UnknownModel("unknown or expired request handle")
-        dep = self._deployment(pending.model_id)
+        dep = pending.dep
+        assert dep is not None
         labels, n = list(dep.mapping.labels), dep.mapping.num_classes
         scores = scores_host_order.detach().to(torch.float32).cpu()
-        if scores.numel() != pending.rows * n or not torch.isfinite(scores).all():
-            raise DataError("BackNet scores have the wrong size or are not finite")
+        width = math.prod(dep.head_in_shape) if dep.head is not None else n
+        if scores.numel() != pending.rows * width or not torch.isfinite(scores).all():
+            raise DataError("BackNet outputs have the wrong size or are not finite")
+        if dep.head is not None:  # the classifier head runs here: the host never saw class scores
+            with torch.no_grad():
+                scores = dep.head(scores.reshape(pending.rows, *dep.head_in_shape).to(self.device)).float().cpu()
+            if scores.shape != (pending.rows, n):
+                raise DataError("the head's output does not have one score per class")
         logits = dep.mapping.to_original(scores.reshape(pending.rows, n))
         probs = torch.softmax(logits.double(), dim=1).tolist()
         items = []
+        ident = dep.identity
         for row in pending.slots:
             if row < 0:
-                items.append(protocol.encode_error_item(pending.model_id, labels, pending.top_k, pending.logits))
+                items.append(protocol.encode_error_item(ident, labels, pending.top_k, pending.logits))
             else:
-                items.append(protocol.encode_result(pending.model_id, probs[row], labels, pending.top_k,
+                items.append(protocol.encode_result(ident, probs[row], labels, pending.top_k,
                                                     logits[row].tolist() if pending.logits else None))
         return pending.sealer.seal_response(b"".join(items), pending.aad)
 

@@ -4,10 +4,12 @@ Trust side: all. The client builds requests and reads results; the enclave reads
 builds results; the host only splits upload bodies into parts. Crypto details (HPKE suite, the
 OHTTP-style response, freshness header) live in `enclaveml.crypto` and docs/crypto.md.
 
-Inference request (HTTP body of POST /v1/models/{model}/infer), one or several images:
+Inference request (HTTP body of POST /v1/models/{owner}/{name}/infer), one or several images:
 
-    body      = HPKE request to the attested enclave key (enc(32) || ct), info "enclaveml/v1 request",
-                aad = "enclaveml/v1 infer\\0" || model id (UTF-8)   -> the host cannot redirect it
+    body      = u16 n || target (n bytes) || HPKE request to the attested enclave key (enc(32) || ct),
+                info "enclaveml/v1 request", aad = "enclaveml/v2 infer\\0" || target
+                (target: the deployment's owner and name plus the client's pin of it, see
+                `enclaveml.protocol.identity`: the host can neither redirect nor loosen it)
     plaintext = freshness header (version 1 || request id 16 || timestamp f64) || payload
     payload   = u16 n || options JSON (n bytes) || image bytes... || zero padding
     options   = {"top_k": 5, "logits": false, "image_bytes": [len(image), ...]}
@@ -23,9 +25,11 @@ only the bucket of the images' total size.
 Inference response (HTTP 200 body): the enclave's sealed response to that request (RFC 9458
 pattern, same aad), whose plaintext is one fixed-size item per image, in request order:
 
-    item = {"v": 1, "model": id, "top": [{"index": i, "label": name, "score": p}, ...],
+    item = {"v": 1, IDENTITY, "top": [{"index": i, "label": name, "score": p}, ...],
             "logits": [...] (original class order, only if asked)} || 0x00 ...
-         | {"v": 1, "model": id, "error": "DataError", "message": UNDECODABLE_IMAGE} || 0x00 ...
+         | {"v": 1, IDENTITY, "error": "DataError", "message": UNDECODABLE_IMAGE} || 0x00 ...
+    IDENTITY = "model": name, "owner": hex, "bundle_id": hex, "k": k, "head": h   (the deployment
+               that answered, repeated in every item; the client checks it against its pin)
 
 Every item is padded to `result_size(...)`: a multiple of 256 bytes that is at least the longest
 item *any* outcome could produce for this deployment, top_k and logits flag (an error included),
@@ -50,8 +54,8 @@ from typing import Any
 
 from ..crypto import loads_untrusted
 from ..errors import DataError, TamperedMessage, UserInputError
+from ..protocol.identity import ModelIdentity, Target, check_name
 
-INFER_AAD_LABEL = b"enclaveml/v1 infer\x00"
 MAX_TOP_K = 100
 MAX_OPTIONS_BYTES = 4096
 MAX_MODEL_ID = 64
@@ -78,11 +82,8 @@ KEY_RELEASE = "key_release"
 
 
 def check_model_id(model_id: str) -> str:
-    """Model ids are short and URL-safe: letters, digits, '-', '_', '.'."""
-    if (not isinstance(model_id, str) or not 1 <= len(model_id) <= MAX_MODEL_ID
-            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in model_id) or model_id[0] == "."):
-        raise UserInputError("model id must be 1 to 64 characters of [A-Za-z0-9._-]")
-    return model_id
+    """Model names are short and URL-safe: letters, digits, '-', '_', '.' (one rule: `check_name`)."""
+    return check_name(model_id)
 
 
 def check_servable_arch(arch: dict, allowed_factories: "tuple[str, ...] | frozenset[str]" = ()) -> None:
@@ -125,8 +126,16 @@ def enclave_config(allowed_factories: "tuple[str, ...] | list[str]" = ()) -> dic
     return {"allowed_factories": list(names)} if names else {}
 
 
-def infer_aad(model_id: str) -> bytes:
-    return INFER_AAD_LABEL + check_model_id(model_id).encode()
+def seal_infer(enclave_public: bytes, target: Target, framed: bytes):
+    """Client side: the request body for `target` (its pin in the clear and as the AAD) around the
+    HPKE message of `framed` (`crypto.frame_fresh(encode_payload(...))`) -> (body, context, aad);
+    open the answer with `context.open_response(answer, aad)`."""
+    from ..crypto import seal_request
+    from ..protocol.identity import frame_target, infer_aad
+
+    aad = infer_aad(target.to_bytes())
+    msg, ctx = seal_request(enclave_public, framed, aad)
+    return frame_target(target, msg), ctx, aad
 
 
 def padded_payload_size(n: int) -> int:
@@ -202,7 +211,12 @@ def _json(v: Any) -> str:
     return json.dumps(v, separators=(",", ":"), allow_nan=False)
 
 
-def result_size(model_id: str, labels: "list[str] | tuple[str, ...]", top_k: int, logits: bool) -> int:
+def _ident(identity: ModelIdentity) -> dict[str, Any]:
+    return {"v": 1, "model": identity.name, "owner": identity.owner, "bundle_id": identity.bundle_id,
+            "k": identity.k, "head": identity.head}
+
+
+def result_size(identity: ModelIdentity, labels: "list[str] | tuple[str, ...]", top_k: int, logits: bool) -> int:
     """The padded plaintext size of every result for this deployment, `top_k` and `logits` flag.
 
     An upper bound on the JSON of any outcome (the longest labels and numbers in every top-k
@@ -210,89 +224,98 @@ def result_size(model_id: str, labels: "list[str] | tuple[str, ...]", top_k: int
     on the deployment and the request's options, never on the scores. (Cached: the enclave asks
     for it once per image, and it costs more than the result's JSON.)
     """
-    return _result_size(model_id, tuple(labels), top_k, bool(logits))
+    return _result_size(identity, tuple(labels), top_k, bool(logits))
 
 
 @functools.lru_cache(maxsize=256)
-def _result_size(model_id: str, labels: tuple[str, ...], top_k: int, logits: bool) -> int:
+def _result_size(identity: ModelIdentity, labels: tuple[str, ...], top_k: int, logits: bool) -> int:
     n = len(labels)
     k = min(top_k, n)
     longest_labels = sorted((len(_json(str(lab))) for lab in labels), reverse=True)[:k]
     # one top entry without its label: the fixed keys, the longest index and the longest float
     entry = len(_json({"index": "", "label": "", "score": ""})) - 6 + len(str(max(n - 1, 0))) + _FLOAT_CHARS
-    bound = len(_json({"v": 1, "model": model_id, "top": []})) + sum(longest_labels) + k * (entry + 1)
+    bound = len(_json({**_ident(identity), "top": []})) + sum(longest_labels) + k * (entry + 1)
     if logits:
         bound += len(',"logits":[]') + n * (_FLOAT_CHARS + 1)
-    bound = max(bound, len(_error_item(model_id)))
+    bound = max(bound, len(_error_item(identity)))
     return max(1, -(-bound // RESULT_BLOCK)) * RESULT_BLOCK
 
 
-def _error_item(model_id: str) -> bytes:
-    return _json({"v": 1, "model": model_id, "error": "DataError", "message": UNDECODABLE_IMAGE}).encode()
+def _error_item(identity: ModelIdentity) -> bytes:
+    return _json({**_ident(identity), "error": "DataError", "message": UNDECODABLE_IMAGE}).encode()
 
 
-def encode_error_item(model_id: str, labels: list[str], top_k: int, logits: bool) -> bytes:
+def encode_error_item(identity: ModelIdentity, labels: list[str], top_k: int, logits: bool) -> bytes:
     """Enclave side: the item for an image it could not decode, as long as any result item."""
-    raw = _error_item(model_id)
-    return raw + bytes(result_size(model_id, labels, top_k, logits) - len(raw))
+    raw = _error_item(identity)
+    return raw + bytes(result_size(identity, labels, top_k, logits) - len(raw))
 
 
-def encode_result(model_id: str, probs: list[float], labels: list[str], top_k: int,
+def encode_result(identity: ModelIdentity, probs: list[float], labels: list[str], top_k: int,
                   logits: list[float] | None = None) -> bytes:
     """Enclave side: the result JSON (scores and logits in the original class order), padded with
     zero bytes to `result_size` so that its length does not reveal the prediction."""
     order = sorted(range(len(probs)), key=lambda i: (-probs[i], i))[: min(top_k, len(probs))]
-    res: dict[str, Any] = {"v": 1, "model": model_id,
+    res: dict[str, Any] = {**_ident(identity),
                            "top": [{"index": i, "label": labels[i], "score": float(probs[i])} for i in order]}
     if logits is not None:
         res["logits"] = [float(v) for v in logits]
     raw = _json(res).encode()
-    size = result_size(model_id, labels, top_k, logits is not None)
+    size = result_size(identity, labels, top_k, logits is not None)
     if len(raw) > size:  # cannot happen (result_size is an upper bound); never send a telling length
         raise RuntimeError("result is longer than its padded size")
     return raw + bytes(size - len(raw))
 
 
-def decode_result(data: bytes) -> dict[str, Any]:
+def decode_result(data: bytes, expected: "Target | None" = None) -> dict[str, Any]:
     """Client side: parse an (authenticated) result JSON, after removing its zero padding."""
-    res = _decode_item(data)
+    res = _decode_item(data, expected)
     if "error" in res:
         raise TamperedMessage("result is malformed")
     return res
 
 
-def _decode_item(data: bytes) -> dict[str, Any]:
+def _item_identity(res: dict) -> ModelIdentity:
+    return ModelIdentity.from_dict({"owner": res.get("owner"), "name": res.get("model"),
+                                    "bundle_id": res.get("bundle_id"), "k": res.get("k"), "head": res.get("head")})
+
+
+def _decode_item(data: bytes, expected: "Target | None") -> dict[str, Any]:
     """A result item, or an error item ({"error": "DataError", "message": str}); anything else
-    is malformed."""
+    is malformed. With `expected`, an item from a deployment its pin refuses is a `PolicyViolation`."""
     try:
         res = loads_untrusted(bytes(data).rstrip(b"\x00"))
         if not isinstance(res, dict) or type(res.get("v")) is not int or res["v"] != 1:
             raise ValueError
+        ident = _item_identity(res)
         if "error" in res:
             if res["error"] != "DataError" or not isinstance(res.get("message"), str):
                 raise ValueError
-            return res
-        if not isinstance(res.get("top"), list):
-            raise ValueError
-        for t in res["top"]:
-            if not (isinstance(t["label"], str) and type(t["index"]) is int
-                    and type(t["score"]) in (int, float) and math.isfinite(t["score"])):
+        else:
+            if not isinstance(res.get("top"), list):
                 raise ValueError
+            for t in res["top"]:
+                if not (isinstance(t["label"], str) and type(t["index"]) is int
+                        and type(t["score"]) in (int, float) and math.isfinite(t["score"])):
+                    raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
         raise TamperedMessage("result is malformed") from None
+    if expected is not None:
+        expected.allows(ident)  # PolicyViolation: the answer comes from a deployment the pin refuses
     return res
 
 
-def decode_results(data: bytes, n: int) -> "list[dict[str, Any] | DataError]":
+def decode_results(data: bytes, n: int, expected: "Target | None" = None) -> "list[dict[str, Any] | DataError]":
     """Client side: the `n` items of an (authenticated) response, in request order; an image the
-    enclave could not decode comes back as a `DataError` in its place."""
+    enclave could not decode comes back as a `DataError` in its place. Every item must name the
+    deployment that the `expected` target (the client's pin) accepts (`PolicyViolation` otherwise)."""
     data = bytes(data)
     if n < 1 or len(data) % n:
         raise TamperedMessage("response does not hold one equal-sized item per image")
     size = len(data) // n
     out: list[dict[str, Any] | DataError] = []
     for i in range(n):
-        item = _decode_item(data[i * size:(i + 1) * size])
+        item = _decode_item(data[i * size:(i + 1) * size], expected)
         out.append(DataError(item["message"][:300]) if "error" in item else item)
     return out
 

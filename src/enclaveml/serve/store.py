@@ -1,12 +1,14 @@
 """The host's store of deployed bundles: public parts and ciphertext only, on untrusted disk.
 
-Trust side: host. One folder per model id holding the bundle files exactly as uploaded
-(manifest.json, manifest.sig, backnet.safetensors, frontnet.sealed, classmap.sealed) and the
-enclave's sealed deployment (deployment.sealed: the model key sealed to the enclave's identity,
-which only an enclave with the same measurement on the same platform can open). Never a
-plaintext model key, a key release (it is useless after the enclave session anyway), an input or
-a label.
+Trust side: host. One folder per deployment, `OWNERHEX/name/` (names are scoped by owner, like the
+enclave's deployments), holding the bundle files exactly as uploaded (manifest.json, manifest.sig,
+backnet.safetensors, frontnet.sealed, classmap.sealed, head.sealed if any) and the enclave's sealed
+deployment (deployment.sealed: the model key sealed to the enclave's identity, which only an
+enclave with the same measurement on the same platform can open). Never a plaintext model key, a
+key release (it is useless after the enclave session anyway), an input or a label.
 Writes are atomic (temporary folder, then rename), so a crash leaves the old version or the new.
+The host may of course wipe or edit all of it: the enclave opens only what it sealed, and clients
+check the identity of what it serves against their pins.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..models.bundle import BACKNET, CLASSMAP, FRONTNET, MANIFEST, SIGNATURE
-from .protocol import check_model_id
+from ..models.bundle import BACKNET, CLASSMAP, FRONTNET, HEAD, MANIFEST, SIGNATURE
+from ..protocol.identity import ModelRef
 
 SEALED_DEPLOYMENT = "deployment.sealed"
-STORED_PARTS = (MANIFEST, SIGNATURE, BACKNET, FRONTNET, CLASSMAP, SEALED_DEPLOYMENT)
+STORED_PARTS = (MANIFEST, SIGNATURE, BACKNET, FRONTNET, CLASSMAP, HEAD, SEALED_DEPLOYMENT)
 
 
 class ModelStore:
@@ -28,19 +30,20 @@ class ModelStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _dir(self, model_id: str) -> Path:
-        return self.root / check_model_id(model_id)
+    def _dir(self, ref: ModelRef) -> Path:
+        return self.root / ref.owner / ref.name
 
-    def save(self, model_id: str, files: dict[str, bytes]) -> Path:
-        target = self._dir(model_id)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=self.root))
+    def save(self, ref: ModelRef, files: dict[str, bytes]) -> Path:
+        target = self._dir(ref)
+        target.parent.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ref.name}.", dir=target.parent))
         try:
             for name in STORED_PARTS:
                 if name in files:
                     (tmp / name).write_bytes(files[name])
             old = None
             if target.exists():
-                old = self.root / f".{model_id}.old.{os.getpid()}"
+                old = target.parent / f".{ref.name}.old.{os.getpid()}"
                 os.rename(target, old)
             os.rename(tmp, target)
             if old is not None:
@@ -50,13 +53,21 @@ class ModelStore:
             raise
         return target
 
-    def load(self, model_id: str) -> dict[str, bytes]:
+    def load(self, ref: ModelRef) -> dict[str, bytes]:
         """The stored files of one deployment (those present)."""
-        d = self._dir(model_id)
+        d = self._dir(ref)
         return {name: (d / name).read_bytes() for name in STORED_PARTS if (d / name).is_file()}
 
-    def delete(self, model_id: str) -> None:
-        shutil.rmtree(self._dir(model_id), ignore_errors=True)
+    def delete(self, ref: ModelRef) -> None:
+        shutil.rmtree(self._dir(ref), ignore_errors=True)
 
-    def models(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    def models(self) -> list[ModelRef]:
+        """Every stored deployment (folders that are not a valid OWNERHEX/name are ignored)."""
+        out = []
+        for owner in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for d in sorted(p for p in owner.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                try:
+                    out.append(ModelRef(owner.name, d.name))
+                except Exception:  # noqa: BLE001 (a stray folder on untrusted disk)
+                    continue
+        return out

@@ -7,7 +7,7 @@ first (before any secret exists in its memory), then answers the host's requests
 by calling `EnclaveService` (all logic lives there; this file only moves bytes). Requests run on
 a thread pool so several proceed at once (torch releases the GIL in its kernels).
 
-Operations (header "op"): info, evidence, deploy, restore, delete, front_batch, finish_batch, abort. Replies
+Operations (header "op"): info, evidence, deploy, restore, delete, identity, front_batch, finish_batch, abort. Replies
 carry the same "id"; failures come back as {"error": kind, "message": text}. A request may carry
 several images: `front_batch` answers per request {"handle", "rows", "failed"} with the IR rows of
 all requests concatenated, and `finish_batch` takes per handle its number of rows of scores.
@@ -77,6 +77,8 @@ def _handler(svc, info: dict):
                 out = svc.deploy(str(h.get("model", "")), blobs.get("key_release", b""), files)
                 return {k: v for k, v in out.items() if k != "sealed"}, None, {"sealed": out["sealed"]}
             return svc.restore(str(h.get("model", "")), blobs.get("sealed", b""), files), None, None
+        if op == "identity":
+            return {}, None, {"identity": svc.identity(str(h.get("model", "")), blobs.get("request", b""))}
         if op == "delete":
             return svc.delete(str(h.get("model", "")), blobs.get("command", b"")), None, None
         if op == "info":

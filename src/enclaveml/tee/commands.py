@@ -1,7 +1,8 @@
 """`enclaveml attest ...`: check evidence by hand, pin the sim enclave (client/owner side).
 
     enclaveml attest verify EVIDENCE [--collateral FILE]... [--policy FILE] [--report-data HEX] [--now ISO8601] [--json]
-    enclaveml attest policy --tee sim [--config JSON] [--out FILE]
+    enclaveml attest policy --tee sim [--config JSON] [--model BUNDLE]... [--min-k K] [--out FILE]
+    enclaveml attest pin BUNDLE... --policy FILE [--min-k K] [--any-bundle] [--name NAME]
     enclaveml attest measure --tee sim [--config JSON]
     enclaveml attest evidence --tee sim --report-data HEX [--config JSON] [--out FILE]
 """
@@ -156,24 +157,68 @@ def measure_cmd(
     print(expected_sim_measurement(_config(config)))
 
 
+def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: bool, name: Optional[str]):
+    """The policy with a pin per bundle: its owner, its bundle id (added to that owner's pin of the
+    same name) and, as the smallest k, the bundle's own k unless `--min-k` loosens it."""
+    from ..models.bundle import load_manifest
+    from ..protocol.identity import ModelPin
+
+    if name is not None and len(bundles) != 1:
+        raise UserInputError("--name goes with exactly one bundle")
+    for b in bundles:
+        m = load_manifest(b)
+        model = name or m.name
+        old = policy.models.get(model)
+        ids: tuple[str, ...] = () if any_bundle else (m.bundle_id,)
+        k = m.k if min_k is None else min_k
+        if old is not None and old["owner"] == m.owner:  # another bundle of the same owner's model
+            ids = () if any_bundle or not old["bundle_ids"] else (*old["bundle_ids"], *ids)
+            k = min(k, old["min_k"]) if min_k is None else min_k
+        policy = policy.with_pin(model, ModelPin(m.owner, ids, k))
+        print(f"pinned {model}: owner {m.owner[:16]}..., bundle {'any' if not ids else ', '.join(ids)}, k >= {k}",
+              file=sys.stderr)
+    return policy
+
+
 @attest_app.command("policy")
 def policy_cmd(
     tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
     max_age_s: int = typer.Option(300, "--max-age-s", help="Oldest evidence accepted, seconds."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", help="Pin this bundle's model (owner key, bundle id, "
+                                               "smallest k); repeat for several models."),
+    min_k: Optional[int] = typer.Option(None, "--min-k", help="Accept splits from K on (default: each bundle's own k)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write here (default: print)."),
 ) -> None:
-    """Write a policy pinning the local sim platform key and this code's sim measurement."""
+    """Write a policy pinning the local sim platform key and this code's sim measurement, and the
+    models (`--model BUNDLE`) a client may use."""
     _require_sim(tee)
     from .policy import write_policy
     from .sim import sim_policy
 
-    p = sim_policy(_config(config), max_age_s=max_age_s)
+    p = _pin_bundles(sim_policy(_config(config), max_age_s=max_age_s), list(model or []), min_k, False, None)
     if out is None:
         sys.stdout.write(p.to_toml())
     else:
         write_policy(p, out)
         print(f"wrote {out}")
+
+
+@attest_app.command("pin")
+def pin_cmd(
+    bundles: list[Path] = typer.Argument(..., help="Bundle directories whose models to pin."),
+    policy: Path = typer.Option(..., "--policy", help="The policy file to update (any backend)."),
+    min_k: Optional[int] = typer.Option(None, "--min-k", help="Accept splits from K on (default: the bundle's own k)."),
+    any_bundle: bool = typer.Option(False, "--any-bundle", help="Accept any bundle of that owner (not just this one)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The model name clients use (default: the bundle's name; "
+                                       "as given to `deploy --model`)."),
+) -> None:
+    """Pin models in an existing policy: a client then uses a model only when the attested enclave
+    reports it deployed by that owner, as one of those bundles, split no shallower than that."""
+    from .policy import load_policy, write_policy
+
+    write_policy(_pin_bundles(load_policy(policy), list(bundles), min_k, any_bundle, name), policy)
+    print(f"wrote {policy}")
 
 
 @attest_app.command("evidence")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
+from ..protocol.identity import ModelPin, check_name
 from .evidence import EVIDENCE_TYPES
 
 _HEX = re.compile(r"^[0-9a-f]*$")
@@ -71,6 +72,10 @@ class Policy:
     min_snp_tcb            lowest SNP reported TCB {bootloader, tee, snp, microcode}
     pccs_url               where to fetch SGX/TDX collateral when evidence carries none
                            ("intel" for Intel PCS); unset means collateral must come with it
+    models                 {name: {owner, bundle_ids, min_k}}: the models a client may use, each
+                           pinned to its owner key, the bundle ids accepted (empty: any bundle of
+                           that owner) and the smallest partition point; a model with no pin is
+                           refused (`enclaveml attest policy --model BUNDLE` / `attest pin`)
     """
 
     allowed_backends: list[str] = field(default_factory=lambda: ["sgx", "tdx", "sev-snp"])
@@ -85,8 +90,23 @@ class Policy:
     min_tee_tcb_svn: str | None = None
     min_snp_tcb: dict[str, int] = field(default_factory=dict)
     pccs_url: str | None = None
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.models, dict):
+            raise UserInputError("policy field models must be a table {name: {owner, bundle_ids, min_k}}")
+        pins = {}
+        for name, pin in self.models.items():
+            try:
+                check_name(name)
+                if isinstance(pin, ModelPin):
+                    pin = pin.to_dict()
+                if not isinstance(pin, dict) or not set(pin) <= {"owner", "bundle_ids", "min_k"} or "owner" not in pin:
+                    raise UserInputError("a pin is {owner = HEX, bundle_ids = [HEX, ...], min_k = K}")
+                pins[name] = ModelPin(pin["owner"], tuple(pin.get("bundle_ids", ())), pin.get("min_k", 1)).to_dict()
+            except UserInputError as e:
+                raise UserInputError(f"policy field models.{str(name)[:64]}: {e}") from None
+        self.models = pins
         self.allowed_backends = _str_list("allowed_backends", self.allowed_backends)
         for b in self.allowed_backends:
             if b not in EVIDENCE_TYPES:
@@ -126,6 +146,23 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def pin(self, name: str) -> ModelPin:
+        """The pin of model `name`; `PolicyViolation` (fail closed) when the policy has none."""
+        from ..errors import PolicyViolation
+
+        p = self.models.get(name)
+        if p is None:
+            raise PolicyViolation(f"the policy pins no model named {name[:64]!r} (pinned: "
+                                  f"{', '.join(sorted(self.models)) or 'none'}); the owner adds it with "
+                                  "`enclaveml attest pin BUNDLE --policy FILE`")
+        return ModelPin(p["owner"], tuple(p["bundle_ids"]), p["min_k"])
+
+    def with_pin(self, name: str, pin: ModelPin) -> "Policy":
+        """A copy of this policy with `name` pinned (replacing any pin of that name)."""
+        from dataclasses import replace
+
+        return replace(self, models={**self.models, check_name(name): pin.to_dict()})
+
     def to_toml(self) -> str:
         """The policy as a commented TOML document that `load_policy` reads back to an equal Policy."""
         s = json.dumps  # JSON strings and arrays of strings are valid TOML basic strings/arrays
@@ -149,6 +186,11 @@ class Policy:
         lines += [f"{s(b)} = {s(v)}" for b, v in sorted(self.measurements.items())]
         if self.min_snp_tcb:
             lines += ["", "[min_snp_tcb]"] + [f"{k} = {v}" for k, v in sorted(self.min_snp_tcb.items())]
+        if self.models:
+            lines += ["", "# the models a client may use: owner key, accepted bundle ids, smallest split"]
+        for name, pin in sorted(self.models.items()):
+            lines += ["", f"[models.{s(name)}]", f"owner = {s(pin['owner'])}", f"bundle_ids = {s(pin['bundle_ids'])}",
+                      f"min_k = {pin['min_k']}"]
         return "\n".join(lines) + "\n"
 
 
