@@ -66,6 +66,19 @@ def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: O
     return m, arch, pre, names
 
 
+def _warn_if_public(m, head: int) -> None:
+    """Say so when the classifier's weights are published: the class mapping then hides nothing."""
+    from .public_weights import classifier_is_public
+
+    last = list(m.layers.children())[-1]
+    if classifier_is_public(last):
+        where = ("it runs in the enclave (--head), but the FrontNet and BackNet still hold public tensors"
+                 if head else "a host holding the BackNet recovers the secret class order by matching its final "
+                 "rows against them; use --head N and a head trained on private data")
+        typer.echo(f"warning: this model's weights are the zoo's published ones: {where} (docs/tee.md, "
+                   "'What the class mapping hides')", err=True)
+
+
 def _default_name(model: str, out: Path) -> str:
     """The zoo name, or the bundle directory's name made URL-safe (it is the default model id)."""
     if ":" not in model:
@@ -107,6 +120,8 @@ def register(app: typer.Typer) -> None:
         std: Optional[str] = typer.Option(None, "--std", help="Per-channel normalisation std."),
         name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest (default: the zoo name, else the bundle directory's name)."),
         force: bool = typer.Option(False, "--force", help="Allow a K shallower than the assessment recommends."),
+        head: int = typer.Option(0, "--head", help="Also run the last N layers (the classifier head) in the enclave, "
+                                 "so the host never sees class scores (for a head trained on private data)."),
         untrained: bool = typer.Option(False, "--untrained", help="Zoo model with random weights (tests and demos only)."),
     ) -> None:
         """Split a model at K into a deployable bundle; the model key is written to BUNDLE.modelkey (0600)."""
@@ -126,7 +141,9 @@ def register(app: typer.Typer) -> None:
         m, arch, pre, names = _load_model(model, weights, untrained, classes, input_size, mean, std)
         m.check_point(k)
         owner = SigningKey.load_or_create(owner_key or paths.home() / "owner.key")
-        manifest, model_key = make_bundle(m, k, out, arch, pre, names, owner, name=name or _default_name(model, out))
+        _warn_if_public(m, head)
+        manifest, model_key = make_bundle(m, k, out, arch, pre, names, owner, name=name or _default_name(model, out),
+                                          head=head)
         try:
             save_model_key(key_path, model_key)
         except BaseException:
@@ -138,7 +155,10 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"bundle     {out}")
         typer.echo(f"model      {manifest.name}  ({len(manifest.layers)} layers, {manifest.num_classes} classes)")
         typer.echo(f"split      k={k}: enclave runs {', '.join(manifest.frontnet_layers)} "
-                   f"({front_params:,} params); host runs {', '.join(manifest.layers[k:])}")
+                   f"({front_params:,} params); host runs {', '.join(manifest.layers[k:manifest.back_stop])}")
+        if head:
+            typer.echo(f"head       enclave also runs {', '.join(manifest.layers[manifest.back_stop:])} "
+                       "(the host never sees class scores)")
         typer.echo(f"IR shape   {list(manifest.ir_shape)}")
         typer.echo(f"owner      {owner.public_key().fingerprint()}")
         typer.echo(f"model key  {key_path} (0600; keep it here: it leaves this machine only sealed to an attested enclave)")
@@ -153,7 +173,7 @@ def register(app: typer.Typer) -> None:
 
         from ..crypto import sha256
         from ..errors import TamperedMessage
-        from .bundle import PARTS, load_manifest
+        from .bundle import load_manifest
 
         manifest = load_manifest(bundle)
         fp = manifest.owner_key.fingerprint()
@@ -161,14 +181,14 @@ def register(app: typer.Typer) -> None:
             want = owner.strip().lower()
             if len(want) < 16 or not _hmac.compare_digest(fp[: len(want)], want):
                 raise TamperedMessage(f"{bundle}: signed by owner {fp[:16]}..., not the expected {want[:16]}...")
-        for part in PARTS:
+        for part in manifest.part_names:
             try:
                 data = (bundle / part).read_bytes()
             except OSError as e:
                 raise UserInputError(f"{bundle / part}: cannot read ({e.strerror})") from None
             if not _hmac.compare_digest(sha256(data).hex(), manifest.parts[part]):
                 raise TamperedMessage(f"{bundle / part} does not match the signed manifest")
-        typer.echo(f"bundle     {bundle} (signature and {len(PARTS)} part hashes verified)")
+        typer.echo(f"bundle     {bundle} (signature and {len(manifest.part_names)} part hashes verified)")
         typer.echo(f"model      {manifest.name}  arch {json.dumps(manifest.arch)}  id {manifest.bundle_id}")
         typer.echo(f"split      k={manifest.k}: enclave {', '.join(manifest.frontnet_layers)}; host {', '.join(manifest.layers[manifest.k:])}")
         typer.echo(f"shapes     input {list(manifest.input_shape)}  IR {list(manifest.ir_shape)}  classes {manifest.num_classes}")

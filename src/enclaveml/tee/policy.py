@@ -103,7 +103,7 @@ class Policy:
                     pin = pin.to_dict()
                 if not isinstance(pin, dict) or not set(pin) <= {"owner", "bundle_ids", "min_k"} or "owner" not in pin:
                     raise UserInputError("a pin is {owner = HEX, bundle_ids = [HEX, ...], min_k = K}")
-                pins[name] = ModelPin(pin["owner"], tuple(pin.get("bundle_ids", ())), pin.get("min_k", 1)).to_dict()
+                pins[name] = ModelPin(pin["owner"], pin.get("bundle_ids", []), pin.get("min_k", 1)).to_dict()
             except UserInputError as e:
                 raise UserInputError(f"policy field models.{str(name)[:64]}: {e}") from None
         self.models = pins
