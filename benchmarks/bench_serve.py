@@ -152,6 +152,7 @@ def main() -> None:
                     help="torch thread counts to try for plain PyTorch; the best throughput is the baseline")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server's host process")
     ap.add_argument("--server-args", default="", help="extra `enclaveml serve` arguments")
+    ap.add_argument("--head", type=int, default=0, help="also run the last N layers in the enclave (partition --head)")
     args = ap.parse_args()
     if not args.data or not Path(args.data).is_dir():
         sys.exit("no CIFAR-10 test folder: pass --data DIR (DIR/<class>/*.jpg)")
@@ -184,13 +185,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp = Path(tmp)
         owner = SigningKey.generate()
-        _, key = make_bundle(model, k, tmp / "bundle", {"zoo": "darknet"}, entry.preprocessing, classes, owner)
+        _, key = make_bundle(model, k, tmp / "bundle", {"zoo": "darknet"}, entry.preprocessing, classes, owner,
+                             head=args.head)
         home = tmp / "home"
         extra = ["--torch-threads", str(args.torch_threads), *args.server_args.split()]
         with ServerProcess(tmp / "store", tmp / "server.log", env=server_env(home), extra_args=extra) as srv:
             policy = local_sim_policy(home)
             with EnclaveClient(srv.url, policy) as c:
                 c.deploy(tmp / "bundle", key, owner, model_id="darknet")
+                policy = c.policy  # now pins the deployed model, as the owner's policy file would
             clients = [EnclaveClient(srv.url, policy) for _ in range(args.clients)]
             for c in clients:
                 c.infer([images[0]], model="darknet")  # attest and warm each connection
@@ -232,7 +235,7 @@ def main() -> None:
         "p50_ms_service": round(service["p50_ms"], 3), "p99_ms_service": round(service["p99_ms"], 3),
         "p50_ms_plain": round(plain["p50_ms"], 3), "p99_ms_plain": round(plain["p99_ms"], 3),
         "accuracy_service": round(service["accuracy"], 4), "accuracy_plain": round(plain["accuracy"], 4),
-        "images": len(images), "k": k, "clients": args.clients, "batch": args.batch, "plain_threads": plain_threads, "rounds": args.rounds,
+        "images": len(images), "k": k, "head": args.head, "clients": args.clients, "batch": args.batch, "plain_threads": plain_threads, "rounds": args.rounds,
         "cpu_ms_per_image_service": round(service["cpu_ms"], 3), "cpu_ms_per_image_plain": round(plain["cpu_ms"], 3),
         "load_average_1m": round(os.getloadavg()[0], 2), "trained": trained,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),

@@ -36,7 +36,7 @@ MAX_REQUEST = 65536
 def main() -> None:
     from enclaveml import paths
     from enclaveml.client import EnclaveClient
-    from enclaveml.crypto import SigningKey, frame_fresh, seal_request
+    from enclaveml.crypto import SigningKey, frame_fresh
     from enclaveml.models import zoo
     from enclaveml.models.bundle import make_bundle
     from enclaveml.serve import protocol
@@ -91,14 +91,17 @@ def main() -> None:
             policy = local_sim_policy(home)
             with EnclaveClient(srv.url, policy) as c:
                 c.deploy(tmp / "bundle", key, owner, model_id="darknet")
+                policy = c.policy  # pins the deployed model
             host_pid, enclave_pid = srv.pid, srv.enclave_pid()
-            aad = protocol.infer_aad("darknet")
+            owner_hex = owner.public_key().to_bytes().hex()
             counter = iter(range(args.requests))
 
             def client_loop(ci: int) -> None:
                 cl = EnclaveClient(srv.url, policy)
                 http = httpx.Client(timeout=60, transport=httpx.HTTPTransport(socket_options=nodelay))
                 att = cl.attest()
+                target = cl.target("darknet")
+                cl.identity("darknet", att)  # the deployment is the pinned one
                 last_good: bytes | None = None
                 try:
                     while True:
@@ -109,8 +112,9 @@ def main() -> None:
                         kind = plan[i]
                         img_i = i % len(images)
                         body = images[img_i] if kind != "non_image" else os.urandom(500)
-                        msg, ctx = seal_request(att.public_key, frame_fresh(protocol.encode_payload(body, 1)), aad)
-                        model_id = "darknet"
+                        msg, ctx, aad = protocol.seal_infer(att.public_key, target,
+                                                            frame_fresh(protocol.encode_payload(body, 1)))
+                        model_id = f"{owner_hex}/darknet"
                         if kind == "tampered":
                             b = bytearray(msg)
                             b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
@@ -120,7 +124,7 @@ def main() -> None:
                         elif kind == "replayed":
                             msg = last_good or msg
                         elif kind == "unknown_model":
-                            model_id = "no-such-model"
+                            model_id = f"{owner_hex}/no-such-model"
                         elif kind == "oversized":
                             msg = os.urandom(MAX_REQUEST + 1 + rng.randrange(1000))
                         r = http.post(f"{srv.url}/v1/models/{model_id}/infer", content=msg)

@@ -33,8 +33,8 @@ else
   enclaveml partition darknet --at 3 --out "$S/bundle" "${untrained[@]}"
 fi
 
-echo "== 2. owner: write the sim attestation policy"
-enclaveml attest policy --tee sim --out "$S/policy.toml"
+echo "== 2. owner: write the sim attestation policy, pinning this model (owner key, bundle id, smallest k)"
+enclaveml attest policy --tee sim --model "$S/bundle" --out "$S/policy.toml"
 
 echo "== 3. cloud: start the untrusted host server and its enclave worker"
 enclaveml serve --tee sim --port 0 --store "$S/store" > "$S/server.log" 2>&1 &
