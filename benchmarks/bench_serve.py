@@ -9,13 +9,18 @@ deployed by an owner; several client threads send the CIFAR-10 test set as encry
 --batch images each (one HPKE message per request), and one client sends single-image requests one
 after another for the latency figures. Plain: the same JPEG bytes decoded and preprocessed by the same
 code, then the whole model, in batches (throughput) and one image at a time (latency), in this
-process, with its best torch thread count. The two alternate in --rounds slices so that a shared
+process, with its best torch thread count; and, as the strongest plain baseline, one
+single-thread process per core over the same images (the machine's real limit for this model:
+`images_per_s_plain_processes`). The two sides alternate in --rounds slices so that a shared
 machine whose load changes treats both alike. CPU ms/image (all processes: clients, host,
-enclave worker) is the load-independent cost.
+enclave worker; for plain, the process or the worker processes) is the load-independent cost.
 
 Prints a table, then as its LAST line one JSON object with images_per_s_service,
-images_per_s_plain, throughput_ratio, p50_ms_service, p99_ms_service, p50_ms_plain,
-p99_ms_plain, accuracy_service, accuracy_plain (and a few more keys describing the run).
+images_per_s_plain, throughput_ratio (against plain in one process at its best thread count),
+throughput_ratio_best_plain (against the best of that and one process per core),
+p50_ms_service, p99_ms_service, p50_ms_plain, p99_ms_plain, accuracy_service, accuracy_plain,
+cpu_ms_per_image_service, cpu_ms_per_image_plain, cpu_ms_per_image_plain_1thread (and a few more
+keys describing the run).
 """
 
 from __future__ import annotations
@@ -88,6 +93,40 @@ def plain_latencies(model, pre, images: list[bytes]) -> list[float]:
     return lat
 
 
+_PROC: dict = {}
+
+
+def _proc_init() -> None:
+    """A plain worker process: one torch thread, the trained zoo model, the zoo preprocessing."""
+    from enclaveml.models import zoo
+
+    torch.set_num_threads(1)
+    try:
+        _PROC["model"] = zoo.load("darknet")
+    except Exception:
+        _PROC["model"] = zoo.load("darknet", pretrained=False)
+    _PROC["pre"] = zoo.entry("darknet").preprocessing
+
+
+def _proc_run(job: tuple) -> tuple[float, float, int, float]:
+    """(start, end, correct, cpu seconds) of plain decode + preprocess + model over `job`'s images."""
+    images, labels, batch, start_at = job
+    while time.time() < start_at:  # every process starts together
+        time.sleep(0.001)
+    c0 = _cpu_self()
+    t0 = time.time()
+    _, ok = plain_throughput(_PROC["model"], _PROC["pre"], images, labels, batch)
+    return t0, time.time(), ok, _cpu_self() - c0
+
+
+def plain_processes(pool, n: int, images: list[bytes], labels: list[int], batch: int) -> tuple[float, int, float]:
+    """(seconds, correct, cpu seconds): the images split over `n` single-thread processes at once."""
+    start_at = time.time() + 0.2
+    jobs = [(images[i::n], labels[i::n], batch, start_at) for i in range(n)]
+    outs = list(pool.map(_proc_run, jobs))
+    return (max(o[1] for o in outs) - min(o[0] for o in outs), sum(o[2] for o in outs), sum(o[3] for o in outs))
+
+
 def service_throughput(clients: list, model_id: str, images: list[bytes], labels: list[int],
                        batch: int) -> tuple[float, int]:
     """(seconds, correct): the clients send encrypted batch requests concurrently."""
@@ -138,11 +177,14 @@ def main() -> None:
     shared = paths.shared_dir()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("DATA") or (str(shared / "data" / "cifar10" / "test") if shared else None))
-    found = [a for a in ("out/bench/assess/darknet/assessment.json", "out/demo/assess/assessment.json") if Path(a).exists()]
+    shipped = zoo.WEIGHTS_DIR / "darknet.assessment.json"  # the full assessment shipped with the zoo
+    found = [str(a) for a in ("out/bench/assess/darknet/assessment.json", shipped) if Path(a).exists()]
     ap.add_argument("--assessment", default=os.environ.get("ASSESSMENT") or (found[0] if found else None),
                     help="assessment.json whose recommended split to use (default: `make bench-assess`'s, "
-                         "else `make demo`'s; absent: --k)")
-    ap.add_argument("--k", type=int, default=3, help="split when no assessment is given")
+                         "else the full darknet assessment shipped with the zoo; absent: --k)")
+    ap.add_argument("--k", type=int, default=10, help="split when no assessment is given")
+    ap.add_argument("--plain-processes", type=int, default=os.cpu_count() or 1,
+                    help="single-thread plain processes for the strongest baseline (0: skip)")
     ap.add_argument("--limit", type=int, default=None, help="use this many test images (default: all)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent client threads for the throughput figure")
     ap.add_argument("--batch", type=int, default=32, help="images per client request (and plain batch)")
@@ -177,9 +219,17 @@ def main() -> None:
             best = (n, 300 / dt)
     plain_threads = best[0]
 
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     from enclaveml.client import EnclaveClient
 
-    acc = {"plain_s": 0.0, "plain_ok": 0, "service_s": 0.0, "service_ok": 0, "plain_cpu": 0.0, "service_cpu": 0.0}
+    pool = None
+    if args.plain_processes > 0:
+        pool = ProcessPoolExecutor(args.plain_processes, mp_context=get_context("spawn"), initializer=_proc_init)
+        plain_processes(pool, args.plain_processes, images[:64], labels[:64], args.batch)  # warm up
+    acc = {"plain_s": 0.0, "plain_ok": 0, "service_s": 0.0, "service_ok": 0, "plain_cpu": 0.0, "service_cpu": 0.0,
+           "proc_s": 0.0, "proc_ok": 0, "proc_cpu": 0.0, "plain1_cpu": 0.0, "plain1_n": 0}
     lat_plain: list[float] = []
     lat_service: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -209,6 +259,17 @@ def main() -> None:
                 acc["plain_cpu"] += _cpu_self() - c0
                 acc["plain_s"] += pdt
                 acc["plain_ok"] += ok
+                if pool is not None:
+                    qdt, ok, qcpu = plain_processes(pool, args.plain_processes, images[part], labels[part], args.batch)
+                    acc["proc_s"] += qdt
+                    acc["proc_ok"] += ok
+                    acc["proc_cpu"] += qcpu
+                torch.set_num_threads(1)  # plain CPU per image on one thread: the cost floor
+                c0 = _cpu_self()
+                plain_throughput(model, entry.preprocessing, images[part][:200], labels[part][:200], args.batch)
+                acc["plain1_cpu"] += _cpu_self() - c0
+                acc["plain1_n"] += len(images[part][:200])
+                torch.set_num_threads(plain_threads)
                 lat_plain += plain_latencies(model, entry.preprocessing, single)
                 torch.set_num_threads(1)
                 pids = (srv.pid, srv.enclave_pid())
@@ -222,6 +283,10 @@ def main() -> None:
                 print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f} images/s", file=sys.stderr)
             for c in clients:
                 c.close()
+    if pool is not None:
+        pool.shutdown()
+    procs = ({"images_per_s": n / acc["proc_s"], "accuracy": acc["proc_ok"] / n, "cpu_ms": 1000 * acc["proc_cpu"] / n}
+             if pool is not None else None)
     plain = {"images_per_s": n / acc["plain_s"], "accuracy": acc["plain_ok"] / n, "cpu_ms": 1000 * acc["plain_cpu"] / n,
              "p50_ms": 1000 * _pct(lat_plain, 50), "p99_ms": 1000 * _pct(lat_plain, 99)}
     service = {"images_per_s": n / acc["service_s"], "accuracy": acc["service_ok"] / n,
@@ -232,6 +297,12 @@ def main() -> None:
         "images_per_s_service": round(service["images_per_s"], 1),
         "images_per_s_plain": round(plain["images_per_s"], 1),
         "throughput_ratio": round(service["images_per_s"] / plain["images_per_s"], 3),
+        "images_per_s_plain_processes": round(procs["images_per_s"], 1) if procs else None,
+        "throughput_ratio_best_plain": round(service["images_per_s"] / max(plain["images_per_s"],
+                                                                          procs["images_per_s"] if procs else 0), 3),
+        "cpu_ms_per_image_plain_1thread": round(1000 * acc["plain1_cpu"] / max(1, acc["plain1_n"]), 3),
+        "cpu_ms_per_image_plain_processes": round(procs["cpu_ms"], 3) if procs else None,
+        "plain_processes": args.plain_processes,
         "p50_ms_service": round(service["p50_ms"], 3), "p99_ms_service": round(service["p99_ms"], 3),
         "p50_ms_plain": round(plain["p50_ms"], 3), "p99_ms_plain": round(plain["p99_ms"], 3),
         "accuracy_service": round(service["accuracy"], 4), "accuracy_plain": round(plain["accuracy"], 4),
@@ -241,7 +312,9 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
     }
     print(f"{'':18}{'service':>12}{'plain':>12}", file=sys.stderr)
-    print(f"{'images/s':18}{out['images_per_s_service']:>12}{out['images_per_s_plain']:>12}", file=sys.stderr)
+    print(f"{'images/s':18}{out['images_per_s_service']:>12}{out['images_per_s_plain']:>12}"
+          f"   ({out['images_per_s_plain_processes']} with {args.plain_processes} single-thread processes)",
+          file=sys.stderr)
     print(f"{'p50 ms (single)':18}{out['p50_ms_service']:>12}{out['p50_ms_plain']:>12}", file=sys.stderr)
     print(f"{'p99 ms (single)':18}{out['p99_ms_service']:>12}{out['p99_ms_plain']:>12}", file=sys.stderr)
     print(f"{'CPU ms/image':18}{out['cpu_ms_per_image_service']:>12}{out['cpu_ms_per_image_plain']:>12}", file=sys.stderr)
