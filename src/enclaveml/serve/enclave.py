@@ -16,8 +16,9 @@ client can refuse a substituted deployment before any image leaves it.
 
 Life of a request (one or several images): `front(model, ciphertext)` checks the target against
 the deployment (PolicyViolation), opens it (TamperedMessage), checks freshness (ReplayedMessage),
-decodes and preprocesses the images here (DataError for a one-image request; in a larger request a bad image gets an error item, sealed), runs the FrontNet
-and returns (handle, IR with one row per decoded image). The host runs the BackNet and calls
+decodes and preprocesses the images here (DataError for a one-image request; in a larger request
+a bad image gets an error item, sealed), runs the FrontNet and returns (handle, IR with one row per
+decoded image). The host runs the BackNet and calls
 `finish(handle, scores)` with the scores in the secret class order; the enclave maps them back,
 picks the top k with label names and seals the answer to that request only. Handles not finished
 within `handle_ttl_s` are dropped. `front_batch` runs the images of many requests through one
