@@ -9,6 +9,8 @@ another. Each test failed before the plan binding existed.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -61,11 +63,24 @@ def test_the_evidence_names_the_plan(backend):
 
 
 def test_the_host_no_longer_chooses_how_instances_are_decoded(backend):
-    """F-40: the ingest op carried the host's data model (decode size, number of classes)."""
+    """F-40: the ingest op carried the host's data model (decode size, number of classes); the
+    worker now ignores it, and an in-process caller's spec must decode as the plan does."""
+    from enclaveml.data.preprocess import Preprocessing
+    from enclaveml.train.enclave_worker import make_handler
+
+    class Larger:  # what a host could have named: a data model decoding at 64x64 with 1000 classes
+        text, num_classes = "imagenet-like", 1000
+
+        def preprocessing(self):
+            return Preprocessing(size=(64, 64))
+
     enc = CalTrainEnclave(backend, plan=PLAN)
     with pytest.raises(UserInputError):
-        enc.ingest([], ModelSpec.parse("extraction"))
-    assert all(r["status"] == "accepted" for r in _fill(enc))
+        enc.ingest([], Larger())
+    assert enc.ingest([], ModelSpec.parse("extraction")) == []  # same input and classes: an older caller
+    up = make_upload(enc.hpke.public_bytes(), SigningKey.generate(), random_png(1), 500, plan=enc.plan_hash)[1]
+    h, _, _ = make_handler(enc)({"op": "ingest", "n": 1, "model": "densenet"}, {}, {"u0": up})
+    assert h["results"][0]["error"] == "DataError"  # label 500: the plan's 10 classes decide
 
 
 def test_an_upload_bound_to_another_plan_is_refused(backend):
@@ -162,3 +177,52 @@ def test_a_plan_document_is_parsed_strictly():
     for d in bad:
         with pytest.raises(UserInputError):
             TrainingPlan.from_dict(d)
+
+
+def test_the_caltrain_policy_table_round_trips_and_is_strict(tmp_path):
+    from enclaveml.tee import load_policy, write_policy
+    from enclaveml.tee.policy import Policy
+
+    table = {"owner": "ab" * 32, "plans": [PLAN.hash().hex()], "min_split": 5, "min_head": 1, "defences": ["mix"]}
+    p = write_policy(Policy(allowed_backends=["sim"], caltrain=table), tmp_path / "p.toml")
+    assert load_policy(p).caltrain == table
+    for bad in ({"min_split": "5"}, {"min_split": True}, {"plans": ["xyz"]}, {"owner": "ab"}, {"defences": ["Mix"]},
+                {"defences": "mix"}, {"minsplit": 5}):
+        with pytest.raises(UserInputError):
+            Policy(caltrain=bad)
+
+
+@pytest.fixture()
+def cli():
+    import typer
+    from typer.testing import CliRunner
+
+    from enclaveml.train.commands import register
+
+    app = typer.Typer()
+    register(app)
+    return lambda *args: CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+def test_train_plan_and_policy_commands(cli, tmp_path):
+    from enclaveml.tee import load_policy
+
+    owner = OWNER.public_key().to_bytes().hex()
+    r = cli("plan", "--owner", owner, "--model", SPEC, "--split", 3, "--head", 0, "--defence", "none",
+            "--out", tmp_path / "plan.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["plan_hash"] == PLAN.hash().hex()
+    assert cli("policy", "--plan", tmp_path / "plan.json", "--out", tmp_path / "a.toml").exit_code == 0
+    assert load_policy(tmp_path / "a.toml").caltrain == {"owner": owner, "plans": [PLAN.hash().hex()]}
+    # requirements alone: any plan of the owner that meets them
+    assert cli("policy", "--owner", owner, "--min-split", 5, "--require-defence", "mix",
+               "--out", tmp_path / "b.toml").exit_code == 0
+    assert load_policy(tmp_path / "b.toml").caltrain == {"owner": owner, "min_split": 5, "defences": ["mix"]}
+    # no plan, no requirement: the default plan of `train serve --owner`, pinned
+    assert cli("policy", "--owner", owner, "--out", tmp_path / "c.toml").exit_code == 0
+    assert load_policy(tmp_path / "c.toml").caltrain["plans"] == [TrainingPlan.build(owner).hash().hex()]
+    # a pinned plan that can never meet the policy's own requirement is refused, and nothing written
+    r = cli("policy", "--plan", tmp_path / "plan.json", "--min-split", 5, "--out", tmp_path / "d.toml")
+    assert r.exit_code != 0 and not (tmp_path / "d.toml").exists()
+    r = cli("plan", "--owner", owner, "--model", SPEC, "--split", 99, "--out", tmp_path / "e.json")
+    assert r.exit_code != 0 and not (tmp_path / "e.json").exists()
