@@ -9,10 +9,6 @@ is one attack, written as the host would run it; each failed before the plan bin
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
-
 import pytest
 
 from enclaveml.crypto import SigningKey, seal_owner_command
@@ -24,7 +20,7 @@ from enclaveml.train.owner import TracedModel, run
 from enclaveml.train.participant import contribute
 from enclaveml.train.partitioned import TrainConfig
 from hostile_proxy import HostileProxy
-from test_train_system import ROOT, Server, _pin_policy
+from test_train_system import Server, _pin_policy
 
 CFG = TrainConfig(epochs=1, batch=10, lr=0.05, seed=1)
 PLANNED = ("--model", "darknet:width=4", "--split", "3")
@@ -86,10 +82,17 @@ def test_a_host_that_lies_about_the_classes_cannot_relabel_a_participants_data(b
 
 
 def _cli_policy(base, out, *flags: str) -> None:
-    env = {**os.environ, "ENCLAVEML_HOME": str(base["home"]), "PYTHONPATH": str(ROOT / "src")}
-    p = subprocess.run([sys.executable, "-m", "enclaveml", "train", "policy", "--owner", base["owner"], *flags,
-                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
+    """`enclaveml train policy --owner OWNER FLAGS --out OUT` on the servers' sim platform."""
+    import typer
+    from typer.testing import CliRunner
+
+    from enclaveml.train.commands import register
+
+    app = typer.Typer()
+    register(app)
+    r = CliRunner().invoke(app, ["train", "policy", "--owner", base["owner"], *flags, "--out", str(out)],
+                           env={"ENCLAVEML_HOME": str(base["home"])})
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.parametrize("first,restart", [((), ("--data-model", "extraction")),
