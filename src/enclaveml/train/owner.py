@@ -45,7 +45,7 @@ def _write_private(path: Path, data: bytes) -> None:
 def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg: TrainConfig,
         key_path: str | Path, out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50,
         poll: float = 1.0, progress: Callable[[dict], None] | None = None, wait: bool = True,
-        head: int | None = None, defence: str | None = None) -> dict:
+        head: int | None = None, defence: "str | dict | None" = None) -> dict:
     """Start (or resume) a run, wait for it, and fetch the release into `out`.
 
     `model`, `split`, `head`, `defence`: None takes the plan's value (model "darknet", head 0 and
@@ -70,7 +70,7 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         pub, nonce = client.attest(policy, plan_hash)  # the evidence names the plan
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
                                  {"model": choice.model, "split": choice.split, "head": choice.head,
-                                  "defence": choice.defence.text, "plan": plan_hash.hex(), "config": cfg.to_dict()})
+                                  "defence": choice.defence.to_dict(), "plan": plan_hash.hex(), "config": cfg.to_dict()})
         st = client.post_json("/train/start", {"run_id": run_id, "command": base64.b64encode(cmd).decode(),
                                                "checkpoint_every": checkpoint_every})
         if not wait:
