@@ -36,12 +36,16 @@ OWNER_PUB="$("$PY" -c 'import sys; from enclaveml.crypto import SigningKey
 print(SigningKey.load_or_create(sys.argv[1]).public_key().to_bytes().hex())' "$WORK/owner.key")"
 echo "   owner public key ${OWNER_PUB:0:16}..."
 
-echo "== host: training server + enclave worker (sim TEE, configured for that owner) on $URL"
-"$EML" train serve --store "$WORK/store" --port "$PORT" --owner "$OWNER_PUB" > "$WORK/serve.log" 2>&1 &
+echo "== owner: the training plan (model darknet:width=8, split k = 5), published to participants"
+"$EML" train plan --owner "$OWNER_PUB" --model darknet:width=8 --split 5 --out "$WORK/plan.json" | cut -c1-100
+
+echo "== host: training server + enclave worker (sim TEE, that owner and plan) on $URL"
+"$EML" train serve --store "$WORK/store" --port "$PORT" --plan "$WORK/plan.json" > "$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 600); do curl -sf "$URL/info" > /dev/null 2>&1 && break; sleep 0.2; done
-# The policy pins the measurement of an enclave whose configuration names this owner.
-"$EML" train policy --owner "$OWNER_PUB" --out "$WORK/policy.toml" > /dev/null
+# The policy pins the measurement of an enclave whose configuration names this owner, the plan,
+# and the least protection the participants accept (k >= 5): checked before any upload.
+"$EML" train policy --plan "$WORK/plan.json" --min-split 5 --out "$WORK/policy.toml" > /dev/null
 
 for i in 1 2 3; do
   echo "== participant $i: verify the enclave's evidence, upload signed + encrypted instances"
@@ -51,7 +55,7 @@ echo "== participant 2 tries to pass off participant 1's images as its own"
 "$EML" train contribute "$WORK/participant1" --url "$URL" --policy "$WORK/policy.toml" --key "$WORK/p2.key" --limit 5 2>/dev/null | sed -n 1,2p
 
 echo "== owner: train (FrontNet + labels + loss in the enclave, BackNet on the host)"
-"$EML" train run --url "$URL" --policy "$WORK/policy.toml" --model darknet:width=8 --split 5 --epochs 8 \
+"$EML" train run --url "$URL" --policy "$WORK/policy.toml" --epochs 8 \
   --batch 64 --key "$WORK/owner.key" --out "$WORK/model" --checkpoint-every 40 2>/dev/null | cut -c1-160
 
 echo "== auditor: a test cat stamped with the trigger that the model now calls airplane"

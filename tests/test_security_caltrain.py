@@ -35,7 +35,7 @@ def caltrain(tmp_path_factory):
     enc = CalTrainEnclave(be)
     spec = ModelSpec.parse(SPEC)
     participants = [SigningKey.generate(), SigningKey.generate()]
-    uploads = [make_upload(enc.hpke.public_bytes(), participants[i % 2], random_png(i), i % 10)[1] for i in range(6)]
+    uploads = [make_upload(enc.hpke.public_bytes(), participants[i % 2], random_png(i), i % 10, plan=enc.plan_hash)[1] for i in range(6)]
     res = enc.ingest(uploads, spec)
     assert all(r["status"] == "accepted" for r in res), res
     enc.add_data([(r["tag"], r["sealed"]) for r in res])
@@ -44,7 +44,7 @@ def caltrain(tmp_path_factory):
 
 def _start_cmd(enc, signer: SigningKey, run_id: str = "run-1", nonce: bytes = b"owner-nonce-0001", **cfg):
     return seal_owner_command(signer, enc.hpke.public_bytes(), START, run_id, nonce,
-                              {"model": SPEC, "split": 3, "config": {**CFG.to_dict(), **cfg}})
+                              {"model": SPEC, "split": 3, "plan": enc.plan_hash.hex(), "config": {**CFG.to_dict(), **cfg}})
 
 
 def test_start_signed_by_a_key_the_participants_never_agreed_to_is_refused(caltrain):

@@ -37,7 +37,7 @@ def enc(tmp_path):
 
 
 def _add(e: CalTrainEnclave, seeds, reset: bool = False) -> None:
-    res = e.ingest([make_upload(e.hpke.public_bytes(), e._participant, random_png(i), i % 10)[1] for i in seeds],
+    res = e.ingest([make_upload(e.hpke.public_bytes(), e._participant, random_png(i), i % 10, plan=e.plan_hash)[1] for i in seeds],
                    ModelSpec.parse(SPEC))
     e.add_data([(r["tag"], r["sealed"]) for r in res], reset=reset)
 
@@ -48,7 +48,7 @@ _nonce = iter(range(10**6))
 def _start(e: CalTrainEnclave, cfg: TrainConfig, run_id: str = "r"):
     n = f"nonce-{next(_nonce):010d}".encode()
     cmd = seal_owner_command(OWNER, e.hpke.public_bytes(), START, run_id, n,
-                             {"model": SPEC, "split": 4, "config": cfg.to_dict()})
+                             {"model": SPEC, "split": 4, "plan": e.plan_hash.hex(), "config": cfg.to_dict()})
     return e.start(cmd, None)
 
 

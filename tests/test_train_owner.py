@@ -31,14 +31,14 @@ def owned(tmp_path_factory):
                     platform_dir=tmp_path_factory.getbasetemp() / "caltrain-platform", lock_memory=False)
     enc = CalTrainEnclave(be)
     p = SigningKey.generate()
-    res = enc.ingest([make_upload(enc.hpke.public_bytes(), p, random_png(i), i % 10)[1] for i in range(6)],
+    res = enc.ingest([make_upload(enc.hpke.public_bytes(), p, random_png(i), i % 10, plan=enc.plan_hash)[1] for i in range(6)],
                      ModelSpec.parse(SPEC))
     enc.add_data([(r["tag"], r["sealed"]) for r in res])
     return enc
 
 
 def _cmd(enc, signer, kind=START, nonce=b"nonce-0000000001", run_id="run-1"):
-    args = {"model": SPEC, "split": 3, "config": CFG.to_dict()} if kind == START else \
+    args = {"model": SPEC, "split": 3, "plan": enc.plan_hash.hex(), "config": CFG.to_dict()} if kind == START else \
         {"reply_to": HpkeKeyPair.generate().public_bytes().hex()}
     return seal_owner_command(signer, enc.hpke.public_bytes(), kind, run_id, nonce, args)
 

@@ -134,31 +134,35 @@ def test_contribute_resumes_and_rejects_bad_input(env):
     img = (data / "participant3" / "cat").iterdir().__next__().read_bytes()
     dup = next((data / "participant1" / "dog").iterdir()).read_bytes()
 
+    plan = bytes.fromhex(c.get("/info").json()["plan_hash"])
+
     def forged(sig_key, pub_key, label=3, image=img):
         pid = participant_id(pub_key.public_key())
-        sig = sig_key.sign(signed_message(instance_hash(image), label, pid))
-        plain = _UP_HEAD.pack(UPLOAD_MAGIC, pid, pub_key.public_key().to_bytes(), sig, label) + image
+        sig = sig_key.sign(signed_message(instance_hash(image), label, pid, plan))
+        plain = _UP_HEAD.pack(UPLOAD_MAGIC, plan, pid, pub_key.public_key().to_bytes(), sig, label) + image
         return seal_request(pub, plain, UPLOAD_AAD, info=UPLOAD_INFO)[0]
 
     bad = {
         "bad signature": forged(k1, k2),
-        "another enclave": make_upload(HpkeKeyPair.generate().public_bytes(), k2, img, 3)[1],
-        "duplicate": make_upload(pub, k2, dup, 5)[1],
-        "malformed image": make_upload(pub, k2, b"\xff\xd8 not really a jpeg" * 10, 3)[1],
-        "bad label": make_upload(pub, k2, img, 99)[1],
-        "id mismatch": make_upload(pub, k2, img, 3, claimed_pid=participant_id(k1.public_key()))[1],
+        "another enclave": make_upload(HpkeKeyPair.generate().public_bytes(), k2, img, 3, plan=plan)[1],
+        "duplicate": make_upload(pub, k2, dup, 5, plan=plan)[1],
+        "malformed image": make_upload(pub, k2, b"\xff\xd8 not really a jpeg" * 10, 3, plan=plan)[1],
+        "bad label": make_upload(pub, k2, img, 99, plan=plan)[1],
+        "id mismatch": make_upload(pub, k2, img, 3, claimed_pid=participant_id(k1.public_key()), plan=plan)[1],
+        "another plan": make_upload(pub, k2, img, 3, plan=bytes(32))[1],
         "garbage": os.urandom(40),
     }
     res = dict(zip(bad, _post_uploads(srv.url, list(bad.values()))))
     expect = {"bad signature": "TamperedMessage", "another enclave": "TamperedMessage", "duplicate": "DataError",
               "malformed image": "DataError", "bad label": "DataError", "id mismatch": "PolicyViolation",
-              "garbage": "TamperedMessage"}
+              "another plan": "PolicyViolation", "garbage": "TamperedMessage"}
     for name, kind in expect.items():
         assert res[name]["status"] == "rejected" and res[name]["error"] == kind, (name, res[name])
     assert "duplicate" in res["duplicate"]["reason"] and "participant id" in res["id mismatch"]["reason"]
     assert c.get("/info").json()["instances"] == 80  # nothing bad was stored
     m = c.get("/metrics").json()
-    assert m["contribute_rejected"] == 7 and m["rejected_TamperedMessage"] == 3 and m["rejected_DataError"] == 3
+    assert m["contribute_rejected"] == 8 and m["rejected_TamperedMessage"] == 3 and m["rejected_DataError"] == 3
+    assert m["rejected_PolicyViolation"] == 2
     # the host's disk holds no plaintext image bytes
     raw = (base / "store" / "instances.db").read_bytes()
     assert dup[100:164] not in raw

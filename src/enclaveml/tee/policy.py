@@ -76,6 +76,9 @@ class Policy:
                            pinned to its owner key, the bundle ids accepted (empty: any bundle of
                            that owner) and the smallest partition point; a model with no pin is
                            refused (`enclaveml attest policy --model BUNDLE` / `attest pin`)
+    caltrain               what a CalTrain participant (or owner) accepts of a training plan:
+                           {owner, plans, min_split, min_head, defences} (docs/caltrain.md;
+                           checked by `train.plan.check_requirements` before any upload)
     """
 
     allowed_backends: list[str] = field(default_factory=lambda: ["sgx", "tdx", "sev-snp"])
@@ -91,6 +94,7 @@ class Policy:
     min_snp_tcb: dict[str, int] = field(default_factory=dict)
     pccs_url: str | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    caltrain: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.models, dict):
@@ -142,6 +146,7 @@ class Policy:
         for k, v in self.min_snp_tcb.items():
             if k not in SNP_TCB_FIELDS or isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
                 raise UserInputError(f"policy field min_snp_tcb: {k} = {v!r} (fields {', '.join(SNP_TCB_FIELDS)}, values 0..255)")
+        self.caltrain = _caltrain_table(self.caltrain)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +196,41 @@ class Policy:
         for name, pin in sorted(self.models.items()):
             lines += ["", f"[models.{s(name)}]", f"owner = {s(pin['owner'])}", f"bundle_ids = {s(pin['bundle_ids'])}",
                       f"min_k = {pin['min_k']}"]
+        if self.caltrain:
+            lines += ["", "# what this policy accepts of a CalTrain training plan (docs/caltrain.md)", "[caltrain]"]
+            lines += [f"{k} = {s(v)}" for k, v in self.caltrain.items()]
         return "\n".join(lines) + "\n"
+
+
+#: Keys of the `[caltrain]` table: what a participant accepts of a training plan.
+CALTRAIN_FIELDS = ("owner", "plans", "min_split", "min_head", "defences")
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
+
+
+def _caltrain_table(table: Any) -> dict[str, Any]:
+    """The `[caltrain]` table, checked field by field (the rules are applied by CalTrain's clients)."""
+    if not isinstance(table, dict):
+        raise UserInputError("policy field caltrain must be a table")
+    unknown = sorted(set(table) - set(CALTRAIN_FIELDS))
+    if unknown:
+        raise UserInputError(f"policy field caltrain: unknown key(s) {', '.join(unknown)} (known: {', '.join(CALTRAIN_FIELDS)})")
+    out: dict[str, Any] = {}
+    if "owner" in table:
+        out["owner"] = _hex_list("caltrain.owner", [table["owner"]], 32)[0]
+    if "plans" in table:
+        out["plans"] = _hex_list("caltrain.plans", table["plans"], 32)
+    for name in ("min_split", "min_head"):
+        if name in table:
+            v = table[name]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1000:
+                raise UserInputError(f"policy field caltrain.{name} must be an integer 0..1000")
+            out[name] = v
+    if "defences" in table:
+        d = _str_list("caltrain.defences", table["defences"])
+        if not all(_NAME.fullmatch(x) for x in d):
+            raise UserInputError("policy field caltrain.defences must be defence names (a-z, 0-9, '_', '-')")
+        out["defences"] = d
+    return out
 
 
 _FIELDS = {f.name for f in fields(Policy)}

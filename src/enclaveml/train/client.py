@@ -71,11 +71,24 @@ class HostClient:
     def post_json(self, path: str, body: dict) -> dict:
         return json_of(self.post(path, body), f"answer to {path}")
 
-    def attest(self, policy_path: str | Path) -> tuple[bytes, bytes]:
-        """Fetch fresh evidence and verify it with the policy: (enclave public key, nonce)."""
-        from ..tee import Evidence, bind_report_data, load_policy, verify_evidence
+    def plan(self):
+        """The training plan the server says it runs, and its hash (the host's word until `attest`)."""
+        from .plan import plan_from_answer
+
+        return plan_from_answer(self.get_json("/info"))
+
+    def attest(self, policy_path: str | Path, plan_hash: bytes | None = None) -> tuple[bytes, bytes]:
+        """Fetch fresh evidence and verify it with the policy: (enclave public key, nonce).
+
+        The evidence must also name the training plan `plan_hash` (upper half of the report data,
+        `plan.plan_report_data`); None takes the plan the server describes, which this then proves.
+        """
+        from ..tee import Evidence, load_policy, verify_evidence
+        from .plan import plan_report_data
 
         policy = load_policy(policy_path)
+        if plan_hash is None:
+            plan_hash = self.plan()[1]
         nonce = os.urandom(32)
         try:
             body = self.get_json("/evidence", nonce=nonce.hex())
@@ -83,7 +96,14 @@ class HostClient:
             ev = Evidence.from_dict(body["evidence"])
         except (KeyError, ValueError, TypeError, TamperedMessage):
             raise _errors.EvidenceRejected("the server's evidence answer is malformed") from None
-        verify_evidence(ev, policy, bind_report_data(pub, nonce))
+        try:
+            verify_evidence(ev, policy, plan_report_data(pub, nonce, plan_hash))
+        except _errors.EvidenceRejected as e:
+            if "report data" not in str(e):
+                raise
+            raise _errors.EvidenceRejected(f"the enclave does not run the training plan {plan_hash.hex()[:16]}... "
+                                           f"that the server describes, or the evidence is not for this key and "
+                                           f"nonce ({e})") from None
         return pub, nonce
 
     def close(self) -> None:

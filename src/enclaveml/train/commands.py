@@ -12,7 +12,37 @@ from typing import Optional
 
 import typer
 
+from ..errors import EnclaveMLError
+
 train_app = typer.Typer(help="CalTrain: accountable confidential training with an enclave.", no_args_is_help=True)
+
+
+def _plan_options(owner: Optional[str], plan_file: Optional[Path], data_model: str, model: Optional[str],
+                  split: Optional[int], head: Optional[int], defence: Optional[str]):
+    """The training plan that `--plan FILE` or the plan flags describe (one or the other)."""
+    from ..errors import UserInputError
+    from .enclave import parse_owner
+    from .plan import TrainingPlan
+
+    if plan_file is not None:
+        if any(v is not None for v in (model, split, head, defence)) or data_model != "darknet":
+            raise UserInputError("give either --plan FILE or the plan flags (--data-model --model --split --head "
+                                 "--defence), not both")
+        try:
+            doc = json.loads(plan_file.read_text())
+        except (OSError, ValueError) as e:
+            raise UserInputError(f"--plan {plan_file}: not a readable JSON file ({e})") from None
+        plan = TrainingPlan.from_dict(doc)
+        if owner is not None and parse_owner(owner).to_bytes().hex() != plan.owner:
+            raise UserInputError(f"--plan {plan_file} names another owner than --owner")
+        return plan
+    if owner is None:
+        raise UserInputError("give the owner (--owner KEY) or a plan file that names it (--plan FILE)")
+    return TrainingPlan.build(owner, data_model, None, model, split, head, defence)
+
+
+_PLAN_HELP = "training plan JSON (`train plan --out`): fixes owner, data, model, split, head and defence"
+_OPEN = " (default: left to the owner's train run)"
 
 
 @train_app.command("serve")
@@ -27,31 +57,97 @@ def serve_cmd(
     linkage_url: Optional[str] = typer.Option(None, "--linkage-url", envvar="ENCLAVEML_LINKAGE_URL",
                                               help="keep linkage records in PostgreSQL (postgresql://user@host/db; "
                                               "prefer the environment variable for a password) instead of --store"),
-    owner: str = typer.Option(..., "--owner", help="the one owner allowed to start runs and receive the model: "
-                              "Ed25519 public key (hex) or key file (measured into the enclave config)"),
+    owner: Optional[str] = typer.Option(None, "--owner", help="the one owner allowed to start runs and receive the "
+                                        "model: Ed25519 public key (hex) or key file (measured into the enclave "
+                                        "config); may be omitted with --plan"),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help=_PLAN_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help="the model spec every run must train" + _OPEN),
+    split: Optional[int] = typer.Option(None, "--split", help="the partition point k every run must use" + _OPEN),
+    head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave" + _OPEN),
+    defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence NAME[:key=value,...]" + _OPEN),
 ) -> None:
-    """(host) Run the training server and its enclave worker, configured for one owner."""
-    from .enclave import parse_owner
+    """(host) Run the training server and its enclave worker, for one owner and one training plan."""
     from .host import serve
 
-    vk = parse_owner(owner)
-    typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {vk.fingerprint()[:16]})",
-               err=True)
-    serve(store, port, tee, data_model, device, host, threads, vk.to_bytes().hex(), linkage_url)
+    plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
+    typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {plan.owner[:16]}, "
+               f"plan {plan.hash().hex()[:16]})", err=True)
+    serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan)
+
+
+@train_app.command("plan")
+def plan_cmd(
+    owner: str = typer.Option(..., "--owner", help="the owner: Ed25519 public key (hex) or key file"),
+    data_model: str = typer.Option("darknet", "--data-model", help="zoo model whose input size and classes the data use"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class names (default: the data "
+                                          "model's)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model spec" + _OPEN),
+    split: Optional[int] = typer.Option(None, "--split", help="partition point k" + _OPEN),
+    head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave" + _OPEN),
+    defence: Optional[str] = typer.Option(None, "--defence", help="defence NAME[:key=value,...]" + _OPEN),
+    out: Path = typer.Option(Path("caltrain-plan.json"), "--out"),
+) -> None:
+    """(owner) Write a training plan to publish to participants; prints its hash."""
+    from .plan import TrainingPlan
+
+    names = None if classes is None else [c.strip() for c in classes.split(",")]
+    plan = TrainingPlan.build(owner, data_model, names, model, split, head, defence)
+    out.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    typer.echo(json.dumps({"plan_hash": plan.hash().hex(), "out": str(out), "open": plan.open_fields()}))
 
 
 @train_app.command("policy")
 def policy_cmd(
-    owner: str = typer.Option(..., "--owner", help="the owner you agree to train for: Ed25519 public key (hex) "
-                              "or key file; the policy accepts only an enclave configured with this owner"),
+    owner: Optional[str] = typer.Option(None, "--owner", help="the owner you agree to train for: Ed25519 public key "
+                                        "(hex) or key file; the policy accepts only an enclave configured with "
+                                        "this owner (may be omitted with --plan)"),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="the plan you agree to (the owner's published "
+                                             "plan file); pinned exactly"),
+    data_model: str = typer.Option("darknet", "--data-model", help="plan flags, as for train serve: pin that plan"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    split: Optional[int] = typer.Option(None, "--split"),
+    head: Optional[int] = typer.Option(None, "--head"),
+    defence: Optional[str] = typer.Option(None, "--defence"),
+    min_split: Optional[int] = typer.Option(None, "--min-split", help="accept only plans that fix k >= this"),
+    require_head: Optional[int] = typer.Option(None, "--require-head", help="accept only plans that keep at least "
+                                               "this many classifier layers in the enclave"),
+    require_defence: Optional[list[str]] = typer.Option(None, "--require-defence", help="accept only plans with "
+                                                        "this defence (repeat to accept any of several)"),
+    any_plan: bool = typer.Option(False, "--any-plan", help="do not pin one plan: accept any plan of the owner "
+                                  "that meets the requirements (the default when requirements but no plan are given)"),
     out: Path = typer.Option(Path("caltrain-policy.toml"), "--out"),
 ) -> None:
-    """(owner/participant) Write a policy accepting this machine's sim training enclave for OWNER."""
+    """(owner/participant) Write a policy accepting this machine's sim training enclave for OWNER and a plan.
+
+    Pinned: the owner (in the measurement and in [caltrain].owner); the exact plan, given by --plan
+    FILE or the plan flags (with neither a plan nor a requirement: the default plan of `train serve
+    --owner`); and the least protection accepted (--min-split, --require-head, --require-defence).
+    """
+    from ..errors import UserInputError
     from ..tee import write_policy
     from ..tee.sim import sim_policy
     from .enclave import enclave_config
+    from .plan import check_requirements
 
-    write_policy(sim_policy(enclave_config(owner)), out)
+    rules: dict = {}
+    if min_split is not None:
+        rules["min_split"] = min_split
+    if require_head is not None:
+        rules["min_head"] = require_head
+    if require_defence:
+        rules["defences"] = list(require_defence)
+    described = plan_file is not None or any(v is not None for v in (model, split, head, defence)) or \
+        data_model != "darknet"
+    plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
+    table: dict = {"owner": plan.owner}
+    if not any_plan and (described or not rules):
+        table["plans"] = [plan.hash().hex()]
+        try:
+            check_requirements(plan, rules)
+        except EnclaveMLError as e:
+            raise UserInputError(f"the plan you pin can never meet your own requirements: {e}") from None
+    table.update(rules)
+    write_policy(sim_policy(enclave_config(plan.owner), caltrain=table), out)
     typer.echo(str(out))
 
 
@@ -84,8 +180,14 @@ def contribute_cmd(
 @train_app.command("run")
 def run_cmd(
     url: str = typer.Option(..., "--url"),
-    model: str = typer.Option("darknet", "--model", help="zoo name or spec, e.g. darknet:width=16"),
-    split: int = typer.Option(..., "--split", help="partition point k: FrontNet = first k layers"),
+    model: Optional[str] = typer.Option(None, "--model", help="zoo name or spec, e.g. darknet:width=16 (default: the "
+                                        "server's plan's, else darknet)"),
+    split: Optional[int] = typer.Option(None, "--split", help="partition point k: FrontNet = first k layers "
+                                        "(default: the plan's)"),
+    head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave (default: the "
+                                       "plan's, else 0)"),
+    defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence NAME[:key=value,...] "
+                                          "(default: the plan's, else none)"),
     epochs: int = typer.Option(4, "--epochs"),
     policy: Path = typer.Option(..., "--policy"),
     key: Path = typer.Option(Path("owner.key"), "--key", help="owner's Ed25519 key (created if missing)"),
@@ -109,7 +211,8 @@ def run_cmd(
             last["step"] = st.get("step")
             typer.echo(f"  step {st.get('step')}/{st.get('total')}", err=True)
 
-    res = run(url, policy, model, split, cfg, key, out, run_id, checkpoint_every, progress=progress, wait=not no_wait)
+    res = run(url, policy, model, split, cfg, key, out, run_id, checkpoint_every, progress=progress, wait=not no_wait,
+              head=head, defence=defence)
     typer.echo(json.dumps(res))
 
 

@@ -24,6 +24,11 @@ participants pin in their policy names the one key that may start a run and rece
 (`ENCLAVE_CONFIG`) accepts any signer: its measurement differs, `train policy` never pins it, and
 it exists only for in-process tests.
 
+The training plan (F-40 to F-44, plan.py): the enclave runs one plan, given at launch (`train
+serve --plan`, or the plan its flags describe). Its hash is in the upper half of the evidence's
+report data, every key the enclave seals with is derived per plan, uploads bound to another plan
+are refused, and a start command must name the plan and ask for nothing it does not fix.
+
 Replay (F-3): every owner command carries a nonce; the enclave accepts each nonce once. Commands
 are sealed to this process's fresh HPKE key, so a command cannot outlive the enclave instance and
 its record of used nonces.
@@ -40,12 +45,13 @@ import torch
 
 from ..crypto import HpkeKeyPair, VerifyKey, generate_key, open_owner_command, open_sealed, require_owner, seal
 from ..crypto import seal_request
-from ..errors import DataError, EnclaveMLError, ReplayedMessage, TamperedMessage, Unauthorized, UserInputError
-from ..tee import bind_report_data
+from ..errors import (DataError, EnclaveMLError, PolicyViolation, ReplayedMessage, TamperedMessage, Unauthorized,
+                      UserInputError)
 from .fingerprint import fingerprints
 from .instances import EnclaveDataset, InstanceIngest
 from .linkage import LinkageRecord, seal_records
 from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, split_for_caltrain
+from .plan import NO_DEFENCE, RunChoice, TrainingPlan, plan_key, plan_report_data
 from .spec import ModelSpec
 
 #: The base enclave configuration that the sim backend measures (a verifier's policy pins it).
@@ -122,21 +128,47 @@ def unpack_files(data: bytes) -> tuple[dict, dict[str, bytes]]:
     return head, files
 
 
-class CalTrainEnclave:
-    """One training enclave (one run at a time)."""
+def _supported(choice: RunChoice) -> None:
+    """Refuse a protection this build cannot give, rather than train without it.
 
-    def __init__(self, backend, owner: "str | bytes | VerifyKey | None" = None):
+    The plan and the start command can name a sealed head and a defence; until the training
+    mechanics for them are wired in here (`train run --head/--defence`), a run asking for them is
+    refused: training with less protection than the participants agreed to is the failure the
+    plan exists to prevent.
+    """
+    if choice.head:
+        raise UserInputError(f"this enclave build cannot keep {choice.head} head layer(s) in the enclave yet")
+    if choice.defence != NO_DEFENCE:
+        raise UserInputError(f"this enclave build does not implement the {choice.defence.name!r} defence")
+
+
+class CalTrainEnclave:
+    """One training enclave (one run at a time) for one training plan."""
+
+    def __init__(self, backend, owner: "str | bytes | VerifyKey | None" = None,
+                 plan: "TrainingPlan | dict | None" = None):
         """`owner`: the only key whose start/release commands are accepted. Default: the `owner` of
-        the backend's measured configuration (sim); None there too = any signer (tests only)."""
+        the backend's measured configuration (sim); None there too = any signer (tests only).
+        `plan`: the training plan (default: the open plan of that owner over the darknet data model,
+        what `train serve --owner` runs); its owner must be the enclave's."""
         self.be = backend
         if owner is None:
             owner = (getattr(backend, "config", None) or {}).get("owner")
         self.allowed_owner: VerifyKey | None = None if owner is None else parse_owner(owner)
+        if plan is None:
+            plan = TrainingPlan.build(self.allowed_owner)
+        elif isinstance(plan, dict):
+            plan = TrainingPlan.from_dict(plan)
+        mine = None if self.allowed_owner is None else self.allowed_owner.to_bytes().hex()
+        if plan.owner != mine:
+            raise UserInputError("the training plan names another owner than the enclave configuration")
+        self.plan: TrainingPlan = plan
+        self.plan_hash: bytes = plan.hash()
         self._used_nonces: set[bytes] = set()
         self.hpke = HpkeKeyPair.generate()
-        self._data_key = backend.sealing_key(b"caltrain/data")
-        self._state_key = backend.sealing_key(b"caltrain/state")
-        self._mapping_key = backend.sealing_key(b"caltrain/mapping")
+        self._data_key = self._key(b"caltrain/data")
+        self._state_key = self._key(b"caltrain/state")
+        self._mapping_key = self._key(b"caltrain/mapping")
         self._ingest_cfg: tuple | None = None
         self._items: dict[str, bytes] = {}
         self.run: dict[str, Any] | None = None
@@ -144,18 +176,32 @@ class CalTrainEnclave:
         self._final: dict | None = None
         self._order_cache: tuple[int, torch.Tensor] | None = None
 
+    def _key(self, label: bytes) -> bytes:
+        """A sealing key of this backend, derived for this plan (what one plan seals, no other opens)."""
+        return plan_key(self.be.sealing_key(label), self.plan_hash)
+
     # -- attestation and ingest -------------------------------------------------------------
 
     def evidence(self, nonce: bytes) -> dict:
+        """Evidence whose report data is SHA-256(HPKE key || nonce) || plan hash (`plan_report_data`)."""
         if not 8 <= len(nonce) <= 64:
             raise UserInputError("nonce must be 8 to 64 bytes")
-        ev = self.be.evidence(bind_report_data(self.hpke.public_bytes(), nonce))
-        return {"evidence": ev.to_dict(), "public_key": self.hpke.public_bytes().hex(), "nonce": nonce.hex()}
+        ev = self.be.evidence(plan_report_data(self.hpke.public_bytes(), nonce, self.plan_hash))
+        return {"evidence": ev.to_dict(), "public_key": self.hpke.public_bytes().hex(), "nonce": nonce.hex(),
+                "plan_hash": self.plan_hash.hex()}
 
-    def ingest(self, uploads: list[bytes], spec: ModelSpec) -> list[dict]:
-        """Each upload -> {"status": "accepted", tag, owner, participant} + sealed blob, or a rejection."""
-        ing = InstanceIngest(self.hpke, self._data_key, self.be.sealing_key(b"caltrain/tag"),
-                             spec.preprocessing(), spec.num_classes)
+    def ingest(self, uploads: list[bytes], spec: ModelSpec | None = None) -> list[dict]:
+        """Each upload -> {"status": "accepted", tag, owner, participant} + sealed blob, or a rejection.
+
+        Decoded with the plan's data model; `spec`, if given (older callers), must decode and
+        classify the same way: the host no longer chooses how instances are decoded or how many
+        classes they have."""
+        data = self.plan.data_spec()
+        if spec is not None and (spec.preprocessing() != data.preprocessing() or
+                                 spec.num_classes != len(self.plan.classes)):
+            raise UserInputError(f"this enclave's plan decodes instances for {data.text}, not {spec.text}")
+        ing = InstanceIngest(self.hpke, self._data_key, self._key(b"caltrain/tag"), data.preprocessing(),
+                             len(self.plan.classes), plan=self.plan_hash)
         out = []
         for u in uploads:
             try:
@@ -196,16 +242,17 @@ class CalTrainEnclave:
         """Open the owner's start command; set up (or restore) the run. Returns (info, BackNet state)."""
         cmd = self._open_command(command, START)
         args = cmd.args
-        spec = ModelSpec.parse(str(args.get("model", "")))
+        choice = self._choice(args)
+        spec, k = ModelSpec.parse(choice.model), choice.split
         cfg = TrainConfig.from_dict(args.get("config", {}))
-        k = int(args.get("split", 0))
         if not self._items:
             raise DataError("no training instances have been contributed")
-        ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True)
+        ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True, plan=self.plan_hash)
         total = cfg.steps_per_epoch(len(ds)) * cfg.epochs
         run = {"run_id": cmd.model_id, "owner": cmd.owner.to_bytes().hex(), "model": spec.text, "split": k,
+               "head": choice.head, "defence": choice.defence.to_dict(), "plan": self.plan_hash.hex(),
                "config": cfg.to_dict(), "dataset": ds.digest(), "n": len(ds), "total_steps": total,
-               "classes": list(args.get("classes") or spec.classes)}
+               "classes": list(self.plan.classes)}
         # Initial weights from a keyed seed, not from the config's seed: the host receives the
         # BackNet's initial weights (classifier rows in the secret order). Built from
         # manual_seed(config seed), the host could rebuild the same model, match the rows and
@@ -218,7 +265,7 @@ class CalTrainEnclave:
         back_state = None
         if checkpoint:
             meta, tensors, blob = self._open_checkpoint(checkpoint)
-            for key in ("run_id", "owner", "model", "split", "config", "dataset"):
+            for key in ("run_id", "owner", "plan", "model", "split", "head", "defence", "config", "dataset"):
                 if meta["run"][key] != run[key]:
                     raise TamperedMessage(f"checkpoint does not belong to this run ({key} differs)")
             mapping = ClassMapping(tensors.pop("mapping.perm"))
@@ -235,9 +282,21 @@ class CalTrainEnclave:
         self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
         self.owner = cmd.owner
         self._final = None
-        info = {"run_id": run["run_id"], "model": spec.text, "split": k, "config": cfg.to_dict(),
+        info = {"run_id": run["run_id"], "model": spec.text, "split": k, "head": choice.head,
+                "defence": choice.defence.text, "plan": self.plan_hash.hex(), "config": cfg.to_dict(),
                 "n": len(ds), "dropped": ds.dropped, "total_steps": total, "start_step": trainer.step}
         return info, back_state
+
+    def _choice(self, args: dict) -> RunChoice:
+        """The run a start command asks for, if it names this enclave's plan and stays inside it."""
+        named = args.get("plan")
+        if not isinstance(named, str) or not hmac.compare_digest(named.encode(), self.plan_hash.hex().encode()):
+            raise PolicyViolation("start command is not bound to this enclave's training plan "
+                                  f"{self.plan_hash.hex()[:16]}... (it names {str(named)[:16]}...)")
+        choice = self.plan.resolve(args.get("model"), args.get("split"), args.get("head"), args.get("defence"),
+                                   args.get("classes"))
+        _supported(choice)
+        return choice
 
     def _secret_seed(self, purpose: bytes, run: dict) -> int:
         """A 64-bit seed that is a keyed function of what defines the training.
@@ -248,7 +307,7 @@ class CalTrainEnclave:
         platform) get the same seeds, so they are bit-for-bit the same training. The run id is
         left out on purpose: a rerun under another id is the same training.
         """
-        ident = {key: run[key] for key in ("owner", "model", "split", "config", "dataset")}
+        ident = {key: run[key] for key in ("owner", "plan", "model", "split", "head", "defence", "config", "dataset")}
         msg = purpose + b"\x00" + json.dumps(ident, sort_keys=True).encode()
         return int.from_bytes(hmac.new(self._mapping_key, msg, "sha256").digest()[:8], "big")
 
@@ -332,6 +391,8 @@ class CalTrainEnclave:
                  "front.safetensors": _safetensors_bytes(front.state_dict()),
                  "back.safetensors": _safetensors_bytes(back.state_dict())}
         header = {"run_id": store_id, "model": self.spec.text, "split": self.k, "classes": self.run["classes"],
+                  "head": self.run["head"], "defence": self.run["defence"],
+                  "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
                   "preprocessing": self.spec.preprocessing().to_dict(), "config": self.run["config"],
                   "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"]}
         final = seal(self._state_key, pack_files(header, files), b"caltrain/final")

@@ -1,8 +1,10 @@
-"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim --owner HEX`.
+"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim --owner HEX [--plan JSON]`.
 
 Trust side: enclave. Started by the training host with `serve.channel.spawn_enclave_worker`; it
 hardens itself before any secret exists, then answers the host's requests one at a time (a
 training run is a sequence). All logic is in `CalTrainEnclave`; this file only moves bytes.
+The owner is measured (sim config); the training plan (`--plan`, canonical JSON; default the
+owner's open plan) is bound by the enclave itself: report data, per-plan keys (plan.py).
 
 Ops (header "op"): evidence, ingest, add_data, start, forward, loss, backward, checkpoint,
 finish, records, release. Failures travel back as {"error": kind, "message": text}.
@@ -18,7 +20,7 @@ import torch
 from ..serve.channel import Channel, channel_fd_from_argv, serve_channel
 
 
-def make_handler(enc, spec_of):
+def make_handler(enc):
     from ..errors import UserInputError
 
     def handle(h: dict, tensors: dict, blobs: dict):
@@ -27,7 +29,7 @@ def make_handler(enc, spec_of):
             return enc.evidence(bytes.fromhex(str(h.get("nonce", "")))), None, None
         if op == "ingest":
             n = int(h.get("n", 0))
-            res = enc.ingest([blobs.get(f"u{i}", b"") for i in range(n)], spec_of(str(h.get("model", ""))))
+            res = enc.ingest([blobs.get(f"u{i}", b"") for i in range(n)])  # decoded as the plan says
             out_blobs = {}
             for i, r in enumerate(res):
                 if "sealed" in r:
@@ -67,19 +69,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tee", default="sim")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--owner", required=True, help="the run owner's Ed25519 public key, hex (measured config)")
+    ap.add_argument("--plan", default=None, help="the training plan, JSON (train/plan.py); default: the owner's "
+                    "open plan")
     a = ap.parse_args(rest)
+    import json
+
     from ..tee import get_backend
     from .enclave import CalTrainEnclave, enclave_config
-    from .spec import ModelSpec
+    from .plan import TrainingPlan
 
     config = enclave_config(a.owner)  # part of the measurement (sim); argv under Gramine
+    plan = TrainingPlan.from_dict(json.loads(a.plan)) if a.plan else None
     be = get_backend(a.tee, config=config) if a.tee == "sim" else get_backend(a.tee)
     be.harden()
     torch.set_num_threads(max(1, a.threads))
-    enc = CalTrainEnclave(be, owner=config["owner"])
+    enc = CalTrainEnclave(be, owner=config["owner"], plan=plan)
     chan = Channel.from_fd(fd)
     # One request at a time: a training run is a strict sequence of steps.
-    serve_channel(chan, make_handler(enc, ModelSpec.parse), max_workers=1, inline=lambda h: True)
+    serve_channel(chan, make_handler(enc), max_workers=1, inline=lambda h: True)
 
 
 if __name__ == "__main__":

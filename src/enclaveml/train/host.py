@@ -5,7 +5,7 @@ what the enclave sealed, and runs the BackNet half of training on IRs (CPU or GP
 a key that opens an instance, a label, the loss, the class mapping or the linkage records.
 
 HTTP API (JSON; bytes as base64):
-    GET  /info                       classes and data model of this server
+    GET  /info                       the training plan (and its hash), classes and data model
     GET  /evidence?nonce=HEX         enclave evidence binding its HPKE key to the nonce
     POST /contribute  {uploads}      per upload: accepted | exists | rejected (with reason)
     POST /train/start {run_id, command, checkpoint_every}    owner-signed; resumes a checkpoint
@@ -33,6 +33,7 @@ from fastapi import Request
 from ..errors import (DataError, EnclaveMLError, EvidenceRejected, PolicyViolation, TamperedMessage, Unauthorized,
                       UserInputError)
 from .partitioned import HostTrainer, TrainConfig
+from .plan import TrainingPlan
 from .spec import ModelSpec
 from .store import InstanceStore, RunStore, check_run_id
 
@@ -56,13 +57,26 @@ class TrainingHost:
     """Everything the server does, without HTTP (so tests and the CLI share it)."""
 
     def __init__(self, store: Path, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
-                 threads: int = 1, owner: str | bytes | None = None, linkage_url: str | None = None):
+                 threads: int = 1, owner: str | bytes | None = None, linkage_url: str | None = None,
+                 plan: "TrainingPlan | None" = None):
+        """`plan`: what this deployment trains (plan.py); default the owner's open plan over
+        `data_model`. Given a plan, `owner` may be omitted and `data_model` must be its data model."""
         from ..serve.channel import ChannelClient, spawn_enclave_worker
+        from ..tee.sim_evidence import canonical_json
         from .enclave import parse_owner
 
+        if owner is None and plan is not None and plan.owner is not None:
+            owner = plan.owner
         if owner is None:
             raise UserInputError("a training enclave needs its owner's public key (train serve --owner)")
         owner_hex = parse_owner(owner).to_bytes().hex()
+        if plan is None:
+            plan = TrainingPlan.build(owner_hex, data_model)
+        if plan.owner != owner_hex:
+            raise UserInputError("the training plan names another owner than --owner")
+        if data_model not in ("darknet", plan.data_model):
+            raise UserInputError(f"--data-model {data_model} differs from the plan's data model {plan.data_model}")
+        self.plan = plan
 
         self.root = Path(store)
         #: Where finished runs' linkage records go: None for `runs/<run>/linkage.db` (SQLite), or a
@@ -74,13 +88,14 @@ class TrainingHost:
             if not linkage_url.startswith(POSTGRES_SCHEMES):
                 raise UserInputError("--linkage-url must be a postgresql:// URL (SQLite stores live in --store)")
         self.instances = InstanceStore(self.root)
-        self.data_spec = ModelSpec.parse(data_model)
+        self.data_spec = plan.data_spec()
         self.device = device
         self.metrics: Counter = Counter()
         self.runs: dict[str, dict] = {}
         self._run_lock = threading.Lock()
         self.proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
-                                               ["--tee", tee, "--threads", str(threads), "--owner", owner_hex])
+                                               ["--tee", tee, "--threads", str(threads), "--owner", owner_hex,
+                                                "--plan", canonical_json(plan.to_dict()).decode()])
         self.enclave = ChannelClient(chan)
 
     def call(self, op: str, tensors=None, blobs=None, timeout: float = 600.0, **header):
@@ -107,8 +122,7 @@ class TrainingHost:
     def contribute(self, uploads: list[bytes]) -> list[dict]:
         if len(uploads) > MAX_UPLOADS_PER_REQUEST:
             raise UserInputError(f"at most {MAX_UPLOADS_PER_REQUEST} uploads per request")
-        h, _, blobs = self.call("ingest", blobs={f"u{i}": u for i, u in enumerate(uploads)},
-                                n=len(uploads), model=self.data_spec.text)
+        h, _, blobs = self.call("ingest", blobs={f"u{i}": u for i, u in enumerate(uploads)}, n=len(uploads))
         out = []
         for i, r in enumerate(h["results"]):
             if r["status"] == "accepted":
@@ -279,8 +293,9 @@ def create_app(host_factory) -> "Any":
 
     @app.get("/info")
     def info():
-        return {"classes": H().data_spec.classes, "data_model": H().data_spec.text,
-                "instances": H().instances.count()}
+        plan = H().plan
+        return {"classes": list(plan.classes), "data_model": plan.data_model, "plan": plan.to_dict(),
+                "plan_hash": plan.hash().hex(), "instances": H().instances.count()}
 
     @app.get("/evidence")
     def evidence(nonce: str):
@@ -322,12 +337,12 @@ def create_app(host_factory) -> "Any":
 
 def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
           host: str = "127.0.0.1", threads: int = 1, owner: str | bytes | None = None,
-          linkage_url: str | None = None) -> None:
+          linkage_url: str | None = None, plan: "TrainingPlan | None" = None) -> None:
     import uvicorn
 
     from .enclave import parse_owner
 
     owner_hex = parse_owner(owner).to_bytes().hex() if owner is not None else None  # fail before spawning
     torch.set_num_threads(max(1, threads))
-    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex, linkage_url))
+    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex, linkage_url, plan))
     uvicorn.run(app, host=host, port=port, log_level="warning")

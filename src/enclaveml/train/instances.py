@@ -3,20 +3,23 @@
 Trust side: `make_upload` runs on the participant; `InstanceIngest` and `EnclaveDataset` in the
 enclave. Pure functions and small objects, no I/O. Wire formats (docs/caltrain.md):
 
-    signed message = "enclaveml/v1 caltrain-instance\\0" || SHA-256(image bytes) (32)
+    signed message = "enclaveml/v2 caltrain-instance\\0" || plan hash (32) || SHA-256(image bytes) (32)
                      || label (u32 BE) || participant id (32 raw bytes)
-    upload plaintext = "CTI1" || participant id (32) || Ed25519 public key (32) || signature (64)
-                       || label (u32 BE) || encoded image bytes (JPEG or PNG)
+    upload plaintext = "CTI2" || plan hash (32) || participant id (32) || Ed25519 public key (32)
+                       || signature (64) || label (u32 BE) || encoded image bytes (JPEG or PNG)
     upload         = HPKE request of that plaintext to the attested enclave key, aad UPLOAD_AAD
     participant id = SHA-256(Ed25519 public key): an id that does not match its key is detectable
 
-After checking it, the enclave re-seals the instance for the host's store under its data key:
+The plan hash names the training plan the participant agreed to (plan.py): an enclave running
+another plan refuses the upload (PolicyViolation), and the signature, re-checked every batch and
+kept in the linkage records, proves which plan the participant signed for. After checking it,
+the enclave re-seals the instance for the host's store under its data key (per plan):
 
     sealed  = AES-256-GCM(data key, "CTS1" || hash (32) || participant id (32) || public key (32)
                           || signature (64) || label (u32) || C, H, W (u16 each) || uint8 pixels),
-              aad = "caltrain/instance" || tag
-    tag     = HMAC-SHA256(tag key, hash)          (dedup index the host can see; not the hash)
-    owner   = HMAC-SHA256(tag key, participant id) (lets the host tell "resent" from "duplicate")
+              aad = "caltrain/instance" || plan hash || tag
+    tag     = HMAC-SHA256(tag key, "instance\\0" || hash)  (dedup index the host can see; not the hash)
+    owner   = HMAC-SHA256(tag key, "participant\\0" || participant id) (tells "resent" from "duplicate")
 
 The host thus stores ciphertext, a keyed tag per instance and a keyed tag per contributor.
 """
@@ -34,13 +37,14 @@ import torch
 from ..crypto import HpkeKeyPair, SigningKey, VerifyKey, open_request, open_sealed, seal, seal_request
 from ..data.preprocess import Preprocessing, decode_image
 from ..errors import DataError, PolicyViolation, TamperedMessage
+from .plan import UNPLANNED
 
-SIGN_LABEL = b"enclaveml/v1 caltrain-instance\x00"
-UPLOAD_MAGIC = b"CTI1"
+SIGN_LABEL = b"enclaveml/v2 caltrain-instance\x00"
+UPLOAD_MAGIC = b"CTI2"
 SEALED_MAGIC = b"CTS1"
 UPLOAD_INFO = b"enclaveml/v1 caltrain-upload"
 UPLOAD_AAD = b"caltrain/upload/v1"
-_UP_HEAD = struct.Struct(">4s32s32s64sI")
+_UP_HEAD = struct.Struct(">4s32s32s32s64sI")
 _SEALED_HEAD = struct.Struct(">4s32s32s32s64sIHHH")
 
 
@@ -49,28 +53,32 @@ def participant_id(key: VerifyKey) -> bytes:
     return bytes.fromhex(key.fingerprint())
 
 
-def signed_message(instance_hash: bytes, label: int, pid: bytes) -> bytes:
-    return SIGN_LABEL + bytes(instance_hash) + struct.pack(">I", int(label)) + bytes(pid)
+def signed_message(instance_hash: bytes, label: int, pid: bytes, plan: bytes = UNPLANNED) -> bytes:
+    """What a participant signs: the instance, its label, who contributes it, and for which plan."""
+    if len(plan) != 32:
+        raise ValueError("plan hash must be 32 bytes")
+    return SIGN_LABEL + bytes(plan) + bytes(instance_hash) + struct.pack(">I", int(label)) + bytes(pid)
 
 
 def instance_hash(image_bytes: bytes) -> bytes:
     return hashlib.sha256(bytes(image_bytes)).digest()
 
 
-def sign_instance(key: SigningKey, image_bytes: bytes, label: int) -> tuple[bytes, bytes]:
-    """Participant: (instance hash, signature over (hash, label, participant id))."""
+def sign_instance(key: SigningKey, image_bytes: bytes, label: int, plan: bytes = UNPLANNED) -> tuple[bytes, bytes]:
+    """Participant: (instance hash, signature over (plan, hash, label, participant id))."""
     h = instance_hash(image_bytes)
-    return h, key.sign(signed_message(h, label, participant_id(key.public_key())))
+    return h, key.sign(signed_message(h, label, participant_id(key.public_key()), plan))
 
 
 def make_upload(enclave_public: bytes, key: SigningKey, image_bytes: bytes, label: int,
-                claimed_pid: bytes | None = None) -> tuple[bytes, bytes]:
-    """Participant: (instance hash, HPKE upload) for one instance. `claimed_pid` only for tests."""
+                claimed_pid: bytes | None = None, plan: bytes = UNPLANNED) -> tuple[bytes, bytes]:
+    """Participant: (instance hash, HPKE upload) for one instance, bound to the training plan
+    `plan` (its hash; see plan.py). `claimed_pid` only for tests."""
     vk = key.public_key()
     pid = participant_id(vk) if claimed_pid is None else claimed_pid
     h = instance_hash(image_bytes)
-    sig = key.sign(signed_message(h, label, pid))
-    plain = _UP_HEAD.pack(UPLOAD_MAGIC, pid, vk.to_bytes(), sig, int(label)) + bytes(image_bytes)
+    sig = key.sign(signed_message(h, label, pid, plan))
+    plain = _UP_HEAD.pack(UPLOAD_MAGIC, bytes(plan), pid, vk.to_bytes(), sig, int(label)) + bytes(image_bytes)
     msg, _ = seal_request(enclave_public, plain, UPLOAD_AAD, info=UPLOAD_INFO)
     return h, msg
 
@@ -98,12 +106,15 @@ class Accepted:
 class InstanceIngest:
     """Enclave: open uploads, check id, signature, label and image, and re-seal for the store."""
 
-    def __init__(self, hpke: HpkeKeyPair, data_key: bytes, tag_key: bytes, pre: Preprocessing, num_classes: int):
+    def __init__(self, hpke: HpkeKeyPair, data_key: bytes, tag_key: bytes, pre: Preprocessing, num_classes: int,
+                 plan: bytes = UNPLANNED):
+        """`plan`: the hash of the plan this enclave runs; uploads bound to another are refused."""
         self.hpke = hpke
         self._data_key = data_key
         self._tag_key = tag_key
         self.pre = pre
         self.num_classes = num_classes
+        self.plan = bytes(plan)
 
     def tag(self, h: bytes) -> str:
         return hmac.new(self._tag_key, b"instance\x00" + h, hashlib.sha256).hexdigest()
@@ -116,26 +127,33 @@ class InstanceIngest:
         plain, _ = open_request(self.hpke, upload, UPLOAD_AAD, info=UPLOAD_INFO)
         if len(plain) <= _UP_HEAD.size or plain[:4] != UPLOAD_MAGIC:
             raise DataError("upload is not a CalTrain instance (bad header)")
-        _, pid, pub, sig, label = _UP_HEAD.unpack_from(plain)
+        _, plan, pid, pub, sig, label = _UP_HEAD.unpack_from(plain)
         image = plain[_UP_HEAD.size:]
+        if not hmac.compare_digest(plan, self.plan):
+            raise PolicyViolation(f"upload is bound to training plan {plan.hex()[:16]}..., this enclave runs "
+                                  f"{self.plan.hex()[:16]}...")
         vk = VerifyKey.from_bytes(pub)
         if not hmac.compare_digest(participant_id(vk), pid):
             raise PolicyViolation("participant id does not match its public key")
         h = instance_hash(image)
-        vk.verify(sig, signed_message(h, label, pid))  # TamperedMessage
+        vk.verify(sig, signed_message(h, label, pid, self.plan))  # TamperedMessage
         if not 0 <= label < self.num_classes:
             raise DataError(f"label {label} is out of range 0..{self.num_classes - 1}")
         img = decode_image(image, self.pre, name="instance")  # DataError on malformed images
         pixels = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
         tag = self.tag(h)
         body = _SEALED_HEAD.pack(SEALED_MAGIC, h, pid, pub, sig, label, *pixels.shape) + pixels.tobytes()
-        return Accepted(tag, self.owner_tag(pid), seal(self._data_key, body, b"caltrain/instance" + tag.encode()),
-                        pid.hex())
+        return Accepted(tag, self.owner_tag(pid), seal(self._data_key, body, _sealed_aad(self.plan, tag)), pid.hex())
 
 
-def open_instance(data_key: bytes, tag: str, sealed: bytes) -> Instance:
-    """Enclave: unseal one stored instance (TamperedMessage if the host changed or swapped it)."""
-    body = open_sealed(data_key, sealed, b"caltrain/instance" + tag.encode())
+def _sealed_aad(plan: bytes, tag: str) -> bytes:
+    return b"caltrain/instance" + bytes(plan) + tag.encode()
+
+
+def open_instance(data_key: bytes, tag: str, sealed: bytes, plan: bytes = UNPLANNED) -> Instance:
+    """Enclave: unseal one stored instance (TamperedMessage if the host changed or swapped it, or
+    if it was sealed under another plan)."""
+    body = open_sealed(data_key, sealed, _sealed_aad(plan, tag))
     magic, h, pid, pub, sig, label, c, hh, w = _SEALED_HEAD.unpack_from(body)
     if magic != SEALED_MAGIC or len(body) != _SEALED_HEAD.size + c * hh * w:
         raise TamperedMessage("sealed instance has a bad layout")
@@ -143,12 +161,12 @@ def open_instance(data_key: bytes, tag: str, sealed: bytes) -> Instance:
     return Instance(h, pid, pub, sig, label, px)
 
 
-def verify_instance(inst: Instance) -> None:
-    """Re-check an unsealed instance: id = hash of its key, and the signature over (hash, label, id)."""
+def verify_instance(inst: Instance, plan: bytes = UNPLANNED) -> None:
+    """Re-check an unsealed instance: id = hash of its key, and the signature over (plan, hash, label, id)."""
     vk = VerifyKey.from_bytes(inst.public_key)
     if not hmac.compare_digest(participant_id(vk), inst.participant):
         raise PolicyViolation("participant id does not match its public key")
-    vk.verify(inst.signature, signed_message(inst.hash, inst.label, inst.participant))
+    vk.verify(inst.signature, signed_message(inst.hash, inst.label, inst.participant, plan))
 
 
 class EnclaveDataset:
@@ -160,8 +178,9 @@ class EnclaveDataset:
     """
 
     def __init__(self, data_key: bytes, items: list[tuple[str, bytes]], verify_signatures: bool = True,
-                 sort: bool = False):
+                 sort: bool = False, plan: bytes = UNPLANNED):
         self._key = data_key
+        self.plan = bytes(plan)
         self.verify_signatures = verify_signatures
         if sort:
             items = sorted(items, key=lambda it: it[0])
@@ -170,7 +189,7 @@ class EnclaveDataset:
         self.meta: list[tuple[bytes, bytes, bytes, int]] = []  # hash, pid, signature, label
         self.dropped = 0
         for tag, token in items:
-            inst = open_instance(self._key, tag, token)
+            inst = open_instance(self._key, tag, token, self.plan)
             if inst.hash in seen:
                 self.dropped += 1
                 continue
@@ -197,9 +216,9 @@ class EnclaveDataset:
         xs, ys = [], []
         for i in idx.tolist():
             tag, token = self.items[i]
-            inst = open_instance(self._key, tag, token)
+            inst = open_instance(self._key, tag, token, self.plan)
             if self.verify_signatures:
-                verify_instance(inst)
+                verify_instance(inst, self.plan)
             xs.append(torch.from_numpy(inst.pixels.copy()))
             ys.append(inst.label)
         return torch.stack(xs), torch.tensor(ys, dtype=torch.long)

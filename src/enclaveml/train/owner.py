@@ -1,12 +1,13 @@
 """`train run` and `train trace`: the model owner's side of CalTrain.
 
-Trust side: owner (or an auditor the owner hands the model folder to). `run` attests the
-enclave, sends it an owner-signed start command (sealed to its key), waits, then asks for the
-release: the enclave encrypts the model and the linkage key to a one-time key of ours. The
-model folder it writes:
+Trust side: owner (or an auditor the owner hands the model folder to). `run` reads the server's
+training plan (plan.py), checks that it names us and that the run we ask for fits it, attests
+the enclave (its evidence carries the plan hash), sends it an owner-signed start command bound to
+that plan (sealed to its key), waits, then asks for the release: the enclave encrypts the model
+and the linkage key to a one-time key of ours. The model folder it writes:
 
     model.safetensors  front.safetensors  back.safetensors   (class order; usable by Infenclave)
-    model.json         spec, split, classes, preprocessing, training config
+    model.json         spec, split, head, defence, plan and plan hash, classes, preprocessing, config
     linkage.db         the encrypted linkage store, as the host keeps it
     linkage.key        the 32-byte key that opens it (mode 0600)
 
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..crypto import HpkeKeyPair, SigningKey, open_request, seal_owner_command
-from ..errors import TamperedMessage, UserInputError
+from ..errors import PolicyViolation, TamperedMessage, UserInputError
 from .client import HostClient
 from .enclave import RELEASE, RELEASE_INFO, START, unpack_files
 from .partitioned import TrainConfig
@@ -41,18 +42,35 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, key_path: str | Path,
-        out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50, poll: float = 1.0,
-        progress: Callable[[dict], None] | None = None, wait: bool = True) -> dict:
-    """Start (or resume) a run, wait for it, and fetch the release into `out`."""
-    spec = ModelSpec.parse(model)
-    spec.build().check_point(split)
+def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg: TrainConfig,
+        key_path: str | Path, out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50,
+        poll: float = 1.0, progress: Callable[[dict], None] | None = None, wait: bool = True,
+        head: int | None = None, defence: "str | dict | None" = None) -> dict:
+    """Start (or resume) a run, wait for it, and fetch the release into `out`.
+
+    `model`, `split`, `head`, `defence`: None takes the plan's value (model "darknet", head 0 and
+    no defence where the plan leaves them open); a value the plan fixes otherwise is refused here,
+    before anything is sent, and again by the enclave.
+    """
+    from ..tee import load_policy
+    from .plan import check_requirements
+
     owner = SigningKey.load_or_create(key_path)
+    rules = load_policy(policy).caltrain
     client = HostClient(url)
     try:
-        pub, nonce = client.attest(policy)
+        plan, plan_hash = client.plan()
+        if plan.owner != owner.public_key().to_bytes().hex():
+            raise PolicyViolation(f"this server's training plan names owner {str(plan.owner)[:16]}..., not the key "
+                                  f"{owner.public_key().to_bytes().hex()[:16]}... of {key_path}")
+        check_requirements(plan, rules, plan_hash)
+        if model is None and plan.model is None:
+            model = "darknet"
+        choice = plan.resolve(model, split, head, defence)
+        pub, nonce = client.attest(policy, plan_hash)  # the evidence names the plan
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
-                                 {"model": spec.text, "split": split, "config": cfg.to_dict()})
+                                 {"model": choice.model, "split": choice.split, "head": choice.head,
+                                  "defence": choice.defence.to_dict(), "plan": plan_hash.hex(), "config": cfg.to_dict()})
         st = client.post_json("/train/start", {"run_id": run_id, "command": base64.b64encode(cmd).decode(),
                                                "checkpoint_every": checkpoint_every})
         if not wait:
@@ -64,7 +82,7 @@ def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, 
             st = client.get_json("/train/status", run_id=run_id)
         if st.get("state") != "done":
             raise UserInputError(f"training did not finish: {st.get('state')} {st.get('error', '')}".strip())
-        pub, nonce = client.attest(policy)  # a fresh nonce: the enclave accepts each one once
+        pub, nonce = client.attest(policy, plan_hash)  # a fresh nonce: the enclave accepts each one once
         return {**st, **release(client, pub, nonce, owner, run_id, out)}
     finally:
         client.close()
@@ -155,11 +173,16 @@ class TracedModel:
 
         h = instance_hash(image_bytes)
         vk = VerifyKey.from_bytes(bytes.fromhex(public_key_hex))
+        try:
+            plan = bytes.fromhex(str(self.meta["plan_hash"]))
+        except (KeyError, ValueError):
+            raise UserInputError(f"{self.dir}: model.json names no training plan (released before plans existed)") \
+                from None
         for r in self.records:
             if r.instance_hash == h:
                 if participant_id(vk) != r.participant:
                     raise TamperedMessage("that key is not the contributor of this instance")
-                vk.verify(r.signature, signed_message(h, r.label, r.participant))
+                vk.verify(r.signature, signed_message(h, r.label, r.participant, plan))
                 return {"instance_hash": h.hex(), "participant": r.participant.hex(), "label": self.classes[r.label],
-                        "verified": True}
+                        "plan": plan.hex(), "verified": True}
         raise UserInputError("no training instance has that image's hash")
