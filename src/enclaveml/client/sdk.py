@@ -24,6 +24,7 @@ import httpx
 from .. import errors as E
 from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_request
 from ..serve import protocol
+from ..serve.upload import sign_upload
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
 #: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.
@@ -170,7 +171,9 @@ class EnclaveClient:
         att = self.attest()  # always fresh: the release is bound to this nonce
         release = seal_key_release(owner_key, att.public_key, model_id, model_key, att.nonce)
         body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
-        return _json_body(self._request("POST", f"/v1/models/{model_id}", content=body,
+        # The signed header first: the host checks it before it reads (or stores) the body.
+        prefix = sign_upload(owner_key, model_id, body, time.time())
+        return _json_body(self._request("POST", f"/v1/models/{model_id}", content=prefix + body,
                                         headers={"content-type": "application/octet-stream"}))
 
     def delete(self, model_id: str, owner_key: SigningKey) -> dict:

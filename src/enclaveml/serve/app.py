@@ -10,7 +10,8 @@ Routes (docs/serving.md):
     GET    /metrics[?format=json]        counters, latency and batch-size histograms
     GET    /v1/evidence?nonce=HEX        the enclave's evidence binding SHA-256(pk || nonce), and pk
     GET    /v1/models                    deployed model ids and public bundle facts
-    POST   /v1/models/{id}               deploy/replace: pack_parts(key_release + bundle files)
+    POST   /v1/models/{id}               deploy/replace: signed upload header, then
+                                         pack_parts(key_release + bundle files) (serve/upload.py)
     DELETE /v1/models/{id}               delete: an owner command sealed to the enclave
     POST   /v1/models/{id}/infer         one HPKE request (1..256 images) -> one sealed response
 """
@@ -36,6 +37,7 @@ from . import protocol
 from .batcher import pick_device
 from .channel import ChannelError, RemoteError
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
+from .upload import MAX_HEADER_BYTES, PREFIX_BYTES, UploadHeader, UploadTooLarge
 
 #: Status code for each error kind; anything not listed is a 500 (and its message is not sent).
 STATUS = {
@@ -50,6 +52,7 @@ STATUS = {
     "UnknownModel": 404,
     "ReplayedMessage": 409,
     "EnclaveUnavailable": 503,
+    "ServerBusy": 503,
 }
 ERROR_CLASSES = (E.UnknownModel, E.DataError, E.PartitionError, E.UserInputError, E.TamperedMessage,
                  E.ReplayedMessage, E.EvidenceRejected, E.PolicyViolation, E.Unauthorized)
@@ -57,6 +60,10 @@ ERROR_CLASSES = (E.UnknownModel, E.DataError, E.PartitionError, E.UserInputError
 
 class PayloadTooLarge(E.UserInputError):
     """A request body is over the configured limit."""
+
+
+class ServerBusy(E.EnclaveMLError):
+    """The host cannot take this request now (too many uploads, enclave restarting): 503 + Retry-After."""
 
 
 @dataclass
@@ -75,11 +82,26 @@ class ServerConfig:
     worker_launch: Any = None
     #: Model factories besides the zoo that host and enclave build ('package.module:function').
     allowed_factories: tuple[str, ...] = ()
+    #: Owner keys (raw 32 bytes) that may upload; None: any key that signs its upload header.
+    allowed_owners: "frozenset[bytes] | None" = None
+    #: Uploads streamed at once; more get 503 with Retry-After.
+    max_concurrent_uploads: int = 2
+    #: Longest wait for an upload's signed header, and for its whole body (slow senders).
+    upload_header_timeout_s: float = 10.0
+    upload_timeout_s: float = 600.0
+    #: Liveness: a ping through the channel every `ping_interval_s`; no answer within
+    #: `ping_timeout_s` means the worker is hung (reported by /healthz, then restarted).
+    ping_interval_s: float = 2.0
+    ping_timeout_s: float = 10.0
+    #: Seconds a 503 answer tells the client to wait (Retry-After).
+    retry_after_s: int = 2
 
 
 def error_kind(e: BaseException) -> str:
-    if isinstance(e, PayloadTooLarge):
+    if isinstance(e, (PayloadTooLarge, UploadTooLarge)):
         return "PayloadTooLarge"
+    if isinstance(e, ServerBusy):
+        return "ServerBusy"
     for cls in ERROR_CLASSES:
         if isinstance(e, cls):
             return cls.__name__
@@ -113,6 +135,120 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+class _Stream:
+    """Reads an ASGI request body in pieces of the caller's choosing, with time limits."""
+
+    def __init__(self, request: Request):
+        self._it = request.stream().__aiter__()
+        self._buf = bytearray()
+        self._eof = False
+
+    async def _more(self, deadline: float) -> bool:
+        if self._eof:
+            return False
+        try:
+            chunk = await asyncio.wait_for(self._it.__anext__(), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            self._eof = True
+            return False
+        except asyncio.TimeoutError:
+            raise E.DataError("upload is too slow") from None
+        self._buf += chunk
+        return True
+
+    async def read_exact(self, n: int, deadline: float) -> bytes:
+        while len(self._buf) < n:
+            if not await self._more(deadline):
+                raise E.DataError("upload is truncated")
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def chunks(self, deadline: float):
+        """The rest of the body, as it arrives."""
+        while True:
+            if self._buf:
+                out, self._buf = bytes(self._buf), bytearray()
+                yield out
+            if not await self._more(deadline):
+                return
+
+
+async def receive_upload(request: Request, model_id: str, s: "HostState") -> tuple[UploadHeader, dict[str, bytes]]:
+    """Read an upload's signed header (at most 4 KiB), check it, and only then stream the body to
+    a temporary file in the store (never whole in memory while it arrives), hashing it, under the
+    signed size; the parts come back once the hash matches. The file is removed on every path.
+    At most `max_concurrent_uploads` bodies are streamed at once (more: ServerBusy, 503)."""
+    import hashlib
+
+    from . import upload as U
+
+    cfg = s.cfg
+    cl = request.headers.get("content-length")
+    try:
+        declared = int(cl) if cl is not None else None
+    except ValueError:
+        raise E.UserInputError("bad Content-Length") from None
+    if declared is not None and declared > PREFIX_BYTES + MAX_HEADER_BYTES + cfg.max_upload_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the {cfg.max_upload_bytes}-byte limit")
+    stream = _Stream(request)
+    deadline = time.monotonic() + cfg.upload_header_timeout_s
+    n = U.header_length(await stream.read_exact(PREFIX_BYTES, deadline))
+    header = U.parse_upload_header(await stream.read_exact(n, deadline))
+    U.check_upload_header(header, model_id, cfg.max_upload_bytes, time.time(), cfg.allowed_owners)
+    if declared is not None and declared != PREFIX_BYTES + n + header.size:
+        raise E.DataError("Content-Length does not match the upload's signed size")
+    if s.uploads.locked():
+        raise ServerBusy(f"{cfg.max_concurrent_uploads} uploads are in progress; try again later")
+    async with s.uploads:
+        path = s.store.new_upload_path()
+        try:
+            digest, got = hashlib.sha256(), 0
+            deadline = time.monotonic() + cfg.upload_timeout_s
+            with open(path, "wb") as f:
+                pending: list[bytes] = []
+                queued = 0
+                async for chunk in stream.chunks(deadline):
+                    got += len(chunk)
+                    if got > header.size:
+                        raise UploadTooLarge("upload body is longer than its signed size")
+                    digest.update(chunk)
+                    pending.append(chunk)
+                    queued += len(chunk)
+                    if queued >= 1 << 20:
+                        await asyncio.to_thread(f.writelines, pending)
+                        pending, queued = [], 0
+                await asyncio.to_thread(f.writelines, pending)
+            if got != header.size:
+                raise E.DataError("upload body is shorter than its signed size")
+            if digest.digest() != header.sha256:
+                raise E.TamperedMessage("upload body does not match its signed SHA-256")
+            return header, await asyncio.to_thread(_unpack_upload, path)
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _unpack_upload(path: Path) -> dict[str, bytes]:
+    """The parts of a verified upload file (mapped, not read whole, then copied part by part)."""
+    import mmap
+
+    from ..models import bundle as B
+
+    allowed = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS}
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return protocol.unpack_parts(b"", allowed)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                return protocol.unpack_parts(view, allowed)
+            finally:
+                view.release()
+
+
 async def wait(fut: Future):
     return await asyncio.wrap_future(fut)
 
@@ -138,6 +274,8 @@ class HostState:
         self.pipelines: dict = {}
         self.public: dict[str, dict] = {}
         self.lock = threading.Lock()
+        #: Upload bodies being streamed to disk (`receive_upload`).
+        self.uploads = asyncio.Semaphore(max(1, cfg.max_concurrent_uploads))
         self.enclave = self.start_enclave()
 
     def start_enclave(self):
@@ -263,7 +401,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             if code >= 500:
                 s.log.warning("server error", extra={"fields": {"route": _route_name(request.url.path, request.method), "kind": body["error"],
                                                                 "type": type(e).__name__}})
-        return JSONResponse(body, status_code=code)
+        headers = {"Retry-After": str(cfg.retry_after_s)} if code == 503 else None
+        return JSONResponse(body, status_code=code, headers=headers)
 
     for exc_type in (E.EnclaveMLError, ChannelError, RemoteError, Exception):
         app.add_exception_handler(exc_type, on_error)
@@ -297,10 +436,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def deploy(model_id: str, request: Request):
         s = S()
         protocol.check_model_id(model_id)
-        body = await read_body(request, cfg.max_upload_bytes)
         from ..models import bundle as B
 
-        files = protocol.unpack_parts(body, {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS})
+        _, files = await receive_upload(request, model_id, s)
         missing = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS} - set(files)
         if missing:
             raise E.DataError(f"upload is missing {', '.join(sorted(missing))}")

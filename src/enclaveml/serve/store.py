@@ -7,6 +7,8 @@ which only an enclave with the same measurement on the same platform can open). 
 plaintext model key, a key release (it is useless after the enclave session anyway), an input or
 a label.
 Writes are atomic (temporary folder, then rename), so a crash leaves the old version or the new.
+An upload being received is streamed to a hidden `.upload-*` file here (removed when the upload
+ends, however it ends; leftovers of a crashed server are removed at start).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..models.bundle import BACKNET, CLASSMAP, FRONTNET, MANIFEST, SIGNATURE
 from .protocol import check_model_id
 
 SEALED_DEPLOYMENT = "deployment.sealed"
+UPLOAD_PREFIX = ".upload-"
 STORED_PARTS = (MANIFEST, SIGNATURE, BACKNET, FRONTNET, CLASSMAP, SEALED_DEPLOYMENT)
 
 
@@ -27,6 +30,12 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(UPLOAD_PREFIX + "*"):
+            stale.unlink(missing_ok=True)
+
+    def new_upload_path(self) -> Path:
+        """A fresh file name for an upload being received (the caller removes it)."""
+        return self.root / f"{UPLOAD_PREFIX}{os.urandom(8).hex()}"
 
     def _dir(self, model_id: str) -> Path:
         return self.root / check_model_id(model_id)
