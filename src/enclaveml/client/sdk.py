@@ -23,6 +23,7 @@ import httpx
 
 from .. import errors as E
 from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_request
+from ..crypto.nonces import SUFFIX_BYTES as NONCE_SUFFIX_BYTES
 from ..serve import protocol
 from ..serve.upload import sign_upload
 
@@ -141,12 +142,15 @@ class EnclaveClient:
             body = loads_untrusted(r.content)
             pk = bytes.fromhex(body["public_key"])
             evidence = Evidence.from_dict(body["evidence"])
+            issued = bytes.fromhex(body["nonce"])  # ours, extended by the enclave (crypto/nonces.py)
         except (KeyError, TypeError, ValueError):
             raise E.EvidenceRejected("the server's evidence answer is malformed") from None
         if len(pk) != 32:
             raise E.EvidenceRejected("the enclave public key is not 32 bytes")
-        claims = verify_evidence(evidence, self.policy, bind_report_data(pk, nonce))
-        att = AttestedEnclave(pk, nonce, claims, time.monotonic())
+        if not (issued.startswith(nonce) and len(issued) == len(nonce) + NONCE_SUFFIX_BYTES):
+            raise E.EvidenceRejected("the enclave's nonce does not extend the one the client sent")
+        claims = verify_evidence(evidence, self.policy, bind_report_data(pk, issued))
+        att = AttestedEnclave(pk, issued, claims, time.monotonic())
         with self._lock:
             self._attested = att
         return att

@@ -8,7 +8,8 @@ server keeps serving.
 Routes (docs/serving.md):
     GET    /healthz                      liveness: enclave process up, deployed models
     GET    /metrics[?format=json]        counters, latency and batch-size histograms
-    GET    /v1/evidence?nonce=HEX        the enclave's evidence binding SHA-256(pk || nonce), and pk
+    GET    /v1/evidence?nonce=HEX        the enclave's nonce (HEX || time || MAC), evidence binding
+                                         SHA-256(pk || that nonce), and pk
     GET    /v1/models                    deployed model ids and public bundle facts
     POST   /v1/models/{id}               deploy/replace: signed upload header, then
                                          pack_parts(key_release + bundle files) (serve/upload.py)
@@ -426,7 +427,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         if not 16 <= len(nonce) <= 128:
             raise E.DataError("nonce must be 8 to 64 bytes of hex")
         h, _, _ = await wait(S().enclave.call_async({"op": "evidence", "nonce": nonce}))
-        return {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": nonce}
+        # The enclave's nonce: the caller's, extended with a time and the enclave's MAC (bound
+        # into the evidence; an owner command carries it).
+        return {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": h["nonce"]}
 
     @app.get("/v1/models")
     async def list_models():

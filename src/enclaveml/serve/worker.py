@@ -70,7 +70,9 @@ def _handler(svc, info: dict):
                 nonce = bytes.fromhex(str(h.get("nonce", "")))
             except ValueError:
                 raise DataError("nonce must be hex") from None
-            return {"evidence": svc.evidence(nonce), "public_key": svc.public_key().hex()}, None, None
+            issued = svc.issue_nonce(nonce)
+            return {"evidence": svc.evidence(issued), "public_key": svc.public_key().hex(),
+                    "nonce": issued.hex()}, None, None
         if op in ("deploy", "restore"):
             files = {k: v for k, v in blobs.items() if k not in ("key_release", "sealed")}
             if op == "deploy":
