@@ -6,7 +6,8 @@ responses. Every `EnclaveMLError` becomes a status code, a short JSON error and 
 server keeps serving.
 
 Routes (docs/serving.md):
-    GET    /healthz                      liveness: enclave process up, deployed models
+    GET    /healthz                      liveness: "ok" (200) or why not (503): enclave restarting,
+                                         unresponsive (missed a ping) or down; deployed models
     GET    /metrics[?format=json]        counters, latency and batch-size histograms
     GET    /v1/evidence?nonce=HEX        the enclave's nonce (HEX || time || MAC), evidence binding
                                          SHA-256(pk || that nonce), and pk
@@ -35,7 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors as E
 from . import protocol
-from .batcher import pick_device
+from .batcher import BatcherClosed, pick_device
 from .channel import ChannelError, RemoteError
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
 from .upload import MAX_HEADER_BYTES, PREFIX_BYTES, UploadHeader, UploadTooLarge
@@ -106,7 +107,7 @@ def error_kind(e: BaseException) -> str:
     for cls in ERROR_CLASSES:
         if isinstance(e, cls):
             return cls.__name__
-    if isinstance(e, ChannelError):
+    if isinstance(e, (ChannelError, BatcherClosed)):
         return "EnclaveUnavailable"
     return "InternalError"
 
@@ -258,6 +259,11 @@ async def wait(fut: Future):
 #: restarts of a worker that keeps dying.
 SUPERVISE_S = 0.5
 MAX_RESTART_BACKOFF_S = 30.0
+#: /healthz statuses (all but "ok" answer 503 with Retry-After; docs/serving.md).
+STATUS_OK = "ok"
+STATUS_RESTARTING = "enclave restarting"
+STATUS_UNRESPONSIVE = "enclave unresponsive"
+STATUS_DOWN = "enclave down"
 
 
 class HostState:
@@ -277,6 +283,8 @@ class HostState:
         self.lock = threading.Lock()
         #: Upload bodies being streamed to disk (`receive_upload`).
         self.uploads = asyncio.Semaphore(max(1, cfg.max_concurrent_uploads))
+        #: What /healthz reports: STATUS_OK, or why the enclave cannot serve now.
+        self.status = STATUS_RESTARTING  # until the stored deployments are restored
         self.enclave = self.start_enclave()
 
     def start_enclave(self):
@@ -292,7 +300,14 @@ class HostState:
             "measurement": enclave.info.get("measurement"), "hardening": enclave.info.get("hardening")}})
         return enclave
 
+    def check_ready(self) -> None:
+        """While the worker restarts (its deployments not yet restored), every model route answers
+        503 with Retry-After, never 404: the client should wait, not conclude the model is gone."""
+        if self.status != STATUS_OK or not self.enclave.alive():
+            raise ChannelError("the enclave worker is restarting")
+
     def pipeline(self, model_id: str):
+        self.check_ready()
         with self.lock:
             p = self.pipelines.get(model_id)
         if p is None:
@@ -341,34 +356,54 @@ class HostState:
                     "model": model_id, "kind": error_kind(e), "message": str(e)[:200]}})
 
     async def supervise(self) -> None:
-        """Restart a dead enclave worker and restore its deployments (with backoff if it keeps dying).
+        """Restart a dead or hung enclave worker and restore its deployments (with backoff if it
+        keeps dying). Hung: it did not answer a liveness ping within `ping_timeout_s`.
 
-        Requests in flight when it died get 503 (EnclaveUnavailable); clients then see a new
-        enclave key, attest again and resend themselves (the SDK never resends on the host's word).
+        Requests in flight when it died get 503 (EnclaveUnavailable); so does every model request
+        until the deployments are restored (`check_ready`). Clients then see a new enclave key,
+        attest again and resend themselves (the SDK never resends on the host's word).
         """
         backoff = SUPERVISE_S
+        next_ping = time.monotonic() + self.cfg.ping_interval_s
         while True:
             await asyncio.sleep(SUPERVISE_S)
-            if self.enclave.alive():
+            reason = None if self.enclave.alive() else "died"
+            if reason is None and time.monotonic() >= next_ping:
+                if not await self.enclave.ping(self.cfg.ping_timeout_s):
+                    reason = "unresponsive" if self.enclave.alive() else "died"
+                next_ping = time.monotonic() + self.cfg.ping_interval_s
+            if reason is None:
                 backoff = SUPERVISE_S
                 continue
-            dead = self.enclave
-            self.metrics.inc("enclave_restarts_total")
-            self.log.warning("enclave worker died; restarting", extra={"fields": {
-                "enclave_pid": dead.pid, "exit_code": dead.proc.poll()}})
-            with self.lock:
-                old, self.pipelines, self.public = list(self.pipelines.values()), {}, {}
-            for p in old:
-                p.close()
-            await asyncio.to_thread(dead.close)
-            try:
-                self.enclave = await asyncio.to_thread(self.start_enclave)
-            except Exception as e:
-                self.log.warning("enclave restart failed", extra={"fields": {"type": type(e).__name__}})
+            if not await self.restart(reason):
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, MAX_RESTART_BACKOFF_S)
-                continue
-            await self.restore_all()
+
+    async def restart(self, reason: str) -> bool:
+        """Replace the worker ("died" or "unresponsive": then it is killed first) and restore the
+        deployments; False if the new worker did not start (the caller retries)."""
+        dead = self.enclave
+        self.status = STATUS_UNRESPONSIVE if reason == "unresponsive" else STATUS_RESTARTING
+        self.metrics.inc("enclave_restarts_total", reason=reason)
+        self.log.warning("enclave worker " + ("does not answer" if reason == "unresponsive" else "died")
+                         + "; restarting", extra={"fields": {"enclave_pid": dead.pid, "reason": reason,
+                                                             "exit_code": dead.proc.poll()}})
+        with self.lock:
+            old, self.pipelines, self.public = list(self.pipelines.values()), {}, {}
+        for p in old:
+            p.close()
+        if reason == "unresponsive":
+            dead.kill()  # a stopped or hung process never exits by itself
+        await asyncio.to_thread(dead.close)
+        try:
+            self.enclave = await asyncio.to_thread(self.start_enclave)
+        except Exception as e:
+            self.status = STATUS_DOWN
+            self.log.warning("enclave restart failed", extra={"fields": {"type": type(e).__name__}})
+            return False
+        await self.restore_all()
+        self.status = STATUS_OK
+        return True
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:
@@ -378,6 +413,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         state["s"] = await asyncio.to_thread(HostState, cfg, asyncio.get_running_loop())
         await state["s"].restore_all()
+        state["s"].status = STATUS_OK
         supervisor = asyncio.ensure_future(state["s"].supervise())
         try:
             yield
@@ -411,10 +447,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         s = S()
-        ok = s.enclave.alive()
-        body = {"status": "ok" if ok else "enclave down", "tee": cfg.tee, "enclave_pid": s.enclave.pid,
+        status = s.status if s.enclave.alive() or s.status != STATUS_OK else STATUS_DOWN
+        ok = status == STATUS_OK
+        body = {"status": status, "tee": cfg.tee, "enclave_pid": s.enclave.pid,
                 "device": str(s.device), "models": sorted(s.pipelines)}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": str(cfg.retry_after_s)})
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus"):
@@ -439,6 +477,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def deploy(model_id: str, request: Request):
         s = S()
         protocol.check_model_id(model_id)
+        s.check_ready()
         from ..models import bundle as B
 
         _, files = await receive_upload(request, model_id, s)
@@ -464,6 +503,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def delete(model_id: str, request: Request):
         s = S()
         protocol.check_model_id(model_id)
+        s.check_ready()
         body = await read_body(request, 65536)
         await wait(s.enclave.call_async({"op": "delete", "model": model_id}, None, {"command": body}))
         with s.lock:

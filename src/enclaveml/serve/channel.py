@@ -625,6 +625,8 @@ class ChannelClient:
             if self._on_unsolicited is not None:
                 self._on_unsolicited(msg)
             return
+        if fut.done():  # the caller gave up on it (cancelled): nothing to deliver
+            return
         try:
             raise_remote(msg[0])
             fut.set_result(msg)
@@ -636,7 +638,8 @@ class ChannelClient:
             self.closed = e
             pending, self._pending = self._pending, {}
         for fut in pending.values():
-            fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
+            if not fut.done():
+                fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
 
     def _read_loop(self) -> None:
         try:
