@@ -69,6 +69,12 @@ def _serves_again(s) -> None:
         assert c.infer([s.image], model="m")[0]["top"]
 
 
+def _our_segments(*pids: int) -> list[str]:
+    """/dev/shm entries of ours (eml*) made by these processes (names carry the creator's pid)."""
+    return [p.name for p in Path("/dev/shm").iterdir()
+            if p.name.startswith("eml") and any(f"_{pid}_" in p.name for pid in pids)]
+
+
 def _restarts(s, reason: str) -> float:
     m = httpx.get(s.srv.url + "/metrics", params={"format": "json"}, timeout=30).json()
     return sum(c["value"] for c in m["counters"]
@@ -89,6 +95,7 @@ def test_requests_during_a_restart_get_503_with_retry_after_never_404(served):
                     r = h.request(method, s.srv.url + path, content=b"\x00" * 200)
                     answers.append((r.status_code, r.headers.get("retry-after")))
 
+    assert _our_segments(s.srv.pid, old) == []  # tensors travelled (the model ran): no names in /dev/shm
     t = threading.Thread(target=hammer)
     t.start()
     try:
@@ -99,6 +106,8 @@ def test_requests_during_a_restart_get_503_with_retry_after_never_404(served):
         stop.set()
         t.join(60)
     codes = [c for c, _ in answers]
+    new = s.srv.enclave_pid()
+    assert _our_segments(s.srv.pid, old, new) == [], "a shared-memory segment outlived its process"
     assert 404 not in codes, "a restarting enclave answered UnknownModel"
     assert 503 in codes
     assert all(ra is not None and int(ra) >= 1 for c, ra in answers if c == 503)
