@@ -47,7 +47,10 @@ def echo(tmp_path):
 
 
 def _shm_names() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("eml")}
+    """/dev/shm entries of ours made by this test process tree (the machine may be shared)."""
+    from conftest import _made_by_us
+
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("eml") and _made_by_us(p.name)}
 
 
 def test_round_trip_tensors_blobs_and_header(echo):

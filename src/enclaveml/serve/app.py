@@ -21,6 +21,7 @@ Routes (docs/serving.md):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import threading
 import time
@@ -223,7 +224,7 @@ async def receive_upload(request: Request, model_id: str, s: "HostState") -> tup
                 await asyncio.to_thread(f.writelines, pending)
             if got != header.size:
                 raise E.DataError("upload body is shorter than its signed size")
-            if digest.digest() != header.sha256:
+            if not hmac.compare_digest(digest.digest(), header.sha256):
                 raise E.TamperedMessage("upload body does not match its signed SHA-256")
             return header, await asyncio.to_thread(_unpack_upload, path)
         finally:
