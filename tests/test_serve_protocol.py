@@ -167,8 +167,7 @@ def service(tmp_path_factory):
     owner = SigningKey.generate()
     _, key = make_bundle(model, 2, base / "b", {"zoo": "darknet"}, entry.preprocessing, list(entry.classes), owner)
     svc = EnclaveService(get_backend("sim", platform_dir=base / "platform", lock_memory=False))
-    nonce = b"deploy-nonce-123"
-    svc.evidence(nonce)
+    nonce = svc.issue_nonce(b"deploy-nonce-123")
     files = bundle_files(base / "b")
     svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, nonce), files)
     _, back = read_public_bundle(files)
@@ -224,9 +223,9 @@ def test_enclave_service_refuses_and_stays_consistent(service):
     with pytest.raises(E.ReplayedMessage):
         svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"never-issued-nonce"), files)
     other = SigningKey.generate()
-    svc.evidence(b"nonce-for-mallory")
+    n = svc.issue_nonce(b"nonce-for-mallory")
     with pytest.raises(E.Unauthorized):
-        svc.delete(D, seal_owner_command(other, svc.public_key(), "delete", "d", b"nonce-for-mallory"))
+        svc.delete(D, seal_owner_command(other, svc.public_key(), "delete", "d", n))
     assert svc.models() == [D]
     outs = svc.front_batch(D, [_request(svc, b"junk")[0], b"\x00" * 10])
     assert isinstance(outs[0], E.DataError) and isinstance(outs[1], E.TamperedMessage)
@@ -312,9 +311,9 @@ def test_only_zoo_architectures_are_served(tmp_path):
     files[MANIFEST] = json.dumps(m).encode()
     files[SIGNATURE] = json.dumps({"alg": "Ed25519", "owner": owner.public_key().to_bytes().hex(),
                                    "signature": owner.sign(MANIFEST_LABEL + files[MANIFEST]).hex()}).encode()
-    svc.evidence(b"nonce-0123456789")
+    n = svc.issue_nonce(b"nonce-0123456789")
     with pytest.raises(E.UserInputError):
-        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"nonce-0123456789"), files)
+        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, n), files)
     assert not (tmp_path / "pwned").exists() and svc.models() == []
 
 
@@ -426,8 +425,7 @@ def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_
     backend = get_backend("sim", platform_dir=tmp_path / "p", lock_memory=False, config=cfg)
     for allowed, ok in (((), False), ((factory,), True)):
         svc = EnclaveService(backend, allowed_factories=allowed)
-        nonce = b"factory-nonce-01"
-        svc.evidence(nonce)
+        nonce = svc.issue_nonce(b"factory-nonce-01")
         release = seal_key_release(owner, svc.public_key(), "fac", key, nonce)
         if ok:
             assert svc.deploy("fac", release, files)["model"].endswith("/fac")

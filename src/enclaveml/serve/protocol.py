@@ -39,7 +39,8 @@ never ends with one). A one-image request whose image cannot be decoded fails as
 DataError the host relays); in a several-image request that image's item says so, sealed, and the
 host learns only how many of the request's images failed (it counts them).
 
-Model upload (POST /v1/models/{model}) and other multi-part bodies: `pack_parts`:
+Model upload (POST /v1/models/{model}): an owner-signed header (`serve/upload.py`), then a
+`pack_parts` body; other multi-part bodies are `pack_parts` alone:
 
     u32 n || JSON index [[name, size], ...] (n bytes) || the parts' bytes in index order
 """

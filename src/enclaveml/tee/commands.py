@@ -1,9 +1,9 @@
 """`enclaveml attest ...`: check evidence by hand, pin the sim enclave (client/owner side).
 
     enclaveml attest verify EVIDENCE [--collateral FILE]... [--policy FILE] [--report-data HEX] [--now ISO8601] [--json]
-    enclaveml attest policy --tee sim [--config JSON] [--model BUNDLE]... [--min-k K] [--out FILE]
+    enclaveml attest policy --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]... [--model BUNDLE]... [--min-k K] [--out FILE]
     enclaveml attest pin BUNDLE... --policy FILE [--min-k K] [--any-bundle] [--name NAME]
-    enclaveml attest measure --tee sim [--config JSON]
+    enclaveml attest measure --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]...
     enclaveml attest evidence --tee sim --report-data HEX [--config JSON] [--out FILE]
 """
 
@@ -44,6 +44,19 @@ def _now(text: str | None) -> datetime | None:
     except ValueError:
         raise UserInputError(f"--now {text!r} is not ISO 8601 (e.g. 2025-07-04T00:00:00Z)") from None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _enclave_config(config: str | None, allow_factory: "list[str] | None") -> dict[str, Any]:
+    """--config, plus the configuration `enclaveml serve --allow-factory F...` gives its enclave."""
+    cfg = _config(config)
+    if allow_factory:
+        from ..serve.protocol import enclave_config
+
+        cfg = {**cfg, **enclave_config(list(allow_factory))}
+    return cfg
+
+
+_ALLOW_FACTORY_HELP = "the enclave serves with `serve --allow-factory` this factory (repeatable; measured)"
 
 
 def _hex(name: str, text: str | None, size: int | None = None) -> bytes | None:
@@ -149,12 +162,13 @@ def verify_cmd(
 def measure_cmd(
     tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+    allow_factory: Optional[list[str]] = typer.Option(None, "--allow-factory", help=_ALLOW_FACTORY_HELP),
 ) -> None:
     """Print the expected measurement of this installed enclaveml for the sim backend."""
     _require_sim(tee)
     from .sim import expected_sim_measurement
 
-    print(expected_sim_measurement(_config(config)))
+    print(expected_sim_measurement(_enclave_config(config, allow_factory)))
 
 
 def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: bool, name: Optional[str]):
@@ -184,6 +198,7 @@ def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: 
 def policy_cmd(
     tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+    allow_factory: Optional[list[str]] = typer.Option(None, "--allow-factory", help=_ALLOW_FACTORY_HELP),
     max_age_s: int = typer.Option(300, "--max-age-s", help="Oldest evidence accepted, seconds."),
     model: Optional[list[Path]] = typer.Option(None, "--model", help="Pin this bundle's model (owner key, bundle id, "
                                                "smallest k); repeat for several models."),
@@ -196,7 +211,8 @@ def policy_cmd(
     from .policy import write_policy
     from .sim import sim_policy
 
-    p = _pin_bundles(sim_policy(_config(config), max_age_s=max_age_s), list(model or []), min_k, False, None)
+    p = _pin_bundles(sim_policy(_enclave_config(config, allow_factory), max_age_s=max_age_s), list(model or []),
+                     min_k, False, None)
     if out is None:
         sys.stdout.write(p.to_toml())
     else:
