@@ -58,7 +58,7 @@ def _restarted(s, old_pid: int, timeout_s: float = 90.0, seen: list | None = Non
         code, body = _health(s)
         if seen is not None:
             seen.append((code, body["status"]))
-        if code == 200 and body["enclave_pid"] != old_pid and body["models"] == ["m"]:
+        if code == 200 and body["enclave_pid"] != old_pid and [m.split("/")[-1] for m in body["models"]] == ["m"]:
             return body
         time.sleep(0.1)
     raise AssertionError(f"no restarted enclave with its model within {timeout_s} s: {body}")
