@@ -389,7 +389,8 @@ def test_client_does_not_resend_images_when_the_host_claims_tampering():
 
     from enclaveml.crypto import HpkeKeyPair
 
-    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"], models={"m": {"owner": "ab" * 32}}),
+    pin = {"owner": "ab" * 32, "bundle_ids": [], "min_k": 1}
+    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"], models={"m": pin}),
                           http=httpx.Client(transport=httpx.MockTransport(handler)))
     att = sdk.AttestedEnclave(HpkeKeyPair.generate().public_bytes(), b"n" * 32, None, float("inf"))
     target = c.target("m")
