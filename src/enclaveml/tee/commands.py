@@ -2,7 +2,7 @@
 
     enclaveml attest verify EVIDENCE [--collateral FILE]... [--policy FILE] [--report-data HEX] [--now ISO8601] [--json]
     enclaveml attest policy --tee sim [--config JSON] [--model BUNDLE]... [--min-k K] [--out FILE]
-    enclaveml attest pin BUNDLE... --policy FILE [--min-k K] [--any-bundle] [--name NAME]
+    enclaveml attest pin BUNDLE... --policy FILE [--min-k K] [--any-bundle] [--name NAME] [--replace]
     enclaveml attest measure --tee sim [--config JSON]
     enclaveml attest evidence --tee sim --report-data HEX [--config JSON] [--out FILE]
 """
@@ -157,9 +157,14 @@ def measure_cmd(
     print(expected_sim_measurement(_config(config)))
 
 
-def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: bool, name: Optional[str]):
+def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: bool, name: Optional[str],
+                 replace: bool = False):
     """The policy with a pin per bundle: its owner, its bundle id (added to that owner's pin of the
-    same name) and, as the smallest k, the bundle's own k unless `--min-k` loosens it."""
+    same name) and, as the smallest k, the bundle's own k unless `--min-k` loosens it.
+
+    A bundle signed by another key than the one a name is pinned to is refused unless `replace`:
+    the signer is whoever made the bundle (a co-tenant's bundle of the same name, say), and a
+    silent swap would make every client of this policy accept only that key's deployment (F-28)."""
     from ..models.bundle import load_manifest
     from ..protocol.identity import ModelPin
 
@@ -169,6 +174,9 @@ def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: 
         m = load_manifest(b)
         model = name or m.name
         old = policy.models.get(model)
+        if old is not None and old["owner"] != m.owner and not replace:
+            raise UserInputError(f"{b}: model {model!r} is pinned to owner {old['owner'][:16]}..., but this bundle "
+                                 f"is signed by {m.owner[:16]}...; pass --replace to pin the new owner instead")
         ids: tuple[str, ...] = () if any_bundle else (m.bundle_id,)
         k = m.k if min_k is None else min_k
         if old is not None and old["owner"] == m.owner:  # another bundle of the same owner's model
@@ -212,12 +220,14 @@ def pin_cmd(
     any_bundle: bool = typer.Option(False, "--any-bundle", help="Accept any bundle of that owner (not just this one)."),
     name: Optional[str] = typer.Option(None, "--name", help="The model name clients use (default: the bundle's name; "
                                        "as given to `deploy --model`)."),
+    replace: bool = typer.Option(False, "--replace", help="Let a bundle of another owner replace the existing pin "
+                                 "of its name (refused otherwise)."),
 ) -> None:
     """Pin models in an existing policy: a client then uses a model only when the attested enclave
     reports it deployed by that owner, as one of those bundles, split no shallower than that."""
     from .policy import load_policy, write_policy
 
-    write_policy(_pin_bundles(load_policy(policy), list(bundles), min_k, any_bundle, name), policy)
+    write_policy(_pin_bundles(load_policy(policy), list(bundles), min_k, any_bundle, name, replace), policy)
     print(f"wrote {policy}")
 
 
