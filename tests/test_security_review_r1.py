@@ -98,3 +98,51 @@ def test_attest_pin_does_not_swap_the_owner_of_an_existing_pin(tmp_path, capsys)
     assert policy.pin(MODEL) == ModelPin(m_owner.owner, (m_owner.bundle_id,), 10)
     swapped = _pin_bundles(policy, [tmp_path / "mallory"], None, False, None, replace=True)
     assert swapped.pin(MODEL).owner == mallory.public_key().to_bytes().hex()
+
+
+# -- F-29: a superseded bundle stayed acceptable, and the host could roll back to it live -----
+
+def test_the_owner_can_retire_a_bundle_the_host_rolls_back_to(tmp_path):
+    """The owner deploys darknet at k=2 (bundle A), then moves to k=6 (bundle B) and pins B. The
+    host keeps A's sealed record and files and restores A over the live B through the channel (no
+    restart, no owner). `attest pin B` only added B to the pin ([A, B], min_k 2), so clients kept
+    sending k=2 IRs: the owner needs `attest pin --only` to retire A, and the enclave no longer
+    lets `restore` replace a live deployment."""
+    from enclaveml.crypto import frame_fresh, seal_key_release
+    from enclaveml.models.bundle import bundle_files
+    from enclaveml.protocol import ModelRef, Target
+    from enclaveml.serve.enclave import EnclaveService
+    from enclaveml.tee import get_backend
+    from enclaveml.tee.commands import _pin_bundles
+
+    torch.set_num_threads(1)
+    svc = EnclaveService(get_backend("sim", platform_dir=tmp_path / "platform", lock_memory=False))
+    owner = SigningKey.generate()
+    torch.manual_seed(0)
+    model = zoo.load(MODEL, pretrained=False)
+    keys = {}
+    for b, k in (("A", 2), ("B", 6)):
+        _, keys[b] = make_bundle(model, k, tmp_path / b, {"zoo": MODEL}, ENTRY.preprocessing, list(ENTRY.classes),
+                                 owner)
+    sealed = {}
+    for i, b in enumerate("AB"):
+        nonce = b"owner-nonce-000" + str(i).encode()
+        svc.evidence(nonce)
+        sealed[b] = svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, keys[b], nonce),
+                               bundle_files(tmp_path / b))["sealed"]
+    ref = ModelRef(owner.public_key().to_bytes().hex(), MODEL)
+    with pytest.raises(E.TamperedMessage, match="already deployed"):  # no live rollback by the host
+        svc.restore(str(ref), sealed["A"], bundle_files(tmp_path / "A"))
+    assert svc._deployment(ref).k == 6
+
+    # After a worker restart the host picks which record to restore: A. Only the pin can refuse it.
+    fresh = EnclaveService(get_backend("sim", platform_dir=tmp_path / "platform", lock_memory=False))
+    fresh.restore(str(ref), sealed["A"], bundle_files(tmp_path / "A"))
+    base = _pin_bundles(Policy(allowed_backends=["sim"]), [tmp_path / "A"], None, False, None)
+    added = _pin_bundles(base, [tmp_path / "B"], None, False, None)
+    assert added.pin(MODEL).min_k == 2 and len(added.pin(MODEL).bundle_ids) == 2  # A still accepted
+    only = _pin_bundles(base, [tmp_path / "B"], None, False, None, only=True)
+    target = Target(ref, only.pin(MODEL))
+    body, _, _ = protocol.seal_infer(fresh.public_key(), target, frame_fresh(protocol.encode_payload(b"x", 1)))
+    with pytest.raises(E.PolicyViolation, match="not among the pinned bundle ids"):
+        fresh.front(str(ref), body)
