@@ -276,7 +276,8 @@ def test_error_items_are_as_long_as_results():
         size = protocol.result_size(ID, labels, top_k, logits)
         assert len(protocol.encode_error_item(ID, labels, top_k, logits)) == size
         assert len(protocol.encode_result(ID, [0.2, 0.3, 0.5], labels, top_k, [1.0, 2.0, 3.0] if logits else None)) == size
-    assert len(protocol.encode_error_item(ID, ["a"], 1, False)) == protocol.RESULT_BLOCK
+    one = len(protocol.encode_error_item(ID, ["a"], 1, False))  # F-26: a label counts at its longest allowed
+    assert one == protocol.result_size(ID, ["x" * 256], 1, False) and one % protocol.RESULT_BLOCK == 0
 
 
 def test_client_splits_batches_by_count_and_bytes():
@@ -387,7 +388,8 @@ def test_client_does_not_resend_images_when_the_host_claims_tampering():
 
     from enclaveml.crypto import HpkeKeyPair
 
-    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"], models={"m": {"owner": "ab" * 32}}),
+    pin = {"owner": "ab" * 32, "bundle_ids": [], "min_k": 1}
+    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"], models={"m": pin}),
                           http=httpx.Client(transport=httpx.MockTransport(handler)))
     att = sdk.AttestedEnclave(HpkeKeyPair.generate().public_bytes(), b"n" * 32, None, float("inf"))
     target = c.target("m")

@@ -165,8 +165,14 @@ class EnclaveService:
     def restore(self, ref_text: str, sealed: bytes, files: dict[str, bytes]) -> dict:
         """Reinstall a deployment this enclave identity sealed (`deploy`'s "sealed"), from the
         bundle files the host kept. TamperedMessage for anything sealed elsewhere, for another
-        ref or bundle."""
+        ref or bundle, or for a ref already deployed: a restore only fills an empty slot after a
+        restart, so the host cannot roll a live deployment back to an older record it kept (F-29;
+        which record it restores after a restart is its choice, and only the client's pin refuses
+        a retired bundle)."""
         ref = ModelRef.parse(ref_text)
+        with self._lock:
+            if ref in self._deployments:
+                raise TamperedMessage(f"model {ref.short()} is already deployed; a restore only fills an empty slot")
         key = self.backend.sealing_key(DEPLOYMENT_SEAL_LABEL)
         try:
             rec = json.loads(open_sealed(key, sealed, DEPLOYMENT_AAD + str(ref).encode()))
