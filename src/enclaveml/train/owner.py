@@ -41,13 +41,15 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, key_path: str | Path,
+def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, key_path: str | Path | SigningKey,
         out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50, poll: float = 1.0,
         progress: Callable[[dict], None] | None = None, wait: bool = True) -> dict:
-    """Start (or resume) a run, wait for it, and fetch the release into `out`."""
+    """Start (or resume) a run, wait for it, and fetch the release into `out`.
+
+    `key_path`: the owner's key file (created on first use), or the key itself."""
     spec = ModelSpec.parse(model)
     spec.build().check_point(split)
-    owner = SigningKey.load_or_create(key_path)
+    owner = key_path if isinstance(key_path, SigningKey) else SigningKey.load_or_create(key_path)
     client = HostClient(url)
     try:
         pub, nonce = client.attest(policy)
