@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 #: Public name -> (module under enclaveml, attribute); None: the module itself.
 _EXPORTS: dict[str, tuple[str, str | None]] = {
-    "assess": ("api.assessment", "assess"),
+    "assess": ("assess", None),  # the package, made callable: it forwards to api.assessment.assess
     "Assessment": ("api.assessment", "Assessment"),
     "PointResult": ("api.assessment", "PointResult"),
     "Recommendation": ("api.assessment", "Recommendation"),

@@ -182,7 +182,7 @@ def _to_uint8_chw(img: Any, pre: "Preprocessing") -> "torch.Tensor":
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
             raise UserInputError(f"a dataset image of shape {a.shape} and dtype {a.dtype}: expected an RGB "
                                  "PIL image, a (3, H, W) tensor or an (H, W, 3) uint8 array")
-        t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+        t = torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
     if tuple(t.shape[1:]) != tuple(pre.size):
         if not pre.resize:
             raise UserInputError(f"a dataset image of size {tuple(t.shape[1:])}: the model takes {tuple(pre.size)} "
