@@ -27,14 +27,16 @@ from ..errors import UserInputError
 from .images import ImageLike, to_image_bytes
 
 if TYPE_CHECKING:
+    from typing import Union
+
     import torch
 
     from ..crypto import SigningKey, VerifyKey
     from ..tee import Policy
     from ..train.participant import ContributionReport
 
-PolicyLike = "Policy | str | os.PathLike[str]"
-OwnerLike = "SigningKey | VerifyKey | str | bytes | os.PathLike[str]"
+    PolicyLike = Union[Policy, str, os.PathLike]  # a Policy or its TOML file
+    OwnerLike = Union[SigningKey, VerifyKey, str, bytes, os.PathLike]  # a key, its public key (hex) or file
 
 
 def _owner_public(owner: Any) -> Any:

@@ -139,9 +139,9 @@ def resolve_model(model: ModelLike, *, name: str | None = None, weights: "str | 
                               pretrained=pretrained)
         if preprocessing is not None:
             pre = _preprocessing(None, pre.size, preprocessing, None, None, resize)
-        arch = {"factory": spec} if ":" in spec else {"zoo": spec}
         if factory is not None:
-            arch = {"factory": factory}
+            raise UserInputError("factory= goes with a model object; a zoo name or 'module:factory' spec names itself")
+        arch = {"factory": spec} if ":" in spec else {"zoo": spec}
         return ResolvedModel(m, pre, list(classes) if classes is not None else names, name or spec, arch)
     if weights is not None:
         raise UserInputError("weights= goes with a zoo name or a 'module:factory' spec; load an nn.Module's "
