@@ -222,3 +222,18 @@ def test_import_enclaveml_is_lazy():
     assert r.returncode == 0, r.stderr
     for name in ("assess", "partition", "Client", "OwnerKey", "caltrain", "Assessment", "Bundle"):
         assert name in r.stdout
+
+
+def test_a_dataset_is_staged_as_an_image_folder_with_stable_bytes(tmp_path):
+    from enclaveml.api.caltrain import dataset_folder
+    from enclaveml.data.folder import list_image_folder
+
+    ds = _Images()
+    root = dataset_folder(ds, tmp_path / "a")
+    classes, samples = list_image_folder(root)
+    assert classes == sorted(ds.classes) and len(samples) == len(ds)
+    again = dataset_folder(ds, tmp_path / "b")
+    assert [(tmp_path / "a" / p.relative_to(again)).read_bytes() == p.read_bytes()
+            for p in sorted(again.rglob("*.png"))] == [True] * len(ds)
+    with pytest.raises(UserInputError, match=".classes"):
+        dataset_folder([(torch.zeros(3, 4, 4), 0)], tmp_path / "c")

@@ -82,17 +82,51 @@ def participant_id(key: "SigningKey | str | os.PathLike[str]") -> str:
     return k.public_key().fingerprint()
 
 
-def contribute(data: "str | os.PathLike[str]", url: str, policy: PolicyLike, key: "str | os.PathLike[str]", *,
+def dataset_folder(dataset: Any, root: "str | os.PathLike[str]") -> Path:
+    """Write an indexable dataset of (image, label) as an image folder `root/<class>/<i>.png|jpg`.
+
+    `dataset.classes` names the labels (they must be the training's class names). Encoded JPEG or
+    PNG bytes are written as they are; pixels (PIL, tensor, array) as lossless PNG, so the same
+    dataset gives the same instance hashes every time (the journal and the server's deduplication
+    rely on that).
+    """
+    classes = getattr(dataset, "classes", None)
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        raise UserInputError("a dataset to contribute needs .classes: the class names of its labels")
+    root = Path(root)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise UserInputError("each dataset item must be an (image, label) pair")
+        data, label = to_image_bytes(item[0]), int(item[1])
+        if not 0 <= label < len(classes):
+            raise UserInputError(f"dataset item {i}: label {label} is not an index into its {len(classes)} classes")
+        suffix = ".png" if data.startswith(b"\x89PNG") else ".jpg" if data.startswith(b"\xff\xd8") else None
+        if suffix is None:
+            raise UserInputError(f"dataset item {i}: bytes that are neither PNG nor JPEG")
+        (root / classes[label] / f"{i:06d}{suffix}").write_bytes(data)
+    return root
+
+
+def contribute(data: "str | os.PathLike[str] | Any", url: str, policy: PolicyLike, key: "str | os.PathLike[str]", *,
                batch: int = 128, limit: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> "ContributionReport":
     """(participant) Verify the enclave, then upload `data/<class>/*.jpg|png` signed and encrypted.
 
-    `key`: your Ed25519 key file (created on first use); a journal beside it makes a second call
-    upload only what the server has not acknowledged. Returns the per-status counts and rejections.
+    `data` is an image folder, or a dataset of (image, label) with `.classes` (staged as a
+    temporary image folder on this machine, see `dataset_folder`). `key`: your Ed25519 key file
+    (created on first use); a journal beside it makes a second call upload only what the server
+    has not acknowledged. Returns the per-status counts and rejections.
     """
     from ..train.participant import contribute as _contribute
 
-    with _policy_file(policy) as pf:
+    with contextlib.ExitStack() as stack:
+        pf = stack.enter_context(_policy_file(policy))
+        if not isinstance(data, (str, os.PathLike)):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="enclaveml-contribute-"))
+            data = dataset_folder(data, Path(tmp) / "data")
         return _contribute(data, url, pf, key, batch=batch, limit=limit, progress=progress)
 
 
