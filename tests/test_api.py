@@ -39,6 +39,7 @@ def test_rule_defaults_to_the_recommendation_and_refuses_shallower():
     with pytest.raises(ShallowPartitionPoint, match=r"k=2 is shallower than the assessment's recommended point 5.*force=True") as e:
         partition_point(2, 5, assessed=True)
     assert (e.value.k, e.value.recommended) == (2, 5) and isinstance(e.value, PartitionError)
+    assert eml.ShallowPartitionPoint is ShallowPartitionPoint
     assert partition_point(2, 5, assessed=True, force=True) == 2
     assert partition_point(2, None, assessed=False) == 2  # no assessment: the owner's k
 
@@ -208,7 +209,8 @@ def test_images_are_sent_as_their_bytes_or_lossless_png(tmp_path):
 def test_assess_is_callable_whatever_was_imported_first():
     code = ("import enclaveml.assess.runner, enclaveml as eml; from enclaveml import assess; "
             "assert assess is eml.assess and callable(eml.assess); import enclaveml.assess.kl as kl; "
-            "assert kl.__name__ == 'enclaveml.assess.kl'; "
+            "assert kl.__name__ == 'enclaveml.assess.kl'; import inspect; "
+            "assert list(inspect.signature(eml.assess).parameters)[:3] == ['model', 'data', 'samples']; "
             "import pytest; pytest.raises(eml.UserInputError, eml.assess, 'darknet', '.', samples=0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=120)
     assert r.returncode == 0, r.stderr

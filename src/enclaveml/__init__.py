@@ -32,6 +32,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Recommendation": ("api.assessment", "Recommendation"),
     "partition": ("api.bundles", "partition"),
     "Bundle": ("api.bundles", "Bundle"),
+    "ShallowPartitionPoint": ("models.choose", "ShallowPartitionPoint"),
     "load_model": ("api.models", "load_model"),
     "OwnerKey": ("api.keys", "OwnerKey"),
     "Client": ("api.inference", "Client"),
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see; at run 
     from .api.keys import OwnerKey
     from .api.models import load_model
     from .api.servers import local_server, sim_policy
+    from .models.choose import ShallowPartitionPoint
     from typing import Any
 
     from .errors import EnclaveMLError, UserInputError

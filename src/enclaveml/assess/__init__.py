@@ -28,5 +28,13 @@ class _CallablePackage(types.ModuleType):
 
         return assess(*args, **kwargs)
 
+    @property
+    def __signature__(self):  # what inspect.signature, IDEs and notebooks show for the call
+        import inspect
+
+        from ..api.assessment import assess
+
+        return inspect.signature(assess)
+
 
 sys.modules[__name__].__class__ = _CallablePackage
