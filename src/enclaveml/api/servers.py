@@ -26,7 +26,7 @@ def local_server(store: "str | os.PathLike[str] | None" = None, *, tee: str = "s
     """`with local_server("store") as server: server.url`; stops the server and its enclave on exit.
 
     `store`: the folder for uploaded bundles (default: a temporary one, removed afterwards);
-    `args`: more `enclaveml serve` flags; `log`: its JSON log (default STORE/../server.log).
+    `args`: more `enclaveml serve` flags; `log`: its JSON log (default: STORE.server.log beside it).
     The server inherits this process's environment (ENCLAVEML_HOME: the sim platform key).
     """
     from ..serve.launcher import ServerProcess
