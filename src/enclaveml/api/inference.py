@@ -62,10 +62,11 @@ class Prediction:
 class Deployment:
     """What the enclave confirmed for a deploy."""
 
-    model: str  # the model id to pass to `infer(model=...)`
+    model: str  # the model name to pass to `infer(model=...)` (the policy pins it)
     bundle_id: str
     k: int
-    replaced: bool  # an earlier deployment of this id (same owner) was replaced
+    replaced: bool  # an earlier deployment of this name (same owner) was replaced
+    ref: str = ""  # where it lives on the server: OWNER/name (names are scoped by owner)
 
 
 def _is_batch(images: Any) -> bool:
@@ -114,7 +115,8 @@ class Client:
         else:
             key = load_model_key(model_key if model_key is not None else model_key_path(path))
         res = self.sdk.deploy(path, key, as_owner_key(owner_key, create=False), model_id=model)
-        return Deployment(str(res["model"]), str(res["bundle_id"]), int(res["k"]), bool(res.get("replaced")))
+        return Deployment(str(res.get("name", res["model"])), str(res["bundle_id"]), int(res["k"]),
+                          bool(res.get("replaced")), str(res["model"]))
 
     def undeploy(self, model: str, *, owner_key: "SigningKey | str | os.PathLike[str] | None" = None) -> None:
         """Delete a deployment (only its owner can)."""
