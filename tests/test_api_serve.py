@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import enclaveml as eml
-from enclaveml.errors import EnclaveMLError, Unauthorized, UnknownModel
+from enclaveml.errors import EnclaveMLError, UnknownModel
 
 
 def _same(a: eml.Prediction, b: eml.Prediction) -> bool:
@@ -47,7 +47,7 @@ def test_client_deploys_a_bundle_and_infers_every_image_form(tmp_path, cifar10_d
             batch = client.infer(torch.stack([u8, u8]), model=d.model, top_k=3)
             assert isinstance(batch, list) and len(batch) == 2 and all(_same(b, ref) for b in batch)
             assert _same(client.infer([raw], model=d.model, top_k=3)[0], ref)
-            with pytest.raises(Unauthorized):
+            with pytest.raises(UnknownModel):  # names are scoped by owner: another key has no "darknet"
                 client.undeploy(d.model, owner_key=eml.OwnerKey.generate())
             client.undeploy(d.model, owner_key=owner)
             with pytest.raises((UnknownModel, EnclaveMLError)):

@@ -126,8 +126,7 @@ def test_the_owner_can_retire_a_bundle_the_host_rolls_back_to(tmp_path):
                                  owner)
     sealed = {}
     for i, b in enumerate("AB"):
-        nonce = b"owner-nonce-000" + str(i).encode()
-        svc.evidence(nonce)
+        nonce = svc.issue_nonce(b"owner-nonce-000" + str(i).encode())
         sealed[b] = svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, keys[b], nonce),
                                bundle_files(tmp_path / b))["sealed"]
     ref = ModelRef(owner.public_key().to_bytes().hex(), MODEL)

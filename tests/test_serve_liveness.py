@@ -44,7 +44,9 @@ def served(tmp_path_factory, cifar10_dir):
         with EnclaveClient(srv.url, policy) as c:
             c.deploy(base / "b", key, owner, model_id="m")
             assert c.infer([image], model="m")[0]["top"]
-        yield SimpleNamespace(srv=srv, policy=policy, image=image, base=base)
+            policy = c.policy  # now pins "m", as a client's policy file would
+        ref = f"{owner.public_key().to_bytes().hex()}/m"
+        yield SimpleNamespace(srv=srv, policy=policy, image=image, base=base, ref=ref)
 
 
 def _health(s) -> tuple[int, dict]:
@@ -90,8 +92,8 @@ def test_requests_during_a_restart_get_503_with_retry_after_never_404(served):
     def hammer() -> None:  # what a client keeps sending while the worker comes back
         with httpx.Client(timeout=30) as h:
             while not stop.is_set():
-                for method, path in (("POST", "/v1/models/m/infer"), ("POST", "/v1/models/m"),
-                                     ("DELETE", "/v1/models/m")):
+                for method, path in (("POST", f"/v1/models/{s.ref}/infer"), ("POST", "/v1/models/m"),
+                                     ("DELETE", f"/v1/models/{s.ref}")):
                     r = h.request(method, s.srv.url + path, content=b"\x00" * 200)
                     answers.append((r.status_code, r.headers.get("retry-after")))
 
