@@ -4,8 +4,9 @@ Trust side: enclave. No I/O: `enclave_worker` moves bytes between this object an
 the channel. What it holds: the HPKE key participants and the owner encrypt to, the sealing-key
 derived data/tag/state keys, decrypted instances (batch by batch), labels, the FrontNet, the
 secret class mapping, the loss, the owner's identity, the linkage key. What it hands out: sealed
-instances and checkpoints, IR tensors, dL/dscores, sealed linkage records, and the released
-model HPKE-encrypted to the owner.
+instances and checkpoints, IR tensors, dL/dscores (or, with the head sealed here, dL/dfeatures at
+the cut; either passed through the run's label-leakage defence, `defences.py`), sealed linkage
+records, and the released model HPKE-encrypted to the owner.
 
 Operations, in the order a run uses them:
     evidence(nonce)       attestation binding this enclave's HPKE key
@@ -45,7 +46,8 @@ from ..tee import bind_report_data
 from .fingerprint import fingerprints
 from .instances import EnclaveDataset, InstanceIngest
 from .linkage import LinkageRecord, seal_records
-from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, split_for_caltrain
+from .defences import DefenceSpec
+from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, check_head, host_layers, split_with_head
 from .spec import ModelSpec
 
 #: The base enclave configuration that the sim backend measures (a verifier's policy pins it).
@@ -199,13 +201,16 @@ class CalTrainEnclave:
         spec = ModelSpec.parse(str(args.get("model", "")))
         cfg = TrainConfig.from_dict(args.get("config", {}))
         k = int(args.get("split", 0))
+        head = args.get("head", 0)  # last layers run here too (`train run --head N`); checked below
+        defence = DefenceSpec.from_dict(args.get("defence"))  # UserInputError: unknown name or setting
         if not self._items:
             raise DataError("no training instances have been contributed")
         ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True)
         total = cfg.steps_per_epoch(len(ds)) * cfg.epochs
         run = {"run_id": cmd.model_id, "owner": cmd.owner.to_bytes().hex(), "model": spec.text, "split": k,
                "config": cfg.to_dict(), "dataset": ds.digest(), "n": len(ds), "total_steps": total,
-               "classes": list(args.get("classes") or spec.classes)}
+               "classes": list(args.get("classes") or spec.classes), "head": head,
+               "defence": defence.to_dict()}
         # Initial weights from a keyed seed, not from the config's seed: the host receives the
         # BackNet's initial weights (classifier rows in the secret order). Built from
         # manual_seed(config seed), the host could rebuild the same model, match the rows and
@@ -215,28 +220,36 @@ class CalTrainEnclave:
         torch.manual_seed(self._secret_seed(b"init", run))
         model = spec.build()
         model.check_point(k)
+        check_head(model, k, head)
+        defence_seed = self._secret_seed(b"defence", run)  # the host cannot redraw the noise
         back_state = None
         if checkpoint:
             meta, tensors, blob = self._open_checkpoint(checkpoint)
-            for key in ("run_id", "owner", "model", "split", "config", "dataset"):
-                if meta["run"][key] != run[key]:
+            old = {"head": 0, "defence": DefenceSpec().to_dict(), **meta["run"]}
+            for key in ("run_id", "owner", "model", "split", "config", "dataset", "head", "defence"):
+                if old[key] != run[key]:
                     raise TamperedMessage(f"checkpoint does not belong to this run ({key} differs)")
             mapping = ClassMapping(tensors.pop("mapping.perm"))
-            front, _ = split_for_caltrain(model, k, mapping)
-            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
+            front, _, head_mod = split_with_head(model, k, head, mapping)
+            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total, head_mod, defence, defence_seed)
             trainer.load_state_bytes(blob)
         else:
             mapping = self._mapping_for(run, spec.num_classes)
-            front, back = split_for_caltrain(model, k, mapping)
-            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
+            front, back, head_mod = split_with_head(model, k, head, mapping)
+            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total, head_mod, defence, defence_seed)
             back_state = _safetensors_bytes(back.state_dict())
         self._consume_nonce(cmd.nonce)
         self._order_cache = None  # the epoch order belongs to this run's seed and data set
         self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
+        self.head = head
+        # what the host's output must look like per instance: scores, or the cut-layer features
+        self._host_out = ((spec.num_classes,) if head == 0 else
+                          tuple(model.partition_points()[len(model) - head - 1].out_shape))
         self.owner = cmd.owner
         self._final = None
         info = {"run_id": run["run_id"], "model": spec.text, "split": k, "config": cfg.to_dict(),
-                "n": len(ds), "dropped": ds.dropped, "total_steps": total, "start_step": trainer.step}
+                "n": len(ds), "dropped": ds.dropped, "total_steps": total, "start_step": trainer.step,
+                "head": head, "defence": defence.to_dict()}
         return info, back_state
 
     def _secret_seed(self, purpose: bytes, run: dict) -> int:
@@ -284,8 +297,11 @@ class CalTrainEnclave:
 
     def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
         tr = self._need_run()
-        if scores.dtype != torch.float32 or scores.ndim != 2 or scores.shape[1] != self.spec.num_classes:
-            raise TamperedMessage("scores have the wrong shape or type")
+        rows = None if tr._y is None else tr._y.shape[0]  # None: EnclaveTrainer says "before forward"
+        if scores.dtype != torch.float32 or tuple(scores.shape[1:]) != self._host_out \
+                or rows not in (None, scores.shape[0]):
+            raise TamperedMessage("scores have the wrong shape or type" if self.head == 0 else
+                                  "cut-layer features have the wrong shape or type")
         return tr.loss_grad(scores)
 
     def backward(self, d_ir: torch.Tensor) -> int:
@@ -319,8 +335,7 @@ class CalTrainEnclave:
         tr = self._need_run()
         if tr.step != tr.total_steps:
             raise UserInputError(f"training is at step {tr.step} of {tr.total_steps}")
-        _, back = self.model.split(self.k)
-        back.load_state_dict(load(back_state))
+        host_layers(self.model, self.k, self.head).load_state_dict(load(back_state))
         tr.mapping.unpermute_rows(self.model.layers[-1])  # the released model is in class order
         fps = fingerprints(self.model, self.ds.all_pixels(), self.spec.preprocessing())
         records = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
@@ -333,7 +348,8 @@ class CalTrainEnclave:
                  "back.safetensors": _safetensors_bytes(back.state_dict())}
         header = {"run_id": store_id, "model": self.spec.text, "split": self.k, "classes": self.run["classes"],
                   "preprocessing": self.spec.preprocessing().to_dict(), "config": self.run["config"],
-                  "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"]}
+                  "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"],
+                  "head": self.run["head"], "defence": self.run["defence"]}
         final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
         self._records = tokens
         return {"records": len(tokens), "meta_token": meta_token, "final": final}

@@ -43,16 +43,28 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def run(url: str, policy: str | Path, model: str, split: int, cfg: TrainConfig, key_path: str | Path,
         out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50, poll: float = 1.0,
-        progress: Callable[[dict], None] | None = None, wait: bool = True) -> dict:
-    """Start (or resume) a run, wait for it, and fetch the release into `out`."""
+        progress: Callable[[dict], None] | None = None, wait: bool = True, head: int = 0,
+        defence: "str | dict | None" = None) -> dict:
+    """Start (or resume) a run, wait for it, and fetch the release into `out`.
+
+    `head`: the last layers that run in the enclave too (the host then sees cut-layer gradients,
+    not class scores); `defence`: the label-leakage defence the enclave applies to the gradient it
+    hands the host (`defences.DefenceSpec`, text `NAME[:k=v,...]` or its dict). Both travel in the
+    signed start command; the enclave checks them and reports them back.
+    """
+    from .defences import DefenceSpec
+    from .partitioned import check_head
+
     spec = ModelSpec.parse(model)
-    spec.build().check_point(split)
+    check_head(spec.build(), split, head)
+    dspec = DefenceSpec.from_dict(defence) if isinstance(defence, dict) else DefenceSpec.parse(defence)
     owner = SigningKey.load_or_create(key_path)
     client = HostClient(url)
     try:
         pub, nonce = client.attest(policy)
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
-                                 {"model": spec.text, "split": split, "config": cfg.to_dict()})
+                                 {"model": spec.text, "split": split, "config": cfg.to_dict(), "head": head,
+                                  "defence": dspec.to_dict()})
         st = client.post_json("/train/start", {"run_id": run_id, "command": base64.b64encode(cmd).decode(),
                                                "checkpoint_every": checkpoint_every})
         if not wait:
