@@ -37,7 +37,7 @@ import torch
 from enclaveml.data.folder import load_image_folder
 from enclaveml.models import zoo
 from enclaveml.models.zoo import darknet
-from enclaveml.train.defences import RECOMMENDED, DefenceSpec
+from enclaveml.train.defences import BENCHMARK_DEFENDED, DefenceSpec
 from enclaveml.train.fingerprint import predict
 from enclaveml.train.label_attack import CentroidAttack, ColumnNamer, exposed_columns, recovery
 from enclaveml.train.partitioned import ClassMapping, EnclaveTrainer, HostTrainer, TrainConfig, split_with_head
@@ -52,8 +52,13 @@ def log(*a) -> None:
 
 
 def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: int, defence: DefenceSpec,
-                     seed: int, window: int) -> dict:
-    """One training; every step the colluding host's attacks guess the other participants' labels."""
+                     seed: int, window: int, exact_front: bool = False) -> dict:
+    """One training; every step the colluding host's attacks guess the other participants' labels.
+
+    Gradient attacks use the rows the enclave hands back; forward attacks use what the host
+    computes or receives itself (its output: scores or cut-layer features; the IR), which no
+    gradient defence touches.
+    """
     torch.manual_seed(seed)
     model = darknet.build(width=width)
     mapping = ClassMapping.random(CLASSES, torch.Generator().manual_seed(seed + 99))
@@ -62,39 +67,59 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
     enc = EnclaveTrainer(front, mapping, PRE, cfg, total, head=head_mod, defence=defence,
                          defence_seed=seed * 1_000_003 + 17)
     host = HostTrainer(back, cfg, total)
-    namer = ColumnNamer(CLASSES)
-    attacks = {"centroid": CentroidAttack(CLASSES, window), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)}
-    guesses: dict[str, list[torch.Tensor]] = {name: [] for name in (["columns"] if head == 0 else []) + list(attacks)}
+    grad_namer, score_namer = ColumnNamer(CLASSES), ColumnNamer(CLASSES)
+    grad_att = {"centroid": CentroidAttack(CLASSES, window), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)}
+    fwd_att = {"output_centroid": CentroidAttack(CLASSES, window), "ir_centroid": CentroidAttack(CLASSES, window)}
+    guesses: dict[str, list[torch.Tensor]] = {n: [] for n in [*grad_att, *fwd_att, "columns", "score_argmax"]}
     truth, t_train = [], 0.0
     per = cfg.steps_per_epoch(len(tr))
     for step, epoch, idx in cfg.batches(len(tr)):
         x, y = tr.images[idx], tr.labels[idx]
         t0 = time.perf_counter()
-        out = host.forward(enc.forward(x, y))
+        ir = enc.forward(x, y)
+        out = host.forward(ir)
         grad = enc.loss_grad(out)  # what the host receives
-        enc.backward(host.backward(grad))
+        if exact_front:  # diagnostic: the host's update sees `grad`, the FrontNet the undefended gradient
+            (d_ir,) = torch.autograd.grad(host._scores, host._ir, grad_outputs=enc.clean_grad, retain_graph=True)
+            host.backward(grad)
+            enc.backward(d_ir)
+        else:
+            enc.backward(host.backward(grad))
         t_train += time.perf_counter() - t0
         known = owner[idx] == 0
-        if head == 0:
-            cols = exposed_columns(out, grad)
-            namer.observe(cols[known], y[known])
-            guesses["columns"].append(cols[~known])  # named at the end, with all the votes
-        for name, att in attacks.items():
+        if head == 0:  # columns are named at the end, with all the colluder's votes
+            cols, pred = exposed_columns(out, grad), out.argmax(1)
+            grad_namer.observe(cols[known], y[known])
+            score_namer.observe(pred[known], y[known])
+            guesses["columns"].append(cols[~known])
+            guesses["score_argmax"].append(pred[~known])
+        for name, att in grad_att.items():
             guesses[name].append(att.step(grad, known, y[known])[~known])
+        guesses["output_centroid"].append(fwd_att["output_centroid"].step(out, known, y[known])[~known])
+        guesses["ir_centroid"].append(fwd_att["ir_centroid"].step(ir, known, y[known])[~known])
         truth.append(y[~known])
         if (step + 1) % per == 0:
             log(f"    epoch {epoch + 1}/{cfg.epochs}: loss {enc.last_loss:.3f} ({t_train:.0f}s)")
     mapping.unpermute_rows(model.layers[-1])
     if head == 0:
-        guesses["columns"] = [namer.name(c) for c in guesses["columns"]]
-    truth_t = torch.cat(truth)
-    per_attack = {name: round(recovery(torch.cat(g), truth_t), 4) for name, g in guesses.items()}
+        guesses["columns"] = [grad_namer.name(c) for c in guesses["columns"]]
+        guesses["score_argmax"] = [score_namer.name(c) for c in guesses["score_argmax"]]
+    else:
+        del guesses["columns"], guesses["score_argmax"]
     last = slice(len(truth) - per, None)
-    last_epoch = {name: round(recovery(torch.cat(g[last]), torch.cat(truth[last])), 4) for name, g in guesses.items()}
+
+    def rec(names, part=slice(None)):
+        res = {n: round(recovery(torch.cat(guesses[n][part]), torch.cat(truth[part])), 4) for n in names if n in guesses}
+        return res, max(res.values())
+
+    grad_names, fwd_names = ["columns", *grad_att], ["score_argmax", *fwd_att]
+    (ga, g_all), (fa, f_all) = rec(grad_names), rec(fwd_names)
+    (_, g_last), (_, f_last) = rec(grad_names, last), rec(fwd_names, last)
     acc = float((predict(model, te.images, PRE) == te.labels).float().mean())
-    return {"head": head, "defence": defence.to_dict(), "recovery": max(per_attack.values()),
-            "attacks": per_attack, "recovery_last_epoch": max(last_epoch.values()), "accuracy": round(acc, 4),
-            "train_seconds": round(t_train, 1), "rows_attacked": len(truth_t)}
+    return {"head": head, "defence": defence.to_dict(), "exact_front": exact_front, "recovery": max(g_all, f_all), "recovery_gradient": g_all,
+            "recovery_forward": f_all, "recovery_last_epoch": {"gradient": g_last, "forward": f_last},
+            "attacks": {**ga, **fa}, "accuracy": round(acc, 4), "train_seconds": round(t_train, 1),
+            "rows_attacked": sum(len(t) for t in truth)}
 
 
 def main() -> None:
@@ -105,13 +130,16 @@ def main() -> None:
     ap.add_argument("--participants", type=int, default=4)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
-    ap.add_argument("--head", type=int, default=RECOMMENDED["head"], help="layers of the sealed head")
-    ap.add_argument("--defences", default="noise:scale=1 noise:scale=2 noise:scale=4 mix:group=4 mix:group=8",
+    ap.add_argument("--head", type=int, default=BENCHMARK_DEFENDED["head"], help="layers of the sealed head")
+    ap.add_argument("--defences", default="noise:scale=0.5 noise:scale=1 noise:scale=2 noise:scale=1,classwise=1 mix:group=4",
                     help="defences to measure, separated by spaces or ';', each with the sealed head")
     ap.add_argument("--defended", default=None,
-                    help="the configuration reported as `defended` (default: the recommended one, "
-                    f"{RECOMMENDED['defence']['name']} {RECOMMENDED['defence']['settings']})")
-    ap.add_argument("--epochs", type=int, default=8)
+                    help="the configuration reported as `defended` (default: BENCHMARK_DEFENDED in defences.py, "
+                    f"{BENCHMARK_DEFENDED['defence']['name']} {BENCHMARK_DEFENDED['defence']['settings']})")
+    ap.add_argument("--exact-front", default="", help="also run these defences (separated by spaces) with the "
+                    "FrontNet trained on the undefended gradient: a diagnostic of where the accuracy goes, "
+                    "not something `train run` offers")
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -127,24 +155,28 @@ def main() -> None:
     owner = torch.empty(len(tr), dtype=torch.long)
     owner[torch.randperm(len(tr), generator=g)] = torch.arange(len(tr)) % a.participants
     cfg = TrainConfig(epochs=a.epochs, batch=a.batch, lr=a.lr, seed=a.seed)
-    defended = DefenceSpec.parse(a.defended) if a.defended else DefenceSpec.from_dict(RECOMMENDED["defence"])
+    defended = DefenceSpec.parse(a.defended) if a.defended else DefenceSpec.from_dict(BENCHMARK_DEFENDED["defence"])
     specs = [DefenceSpec.parse(t) for t in a.defences.replace(";", " ").split()]
     if defended not in specs:
         specs.append(defended)
-    runs = [("exposed", 0, DefenceSpec()), ("sealed_head", a.head, DefenceSpec())]
-    runs += [(f"head{a.head}+{s.text}", a.head, s) for s in specs]
+    runs = [("exposed", 0, DefenceSpec(), False), ("sealed_head", a.head, DefenceSpec(), False)]
+    runs += [(f"head{a.head}+{s.text}", a.head, s, False) for s in specs]
+    runs += [(f"head{a.head}+{s.text}+exact_front", a.head, s, True)
+             for s in (DefenceSpec.parse(t) for t in a.exact_front.replace(";", " ").split())]
     results = {}
-    for name, head, spec in runs:
+    for name, head, spec, exact in runs:
         log(f"[{name}] training {len(tr)} instances, {a.epochs} epochs, darknet width {a.width}, k={a.split}, "
             f"head {head}, defence {spec.text}")
-        results[name] = train_and_attack(tr, te, owner, cfg, a.width, a.split, head, spec, a.seed, a.window)
+        results[name] = train_and_attack(tr, te, owner, cfg, a.width, a.split, head, spec, a.seed, a.window, exact)
         log(f"[{name}] {json.dumps(results[name])}")
     plain = results["exposed"]["accuracy"]
     log("")
-    log(f"{'configuration':28s} {'recovery':>9s} {'last epoch':>11s} {'accuracy':>9s} {'vs plain':>9s} {'train s':>8s}")
+    log(f"{'configuration':42s} {'gradient':>9s} {'forward':>8s} {'(last epoch)':>13s} {'accuracy':>9s} "
+        f"{'vs plain':>9s} {'train s':>8s}")
     for name, r in results.items():
-        log(f"{name:28s} {r['recovery']:9.4f} {r['recovery_last_epoch']:11.4f} {r['accuracy']:9.4f} "
-            f"{100 * (r['accuracy'] - plain):+8.2f}p {r['train_seconds']:8.1f}")
+        last = r["recovery_last_epoch"]
+        log(f"{name:42s} {r['recovery_gradient']:9.4f} {r['recovery_forward']:8.4f} {last['gradient']:6.3f}/"
+            f"{last['forward']:.3f} {r['accuracy']:9.4f} {100 * (r['accuracy'] - plain):+8.2f}p {r['train_seconds']:8.1f}")
     chance = 1.0 / CLASSES
     log(f"chance {chance:.4f}")
     d = results[f"head{a.head}+{defended.text}"]
@@ -152,10 +184,14 @@ def main() -> None:
         "chance": chance,
         "recovery": {"exposed": results["exposed"]["recovery"], "sealed_head": results["sealed_head"]["recovery"],
                      "defended": d["recovery"]},
+        "recovery_gradient": {"exposed": results["exposed"]["recovery_gradient"],
+                              "sealed_head": results["sealed_head"]["recovery_gradient"],
+                              "defended": d["recovery_gradient"]},
         "accuracy_plain": plain,
         "accuracy_defended": d["accuracy"],
         "defence": {**defended.to_dict(), "head": a.head},
         "goal_met": d["recovery"] <= chance + 0.10 and plain - d["accuracy"] <= 0.02,
+        "goal_met_gradient": d["recovery_gradient"] <= chance + 0.10 and plain - d["accuracy"] <= 0.02,
         "configurations": results,
         "setup": {"train": len(tr), "test": len(te), "participants": a.participants, "colluder": 0,
                   "model": f"darknet width {a.width}", "split": a.split, "epochs": a.epochs, "batch": a.batch,

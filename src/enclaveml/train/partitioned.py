@@ -248,6 +248,7 @@ class EnclaveTrainer(_Half):
             loss.backward()  # head parameter gradients accumulate for the step in `backward`
             grad = out.grad.detach()
         self.last_loss = float(loss.detach())
+        self.clean_grad = grad  # before the defence: enclave-only (bench_label_leakage's --exact-front)
         if self.defence.name != "none":
             grad = self.defence.apply(grad, self._y, step_generator(self.defence_seed, self.step))
         return grad
