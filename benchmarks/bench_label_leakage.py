@@ -37,7 +37,7 @@ import torch
 from enclaveml.data.folder import load_image_folder
 from enclaveml.models import zoo
 from enclaveml.models.zoo import darknet
-from enclaveml.train.defences import BENCHMARK_DEFENDED, DefenceSpec
+from enclaveml.train.defences import DefenceSpec
 from enclaveml.train.fingerprint import predict
 from enclaveml.train.label_attack import CentroidAttack, ColumnNamer, exposed_columns, recovery
 from enclaveml.train.partitioned import ClassMapping, EnclaveTrainer, HostTrainer, TrainConfig, split_with_head
@@ -130,12 +130,13 @@ def main() -> None:
     ap.add_argument("--participants", type=int, default=4)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
-    ap.add_argument("--head", type=int, default=BENCHMARK_DEFENDED["head"], help="layers of the sealed head")
-    ap.add_argument("--defences", default="noise:scale=0.5 noise:scale=1 noise:scale=2 noise:scale=1,classwise=1 mix:group=4",
+    ap.add_argument("--head", type=int, default=1, help="layers of the sealed head")
+    ap.add_argument("--defences", default="noise:scale=0.5 noise:scale=1 noise:scale=2 mix:group=2 mix:group=4 "
+                    "mix:group=8 mix:group=16",
                     help="defences to measure, separated by spaces or ';', each with the sealed head")
     ap.add_argument("--defended", default=None,
-                    help="the configuration reported as `defended` (default: BENCHMARK_DEFENDED in defences.py, "
-                    f"{BENCHMARK_DEFENDED['defence']['name']} {BENCHMARK_DEFENDED['defence']['settings']})")
+                    help="the defence reported as `defended` (default: chosen from the figures: the most accurate "
+                    "one whose gradient recovery is within 10 points of chance, else the least leaky)")
     ap.add_argument("--exact-front", default="", help="also run these defences (separated by spaces) with the "
                     "FrontNet trained on the undefended gradient: a diagnostic of where the accuracy goes, "
                     "not something `train run` offers")
@@ -155,10 +156,9 @@ def main() -> None:
     owner = torch.empty(len(tr), dtype=torch.long)
     owner[torch.randperm(len(tr), generator=g)] = torch.arange(len(tr)) % a.participants
     cfg = TrainConfig(epochs=a.epochs, batch=a.batch, lr=a.lr, seed=a.seed)
-    defended = DefenceSpec.parse(a.defended) if a.defended else DefenceSpec.from_dict(BENCHMARK_DEFENDED["defence"])
     specs = [DefenceSpec.parse(t) for t in a.defences.replace(";", " ").split()]
-    if defended not in specs:
-        specs.append(defended)
+    if a.defended and DefenceSpec.parse(a.defended) not in specs:
+        specs.append(DefenceSpec.parse(a.defended))
     runs = [("exposed", 0, DefenceSpec(), False), ("sealed_head", a.head, DefenceSpec(), False)]
     runs += [(f"head{a.head}+{s.text}", a.head, s, False) for s in specs]
     runs += [(f"head{a.head}+{s.text}+exact_front", a.head, s, True)
@@ -179,6 +179,14 @@ def main() -> None:
             f"{last['forward']:.3f} {r['accuracy']:9.4f} {100 * (r['accuracy'] - plain):+8.2f}p {r['train_seconds']:8.1f}")
     chance = 1.0 / CLASSES
     log(f"chance {chance:.4f}")
+    measured = [(s, results[f"head{a.head}+{s.text}"]) for s in specs]
+    if a.defended:
+        defended = DefenceSpec.parse(a.defended)
+    else:  # the figures decide: the gradient channel is what a defence can change (the forward one is a floor)
+        near = [(s, r) for s, r in measured if r["recovery_gradient"] <= chance + 0.10]
+        defended = (max(near, key=lambda sr: sr[1]["accuracy"]) if near else
+                    min(measured, key=lambda sr: sr[1]["recovery_gradient"]))[0]
+    log(f"defended: head {a.head} + {defended.text}")
     d = results[f"head{a.head}+{defended.text}"]
     summary = {
         "chance": chance,

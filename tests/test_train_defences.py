@@ -189,7 +189,7 @@ def test_a_gradient_defence_leaves_the_forward_pass_as_it_is():
     assert _leak(1, "noise:scale=4", channel="ir") > 0.3  # 0.425 here; chance 0.1
 
 
-def test_enclave_refuses_a_host_output_of_the_wrong_shape():
+def test_enclave_checks_head_defence_and_the_host_output_shape_and_keeps_them_in_checkpoints():
     from enclaveml.crypto import SigningKey, seal_owner_command
     from enclaveml.tee.sim import SimBackend
     from enclaveml.train.enclave import START, CalTrainEnclave, enclave_config
@@ -224,6 +224,16 @@ def test_enclave_refuses_a_host_output_of_the_wrong_shape():
             e.loss_grad(torch.zeros(4, 10))  # scores where the cut-layer features belong
         grad = e.loss_grad(torch.zeros(4, 64))
         assert grad.shape == (4, 64)
+        e.backward(torch.zeros(4, 16, 8, 8))
+        ckpt = e.checkpoint()
+        with pytest.raises(TamperedMessage):  # a resume must use the options the run started with
+            e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", b"nonce-000004",
+                                       {"model": "darknet:width=4", "split": 5, "config": cfg.to_dict(), "head": 1,
+                                        "defence": {"name": "mix", "settings": {"group": 2}}}), ckpt)
+        info, _ = e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", b"nonce-000005",
+                                             {"model": "darknet:width=4", "split": 5, "config": cfg.to_dict(),
+                                              "head": 1, "defence": {"name": "noise", "settings": {"scale": 2}}}), ckpt)
+        assert info["start_step"] == 1 and e.trainer.head is not None
 
 
 class _RecordingHost:
@@ -279,3 +289,20 @@ def test_train_run_with_a_sealed_head_trains_through_the_worker_and_the_host_nev
         assert all(t["ir"].shape == (8, 16, 8, 8) for op, t, _ in host.seen if op == "forward")
     finally:
         host.close()
+
+
+def test_train_run_refuses_bad_head_and_defence_before_contacting_anyone(tmp_path):
+    from typer.testing import CliRunner
+
+    from enclaveml.cli import app
+    from enclaveml.errors import UserInputError
+
+    base = ["train", "run", "--url", "http://127.0.0.1:9", "--policy", str(tmp_path / "p.toml"), "--model",
+            "darknet:width=4", "--split", "5", "--key", str(tmp_path / "owner.key"), "--out", str(tmp_path / "m")]
+    for extra, needle in ((["--head", "8"], "--head 8 is out of range"), (["--defence", "bogus"], "unknown defence"),
+                          (["--defence", "noise:scale=0"], "out of range")):
+        res = CliRunner().invoke(app, base + extra)
+        assert res.exit_code != 0
+        err = res.exception if isinstance(res.exception, UserInputError) else None
+        assert needle in (str(err) if err else res.output), res.output
+    assert not (tmp_path / "owner.key").exists()  # refused before the owner key was even created

@@ -92,12 +92,6 @@ DEFENCES: dict[str, _Kind] = {
 }
 
 
-#: What `benchmarks/bench_label_leakage.py` reports as `defended`: the cheapest configuration it
-#: measured whose gradient recovery is within 10 points of chance. Not `train run`'s default, which
-#: stays none: no measured setting keeps accuracy within 2 points (docs/caltrain.md, the figures).
-BENCHMARK_DEFENDED = {"head": 1, "defence": {"name": "noise", "settings": {"scale": 2.0}}}
-
-
 @dataclass(frozen=True)
 class DefenceSpec:
     """A named defence and its settings, as the owner's start command (and a plan) carries it."""
