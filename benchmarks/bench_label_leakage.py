@@ -109,14 +109,16 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
     last = slice(len(truth) - per, None)
 
     def rec(names, part=slice(None)):
-        res = {n: round(recovery(torch.cat(guesses[n][part]), torch.cat(truth[part])), 4) for n in names if n in guesses}
+        res = {n: round(recovery(torch.cat(guesses[n][part]), torch.cat(truth[part])), 4)
+               for n in names if n in guesses}
         return res, max(res.values())
 
     grad_names, fwd_names = ["columns", *grad_att], ["score_argmax", *fwd_att]
     (ga, g_all), (fa, f_all) = rec(grad_names), rec(fwd_names)
     (_, g_last), (_, f_last) = rec(grad_names, last), rec(fwd_names, last)
     acc = float((predict(model, te.images, PRE) == te.labels).float().mean())
-    return {"head": head, "defence": defence.to_dict(), "exact_front": exact_front, "recovery": max(g_all, f_all), "recovery_gradient": g_all,
+    return {"head": head, "defence": defence.to_dict(), "exact_front": exact_front, "recovery": max(g_all, f_all),
+            "recovery_gradient": g_all,
             "recovery_forward": f_all, "recovery_last_epoch": {"gradient": g_last, "forward": f_last},
             "attacks": {**ga, **fa}, "accuracy": round(acc, 4), "train_seconds": round(t_train, 1),
             "rows_attacked": sum(len(t) for t in truth)}

@@ -69,6 +69,17 @@ def test_mix_keeps_the_batch_sum_and_gives_each_group_its_mean():
         assert torch.allclose(out[members[0]], grad[members].mean(0), atol=1e-5)
 
 
+def test_no_row_leaves_undefended_in_small_groups_or_classes():
+    grad, y = _rows(n=9)
+    out = group_mix(grad, y, 4, step_generator(0, 0))  # 9 = 4 + 5, not 4 + 4 + 1
+    assert all(not torch.allclose(out[i], grad[i]) for i in range(9))
+    y = torch.tensor([0, 0, 0, 0, 1, 2, 2, 1, 1, 3])  # class 3 has one row, class 2 two
+    grad = torch.randn(10, 16, generator=torch.Generator().manual_seed(4))
+    out = class_noise(grad, y, 1.0, step_generator(0, 1), classwise=1)
+    assert not torch.allclose(out[9], grad[9]) and not torch.allclose(out[5] + out[6], grad[5] + grad[6])
+    assert torch.allclose(out[:4].sum(0), grad[:4].sum(0), atol=1e-5)  # class 0 (4 rows): its sum kept
+
+
 def test_defence_randomness_is_a_function_of_seed_and_step():
     grad, y = _rows()
     a = class_noise(grad, y, 1.0, step_generator(7, 4))

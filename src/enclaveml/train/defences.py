@@ -58,10 +58,11 @@ def class_noise(grad: torch.Tensor, labels: torch.Tensor, scale: float, gen: tor
     dirs = means - means.mean(0, keepdim=True) if len(classes) > 1 else means
     xi = torch.randn((g.shape[0], dirs.shape[0]), generator=gen, dtype=torch.float64)
     noise = scale * (xi @ dirs.double())
-    if classwise:  # centred within each class of the batch: every class's sum is kept too
-        for c in classes:
+    if classwise:  # centred within each class of the batch: every class's sum is kept too, except
+        for c in classes:  # a class of 1 or 2 rows, where centring would cancel or pair the noise
             m = labels == c
-            noise[m] -= noise[m].mean(0, keepdim=True)
+            if int(m.sum()) >= 3:
+                noise[m] -= noise[m].mean(0, keepdim=True)
     else:
         noise -= noise.mean(0, keepdim=True)
     return (g.double() + noise).to(grad.dtype).reshape(grad.shape)
@@ -69,14 +70,18 @@ def class_noise(grad: torch.Tensor, labels: torch.Tensor, scale: float, gen: tor
 
 def group_mix(grad: torch.Tensor, labels: torch.Tensor, group: int, gen: torch.Generator) -> torch.Tensor:
     """Each row replaced by the mean of its random group of `group` rows (the last group may be
-    smaller); the batch sum is kept. `labels` is unused: mixing does not need them."""
+    smaller, never a single row: that one joins the group before it); the batch sum is kept.
+    `labels` is unused: mixing does not need them."""
     del labels
     n = grad.shape[0]
     g = grad.reshape(n, -1)
     order = torch.randperm(n, generator=gen)
     out = torch.empty_like(g)
-    for start in range(0, n, group):
-        idx = order[start:start + group]
+    starts = list(range(0, n, group))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()  # a lone last row would leave the enclave as it is
+    for i, start in enumerate(starts):
+        idx = order[start:starts[i + 1] if i + 1 < len(starts) else n]
         out[idx] = g[idx].double().mean(0).to(g.dtype)
     return out.reshape(grad.shape)
 
@@ -87,7 +92,8 @@ def _none(grad: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tor
 
 DEFENCES: dict[str, _Kind] = {
     "none": _Kind(_none, {}, {}),
-    "noise": _Kind(class_noise, {"scale": (0.0, 100.0, float), "classwise": (0, 1, int)}, {"scale": 2.0, "classwise": 0}),
+    "noise": _Kind(class_noise, {"scale": (0.0, 100.0, float), "classwise": (0, 1, int)},
+                   {"scale": 2.0, "classwise": 0}),
     "mix": _Kind(group_mix, {"group": (2, 4096, int)}, {"group": 4}),
 }
 
