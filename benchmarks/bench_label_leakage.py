@@ -11,10 +11,14 @@ without a head, the scores). Every step it guesses the label of every other part
   by the colluder's rows;
 - sealed head (`train run --head N`): from the cut-layer gradients, nearest class centroid of
   the colluder's rows (direction attack, Li et al. 2022) and spherical k-means named by them;
-- each defence (`train run --head N --defence NAME:k=v`): the same attacks, best one reported.
+- each defence (`train run --head N --defence NAME:k=v`): the same attacks, best one reported;
+- forward attacks, which no gradient defence touches: nearest class centroid on the IR and on the
+  host's own output (scores or cut-layer features), and the argmax of the scores.
 
-Recovery = share of the other participants' rows (all steps) whose label the attacker names;
-chance = 1/classes. Accuracy = clean test accuracy of each configuration's model; the exposed
+Recovery = share of the other participants' rows (all steps) whose label the attacker names,
+per channel (gradient, forward) and the best of both; chance = 1/classes. `defended` in the last
+line is the most accurate defence whose gradient recovery is within 10 points of chance (else the
+least leaky one), unless `--defended` names one. Accuracy = clean test accuracy of each configuration's model; the exposed
 run is plain training step for step (`test_partitioned_matches_plain_training`), so it is the
 plain baseline. To fit a shared 2-core CPU: a class-balanced CIFAR-10 subset (`--per-class`),
 Darknet at a reduced width (`--width`), few epochs (`--epochs`); the whole test set. No
