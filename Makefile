@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 
-.PHONY: venv test demo zoo bench-assess bench-serve load-serve bench-caltrain bench-crypto bench clean
+.PHONY: venv test demo zoo bench-assess bench-serve load-serve bench-caltrain bench-label-leakage bench-crypto bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ load-serve: $(STAMP)
 
 bench-caltrain: $(STAMP)
 	$(PY) benchmarks/bench_caltrain.py
+
+bench-label-leakage: $(STAMP)
+	$(PY) benchmarks/bench_label_leakage.py
 
 bench-crypto: $(STAMP)
 	$(PY) benchmarks/bench_crypto.py
