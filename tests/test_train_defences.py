@@ -214,15 +214,15 @@ def test_enclave_checks_head_defence_and_the_host_output_shape_and_keeps_them_in
     with tempfile.TemporaryDirectory() as tmp:
         be = SimBackend(enclave_config(owner.public_key()), platform_dir=Path(tmp), lock_memory=False)
         e = CalTrainEnclave(be)
-        res = e.ingest([make_upload(e.hpke.public_bytes(), part, random_png(i), i % 10)[1] for i in range(8)],
-                       ModelSpec.parse("darknet:width=4"))
+        res = e.ingest([make_upload(e.hpke.public_bytes(), part, random_png(i), i % 10, plan=e.plan_hash)[1]
+                        for i in range(8)])
         e.add_data([(r["tag"], r["sealed"]) for r in res])
         cfg = TrainConfig(epochs=1, batch=4, seed=0)
 
         def start(nonce: bytes, **extra):
             return e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", nonce,
                                               {"model": "darknet:width=4", "split": 5, "config": cfg.to_dict(),
-                                               **extra}), None)
+                                               "plan": e.plan_hash.hex(), **extra}), None)
 
         with pytest.raises(UserInputError):
             start(b"nonce-000001", head=8)
@@ -240,10 +240,12 @@ def test_enclave_checks_head_defence_and_the_host_output_shape_and_keeps_them_in
         with pytest.raises(TamperedMessage):  # a resume must use the options the run started with
             e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", b"nonce-000004",
                                        {"model": "darknet:width=4", "split": 5, "config": cfg.to_dict(), "head": 1,
+                                        "plan": e.plan_hash.hex(),
                                         "defence": {"name": "mix", "settings": {"group": 2}}}), ckpt)
         info, _ = e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", b"nonce-000005",
                                              {"model": "darknet:width=4", "split": 5, "config": cfg.to_dict(),
-                                              "head": 1, "defence": {"name": "noise", "settings": {"scale": 2}}}), ckpt)
+                                              "plan": e.plan_hash.hex(), "head": 1,
+                                              "defence": {"name": "noise", "settings": {"scale": 2}}}), ckpt)
         assert info["start_step"] == 1 and e.trainer.head is not None
 
 
@@ -278,12 +280,13 @@ def test_train_run_with_a_sealed_head_trains_through_the_worker_and_the_host_nev
     owner, part = SigningKey.generate(), SigningKey.generate()
     host = _RecordingHost.make(tmp_path / "store", owner.public_key().to_bytes().hex())
     try:
-        pub = bytes.fromhex(host.evidence(os.urandom(16).hex())["public_key"])
-        res = host.contribute([make_upload(pub, part, random_png(i), i % 10)[1] for i in range(24)])
+        ev = host.evidence(os.urandom(16).hex())
+        pub, plan = bytes.fromhex(ev["public_key"]), bytes.fromhex(ev["plan_hash"])
+        res = host.contribute([make_upload(pub, part, random_png(i), i % 10, plan=plan)[1] for i in range(24)])
         assert all(r["status"] == "accepted" for r in res)
         cfg = TrainConfig(epochs=2, batch=8, seed=0)
         cmd = seal_owner_command(owner, pub, START, "sealed", os.urandom(16), {
-            "model": "darknet:width=4", "split": 5, "config": cfg.to_dict(), "head": 1,
+            "model": "darknet:width=4", "split": 5, "config": cfg.to_dict(), "head": 1, "plan": plan.hex(),
             "defence": DefenceSpec.parse("noise:scale=2").to_dict()})
         st = host.start("sealed", cmd, checkpoint_every=2)
         for _ in range(600):

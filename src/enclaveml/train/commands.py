@@ -173,9 +173,11 @@ def run_cmd(
                                         "server's plan's, else darknet)"),
     split: Optional[int] = typer.Option(None, "--split", help="partition point k: FrontNet = first k layers "
                                         "(default: the plan's)"),
-    head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave (default: the "
-                                       "plan's, else 0)"),
-    defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence NAME[:key=value,...] "
+    head: Optional[int] = typer.Option(None, "--head", help="last N layers run in the enclave too: the host sees "
+                                       "cut-layer gradients, never class scores (default: the plan's, else 0; "
+                                       "docs/caltrain.md, what the host learns about labels)"),
+    defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence applied in the enclave to "
+                                          "the gradient the host receives: none, noise[:scale=S], mix[:group=M] "
                                           "(default: the plan's, else none)"),
     epochs: int = typer.Option(4, "--epochs"),
     policy: Path = typer.Option(..., "--policy"),
@@ -187,10 +189,6 @@ def run_cmd(
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="steps between sealed checkpoints"),
     no_wait: bool = typer.Option(False, "--no-wait", help="start and return"),
-    head: int = typer.Option(0, "--head", help="last N layers run in the enclave too: the host sees cut-layer "
-                             "gradients, never class scores (docs/caltrain.md, what the host learns about labels)"),
-    defence: str = typer.Option("none", "--defence", help="label-leakage defence applied in the enclave to the "
-                                "gradient the host receives: none, noise[:scale=S], mix[:group=M]"),
 ) -> None:
     """(owner) Train with the FrontNet in the enclave and the BackNet on the host; fetch the model."""
     from .owner import run

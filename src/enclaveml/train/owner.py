@@ -59,8 +59,13 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
     """
     from ..tee import load_policy
     from .partitioned import check_head
-    from .plan import check_requirements
+    from .plan import Defence, check_requirements
 
+    # What can be checked here is refused before anything is sent (or an owner key created).
+    if defence is not None:
+        defence = Defence.parse(defence)  # unknown name or out-of-range setting
+    if head is not None and model is not None and split is not None:
+        check_head(ModelSpec.parse(model).build(), split, head)
     owner = key_path if isinstance(key_path, SigningKey) else SigningKey.load_or_create(key_path)
     rules = load_policy(policy).caltrain
     client = HostClient(url)
