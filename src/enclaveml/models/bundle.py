@@ -248,7 +248,8 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
     "kwargs": {...}}` imports and calls that function only if the exact string is in
     `allowed_factories`, which the CALLER fixes from configuration it trusts (the owner's own
     command line; the enclave's measured configuration), never from the manifest. The function
-    returns a `LayeredModel`, or an `nn.Sequential` or list of blocks (wrapped with the given shapes).
+    returns a `LayeredModel`, an `nn.Sequential` or list of blocks (wrapped with the given shapes),
+    or any `nn.Module`, cut into stages from its traced graph exactly as on the owner's machine.
     `UserInputError` for anything else; a factory that is not allowed is refused before any import.
     """
     arch = check_arch(arch)
@@ -270,12 +271,12 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
         except Exception as e:  # an allowed factory, but called with kwargs it does not take, or failing
             raise UserInputError(f"model factory {spec!r} failed ({type(e).__name__})") from None
         if not isinstance(model, LayeredModel):
-            blocks = isinstance(model, nn.Sequential) or (
-                isinstance(model, (list, tuple)) and all(isinstance(b, nn.Module) for b in model))
-            if not blocks or input_shape is None or num_classes is None:
-                raise UserInputError(f"model factory {spec!r} did not return a LayeredModel, an nn.Sequential "
-                                     "or a list of blocks")
-            model = LayeredModel.from_sequential(model, tuple(input_shape), int(num_classes))
+            if input_shape is None or num_classes is None or not (isinstance(model, nn.Module) or (
+                    isinstance(model, (list, tuple)) and all(isinstance(b, nn.Module) for b in model))):
+                raise UserInputError(f"model factory {spec!r} did not return an nn.Module or a list of blocks")
+            from .graph import as_layered  # any nn.Module: the same deterministic graph cut as the owner's
+
+            model = as_layered(model, tuple(input_shape), int(num_classes))
     return model.eval()
 
 

@@ -1,7 +1,8 @@
 """Load the model to assess: a zoo name, or the user's own `module:factory` plus weights (owner side).
 
 A user's factory may return a `LayeredModel`, an `nn.Sequential` (its child names become layer
-names) or a list of blocks. Weights come from `.safetensors` or a `.pt`/`.pth` state dict read
+names), a list of blocks, or any other `nn.Module` (its partition points come from its traced
+graph, `models/graph.py`; its weights load under its own parameter names before the cut). Weights come from `.safetensors` or a `.pt`/`.pth` state dict read
 with `torch.load(weights_only=True)` (no pickled code runs). Preprocessing comes from --mean/--std,
 else from a `preprocessing` attribute (a `Preprocessing` or a dict) on the factory's module or
 the returned model, else raw [0, 1] pixels. Every failure is one `UserInputError` line.
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocessing
 from ..errors import UnknownModel, UserInputError
+from .graph import graph_model
 from .layers import LayeredModel
 
 
@@ -87,6 +89,14 @@ def load_weights(model: LayeredModel, state: dict[str, torch.Tensor], source: st
         raise UserInputError(f"--weights {source} does not fit the model: {first[0] if first else e}"[:300]) from None
 
 
+def _load_module_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2]
+        raise UserInputError(f"--weights {source} does not fit the model: {first[0] if first else e}"[:300]) from None
+
+
 def _preprocessing_from(obj, size: tuple[int, int]) -> Preprocessing | None:
     pre = getattr(obj, "preprocessing", None)
     if pre is None:
@@ -123,9 +133,14 @@ def load_user_model(spec: str, weights: str | None = None, input_size: str | Seq
         model.input_shape = tuple(shape)
     elif isinstance(built, nn.Sequential) or (isinstance(built, (list, tuple)) and all(isinstance(m, nn.Module) for m in built)):
         model = LayeredModel.from_sequential(built, shape, num_classes=0)
+    elif isinstance(built, nn.Module):
+        if weights:  # the user's own parameter names, before the graph is cut into stages
+            _load_module_weights(built, read_state_dict(weights), weights)
+            weights = None
+        model = graph_model(built, tuple(shape))
     else:
-        raise UserInputError(f"{spec}: the factory returned {type(built).__name__}; expected a LayeredModel, "
-                             "an nn.Sequential or a list of nn.Module blocks")
+        raise UserInputError(f"{spec}: the factory returned {type(built).__name__}; expected an nn.Module "
+                             "(a LayeredModel, an nn.Sequential, a list of blocks or any model with a forward())")
     if weights:
         load_weights(model, read_state_dict(weights), weights)
     model.eval()
