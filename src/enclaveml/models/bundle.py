@@ -280,12 +280,16 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
     return model.eval()
 
 
-def _last_linear(model: LayeredModel) -> tuple[str, nn.Linear]:
-    name, last = list(model.layers.named_children())[-1]
-    if not isinstance(last, nn.Linear) or last.out_features != model.num_classes:
-        raise PartitionError(f"the last layer ({name}) must be an nn.Linear with {model.num_classes} outputs "
-                             "so that its rows can be permuted")
-    return name, last
+def _classifier_keys(model: LayeredModel, k: int) -> tuple[str, ...]:
+    """BackNet state-dict keys whose rows (dim 0) are the classes: the last Linear or 1x1 conv,
+    followed only by permutation-equivariant ops (`models/head.py`); it must be on the host side."""
+    from .head import find_classifier
+
+    head = find_classifier(model)
+    if head.layer < k:
+        raise PartitionError(f"partition point {k} puts the classifier ({model.names[head.layer]}) in the FrontNet: "
+                             f"the host would see the class scores in their true order; choose k <= {head.layer}")
+    return head.keys
 
 
 # ---------------------------------------------------------------------------- owner side
@@ -304,7 +308,7 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"{out}: already exists and is not an empty directory")
     model.check_point(k)
-    last_name, _ = _last_linear(model)
+    class_keys = _classifier_keys(model, k)
     classes = [str(c) for c in classes]
     if len(classes) != model.num_classes:
         raise UserInputError(f"{len(classes)} class names for a model with {model.num_classes} classes")
@@ -321,9 +325,8 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
         front, back = model.split(k)
         mapping = ClassMapping.random(model.num_classes, classes)
         back_state = layer_state_dict(back)
-        for suffix in ("weight", "bias"):
-            if f"{last_name}.{suffix}" in back_state:
-                back_state[f"{last_name}.{suffix}"] = mapping.permute_rows(back_state[f"{last_name}.{suffix}"]).contiguous()
+        for row_key in class_keys:
+            back_state[row_key] = mapping.permute_rows(back_state[row_key]).contiguous()
         front_bytes = st_save(layer_state_dict(front), metadata={"part": "frontnet", "k": str(k)})
         back_bytes = st_save(back_state, metadata={"part": "backnet", "k": str(k)})
     finally:

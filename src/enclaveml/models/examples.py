@@ -182,3 +182,21 @@ class FunctionalCNN(nn.Module):
 
 def functional_cnn(num_classes: int = 10) -> FunctionalCNN:
     return FunctionalCNN(num_classes).eval()
+
+
+class AllConv(nn.Module):
+    """A fully convolutional classifier: a 1x1 convolution to the classes, global pooling, log-softmax."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.classifier(self.body(x)), 1)
+        return F.log_softmax(torch.flatten(x, 1), dim=1)
+
+
+def allconv(num_classes: int = 10) -> AllConv:
+    return AllConv(num_classes).eval()
