@@ -249,7 +249,7 @@ def graph_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
         src, dst = bounds[j], bounds[j + 1]
         body = order[pos[src] + 1: pos[dst] + 1]
         following = order[pos[dst] + 1] if pos[dst] + 1 < len(order) else None
-        name = _stage_name(dst, following).replace(".", "_") or dst.name
+        name = re.sub(r"[./]", "_", _stage_name(dst, following)) or dst.name  # onnx2torch paths hold '/'
         if name in used:  # the same module called twice (e.g. one shared ReLU)
             used[name] += 1
             name = f"{name}_{used[name]}"

@@ -165,11 +165,70 @@ def load_user_model(spec: str, weights: str | None = None, input_size: str | Seq
     return model, pre, (list(classes) if classes is not None else None)
 
 
+def load_onnx_model(path: str, input_size: str | Sequence[int] | None = None, mean=None, std=None,
+                    resize: bool = False) -> tuple[LayeredModel, Preprocessing, list[str] | None]:
+    """An .onnx file (converted by onnx2torch, cut from its graph) -> the same triple as `load_user_model`."""
+    from .onnx_in import load_onnx
+
+    module, stated = load_onnx(path)
+    if isinstance(input_size, str):
+        shape = parse_input_size(input_size)
+    elif input_size is not None:
+        shape = tuple(int(v) for v in input_size)
+    elif stated is not None:
+        shape = stated
+    else:
+        raise UserInputError(f"--onnx {path}: the file does not state its input size; pass --input-size CxHxW "
+                             "or put input_size in a model.json beside it")
+    if stated is not None and tuple(stated) != tuple(shape):
+        raise UserInputError(f"--input-size {'x'.join(map(str, shape))}: {path} takes {'x'.join(map(str, stated))}")
+    with torch.no_grad():
+        try:
+            out = module(torch.zeros(2, *shape))
+        except Exception as e:
+            raise UserInputError(f"--onnx {path}: the model fails on an input of shape {'x'.join(map(str, shape))} "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if out.dim() != 2:
+        raise UserInputError(f"--onnx {path}: the model's output has shape {tuple(out.shape)}; expected (batch, classes)")
+    model = graph_model(module, tuple(shape), int(out.shape[1]))
+    if mean is not None or std is not None:
+        if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+            raise UserInputError("--mean and --std go together, three values each (e.g. 0.485,0.456,0.406)")
+        pre = Preprocessing(size=(shape[1], shape[2]), mean=tuple(mean), std=tuple(std), resize=resize)
+    else:
+        pre = Preprocessing(size=(shape[1], shape[2]), mean=(0.0,) * 3, std=(1.0,) * 3, resize=resize)
+    return model, pre, None
+
+
 def load_model(name: str, weights: str | None = None, input_size: str | None = None, mean=None, std=None,
-               resize: bool = False, pretrained: bool = True) -> tuple[LayeredModel, Preprocessing, list[str] | None]:
-    """A zoo name or a `module:factory` spec, with the same result shape either way."""
-    if ":" in name:
-        return load_user_model(name, weights, input_size, mean, std, resize)
+               resize: bool = False, pretrained: bool = True,
+               card: "str | Path | None" = None) -> tuple[LayeredModel, Preprocessing, list[str] | None]:
+    """A zoo name, a `module:factory` spec or an .onnx file, with the same result shape either way.
+
+    A user model's card (`card`, else a `model.json` beside the weights or the .onnx file; see
+    `models/card.py`) fills in the input size, preprocessing and class names not given as flags.
+    """
+    if ":" in name or name.lower().endswith(".onnx"):
+        from .card import find_card, read_card
+
+        onnx_file = name if name.lower().endswith(".onnx") else None
+        card_path = card or find_card(weights, onnx_file)
+        c = read_card(card_path) if card_path else None
+        if c is not None:
+            input_size = input_size if input_size is not None else c.input_size_text
+            if mean is None and std is None and c.mean is not None:
+                mean, std = list(c.mean), list(c.std)
+        if onnx_file is not None:
+            if weights:
+                raise UserInputError(f"--onnx {name}: the weights come from the .onnx file; drop --weights")
+            m, pre, classes = load_onnx_model(name, input_size, mean, std, resize)
+        else:
+            m, pre, classes = load_user_model(name, weights, input_size, mean, std, resize)
+        if c is not None and c.classes is not None:
+            if len(c.classes) != m.num_classes:
+                raise UserInputError(f"{c.path}: {len(c.classes)} class names for a model with {m.num_classes} outputs")
+            classes = list(c.classes)
+        return m, pre, classes
     from . import zoo
 
     e = zoo.entry(name)
