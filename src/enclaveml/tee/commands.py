@@ -1,8 +1,8 @@
 """`enclaveml attest ...`: check evidence by hand, pin the sim enclave (client/owner side).
 
     enclaveml attest verify EVIDENCE [--collateral FILE]... [--policy FILE] [--report-data HEX] [--now ISO8601] [--json]
-    enclaveml attest policy --tee sim [--config JSON] [--out FILE]
-    enclaveml attest measure --tee sim [--config JSON]
+    enclaveml attest policy --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]... [--card model.json] [--out FILE]
+    enclaveml attest measure --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]... [--card model.json]
     enclaveml attest evidence --tee sim --report-data HEX [--config JSON] [--out FILE]
 """
 
@@ -32,6 +32,27 @@ def _config(text: str | None) -> dict[str, Any]:
         raise UserInputError(f"--config is not a JSON object or @file: {e}") from None
     if not isinstance(cfg, dict):
         raise UserInputError("--config must be a JSON object")
+    return cfg
+
+
+def _enclave_config(text: str | None, allow_factory: list[str] | None, card: Path | None) -> dict[str, Any]:
+    """--config, plus the allowed factories exactly as `serve --allow-factory` puts them in the
+    enclave's measured configuration (so the policy's measurement matches the running server)."""
+    cfg = _config(text)
+    names = list(allow_factory or ())
+    if card is not None:
+        from ..models.card import read_card
+
+        c = read_card(card)
+        if c.factory is None:
+            raise UserInputError(f"{card}: the model card names no factory")
+        names.append(c.factory)
+    if names:
+        if "allowed_factories" in cfg:
+            raise UserInputError("give the allowed factories with --allow-factory/--card or in --config, not both")
+        from ..serve.protocol import enclave_config  # the one definition the server's worker uses
+
+        cfg = {**cfg, **enclave_config(names)}
     return cfg
 
 
@@ -148,12 +169,14 @@ def verify_cmd(
 def measure_cmd(
     tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+    allow_factory: list[str] = typer.Option([], "--allow-factory", help="A model factory the server allows (as `serve --allow-factory`; repeatable)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Model card whose factory the server allows (as `serve --card`)."),
 ) -> None:
     """Print the expected measurement of this installed enclaveml for the sim backend."""
     _require_sim(tee)
     from .sim import expected_sim_measurement
 
-    print(expected_sim_measurement(_config(config)))
+    print(expected_sim_measurement(_enclave_config(config, allow_factory, card)))
 
 
 @attest_app.command("policy")
@@ -162,13 +185,15 @@ def policy_cmd(
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
     max_age_s: int = typer.Option(300, "--max-age-s", help="Oldest evidence accepted, seconds."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write here (default: print)."),
+    allow_factory: list[str] = typer.Option([], "--allow-factory", help="A model factory the server allows (as `serve --allow-factory`; repeatable)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Model card whose factory the server allows (as `serve --card`)."),
 ) -> None:
     """Write a policy pinning the local sim platform key and this code's sim measurement."""
     _require_sim(tee)
     from .policy import write_policy
     from .sim import sim_policy
 
-    p = sim_policy(_config(config), max_age_s=max_age_s)
+    p = sim_policy(_enclave_config(config, allow_factory, card), max_age_s=max_age_s)
     if out is None:
         sys.stdout.write(p.to_toml())
     else:
