@@ -124,3 +124,13 @@ def test_partition_onnx_writes_a_weightless_architecture_and_a_working_bundle(ex
         read_public_bundle(tmp_path / "b", allowed_factories=allowed)
     with pytest.raises(UserInputError, match="SHA-256"):
         architecture(**man.arch["kwargs"])
+
+
+def test_the_architecture_factory_reads_only_a_regular_file_with_the_pinned_hash(tmp_path):
+    from enclaveml.models.onnx_in import architecture
+
+    with pytest.raises(UserInputError, match="not a regular file"):
+        architecture("/dev/zero", "00" * 32)  # an uploaded manifest names this path: never read forever
+    (tmp_path / "a.onnx").write_bytes(b"x")
+    with pytest.raises(UserInputError, match="SHA-256"):
+        architecture(str(tmp_path / "a.onnx"), "00" * 32)

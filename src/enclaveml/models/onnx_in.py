@@ -23,6 +23,7 @@ stand-in that raises if a model uses them; every other op converts as usual.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import types
 from pathlib import Path
@@ -68,13 +69,22 @@ def _torchvision_stand_in() -> None:
 
 
 def _read(path: "str | Path") -> bytes:
+    """A regular file's bytes, at most MAX_ONNX_BYTES (an uploaded manifest names this path:
+    never a device or FIFO that would read forever)."""
+    import stat
+
     p = Path(path)
     try:
-        if p.stat().st_size > MAX_ONNX_BYTES:
-            raise UserInputError(f"{p}: larger than {MAX_ONNX_BYTES >> 20} MiB")
-        return p.read_bytes()
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UserInputError(f"{p}: not a regular file")
+            data = f.read(MAX_ONNX_BYTES + 1)
     except OSError as e:
         raise UserInputError(f"--onnx {p}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_ONNX_BYTES:
+        raise UserInputError(f"{p}: larger than {MAX_ONNX_BYTES >> 20} MiB")
+    return data
 
 
 def _parse(data: bytes, source: str):
