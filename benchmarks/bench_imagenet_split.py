@@ -62,8 +62,9 @@ def main() -> None:
     photos = [load_image_bytes(p) for p in sorted(packaged_imagefolder("foolbox-imagenet").rglob("*")) if p.is_file()]
     with tempfile.TemporaryDirectory() as d:
         lite_w, _ = efficientnet.export(Path(d) / "lite0")
-        table("EfficientNet-Lite0 (trained), 20 packaged ImageNet photos", efficientnet.UNTRAINED, lite_w,
-              [int(v) for v in a.points_lite.split(",")], photos)
+        if a.points_lite:
+            table("EfficientNet-Lite0 (trained), 20 packaged ImageNet photos", efficientnet.UNTRAINED, lite_w,
+                  [int(v) for v in a.points_lite.split(",")], photos)
         torch.manual_seed(0)
         from safetensors.torch import save_file
 

@@ -69,14 +69,22 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
+def _sized(model: nn.Module, size: int, imagenet: bool = False) -> nn.Module:
+    """Attach what `load_user_model` reads when no flag or card says it: input shape, preprocessing."""
+    model.input_shape = (3, size, size)
+    if imagenet:
+        model.preprocessing = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    return model.eval()
+
+
 def resnet18(num_classes: int = 1000) -> ResNet:
-    """ImageNet ResNet-18 (11.7 M parameters, 224x224 inputs), random weights."""
-    return ResNet((2, 2, 2, 2), num_classes).eval()
+    """ImageNet ResNet-18 (11.7 M parameters, 224x224 inputs, torchvision's normalisation), random weights."""
+    return _sized(ResNet((2, 2, 2, 2), num_classes), 224, imagenet=True)
 
 
 def resnet_cifar(num_classes: int = 10, width: int = 16) -> ResNet:
     """A small CIFAR-sized ResNet (3x3 stem, no max-pool; 32x32 inputs)."""
-    return ResNet((1, 1, 1, 1), num_classes, width, imagenet_stem=False).eval()
+    return _sized(ResNet((1, 1, 1, 1), num_classes, width, imagenet_stem=False), 32)
 
 
 class DenseLayer(nn.Module):
@@ -118,7 +126,7 @@ class DenseNet(nn.Module):
 
 
 def densenet(num_classes: int = 10) -> DenseNet:
-    return DenseNet(num_classes).eval()
+    return _sized(DenseNet(num_classes), 32)
 
 
 class InvertedResidual(nn.Module):
@@ -161,7 +169,7 @@ class MobileNet(nn.Module):
 
 
 def mobilenet(num_classes: int = 10) -> MobileNet:
-    return MobileNet(num_classes).eval()
+    return _sized(MobileNet(num_classes), 32)
 
 
 class FunctionalCNN(nn.Module):
@@ -181,7 +189,7 @@ class FunctionalCNN(nn.Module):
 
 
 def functional_cnn(num_classes: int = 10) -> FunctionalCNN:
-    return FunctionalCNN(num_classes).eval()
+    return _sized(FunctionalCNN(num_classes), 32)
 
 
 class AllConv(nn.Module):
@@ -199,4 +207,4 @@ class AllConv(nn.Module):
 
 
 def allconv(num_classes: int = 10) -> AllConv:
-    return AllConv(num_classes).eval()
+    return _sized(AllConv(num_classes), 32)
