@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# CPU build of torch (its wheel lies on disk here; a plain `torch` pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e '.[samples,test]'
+	# onnx2torch without its torchvision dependency: that would replace the CPU torch with a CUDA build
+	$(PY) -m pip install -q --no-deps onnx2torch==1.5.15
 	touch $(STAMP)
 
 venv: $(STAMP)
