@@ -7,12 +7,12 @@ SHARED ?= ../shared
 
 .PHONY: venv test demo zoo bench-assess bench-serve load-serve bench-caltrain bench-label-leakage bench-crypto bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch (its wheel lies on disk here; a plain `torch` pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install -q -e '.[samples,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[samples,test]'
 	# onnx2torch without its torchvision dependency: that would replace the CPU torch with a CUDA build
 	$(PY) -m pip install -q --no-deps onnx2torch==1.5.15
 	touch $(STAMP)
