@@ -151,6 +151,58 @@ def trace_cmd(
         typer.echo(f"  {p['participant'][:16]}  {p['count']}/{len(res['neighbours'])}")
 
 
+def _print_audit(rep: dict) -> None:
+    typer.echo(f"label audit of run {rep['run_id']}: {rep['instances']} instances, {rep['disputed']} labels disputed "
+               f"by held-out predictions, {rep['suspected']} suspected label errors "
+               f"(honest baseline rate {rep['baseline_rate']:.3f})")
+    for c in rep["contributors"]:
+        typer.echo(f"  participant {c['participant'][:16]}  {c['instances']:>6} instances  disputed "
+                   f"{c['disputed_rate']:.3f}  suspected {c['suspected']:>5} ({c['suspected_share']:.3f})"
+                   f"{'  <- flagged' if c['flagged'] else ''}")
+
+
+@train_app.command("audit")
+def audit_cmd(
+    url: str = typer.Option(..., "--url"),
+    policy: Path = typer.Option(..., "--policy"),
+    key: Path = typer.Option(Path("owner.key"), "--key", help="owner's Ed25519 key (must exist)"),
+    run_id: str = typer.Option("caltrain", "--run-id"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the signed audit (JSON) here"),
+    as_json: bool = typer.Option(False, "--json", help="print the signed audit envelope"),
+) -> None:
+    """(owner) Label audit inside the enclave: per contributor, the labels the model disputes (signed)."""
+    from .owner import audit
+
+    env = audit(url, policy, key, run_id, out)
+    if as_json:
+        typer.echo(json.dumps(env))
+        return
+    _print_audit(env["report"])
+
+
+@train_app.command("verify-audit")
+def verify_audit_cmd(
+    audit_file: Path = typer.Argument(..., help="a signed audit written by `train audit --out`"),
+    policy: Path = typer.Option(..., "--policy", help="the policy the enclave must satisfy"),
+    at_report_time: bool = typer.Option(True, "--at-report-time/--now",
+                                        help="apply the policy's freshness rule at the evidence's time"),
+) -> None:
+    """(participant/auditor) Check that an attested training enclave signed this label audit."""
+    from datetime import datetime
+
+    from ..errors import TamperedMessage
+    from .owner import verify_audit
+
+    try:
+        env = json.loads(audit_file.read_text())
+        when = datetime.fromisoformat(str(env["evidence"]["timestamp"])) if at_report_time else None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TamperedMessage(f"{audit_file}: not a signed audit") from None
+    rep = verify_audit(env, policy, now=when)
+    _print_audit(rep)
+    typer.echo("verified: signed by an enclave that satisfies the policy")
+
+
 @train_app.command("verify-instance")
 def verify_instance_cmd(
     image: Path = typer.Argument(..., help="the revealed training image"),

@@ -5,7 +5,7 @@ hardens itself before any secret exists, then answers the host's requests one at
 training run is a sequence). All logic is in `CalTrainEnclave`; this file only moves bytes.
 
 Ops (header "op"): evidence, ingest, add_data, start, forward, loss, backward, checkpoint,
-finish, records, release. Failures travel back as {"error": kind, "message": text}.
+finish, records, release, audit_records, audit. Failures travel back as {"error": kind, "message": text}.
 """
 
 from __future__ import annotations
@@ -56,6 +56,13 @@ def make_handler(enc, spec_of):
             return {"n": len(toks)}, None, {f"r{i}": t for i, t in enumerate(toks)}
         if op == "release":
             return {}, None, {"release": enc.release(blobs.get("command", b""), blobs.get("final", b""))}
+        if op == "audit_records":
+            n = int(h.get("n", 0))
+            return {"count": enc.audit_records(int(h.get("start", -1)), [blobs.get(f"r{i}", b"") for i in range(n)])}, \
+                None, None
+        if op == "audit":
+            return {}, None, {"audit": enc.audit(blobs.get("command", b""), blobs.get("final", b""),
+                                                 blobs.get("meta", b""))}
         raise UserInputError(f"unknown op {op!r}")
 
     return handle
