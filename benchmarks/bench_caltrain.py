@@ -189,8 +189,47 @@ def cluster_mode(qf, query_labels, fps_t, labels_t, hashes, pids, poisoned, mal_
             "clusters": clusters}
 
 
+def label_audit_figures(fps_t, labels_t, pids, poisoned, mal_pids, seed: int) -> dict:
+    """The enclave's label audit (enclaveml.train.audit) and cleanlab on the same held-out predictions."""
+    from enclaveml.train.audit import audit_report, label_audit
+
+    order = sorted(set(pids))
+    contributor = torch.tensor([order.index(p) for p in pids])
+    t0 = time.perf_counter()
+    res = label_audit(fps_t, labels_t, contributor, 10, seed=seed)
+    secs = time.perf_counter() - t0
+
+    def figures(mask: torch.Tensor) -> dict:
+        p, r = detectors.precision_recall(mask, poisoned)
+        share = [float(mask[contributor == c].float().mean()) for c in range(len(order))]
+        top = order[int(np.argmax(share))].hex()
+        return {"precision": round(p, 4), "recall": round(r, 4), "malicious_ranked_first": float(top in mal_pids),
+                "flagged": int(mask.sum())}
+
+    out = {**figures(res.suspected), "disputed": figures(res.disputed), "seconds": round(secs, 1),
+           "flagged_contributors": sorted(order[c].hex()[:16] for c in res.flagged)}
+    first = res.first_pass if res.first_pass is not None else res.probs  # plain k-fold held-out predictions
+    rep = audit_report(fps_t, labels_t, pids, [bytes(32)] * len(pids), 10, seed=seed, probs=first)
+    assert rep["suspected"] == int(res.suspected.sum())  # the report is this decision
+    try:
+        import cleanlab
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        out["cleanlab"] = None
+        return out
+    cl = {}
+    for how in ("prune_by_noise_rate", "both", "confident_learning"):
+        mask = torch.from_numpy(find_label_issues(labels_t.numpy(), first.numpy(), filter_by=how))
+        cl[how] = figures(mask)
+    # and on the audit's second-pass predictions (flagged contributors left out of training)
+    refit = torch.from_numpy(find_label_issues(labels_t.numpy(), res.probs.numpy()))
+    out["cleanlab"] = {**cl["prune_by_noise_rate"], "version": cleanlab.__version__, "filter_by": cl,
+                       "on_refit_predictions": figures(refit)}
+    return out
+
+
 def forensics(model, ds, poisoned_by_item, mal_pids: set[str], queries_u8, query_labels, k: int, eps: float, tmp: Path,
-              dump: Path | None = None, primary_mode: str = "cluster"):
+              dump: Path | None = None, primary_mode: str = "cluster", audit: bool = False, seed: int = 0):
     """Linkage records -> encrypted store -> trace each query; compare with AC and spectral."""
     fps = fingerprints(model, ds.all_pixels(), PRE)
     recs = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(ds.meta)]
@@ -240,6 +279,8 @@ def forensics(model, ds, poisoned_by_item, mal_pids: set[str], queries_u8, query
              "poisoned_negative_margin": round(float(neg[poisoned].float().mean()), 4),
              "clean_negative_margin": round(float(neg[~poisoned].float().mean()), 4)}
     primary = modes[primary_mode]
+    if audit:
+        out["label_audit"] = label_audit_figures(fps_t, labels_t, pids, poisoned, mal_pids, seed)
     return {**out, "primary_mode": primary_mode,
             **{key: primary[key] for key in ("precision", "recall", "malicious_ranked_first", "mean_precision_per_query")},
             "modes": modes, "fingerprints": where, "detectors": res_d}
@@ -281,7 +322,7 @@ def run_scenario(scenario, tr, te, a, keys, tmp, with_plain: bool):
     log(f"[{scenario}] tracing {len(q_y)} mispredictions")
     res.update(forensics(model, ds, poisoned_ds, mal_pids, q_x, q_y, a.k, a.eps, tmp,
                          a.dump / f"{scenario}.npz" if a.dump else None,
-                         "cluster" if scenario == "backdoor" else "nearest"))
+                         "cluster" if scenario == "backdoor" else "nearest", audit=scenario == "mislabel", seed=a.seed))
     log(f"[{scenario}] {json.dumps(res)}")
     return res
 
@@ -333,8 +374,10 @@ def main() -> None:
         "time_ratio": first.get("time_ratio"),
         **{sc: {key: out[sc][key] for key in ("precision", "recall", "malicious_ranked_first", "attack_success_rate",
                                                 "queries", "k", "modes", "fingerprints", "mislabel_errors",
-                                                "control_errors", "detectors", "accuracy_caltrain", "poisoned")
+                                                "control_errors", "detectors", "accuracy_caltrain", "poisoned",
+                                                "primary_mode", "label_audit")
                 if key in out[sc]} for sc in out},
+        **({"label_audit": out["mislabel"]["label_audit"]} if "label_audit" in out.get("mislabel", {}) else {}),
         "poison_forensics_reference": POISON_FORENSICS,
         "setup": {"train": len(tr), "test": len(te), "participants": a.participants, "model": f"darknet width {a.width}",
                   "split": a.split, "epochs": a.epochs, "batch": a.batch, "seed": a.seed,

@@ -65,7 +65,7 @@ def test_audit_finds_the_flipped_labels_and_the_contributor():
     fps, labels, part, flipped = _synthetic()
     res = A.label_audit(fps, labels, part, 10)
     p, r = _pr(res.suspected, flipped)
-    assert p >= 0.7 and r >= 0.85, (p, r)
+    assert p >= 0.65 and r >= 0.9, (p, r)  # real fingerprints: docs/benchmarks.md
     assert res.flagged == {3}
     # confident learning's own filter (cleanlab) on the same held-out predictions is less precise
     cleanlab = pytest.importorskip("cleanlab.filter")

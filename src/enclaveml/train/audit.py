@@ -18,7 +18,11 @@ Method (out-of-sample evidence, then a decision that uses who gave each label):
    natural disagreement: a contributor is *flagged* when its disputed rate is above the pooled rate
    of the unflagged others by more than `z_contributor` binomial standard deviations (iterated
    until the flagged set is stable, so two bad contributors do not hide each other).
-4. Cells. Within a flagged contributor, disputes are grouped by (given label, suggested class).
+4. Honest refit. Once contributors are flagged, the held-out predictions are computed again
+   with the flagged contributors' instances left out of every training fold (they are predicted
+   by a classifier fitted on the others' data only): systematic flips no longer pull the
+   classifier towards the wrong label. Steps 2-3 are repeated on these predictions.
+5. Cells. Within a flagged contributor, disputes are grouped by (given label, suggested class).
    A cell is suspected when its count exceeds what the unflagged contributors' rate for the
    same cell predicts for this contributor's number of such labels by more than `z_cell` Poisson
    standard deviations; its instances are the suspected label errors. Flipping labels
@@ -135,20 +139,48 @@ class AuditResult:
     contributors: list[int]  # contributor index per instance's group, in order of first appearance
     flagged: set[int]  # contributor indices whose disputed rate is significantly high
     baseline_rate: float  # disputed rate of the unflagged contributors, pooled
+    first_pass: torch.Tensor | None = None  # the first held-out probabilities, when `probs` is the refit
 
 
 def _z_binomial(k: int, n: int, rate: float) -> float:
     return (k - n * rate) / math.sqrt(max(n * rate * (1.0 - rate), 1e-12))
 
 
+def heldout_without(fps: torch.Tensor, labels: torch.Tensor, exclude: torch.Tensor, num_classes: int,
+                    folds: int = 5, seed: int = 0) -> torch.Tensor:
+    """Held-out probabilities where the `exclude`d instances never train any fold's classifier."""
+    keep = torch.nonzero(~exclude, as_tuple=True)[0]
+    out = torch.empty(len(labels), num_classes)
+    out[keep] = heldout_probs(fps[keep], labels[keep], num_classes, folds, seed)
+    if bool(exclude.any()):
+        xa = torch.cat([fps.float(), torch.ones(len(fps), 1)], 1)
+        w = _fit_softmax(xa[keep], labels[keep], num_classes, 1e-3, 100)
+        out[exclude] = (xa[exclude] @ w).softmax(1)
+    return out
+
+
 def label_audit(fps: torch.Tensor, labels: torch.Tensor, contributor: torch.Tensor, num_classes: int,
-                folds: int = 5, seed: int = 0, z_contributor: float = 4.0, z_cell: float = 1.5,
-                probs: torch.Tensor | None = None) -> AuditResult:
-    """Run the audit over fingerprints, labels and each instance's contributor index (0..P-1)."""
+                folds: int = 5, seed: int = 0, z_contributor: float = 4.0, z_cell: float = 1.0,
+                probs: torch.Tensor | None = None, refit: bool = True) -> AuditResult:
+    """Run the audit over fingerprints, labels and each instance's contributor index (0..P-1).
+
+    `probs`: precomputed first-pass held-out probabilities (the benchmark reuses them).
+    """
     labels, contributor = labels.long(), contributor.long()
-    n = len(labels)
     if probs is None:
         probs = heldout_probs(fps, labels, num_classes, folds, seed)
+    res = _decide(probs, labels, contributor, num_classes, z_contributor, z_cell)
+    if refit and res.flagged and len(res.flagged) < len(res.contributors):
+        bad = torch.isin(contributor, torch.tensor(sorted(res.flagged), dtype=torch.long))
+        probs2 = heldout_without(fps, labels, bad, num_classes, folds, seed)
+        res = _decide(probs2, labels, contributor, num_classes, z_contributor, z_cell)
+        res.first_pass = probs
+    return res
+
+
+def _decide(probs: torch.Tensor, labels: torch.Tensor, contributor: torch.Tensor, num_classes: int,
+            z_contributor: float, z_cell: float) -> AuditResult:
+    n = len(labels)
     other = probs.clone()
     if n:
         other.scatter_(1, labels.view(-1, 1), -1.0)
@@ -217,7 +249,8 @@ def audit_report(fps: torch.Tensor, labels: torch.Tensor, participants: list[byt
             "disputed": int(res.disputed.sum()), "suspected": int(res.suspected.sum()),
             "baseline_rate": res.baseline_rate,
             "method": {"heldout": "5-fold softmax regression on the enclave's fingerprints", "folds": 5, "seed": seed,
-                       "z_contributor": kw.get("z_contributor", 4.0), "z_cell": kw.get("z_cell", 1.5)},
+                       "z_contributor": kw.get("z_contributor", 4.0), "z_cell": kw.get("z_cell", 1.0),
+                       "refit_without_flagged": kw.get("refit", True)},
             "contributors": rows}
 
 
