@@ -115,12 +115,13 @@ def run_cmd(
 
 @train_app.command("trace")
 def trace_cmd(
-    image: Path = typer.Argument(..., help="the mispredicted input"),
+    images: list[Path] = typer.Argument(..., help="the mispredicted input(s); several with --mode cluster"),
     label: str = typer.Option(..., "--label", help="the (wrong) label the model gave it: name or index"),
     k: int = typer.Option(10, "-k", help="neighbours to return"),
     mode: str = typer.Option("nearest", "--mode", help="nearest: the K nearest same-label instances (backdoors); "
                              "mislabel: same-label instances near the input whose fingerprints sit among "
-                             "another class (flipped labels)"),
+                             "another class (flipped labels); cluster: the poison cluster all the inputs point "
+                             "to, decided as a whole (backdoors, several inputs)"),
     model_dir: Path = typer.Option(Path("caltrain-model"), "--model-dir"),
     linkage: Optional[str] = typer.Option(None, "--linkage", envvar="ENCLAVEML_LINKAGE_URL",
                                           help="read the linkage records from this postgresql:// URL (or "
@@ -133,8 +134,30 @@ def trace_cmd(
     from .owner import TracedModel
     from .trace import MODES
 
-    if mode not in MODES:
-        raise UserInputError(f"unknown trace mode {mode!r}; known: {', '.join(MODES)}")
+    if mode not in (*MODES, "cluster"):
+        raise UserInputError(f"unknown trace mode {mode!r}; known: {', '.join((*MODES, 'cluster'))}")
+    if mode == "cluster":
+        res = TracedModel(model_dir, linkage).trace_cluster([load_image_bytes(i) for i in images], label, k)
+        if as_json:
+            typer.echo(json.dumps(res))
+            return
+        c = res["cluster"]
+        if c["accepted"]:
+            typer.echo(f"{len(images)} traced inputs point to one cluster of {c['members']} training instances "
+                       f"labelled {res['label_name']} (of {c['candidates']}; separation D={c['separation']:.1f}):")
+            for p in c["participants"]:
+                typer.echo(f"  participant {p['participant'][:16]}  {p['count']}/{c['members']}")
+        else:
+            typer.echo(f"no separated cluster among the {c['candidates']} instances labelled {res['label_name']} "
+                       f"(D={c['separation']:.1f}): these look like ordinary errors; nearest instances per input follow")
+        for path, inp in zip(images, res["inputs"]):
+            top = inp["participants"][0] if inp["participants"] else {"participant": "-", "count": 0}
+            typer.echo(f"  {path.name}: predicted {inp['predicted']}; {top['count']}/{len(inp['neighbours'])} "
+                       f"nearest from participant {top['participant'][:16]}")
+        return
+    if len(images) != 1:
+        raise UserInputError(f"mode {mode} traces one input; use --mode cluster for several")
+    image = images[0]
     res = TracedModel(model_dir, linkage).trace(load_image_bytes(image), label, k, mode)
     if as_json:
         typer.echo(json.dumps(res))

@@ -206,6 +206,25 @@ class TracedModel:
             n["signature"] = sigs[i]
         return d
 
+    def trace_cluster(self, images: list[bytes], label: str, k: int = 10) -> dict:
+        """Trace several mispredictions together (mode "cluster", see `cluster.py`): the poison
+        cluster of `label` they point to, and per input its K nearest cluster members."""
+        from .cluster import cluster_summary, trace_cluster
+
+        if not images:
+            raise UserInputError("mode cluster needs at least one traced input")
+        y = self.label_index(label)
+        fps, preds = zip(*(self.fingerprint(b) for b in images))
+        hashes, pids = [r.instance_hash for r in self.records], [r.participant for r in self.records]
+        res, answers = trace_cluster(torch.stack(fps), y, self.fps, self.labels, hashes, pids, k=k)
+        out = {"mode": "cluster", "label": y, "label_name": self.classes[y],
+               "cluster": cluster_summary(res, pids, hashes), "inputs": []}
+        for a, pred in zip(answers, preds):
+            d = a.to_dict(self.classes)
+            d["predicted"] = self.classes[pred]
+            out["inputs"].append(d)
+        return out
+
     def verify_instance(self, image_bytes: bytes, public_key_hex: str) -> dict:
         """A participant's proof: the image hashes to a record, whose signature their key made."""
         from ..crypto import VerifyKey
