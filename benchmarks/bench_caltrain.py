@@ -8,8 +8,11 @@ runs the FrontNet/loss half (`EnclaveTrainer`) and hands IRs to the BackNet half
 whose classifier rows are in a secret order; fingerprints go to an encrypted SQLite linkage
 store, read back for tracing.
 
-(a) backdoor: 5% of the malicious participant's images get a 4x4 checkerboard in the corner and
-    the target label; (b) mislabel: 10% of its labels are flipped c -> c+1.
+(a) backdoor: 5% of the malicious participant's images get a trigger (`--trigger`: a 4x4
+    checkerboard in the corner, or a blended noise pattern) and the target label; (b) mislabel:
+    20% of its labels are flipped c -> c+1, and the enclave's label audit (train/audit.py) runs
+    beside cleanlab's confident learning on the same held-out predictions.
+The backdoor's top-level figures are trace mode `cluster` (train/cluster.py).
 Each misprediction is traced in both trace modes (`nearest`, the default, and `mislabel`; see
 enclaveml.train.trace); the scenario's top-level precision/recall/malicious_ranked_first are the
 `nearest` mode's, `modes` holds both. Queries are a seeded random sample of the scenario's

@@ -16,8 +16,10 @@ Method (out-of-sample evidence, then a decision that uses who gave each label):
 3. Contributors. Label errors that matter come from a contributor, not uniformly from the data
    set, so the decision compares each contributor with the others, who are the honest baseline of
    natural disagreement: a contributor is *flagged* when its disputed rate is above the pooled rate
-   of the unflagged others by more than `z_contributor` binomial standard deviations (iterated
-   until the flagged set is stable, so two bad contributors do not hide each other).
+   of the unflagged others by more than `z_contributor` binomial standard deviations *and* by at
+   least `min_excess` (5 points: a minimum effect size, so that two honest contributors whose
+   natural ambiguity differs by a few points are not told apart by significance alone on easy
+   data), iterated until the flagged set is stable, so two bad contributors do not hide each other.
 4. Honest refit. Once contributors are flagged, the held-out predictions are computed again
    with the flagged contributors' instances left out of every training fold (they are predicted
    by a classifier fitted on the others' data only): systematic flips no longer pull the
@@ -161,7 +163,7 @@ def heldout_without(fps: torch.Tensor, labels: torch.Tensor, exclude: torch.Tens
 
 def label_audit(fps: torch.Tensor, labels: torch.Tensor, contributor: torch.Tensor, num_classes: int,
                 folds: int = 5, seed: int = 0, z_contributor: float = 4.0, z_cell: float = 1.0,
-                probs: torch.Tensor | None = None, refit: bool = True) -> AuditResult:
+                probs: torch.Tensor | None = None, refit: bool = True, min_excess: float = 0.05) -> AuditResult:
     """Run the audit over fingerprints, labels and each instance's contributor index (0..P-1).
 
     `probs`: precomputed first-pass held-out probabilities (the benchmark reuses them).
@@ -169,17 +171,17 @@ def label_audit(fps: torch.Tensor, labels: torch.Tensor, contributor: torch.Tens
     labels, contributor = labels.long(), contributor.long()
     if probs is None:
         probs = heldout_probs(fps, labels, num_classes, folds, seed)
-    res = _decide(probs, labels, contributor, num_classes, z_contributor, z_cell)
+    res = _decide(probs, labels, contributor, num_classes, z_contributor, z_cell, min_excess)
     if refit and res.flagged and len(res.flagged) < len(res.contributors):
         bad = torch.isin(contributor, torch.tensor(sorted(res.flagged), dtype=torch.long))
         probs2 = heldout_without(fps, labels, bad, num_classes, folds, seed)
-        res = _decide(probs2, labels, contributor, num_classes, z_contributor, z_cell)
+        res = _decide(probs2, labels, contributor, num_classes, z_contributor, z_cell, min_excess)
         res.first_pass = probs
     return res
 
 
 def _decide(probs: torch.Tensor, labels: torch.Tensor, contributor: torch.Tensor, num_classes: int,
-            z_contributor: float, z_cell: float) -> AuditResult:
+            z_contributor: float, z_cell: float, min_excess: float) -> AuditResult:
     n = len(labels)
     other = probs.clone()
     if n:
@@ -196,7 +198,8 @@ def _decide(probs: torch.Tensor, labels: torch.Tensor, contributor: torch.Tensor
             if not ref.any():
                 continue
             rate = (float(disp[ref].sum()) + 0.5) / (float(ref.sum()) + 1.0)
-            if _z_binomial(int(disp[mc].sum()), int(mc.sum()), rate) > z_contributor:
+            k, nc_ = int(disp[mc].sum()), int(mc.sum())
+            if _z_binomial(k, nc_, rate) > z_contributor and k / max(1, nc_) - rate >= min_excess:
                 new.add(c)
         if new == flagged:
             break
@@ -250,6 +253,7 @@ def audit_report(fps: torch.Tensor, labels: torch.Tensor, participants: list[byt
             "baseline_rate": res.baseline_rate,
             "method": {"heldout": "5-fold softmax regression on the enclave's fingerprints", "folds": 5, "seed": seed,
                        "z_contributor": kw.get("z_contributor", 4.0), "z_cell": kw.get("z_cell", 1.0),
+                       "min_excess": kw.get("min_excess", 0.05),
                        "refit_without_flagged": kw.get("refit", True)},
             "contributors": rows}
 

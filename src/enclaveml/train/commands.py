@@ -218,8 +218,10 @@ def verify_audit_cmd(
 
     try:
         env = json.loads(audit_file.read_text())
-        when = datetime.fromisoformat(str(env["evidence"]["timestamp"])) if at_report_time else None
-    except (OSError, ValueError, KeyError, TypeError):
+        ev = env["evidence"]
+        ts = ev.get("timestamp") or (ev.get("details") or {}).get("timestamp")  # sim: in the signed details
+        when = datetime.fromisoformat(str(ts)) if (ts and at_report_time) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise TamperedMessage(f"{audit_file}: not a signed audit") from None
     rep = verify_audit(env, policy, now=when)
     _print_audit(rep)
