@@ -182,7 +182,7 @@ def cluster_mode(qf, query_labels, fps_t, labels_t, hashes, pids, poisoned, mal_
         sel = query_labels == y
         res, answers = trace_cluster(qf[sel], y, fps_t, labels_t, hashes, pids, k=k)
         mask[res.members] = True
-        clusters.append({"label": y, "members": len(res.members), "separation": res.separation})
+        clusters.append({"label": y, "members": len(res.members), "separation": res.separation, "bar": res.bar})
         for a in answers:
             first += bool(a.summary) and a.summary[0][0] in mal_pids
             per_query_prec.append(np.mean([bool(poisoned[n.index]) for n in a.neighbours]) if a.neighbours else 0.0)

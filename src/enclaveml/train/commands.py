@@ -144,12 +144,14 @@ def trace_cmd(
         c = res["cluster"]
         if c["accepted"]:
             typer.echo(f"{len(images)} traced inputs point to one cluster of {c['members']} training instances "
-                       f"labelled {res['label_name']} (of {c['candidates']}; separation D={c['separation']:.1f}):")
+                       f"labelled {res['label_name']} (of {c['candidates']}; separation D={c['separation']:.1f}, "
+                       f"other labels at most {c['bar']:.1f}):")
             for p in c["participants"]:
                 typer.echo(f"  participant {p['participant'][:16]}  {p['count']}/{c['members']}")
         else:
             typer.echo(f"no separated cluster among the {c['candidates']} instances labelled {res['label_name']} "
-                       f"(D={c['separation']:.1f}): these look like ordinary errors; nearest instances per input follow")
+                       f"(D={c['separation']:.1f}; the other labels reach {c['bar']:.1f}): no cluster-level "
+                       f"evidence; the nearest instances per input follow")
         for path, inp in zip(images, res["inputs"]):
             top = inp["participants"][0] if inp["participants"] else {"participant": "-", "count": 0}
             typer.echo(f"  {path.name}: predicted {inp['predicted']}; {top['count']}/{len(inp['neighbours'])} "
