@@ -33,8 +33,8 @@ Method (out-of-sample evidence, then a decision that uses who gave each label):
 
 The report names, per contributor (their participant id), how many instances they gave, how
 many labels are disputed, the share of suspected errors, and the instance hashes of the
-suspected ones. It carries no image, no label and no fingerprint of anyone
-(`report_is_clean` checks this for the tests).
+suspected (and disputed) ones. It carries no image, no label, no suggested class and no
+fingerprint of anyone (`REPORT_KEYS` / `ROW_KEYS`; tests/test_train_audit.py checks them).
 """
 
 from __future__ import annotations
@@ -82,31 +82,6 @@ def _fit_softmax(x: torch.Tensor, y: torch.Tensor, nc: int, l2: float, iters: in
     with torch.enable_grad():
         opt.step(closure)
     return w.detach()
-
-
-def confident_thresholds(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per class j: mean held-out probability of j over the instances labelled j (CL's t_j)."""
-    t = torch.ones(num_classes)
-    for j in range(num_classes):
-        m = labels == j
-        if m.any():
-            t[j] = probs[m, j].mean()
-    return t
-
-
-def disputed(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool mask of disputed labels and the class the model suggests for each instance.
-
-    Disputed: another class j reaches its threshold t_j (the most probable such class is the
-    suggestion) while the given label stays below its own threshold.
-    """
-    t = confident_thresholds(probs, labels, num_classes)
-    above = probs >= t.view(1, -1)
-    own = above.gather(1, labels.view(-1, 1)).view(-1)
-    other = above.clone()
-    other.scatter_(1, labels.view(-1, 1), False)
-    sugg = torch.where(other, probs, torch.full_like(probs, -1.0)).argmax(1)
-    return other.any(1) & ~own, sugg
 
 
 FORMAT = "enclaveml/v1 caltrain-label-audit"
