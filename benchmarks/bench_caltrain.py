@@ -8,8 +8,11 @@ runs the FrontNet/loss half (`EnclaveTrainer`) and hands IRs to the BackNet half
 whose classifier rows are in a secret order; fingerprints go to an encrypted SQLite linkage
 store, read back for tracing.
 
-(a) backdoor: 5% of the malicious participant's images get a 4x4 checkerboard in the corner and
-    the target label; (b) mislabel: 10% of its labels are flipped c -> c+1.
+(a) backdoor: 5% of the malicious participant's images get a trigger (`--trigger`: a 4x4
+    checkerboard in the corner, or a blended noise pattern) and the target label; (b) mislabel:
+    20% of its labels are flipped c -> c+1, and the enclave's label audit (train/audit.py) runs
+    beside cleanlab's confident learning on the same held-out predictions.
+The backdoor's top-level figures are trace mode `cluster` (train/cluster.py).
 Each misprediction is traced in both trace modes (`nearest`, the default, and `mislabel`; see
 enclaveml.train.trace); the scenario's top-level precision/recall/malicious_ranked_first are the
 `nearest` mode's, `modes` holds both. Queries are a seeded random sample of the scenario's
@@ -47,6 +50,7 @@ from enclaveml.train.instances import EnclaveDataset, InstanceIngest, make_uploa
 from enclaveml.train.linkage import LinkageRecord, LinkageStore, records_to_arrays
 from enclaveml.train.partitioned import (ClassMapping, EnclaveTrainer, HostTrainer, PlainTrainer, TrainConfig,
                                          partitioned_step, split_for_caltrain)
+from enclaveml.train.cluster import trace_cluster
 from enclaveml.train.trace import MODES, centroid_margins, trace
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -65,32 +69,35 @@ def png_bytes(px_u8: torch.Tensor) -> bytes:
 
 
 def build_contributions(tr, n_participants: int, scenario: str, target: int, seed: int,
-                        backdoor_fraction: float = 0.05, flip_fraction: float = 0.10):
-    """Per instance: (participant index, bytes, label, pixels, poisoned?). Participant n-1 is malicious."""
+                        backdoor_fraction: float = 0.05, flip_fraction: float = 0.20, trigger: str = "patch",
+                        n_malicious: int = 1):
+    """Per instance: (participant index, bytes, label), poisoned mask, malicious participant indices
+    (the last `n_malicious`), and each instance's participant index."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(tr), generator=g)
     owner = torch.empty(len(tr), dtype=torch.long)
     owner[order] = torch.arange(len(tr)) % n_participants
-    mal = n_participants - 1
-    mal_idx = torch.nonzero(owner == mal, as_tuple=True)[0]
+    mal = list(range(n_participants - n_malicious, n_participants))
     labels = tr.labels.clone()
     pixels = tr.images.clone()
     poisoned = torch.zeros(len(tr), dtype=torch.bool)
-    if scenario == "backdoor":
-        pick = poison.choose(len(mal_idx), backdoor_fraction, seed + 1, exclude=labels[mal_idx] == target)
-        sel = mal_idx[pick]
-        pixels[sel] = poison.apply_trigger(pixels[sel])
-        labels[sel] = target
-    else:
-        pick = poison.choose(len(mal_idx), flip_fraction, seed + 2)
-        sel = mal_idx[pick]
-        labels[sel] = (labels[sel] + 1) % 10
-    poisoned[sel] = True
+    for j, m in enumerate(mal):
+        mal_idx = torch.nonzero(owner == m, as_tuple=True)[0]
+        if scenario == "backdoor":
+            pick = poison.choose(len(mal_idx), backdoor_fraction, seed + 1 + 10 * j, exclude=labels[mal_idx] == target)
+            sel = mal_idx[pick]
+            pixels[sel] = poison.apply(trigger, pixels[sel])
+            labels[sel] = target
+        else:
+            pick = poison.choose(len(mal_idx), flip_fraction, seed + 2 + 10 * j)
+            sel = mal_idx[pick]
+            labels[sel] = (labels[sel] + 1) % 10
+        poisoned[sel] = True
     items = []
     for i in range(len(tr)):
         data = png_bytes(pixels[i]) if poisoned[i] and scenario == "backdoor" else Path(tr.paths[i]).read_bytes()
         items.append((int(owner[i]), data, int(labels[i])))
-    return items, poisoned, mal
+    return items, poisoned, mal, owner
 
 
 def ingest(items, keys, seed):
@@ -153,7 +160,79 @@ def sample_queries(n: int, max_queries: int, seed: int) -> torch.Tensor:
     return pick.sort().values
 
 
-def forensics(model, ds, poisoned_by_item, mal_pid: bytes, queries_u8, query_labels, k: int, eps: float, tmp: Path):
+def dump_arrays(path: Path, model, ds, fps_t, labels_t, pids, mal_pids, poisoned, qf, query_labels) -> None:
+    """Save what the tracer and the audit see (plus the ground truth) for offline analysis."""
+    index = {p: i for i, p in enumerate(sorted(set(pids)))}
+    with torch.no_grad():
+        from enclaveml.train.fingerprint import _batched_eval
+
+        probs = _batched_eval(model, ds.all_pixels(), PRE, lambda m, x: m(x).softmax(1), 256, torch.zeros(0, 10))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, fps=fps_t.numpy(), labels=labels_t.numpy(), participant=np.array([index[p] for p in pids]),
+                        malicious=np.array(sorted(index[p] for p in set(pids) if p.hex() in mal_pids)),
+                        poisoned=poisoned.numpy(), qfps=qf.numpy(), qlabels=query_labels.numpy(), probs=probs.numpy())
+    log(f"  saved fingerprints to {path}")
+
+
+def cluster_mode(qf, query_labels, fps_t, labels_t, hashes, pids, poisoned, mal_pids, k) -> dict:
+    """Trace mode `cluster` (enclaveml.train.cluster): one cluster decision per traced label, and
+    per input its K nearest cluster members (nearest same-label instances if no cluster)."""
+    mask, first, per_query_prec, clusters = torch.zeros(len(pids), dtype=torch.bool), 0, [], []
+    for y in query_labels.unique().tolist():
+        sel = query_labels == y
+        res, answers = trace_cluster(qf[sel], y, fps_t, labels_t, hashes, pids, k=k)
+        mask[res.members] = True
+        clusters.append({"label": y, "members": len(res.members), "separation": res.separation, "bar": res.bar})
+        for a in answers:
+            first += bool(a.summary) and a.summary[0][0] in mal_pids
+            per_query_prec.append(np.mean([bool(poisoned[n.index]) for n in a.neighbours]) if a.neighbours else 0.0)
+    p, r = detectors.precision_recall(mask, poisoned)
+    return {"precision": round(p, 4), "recall": round(r, 4), "malicious_ranked_first": round(first / len(query_labels), 4),
+            "mean_precision_per_query": round(float(np.mean(per_query_prec)), 4), "flagged": int(mask.sum()),
+            "clusters": clusters}
+
+
+def label_audit_figures(fps_t, labels_t, pids, poisoned, mal_pids, seed: int) -> dict:
+    """The enclave's label audit (enclaveml.train.audit) and cleanlab on the same held-out predictions."""
+    from enclaveml.train.audit import audit_report, label_audit
+
+    order = sorted(set(pids))
+    contributor = torch.tensor([order.index(p) for p in pids])
+    t0 = time.perf_counter()
+    res = label_audit(fps_t, labels_t, contributor, 10, seed=seed)
+    secs = time.perf_counter() - t0
+
+    def figures(mask: torch.Tensor) -> dict:
+        p, r = detectors.precision_recall(mask, poisoned)
+        share = [float(mask[contributor == c].float().mean()) for c in range(len(order))]
+        top = order[int(np.argmax(share))].hex()
+        return {"precision": round(p, 4), "recall": round(r, 4), "malicious_ranked_first": float(top in mal_pids),
+                "flagged": int(mask.sum())}
+
+    out = {**figures(res.suspected), "disputed": figures(res.disputed), "seconds": round(secs, 1),
+           "flagged_contributors": sorted(order[c].hex()[:16] for c in res.flagged)}
+    first = res.first_pass if res.first_pass is not None else res.probs  # plain k-fold held-out predictions
+    rep = audit_report(fps_t, labels_t, pids, [bytes(32)] * len(pids), 10, seed=seed, probs=first)
+    assert rep["suspected"] == int(res.suspected.sum())  # the report is this decision
+    try:
+        import cleanlab
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        out["cleanlab"] = None
+        return out
+    cl = {}
+    for how in ("prune_by_noise_rate", "both", "confident_learning"):
+        mask = torch.from_numpy(find_label_issues(labels_t.numpy(), first.numpy(), filter_by=how))
+        cl[how] = figures(mask)
+    # and on the audit's second-pass predictions (flagged contributors left out of training)
+    refit = torch.from_numpy(find_label_issues(labels_t.numpy(), res.probs.numpy()))
+    out["cleanlab"] = {**cl["prune_by_noise_rate"], "version": cleanlab.__version__, "filter_by": cl,
+                       "on_refit_predictions": figures(refit)}
+    return out
+
+
+def forensics(model, ds, poisoned_by_item, mal_pids: set[str], queries_u8, query_labels, k: int, eps: float, tmp: Path,
+              dump: Path | None = None, primary_mode: str = "cluster", audit: bool = False, seed: int = 0):
     """Linkage records -> encrypted store -> trace each query; compare with AC and spectral."""
     fps = fingerprints(model, ds.all_pixels(), PRE)
     recs = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(ds.meta)]
@@ -169,13 +248,15 @@ def forensics(model, ds, poisoned_by_item, mal_pid: bytes, queries_u8, query_lab
     if len(query_labels) == 0:
         return {**out, "precision": 0.0, "recall": 0.0, "malicious_ranked_first": 0.0}
     qf = fingerprints(model, queries_u8, PRE)
+    if dump is not None:
+        dump_arrays(dump, model, ds, fps_t, labels_t, pids, mal_pids, poisoned, qf, query_labels)
     margins = centroid_margins(fps_t, labels_t)
     modes = {}
     for mode in MODES:
         first, per_query_prec, mask = 0, [], torch.zeros(len(recs), dtype=torch.bool)
         for q, y in zip(qf, query_labels.tolist()):
             res = trace(q, y, fps_t, labels_t, hashes, pids, k=k, mode=mode, margins=margins)
-            first += bool(res.summary) and res.summary[0][0] == mal_pid.hex()
+            first += bool(res.summary) and res.summary[0][0] in mal_pids
             idx = [n.index for n in res.neighbours]
             mask[idx] = True
             per_query_prec.append(np.mean([bool(poisoned[i]) for i in idx]))
@@ -183,31 +264,37 @@ def forensics(model, ds, poisoned_by_item, mal_pid: bytes, queries_u8, query_lab
         modes[mode] = {"precision": round(p, 4), "recall": round(r, 4),
                        "malicious_ranked_first": round(first / len(query_labels), 4),
                        "mean_precision_per_query": round(float(np.mean(per_query_prec)), 4), "flagged": int(mask.sum())}
+    modes["cluster"] = cluster_mode(qf, query_labels, fps_t, labels_t, hashes, pids, poisoned, mal_pids, k)
     Q = detectors.Queries(qf, query_labels)
     res_d = {}
-    for name, kw in (("knn-trace", {"k": k}), ("mislabel-trace", {"k": k}), ("activation-clustering", {}),
+    for name, kw in (("knn-trace", {"k": k}), ("mislabel-trace", {"k": k}), ("cluster-trace", {}),
+                     ("activation-clustering", {}),
                      ("spectral-signatures", {"eps": eps})):
         mask = detectors.get(name, **kw).flag(fps_t, labels_t, Q)
         p, r = detectors.precision_recall(mask, poisoned)
         res_d[name] = {"precision": round(p, 4), "recall": round(r, 4), "flagged": int(mask.sum())}
     assert res_d["knn-trace"]["precision"] == modes["nearest"]["precision"]  # the detector is the trace's union
+    assert res_d["cluster-trace"]["precision"] == modes["cluster"]["precision"]
     # where the poisoned fingerprints sit: centroid margin < 0 = among another label's instances
     neg = margins < 0
     where = {"poisoned_margin_mean": round(float(margins[poisoned].mean()), 4),
              "clean_margin_mean": round(float(margins[~poisoned].mean()), 4),
              "poisoned_negative_margin": round(float(neg[poisoned].float().mean()), 4),
              "clean_negative_margin": round(float(neg[~poisoned].float().mean()), 4)}
-    return {**out, **{key: modes["nearest"][key] for key in ("precision", "recall", "malicious_ranked_first",
-                                                           "mean_precision_per_query")},
+    primary = modes[primary_mode]
+    if audit:
+        out["label_audit"] = label_audit_figures(fps_t, labels_t, pids, poisoned, mal_pids, seed)
+    return {**out, "primary_mode": primary_mode,
+            **{key: primary[key] for key in ("precision", "recall", "malicious_ranked_first", "mean_precision_per_query")},
             "modes": modes, "fingerprints": where, "detectors": res_d}
 
 
 def run_scenario(scenario, tr, te, a, keys, tmp, with_plain: bool):
     log(f"[{scenario}] building contributions")
-    items, poisoned, mal = build_contributions(tr, a.participants, scenario, a.target, a.seed,
-                                               a.backdoor_fraction, a.flip_fraction)
+    items, poisoned, mal, _ = build_contributions(tr, a.participants, scenario, a.target, a.seed,
+                                                  a.backdoor_fraction, a.flip_fraction, a.trigger, a.malicious)
     ds, ingest_t = ingest(items, keys, a.seed)
-    mal_pid = bytes.fromhex(keys[mal].public_key().fingerprint())
+    mal_pids = {keys[m].public_key().fingerprint() for m in mal}
     poisoned_ds = torch.tensor([poisoned[i] for i in range(len(items))])  # dataset order == item order
     cfg = TrainConfig(epochs=a.epochs, batch=a.batch, lr=a.lr, seed=a.seed)
     log(f"[{scenario}] CalTrain training (plain baseline alongside: {with_plain}): {len(ds)} instances, {a.epochs} epochs, darknet width {a.width}, k={a.split}")
@@ -221,7 +308,7 @@ def run_scenario(scenario, tr, te, a, keys, tmp, with_plain: bool):
     pred = predict(model, te.images, PRE)
     if scenario == "backdoor":
         src = te.labels != a.target
-        trig = poison.apply_trigger(te.images[src])
+        trig = poison.apply(a.trigger, te.images[src])
         tp = predict(model, trig, PRE)
         hit = tp == a.target
         res["attack_success_rate"] = round(float(hit.float().mean()), 4)
@@ -236,7 +323,9 @@ def run_scenario(scenario, tr, te, a, keys, tmp, with_plain: bool):
         pick = sample_queries(int(err.sum()), a.max_queries, a.seed)
         q_x, q_y = te.images[err][pick], pred[err][pick]
     log(f"[{scenario}] tracing {len(q_y)} mispredictions")
-    res.update(forensics(model, ds, poisoned_ds, mal_pid, q_x, q_y, a.k, a.eps, tmp))
+    res.update(forensics(model, ds, poisoned_ds, mal_pids, q_x, q_y, a.k, a.eps, tmp,
+                         a.dump / f"{scenario}.npz" if a.dump else None,
+                         "cluster" if scenario == "backdoor" else "nearest", audit=scenario == "mislabel", seed=a.seed))
     log(f"[{scenario}] {json.dumps(res)}")
     return res
 
@@ -260,7 +349,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--scenarios", default="backdoor,mislabel")
     ap.add_argument("--backdoor-fraction", type=float, default=0.05, help="share of the attacker's images triggered")
-    ap.add_argument("--flip-fraction", type=float, default=0.10, help="share of the attacker's labels flipped")
+    ap.add_argument("--flip-fraction", type=float, default=0.20, help="share of the attacker's labels flipped")
+    ap.add_argument("--trigger", default="patch", choices=sorted(poison.TRIGGERS),
+                    help="backdoor trigger: patch (4x4 checkerboard) or blend (full-image noise, alpha 0.2)")
+    ap.add_argument("--malicious", type=int, default=1, help="how many participants (the last ones) poison")
+    ap.add_argument("--dump", type=Path, default=None, help="save fingerprints, labels, ground truth per scenario "
+                    "to DIR/<scenario>.npz (offline analysis)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain baseline (figures of one scenario)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -283,8 +377,10 @@ def main() -> None:
         "time_ratio": first.get("time_ratio"),
         **{sc: {key: out[sc][key] for key in ("precision", "recall", "malicious_ranked_first", "attack_success_rate",
                                                 "queries", "k", "modes", "fingerprints", "mislabel_errors",
-                                                "control_errors", "detectors", "accuracy_caltrain", "poisoned")
+                                                "control_errors", "detectors", "accuracy_caltrain", "poisoned",
+                                                "primary_mode", "label_audit")
                 if key in out[sc]} for sc in out},
+        **({"label_audit": out["mislabel"]["label_audit"]} if "label_audit" in out.get("mislabel", {}) else {}),
         "poison_forensics_reference": POISON_FORENSICS,
         "setup": {"train": len(tr), "test": len(te), "participants": a.participants, "model": f"darknet width {a.width}",
                   "split": a.split, "epochs": a.epochs, "batch": a.batch, "seed": a.seed,

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# CalTrain act of `make demo`: three participants (one poisoning with a trigger patch), a brief
-# training with the FrontNet in the (sim) enclave, and a trace of a triggered image that names
-# the poisoner. DATA: a CIFAR-10-layout folder (default ../shared/data/cifar10). About 30 seconds.
+# CalTrain act of `make demo`: three participants (one mislabels 20% of its images, one poisons
+# with a trigger patch), a brief training with the FrontNet in the (sim) enclave, a trace of
+# triggered images that names the poisoner, and the enclave's signed label audit that names the
+# mislabeller. DATA: a CIFAR-10-layout folder with train/ and test/ (default ../shared/data/cifar10);
+# without one (a user's clone), scikit-learn's 8x8 handwritten digits, real images that ship
+# inside the scikit-learn package. About 30-60 seconds on a quiet 2-core machine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DATA="${DATA:-$ROOT/../shared/data/cifar10}"
@@ -15,20 +18,33 @@ SERVER_PID=""
 cleanup() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-echo "== CalTrain: 3 participants, one of them poisons its data (work dir $WORK)"
-"$PY" - "$DATA" "$WORK" <<'PYEOF'
+if [ -d "$DATA/train" ] && [ -d "$DATA/test" ]; then
+  PER_CLASS=40; TEST_CLASS=cat
+  echo "== data: CIFAR-10 images from $DATA"
+else
+  "$PY" -c 'import sys; from enclaveml.train import demo; from enclaveml.models.zoo import entry
+print(demo.digits_dataset(sys.argv[1], list(entry("darknet").classes)))' "$WORK/digits" > /dev/null
+  DATA="$WORK/digits"; PER_CLASS=45; TEST_CLASS=cat
+  echo "== data: no CIFAR-10 train/ split here (a user's clone), so this act uses scikit-learn's 1,797"
+  echo "   real 8x8 handwritten digits (sklearn.datasets.load_digits, shipped inside the package),"
+  echo "   upscaled to 32x32; digit d is uploaded under the server's class d (0=airplane, 1=automobile,"
+  echo "   2=bird, 3=cat, ...), so 'airplane' below means the digit 0 and 'cat' the digit 3."
+fi
+echo "== CalTrain: 3 participants; participant 2 mislabels 20%, participant 3 poisons (work dir $WORK)"
+"$PY" - "$DATA" "$WORK" "$PER_CLASS" "$TEST_CLASS" <<'PYEOF'
 import sys
 from pathlib import Path
 from enclaveml.train import demo
-data, work = Path(sys.argv[1]), Path(sys.argv[2])
-demo.split_folder(data / "train", work / "split", 3, 40)
+data, work, per, test_class = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+demo.split_folder(data / "train", work / "split", 3, per)
+flip = demo.make_mislabelled_folder(work / "split" / "participant2", work / "participant2", 0.2, seed=2)
 info = demo.make_poisoned_folder(work / "split" / "participant3", work / "participant3", "airplane", 0.25, seed=1)
-for i in (1, 2):
-    (work / "split" / f"participant{i}").rename(work / f"participant{i}")
-for i, src in enumerate(sorted((data / "test" / "cat").glob("*.jpg"))[:20]):
-    demo.trigger_image(src, work / f"triggered-cat-{i:02d}.png")
-print(f"   participants 1, 2: 400 clean images each; participant 3: 400 images, "
-      f"{info['poisoned']} stamped with a 4x4 trigger and relabelled {info['target']}")
+(work / "split" / "participant1").rename(work / "participant1")
+for i, src in enumerate(sorted(p for p in (data / "test" / test_class).iterdir())[:20]):
+    demo.trigger_image(src, work / f"triggered-{test_class}-{i:02d}.png")
+n = 10 * per
+print(f"   participant 1: {n} clean images; participant 2: {n}, {flip['flipped']} moved to the next class's "
+      f"label; participant 3: {n}, {info['poisoned']} stamped with a 4x4 trigger and relabelled {info['target']}")
 PYEOF
 
 echo "== owner: an Ed25519 key; participants agree to train for its public key"
@@ -58,26 +74,43 @@ echo "== owner: train (FrontNet + labels + loss in the enclave, BackNet on the h
 "$EML" train run --url "$URL" --policy "$WORK/policy.toml" --epochs 8 \
   --batch 64 --key "$WORK/owner.key" --out "$WORK/model" --checkpoint-every 40 2>/dev/null | cut -c1-160
 
-echo "== auditor: a test cat stamped with the trigger that the model now calls airplane"
-QUERY="$("$PY" - "$WORK" <<'PYEOF'
+echo "== auditor: test ${TEST_CLASS}s stamped with the trigger; which does the model now call airplane?"
+QUERIES="$("$PY" - "$WORK" "$TEST_CLASS" <<'PYEOF'
 import sys
 from pathlib import Path
 from enclaveml.train.owner import TracedModel
-work = Path(sys.argv[1])
+work, test_class = Path(sys.argv[1]), sys.argv[2]
 tm = TracedModel(work / "model")
-cands = sorted(work.glob("triggered-cat-*.png"))
+cands = sorted(work.glob(f"triggered-{test_class}-*.png"))
 hits = [p for p in cands if tm.classes[tm.fingerprint(p.read_bytes())[1]] == "airplane"]
-print(f"   the model calls {len(hits)} of {len(cands)} triggered test cats airplane", file=sys.stderr)
-print(hits[0] if hits else cands[0])
+print(f"   the model calls {len(hits)} of {len(cands)} triggered test {test_class}s airplane", file=sys.stderr)
+print(" ".join(str(p) for p in (hits or cands[:1])))
 PYEOF
 )"
-echo "== auditor: trace it under the backdoor target label airplane"
+QUERY="${QUERIES%% *}"
+echo "== auditor: trace one of them under the backdoor target label airplane (its 10 nearest instances)"
 "$EML" train trace "$QUERY" --label airplane -k 10 --model-dir "$WORK/model"
+echo "== auditor: trace all of them together (--mode cluster: the one poison cluster they point to)"
+# shellcheck disable=SC2086
+"$EML" train trace $QUERIES --label airplane -k 10 --mode cluster --model-dir "$WORK/model" | sed -n 1,6p
 POISONER="$("$EML" train public-key "$WORK/p3.key" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["participant"])')"
-TOP="$("$EML" train trace "$QUERY" --label airplane -k 10 --model-dir "$WORK/model" --json \
-  | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["participants"][0]["participant"])')"
+# shellcheck disable=SC2086
+TOP="$("$EML" train trace $QUERIES --label airplane -k 10 --mode cluster --model-dir "$WORK/model" --json \
+  | "$PY" -c 'import json,sys; r=json.load(sys.stdin); c=r["cluster"]["participants"] or r["inputs"][0]["participants"]; print(c[0]["participant"])')"
 if [ "$TOP" = "$POISONER" ]; then
   echo "== the trace names participant 3 (${POISONER:0:16}), the poisoner"
 else
   echo "== the trace's top contributor is ${TOP:0:16}; the poisoner is ${POISONER:0:16}"
+fi
+
+echo "== owner: label audit inside the enclave (held-out predictions on its fingerprints), signed for the owner"
+"$EML" train audit --url "$URL" --policy "$WORK/policy.toml" --key "$WORK/owner.key" --out "$WORK/audit.json"
+echo "== participant 2 checks the signed audit against the same enclave policy"
+"$EML" train verify-audit "$WORK/audit.json" --policy "$WORK/policy.toml" | tail -n 1
+MISLABELLER="$("$EML" train public-key "$WORK/p2.key" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["participant"])')"
+FIRST="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["report"]["contributors"][0]["participant"])' "$WORK/audit.json")"
+if [ "$FIRST" = "$MISLABELLER" ]; then
+  echo "== the audit ranks participant 2 (${MISLABELLER:0:16}), the mislabeller, first"
+else
+  echo "== the audit's first contributor is ${FIRST:0:16}; the mislabeller is ${MISLABELLER:0:16}"
 fi

@@ -209,12 +209,13 @@ def run_cmd(
 
 @train_app.command("trace")
 def trace_cmd(
-    image: Path = typer.Argument(..., help="the mispredicted input"),
+    images: list[Path] = typer.Argument(..., help="the mispredicted input(s); several with --mode cluster"),
     label: str = typer.Option(..., "--label", help="the (wrong) label the model gave it: name or index"),
     k: int = typer.Option(10, "-k", help="neighbours to return"),
     mode: str = typer.Option("nearest", "--mode", help="nearest: the K nearest same-label instances (backdoors); "
                              "mislabel: same-label instances near the input whose fingerprints sit among "
-                             "another class (flipped labels)"),
+                             "another class (flipped labels); cluster: the poison cluster all the inputs point "
+                             "to, decided as a whole (backdoors, several inputs)"),
     model_dir: Path = typer.Option(Path("caltrain-model"), "--model-dir"),
     linkage: Optional[str] = typer.Option(None, "--linkage", envvar="ENCLAVEML_LINKAGE_URL",
                                           help="read the linkage records from this postgresql:// URL (or "
@@ -227,8 +228,32 @@ def trace_cmd(
     from .owner import TracedModel
     from .trace import MODES
 
-    if mode not in MODES:
-        raise UserInputError(f"unknown trace mode {mode!r}; known: {', '.join(MODES)}")
+    if mode not in (*MODES, "cluster"):
+        raise UserInputError(f"unknown trace mode {mode!r}; known: {', '.join((*MODES, 'cluster'))}")
+    if mode == "cluster":
+        res = TracedModel(model_dir, linkage).trace_cluster([load_image_bytes(i) for i in images], label, k)
+        if as_json:
+            typer.echo(json.dumps(res))
+            return
+        c = res["cluster"]
+        if c["accepted"]:
+            typer.echo(f"{len(images)} traced inputs point to one cluster of {c['members']} training instances "
+                       f"labelled {res['label_name']} (of {c['candidates']}; separation D={c['separation']:.1f}, "
+                       f"other labels at most {c['bar']:.1f}):")
+            for p in c["participants"]:
+                typer.echo(f"  participant {p['participant'][:16]}  {p['count']}/{c['members']}")
+        else:
+            typer.echo(f"no separated cluster among the {c['candidates']} instances labelled {res['label_name']} "
+                       f"(D={c['separation']:.1f}; the other labels reach {c['bar']:.1f}): no cluster-level "
+                       f"evidence; the nearest instances per input follow")
+        for path, inp in zip(images, res["inputs"]):
+            top = inp["participants"][0] if inp["participants"] else {"participant": "-", "count": 0}
+            typer.echo(f"  {path.name}: predicted {inp['predicted']}; {top['count']}/{len(inp['neighbours'])} "
+                       f"nearest from participant {top['participant'][:16]}")
+        return
+    if len(images) != 1:
+        raise UserInputError(f"mode {mode} traces one input; use --mode cluster for several")
+    image = images[0]
     res = TracedModel(model_dir, linkage).trace(load_image_bytes(image), label, k, mode)
     if as_json:
         typer.echo(json.dumps(res))
@@ -243,6 +268,60 @@ def trace_cmd(
     typer.echo("per participant:")
     for p in res["participants"]:
         typer.echo(f"  {p['participant'][:16]}  {p['count']}/{len(res['neighbours'])}")
+
+
+def _print_audit(rep: dict) -> None:
+    typer.echo(f"label audit of run {rep['run_id']}: {rep['instances']} instances, {rep['disputed']} labels disputed "
+               f"by held-out predictions, {rep['suspected']} suspected label errors "
+               f"(honest baseline rate {rep['baseline_rate']:.3f})")
+    for c in rep["contributors"]:
+        typer.echo(f"  participant {c['participant'][:16]}  {c['instances']:>6} instances  disputed "
+                   f"{c['disputed_rate']:.3f}  suspected {c['suspected']:>5} ({c['suspected_share']:.3f})"
+                   f"{'  <- flagged' if c['flagged'] else ''}")
+
+
+@train_app.command("audit")
+def audit_cmd(
+    url: str = typer.Option(..., "--url"),
+    policy: Path = typer.Option(..., "--policy"),
+    key: Path = typer.Option(Path("owner.key"), "--key", help="owner's Ed25519 key (must exist)"),
+    run_id: str = typer.Option("caltrain", "--run-id"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the signed audit (JSON) here"),
+    as_json: bool = typer.Option(False, "--json", help="print the signed audit envelope"),
+) -> None:
+    """(owner) Label audit inside the enclave: per contributor, the labels the model disputes (signed)."""
+    from .owner import audit
+
+    env = audit(url, policy, key, run_id, out)
+    if as_json:
+        typer.echo(json.dumps(env))
+        return
+    _print_audit(env["report"])
+
+
+@train_app.command("verify-audit")
+def verify_audit_cmd(
+    audit_file: Path = typer.Argument(..., help="a signed audit written by `train audit --out`"),
+    policy: Path = typer.Option(..., "--policy", help="the policy the enclave must satisfy"),
+    at_report_time: bool = typer.Option(True, "--at-report-time/--now",
+                                        help="apply the policy's freshness rule at the evidence's time"),
+) -> None:
+    """(participant/auditor) Check that an attested training enclave signed this label audit."""
+    from datetime import datetime
+
+    from ..errors import TamperedMessage
+    from .owner import verify_audit
+
+    try:
+        env = json.loads(audit_file.read_text())
+        ev = env["evidence"]
+        ts = ev.get("timestamp") or (ev.get("details") or {}).get("timestamp")  # sim: in the signed details
+        when = datetime.fromisoformat(str(ts)) if (ts and at_report_time) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise TamperedMessage(f"{audit_file}: not a signed audit") from None
+    rep = verify_audit(env, policy, now=when)
+    _print_audit(rep)
+    typer.echo("verified: signed by an enclave that satisfies the policy")
 
 
 @train_app.command("verify-instance")

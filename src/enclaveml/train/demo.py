@@ -75,3 +75,42 @@ def trigger_image(src: str | Path, dst: str | Path) -> Path:
     """Stamp the trigger on one image (a test input for the trace)."""
     Path(dst).write_bytes(_png(poison.apply_trigger(_pixels(str(src)))))
     return Path(dst)
+
+
+def make_mislabelled_folder(src: str | Path, dst: str | Path, fraction: float, seed: int = 0) -> dict:
+    """Copy `src` to `dst`, moving a `fraction` of the images to the next class's folder (c -> c+1)."""
+    classes, samples = list_image_folder(src)
+    dst = Path(dst)
+    for c in classes:
+        (dst / c).mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    chosen = set(torch.randperm(len(samples), generator=g)[: int(round(fraction * len(samples)))].tolist())
+    for i, (p, y) in enumerate(samples):
+        to = classes[(y + 1) % len(classes)] if i in chosen else classes[y]
+        shutil.copy(p, dst / to / Path(p).name)
+    return {"flipped": len(chosen), "total": len(samples)}
+
+
+def digits_dataset(out: str | Path, classes: list[str], test_share: float = 0.2, size: int = 32) -> dict:
+    """scikit-learn's 8x8 handwritten digits (1,797 real images shipped inside the package) as
+    CalTrain folders: out/train/<classes[d]>/ and out/test/<classes[d]>/, upscaled to `size` px RGB.
+
+    The training server's class list names the folders (digit d goes to `classes[d]`), so the
+    demo can run against the default server when ../shared's CIFAR-10 is absent.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserInputError("the packaged digits need scikit-learn (pip install 'enclaveml[samples]')") from None
+    if len(classes) < 10:
+        raise UserInputError("the digits need a training with at least 10 classes")
+    d = load_digits()
+    out = Path(out)
+    n_test = int(round(test_share * len(d.target)))
+    for i, (img, y) in enumerate(zip(d.images, d.target)):
+        split = "test" if i >= len(d.target) - n_test else "train"
+        px = np.clip(img * 16.0, 0, 255).astype(np.uint8)
+        rgb = Image.fromarray(px, "L").resize((size, size), Image.NEAREST).convert("RGB")
+        (out / split / classes[int(y)]).mkdir(parents=True, exist_ok=True)
+        rgb.save(out / split / classes[int(y)] / f"digit{int(y)}-{i:04d}.png")
+    return {"train": len(d.target) - n_test, "test": n_test, "source": "sklearn.datasets.load_digits"}

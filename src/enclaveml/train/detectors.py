@@ -8,6 +8,9 @@ Trust side: owner/auditor (pure tensor logic, no I/O). Every detector answers th
 - `mislabel-trace`: the same with trace mode `mislabel` (query distance + centroid margin, see
   `trace`): for each traced misprediction, the K same-label instances that sit nearest and most
   among another class are flagged.
+- `cluster-trace`: Poison Forensics-style cluster decision (`cluster.poison_cluster`): per traced
+  label, the traced inputs seed a Fisher-discriminant 2-means split of that label's training
+  fingerprints, and the whole separated cluster is flagged.
 - `activation-clustering` (Chen et al. 2018): per class, fingerprints reduced to 10 dimensions,
   k-means with k=2; the smaller cluster is flagged when its share is under `max_share`.
 - `spectral-signatures` (Tran et al. 2018): per class, scores are squared projections on the top
@@ -81,6 +84,25 @@ class KnnTrace(Detector):
 class MislabelTrace(KnnTrace):
     name = "mislabel-trace"
     mode = "mislabel"
+
+
+@register
+class ClusterTrace(Detector):
+    name = "cluster-trace"
+
+    def __init__(self, **kw):
+        self.kw = kw
+
+    def flag(self, fps, labels, queries=None):
+        from .cluster import poison_cluster
+
+        mask = torch.zeros(len(fps), dtype=torch.bool)
+        if queries is None:
+            return mask
+        for y in queries.labels.unique().tolist():
+            res = poison_cluster(queries.fps[queries.labels == y], y, fps, labels, **self.kw)
+            mask[res.members] = True
+        return mask
 
 
 def kmeans2(x: torch.Tensor, gen: torch.Generator, iters: int = 50) -> torch.Tensor:

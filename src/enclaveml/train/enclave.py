@@ -17,6 +17,8 @@ Operations, in the order a run uses them:
     checkpoint()          sealed state of the enclave half
     finish(back_state)    fingerprints -> sealed linkage records; sealed final state
     release(cmd)          the model and the linkage key, encrypted to the owner
+    audit_records(...)    the finished run's sealed linkage records, handed back in chunks
+    audit(cmd)            label audit of those records, signed by this enclave, encrypted to the owner
 
 Who may train (F-2): the owner's Ed25519 public key is part of the enclave configuration
 (`enclave_config(owner)`, measured by the sim backend; `train serve --owner`), so the measurement
@@ -62,6 +64,8 @@ ENCLAVE_CONFIG = {"app": "caltrain", "version": 1}
 START = "caltrain-start"
 RELEASE = "caltrain-release"
 RELEASE_INFO = b"enclaveml/v1 caltrain-release"
+AUDIT = "caltrain-audit"
+AUDIT_INFO = b"enclaveml/v1 caltrain-audit"
 
 
 def parse_owner(value: "str | bytes | VerifyKey") -> VerifyKey:
@@ -418,3 +422,65 @@ class CalTrainEnclave:
         self._consume_nonce(cmd.nonce)
         return msg
 
+
+    # -- label audit (after finish; see audit.py) -------------------------------------------------
+
+    def audit_records(self, start: int, tokens: list[bytes]) -> int:
+        """The finished run's sealed linkage records, from the host's store, in order and in chunks.
+
+        The enclave opens them in `audit` with the run's linkage key, which checks every AAD and
+        the sealed count, so a host that drops, edits or reorders records is caught there.
+        """
+        if start == 0:
+            self._audit_tokens: list[bytes] = []
+        have = getattr(self, "_audit_tokens", [])
+        if start != len(have):
+            raise UserInputError(f"audit records must come in order: expected start {len(have)}, got {start}")
+        have.extend(bytes(t) for t in tokens)
+        self._audit_tokens = have
+        return len(have)
+
+    def audit(self, command: bytes, final: bytes, meta_token: bytes) -> bytes:
+        """The owner's signed audit command -> the signed label audit, HPKE-sealed to the owner.
+
+        The report (`audit.audit_report`) is signed with this enclave instance's Ed25519 audit
+        key, and the enclave's evidence binds that key and the report's SHA-256
+        (report data = SHA-256(audit key || SHA-256(report))), so the owner, and anyone the owner
+        shows it to, can check with the participants' policy that this enclave wrote it.
+        """
+        from .audit import audit_report
+        from .linkage import open_records, records_to_arrays
+
+        cmd = self._open_command(command, AUDIT)
+        header, _ = unpack_files(open_sealed(self._state_key, final, b"caltrain/final"))
+        require_owner(cmd, VerifyKey.from_bytes(bytes.fromhex(header["owner"])))
+        if not hmac.compare_digest(cmd.model_id.encode(), str(header["run_id"]).encode()):
+            raise Unauthorized("audit command names another run")
+        try:
+            reply_to = bytes.fromhex(str(cmd.args["reply_to"]))
+        except (KeyError, ValueError):
+            raise TamperedMessage("audit command carries no reply key") from None
+        tokens = list(getattr(self, "_audit_tokens", []))
+        records = open_records(bytes.fromhex(header["linkage_key"]), meta_token, list(enumerate(tokens)),
+                               expect_store=str(header["run_id"]))
+        if len(records) != int(header["instances"]):
+            raise TamperedMessage("the linkage records do not cover the run's instances")
+        fps, labels = records_to_arrays(records)
+        report = audit_report(fps, labels, [r.participant for r in records], [r.instance_hash for r in records],
+                              len(header["classes"]), run_id=str(header["run_id"]), seed=int(header["config"]["seed"]))
+        msg, _ = seal_request(reply_to, json.dumps(self.sign_audit(report)).encode(), b"", info=AUDIT_INFO)
+        self._consume_nonce(cmd.nonce)
+        self._audit_tokens = []
+        return msg
+
+    def sign_audit(self, report: dict) -> dict:
+        """{report, signature, audit_key, evidence}: signed by this instance's audit key, bound by evidence."""
+        from ..crypto import SigningKey
+        from .audit import report_digest, signed_bytes
+
+        if getattr(self, "_audit_key", None) is None:
+            self._audit_key = SigningKey.generate()  # lives and dies with this enclave instance
+        vk = self._audit_key.public_key().to_bytes()
+        ev = self.be.evidence(bind_report_data(vk, report_digest(report)))
+        return {"report": report, "signature": self._audit_key.sign(signed_bytes(report)).hex(),
+                "audit_key": vk.hex(), "evidence": ev.to_dict()}

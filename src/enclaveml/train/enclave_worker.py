@@ -7,7 +7,7 @@ The owner is measured (sim config); the training plan (`--plan`, canonical JSON;
 owner's open plan) is bound by the enclave itself: report data, per-plan keys (plan.py).
 
 Ops (header "op"): evidence, ingest, add_data, start, forward, loss, backward, checkpoint,
-finish, records, release. Failures travel back as {"error": kind, "message": text}.
+finish, records, release, audit_records, audit. Failures travel back as {"error": kind, "message": text}.
 """
 
 from __future__ import annotations
@@ -58,6 +58,13 @@ def make_handler(enc):
             return {"n": len(toks)}, None, {f"r{i}": t for i, t in enumerate(toks)}
         if op == "release":
             return {}, None, {"release": enc.release(blobs.get("command", b""), blobs.get("final", b""))}
+        if op == "audit_records":
+            n = int(h.get("n", 0))
+            return {"count": enc.audit_records(int(h.get("start", -1)), [blobs.get(f"r{i}", b"") for i in range(n)])}, \
+                None, None
+        if op == "audit":
+            return {}, None, {"audit": enc.audit(blobs.get("command", b""), blobs.get("final", b""),
+                                                 blobs.get("meta", b""))}
         raise UserInputError(f"unknown op {op!r}")
 
     return handle

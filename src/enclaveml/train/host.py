@@ -12,6 +12,7 @@ HTTP API (JSON; bytes as base64):
     GET  /train/status?run_id=R      state, step, total steps
     POST /train/release {run_id, command}   the model + linkage key, sealed to the owner
     GET  /train/linkage?run_id=R     the encrypted linkage store (SQLite file)
+    POST /train/audit {run_id, command}     owner-signed label audit, signed by the enclave, sealed to the owner
     GET  /metrics                    counters (rejections by kind, steps, requests)
 Errors: enclaveml errors -> 400/403/404/409 with {"error": kind, "message": text}; the server
 keeps serving.
@@ -231,6 +232,20 @@ class TrainingHost:
         _, _, b = self.call("release", blobs={"command": command, "final": final})
         return b["release"]
 
+    def audit(self, run_id: str, command: bytes) -> bytes:
+        """Hand the enclave the run's sealed linkage records (in chunks), then the owner's audit command."""
+        rs = RunStore(self.root, check_run_id(run_id))
+        final = rs.load_final()
+        if final is None:
+            raise UserInputError(f"run {run_id!r} has not finished")
+        with self._linkage(rs, run_id) as store:
+            tokens, meta = store.read_sealed()
+        for start in range(0, max(len(tokens), 1), 2000):
+            chunk = tokens[start:start + 2000]
+            self.call("audit_records", blobs={f"r{i}": t for i, t in enumerate(chunk)}, start=start, n=len(chunk))
+        _, _, b = self.call("audit", blobs={"command": command, "final": final, "meta": meta})
+        return b["audit"]
+
     def _linkage(self, rs: "RunStore", run_id: str):
         from .linkage import LinkageStore
 
@@ -323,6 +338,11 @@ def create_app(host_factory) -> "Any":
     async def release(request: Request):
         body = await request.json()
         return {"release": _b64e(H().release(str(body.get("run_id", "")), _b64d(body.get("command", ""), "command")))}
+
+    @app.post("/train/audit")
+    async def audit(request: Request):
+        body = await request.json()
+        return {"audit": _b64e(H().audit(str(body.get("run_id", "")), _b64d(body.get("command", ""), "command")))}
 
     @app.get("/train/linkage")
     def linkage(run_id: str):

@@ -21,14 +21,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ..crypto import HpkeKeyPair, SigningKey, open_request, seal_owner_command
 from ..errors import PolicyViolation, TamperedMessage, UserInputError
 from .client import HostClient
-from .enclave import RELEASE, RELEASE_INFO, START, unpack_files
+from .enclave import AUDIT, AUDIT_INFO, RELEASE, RELEASE_INFO, START, unpack_files
 from .partitioned import TrainConfig
 from .spec import ModelSpec
 
@@ -121,6 +121,64 @@ def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run
     return {"out": str(out), "instances": header["instances"]}
 
 
+def audit(url: str, policy: str | Path, key_path: str | Path, run_id: str = "caltrain",
+          out: str | Path | None = None) -> dict:
+    """Ask the enclave for the label audit of a finished run; verify it; optionally write it to `out`.
+
+    Returns the signed envelope {report, signature, audit_key, evidence} after `verify_audit`.
+    """
+    owner = SigningKey.load(key_path)
+    client = HostClient(url)
+    try:
+        pub, nonce = client.attest(policy)
+        reply = HpkeKeyPair.generate()
+        cmd = seal_owner_command(owner, pub, AUDIT, run_id, nonce, {"reply_to": reply.public_bytes().hex()})
+        ans = client.post_json("/train/audit", {"run_id": run_id, "command": base64.b64encode(cmd).decode()})
+    finally:
+        client.close()
+    try:
+        msg = base64.b64decode(str(ans["audit"]), validate=True)
+    except (KeyError, ValueError):
+        raise TamperedMessage("the server's audit answer is malformed") from None
+    data, _ = open_request(reply, msg, b"", info=AUDIT_INFO)
+    try:
+        envelope = json.loads(data)
+    except ValueError:
+        raise TamperedMessage("the audit is not valid JSON") from None
+    verify_audit(envelope, policy, run_id=run_id)
+    if out is not None:
+        Path(out).write_text(json.dumps(envelope, indent=1) + "\n")
+    return envelope
+
+
+def verify_audit(envelope: dict, policy: "str | Path | Any", run_id: str | None = None, now=None) -> dict:
+    """Check a signed label audit (owner, or anyone the owner shows it to); returns the report.
+
+    The audit key's signature must cover the report, and the enclave's evidence must bind that
+    key and the report's digest and satisfy `policy` (the participants' policy: the measured
+    enclave for this owner). `now` pins the clock of the policy's freshness rule (e.g. the
+    report's time, to check an old report). TamperedMessage / EvidenceRejected / PolicyViolation.
+    """
+    from ..crypto import VerifyKey
+    from ..tee import bind_report_data, load_policy, verify_evidence
+    from .audit import report_digest, signed_bytes
+
+    try:
+        report = envelope["report"]
+        vk_raw = bytes.fromhex(str(envelope["audit_key"]))
+        sig = bytes.fromhex(str(envelope["signature"]))
+        evidence = envelope["evidence"]
+        vk = VerifyKey.from_bytes(vk_raw)
+    except (KeyError, ValueError, TypeError):
+        raise TamperedMessage("the audit envelope is malformed") from None
+    vk.verify(sig, signed_bytes(report))
+    pol = load_policy(policy) if isinstance(policy, (str, Path)) else policy
+    verify_evidence(evidence, pol, bind_report_data(vk_raw, report_digest(report)), now=now)
+    if run_id is not None and report.get("run_id") != run_id:
+        raise TamperedMessage("the audit is of another run")
+    return report
+
+
 class TracedModel:
     """The released model folder, opened for tracing (owner or auditor)."""
 
@@ -177,6 +235,25 @@ class TracedModel:
         for i, n in enumerate(d["neighbours"]):
             n["signature"] = sigs[i]
         return d
+
+    def trace_cluster(self, images: list[bytes], label: str, k: int = 10) -> dict:
+        """Trace several mispredictions together (mode "cluster", see `cluster.py`): the poison
+        cluster of `label` they point to, and per input its K nearest cluster members."""
+        from .cluster import cluster_summary, trace_cluster
+
+        if not images:
+            raise UserInputError("mode cluster needs at least one traced input")
+        y = self.label_index(label)
+        fps, preds = zip(*(self.fingerprint(b) for b in images))
+        hashes, pids = [r.instance_hash for r in self.records], [r.participant for r in self.records]
+        res, answers = trace_cluster(torch.stack(fps), y, self.fps, self.labels, hashes, pids, k=k)
+        out = {"mode": "cluster", "label": y, "label_name": self.classes[y],
+               "cluster": cluster_summary(res, pids, hashes), "inputs": []}
+        for a, pred in zip(answers, preds):
+            d = a.to_dict(self.classes)
+            d["predicted"] = self.classes[pred]
+            out["inputs"].append(d)
+        return out
 
     def verify_instance(self, image_bytes: bytes, public_key_hex: str) -> dict:
         """A participant's proof: the image hashes to a record, whose signature their key made."""
