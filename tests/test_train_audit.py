@@ -129,12 +129,13 @@ def finished(tmp_path_factory):
     be = SimBackend(enclave_config(OWNER.public_key()), platform_dir=platform, lock_memory=False)
     enc = CalTrainEnclave(be)
     parts = [SigningKey.generate() for _ in range(3)]
-    ups = [make_upload(enc.hpke.public_bytes(), parts[i % 3], random_png(1000 + i), i % 10)[1] for i in range(30)]
-    res = enc.ingest(ups, ModelSpec.parse(SPEC))
+    ups = [make_upload(enc.hpke.public_bytes(), parts[i % 3], random_png(1000 + i), i % 10, plan=enc.plan_hash)[1]
+           for i in range(30)]
+    res = enc.ingest(ups)
     enc.add_data([(r["tag"], r["sealed"]) for r in res])
     cfg = TrainConfig(epochs=1, batch=10, seed=3)
     cmd = seal_owner_command(OWNER, enc.hpke.public_bytes(), START, "run-a", b"audit-start-0001",
-                             {"model": SPEC, "split": 3, "config": cfg.to_dict()})
+                             {"model": SPEC, "split": 3, "config": cfg.to_dict(), "plan": enc.plan_hash.hex()})
     info, back_state = enc.start(cmd, None)
     from safetensors.torch import load, save
 

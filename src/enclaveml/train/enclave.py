@@ -481,6 +481,8 @@ class CalTrainEnclave:
         if getattr(self, "_audit_key", None) is None:
             self._audit_key = SigningKey.generate()  # lives and dies with this enclave instance
         vk = self._audit_key.public_key().to_bytes()
+        from ..tee import bind_report_data
+
         ev = self.be.evidence(bind_report_data(vk, report_digest(report)))
         return {"report": report, "signature": self._audit_key.sign(signed_bytes(report)).hex(),
                 "audit_key": vk.hex(), "evidence": ev.to_dict()}
