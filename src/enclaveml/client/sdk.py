@@ -42,6 +42,9 @@ BATCH_CHUNK = 64
 BATCH_BYTES = 8 * 1024 * 1024
 
 
+_UNKNOWN = object()
+
+
 def _chunks(images: list[bytes]) -> list[list[bytes]]:
     out: list[list[bytes]] = [[]]
     size = 0
@@ -115,6 +118,9 @@ class EnclaveClient:
         self.pad_requests = bool(pad_requests)
         self._attested: AttestedEnclave | None = None
         self._lock = threading.Lock()
+        #: A `ReplicaSet` when `url` is an `enclaveml serve --replicas` front (client/replicas.py);
+        #: None for a plain server; _UNKNOWN until the first operation asks.
+        self._fanout: Any = _UNKNOWN
 
     def close(self) -> None:
         self.http.close()
@@ -136,10 +142,24 @@ class EnclaveClient:
             raise _error_from_response(r)
         return r
 
+    def _replicas(self):
+        """The front's replicas (each attested on its own), or None for a plain server."""
+        if self._fanout is _UNKNOWN:
+            from .replicas import discover
+
+            found = discover(self)
+            if found is False:  # no answer: a plain server's calls then fail as usual
+                return None
+            self._fanout = found
+        return self._fanout
+
     # -- attestation ------------------------------------------------------------------------
 
     def attest(self) -> AttestedEnclave:
-        """Fetch fresh evidence with a random nonce and verify it against the policy."""
+        """Fetch fresh evidence with a random nonce and verify it against the policy (against a
+        replica front: every replica, returning the first one's)."""
+        if self._replicas() is not None:
+            return self._fanout.attest()
         from ..tee import Evidence, bind_report_data, verify_evidence
 
         nonce = os.urandom(32)
@@ -159,6 +179,8 @@ class EnclaveClient:
         return att
 
     def attested(self) -> AttestedEnclave:
+        if self._replicas() is not None:
+            return self._fanout.attested()
         with self._lock:
             att = self._attested
         if att is None or time.monotonic() - att.at > self.reattest_s:
@@ -176,6 +198,8 @@ class EnclaveClient:
         name (or adds the bundle id to the owner's own pin); clients elsewhere need the pin in
         their policy file (`enclaveml attest pin`).
         """
+        if self._replicas() is not None:  # every replica, each attested and sealed to on its own
+            return self._fanout.deploy(bundle_dir, model_key, owner_key, model_id)
         from ..models.bundle import bundle_files, load_manifest
 
         files = bundle_files(bundle_dir)
@@ -198,6 +222,8 @@ class EnclaveClient:
 
     def delete(self, model_id: str, owner_key: SigningKey) -> dict:
         """Attest, then send a delete command signed by the owner and sealed to the enclave."""
+        if self._replicas() is not None:
+            return self._fanout.delete(model_id, owner_key)
         ref = ModelRef(owner_key.public_key().to_bytes().hex(), protocol.check_model_id(model_id))
         att = self.attest()
         cmd = seal_owner_command(owner_key, att.public_key, "delete", ref.name, att.nonce)
@@ -213,6 +239,8 @@ class EnclaveClient:
     def identity(self, model: str, att: AttestedEnclave | None = None) -> ModelIdentity:
         """Ask the attested enclave what it has deployed as `model` (by the pinned owner), and
         refuse it (`PolicyViolation`, saying what differs) unless it matches the pin."""
+        if att is None and self._replicas() is not None:
+            return self._fanout.identity(model)
         att = att or self.attested()
         target = self.target(model)
         raw = target.to_bytes()
@@ -252,6 +280,8 @@ class EnclaveClient:
                    logits: bool = False) -> list[dict | E.EnclaveMLError]:
         protocol.check_model_id(model)
         images = [bytes(i) for i in images]
+        if self._replicas() is not None:  # one replica per call, round-robin
+            return self._fanout.infer_each(images, model, top_k, logits)
         try:
             att = self.attested()
             target = self._verified(att, model)  # before any image leaves this client
