@@ -1,7 +1,7 @@
 """The SDK against `enclaveml serve --replicas`: one `EnclaveClient` per replica, each attested
 on its own (trust side: client and owner).
 
-The front's /healthz lists the replicas (URL, status, claimed enclave key); all of it is the
+The front's /healthz (and its 421 answer to /v1/evidence) lists the replicas (URL, status, claimed enclave key); all of it is the
 host's word, so it only says where to knock: each replica's client fetches fresh evidence,
 verifies it against the same policy, asks the attested enclave for the model's identity and
 checks it against the pin, exactly as against a single server. Requests are sealed to one
@@ -48,19 +48,24 @@ def parse_replicas(body: Any) -> list[dict] | None:
     return out
 
 
-def discover(outer) -> "ReplicaSet | None | bool":
-    """A `ReplicaSet` if `outer.url` is a replica front, None if it is not (a plain server), False
-    if it did not answer (ask again next time)."""
+def probe(outer) -> tuple["ReplicaSet | None | bool", tuple | None]:
+    """The first operation's evidence request, doubling as the probe for a replica front (which
+    answers it 421 with its replica list): (ReplicaSet, None) for a front; (None, (nonce, answer,
+    when)) for a server, whose evidence answer the attestation that follows uses (no extra
+    request); (False, None) if nothing answered."""
+    nonce = os.urandom(32)
     try:
-        r = outer.http.get(outer.url + "/healthz")
+        r = outer.http.get(outer.url + "/v1/evidence", params={"nonce": nonce.hex()})
     except httpx.HTTPError:
-        return False
-    try:
-        body = loads_untrusted(r.content)
-    except ValueError:
-        return None
-    rows = parse_replicas(body)
-    return None if rows is None else ReplicaSet(outer, rows)
+        return False, None
+    if r.status_code == 421:
+        try:
+            rows = parse_replicas(loads_untrusted(r.content))
+        except ValueError:
+            rows = None
+        if rows is not None:
+            return ReplicaSet(outer, rows), None
+    return None, (nonce, r, time.monotonic())
 
 
 class ReplicaSet:
@@ -87,7 +92,7 @@ class ReplicaSet:
                 if row["url"] not in self._clients:
                     c = EnclaveClient(row["url"], self.outer.policy, http=self.outer.http,
                                       reattest_s=self.outer.reattest_s, pad_requests=self.outer.pad_requests)
-                    c._fanout = None  # a replica is a plain server: no discovery
+                    c._fanout = None  # a replica is a plain server: no probe
                     self._clients[row["url"]] = c
             live = {row["url"] for row in rows}
             for url in [u for u in self._clients if u not in live]:

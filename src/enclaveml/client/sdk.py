@@ -36,6 +36,8 @@ from ..serve import protocol
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 #: How long an attestation is reused before the client asks for fresh evidence.
 REATTEST_S = 300.0
+#: How long the first operation's probe answer (evidence) may wait for the attestation that uses it.
+PREFETCH_S = 10.0
 #: One request carries at most this many images and (padded) bytes, within the server's default
 #: `--max-request-bytes` (8 MiB + 4 KiB); a larger image goes alone.
 BATCH_CHUNK = 64
@@ -121,6 +123,7 @@ class EnclaveClient:
         #: A `ReplicaSet` when `url` is an `enclaveml serve --replicas` front (client/replicas.py);
         #: None for a plain server; _UNKNOWN until the first operation asks.
         self._fanout: Any = _UNKNOWN
+        self._prefetched: tuple | None = None  # (nonce, evidence answer, when) from the probe
 
     def close(self) -> None:
         self.http.close()
@@ -143,14 +146,17 @@ class EnclaveClient:
         return r
 
     def _replicas(self):
-        """The front's replicas (each attested on its own), or None for a plain server."""
+        """The front's replicas (each attested on its own), or None for a plain server. The first
+        operation's evidence request is the probe (client/replicas.py), so a plain server sees
+        no extra request."""
         if self._fanout is _UNKNOWN:
-            from .replicas import discover
+            from .replicas import probe
 
-            found = discover(self)
+            found, pre = probe(self)
             if found is False:  # no answer: a plain server's calls then fail as usual
                 return None
-            self._fanout = found
+            with self._lock:
+                self._fanout, self._prefetched = found, pre
         return self._fanout
 
     # -- attestation ------------------------------------------------------------------------
@@ -162,8 +168,15 @@ class EnclaveClient:
             return self._fanout.attest()
         from ..tee import Evidence, bind_report_data, verify_evidence
 
-        nonce = os.urandom(32)
-        r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()})
+        with self._lock:
+            pre, self._prefetched = self._prefetched, None
+        if pre is not None and time.monotonic() - pre[2] < PREFETCH_S:  # the probe's answer, just fetched
+            nonce, r = pre[0], pre[1]
+            if r.status_code >= 400:
+                raise _error_from_response(r)
+        else:
+            nonce = os.urandom(32)
+            r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()})
         try:
             body = loads_untrusted(r.content)
             pk = bytes.fromhex(body["public_key"])

@@ -7,7 +7,7 @@ directly, attesting each one; everything the front says is a hint the client che
     GET /healthz                 {"status", "replicas": [{"id", "url", "enclave_key", "requests",
                                   "in_flight", "status", "models", "enclave_pid"}...], "models"}
     GET /metrics[?format=json]   the replicas' counters, gauges and histograms summed
-    *   /v1/...                  421 MisdirectedRequest (ask a replica)
+    *   /v1/...                  421 MisdirectedRequest, with the replica list (ask a replica)
 """
 
 from __future__ import annotations
@@ -155,8 +155,9 @@ def create_front_app(view: ReplicaView) -> FastAPI:
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "DELETE", "PUT"])
     async def misdirected(rest: str, request: Request):
+        # The SDK's first evidence request lands here: the replica list tells it where to go.
         return JSONResponse({"error": "MisdirectedRequest",
-                             "message": "this is a replica front: send requests to a replica listed in /healthz"},
-                            status_code=421)
+                             "message": "this is a replica front: send requests to a replica listed in /healthz",
+                             "replicas": view.healthz()[1]["replicas"]}, status_code=421)
 
     return app
