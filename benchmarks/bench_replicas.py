@@ -13,6 +13,8 @@ The three servers run at once (idle while another is measured), and the runs alt
 latency of single-image requests (p50/p99 over --seq requests, one client), and throughput of
 single-image requests from --threads client threads for --seconds. `startup_s` is the time from
 launch to a healthy server (for replicas: Ray, the replicas, their enclaves, the front).
+`--autoscale` instead starts `serve --min-replicas 1 --max-replicas 2` and times Ray's scale-up
+under --threads clients' load (one JSON line).
 Prints a table, then as its LAST line one JSON object with the figures and the load average.
 """
 
@@ -71,6 +73,53 @@ def load_slice(c, images: list[bytes], threads: int, seconds: float) -> tuple[in
     return sum(done), time.perf_counter() - t0
 
 
+def autoscale_run(tmp: Path, env: dict, policy, key: bytes, owner, images: list[bytes], threads: int,
+                  timeout_s: float) -> dict:
+    """`serve --min-replicas 1 --max-replicas 2`: load from `threads` threads until Ray's autoscaler
+    (custom policy on the replicas' queue depth) has a second replica up -> seconds it took."""
+    import httpx
+
+    from enclaveml.client import EnclaveClient
+    from enclaveml.serve.launcher import ServerProcess
+
+    with ServerProcess(tmp / "store-auto", tmp / "auto.log", env=env, timeout_s=400,
+                       extra_args=["--min-replicas", "1", "--max-replicas", "2", "--enclave-threads", "2"]) as srv:
+        with EnclaveClient(srv.url, policy) as c:
+            c.deploy(tmp / "bundle", key, owner, model_id="m")
+            pinned = c.policy
+        with EnclaveClient(srv.url, pinned) as c:
+            c.infer(images[:1], model="m")
+            stop, seen = [False], {"max_in_flight": 0}
+
+            def worker(j: int) -> None:
+                i = j
+                while not stop[0]:
+                    try:
+                        c.infer([images[i % len(images)]], model="m")
+                    except Exception:  # noqa: BLE001 (a replica starting or stopping; keep loading)
+                        time.sleep(0.1)
+                    i += threads
+
+            ts = [threading.Thread(target=worker, args=(j,)) for j in range(threads)]
+            t0 = time.time()
+            for t in ts:
+                t.start()
+            up = None
+            while time.time() - t0 < timeout_s:
+                rows = httpx.get(srv.url + "/healthz", timeout=30).json()["replicas"]
+                seen["max_in_flight"] = max(seen["max_in_flight"], sum(r["in_flight"] for r in rows))
+                if sum(r["status"] == "ok" and bool(r["models"]) for r in rows) >= 2:
+                    up = round(time.time() - t0, 1)
+                    break
+                time.sleep(1.0)
+            stop[0] = True
+            for t in ts:
+                t.join()
+            final = httpx.get(srv.url + "/healthz", timeout=30).json()["replicas"]
+    return {"threads": threads, "scaled_to_2_after_s": up, "replicas_at_end": len(final),
+            "requests_per_replica": [r["requests"] for r in final], "max_in_flight_seen": seen["max_in_flight"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10" / "test")
@@ -80,6 +129,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="load time per run (over all rounds)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default="plain,direct1,proxy1,direct2")
+    ap.add_argument("--autoscale", action="store_true",
+                    help="instead: time Ray's scale-up from 1 to 2 replicas under --threads clients' load")
     args = ap.parse_args()
 
     import torch
@@ -102,6 +153,12 @@ def main() -> None:
                              list(entry.classes), owner)
         policy = local_sim_policy(home, pkg)
         env = server_env(home, pkg)
+        if args.autoscale:
+            out = autoscale_run(tmp, env, policy, key, owner, images, args.threads, 180.0)
+            out["loadavg_before"] = [round(x, 2) for x in load_before]
+            out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+            print(json.dumps(out))
+            return
         common = ["--enclave-threads", "2"]
         runs = [r for r in args.only.split(",") if r]
         proxy = _free_port()
