@@ -41,8 +41,7 @@ def world(tmp_path_factory):
     backend = SimBackend({}, platform_dir=base / "platform", lock_memory=False)
     svc = EnclaveService(backend)
     files = bundle_files(base / "bundle")
-    nonce = b"owner-nonce-0001"
-    svc.evidence(nonce)
+    nonce = svc.issue_nonce(b"owner-nonce-0001")
     svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce), files)
     global REF
     REF = str(ModelRef(owner.public_key().to_bytes().hex(), MODEL))
@@ -73,9 +72,12 @@ def test_evidence_binds_this_enclave_key_and_the_callers_nonce(world):
         verify_evidence(ev, pol, bind_report_data(svc.public_key(), b"client-nonce-124"), now=now)
     with pytest.raises(EvidenceRejected):  # another key: a host that swaps in its own HPKE key
         verify_evidence(ev, pol, bind_report_data(b"\x01" * 32, nonce), now=now)
-    for bad in (b"", b"short", b"x" * 65):
+    for bad in (b"", b"short", b"x" * 129):
         with pytest.raises(DataError):
             svc.evidence(bad)
+    for bad in (b"", b"short", b"x" * 65):
+        with pytest.raises(DataError):
+            svc.issue_nonce(bad)
 
 
 def test_same_request_twice_in_one_batch_is_served_once(world):
@@ -121,11 +123,9 @@ def test_request_sealed_for_one_model_cannot_be_run_on_another(world):
 def test_forged_owner_commands_from_the_host(world):
     svc, owner, key, files, *_ = world
     mallory = SigningKey.generate()
-    n1 = b"host-nonce-00001"
-    svc.evidence(n1)
+    n1 = svc.issue_nonce(b"host-nonce-00001")
     with pytest.raises(TamperedMessage):  # the owner's signed bundle under a key release by another key
         svc.deploy(MODEL, seal_key_release(mallory, svc.public_key(), MODEL, key, n1), files)
-    svc.evidence(n1)
     with pytest.raises(Unauthorized):  # delete a model the host does not own
         svc.delete(REF, seal_owner_command(mallory, svc.public_key(), "delete", MODEL, n1))
     with pytest.raises(TamperedMessage):  # the owner's release for MODEL used for another id
@@ -182,8 +182,7 @@ def test_a_self_owned_bundle_cannot_run_arbitrary_functions_inside_the_enclave(w
     mallory = SigningKey.generate()
     _, key = make_bundle(model, 3, tmp_path / "evil", {"factory": "os:makedirs", "kwargs": {"name": str(target)}},
                          entry.preprocessing, list(entry.classes), mallory)
-    nonce = b"mallory-nonce-01"
-    svc.evidence(nonce)  # GET /v1/evidence?nonce=... is open to anyone
+    nonce = svc.issue_nonce(b"mallory-nonce-01")  # GET /v1/evidence?nonce=... is open to anyone
     try:
         svc.deploy("evil", seal_key_release(mallory, svc.public_key(), "evil", key, nonce), bundle_files(tmp_path / "evil"))
     except Exception:
@@ -213,8 +212,7 @@ def test_sealed_deployments_restore_only_where_and_as_sealed(world, tmp_path):
     can replay it, move it to another model id, pair it with another bundle, or take it to an
     enclave with other code or another platform. Only the faithful restore works."""
     svc, owner, key, files, backend, base, image = world
-    nonce = b"owner-nonce-0002"
-    svc.evidence(nonce)
+    nonce = svc.issue_nonce(b"owner-nonce-0002")
     sealed = svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce), files)["sealed"]
     assert key not in sealed and key.hex().encode() not in sealed
 

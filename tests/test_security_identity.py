@@ -48,7 +48,7 @@ def _bundle(path: Path, owner: SigningKey, k: int, head: int = 0, pretrained: bo
 
 
 def _deploy(svc: EnclaveService, owner: SigningKey, name: str, key: bytes, files: dict, nonce: bytes) -> dict:
-    svc.evidence(nonce)
+    nonce = svc.issue_nonce(nonce)
     return svc.deploy(name, seal_key_release(owner, svc.public_key(), name, key, nonce), files)
 
 

@@ -47,7 +47,10 @@ def echo(tmp_path):
 
 
 def _shm_names() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("eml")}
+    """/dev/shm entries of ours made by this test process tree (the machine may be shared)."""
+    from conftest import _made_by_us
+
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("eml") and _made_by_us(p.name)}
 
 
 def test_round_trip_tensors_blobs_and_header(echo):
@@ -119,13 +122,60 @@ def test_worker_death_fails_pending_calls(echo):
 def test_no_shared_memory_segments_outlive_the_channel(tmp_path):
     before = _shm_names()
     (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["65536"], env=env, arena_bytes=65536)
     client = ch.ChannelClient(chan)
     client.request({"op": "echo"}, {"a": torch.randn(100), "b": torch.randn(100_000)})
     client.close()
     proc.wait(60)
     assert _shm_names() - before == set()
+
+
+def test_a_killed_worker_leaves_no_shared_memory_behind(tmp_path):
+    """Both arenas and a one-off in use, then SIGKILL: nothing of ours is in /dev/shm, neither
+    while the channel runs (segments are anonymous memfds) nor after."""
+    import signal
+
+    before = _shm_names()
+    (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["65536"], env=env, arena_bytes=65536)
+    client = ch.ChannelClient(chan)
+    try:
+        h, t, _ = client.request({"op": "echo"}, {"a": torch.ones(100), "b": torch.ones(100_000)}, timeout=60)
+        assert torch.equal(t["b"], torch.full((100_000,), 2.0)) and torch.equal(t["a"], torch.full((100,), 2.0))
+        assert _shm_names() - before == set()  # in use, and still no name anywhere
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+        with pytest.raises(ch.ChannelClosed):
+            client.request({"op": "echo"}, {"a": torch.ones(100)}, timeout=60)
+    finally:
+        client.close()
+    assert _shm_names() - before == set()
+
+
+def test_unsealed_or_foreign_fds_are_refused():
+    """A peer that passes a plain file or an unsealed memfd as a segment gets a ChannelError."""
+    import array
+    import socket as so
+
+    a, b = so.socketpair()
+    chan = ch.Channel(a, 4096)
+    try:
+        fd = os.memfd_create("x")  # not sealed: the peer could shrink it under our reads
+        os.ftruncate(fd, 4096)
+        meta = ch.encode_meta({}, {}, [["x", "uint8", [16], "emlo_1_ab", 0, 16]], [])
+        b.sendmsg([meta], [(so.SOL_SOCKET, so.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+        os.close(fd)
+        with pytest.raises(ch.ChannelError, match="sealed"):
+            chan.recv()
+        with open(__file__, "rb") as f:  # a file of the peer's choosing
+            b.sendmsg([meta], [(so.SOL_SOCKET, so.SCM_RIGHTS, array.array("i", [f.fileno()]).tobytes())])
+        with pytest.raises(ch.ChannelError, match="not a memfd"):
+            chan.recv()
+    finally:
+        chan.close()
+        b.close()
 
 
 @pytest.mark.parametrize("meta", [

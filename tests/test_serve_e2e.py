@@ -7,6 +7,7 @@ its status and counted, and a good request must still succeed right after.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from enclaveml.protocol import ModelPin, ModelRef, Target
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
 from enclaveml.serve import protocol
+from enclaveml.serve.upload import sign_upload
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 
 MODEL = "darknet"
@@ -261,6 +263,7 @@ def test_key_release_cannot_be_replayed_or_forged(served):
     att = s.client.attest()
     release = seal_key_release(s.owner, att.public_key, MODEL, s.key, att.nonce)
     body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
+    body = sign_upload(s.owner, MODEL, body, time.time()) + body
     r1 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)
     assert r1.status_code == 200 and r1.json()["replaced"] is True
     r2 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)  # same nonce again
@@ -268,6 +271,7 @@ def test_key_release_cannot_be_replayed_or_forged(served):
     forged = bytearray(release)
     forged[-5] ^= 1
     body = protocol.pack_parts({protocol.KEY_RELEASE: bytes(forged), **files})
+    body = sign_upload(s.owner, MODEL, body, time.time()) + body
     r3 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)
     assert r3.status_code == 400 and r3.json()["error"] == "TamperedMessage"
     _good(s)

@@ -167,8 +167,7 @@ def service(tmp_path_factory):
     owner = SigningKey.generate()
     _, key = make_bundle(model, 2, base / "b", {"zoo": "darknet"}, entry.preprocessing, list(entry.classes), owner)
     svc = EnclaveService(get_backend("sim", platform_dir=base / "platform", lock_memory=False))
-    nonce = b"deploy-nonce-123"
-    svc.evidence(nonce)
+    nonce = svc.issue_nonce(b"deploy-nonce-123")
     files = bundle_files(base / "b")
     svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, nonce), files)
     _, back = read_public_bundle(files)
@@ -224,9 +223,9 @@ def test_enclave_service_refuses_and_stays_consistent(service):
     with pytest.raises(E.ReplayedMessage):
         svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"never-issued-nonce"), files)
     other = SigningKey.generate()
-    svc.evidence(b"nonce-for-mallory")
+    n = svc.issue_nonce(b"nonce-for-mallory")
     with pytest.raises(E.Unauthorized):
-        svc.delete(D, seal_owner_command(other, svc.public_key(), "delete", "d", b"nonce-for-mallory"))
+        svc.delete(D, seal_owner_command(other, svc.public_key(), "delete", "d", n))
     assert svc.models() == [D]
     outs = svc.front_batch(D, [_request(svc, b"junk")[0], b"\x00" * 10])
     assert isinstance(outs[0], E.DataError) and isinstance(outs[1], E.TamperedMessage)
@@ -277,7 +276,8 @@ def test_error_items_are_as_long_as_results():
         size = protocol.result_size(ID, labels, top_k, logits)
         assert len(protocol.encode_error_item(ID, labels, top_k, logits)) == size
         assert len(protocol.encode_result(ID, [0.2, 0.3, 0.5], labels, top_k, [1.0, 2.0, 3.0] if logits else None)) == size
-    assert len(protocol.encode_error_item(ID, ["a"], 1, False)) == protocol.RESULT_BLOCK
+    one = len(protocol.encode_error_item(ID, ["a"], 1, False))  # F-26: a label counts at its longest allowed
+    assert one == protocol.result_size(ID, ["x" * 256], 1, False) and one % protocol.RESULT_BLOCK == 0
 
 
 def test_client_splits_batches_by_count_and_bytes():
@@ -312,9 +312,9 @@ def test_only_zoo_architectures_are_served(tmp_path):
     files[MANIFEST] = json.dumps(m).encode()
     files[SIGNATURE] = json.dumps({"alg": "Ed25519", "owner": owner.public_key().to_bytes().hex(),
                                    "signature": owner.sign(MANIFEST_LABEL + files[MANIFEST]).hex()}).encode()
-    svc.evidence(b"nonce-0123456789")
+    n = svc.issue_nonce(b"nonce-0123456789")
     with pytest.raises(E.UserInputError):
-        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, b"nonce-0123456789"), files)
+        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, n), files)
     assert not (tmp_path / "pwned").exists() and svc.models() == []
 
 
@@ -388,7 +388,8 @@ def test_client_does_not_resend_images_when_the_host_claims_tampering():
 
     from enclaveml.crypto import HpkeKeyPair
 
-    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"], models={"m": {"owner": "ab" * 32}}),
+    pin = {"owner": "ab" * 32, "bundle_ids": [], "min_k": 1}
+    c = sdk.EnclaveClient("http://host.invalid", Policy(allowed_backends=["sim"], models={"m": pin}),
                           http=httpx.Client(transport=httpx.MockTransport(handler)))
     att = sdk.AttestedEnclave(HpkeKeyPair.generate().public_bytes(), b"n" * 32, None, float("inf"))
     target = c.target("m")
@@ -426,8 +427,7 @@ def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_
     backend = get_backend("sim", platform_dir=tmp_path / "p", lock_memory=False, config=cfg)
     for allowed, ok in (((), False), ((factory,), True)):
         svc = EnclaveService(backend, allowed_factories=allowed)
-        nonce = b"factory-nonce-01"
-        svc.evidence(nonce)
+        nonce = svc.issue_nonce(b"factory-nonce-01")
         release = seal_key_release(owner, svc.public_key(), "fac", key, nonce)
         if ok:
             assert svc.deploy("fac", release, files)["model"].endswith("/fac")

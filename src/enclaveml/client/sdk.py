@@ -27,9 +27,11 @@ import httpx
 
 from .. import errors as E
 from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_request
+from ..crypto.nonces import SUFFIX_BYTES as NONCE_SUFFIX_BYTES
 from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, decode_identity, frame_target,
                                  identity_aad, infer_aad)
 from ..serve import protocol
+from ..serve.upload import sign_upload
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
 #: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.
@@ -181,12 +183,15 @@ class EnclaveClient:
             body = loads_untrusted(r.content)
             pk = bytes.fromhex(body["public_key"])
             evidence = Evidence.from_dict(body["evidence"])
+            issued = bytes.fromhex(body["nonce"])  # ours, extended by the enclave (crypto/nonces.py)
         except (KeyError, TypeError, ValueError):
             raise E.EvidenceRejected("the server's evidence answer is malformed") from None
         if len(pk) != 32:
             raise E.EvidenceRejected("the enclave public key is not 32 bytes")
-        claims = verify_evidence(evidence, self.policy, bind_report_data(pk, nonce))
-        att = AttestedEnclave(pk, nonce, claims, time.monotonic())
+        if not (issued.startswith(nonce) and len(issued) == len(nonce) + NONCE_SUFFIX_BYTES):
+            raise E.EvidenceRejected("the enclave's nonce does not extend the one the client sent")
+        claims = verify_evidence(evidence, self.policy, bind_report_data(pk, issued))
+        att = AttestedEnclave(pk, issued, claims, time.monotonic())
         with self._lock:
             self._attested = att
         return att
@@ -221,7 +226,9 @@ class EnclaveClient:
         att = self.attest()  # always fresh: the release is bound to this nonce
         release = seal_key_release(owner_key, att.public_key, name, model_key, att.nonce)
         body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
-        out = _json_body(self._request("POST", f"/v1/models/{name}", content=body,
+        # The signed header first: the host checks it before it reads (or stores) the body.
+        prefix = sign_upload(owner_key, name, body, time.time())
+        out = _json_body(self._request("POST", f"/v1/models/{name}", content=prefix + body,
                                        headers={"content-type": "application/octet-stream"}))
         owner = owner_key.public_key().to_bytes().hex()
         with self._lock:

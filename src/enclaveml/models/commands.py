@@ -18,33 +18,15 @@ from ..errors import UserInputError
 
 
 def _partition_point(at: Optional[int], assessment: Optional[Path], model_name: str, force: bool) -> int:
-    """K from --at, or the assessment's `recommended` point; never shallower than it unless forced."""
+    """K from --at, or the assessment's `recommended` point; never shallower than it unless forced
+    (the rule lives in `choose.partition_point`, shared with the Python API)."""
+    from .choose import CLI_ARGS, partition_point, read_assessment, recommended_point
+
     recommended = None
     if assessment is not None:
-        try:
-            report = json.loads(Path(assessment).read_text())
-        except OSError as e:
-            raise UserInputError(f"{assessment}: cannot read assessment ({e.strerror})") from None
-        except ValueError:
-            raise UserInputError(f"{assessment}: not a JSON assessment report") from None
-        if not isinstance(report, dict) or "recommended" not in report:
-            raise UserInputError(f"{assessment}: no 'recommended' partition point in the assessment")
-        named = report.get("model")
-        if isinstance(named, str) and named != model_name:
-            raise UserInputError(f"{assessment}: the assessment is for model {named!r}, not {model_name!r}")
-        recommended = report["recommended"]
-        if recommended is not None and (isinstance(recommended, bool) or not isinstance(recommended, int)):
-            raise UserInputError(f"{assessment}: 'recommended' must be a layer index")
-    if at is None:
-        if assessment is None:
-            raise UserInputError("give the partition point with --at K, or an assessment with --assessment FILE")
-        if recommended is None:
-            raise UserInputError(f"{assessment}: the assessment recommends no partition point; choose one with --at K")
-        return recommended
-    if recommended is not None and at < recommended and not force:
-        raise UserInputError(f"--at {at} is shallower than the assessment's recommended point {recommended} "
-                             "(its IR leaks by that assessment); pass --force to override")
-    return at
+        recommended = recommended_point(read_assessment(assessment), model_name, str(assessment))
+    return partition_point(at, recommended, assessed=assessment is not None, force=force,
+                           source=str(assessment), names=CLI_ARGS)
 
 
 def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: Optional[str],

@@ -6,11 +6,14 @@ responses. Every `EnclaveMLError` becomes a status code, a short JSON error and 
 server keeps serving.
 
 Routes (docs/serving.md):
-    GET    /healthz                      liveness: enclave process up, deployed models
+    GET    /healthz                      liveness: "ok" (200) or why not (503): enclave restarting,
+                                         unresponsive (missed a ping) or down; deployed models
     GET    /metrics[?format=json]        counters, latency and batch-size histograms
-    GET    /v1/evidence?nonce=HEX        the enclave's evidence binding SHA-256(pk || nonce), and pk
+    GET    /v1/evidence?nonce=HEX        the enclave's nonce (HEX || time || MAC), evidence binding
+                                         SHA-256(pk || that nonce), and pk
     GET    /v1/models                    deployments (OWNERHEX/name) and public bundle facts
-    POST   /v1/models/{name}             deploy/replace: pack_parts(key_release + bundle files); the
+    POST   /v1/models/{name}             deploy/replace: signed upload header, then
+                                         pack_parts(key_release + bundle files) (serve/upload.py); the
                                          deployment is OWNERHEX/name for the key-release signer
     DELETE /v1/models/{owner}/{name}     delete: an owner command sealed to the enclave
     POST   /v1/models/{owner}/{name}/identity  the deployed identity, sealed to the asking client
@@ -20,6 +23,7 @@ Routes (docs/serving.md):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import threading
 import time
@@ -36,9 +40,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from .. import errors as E
 from ..protocol.identity import ModelRef
 from . import protocol
-from .batcher import pick_device
+from .batcher import BatcherClosed, pick_device
 from .channel import ChannelError, RemoteError
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
+from .upload import MAX_HEADER_BYTES, PREFIX_BYTES, UploadHeader, UploadTooLarge
 
 #: Status code for each error kind; anything not listed is a 500 (and its message is not sent).
 STATUS = {
@@ -53,6 +58,7 @@ STATUS = {
     "UnknownModel": 404,
     "ReplayedMessage": 409,
     "EnclaveUnavailable": 503,
+    "ServerBusy": 503,
 }
 ERROR_CLASSES = (E.UnknownModel, E.DataError, E.PartitionError, E.UserInputError, E.TamperedMessage,
                  E.ReplayedMessage, E.EvidenceRejected, E.PolicyViolation, E.Unauthorized)
@@ -60,6 +66,10 @@ ERROR_CLASSES = (E.UnknownModel, E.DataError, E.PartitionError, E.UserInputError
 
 class PayloadTooLarge(E.UserInputError):
     """A request body is over the configured limit."""
+
+
+class ServerBusy(E.EnclaveMLError):
+    """The host cannot take this request now (too many uploads, enclave restarting): 503 + Retry-After."""
 
 
 @dataclass
@@ -78,15 +88,30 @@ class ServerConfig:
     worker_launch: Any = None
     #: Model factories besides the zoo that host and enclave build ('package.module:function').
     allowed_factories: tuple[str, ...] = ()
+    #: Owner keys (raw 32 bytes) that may upload; None: any key that signs its upload header.
+    allowed_owners: "frozenset[bytes] | None" = None
+    #: Uploads streamed at once; more get 503 with Retry-After.
+    max_concurrent_uploads: int = 2
+    #: Longest wait for an upload's signed header, and for its whole body (slow senders).
+    upload_header_timeout_s: float = 10.0
+    upload_timeout_s: float = 600.0
+    #: Liveness: a ping through the channel every `ping_interval_s`; no answer within
+    #: `ping_timeout_s` means the worker is hung (reported by /healthz, then restarted).
+    ping_interval_s: float = 2.0
+    ping_timeout_s: float = 10.0
+    #: Seconds a 503 answer tells the client to wait (Retry-After).
+    retry_after_s: int = 2
 
 
 def error_kind(e: BaseException) -> str:
-    if isinstance(e, PayloadTooLarge):
+    if isinstance(e, (PayloadTooLarge, UploadTooLarge)):
         return "PayloadTooLarge"
+    if isinstance(e, ServerBusy):
+        return "ServerBusy"
     for cls in ERROR_CLASSES:
         if isinstance(e, cls):
             return cls.__name__
-    if isinstance(e, ChannelError):
+    if isinstance(e, (ChannelError, BatcherClosed)):
         return "EnclaveUnavailable"
     return "InternalError"
 
@@ -116,6 +141,120 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+class _Stream:
+    """Reads an ASGI request body in pieces of the caller's choosing, with time limits."""
+
+    def __init__(self, request: Request):
+        self._it = request.stream().__aiter__()
+        self._buf = bytearray()
+        self._eof = False
+
+    async def _more(self, deadline: float) -> bool:
+        if self._eof:
+            return False
+        try:
+            chunk = await asyncio.wait_for(self._it.__anext__(), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            self._eof = True
+            return False
+        except asyncio.TimeoutError:
+            raise E.DataError("upload is too slow") from None
+        self._buf += chunk
+        return True
+
+    async def read_exact(self, n: int, deadline: float) -> bytes:
+        while len(self._buf) < n:
+            if not await self._more(deadline):
+                raise E.DataError("upload is truncated")
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def chunks(self, deadline: float):
+        """The rest of the body, as it arrives."""
+        while True:
+            if self._buf:
+                out, self._buf = bytes(self._buf), bytearray()
+                yield out
+            if not await self._more(deadline):
+                return
+
+
+async def receive_upload(request: Request, model_id: str, s: "HostState") -> tuple[UploadHeader, dict[str, bytes]]:
+    """Read an upload's signed header (at most 4 KiB), check it, and only then stream the body to
+    a temporary file in the store (never whole in memory while it arrives), hashing it, under the
+    signed size; the parts come back once the hash matches. The file is removed on every path.
+    At most `max_concurrent_uploads` bodies are streamed at once (more: ServerBusy, 503)."""
+    import hashlib
+
+    from . import upload as U
+
+    cfg = s.cfg
+    cl = request.headers.get("content-length")
+    try:
+        declared = int(cl) if cl is not None else None
+    except ValueError:
+        raise E.UserInputError("bad Content-Length") from None
+    if declared is not None and declared > PREFIX_BYTES + MAX_HEADER_BYTES + cfg.max_upload_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the {cfg.max_upload_bytes}-byte limit")
+    stream = _Stream(request)
+    deadline = time.monotonic() + cfg.upload_header_timeout_s
+    n = U.header_length(await stream.read_exact(PREFIX_BYTES, deadline))
+    header = U.parse_upload_header(await stream.read_exact(n, deadline))
+    U.check_upload_header(header, model_id, cfg.max_upload_bytes, time.time(), cfg.allowed_owners)
+    if declared is not None and declared != PREFIX_BYTES + n + header.size:
+        raise E.DataError("Content-Length does not match the upload's signed size")
+    if s.uploads.locked():
+        raise ServerBusy(f"{cfg.max_concurrent_uploads} uploads are in progress; try again later")
+    async with s.uploads:
+        path = s.store.new_upload_path()
+        try:
+            digest, got = hashlib.sha256(), 0
+            deadline = time.monotonic() + cfg.upload_timeout_s
+            with open(path, "wb") as f:
+                pending: list[bytes] = []
+                queued = 0
+                async for chunk in stream.chunks(deadline):
+                    got += len(chunk)
+                    if got > header.size:
+                        raise UploadTooLarge("upload body is longer than its signed size")
+                    digest.update(chunk)
+                    pending.append(chunk)
+                    queued += len(chunk)
+                    if queued >= 1 << 20:
+                        await asyncio.to_thread(f.writelines, pending)
+                        pending, queued = [], 0
+                await asyncio.to_thread(f.writelines, pending)
+            if got != header.size:
+                raise E.DataError("upload body is shorter than its signed size")
+            if not hmac.compare_digest(digest.digest(), header.sha256):
+                raise E.TamperedMessage("upload body does not match its signed SHA-256")
+            return header, await asyncio.to_thread(_unpack_upload, path)
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _unpack_upload(path: Path) -> dict[str, bytes]:
+    """The parts of a verified upload file (mapped, not read whole, then copied part by part)."""
+    import mmap
+
+    from ..models import bundle as B
+
+    allowed = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS, B.HEAD}
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return protocol.unpack_parts(b"", allowed)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                return protocol.unpack_parts(view, allowed)
+            finally:
+                view.release()
+
+
 async def wait(fut: Future):
     return await asyncio.wrap_future(fut)
 
@@ -124,6 +263,11 @@ async def wait(fut: Future):
 #: restarts of a worker that keeps dying.
 SUPERVISE_S = 0.5
 MAX_RESTART_BACKOFF_S = 30.0
+#: /healthz statuses (all but "ok" answer 503 with Retry-After; docs/serving.md).
+STATUS_OK = "ok"
+STATUS_RESTARTING = "enclave restarting"
+STATUS_UNRESPONSIVE = "enclave unresponsive"
+STATUS_DOWN = "enclave down"
 
 
 class HostState:
@@ -141,6 +285,10 @@ class HostState:
         self.pipelines: dict = {}
         self.public: dict[str, dict] = {}
         self.lock = threading.Lock()
+        #: Upload bodies being streamed to disk (`receive_upload`).
+        self.uploads = asyncio.Semaphore(max(1, cfg.max_concurrent_uploads))
+        #: What /healthz reports: STATUS_OK, or why the enclave cannot serve now.
+        self.status = STATUS_RESTARTING  # until the stored deployments are restored
         self.enclave = self.start_enclave()
 
     def start_enclave(self):
@@ -156,7 +304,14 @@ class HostState:
             "measurement": enclave.info.get("measurement"), "hardening": enclave.info.get("hardening")}})
         return enclave
 
+    def check_ready(self) -> None:
+        """While the worker restarts (its deployments not yet restored), every model route answers
+        503 with Retry-After, never 404: the client should wait, not conclude the model is gone."""
+        if self.status != STATUS_OK or not self.enclave.alive():
+            raise ChannelError("the enclave worker is restarting")
+
     def pipeline(self, model_id: str):
+        self.check_ready()
         with self.lock:
             p = self.pipelines.get(model_id)
         if p is None:
@@ -207,34 +362,54 @@ class HostState:
                     "model": model_id, "kind": error_kind(e), "message": str(e)[:200]}})
 
     async def supervise(self) -> None:
-        """Restart a dead enclave worker and restore its deployments (with backoff if it keeps dying).
+        """Restart a dead or hung enclave worker and restore its deployments (with backoff if it
+        keeps dying). Hung: it did not answer a liveness ping within `ping_timeout_s`.
 
-        Requests in flight when it died get 503 (EnclaveUnavailable); clients then see a new
-        enclave key, attest again and resend themselves (the SDK never resends on the host's word).
+        Requests in flight when it died get 503 (EnclaveUnavailable); so does every model request
+        until the deployments are restored (`check_ready`). Clients then see a new enclave key,
+        attest again and resend themselves (the SDK never resends on the host's word).
         """
         backoff = SUPERVISE_S
+        next_ping = time.monotonic() + self.cfg.ping_interval_s
         while True:
             await asyncio.sleep(SUPERVISE_S)
-            if self.enclave.alive():
+            reason = None if self.enclave.alive() else "died"
+            if reason is None and time.monotonic() >= next_ping:
+                if not await self.enclave.ping(self.cfg.ping_timeout_s):
+                    reason = "unresponsive" if self.enclave.alive() else "died"
+                next_ping = time.monotonic() + self.cfg.ping_interval_s
+            if reason is None:
                 backoff = SUPERVISE_S
                 continue
-            dead = self.enclave
-            self.metrics.inc("enclave_restarts_total")
-            self.log.warning("enclave worker died; restarting", extra={"fields": {
-                "enclave_pid": dead.pid, "exit_code": dead.proc.poll()}})
-            with self.lock:
-                old, self.pipelines, self.public = list(self.pipelines.values()), {}, {}
-            for p in old:
-                p.close()
-            await asyncio.to_thread(dead.close)
-            try:
-                self.enclave = await asyncio.to_thread(self.start_enclave)
-            except Exception as e:
-                self.log.warning("enclave restart failed", extra={"fields": {"type": type(e).__name__}})
+            if not await self.restart(reason):
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, MAX_RESTART_BACKOFF_S)
-                continue
-            await self.restore_all()
+
+    async def restart(self, reason: str) -> bool:
+        """Replace the worker ("died" or "unresponsive": then it is killed first) and restore the
+        deployments; False if the new worker did not start (the caller retries)."""
+        dead = self.enclave
+        self.status = STATUS_UNRESPONSIVE if reason == "unresponsive" else STATUS_RESTARTING
+        self.metrics.inc("enclave_restarts_total", reason=reason)
+        self.log.warning("enclave worker " + ("does not answer" if reason == "unresponsive" else "died")
+                         + "; restarting", extra={"fields": {"enclave_pid": dead.pid, "reason": reason,
+                                                             "exit_code": dead.proc.poll()}})
+        with self.lock:
+            old, self.pipelines, self.public = list(self.pipelines.values()), {}, {}
+        for p in old:
+            p.close()
+        if reason == "unresponsive":
+            dead.kill()  # a stopped or hung process never exits by itself
+        await asyncio.to_thread(dead.close)
+        try:
+            self.enclave = await asyncio.to_thread(self.start_enclave)
+        except Exception as e:
+            self.status = STATUS_DOWN
+            self.log.warning("enclave restart failed", extra={"fields": {"type": type(e).__name__}})
+            return False
+        await self.restore_all()
+        self.status = STATUS_OK
+        return True
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:
@@ -244,6 +419,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         state["s"] = await asyncio.to_thread(HostState, cfg, asyncio.get_running_loop())
         await state["s"].restore_all()
+        state["s"].status = STATUS_OK
         supervisor = asyncio.ensure_future(state["s"].supervise())
         try:
             yield
@@ -268,7 +444,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             if code >= 500:
                 s.log.warning("server error", extra={"fields": {"route": _route_name(request.url.path, request.method), "kind": body["error"],
                                                                 "type": type(e).__name__}})
-        return JSONResponse(body, status_code=code)
+        headers = {"Retry-After": str(cfg.retry_after_s)} if code == 503 else None
+        return JSONResponse(body, status_code=code, headers=headers)
 
     for exc_type in (E.EnclaveMLError, ChannelError, RemoteError, Exception):
         app.add_exception_handler(exc_type, on_error)
@@ -276,10 +453,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         s = S()
-        ok = s.enclave.alive()
-        body = {"status": "ok" if ok else "enclave down", "tee": cfg.tee, "enclave_pid": s.enclave.pid,
+        status = s.status if s.enclave.alive() or s.status != STATUS_OK else STATUS_DOWN
+        ok = status == STATUS_OK
+        body = {"status": status, "tee": cfg.tee, "enclave_pid": s.enclave.pid,
                 "device": str(s.device), "models": sorted(s.pipelines)}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": str(cfg.retry_after_s)})
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus"):
@@ -292,7 +471,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         if not 16 <= len(nonce) <= 128:
             raise E.DataError("nonce must be 8 to 64 bytes of hex")
         h, _, _ = await wait(S().enclave.call_async({"op": "evidence", "nonce": nonce}))
-        return {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": nonce}
+        # The enclave's nonce: the caller's, extended with a time and the enclave's MAC (bound
+        # into the evidence; an owner command carries it).
+        return {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": h["nonce"]}
 
     @app.get("/v1/models")
     async def list_models():
@@ -302,16 +483,17 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def deploy(name: str, request: Request):
         s = S()
         protocol.check_model_id(name)
-        body = await read_body(request, cfg.max_upload_bytes)
+        s.check_ready()
         from ..models import bundle as B
 
-        allowed = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS, B.HEAD}
-        files = protocol.unpack_parts(body, allowed)
+        header, files = await receive_upload(request, name, s)
         missing = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS} - set(files)
         if missing:
             raise E.DataError(f"upload is missing {', '.join(sorted(missing))}")
         # Check the public half first, so that a bad BackNet changes nothing in the enclave.
         public = B.load_manifest(files)
+        if public.owner != header.owner.to_bytes().hex():  # the uploader is the bundle's owner
+            raise E.Unauthorized("the upload is signed by another key than the bundle's owner")
         protocol.check_servable_arch(public.arch, cfg.allowed_factories)
         if set(files) - {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE} != set(public.part_names):
             raise E.DataError(f"upload parts do not match the manifest ({', '.join(public.part_names)})")
@@ -335,6 +517,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def delete(owner: str, name: str, request: Request):
         s = S()
         ref = ModelRef(owner, name)
+        s.check_ready()
         body = await read_body(request, 65536)
         await wait(s.enclave.call_async({"op": "delete", "model": str(ref)}, None, {"command": body}))
         with s.lock:
@@ -350,6 +533,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def identity(owner: str, name: str, request: Request):
         s = S()
         ref = ModelRef(owner, name)
+        s.check_ready()
         body = await read_body(request, 8192)
         _, _, b = await wait(s.enclave.call_async({"op": "identity", "model": str(ref)}, None, {"request": body}))
         return Response(b["identity"], media_type="application/octet-stream")

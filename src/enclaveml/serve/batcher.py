@@ -30,6 +30,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 INLINE_ROWS = 1
 
 
+
+class BatcherClosed(RuntimeError):
+    """The batcher was closed (its model was replaced, or its enclave is restarting)."""
+
+
 class BackNetExecutor:
     """Runs one BackNet on batches of IR tensors (each (rows, ...), one request's decoded images)
     on its own thread (GPU if any); `max_batch` counts rows."""
@@ -87,7 +92,7 @@ class AsyncBatcher:
 
     async def submit(self, item: Any) -> Any:
         if self._closed:
-            raise RuntimeError("batcher is closed")
+            raise BatcherClosed("batcher is closed")
         fut = asyncio.get_running_loop().create_future()
         self._items.append((item, fut))
         self._waiting += self.weight(item)
@@ -149,4 +154,4 @@ class AsyncBatcher:
         self._waiting = 0
         for _, fut in items:
             if not fut.done():
-                fut.set_exception(RuntimeError("batcher is closed"))
+                fut.set_exception(BatcherClosed("batcher is closed"))

@@ -5,7 +5,7 @@ CalTrain training enclave both use it; it knows nothing about models or cryptogr
 
 Why not `multiprocessing` queues: they pickle, and unpickling bytes from the other trust side runs
 code. Here a message is a JSON header, named raw byte blobs, and named tensors whose bytes travel
-through POSIX shared memory (only name, dtype, shape and place travel on the socket).
+through shared memory (only name, dtype, shape and place travel on the socket).
 
 Frame on the socket (one `socket.socketpair`, SOCK_STREAM, inherited by the worker as an fd):
 
@@ -19,9 +19,17 @@ Tensors: each side owns one shared-memory *arena* (created on its first tensor s
 outgoing tensors into (first-fit allocation, 64-byte aligned). The receiver copies a tensor out in
 `recv()` and at once sends a small control frame ("f") so the sender can reuse the slot. If the
 arena is full (or a tensor is larger than it) the sender uses a one-off segment that the receiver
-unlinks after copying, so a send never blocks waiting for the peer. Received tensors are private
+maps, copies and drops, so a send never blocks waiting for the peer. Received tensors are private
 copies: the sender may overwrite its arena at once, and the receiver validates after copying, so
 the peer cannot change a tensor under the receiver's feet.
+
+Segments are anonymous (`memfd_create`), never names in /dev/shm: their fds travel with the
+frame that first refers to them (SCM_RIGHTS ancillary data on the socket; an arena's once, a
+one-off's with its frame), in the order the tensor descriptors first name them, so a segment's
+memory goes when the last process mapping it exits, however it exits (SIGKILL included; security
+review F-34). The sender seals each segment (no shrink, no grow); the receiver maps only sealed
+memfds, read-only, so the peer cannot make a read fault by truncating it. Segment names in
+descriptors ("emla_..." arenas, "emlo_..." one-offs) are labels within the channel.
 
 Without shared memory (`Channel(use_shm=False)`: enclaves that cannot map host memory, reached
 over a socket path with `spawn_enclave_worker_at`), a tensor's segment is "" and its bytes follow
@@ -52,7 +60,10 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from multiprocessing import resource_tracker, shared_memory
+import array
+import fcntl
+import mmap
+import stat
 from typing import Any, Callable
 
 import numpy as np
@@ -101,17 +112,67 @@ class ChannelClosed(ChannelError):
 # Shared memory: attach without the resource tracker, and the sender's arena.
 
 
-def _untrack(shm: shared_memory.SharedMemory) -> None:
-    """Python < 3.13 registers every attach with the resource tracker, which would unlink the
-    segment when *this* process exits; segments here have exactly one owner that unlinks them."""
-    try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:
-        pass
-
-
 def _segment_name(kind: str) -> str:
     return f"eml{kind}_{os.getpid()}_{os.urandom(6).hex()}"
+
+
+#: Seals a segment must carry before the receiver maps it: it can never shrink under the reader
+#: (a shrunk mapping would fault, SIGBUS, on read) nor have its seals removed.
+_REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+#: File descriptors one frame may carry (its one-off segments and at most one arena).
+MAX_FDS_PER_FRAME = 64
+#: Distinct arenas a peer may announce over a channel's life (an honest peer has one).
+MAX_PEER_ARENAS = 4
+
+
+class Segment:
+    """An anonymous shared-memory segment (memfd): it has no name in /dev/shm, so nothing
+    outlives the processes that map it, whichever of them is killed. Its fd travels to the peer
+    over the Unix socket (SCM_RIGHTS), sealed against shrinking and growing."""
+
+    def __init__(self, size: int, kind: str):
+        self.name = _segment_name(kind)  # a label inside frames only, never a file name
+        self.size = max(int(size), 1)
+        self.fd = os.memfd_create(self.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, self.size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.map = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.buf = memoryview(self.map)
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        self.close_fd()
+        self.buf.release()
+        try:
+            self.map.close()
+        except BufferError:  # a view is still exported: the mapping goes with it
+            pass
+
+
+def _map_peer_fd(fd: int) -> mmap.mmap:
+    """Map a segment fd from the peer read-only, after checking it is a sealed regular file."""
+    try:
+        try:
+            st = os.fstat(fd)
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)  # EINVAL for anything but a memfd
+        except OSError:
+            raise ChannelError("peer's shared-memory segment is not a memfd") from None
+        if not stat.S_ISREG(st.st_mode) or seals & _REQUIRED_SEALS != _REQUIRED_SEALS or st.st_size < 1:
+            raise ChannelError("peer's shared-memory segment is not a sealed memfd")
+        try:
+            return mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except OSError:
+            raise ChannelError("peer's shared-memory segment cannot be mapped") from None
+    finally:
+        os.close(fd)
 
 
 class _Arena:
@@ -119,10 +180,12 @@ class _Arena:
 
     def __init__(self, size: int):
         self.size = size
-        self.shm = shared_memory.SharedMemory(name=_segment_name("a"), create=True, size=size)
+        self.shm = Segment(size, "a")
         self._free: list[tuple[int, int]] = [(0, size)]  # sorted (offset, length)
         self._used: dict[int, int] = {}
         self._lock = threading.Lock()
+        #: Whether the peer has this arena's fd (it travels with the first frame that uses it).
+        self.announced = False
 
     @property
     def name(self) -> str:
@@ -161,13 +224,7 @@ class _Arena:
             return sum(self._used.values())
 
     def close(self) -> None:
-        try:
-            self.shm.close()
-        finally:
-            try:
-                self.shm.unlink()
-            except FileNotFoundError:
-                pass
+        self.shm.close()
 
 
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -259,7 +316,8 @@ class Channel:
         self.use_shm = bool(use_shm)
         self.arena_bytes = int(arena_bytes)
         self._arena: _Arena | None = None
-        self._peer_segments: dict[str, shared_memory.SharedMemory] = {}
+        self._peer_segments: dict[str, mmap.mmap] = {}  # the peer's arenas, mapped read-only
+        self._fds: list[int] = []  # segment fds received with the frame being read
         self._send_lock = threading.Lock()
         self._arena_lock = threading.Lock()
         self._closed = False
@@ -284,7 +342,7 @@ class Channel:
                 self._arena = _Arena(self.arena_bytes)
             return self._arena
 
-    def _place(self, name: str, t: torch.Tensor) -> list:
+    def _place(self, name: str, t: torch.Tensor, one_offs: dict[str, Segment]) -> list:
         if t.dtype not in _DTYPE_NAMES:
             raise ChannelError(f"tensor {name!r}: dtype {t.dtype} cannot travel on the channel")
         src = _tensor_bytes(t)
@@ -294,13 +352,14 @@ class Channel:
         if off is not None:
             arena.shm.buf[off:off + n] = src
             seg = arena.name
-        else:  # arena full: a one-off segment the receiver unlinks
-            one = shared_memory.SharedMemory(name=_segment_name("o"), create=True, size=max(n, 1))
+        else:  # arena full: a one-off segment that travels with this frame only
+            one = Segment(n, "o")
             try:
                 one.buf[:n] = src
-            finally:
-                _untrack(one)
+            except BaseException:
                 one.close()
+                raise
+            one_offs[one.name] = one
             seg, off = one.name, 0
         return [name, _DTYPE_NAMES[t.dtype], list(t.shape), seg, off, n]
 
@@ -309,28 +368,45 @@ class Channel:
         """Send one message. Tensors go through shared memory; blobs and header on the socket."""
         blobs = {k: (v if isinstance(v, (bytes, bytearray, memoryview)) else bytes(v)) for k, v in (blobs or {}).items()}
         if self.use_shm:
-            descs = [self._place(name, t) for name, t in (tensors or {}).items()]
-            inline: list = []
-        else:  # tensor bytes follow the blobs on the socket
-            descs, inline = [], []
-            for name, t in (tensors or {}).items():
-                if t.dtype not in _DTYPE_NAMES:
-                    raise ChannelError(f"tensor {name!r}: dtype {t.dtype} cannot travel on the channel")
-                src = _tensor_bytes(t)
-                descs.append([name, _DTYPE_NAMES[t.dtype], list(t.shape), INLINE, 0, src.nbytes])
-                inline.append(src)
+            one_offs: dict[str, Segment] = {}
+            try:
+                descs = [self._place(name, t, one_offs) for name, t in (tensors or {}).items()]
+                self._send_frame(encode_meta(header, blobs, descs, []), list(blobs.values()), descs, one_offs)
+            finally:
+                for one in one_offs.values():  # the peer has its own fd (or never will): unmap ours
+                    one.close()
+            return
+        descs, inline = [], []  # no shared memory: tensor bytes follow the blobs on the socket
+        for name, t in (tensors or {}).items():
+            if t.dtype not in _DTYPE_NAMES:
+                raise ChannelError(f"tensor {name!r}: dtype {t.dtype} cannot travel on the channel")
+            src = _tensor_bytes(t)
+            descs.append([name, _DTYPE_NAMES[t.dtype], list(t.shape), INLINE, 0, src.nbytes])
+            inline.append(src)
         self._send_frame(encode_meta(header, blobs, descs, []), list(blobs.values()) + inline)
 
-    def _send_frame(self, meta: bytes, blobs: list) -> None:
-        """Meta and blobs in as few syscalls as the kernel allows (scatter-gather `sendmsg`)."""
+    def _send_frame(self, meta: bytes, blobs: list, descs: list | None = None,
+                    one_offs: "dict[str, Segment] | None" = None) -> None:
+        """Meta and blobs in as few syscalls as the kernel allows (scatter-gather `sendmsg`); the
+        fds of the segments the peer does not have yet ride on the first call (SCM_RIGHTS), in
+        the order the descriptors first name them (`_bind_fds` on the other side)."""
         if self._closed:
             raise ChannelClosed("channel is closed")
         views = [memoryview(meta)] + [memoryview(b).cast("B") for b in blobs if len(b)]
         with self._send_lock:
+            fds: list[int] = []
+            for seg in dict.fromkeys(d[3] for d in descs or ()):
+                if one_offs and seg in one_offs:
+                    fds.append(one_offs[seg].fd)
+                elif self._arena is not None and seg == self._arena.name and not self._arena.announced:
+                    fds.append(self._arena.shm.fd)
+                    self._arena.announced = True  # under the send lock: the first frame to go carries it
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
             try:
                 while views:
                     try:
-                        sent = self.sock.sendmsg(views[:_IOV_MAX])
+                        sent = self.sock.sendmsg(views[:_IOV_MAX], anc)
+                        anc = []
                     except BlockingIOError:  # an event loop polling this socket made it non-blocking
                         select.select([], [self.sock], [], 1.0)
                         continue
@@ -350,52 +426,63 @@ class Channel:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
+        anc_size = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * 4)
         while got < n:
             try:
-                k = self.sock.recv_into(view[got:], n - got)
+                k, anc, flags, _ = self.sock.recvmsg_into([view[got:]], anc_size, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:  # non-blocking (polled by an event loop): the rest is coming
                 select.select([self.sock], [], [], 1.0)
                 continue
             except OSError as e:
                 raise ChannelClosed(f"channel receive failed ({type(e).__name__})") from None
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                    self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise ChannelError("peer sent more file descriptors than a frame may carry")
             if k == 0:
                 raise ChannelClosed("the peer closed the channel")
             got += k
         return buf
 
-    def _peer_segment(self, name: str) -> shared_memory.SharedMemory:
-        shm = self._peer_segments.get(name)
-        if shm is None:
-            try:
-                shm = shared_memory.SharedMemory(name=name, create=False)
-            except (FileNotFoundError, ValueError, OSError):
-                raise ChannelError("tensor refers to a missing shared-memory segment") from None
-            # A one-off is unlinked by us below (unlink() unregisters it); an arena stays the peer's.
-            if name.startswith("emla"):
-                if f"_{os.getpid()}_" not in name:  # (both ends in one process: tests)
-                    _untrack(shm)
-                self._peer_segments[name] = shm
-        return shm
+    def _drop_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
-    def _take_tensor(self, desc: list) -> torch.Tensor:
+    def _bind_fds(self, tdescs: list) -> dict[str, mmap.mmap]:
+        """Map the segments this frame brought: each segment the descriptors name (in order of
+        first mention) that is not a known arena takes the next fd. Returns the one-offs."""
+        one_offs: dict[str, mmap.mmap] = {}
+        for seg in dict.fromkeys(d[3] for d in tdescs if d[3] != INLINE):
+            if seg in self._peer_segments:
+                continue
+            if not self._fds:
+                raise ChannelError("tensor refers to a missing shared-memory segment")
+            m = _map_peer_fd(self._fds.pop(0))
+            if seg.startswith("emla"):
+                if len(self._peer_segments) >= MAX_PEER_ARENAS:
+                    m.close()
+                    raise ChannelError("peer announced too many arenas")
+                self._peer_segments[seg] = m
+            else:
+                one_offs[seg] = m
+        return one_offs
+
+    def _take_tensor(self, desc: list, one_offs: dict[str, mmap.mmap]) -> torch.Tensor:
         name, dtype, shape, seg, off, nbytes = desc
-        one_off = not seg.startswith("emla")
-        shm = self._peer_segment(seg)
-        try:
-            if off + nbytes > shm.size:
-                raise ChannelError("tensor lies outside its shared-memory segment")
-            out = torch.empty(shape, dtype=_DTYPES[dtype])
-            if nbytes:
-                dst = out.reshape(-1).view(torch.uint8).numpy()
-                dst[:] = np.frombuffer(shm.buf, dtype=np.uint8, count=nbytes, offset=off)
-            return out
-        finally:
-            if one_off:
-                shm.close()
-                try:
-                    shm.unlink()
-                except FileNotFoundError:
-                    pass
+        m = self._peer_segments.get(seg) or one_offs.get(seg)
+        if m is None:
+            raise ChannelError("tensor refers to a missing shared-memory segment")
+        if off + nbytes > len(m):
+            raise ChannelError("tensor lies outside its shared-memory segment")
+        out = torch.empty(shape, dtype=_DTYPES[dtype])
+        if nbytes:
+            dst = out.reshape(-1).view(torch.uint8).numpy()
+            dst[:] = np.frombuffer(m, dtype=np.uint8, count=nbytes, offset=off)
+        return out
 
     def recv(self) -> Message:
         """Receive the next message: (header, tensors, blobs). Raises `ChannelClosed` at EOF."""
@@ -409,6 +496,12 @@ class Channel:
 
         For an event loop that reads when the socket is readable: one call per readiness event
         never waits for a second frame."""
+        try:
+            return self._recv_frame()
+        finally:
+            self._drop_fds()  # fds this frame carried but did not use (or a refused frame's)
+
+    def _recv_frame(self) -> Message | None:
         (n,) = _LEN.unpack(self._recv_exact(_LEN.size))
         if n > MAX_META_BYTES:
             raise ChannelError("frame header is too large")
@@ -430,7 +523,9 @@ class Channel:
             raise ChannelError("frame tensors are too large")
         inline = memoryview(self._recv_exact(inline_total)) if inline_total else None
         tensors, ipos = {}, 0
+        one_offs: dict[str, mmap.mmap] = {}
         try:
+            one_offs = self._bind_fds(tdescs)
             for d in tdescs:
                 if d[3] == INLINE:
                     out = torch.empty(d[2], dtype=_DTYPES[d[1]])
@@ -439,8 +534,10 @@ class Channel:
                     ipos += d[5]
                     tensors[d[0]] = out
                 else:
-                    tensors[d[0]] = self._take_tensor(d)
+                    tensors[d[0]] = self._take_tensor(d, one_offs)
         finally:
+            for m in one_offs.values():
+                m.close()
             done = [[d[3], d[4]] for d in tdescs if d[3].startswith("emla")]
             if done:
                 try:
@@ -464,12 +561,13 @@ class Channel:
         except OSError:
             pass
         self.sock.close()
-        for shm in self._peer_segments.values():
+        for m in self._peer_segments.values():
             try:
-                shm.close()
+                m.close()
             except BufferError:
                 pass
         self._peer_segments.clear()
+        self._drop_fds()
         if self._arena is not None:
             self._arena.close()
 
@@ -625,6 +723,8 @@ class ChannelClient:
             if self._on_unsolicited is not None:
                 self._on_unsolicited(msg)
             return
+        if fut.done():  # the caller gave up on it (cancelled): nothing to deliver
+            return
         try:
             raise_remote(msg[0])
             fut.set_result(msg)
@@ -636,7 +736,8 @@ class ChannelClient:
             self.closed = e
             pending, self._pending = self._pending, {}
         for fut in pending.values():
-            fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
+            if not fut.done():
+                fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
 
     def _read_loop(self) -> None:
         try:

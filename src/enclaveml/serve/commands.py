@@ -24,6 +24,18 @@ def register(app: typer.Typer) -> None:
                                                   help="torch threads per FrontNet pass in the enclave"),
         max_request_bytes: int = typer.Option(8 * 1024 * 1024 + 4096, "--max-request-bytes",
                                               help="largest inference request body (larger: 413)"),
+        max_upload_bytes: int = typer.Option(512 * 1024 * 1024, "--max-upload-bytes",
+                                             help="largest model upload body (larger: 413, before it is read)"),
+        max_uploads: int = typer.Option(2, "--max-uploads",
+                                        help="uploads streamed to disk at once (more: 503 with Retry-After)"),
+        allow_owner: list[str] = typer.Option([], "--allow-owner",
+                                              help="only this owner public key (hex, 32 bytes) may upload "
+                                                   "(repeatable; default: any key that signs its upload)"),
+        ping_interval: float = typer.Option(2.0, "--ping-interval",
+                                            help="seconds between liveness pings of the enclave worker"),
+        ping_timeout: float = typer.Option(10.0, "--ping-timeout",
+                                           help="a worker that does not answer a ping within this many seconds "
+                                                "is reported unresponsive and restarted"),
         worker_socket: str = typer.Option(None, "--worker-socket",
                                           help="talk to the enclave worker over this Unix socket path, tensors inline "
                                                "(for enclaves that cannot inherit fds or map host memory)"),
@@ -61,6 +73,7 @@ def register(app: typer.Typer) -> None:
         """Serve deployed models: host server (untrusted) + enclave worker process, until Ctrl-C."""
         from ..errors import UserInputError
         from .app import ServerConfig, serve
+        from .upload import parse_owner_keys
 
         if tee != "gramine-sgx" and (gramine_dir or cost or signing_key or dry_run):
             raise UserInputError("--gramine-dir, --cost, --signing-key and --dry-run are for --tee gramine-sgx")
@@ -80,7 +93,9 @@ def register(app: typer.Typer) -> None:
                            enclave_threads=enclave_threads, max_request_bytes=max_request_bytes,
                            worker_args=["--torch-threads", str(max(1, enclave_torch_threads))],
                            worker_socket=worker_socket if launch is None else gramine_socket, worker_launch=launch,
-                           allowed_factories=tuple(allow_factory or ()))
+                           allowed_factories=tuple(allow_factory or ()), max_upload_bytes=max_upload_bytes,
+                           max_concurrent_uploads=max_uploads, allowed_owners=parse_owner_keys(allow_owner or []),
+                           ping_interval_s=ping_interval, ping_timeout_s=ping_timeout)
         serve(cfg, host=host, port=port, torch_threads=torch_threads)
 
 

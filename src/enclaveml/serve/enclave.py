@@ -39,6 +39,7 @@ import torch
 
 from ..crypto import (HpkeKeyPair, ReplayGuard, open_key_release, open_owner_command, open_request, open_sealed,
                       require_owner, seal)
+from ..crypto.nonces import NonceIssuer
 from ..crypto.replay import parse_fresh
 from ..crypto.signing import VerifyKey
 from ..data.preprocess import Preprocessing
@@ -58,6 +59,7 @@ UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE
 DEPLOYMENT_SEAL_LABEL = b"enclaveml/v1 deployments"
 DEPLOYMENT_AAD = b"enclaveml/v1 sealed deployment\x00"
 NONCE_TTL_S = 600.0
+#: Owner commands accepted within one NONCE_TTL_S (consumed nonces are kept that long).
 MAX_NONCES = 10_000
 
 
@@ -114,7 +116,7 @@ class EnclaveService:
         self.device = torch.device(device)
         self._deployments: dict[ModelRef, Deployment] = {}
         self._pending: dict[str, _Pending] = {}
-        self._nonces: dict[bytes, float] = {}
+        self.nonces = NonceIssuer(os.urandom(32), ttl_s=NONCE_TTL_S, max_used=MAX_NONCES)
         self._lock = threading.Lock()
 
     # -- attestation -------------------------------------------------------------------------
@@ -122,29 +124,21 @@ class EnclaveService:
     def public_key(self) -> bytes:
         return self.kp.public_bytes()
 
+    def issue_nonce(self, caller_nonce: bytes) -> bytes:
+        """The nonce an owner command must carry: the caller's, extended with a time and this
+        enclave's MAC (`crypto.nonces`). Nothing is stored, so a flood of anonymous requests
+        cannot evict an owner's pending nonce."""
+        return self.nonces.issue(caller_nonce, time.monotonic())
+
     def evidence(self, nonce: bytes) -> dict:
-        """Evidence binding SHA-256(public key || nonce); the nonce is remembered for one owner command."""
-        if not 8 <= len(nonce) <= 64:
-            raise DataError("attestation nonce must be 8 to 64 bytes")
-        ev = self.backend.evidence(bind_report_data(self.public_key(), nonce))
-        now = time.monotonic()
-        with self._lock:
-            for n, t in list(self._nonces.items()):
-                if now - t > NONCE_TTL_S:
-                    del self._nonces[n]
-            if len(self._nonces) >= MAX_NONCES:
-                self._nonces.pop(next(iter(self._nonces)))
-            self._nonces[bytes(nonce)] = now
-        return ev.to_dict()
+        """Evidence binding SHA-256(public key || nonce) (normally a nonce from `issue_nonce`)."""
+        if not 8 <= len(nonce) <= 128:
+            raise DataError("attestation nonce must be 8 to 128 bytes")
+        return self.backend.evidence(bind_report_data(self.public_key(), nonce)).to_dict()
 
     def _consume_nonce(self, nonce: bytes) -> None:
         """An owner command must carry a nonce this enclave issued recently, used once only."""
-        with self._lock:
-            for n, t in list(self._nonces.items()):
-                if hmac.compare_digest(n, nonce) and time.monotonic() - t <= NONCE_TTL_S:
-                    del self._nonces[n]
-                    return
-        raise ReplayedMessage("owner command does not carry a fresh nonce issued by this enclave")
+        self.nonces.consume(nonce, time.monotonic())
 
     # -- owner commands ----------------------------------------------------------------------
 
@@ -171,8 +165,14 @@ class EnclaveService:
     def restore(self, ref_text: str, sealed: bytes, files: dict[str, bytes]) -> dict:
         """Reinstall a deployment this enclave identity sealed (`deploy`'s "sealed"), from the
         bundle files the host kept. TamperedMessage for anything sealed elsewhere, for another
-        ref or bundle."""
+        ref or bundle, or for a ref already deployed: a restore only fills an empty slot after a
+        restart, so the host cannot roll a live deployment back to an older record it kept (F-29;
+        which record it restores after a restart is its choice, and only the client's pin refuses
+        a retired bundle)."""
         ref = ModelRef.parse(ref_text)
+        with self._lock:
+            if ref in self._deployments:
+                raise TamperedMessage(f"model {ref.short()} is already deployed; a restore only fills an empty slot")
         key = self.backend.sealing_key(DEPLOYMENT_SEAL_LABEL)
         try:
             rec = json.loads(open_sealed(key, sealed, DEPLOYMENT_AAD + str(ref).encode()))

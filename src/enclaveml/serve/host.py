@@ -52,6 +52,27 @@ class EnclaveProxy:
     def alive(self) -> bool:
         return self.proc.poll() is None and self.client.closed is None
 
+    def kill(self) -> None:
+        """SIGKILL the worker (also when it is stopped or hung); `close` then reaps it."""
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+    async def ping(self, timeout_s: float) -> bool:
+        """True if the worker answers a liveness ping within `timeout_s` (the worker answers it on
+        its reading thread, so long FrontNet passes do not delay it). Never cancels the call: a
+        late answer just finds its Future already given up on."""
+        fut = self.call_async({"op": "ping"})
+        deadline = time.monotonic() + timeout_s
+        while not fut.done() and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        for _ in range(3):  # a reply already readable (the loop was busy) is dispatched first
+            if fut.done():
+                break
+            await asyncio.sleep(0)
+        return fut.done() and fut.exception() is None
+
     def call(self, header: dict, tensors=None, blobs=None):
         return self.client.request(header, tensors, blobs, timeout=self.timeout_s)
 

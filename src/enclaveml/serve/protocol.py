@@ -39,7 +39,8 @@ never ends with one). A one-image request whose image cannot be decoded fails as
 DataError the host relays); in a several-image request that image's item says so, sealed, and the
 host learns only how many of the request's images failed (it counts them).
 
-Model upload (POST /v1/models/{model}) and other multi-part bodies: `pack_parts`:
+Model upload (POST /v1/models/{model}): an owner-signed header (`serve/upload.py`), then a
+`pack_parts` body; other multi-part bodies are `pack_parts` alone:
 
     u32 n || JSON index [[name, size], ...] (n bytes) || the parts' bytes in index order
 """
@@ -208,7 +209,8 @@ def decode_payload(payload: bytes) -> tuple[dict[str, Any], list[bytes]]:
 
 
 def _json(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":"), allow_nan=False)
+    # UTF-8, not \\u escapes: a label's JSON is then at most 2 bytes per byte of it ('"' and '\\')
+    return json.dumps(v, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
 def _ident(identity: ModelIdentity) -> dict[str, Any]:
@@ -219,7 +221,7 @@ def _ident(identity: ModelIdentity) -> dict[str, Any]:
 def result_size(identity: ModelIdentity, labels: "list[str] | tuple[str, ...]", top_k: int, logits: bool) -> int:
     """The padded plaintext size of every result for this deployment, `top_k` and `logits` flag.
 
-    An upper bound on the JSON of any outcome (the longest labels and numbers in every top-k
+    An upper bound on the JSON of any outcome (labels of the longest allowed length, the longest numbers in every top-k
     slot, every logit at its longest), rounded up to a multiple of `RESULT_BLOCK`. It depends only
     on the deployment and the request's options, never on the scores. (Cached: the enclave asks
     for it once per image, and it costs more than the result's JSON.)
@@ -229,12 +231,19 @@ def result_size(identity: ModelIdentity, labels: "list[str] | tuple[str, ...]", 
 
 @functools.lru_cache(maxsize=256)
 def _result_size(identity: ModelIdentity, labels: tuple[str, ...], top_k: int, logits: bool) -> int:
+    from ..models.classmap import MAX_LABEL_BYTES  # enclave side only (the client never sizes results)
+
     n = len(labels)
     k = min(top_k, n)
-    longest_labels = sorted((len(_json(str(lab))) for lab in labels), reverse=True)[:k]
+    # Every label counts as the longest any label may be (its JSON: 2 bytes per UTF-8 byte at most,
+    # and the quotes), never as long as it is: the host sends its own requests with every top_k and
+    # reads the sizes, which must not tell it how long the secret label names are (F-26).
+    longest_label = 2 * MAX_LABEL_BYTES + 2
+    if any(len(_json(str(lab)).encode()) > longest_label for lab in labels):
+        raise UserInputError(f"a label is longer than {MAX_LABEL_BYTES} UTF-8 bytes")
     # one top entry without its label: the fixed keys, the longest index and the longest float
     entry = len(_json({"index": "", "label": "", "score": ""})) - 6 + len(str(max(n - 1, 0))) + _FLOAT_CHARS
-    bound = len(_json({**_ident(identity), "top": []})) + sum(longest_labels) + k * (entry + 1)
+    bound = len(_json({**_ident(identity), "top": []})) + k * (longest_label + entry + 1)
     if logits:
         bound += len(',"logits":[]') + n * (_FLOAT_CHARS + 1)
     bound = max(bound, len(_error_item(identity)))

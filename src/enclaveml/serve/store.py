@@ -9,6 +9,8 @@ key release (it is useless after the enclave session anyway), an input or a labe
 Writes are atomic (temporary folder, then rename), so a crash leaves the old version or the new.
 The host may of course wipe or edit all of it: the enclave opens only what it sealed, and clients
 check the identity of what it serves against their pins.
+An upload being received is streamed to a hidden `.upload-*` file here (removed when the upload
+ends, however it ends; leftovers of a crashed server are removed at start).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..models.bundle import BACKNET, CLASSMAP, FRONTNET, HEAD, MANIFEST, SIGNATU
 from ..protocol.identity import ModelRef
 
 SEALED_DEPLOYMENT = "deployment.sealed"
+UPLOAD_PREFIX = ".upload-"
 STORED_PARTS = (MANIFEST, SIGNATURE, BACKNET, FRONTNET, CLASSMAP, HEAD, SEALED_DEPLOYMENT)
 
 
@@ -29,6 +32,12 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(UPLOAD_PREFIX + "*"):
+            stale.unlink(missing_ok=True)
+
+    def new_upload_path(self) -> Path:
+        """A fresh file name for an upload being received (the caller removes it)."""
+        return self.root / f"{UPLOAD_PREFIX}{os.urandom(8).hex()}"
 
     def _dir(self, ref: ModelRef) -> Path:
         return self.root / ref.owner / ref.name

@@ -7,7 +7,7 @@ first (before any secret exists in its memory), then answers the host's requests
 by calling `EnclaveService` (all logic lives there; this file only moves bytes). Requests run on
 a thread pool so several proceed at once (torch releases the GIL in its kernels).
 
-Operations (header "op"): info, evidence, deploy, restore, delete, identity, front_batch, finish_batch, abort. Replies
+Operations (header "op"): info, ping, evidence, deploy, restore, delete, identity, front_batch, finish_batch, abort. Replies
 carry the same "id"; failures come back as {"error": kind, "message": text}. A request may carry
 several images: `front_batch` answers per request {"handle", "rows", "failed"} with the IR rows of
 all requests concatenated, and `finish_batch` takes per handle its number of rows of scores.
@@ -21,6 +21,11 @@ import sys
 import torch
 
 from .channel import serve_channel, worker_channel_from_argv
+
+
+#: Operations run on the channel's reading thread, not the pool: cheap ones, and "ping", which so
+#: answers even while every pool thread runs a long FrontNet pass (a busy enclave is not a hung one).
+INLINE_OPS = ("abort", "info", "finish_batch", "ping")
 
 
 def _handler(svc, info: dict):
@@ -70,7 +75,9 @@ def _handler(svc, info: dict):
                 nonce = bytes.fromhex(str(h.get("nonce", "")))
             except ValueError:
                 raise DataError("nonce must be hex") from None
-            return {"evidence": svc.evidence(nonce), "public_key": svc.public_key().hex()}, None, None
+            issued = svc.issue_nonce(nonce)
+            return {"evidence": svc.evidence(issued), "public_key": svc.public_key().hex(),
+                    "nonce": issued.hex()}, None, None
         if op in ("deploy", "restore"):
             files = {k: v for k, v in blobs.items() if k not in ("key_release", "sealed")}
             if op == "deploy":
@@ -81,6 +88,8 @@ def _handler(svc, info: dict):
             return {}, None, {"identity": svc.identity(str(h.get("model", "")), blobs.get("request", b""))}
         if op == "delete":
             return svc.delete(str(h.get("model", "")), blobs.get("command", b"")), None, None
+        if op == "ping":  # liveness: answered on the reading thread (see INLINE_OPS)
+            return {"pong": True}, None, None
         if op == "info":
             return {**info, "models": svc.models()}, None, None
         raise DataError(f"unknown enclave operation {str(op)[:32]!r}")
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                          allowed_factories=config.get("allowed_factories", ()))
     info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex()}
     serve_channel(channel, _handler(svc, info), max_workers=max(1, args.threads),
-                  inline=lambda h: h.get("op") in ("abort", "info", "finish_batch"))
+                  inline=lambda h: h.get("op") in INLINE_OPS)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """`enclaveml attest ...`: check evidence by hand, pin the sim enclave (client/owner side).
 
     enclaveml attest verify EVIDENCE [--collateral FILE]... [--policy FILE] [--report-data HEX] [--now ISO8601] [--json]
-    enclaveml attest policy --tee sim [--config JSON] [--model BUNDLE]... [--min-k K] [--out FILE]
-    enclaveml attest pin BUNDLE... --policy FILE [--min-k K] [--any-bundle] [--name NAME]
-    enclaveml attest measure --tee sim [--config JSON]
+    enclaveml attest policy --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]... [--model BUNDLE]... [--min-k K] [--out FILE]
+    enclaveml attest pin BUNDLE... --policy FILE [--min-k K] [--any-bundle] [--name NAME] [--replace] [--only]
+    enclaveml attest measure --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]...
     enclaveml attest evidence --tee sim --report-data HEX [--config JSON] [--out FILE]
 """
 
@@ -13,11 +13,14 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from ..errors import EnclaveMLError, UserInputError
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 attest_app = typer.Typer(help="Verify TEE evidence and write attestation policies.", no_args_is_help=True)
 
@@ -44,6 +47,19 @@ def _now(text: str | None) -> datetime | None:
     except ValueError:
         raise UserInputError(f"--now {text!r} is not ISO 8601 (e.g. 2025-07-04T00:00:00Z)") from None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _enclave_config(config: str | None, allow_factory: "list[str] | None") -> dict[str, Any]:
+    """--config, plus the configuration `enclaveml serve --allow-factory F...` gives its enclave."""
+    cfg = _config(config)
+    if allow_factory:
+        from ..serve.protocol import enclave_config
+
+        cfg = {**cfg, **enclave_config(list(allow_factory))}
+    return cfg
+
+
+_ALLOW_FACTORY_HELP = "the enclave serves with `serve --allow-factory` this factory (repeatable; measured)"
 
 
 def _hex(name: str, text: str | None, size: int | None = None) -> bytes | None:
@@ -149,28 +165,43 @@ def verify_cmd(
 def measure_cmd(
     tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+    allow_factory: Optional[list[str]] = typer.Option(None, "--allow-factory", help=_ALLOW_FACTORY_HELP),
 ) -> None:
     """Print the expected measurement of this installed enclaveml for the sim backend."""
     _require_sim(tee)
     from .sim import expected_sim_measurement
 
-    print(expected_sim_measurement(_config(config)))
+    print(expected_sim_measurement(_enclave_config(config, allow_factory)))
 
 
-def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: bool, name: Optional[str]):
+def _pin_bundles(policy: "Policy", bundles: list[Path], min_k: Optional[int], any_bundle: bool, name: Optional[str],
+                 replace: bool = False, only: bool = False) -> "Policy":
     """The policy with a pin per bundle: its owner, its bundle id (added to that owner's pin of the
-    same name) and, as the smallest k, the bundle's own k unless `--min-k` loosens it."""
+    same name) and, as the smallest k, the bundle's own k unless `--min-k` loosens it.
+
+    A bundle signed by another key than the one a name is pinned to is refused unless `replace`:
+    the signer is whoever made the bundle (a co-tenant's bundle of the same name, say), and a
+    silent swap would make every client of this policy accept only that key's deployment (F-28).
+    With `only`, each name's pin becomes exactly the bundles given now (older ids and their smaller
+    k retired): the host keeps every sealed deployment it ever stored and may restore any (F-29)."""
     from ..models.bundle import load_manifest
     from ..protocol.identity import ModelPin
 
     if name is not None and len(bundles) != 1:
         raise UserInputError("--name goes with exactly one bundle")
+    fresh: set[str] = set()  # names pinned anew in this call (with `only`)
     for b in bundles:
         m = load_manifest(b)
         model = name or m.name
         old = policy.models.get(model)
+        if old is not None and old["owner"] != m.owner and not replace:
+            raise UserInputError(f"{b}: model {model!r} is pinned to owner {old['owner'][:16]}..., but this bundle "
+                                 f"is signed by {m.owner[:16]}...; pass --replace to pin the new owner instead")
         ids: tuple[str, ...] = () if any_bundle else (m.bundle_id,)
         k = m.k if min_k is None else min_k
+        if only and model not in fresh:  # the first bundle of this name now: forget the older ones
+            old = None
+            fresh.add(model)
         if old is not None and old["owner"] == m.owner:  # another bundle of the same owner's model
             ids = () if any_bundle or not old["bundle_ids"] else (*old["bundle_ids"], *ids)
             k = min(k, old["min_k"]) if min_k is None else min_k
@@ -184,6 +215,7 @@ def _pin_bundles(policy, bundles: list[Path], min_k: Optional[int], any_bundle: 
 def policy_cmd(
     tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
+    allow_factory: Optional[list[str]] = typer.Option(None, "--allow-factory", help=_ALLOW_FACTORY_HELP),
     max_age_s: int = typer.Option(300, "--max-age-s", help="Oldest evidence accepted, seconds."),
     model: Optional[list[Path]] = typer.Option(None, "--model", help="Pin this bundle's model (owner key, bundle id, "
                                                "smallest k); repeat for several models."),
@@ -196,7 +228,8 @@ def policy_cmd(
     from .policy import write_policy
     from .sim import sim_policy
 
-    p = _pin_bundles(sim_policy(_config(config), max_age_s=max_age_s), list(model or []), min_k, False, None)
+    p = _pin_bundles(sim_policy(_enclave_config(config, allow_factory), max_age_s=max_age_s), list(model or []),
+                     min_k, False, None)
     if out is None:
         sys.stdout.write(p.to_toml())
     else:
@@ -212,12 +245,16 @@ def pin_cmd(
     any_bundle: bool = typer.Option(False, "--any-bundle", help="Accept any bundle of that owner (not just this one)."),
     name: Optional[str] = typer.Option(None, "--name", help="The model name clients use (default: the bundle's name; "
                                        "as given to `deploy --model`)."),
+    replace: bool = typer.Option(False, "--replace", help="Let a bundle of another owner replace the existing pin "
+                                 "of its name (refused otherwise)."),
+    only: bool = typer.Option(False, "--only", help="Accept exactly these bundles from now on: drop the bundle ids "
+                              "pinned before (retire a superseded or shallower bundle)."),
 ) -> None:
     """Pin models in an existing policy: a client then uses a model only when the attested enclave
     reports it deployed by that owner, as one of those bundles, split no shallower than that."""
     from .policy import load_policy, write_policy
 
-    write_policy(_pin_bundles(load_policy(policy), list(bundles), min_k, any_bundle, name), policy)
+    write_policy(_pin_bundles(load_policy(policy), list(bundles), min_k, any_bundle, name, replace, only), policy)
     print(f"wrote {policy}")
 
 

@@ -105,9 +105,12 @@ class Policy:
                 check_name(name)
                 if isinstance(pin, ModelPin):
                     pin = pin.to_dict()
-                if not isinstance(pin, dict) or not set(pin) <= {"owner", "bundle_ids", "min_k"} or "owner" not in pin:
-                    raise UserInputError("a pin is {owner = HEX, bundle_ids = [HEX, ...], min_k = K}")
-                pins[name] = ModelPin(pin["owner"], pin.get("bundle_ids", []), pin.get("min_k", 1)).to_dict()
+                # All three keys, always: a left-out bundle_ids or min_k must not mean "any bundle,
+                # down to k=1" (fail closed, F-27); `bundle_ids = []` says "any bundle" explicitly.
+                if not isinstance(pin, dict) or set(pin) != {"owner", "bundle_ids", "min_k"}:
+                    raise UserInputError("a pin must state all of {owner = HEX, bundle_ids = [HEX, ...] "
+                                         "([] = any bundle of that owner), min_k = K}")
+                pins[name] = ModelPin(pin["owner"], pin["bundle_ids"], pin["min_k"]).to_dict()
             except UserInputError as e:
                 raise UserInputError(f"policy field models.{str(name)[:64]}: {e}") from None
         self.models = pins

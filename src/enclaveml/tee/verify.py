@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from ..errors import PolicyViolation
 from . import rules
 from .evidence import Claims, Evidence
 from .policy import Policy
@@ -51,6 +52,12 @@ def verify_evidence(
     evidence = verifier.complete(evidence, policy)
     claims = verifier.verify(evidence, when)
     rules.report_data(claims, expected_report_data)
-    rules.measurement(claims, policy)
+    try:
+        rules.measurement(claims, policy)
+    except PolicyViolation as e:
+        hint = verifier.measurement_hint(claims)
+        if not hint:
+            raise
+        raise PolicyViolation(f"{e}; {hint}") from None
     verifier.check_policy(claims, policy, when)
     return claims

@@ -123,11 +123,8 @@ def policy_cmd(
     FILE or the plan flags (with neither a plan nor a requirement: the default plan of `train serve
     --owner`); and the least protection accepted (--min-split, --require-head, --require-defence).
     """
-    from ..errors import UserInputError
     from ..tee import write_policy
-    from ..tee.sim import sim_policy
-    from .enclave import enclave_config
-    from .plan import check_requirements
+    from .plan import participant_policy
 
     rules: dict = {}
     if min_split is not None:
@@ -139,15 +136,7 @@ def policy_cmd(
     described = plan_file is not None or any(v is not None for v in (model, split, head, defence)) or \
         data_model != "darknet"
     plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
-    table: dict = {"owner": plan.owner}
-    if not any_plan and (described or not rules):
-        table["plans"] = [plan.hash().hex()]
-        try:
-            check_requirements(plan, rules)
-        except EnclaveMLError as e:
-            raise UserInputError(f"the plan you pin can never meet your own requirements: {e}") from None
-    table.update(rules)
-    write_policy(sim_policy(enclave_config(plan.owner), caltrain=table), out)
+    write_policy(participant_policy(plan, rules, pin_plan=not any_plan and (described or not rules)), out)
     typer.echo(str(out))
 
 

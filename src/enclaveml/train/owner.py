@@ -43,19 +43,20 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg: TrainConfig,
-        key_path: str | Path, out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50,
+        key_path: "str | Path | SigningKey", out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50,
         poll: float = 1.0, progress: Callable[[dict], None] | None = None, wait: bool = True,
         head: int | None = None, defence: "str | dict | None" = None) -> dict:
     """Start (or resume) a run, wait for it, and fetch the release into `out`.
 
     `model`, `split`, `head`, `defence`: None takes the plan's value (model "darknet", head 0 and
     no defence where the plan leaves them open); a value the plan fixes otherwise is refused here,
-    before anything is sent, and again by the enclave.
+    before anything is sent, and again by the enclave. `key_path`: the owner's key file (created on
+    first use), or the key itself.
     """
     from ..tee import load_policy
     from .plan import check_requirements
 
-    owner = SigningKey.load_or_create(key_path)
+    owner = key_path if isinstance(key_path, SigningKey) else SigningKey.load_or_create(key_path)
     rules = load_policy(policy).caltrain
     client = HostClient(url)
     try:

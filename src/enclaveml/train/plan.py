@@ -322,3 +322,23 @@ def check_requirements(plan: TrainingPlan, req: dict, plan_hash: bytes | None = 
             got = "leaves the defence to the owner" if d is None else f"uses defence {d.text}"
             raise PolicyViolation(f"policy rule caltrain.defences: the plan {got}; the policy requires one of "
                                   f"{', '.join(names)}")
+
+
+def participant_policy(plan: TrainingPlan, rules: dict | None = None, pin_plan: bool = True):
+    """The sim policy that accepts this machine's training enclave for `plan`'s owner: `[caltrain]`
+    pins the owner, the exact plan (unless `pin_plan` is False) and the least protection `rules`
+    ({min_split, min_head, defences}). Refuses a pinned plan that can never meet the rules."""
+    from ..errors import EnclaveMLError, UserInputError
+    from ..tee.sim import sim_policy
+    from .enclave import enclave_config
+
+    rules = dict(rules or {})
+    table: dict = {"owner": plan.owner}
+    if pin_plan:
+        table["plans"] = [plan.hash().hex()]
+        try:
+            check_requirements(plan, rules)
+        except EnclaveMLError as e:
+            raise UserInputError(f"the plan you pin can never meet your own requirements: {e}") from None
+    table.update(rules)
+    return sim_policy(enclave_config(plan.owner), caltrain=table)

@@ -37,6 +37,11 @@ class Verifier(ABC):
     def check_policy(self, claims: Claims, policy: Policy, now: datetime) -> None:
         """Apply the policy rules specific to this evidence type; raise PolicyViolation."""
 
+    def measurement_hint(self, claims: Claims) -> str:
+        """Why a verified measurement may not be pinned, when the evidence can tell (e.g. the
+        enclave configuration it carries), and how to make a matching policy; "" if unknown."""
+        return ""
+
 
 def register_verifier(*types: str) -> Callable[[type[Verifier]], type[Verifier]]:
     def deco(cls: type[Verifier]) -> type[Verifier]:

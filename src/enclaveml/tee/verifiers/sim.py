@@ -81,9 +81,44 @@ class SimVerifier(Verifier):
             details={"platform_key": pub.hex(), "config": body["config"], "hardware_protection": False},
         )
 
+    def measurement_hint(self, claims: Claims) -> str:
+        """The sim measurement hashes code and configuration, and the evidence carries the
+        configuration: say which one the enclave runs, whether this copy of enclaveml with that
+        configuration gives the measurement, and the command that writes the matching policy."""
+        from ..sim import expected_sim_measurement
+
+        config = claims.details.get("config")
+        if not isinstance(config, dict):
+            return ""
+        shown = sim_evidence.canonical_json(config).decode()
+        try:
+            same_code = expected_sim_measurement(config) == claims.measurement
+        except (OSError, TypeError, ValueError):
+            same_code = False
+        command = "enclaveml attest policy --tee sim " + policy_flags(config) + "--out POLICY.toml"
+        if same_code and config:
+            return (f"the measurement differs because of the enclave configuration: the enclave runs this "
+                    f"enclaveml with configuration {shown}; make the matching policy with: {command}")
+        if same_code:
+            return f"the enclave runs this enclaveml with no configuration; make the matching policy with: {command}"
+        return (f"the enclave runs other enclaveml code than this copy, with configuration {shown}; for that "
+                f"configuration on this code the policy is made with: {command}")
+
     def check_policy(self, claims: Claims, policy: Policy, now: datetime) -> None:
         key = claims.details["platform_key"]
         if not rules.hex_in(key, policy.sim_platform_keys):
             known = "[" + ", ".join(policy.sim_platform_keys) + "]"
             raise PolicyViolation(f"policy rule sim_platform_keys: platform key {key} is not in {known}")
         rules.max_age(claims, policy, now)
+
+
+def policy_flags(config: dict) -> str:
+    """`enclaveml attest policy` flags for a sim enclave configuration (trailing space if any)."""
+    import shlex
+
+    if not config:
+        return ""
+    factories = config.get("allowed_factories")
+    if set(config) == {"allowed_factories"} and isinstance(factories, list) and all(isinstance(f, str) for f in factories):
+        return "".join(f"--allow-factory {shlex.quote(f)} " for f in factories)
+    return f"--config {shlex.quote(sim_evidence.canonical_json(config).decode())} "
