@@ -113,9 +113,13 @@ def _serve_replicas(o: dict) -> None:
     args = ["--device", o["device"], "--max-batch", str(o["max_batch"]), "--batch-window-ms", str(o["window_ms"]),
             "--enclave-threads", str(o["enclave_threads"]), "--torch-threads", str(o["torch_threads"]),
             "--enclave-torch-threads", str(o["enclave_torch_threads"]),
-            "--max-request-bytes", str(o["max_request_bytes"])]
+            "--max-request-bytes", str(o["max_request_bytes"]), "--max-upload-bytes", str(o["max_upload_bytes"]),
+            "--max-uploads", str(o["max_uploads"]), "--ping-interval", str(o["ping_interval"]),
+            "--ping-timeout", str(o["ping_timeout"])]
     for f in o["allow_factory"] or ():
         args += ["--allow-factory", f]
+    for owner in o["allow_owner"] or ():
+        args += ["--allow-owner", owner]
     spec = ReplicaSpec(store=str(Path(o["store"]).resolve()), tee=o["tee"], server_args=args,
                        listen_host=o["replica_host"])
     plan = ReplicaPlan(replicas=max(1, o["replicas"] or (o["min_replicas"] or 1)), min_replicas=o["min_replicas"],
