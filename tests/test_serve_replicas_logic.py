@@ -78,3 +78,33 @@ def test_policy_reads_ray_autoscaling_context():
         capacity_adjusted_max_replicas=4, policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
         current_time=0.0, config=cfg)
     assert in_flight_policy(ctx) == (4, {})  # 7 in flight / 2 per replica
+
+
+def test_a_hostile_front_cannot_route_images_to_an_unattested_replica():
+    """The front lists a "replica" whose evidence does not verify: the client refuses it and sends
+    it (and the front) nothing but evidence requests. (MockTransport: the network is faked.)"""
+    import httpx
+
+    from enclaveml import errors as E
+    from enclaveml.client import EnclaveClient
+    from enclaveml.crypto import HpkeKeyPair
+    from enclaveml.tee import Policy
+
+    policy = Policy(allowed_backends=["sim"], measurements={"sim": ["00" * 32]}, sim_platform_keys=["11" * 32])
+    rogue = HpkeKeyPair.generate().public_bytes().hex()
+    listing = {"replicas": [{"id": "r1", "url": "http://rogue.invalid:9", "status": "ok", "enclave_key": rogue}]}
+    seen: list = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        if req.url.host == "front.invalid":
+            return httpx.Response(421 if req.url.path.startswith("/v1/") else 200, json=listing)
+        return httpx.Response(200, json={"public_key": rogue, "nonce": req.url.params["nonce"] + "00" * 24,
+                                         "evidence": {"backend": "sim", "quote": "e30="}})
+
+    c = EnclaveClient("http://front.invalid", policy, http=httpx.Client(transport=httpx.MockTransport(handler)))
+    with pytest.raises(E.TrustError):
+        c.infer([b"\x89PNG secret image"], model="m")
+    assert any(r.url.host == "rogue.invalid" for r in seen)  # it did try the listed replica ...
+    assert all(r.url.path in ("/v1/evidence", "/healthz") for r in seen)  # ... but only to attest it
+    assert all(b"secret image" not in (r.content or b"") for r in seen)
