@@ -96,6 +96,8 @@ class ReplicaView:
             if snap is not None:
                 metrics[rid] = snap
         self.rows, self.metrics = rows, metrics
+        live = {(r["url"], r["enclave_pid"]) for r in rows.values()}
+        self.keys = {k: v for k, v in self.keys.items() if k in live}  # forget replaced replicas' keys
 
     async def _key(self, http: httpx.AsyncClient, url: str, enclave_pid) -> str | None:
         """The replica's enclave key as its server reports it (a hint: clients attest it)."""
