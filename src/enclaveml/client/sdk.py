@@ -151,6 +151,8 @@ class EnclaveClient:
         """The front's replicas (each attested on its own), or None for a plain server. The first
         operation's evidence request is the probe (client/replicas.py), so a plain server sees
         no extra request."""
+        if self._fanout is _UNKNOWN and self._attested is not None:
+            self._fanout = None  # it already attested this URL as one enclave
         if self._fanout is _UNKNOWN:
             from .replicas import probe
 
