@@ -5,14 +5,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 
-.PHONY: venv test demo zoo bench-assess bench-serve bench-replicas load-serve bench-caltrain bench-crypto bench clean
+.PHONY: venv test demo zoo bench-assess bench-serve bench-replicas load-serve bench-caltrain bench-label-leakage bench-crypto bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch (its wheel lies on disk here; a plain `torch` pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install -q -e '.[samples,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[samples,test]'
+	# onnx2torch without its torchvision dependency: that would replace the CPU torch with a CUDA build
+	$(PY) -m pip install -q --no-deps onnx2torch==1.5.15
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,6 +42,9 @@ load-serve: $(STAMP)
 
 bench-caltrain: $(STAMP)
 	$(PY) benchmarks/bench_caltrain.py
+
+bench-label-leakage: $(STAMP)
+	$(PY) benchmarks/bench_label_leakage.py
 
 bench-crypto: $(STAMP)
 	$(PY) benchmarks/bench_crypto.py

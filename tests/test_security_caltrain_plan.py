@@ -126,7 +126,7 @@ def test_the_enclave_refuses_a_start_outside_its_plan(backend, args):
     with pytest.raises(PolicyViolation):
         enc.start(_start(enc, **args), None)
     info, _ = enc.start(_start(enc, nonce=b"nonce-0000000002"), None)  # the refused nonce was not consumed either
-    assert (info["model"], info["split"], info["head"], info["defence"]) == (SPEC, 3, 0, "none")
+    assert (info["model"], info["split"], info["head"], info["defence"]) == (SPEC, 3, 0, {"name": "none", "settings": {}})
 
 
 def test_an_open_plan_leaves_the_choice_to_the_owner_but_not_to_the_host(backend):
@@ -137,18 +137,16 @@ def test_an_open_plan_leaves_the_choice_to_the_owner_but_not_to_the_host(backend
     assert info["split"] == 2
 
 
-def test_a_protection_this_build_cannot_give_is_refused_not_skipped(backend):
-    """A plan may fix a sealed head or a defence; an enclave that cannot train with it must refuse
-    the run rather than train with less protection than the participants agreed to."""
+def test_a_plan_that_fixes_a_sealed_head_and_a_defence_trains_with_them(backend):
+    """A plan may fix a sealed head and a defence: the run trains with exactly those (never with less
+    protection than the participants agreed to), and the start command cannot drop them."""
     plan = TrainingPlan.build(OWNER.public_key(), model=SPEC, split=3, head=1, defence="noise:scale=1")
     enc = CalTrainEnclave(backend, plan=plan)
     enc.add_data([(r["tag"], r["sealed"]) for r in _fill(enc)])
-    try:
-        info, _ = enc.start(_start(enc), None)
-    except UserInputError as e:
-        assert "head" in str(e) or "defence" in str(e)
-    else:  # a build with the mechanics wired in trains exactly what the plan says
-        assert (info["head"], info["defence"]) == (1, "noise:scale=1")
+    with pytest.raises(PolicyViolation):
+        enc.start(_start(enc, head=0), None)
+    info, _ = enc.start(_start(enc, nonce=b"nonce-0000000002"), None)
+    assert info["head"] == 1 and info["defence"]["name"] == "noise" and info["defence"]["settings"]["scale"] == 1.0
 
 
 def test_requirements_against_plans():

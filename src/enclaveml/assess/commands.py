@@ -28,7 +28,8 @@ def _slug(name: str) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("assess")
     def assess_cmd(
-        model: str = typer.Argument(..., help="zoo name (darknet, extraction, densenet) or module:factory"),
+        model: Optional[str] = typer.Argument(None, help="zoo name (darknet, extraction, densenet) or module:factory"),
+        onnx: Optional[Path] = typer.Option(None, "--onnx", help="an .onnx model instead of MODEL"),
         data: Path = typer.Option(..., "--data", help="image folder root (with train/ and test/, or one folder)"),
         samples: int = typer.Option(64, "--samples", help="test samples for the KL test and the attacks"),
         out: Optional[Path] = typer.Option(None, "--out", help="output folder [default: out/assess/MODEL]"),
@@ -72,6 +73,9 @@ def register(app: typer.Typer) -> None:
         test_names = tuple(t.strip() for t in tests.split(",") if t.strip())
         for t in test_names:
             leakage.get(t)
+        from ..models.commands import _model_arg
+
+        model = _model_arg(model, onnx)
         m, pre, classes = load_model(model, weights, input_size, parse_floats(mean, "--mean"), parse_floats(std, "--std"), resize)
         cfg = AssessConfig(samples=samples, points=_ints(points, "--points"), tests=test_names,
                            ssim_threshold=ssim_threshold, kl_tolerance=kl_tolerance, budget_bytes=int(budget_mb * 2**20),

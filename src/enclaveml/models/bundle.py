@@ -269,7 +269,8 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
     "kwargs": {...}}` imports and calls that function only if the exact string is in
     `allowed_factories`, which the CALLER fixes from configuration it trusts (the owner's own
     command line; the enclave's measured configuration), never from the manifest. The function
-    returns a `LayeredModel`, or an `nn.Sequential` or list of blocks (wrapped with the given shapes).
+    returns a `LayeredModel`, an `nn.Sequential` or list of blocks (wrapped with the given shapes),
+    or any `nn.Module`, cut into stages from its traced graph exactly as on the owner's machine.
     `UserInputError` for anything else; a factory that is not allowed is refused before any import.
     """
     arch = check_arch(arch)
@@ -291,21 +292,26 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
         except Exception as e:  # an allowed factory, but called with kwargs it does not take, or failing
             raise UserInputError(f"model factory {spec!r} failed ({type(e).__name__})") from None
         if not isinstance(model, LayeredModel):
-            blocks = isinstance(model, nn.Sequential) or (
-                isinstance(model, (list, tuple)) and all(isinstance(b, nn.Module) for b in model))
-            if not blocks or input_shape is None or num_classes is None:
-                raise UserInputError(f"model factory {spec!r} did not return a LayeredModel, an nn.Sequential "
-                                     "or a list of blocks")
-            model = LayeredModel.from_sequential(model, tuple(input_shape), int(num_classes))
+            if input_shape is None or num_classes is None or not (isinstance(model, nn.Module) or (
+                    isinstance(model, (list, tuple)) and all(isinstance(b, nn.Module) for b in model))):
+                raise UserInputError(f"model factory {spec!r} did not return an nn.Module or a list of blocks")
+            from .graph import as_layered  # any nn.Module: the same deterministic graph cut as the owner's
+
+            model = as_layered(model, tuple(input_shape), int(num_classes))
     return model.eval()
 
 
-def _last_linear(model: LayeredModel) -> tuple[str, nn.Linear]:  # noqa: D103 (see make_bundle)
-    name, last = list(model.layers.named_children())[-1]
-    if not isinstance(last, nn.Linear) or last.out_features != model.num_classes:
-        raise PartitionError(f"the last layer ({name}) must be an nn.Linear with {model.num_classes} outputs "
-                             "so that its rows can be permuted")
-    return name, last
+def _classifier_keys(model: LayeredModel, k: int) -> tuple[int, tuple[str, ...]]:
+    """(layer index, state-dict keys whose rows (dim 0) are the classes) of the classifier: the last
+    Linear or 1x1 conv, followed only by permutation-equivariant ops (`models/head.py`); it must not
+    be in the FrontNet."""
+    from .head import find_classifier
+
+    head = find_classifier(model)
+    if head.layer < k:
+        raise PartitionError(f"partition point {k} puts the classifier ({model.names[head.layer]}) in the FrontNet: "
+                             f"the host would see the class scores in their true order; choose k <= {head.layer}")
+    return head.layer, head.keys
 
 
 # ---------------------------------------------------------------------------- owner side
@@ -328,10 +334,13 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"{out}: already exists and is not an empty directory")
     model.check_point(k)
-    last_name, _ = _last_linear(model)
+    class_layer, class_keys = _classifier_keys(model, k)
     if type(head) is not int or head < 0 or k >= len(model) - head:
         raise PartitionError(f"--head {head} with k={k} leaves no BackNet layer for the host "
                              f"(this model has {len(model)} layers: need k + head < {len(model)})")
+    if head and class_layer < len(model) - head:
+        raise PartitionError(f"--head {head} leaves the classifier ({model.names[class_layer]}) on the host: the "
+                             f"head must hold it (--head {len(model) - class_layer} or more)")
     classes = [str(c) for c in classes]
     if len(classes) != model.num_classes:
         raise UserInputError(f"{len(classes)} class names for a model with {model.num_classes} classes")
@@ -348,9 +357,8 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
         front, back, head_net = _split3(model, k, len(model) - head)
         mapping = ClassMapping.random(model.num_classes, classes)
         last_state = layer_state_dict(head_net if head else back)  # the part holding the classifier
-        for suffix in ("weight", "bias"):
-            if f"{last_name}.{suffix}" in last_state:
-                last_state[f"{last_name}.{suffix}"] = mapping.permute_rows(last_state[f"{last_name}.{suffix}"]).contiguous()
+        for row_key in class_keys:
+            last_state[row_key] = mapping.permute_rows(last_state[row_key]).contiguous()
         front_bytes = st_save(layer_state_dict(front), metadata={"part": "frontnet", "k": str(k)})
         back_bytes = st_save(last_state if not head else layer_state_dict(back), metadata={"part": "backnet", "k": str(k)})
         head_bytes = st_save(last_state, metadata={"part": "head", "n": str(head)}) if head else b""

@@ -1,7 +1,8 @@
 """The secret class mapping: a permutation that hides which BackNet output is which class.
 
 Trust side: owner (creates it, permutes the last layer) and enclave (maps scores back). The host
-runs a BackNet whose final `nn.Linear` has its rows permuted by `pi`, so its scores come out in a
+runs a BackNet whose classifier (the last `nn.Linear` or 1x1 conv, followed only by ops that treat
+the classes alike: `models/head.py`) has its rows permuted by `pi`, so its scores come out in a
 secret order: host position j holds the score of original class `permutation[j]`. Only the
 enclave, which decrypts this mapping, turns them back into the original order and label names.
 

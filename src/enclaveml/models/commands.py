@@ -29,16 +29,34 @@ def _partition_point(at: Optional[int], assessment: Optional[Path], model_name: 
                            source=str(assessment), names=CLI_ARGS)
 
 
+def _model_arg(model: Optional[str], onnx: Optional[Path]) -> str:
+    """MODEL, or the --onnx file (the one way to name a model that is not Python)."""
+    if onnx is not None:
+        if model is not None:
+            raise UserInputError("give either MODEL or --onnx FILE, not both")
+        return str(onnx)
+    if model is None:
+        raise UserInputError("name the model: a zoo name, 'package.module:factory', or --onnx FILE")
+    return model
+
+
+def _is_onnx(model: str) -> bool:
+    return model.lower().endswith(".onnx")
+
+
 def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: Optional[str],
-                input_size: Optional[str], mean: Optional[str], std: Optional[str]):
-    """(LayeredModel, arch dict, Preprocessing, class names) for a zoo name or a `module:factory`."""
+                input_size: Optional[str], mean: Optional[str], std: Optional[str], card: Optional[Path] = None):
+    """(LayeredModel, arch dict, Preprocessing, class names) for a zoo name, a `module:factory` or an .onnx file.
+
+    For an .onnx file the arch dict is completed by `_onnx_architecture` once the bundle path is known."""
     from .loading import load_model, parse_floats
 
     if ":" in model and weights is None:
         raise UserInputError(f"user model {model!r} needs --weights FILE (.safetensors or a .pt state dict)")
     m, pre, names = load_model(model, str(weights) if weights else None, input_size, parse_floats(mean, "--mean"),
-                               parse_floats(std, "--std"), resize=True, pretrained=not untrained)
-    arch = {"factory": model} if ":" in model else {"zoo": model}
+                               parse_floats(std, "--std"), resize=True, pretrained=not untrained,
+                               card=str(card) if card else None)
+    arch = {"factory": model} if ":" in model else ({} if _is_onnx(model) else {"zoo": model})
     if classes is not None:
         names = [c.strip() for c in classes.split(",")]
     if names is None:
@@ -50,10 +68,11 @@ def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: O
 
 def _warn_if_public(m, head: int) -> None:
     """Say so when the classifier's weights are published: the class mapping then hides nothing."""
+    from .head import find_classifier
     from .public_weights import classifier_is_public
 
-    last = list(m.layers.children())[-1]
-    if classifier_is_public(last):
+    classifier = list(m.layers.children())[find_classifier(m).layer]
+    if classifier_is_public(classifier):
         where = ("it runs in the enclave (--head), but the FrontNet and BackNet still hold public tensors"
                  if head else "a host holding the BackNet recovers the secret class order by matching its final "
                  "rows against them; use --head N and a head trained on private data")
@@ -61,9 +80,22 @@ def _warn_if_public(m, head: int) -> None:
                    "'What the class mapping hides')", err=True)
 
 
+def _onnx_architecture(onnx_file: str, m, out: Path) -> tuple[dict, Path, bytes]:
+    """The stripped architecture file beside the bundle (`BUNDLE.arch.onnx`) and the arch naming it."""
+    import hashlib
+
+    from .onnx_in import FACTORY, strip_weights
+
+    stripped = strip_weights(onnx_file, m)
+    path = out.with_name(out.name + ".arch.onnx").resolve()
+    if path.exists():
+        raise UserInputError(f"{path}: already exists; choose a new bundle directory")
+    return {"factory": FACTORY, "kwargs": {"path": str(path), "sha256": hashlib.sha256(stripped).hexdigest()}}, path, stripped
+
+
 def _default_name(model: str, out: Path) -> str:
     """The zoo name, or the bundle directory's name made URL-safe (it is the default model id)."""
-    if ":" not in model:
+    if ":" not in model and not _is_onnx(model):
         return model
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in out.resolve().name)
     return safe.lstrip(".")[:64] or "model"
@@ -90,7 +122,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("partition")
     def partition_cmd(
-        model: str = typer.Argument(..., help="Zoo model name, or 'package.module:factory' with --weights."),
+        model: Optional[str] = typer.Argument(None, help="Zoo model name, or 'package.module:factory' with --weights."),
+        onnx: Optional[Path] = typer.Option(None, "--onnx", help="An .onnx model instead of MODEL (weights inside; "
+                                                                  "its weight-free architecture goes to BUNDLE.arch.onnx)."),
+        card: Optional[Path] = typer.Option(None, "--card", help="Model card JSON (default: model.json beside the weights or .onnx)."),
         out: Path = typer.Option(..., "--out", help="Bundle directory to create (must not exist)."),
         at: Optional[int] = typer.Option(None, "--at", help="Partition point K: layers 0..K-1 run in the enclave."),
         assessment: Optional[Path] = typer.Option(None, "--assessment", help="assessment.json; K defaults to its 'recommended'."),
@@ -119,15 +154,21 @@ def register(app: typer.Typer) -> None:
             raise UserInputError(f"{out}: already exists; choose a new bundle directory")
         if key_path.exists():
             raise UserInputError(f"{key_path}: a model key is already there; refusing to overwrite it")
+        model = _model_arg(model, onnx)
         k = _partition_point(at, assessment, model, force)
-        m, arch, pre, names = _load_model(model, weights, untrained, classes, input_size, mean, std)
+        m, arch, pre, names = _load_model(model, weights, untrained, classes, input_size, mean, std, card)
         m.check_point(k)
+        arch_file = None
+        if _is_onnx(model):
+            arch, arch_file, stripped = _onnx_architecture(model, m, out)
         owner = SigningKey.load_or_create(owner_key or paths.home() / "owner.key")
         _warn_if_public(m, head)
         manifest, model_key = make_bundle(m, k, out, arch, pre, names, owner, name=name or _default_name(model, out),
                                           head=head)
         try:
             save_model_key(key_path, model_key)
+            if arch_file is not None:
+                arch_file.write_bytes(stripped)
         except BaseException:
             import shutil
 
@@ -144,6 +185,9 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"IR shape   {list(manifest.ir_shape)}")
         typer.echo(f"owner      {owner.public_key().fingerprint()}")
         typer.echo(f"model key  {key_path} (0600; keep it here: it leaves this machine only sealed to an attested enclave)")
+        if arch_file is not None:
+            typer.echo(f"arch       {arch_file} (the graph without its weights; a server needs it at this path "
+                       f"and --allow-factory {arch['factory']})")
 
     @app.command("inspect")
     def inspect_cmd(

@@ -9,11 +9,20 @@ user would wrap their own network for `enclaveml assess MODULE:FACTORY`:
 
 Every MBConv block ends in one tensor (its residual add is inside the block), so every block
 boundary is a partition point. Preprocessing is the Lite models' (x - 127) / 128 on 0..255 pixels.
+
+To partition and serve it, export the packaged weights once as safetensors with a model card
+beside them (`python -m enclaveml.models.efficientnet OUT_DIR`, or `export(OUT_DIR)`); then
+
+    enclaveml partition enclaveml.models.efficientnet:lite0_untrained --weights OUT_DIR/lite0.safetensors \
+        --assessment out/assess/lite0/assessment.json --out lite0.bundle
+    enclaveml serve --card OUT_DIR/model.json      # allows the lite0_untrained architecture
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,6 +71,31 @@ def lite0_untrained() -> nn.Sequential:
 def lite0() -> nn.Sequential:
     """EfficientNet-Lite0 with the packaged ImageNet weights (1000 classes, 224x224 inputs)."""
     net = _package_model().from_name("efficientnet-lite0")
-    state = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)
+    state = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)  # tensors only
     net.load_state_dict(state)
     return blocks(net)
+
+
+UNTRAINED = "enclaveml.models.efficientnet:lite0_untrained"
+
+
+def export(out_dir: "str | Path") -> tuple[Path, Path]:
+    """Write the packaged weights as `lite0.safetensors` (the block names `partition` sees) and a
+    `model.json` card (input size, 0..255 preprocessing, the architecture a server must allow)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "lite0.safetensors"
+    save_file({k: v.detach().contiguous().clone() for k, v in lite0().state_dict().items()}, str(weights))
+    card = out / "model.json"
+    card.write_text(json.dumps({"name": "efficientnet-lite0", "input_size": [3, 224, 224], "pixels": "0-255",
+                                "mean": [127, 127, 127], "std": [128, 128, 128], "factory": UNTRAINED}, indent=2) + "\n")
+    return weights, card
+
+
+if __name__ == "__main__":  # python -m enclaveml.models.efficientnet OUT_DIR
+    import sys
+
+    w, c = export(sys.argv[1] if len(sys.argv) > 1 else "lite0")
+    print(f"wrote {w} and {c}")

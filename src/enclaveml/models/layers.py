@@ -4,6 +4,8 @@ Trust side: owner (pure model maths, no I/O). Partition point k means: layers[0:
 FrontNet (runs in the enclave), layers[k:] the BackNet (runs on the host). Candidate points are
 1..n-1, every boundary between two layers; for residual or dense models a "layer" is a whole
 block, so every boundary is a place where the whole state of the computation is one tensor.
+A model with its own `forward()` becomes a LayeredModel whose layers are the stages of its traced
+graph between such places (`models/graph.py`).
 """
 
 from __future__ import annotations

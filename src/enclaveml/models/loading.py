@@ -1,7 +1,8 @@
 """Load the model to assess: a zoo name, or the user's own `module:factory` plus weights (owner side).
 
 A user's factory may return a `LayeredModel`, an `nn.Sequential` (its child names become layer
-names) or a list of blocks. Weights come from `.safetensors` or a `.pt`/`.pth` state dict read
+names), a list of blocks, or any other `nn.Module` (its partition points come from its traced
+graph, `models/graph.py`; its weights load under its own parameter names before the cut). Weights come from `.safetensors` or a `.pt`/`.pth` state dict read
 with `torch.load(weights_only=True)` (no pickled code runs). Preprocessing comes from --mean/--std,
 else from a `preprocessing` attribute (a `Preprocessing` or a dict) on the factory's module or
 the returned model, else raw [0, 1] pixels. Every failure is one `UserInputError` line.
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocessing
 from ..errors import UnknownModel, UserInputError
+from .graph import graph_model
 from .layers import LayeredModel
 
 
@@ -87,6 +89,14 @@ def load_weights(model: LayeredModel, state: dict[str, torch.Tensor], source: st
         raise UserInputError(f"--weights {source} does not fit the model: {first[0] if first else e}"[:300]) from None
 
 
+def _load_module_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2]
+        raise UserInputError(f"--weights {source} does not fit the model: {first[0] if first else e}"[:300]) from None
+
+
 def _preprocessing_from(obj, size: tuple[int, int]) -> Preprocessing | None:
     pre = getattr(obj, "preprocessing", None)
     if pre is None:
@@ -123,9 +133,14 @@ def load_user_model(spec: str, weights: str | None = None, input_size: str | Seq
         model.input_shape = tuple(shape)
     elif isinstance(built, nn.Sequential) or (isinstance(built, (list, tuple)) and all(isinstance(m, nn.Module) for m in built)):
         model = LayeredModel.from_sequential(built, shape, num_classes=0)
+    elif isinstance(built, nn.Module):
+        if weights:  # the user's own parameter names, before the graph is cut into stages
+            _load_module_weights(built, read_state_dict(weights), weights)
+            weights = None
+        model = graph_model(built, tuple(shape))
     else:
-        raise UserInputError(f"{spec}: the factory returned {type(built).__name__}; expected a LayeredModel, "
-                             "an nn.Sequential or a list of nn.Module blocks")
+        raise UserInputError(f"{spec}: the factory returned {type(built).__name__}; expected an nn.Module "
+                             "(a LayeredModel, an nn.Sequential, a list of blocks or any model with a forward())")
     if weights:
         load_weights(model, read_state_dict(weights), weights)
     model.eval()
@@ -150,11 +165,70 @@ def load_user_model(spec: str, weights: str | None = None, input_size: str | Seq
     return model, pre, (list(classes) if classes is not None else None)
 
 
+def load_onnx_model(path: str, input_size: str | Sequence[int] | None = None, mean=None, std=None,
+                    resize: bool = False) -> tuple[LayeredModel, Preprocessing, list[str] | None]:
+    """An .onnx file (converted by onnx2torch, cut from its graph) -> the same triple as `load_user_model`."""
+    from .onnx_in import load_onnx
+
+    module, stated = load_onnx(path)
+    if isinstance(input_size, str):
+        shape = parse_input_size(input_size)
+    elif input_size is not None:
+        shape = tuple(int(v) for v in input_size)
+    elif stated is not None:
+        shape = stated
+    else:
+        raise UserInputError(f"--onnx {path}: the file does not state its input size; pass --input-size CxHxW "
+                             "or put input_size in a model.json beside it")
+    if stated is not None and tuple(stated) != tuple(shape):
+        raise UserInputError(f"--input-size {'x'.join(map(str, shape))}: {path} takes {'x'.join(map(str, stated))}")
+    with torch.no_grad():
+        try:
+            out = module(torch.zeros(2, *shape))
+        except Exception as e:
+            raise UserInputError(f"--onnx {path}: the model fails on an input of shape {'x'.join(map(str, shape))} "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if out.dim() != 2:
+        raise UserInputError(f"--onnx {path}: the model's output has shape {tuple(out.shape)}; expected (batch, classes)")
+    model = graph_model(module, tuple(shape), int(out.shape[1]))
+    if mean is not None or std is not None:
+        if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+            raise UserInputError("--mean and --std go together, three values each (e.g. 0.485,0.456,0.406)")
+        pre = Preprocessing(size=(shape[1], shape[2]), mean=tuple(mean), std=tuple(std), resize=resize)
+    else:
+        pre = Preprocessing(size=(shape[1], shape[2]), mean=(0.0,) * 3, std=(1.0,) * 3, resize=resize)
+    return model, pre, None
+
+
 def load_model(name: str, weights: str | None = None, input_size: str | None = None, mean=None, std=None,
-               resize: bool = False, pretrained: bool = True) -> tuple[LayeredModel, Preprocessing, list[str] | None]:
-    """A zoo name or a `module:factory` spec, with the same result shape either way."""
-    if ":" in name:
-        return load_user_model(name, weights, input_size, mean, std, resize)
+               resize: bool = False, pretrained: bool = True,
+               card: "str | Path | None" = None) -> tuple[LayeredModel, Preprocessing, list[str] | None]:
+    """A zoo name, a `module:factory` spec or an .onnx file, with the same result shape either way.
+
+    A user model's card (`card`, else a `model.json` beside the weights or the .onnx file; see
+    `models/card.py`) fills in the input size, preprocessing and class names not given as flags.
+    """
+    if ":" in name or name.lower().endswith(".onnx"):
+        from .card import find_card, read_card
+
+        onnx_file = name if name.lower().endswith(".onnx") else None
+        card_path = card or find_card(weights, onnx_file)
+        c = read_card(card_path) if card_path else None
+        if c is not None:
+            input_size = input_size if input_size is not None else c.input_size_text
+            if mean is None and std is None and c.mean is not None:
+                mean, std = list(c.mean), list(c.std)
+        if onnx_file is not None:
+            if weights:
+                raise UserInputError(f"--onnx {name}: the weights come from the .onnx file; drop --weights")
+            m, pre, classes = load_onnx_model(name, input_size, mean, std, resize)
+        else:
+            m, pre, classes = load_user_model(name, weights, input_size, mean, std, resize)
+        if c is not None and c.classes is not None:
+            if len(c.classes) != m.num_classes:
+                raise UserInputError(f"{c.path}: {len(c.classes)} class names for a model with {m.num_classes} outputs")
+            classes = list(c.classes)
+        return m, pre, classes
     from . import zoo
 
     e = zoo.entry(name)

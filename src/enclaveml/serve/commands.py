@@ -42,6 +42,8 @@ def register(app: typer.Typer) -> None:
         allow_factory: list[str] = typer.Option([], "--allow-factory",
                                                 help="also serve models built by this 'package.module:function' "
                                                      "(repeatable; part of the enclave's measured configuration)"),
+        card: list[Path] = typer.Option([], "--card", help="a model card (model.json) whose 'factory' is allowed "
+                                                            "too (repeatable; like --allow-factory)"),
         gramine_dir: Optional[Path] = typer.Option(None, "--gramine-dir",
                                                    help="gramine-sgx: where the manifest, signature and worker "
                                                         "socket go (default STORE/gramine)"),
@@ -75,6 +77,14 @@ def register(app: typer.Typer) -> None:
         from .app import ServerConfig, serve
         from .upload import parse_owner_keys
 
+        allow_factory = list(allow_factory or ())
+        for c in card or ():
+            from ..models.card import read_card
+
+            f = read_card(c).factory
+            if f is None:
+                raise UserInputError(f"{c}: the model card names no factory")
+            allow_factory.append(f)
         if tee != "gramine-sgx" and (gramine_dir or cost or signing_key or dry_run):
             raise UserInputError("--gramine-dir, --cost, --signing-key and --dry-run are for --tee gramine-sgx")
         if replicas or min_replicas is not None or max_replicas is not None:

@@ -1,9 +1,9 @@
 """`enclaveml attest ...`: check evidence by hand, pin the sim enclave (client/owner side).
 
     enclaveml attest verify EVIDENCE [--collateral FILE]... [--policy FILE] [--report-data HEX] [--now ISO8601] [--json]
-    enclaveml attest policy --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]... [--model BUNDLE]... [--min-k K] [--out FILE]
+    enclaveml attest policy --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]... [--card model.json] [--model BUNDLE]... [--min-k K] [--out FILE]
     enclaveml attest pin BUNDLE... --policy FILE [--min-k K] [--any-bundle] [--name NAME] [--replace] [--only]
-    enclaveml attest measure --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]...
+    enclaveml attest measure --tee sim [--config JSON] [--allow-factory PKG.MOD:FN]... [--card model.json]
     enclaveml attest evidence --tee sim --report-data HEX [--config JSON] [--out FILE]
 """
 
@@ -39,6 +39,27 @@ def _config(text: str | None) -> dict[str, Any]:
     return cfg
 
 
+def _enclave_config(text: str | None, allow_factory: list[str] | None, card: Path | None) -> dict[str, Any]:
+    """--config, plus the allowed factories exactly as `serve --allow-factory` puts them in the
+    enclave's measured configuration (so the policy's measurement matches the running server)."""
+    cfg = _config(text)
+    names = list(allow_factory or ())
+    if card is not None:
+        from ..models.card import read_card
+
+        c = read_card(card)
+        if c.factory is None:
+            raise UserInputError(f"{card}: the model card names no factory")
+        names.append(c.factory)
+    if names:
+        if "allowed_factories" in cfg:
+            raise UserInputError("give the allowed factories with --allow-factory/--card or in --config, not both")
+        from ..serve.protocol import enclave_config  # the one definition the server's worker uses
+
+        cfg = {**cfg, **enclave_config(names)}
+    return cfg
+
+
 def _now(text: str | None) -> datetime | None:
     if text is None:
         return None
@@ -47,16 +68,6 @@ def _now(text: str | None) -> datetime | None:
     except ValueError:
         raise UserInputError(f"--now {text!r} is not ISO 8601 (e.g. 2025-07-04T00:00:00Z)") from None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
-
-def _enclave_config(config: str | None, allow_factory: "list[str] | None") -> dict[str, Any]:
-    """--config, plus the configuration `enclaveml serve --allow-factory F...` gives its enclave."""
-    cfg = _config(config)
-    if allow_factory:
-        from ..serve.protocol import enclave_config
-
-        cfg = {**cfg, **enclave_config(list(allow_factory))}
-    return cfg
 
 
 _ALLOW_FACTORY_HELP = "the enclave serves with `serve --allow-factory` this factory (repeatable; measured)"
@@ -166,12 +177,13 @@ def measure_cmd(
     tee: str = typer.Option("sim", "--tee", help="Backend (sim)."),
     config: Optional[str] = typer.Option(None, "--config", help="Enclave configuration as JSON or @file."),
     allow_factory: Optional[list[str]] = typer.Option(None, "--allow-factory", help=_ALLOW_FACTORY_HELP),
+    card: Optional[Path] = typer.Option(None, "--card", help="Model card whose factory the server allows (as `serve --card`)."),
 ) -> None:
     """Print the expected measurement of this installed enclaveml for the sim backend."""
     _require_sim(tee)
     from .sim import expected_sim_measurement
 
-    print(expected_sim_measurement(_enclave_config(config, allow_factory)))
+    print(expected_sim_measurement(_enclave_config(config, allow_factory, card)))
 
 
 def _pin_bundles(policy: "Policy", bundles: list[Path], min_k: Optional[int], any_bundle: bool, name: Optional[str],
@@ -221,6 +233,7 @@ def policy_cmd(
                                                "smallest k); repeat for several models."),
     min_k: Optional[int] = typer.Option(None, "--min-k", help="Accept splits from K on (default: each bundle's own k)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write here (default: print)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Model card whose factory the server allows (as `serve --card`)."),
 ) -> None:
     """Write a policy pinning the local sim platform key and this code's sim measurement, and the
     models (`--model BUNDLE`) a client may use."""
@@ -228,7 +241,7 @@ def policy_cmd(
     from .policy import write_policy
     from .sim import sim_policy
 
-    p = _pin_bundles(sim_policy(_enclave_config(config, allow_factory), max_age_s=max_age_s), list(model or []),
+    p = _pin_bundles(sim_policy(_enclave_config(config, allow_factory, card), max_age_s=max_age_s), list(model or []),
                      min_k, False, None)
     if out is None:
         sys.stdout.write(p.to_toml())

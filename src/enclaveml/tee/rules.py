@@ -56,6 +56,9 @@ def measurement(claims: Claims, policy: Policy) -> None:
     if not hex_in(claims.measurement, accepted):
         raise PolicyViolation(
             f"policy rule measurements: {claims.backend} measurement {claims.measurement} is not in {_short(accepted)}"
+            + (" (a server run with --allow-factory or --card measures its configuration too: write the policy "
+               "with `enclaveml attest policy --allow-factory ...` or `--card ...` to match)"
+               if claims.backend == "sim" else "")
         )
 
 

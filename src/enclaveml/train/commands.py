@@ -173,9 +173,11 @@ def run_cmd(
                                         "server's plan's, else darknet)"),
     split: Optional[int] = typer.Option(None, "--split", help="partition point k: FrontNet = first k layers "
                                         "(default: the plan's)"),
-    head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave (default: the "
-                                       "plan's, else 0)"),
-    defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence NAME[:key=value,...] "
+    head: Optional[int] = typer.Option(None, "--head", help="last N layers run in the enclave too: the host sees "
+                                       "cut-layer gradients, never class scores (default: the plan's, else 0; "
+                                       "docs/caltrain.md, what the host learns about labels)"),
+    defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence applied in the enclave to "
+                                          "the gradient the host receives: none, noise[:scale=S], mix[:group=M] "
                                           "(default: the plan's, else none)"),
     epochs: int = typer.Option(4, "--epochs"),
     policy: Path = typer.Option(..., "--policy"),

@@ -4,8 +4,9 @@ Trust side: enclave. No I/O: `enclave_worker` moves bytes between this object an
 the channel. What it holds: the HPKE key participants and the owner encrypt to, the sealing-key
 derived data/tag/state keys, decrypted instances (batch by batch), labels, the FrontNet, the
 secret class mapping, the loss, the owner's identity, the linkage key. What it hands out: sealed
-instances and checkpoints, IR tensors, dL/dscores, sealed linkage records, and the released
-model HPKE-encrypted to the owner.
+instances and checkpoints, IR tensors, dL/dscores (or, with the head sealed here, dL/dfeatures at
+the cut; either passed through the run's label-leakage defence, `defences.py`), sealed linkage
+records, and the released model HPKE-encrypted to the owner.
 
 Operations, in the order a run uses them:
     evidence(nonce)       attestation binding this enclave's HPKE key
@@ -50,8 +51,9 @@ from ..errors import (DataError, EnclaveMLError, PolicyViolation, ReplayedMessag
 from .fingerprint import fingerprints
 from .instances import EnclaveDataset, InstanceIngest
 from .linkage import LinkageRecord, seal_records
-from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, split_for_caltrain
-from .plan import NO_DEFENCE, RunChoice, TrainingPlan, plan_key, plan_report_data
+from .defences import DefenceSpec
+from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, check_head, host_layers, split_with_head
+from .plan import RunChoice, TrainingPlan, plan_key, plan_report_data
 from .spec import ModelSpec
 
 #: The base enclave configuration that the sim backend measures (a verifier's policy pins it).
@@ -126,20 +128,6 @@ def unpack_files(data: bytes) -> tuple[dict, dict[str, bytes]]:
     except (struct.error, ValueError, KeyError, TypeError):
         raise TamperedMessage("release container is malformed") from None
     return head, files
-
-
-def _supported(choice: RunChoice) -> None:
-    """Refuse a protection this build cannot give, rather than train without it.
-
-    The plan and the start command can name a sealed head and a defence; until the training
-    mechanics for them are wired in here (`train run --head/--defence`), a run asking for them is
-    refused: training with less protection than the participants agreed to is the failure the
-    plan exists to prevent.
-    """
-    if choice.head:
-        raise UserInputError(f"this enclave build cannot keep {choice.head} head layer(s) in the enclave yet")
-    if choice.defence != NO_DEFENCE:
-        raise UserInputError(f"this enclave build does not implement the {choice.defence.name!r} defence")
 
 
 class CalTrainEnclave:
@@ -245,6 +233,8 @@ class CalTrainEnclave:
         choice = self._choice(args)
         spec, k = ModelSpec.parse(choice.model), choice.split
         cfg = TrainConfig.from_dict(args.get("config", {}))
+        head = choice.head  # last layers run here too (`train run --head N`); checked below
+        defence = DefenceSpec.from_dict(choice.defence.to_dict())  # the plan's form, normalised
         if not self._items:
             raise DataError("no training instances have been contributed")
         ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True, plan=self.plan_hash)
@@ -262,28 +252,35 @@ class CalTrainEnclave:
         torch.manual_seed(self._secret_seed(b"init", run))
         model = spec.build()
         model.check_point(k)
+        check_head(model, k, head)
+        defence_seed = self._secret_seed(b"defence", run)  # the host cannot redraw the noise
         back_state = None
         if checkpoint:
             meta, tensors, blob = self._open_checkpoint(checkpoint)
+            old = {"head": 0, "defence": DefenceSpec().to_dict(), **meta["run"]}
             for key in ("run_id", "owner", "plan", "model", "split", "head", "defence", "config", "dataset"):
-                if meta["run"][key] != run[key]:
+                if old.get(key) != run[key]:
                     raise TamperedMessage(f"checkpoint does not belong to this run ({key} differs)")
             mapping = ClassMapping(tensors.pop("mapping.perm"))
-            front, _ = split_for_caltrain(model, k, mapping)
-            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
+            front, _, head_mod = split_with_head(model, k, head, mapping)
+            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total, head_mod, defence, defence_seed)
             trainer.load_state_bytes(blob)
         else:
             mapping = self._mapping_for(run, spec.num_classes)
-            front, back = split_for_caltrain(model, k, mapping)
-            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total)
+            front, back, head_mod = split_with_head(model, k, head, mapping)
+            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total, head_mod, defence, defence_seed)
             back_state = _safetensors_bytes(back.state_dict())
         self._consume_nonce(cmd.nonce)
         self._order_cache = None  # the epoch order belongs to this run's seed and data set
         self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
+        self.head = head
+        # what the host's output must look like per instance: scores, or the cut-layer features
+        self._host_out = ((spec.num_classes,) if head == 0 else
+                          tuple(model.partition_points()[len(model) - head - 1].out_shape))
         self.owner = cmd.owner
         self._final = None
-        info = {"run_id": run["run_id"], "model": spec.text, "split": k, "head": choice.head,
-                "defence": choice.defence.text, "plan": self.plan_hash.hex(), "config": cfg.to_dict(),
+        info = {"run_id": run["run_id"], "model": spec.text, "split": k, "head": head,
+                "defence": defence.to_dict(), "plan": self.plan_hash.hex(), "config": cfg.to_dict(),
                 "n": len(ds), "dropped": ds.dropped, "total_steps": total, "start_step": trainer.step}
         return info, back_state
 
@@ -295,7 +292,6 @@ class CalTrainEnclave:
                                   f"{self.plan_hash.hex()[:16]}... (it names {str(named)[:16]}...)")
         choice = self.plan.resolve(args.get("model"), args.get("split"), args.get("head"), args.get("defence"),
                                    args.get("classes"))
-        _supported(choice)
         return choice
 
     def _secret_seed(self, purpose: bytes, run: dict) -> int:
@@ -343,8 +339,11 @@ class CalTrainEnclave:
 
     def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
         tr = self._need_run()
-        if scores.dtype != torch.float32 or scores.ndim != 2 or scores.shape[1] != self.spec.num_classes:
-            raise TamperedMessage("scores have the wrong shape or type")
+        rows = None if tr._y is None else tr._y.shape[0]  # None: EnclaveTrainer says "before forward"
+        if scores.dtype != torch.float32 or tuple(scores.shape[1:]) != self._host_out \
+                or rows not in (None, scores.shape[0]):
+            raise TamperedMessage("scores have the wrong shape or type" if self.head == 0 else
+                                  "cut-layer features have the wrong shape or type")
         return tr.loss_grad(scores)
 
     def backward(self, d_ir: torch.Tensor) -> int:
@@ -378,8 +377,7 @@ class CalTrainEnclave:
         tr = self._need_run()
         if tr.step != tr.total_steps:
             raise UserInputError(f"training is at step {tr.step} of {tr.total_steps}")
-        _, back = self.model.split(self.k)
-        back.load_state_dict(load(back_state))
+        host_layers(self.model, self.k, self.head).load_state_dict(load(back_state))
         tr.mapping.unpermute_rows(self.model.layers[-1])  # the released model is in class order
         fps = fingerprints(self.model, self.ds.all_pixels(), self.spec.preprocessing())
         records = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
@@ -394,7 +392,8 @@ class CalTrainEnclave:
                   "head": self.run["head"], "defence": self.run["defence"],
                   "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
                   "preprocessing": self.spec.preprocessing().to_dict(), "config": self.run["config"],
-                  "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"]}
+                  "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"],
+                  "head": self.run["head"], "defence": self.run["defence"]}
         final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
         self._records = tokens
         return {"records": len(tokens), "meta_token": meta_token, "final": final}

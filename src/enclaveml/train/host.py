@@ -32,7 +32,7 @@ from fastapi import Request
 
 from ..errors import (DataError, EnclaveMLError, EvidenceRejected, PolicyViolation, TamperedMessage, Unauthorized,
                       UserInputError)
-from .partitioned import HostTrainer, TrainConfig
+from .partitioned import HostTrainer, TrainConfig, host_layers
 from .plan import TrainingPlan
 from .spec import ModelSpec
 from .store import InstanceStore, RunStore, check_run_id
@@ -173,7 +173,7 @@ class TrainingHost:
             info.pop("id", None)
             spec = ModelSpec.parse(info["model"])
             cfg = TrainConfig.from_dict(info["config"])
-            _, back = spec.build().split(int(info["split"]))
+            back = host_layers(spec.build(), int(info["split"]), int(info.get("head", 0)))  # without the head
             host = HostTrainer(back, cfg, int(info["total_steps"]), self.device)
             if ck:
                 host.load_state_bytes(ck[2])

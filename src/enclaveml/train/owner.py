@@ -50,12 +50,22 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
 
     `model`, `split`, `head`, `defence`: None takes the plan's value (model "darknet", head 0 and
     no defence where the plan leaves them open); a value the plan fixes otherwise is refused here,
-    before anything is sent, and again by the enclave. `key_path`: the owner's key file (created on
-    first use), or the key itself.
+    before anything is sent, and again by the enclave. `head`: the last layers that run in the
+    enclave too (the host then sees cut-layer gradients, not class scores); `defence`: the
+    label-leakage defence the enclave applies to the gradient it hands the host
+    (`defences.DefenceSpec`, text `NAME[:k=v,...]` or its dict). Both travel in the signed start
+    command; the enclave checks them and reports them back. `key_path`: the owner's key file
+    (created on first use), or the key itself.
     """
     from ..tee import load_policy
-    from .plan import check_requirements
+    from .partitioned import check_head
+    from .plan import Defence, check_requirements
 
+    # What can be checked here is refused before anything is sent (or an owner key created).
+    if defence is not None:
+        defence = Defence.parse(defence)  # unknown name or out-of-range setting
+    if head is not None and model is not None and split is not None:
+        check_head(ModelSpec.parse(model).build(), split, head)
     owner = key_path if isinstance(key_path, SigningKey) else SigningKey.load_or_create(key_path)
     rules = load_policy(policy).caltrain
     client = HostClient(url)
@@ -68,6 +78,7 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         if model is None and plan.model is None:
             model = "darknet"
         choice = plan.resolve(model, split, head, defence)
+        check_head(ModelSpec.parse(choice.model).build(), choice.split, choice.head)  # before anything is sent
         pub, nonce = client.attest(policy, plan_hash)  # the evidence names the plan
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
                                  {"model": choice.model, "split": choice.split, "head": choice.head,

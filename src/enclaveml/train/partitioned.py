@@ -11,9 +11,12 @@ in-process (tests, benchmarks) and across the enclave channel (the real system):
     enclave.backward(dL/dIR)                                   (enclave SGD step on the FrontNet)
 
 The host never sees labels, the loss or class names; its last layer's rows are in the order of
-a secret permutation pi (column j of the scores is class pi[j]). It does see dL/dscores, whose
-one negative entry per row marks the (permuted) label column: the host can group instances by
-an anonymous class index, not name the class (docs/caltrain.md).
+a secret permutation pi (column j of the scores is class pi[j]). It does see dL/dscores, which
+gives away each row's (permuted) label column, and one colluding participant's known labels name
+the columns. With a head in the enclave (`split_with_head`, `train run --head N`) the host runs
+layers k..n-1-N and gets dL/dfeatures at the cut instead, which still clusters by class; a
+defence (`defences.py`) perturbs it before it leaves (docs/caltrain.md, "What the host learns
+about labels").
 
 SGD is per parameter, so two optimisers over the two halves equal one over the whole model; the
 learning rate is a pure function of the step, and batch order and augmentation come from
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,9 @@ from torch import nn
 from ..data.preprocess import Preprocessing
 from ..errors import TamperedMessage, UserInputError
 from .augment import augment
+
+if TYPE_CHECKING:
+    from .defences import DefenceSpec
 
 
 @dataclass(frozen=True)
@@ -177,14 +185,34 @@ def _safetensors_metadata(data: bytes) -> dict:
     return header.get("__metadata__", {}) or {}
 
 
+class _FrontAndHead(nn.Module):
+    """The enclave's parameters when the classifier head runs there too (one optimiser over both)."""
+
+    def __init__(self, front: nn.Module, head: nn.Module):
+        super().__init__()
+        self.front, self.head = front, head
+
+
 class EnclaveTrainer(_Half):
-    """Enclave half: augment, normalise, FrontNet forward/backward, labels and loss."""
+    """Enclave half: augment, normalise, FrontNet forward/backward, labels and loss.
+
+    With `head` (the last layers of the model, `train run --head N`) the host's output is the
+    cut-layer feature map, not the scores: the enclave runs the head and the loss on it and hands
+    back dL/dfeatures. `defence` (`defences.DefenceSpec`) transforms the gradient before it leaves,
+    with randomness from `defence_seed` and the step (secret: the enclave derives it from its key).
+    """
 
     def __init__(self, front: nn.Module, mapping: ClassMapping, pre: Preprocessing, cfg: TrainConfig,
-                 total_steps: int):
-        super().__init__(front, cfg, total_steps)
+                 total_steps: int, head: nn.Module | None = None, defence: "DefenceSpec | None" = None,
+                 defence_seed: int = 0):
+        from .defences import DefenceSpec
+
+        super().__init__(front if head is None else _FrontAndHead(front, head), cfg, total_steps)
+        self.front, self.head = front, head
         self.mapping = mapping
         self.pre = pre
+        self.defence = defence or DefenceSpec()
+        self.defence_seed = int(defence_seed)
         self._ir: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self.last_loss = math.nan
@@ -195,19 +223,34 @@ class EnclaveTrainer(_Half):
         gen = self.cfg.batch_generator(self.step)
         x = augment(x_u8, gen) if self.cfg.augment else x_u8.float()
         x = self.pre.normalise(x.div_(255.0))
-        self._ir = self.module(x)
+        self._ir = self.front(x)
         self._y = y
         return self._ir.detach()
 
     def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
-        """BackNet scores in the secret order -> dL/dscores in that order (softmax + loss here)."""
+        """The host's output -> the gradient the host receives for it.
+
+        Without a head: BackNet scores in the secret order -> dL/dscores in that order (softmax +
+        loss here). With a head: the cut-layer features -> dL/dfeatures (the head's own gradients
+        stay here until `backward` steps). Either way the defence is applied last.
+        """
+        from .defences import step_generator
+
         if self._y is None:
             raise UserInputError("loss_grad before forward")
-        scores = scores.detach().requires_grad_(True)
+        out = scores.detach().requires_grad_(True)
+        scores = out if self.head is None else self.head(out)
         logits = self.mapping.to_class_order(scores)
         loss = F.cross_entropy(logits, self._y, label_smoothing=self.cfg.label_smoothing)
-        (grad,) = torch.autograd.grad(loss, scores)
+        if self.head is None:
+            (grad,) = torch.autograd.grad(loss, out)
+        else:
+            loss.backward()  # head parameter gradients accumulate for the step in `backward`
+            grad = out.grad.detach()
         self.last_loss = float(loss.detach())
+        self.clean_grad = grad  # before the defence: enclave-only (bench_label_leakage's --exact-front)
+        if self.defence.name != "none":
+            grad = self.defence.apply(grad, self._y, step_generator(self.defence_seed, self.step))
         return grad
 
     def backward(self, d_ir: torch.Tensor) -> None:
@@ -280,4 +323,31 @@ def split_for_caltrain(model: nn.Module, k: int, mapping: ClassMapping):
         raise UserInputError("CalTrain needs a model whose last layer is a Linear classifier")
     mapping.permute_rows(fc)
     return front, back
+
+
+def check_head(model: nn.Module, k: int, head: int) -> int:
+    """`head` = how many of the last layers run in the enclave: 0 (none) up to leaving the host one."""
+    model.check_point(k)
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head <= len(model) - k - 1:
+        raise UserInputError(f"--head {head} is out of range: with split {k} this model allows 0..{len(model) - k - 1} "
+                             "(the host keeps at least one layer)")
+    return head
+
+
+def host_layers(model: nn.Module, k: int, head: int = 0) -> nn.Sequential:
+    """The host's part: layers k..n-1-head (the BackNet without the head). Shares the parameters."""
+    check_head(model, k, head)
+    items = list(model.layers.named_children())
+    return nn.Sequential(OrderedDict(items[k:len(items) - head]))
+
+
+def split_with_head(model: nn.Module, k: int, head: int, mapping: ClassMapping):
+    """(FrontNet, host layers, head or None) with the classifier rows permuted; head=0 is
+    `split_for_caltrain`. The parts share the parameters with `model`."""
+    check_head(model, k, head)
+    front, back = split_for_caltrain(model, k, mapping)
+    if head == 0:
+        return front, back, None
+    items = list(model.layers.named_children())
+    return front, host_layers(model, k, head), nn.Sequential(OrderedDict(items[len(items) - head:]))
 

@@ -93,7 +93,10 @@ class Defence:
             out.append((k, v))
         if name == "none" and out:
             raise UserInputError("defence none takes no settings")
-        return cls(name, tuple(sorted(out)))
+        from .defences import DefenceSpec  # one defence registry: known names, settings, defaults
+
+        spec = DefenceSpec(name, dict(out))
+        return cls(spec.name, tuple(sorted(spec.settings.items())))
 
     @property
     def text(self) -> str:
