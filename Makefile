@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 
-.PHONY: venv test demo zoo bench-assess bench-serve load-serve bench-caltrain bench-label-leakage bench-crypto bench clean
+.PHONY: venv test demo zoo bench-assess bench-serve bench-replicas load-serve bench-caltrain bench-label-leakage bench-crypto bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-assess: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) benchmarks/bench_serve.py
+
+bench-replicas: $(STAMP)
+	$(PY) benchmarks/bench_replicas.py
 
 load-serve: $(STAMP)
 	$(PY) benchmarks/load_serve.py

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         owner = str(res.get("owner", ""))
         head = f", head={res['head']}" if res.get("head") else ""
         typer.echo(f"{verb} {res.get('name', res['model'])} (owner {owner[:16]}..., bundle {res['bundle_id']}, "
-                   f"k={res['k']}{head}) on {url}")
+                   f"k={res['k']}{head}) on {_where(res, url)}")
 
     @app.command("infer")
     def infer_cmd(
@@ -77,5 +77,11 @@ def register(app: typer.Typer) -> None:
         from .sdk import EnclaveClient
 
         with EnclaveClient(url, policy) as c:
-            c.delete(model, _owner_key(owner_key))
-        typer.echo(f"deleted {model} from {url}")
+            res = c.delete(model, _owner_key(owner_key))
+        typer.echo(f"deleted {model} from {_where(res, url)}")
+
+
+def _where(res: dict, url: str) -> str:
+    """`url`, or how many replicas behind it an operation reached (`serve --replicas`)."""
+    reps = res.get("replicas")
+    return f"{len(reps)} replicas behind {url}" if isinstance(reps, list) else url

@@ -38,10 +38,15 @@ from ..serve.upload import sign_upload
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 #: How long an attestation is reused before the client asks for fresh evidence.
 REATTEST_S = 300.0
+#: How long the first operation's probe answer (evidence) may wait for the attestation that uses it.
+PREFETCH_S = 10.0
 #: One request carries at most this many images and (padded) bytes, within the server's default
 #: `--max-request-bytes` (8 MiB + 4 KiB); a larger image goes alone.
 BATCH_CHUNK = 64
 BATCH_BYTES = 8 * 1024 * 1024
+
+
+_UNKNOWN = object()
 
 
 def _chunks(images: list[bytes]) -> list[list[bytes]]:
@@ -117,6 +122,10 @@ class EnclaveClient:
         self.pad_requests = bool(pad_requests)
         self._attested: AttestedEnclave | None = None
         self._lock = threading.Lock()
+        #: A `ReplicaSet` when `url` is an `enclaveml serve --replicas` front (client/replicas.py);
+        #: None for a plain server; _UNKNOWN until the first operation asks.
+        self._fanout: Any = _UNKNOWN
+        self._prefetched: tuple | None = None  # (nonce, evidence answer, when) from the probe
 
     def close(self) -> None:
         self.http.close()
@@ -138,14 +147,40 @@ class EnclaveClient:
             raise _error_from_response(r)
         return r
 
+    def _replicas(self):
+        """The front's replicas (each attested on its own), or None for a plain server. The first
+        operation's evidence request is the probe (client/replicas.py), so a plain server sees
+        no extra request."""
+        if self._fanout is _UNKNOWN and self._attested is not None:
+            self._fanout = None  # it already attested this URL as one enclave
+        if self._fanout is _UNKNOWN:
+            from .replicas import probe
+
+            found, pre = probe(self)
+            if found is False:  # no answer: a plain server's calls then fail as usual
+                return None
+            with self._lock:
+                self._fanout, self._prefetched = found, pre
+        return self._fanout
+
     # -- attestation ------------------------------------------------------------------------
 
     def attest(self) -> AttestedEnclave:
-        """Fetch fresh evidence with a random nonce and verify it against the policy."""
+        """Fetch fresh evidence with a random nonce and verify it against the policy (against a
+        replica front: every replica, returning the first one's)."""
+        if self._replicas() is not None:
+            return self._fanout.attest()
         from ..tee import Evidence, bind_report_data, verify_evidence
 
-        nonce = os.urandom(32)
-        r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()})
+        with self._lock:
+            pre, self._prefetched = self._prefetched, None
+        if pre is not None and time.monotonic() - pre[2] < PREFETCH_S:  # the probe's answer, just fetched
+            nonce, r = pre[0], pre[1]
+            if r.status_code >= 400:
+                raise _error_from_response(r)
+        else:
+            nonce = os.urandom(32)
+            r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()})
         try:
             body = loads_untrusted(r.content)
             pk = bytes.fromhex(body["public_key"])
@@ -164,6 +199,8 @@ class EnclaveClient:
         return att
 
     def attested(self) -> AttestedEnclave:
+        if self._replicas() is not None:
+            return self._fanout.attested()
         with self._lock:
             att = self._attested
         if att is None or time.monotonic() - att.at > self.reattest_s:
@@ -181,6 +218,8 @@ class EnclaveClient:
         name (or adds the bundle id to the owner's own pin); clients elsewhere need the pin in
         their policy file (`enclaveml attest pin`).
         """
+        if self._replicas() is not None:  # every replica, each attested and sealed to on its own
+            return self._fanout.deploy(bundle_dir, model_key, owner_key, model_id)
         from ..models.bundle import bundle_files, load_manifest
 
         files = bundle_files(bundle_dir)
@@ -205,6 +244,8 @@ class EnclaveClient:
 
     def delete(self, model_id: str, owner_key: SigningKey) -> dict:
         """Attest, then send a delete command signed by the owner and sealed to the enclave."""
+        if self._replicas() is not None:
+            return self._fanout.delete(model_id, owner_key)
         ref = ModelRef(owner_key.public_key().to_bytes().hex(), protocol.check_model_id(model_id))
         att = self.attest()
         cmd = seal_owner_command(owner_key, att.public_key, "delete", ref.name, att.nonce)
@@ -220,6 +261,8 @@ class EnclaveClient:
     def identity(self, model: str, att: AttestedEnclave | None = None) -> ModelIdentity:
         """Ask the attested enclave what it has deployed as `model` (by the pinned owner), and
         refuse it (`PolicyViolation`, saying what differs) unless it matches the pin."""
+        if att is None and self._replicas() is not None:
+            return self._fanout.identity(model)
         att = att or self.attested()
         target = self.target(model)
         raw = target.to_bytes()
@@ -259,6 +302,8 @@ class EnclaveClient:
                    logits: bool = False) -> list[dict | E.EnclaveMLError]:
         protocol.check_model_id(model)
         images = [bytes(i) for i in images]
+        if self._replicas() is not None:  # one replica per call, round-robin
+            return self._fanout.infer_each(images, model, top_k, logits)
         try:
             att = self.attested()
             target = self._verified(att, model)  # before any image leaves this client

@@ -543,9 +543,13 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         s = S()
         model_id = str(ModelRef(owner, name))
         pipe = s.pipeline(model_id)
-        body = await read_body(request, cfg.max_request_bytes)
-        t0 = time.perf_counter()
-        resp = await pipe.run(body)
+        s.metrics.add_gauge("in_flight_requests", 1)  # queue depth (the replicas' autoscaling signal)
+        try:
+            body = await read_body(request, cfg.max_request_bytes)
+            t0 = time.perf_counter()
+            resp = await pipe.run(body)
+        finally:
+            s.metrics.add_gauge("in_flight_requests", -1)
         s.metrics.observe("inference_seconds", time.perf_counter() - t0, model=model_id)
         s.metrics.inc("inferences_total", model=model_id, outcome="ok")
         return Response(resp, media_type="application/octet-stream")

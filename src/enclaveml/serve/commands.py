@@ -55,6 +55,22 @@ def register(app: typer.Typer) -> None:
                                                         "(default: Gramine's own default key)"),
         dry_run: bool = typer.Option(False, "--dry-run",
                                      help="gramine-sgx: write the manifest, print the Gramine commands, do not launch"),
+        replicas: int = typer.Option(0, "--replicas",
+                                     help="run N replicas (each a host server + its own enclave) on Ray Serve, "
+                                          "with a front on --port listing them (docs/scaling.md)"),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                  help="replicas: join this Ray cluster (default: a local Ray)"),
+        min_replicas: Optional[int] = typer.Option(None, "--min-replicas",
+                                                   help="replicas: autoscale on queue depth from this many"),
+        max_replicas: Optional[int] = typer.Option(None, "--max-replicas",
+                                                   help="replicas: autoscale up to this many"),
+        replica_cpus: float = typer.Option(1.0, "--replica-cpus", help="replicas: CPUs Ray reserves per replica"),
+        replica_host: str = typer.Option("127.0.0.1", "--replica-host",
+                                         help="replicas: address each replica's server listens on "
+                                              "(0.0.0.0: the node's IP is advertised)"),
+        ray_proxy_port: Optional[int] = typer.Option(None, "--ray-proxy-port",
+                                                     help="replicas: also start Ray Serve's HTTP proxy here "
+                                                          "(forwards to any one replica; for 1 replica or measuring)"),
     ) -> None:
         """Serve deployed models: host server (untrusted) + enclave worker process, until Ctrl-C."""
         from ..errors import UserInputError
@@ -71,6 +87,8 @@ def register(app: typer.Typer) -> None:
             allow_factory.append(f)
         if tee != "gramine-sgx" and (gramine_dir or cost or signing_key or dry_run):
             raise UserInputError("--gramine-dir, --cost, --signing-key and --dry-run are for --tee gramine-sgx")
+        if replicas or min_replicas is not None or max_replicas is not None:
+            return _serve_replicas(locals())
         launch = None
         if tee == "gramine-sgx":
             from . import protocol
@@ -89,6 +107,35 @@ def register(app: typer.Typer) -> None:
                            max_concurrent_uploads=max_uploads, allowed_owners=parse_owner_keys(allow_owner or []),
                            ping_interval_s=ping_interval, ping_timeout_s=ping_timeout)
         serve(cfg, host=host, port=port, torch_threads=torch_threads)
+
+
+def _serve_replicas(o: dict) -> None:
+    """`serve --replicas`: every replica runs `enclaveml serve` with the same flags on one shared store."""
+    from ..errors import UserInputError
+
+    if o["tee"] == "gramine-sgx" or o["worker_socket"]:
+        raise UserInputError("--replicas runs --tee sim or tsm replicas (gramine-sgx replicas: not yet)")
+    try:
+        from .replicas.deployment import ReplicaSpec
+        from .replicas.run import ReplicaPlan, serve_replicated
+    except ImportError as e:
+        raise UserInputError(f"--replicas needs Ray Serve: pip install 'enclaveml[replicas]' ({e})") from None
+    args = ["--device", o["device"], "--max-batch", str(o["max_batch"]), "--batch-window-ms", str(o["window_ms"]),
+            "--enclave-threads", str(o["enclave_threads"]), "--torch-threads", str(o["torch_threads"]),
+            "--enclave-torch-threads", str(o["enclave_torch_threads"]),
+            "--max-request-bytes", str(o["max_request_bytes"]), "--max-upload-bytes", str(o["max_upload_bytes"]),
+            "--max-uploads", str(o["max_uploads"]), "--ping-interval", str(o["ping_interval"]),
+            "--ping-timeout", str(o["ping_timeout"])]
+    for f in o["allow_factory"] or ():
+        args += ["--allow-factory", f]
+    for owner in o["allow_owner"] or ():
+        args += ["--allow-owner", owner]
+    spec = ReplicaSpec(store=str(Path(o["store"]).resolve()), tee=o["tee"], server_args=args,
+                       listen_host=o["replica_host"])
+    plan = ReplicaPlan(replicas=max(1, o["replicas"] or (o["min_replicas"] or 1)), min_replicas=o["min_replicas"],
+                       max_replicas=o["max_replicas"], ray_address=o["ray_address"], replica_cpus=o["replica_cpus"],
+                       proxy_port=o["ray_proxy_port"])
+    serve_replicated(spec, plan, host=o["host"], port=o["port"])
 
 
 def _prepare_gramine(workdir: Path, cost_path: Optional[Path], signing_key: Optional[Path], dry_run: bool,

@@ -21,12 +21,16 @@ class ServerProcess:
     """`with ServerProcess(store, log) as srv: srv.url ...` (stops the server, and its enclave, on exit)."""
 
     def __init__(self, store: str | os.PathLike[str], log: str | os.PathLike[str], tee: str = "sim",
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None, timeout_s: float = 180.0):
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None, timeout_s: float = 180.0,
+                 die_with_parent: bool = False):
         self.store, self.log_path = Path(store), Path(log)
         self.args = [sys.executable, "-m", "enclaveml", "serve", "--tee", tee, "--port", "0",
                      "--store", str(self.store), *(extra_args or [])]
         self.env = env
         self.timeout_s = timeout_s
+        #: Linux: the server gets SIGKILL when the process that started it dies (a Ray replica
+        #: actor killed outright must not leave its server, and enclave, behind).
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -42,7 +46,8 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     preexec_fn=_die_with_parent if self.die_with_parent else None)
         deadline = time.time() + self.timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -83,6 +88,16 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """(In the child, before exec.) Ask Linux for SIGKILL when the parent dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's own shutdown stops the server
+        pass
 
 
 def snapshot_package(dest: str | os.PathLike[str]) -> Path:

@@ -37,12 +37,19 @@ class Metrics:
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, tuple], float] = {}
         self.hists: dict[tuple[str, tuple], Histogram] = {}
+        #: Values that go up and down (e.g. requests in flight), keyed like counters.
+        self.gauges: dict[tuple[str, tuple], float] = {}
         self.started = time.time()
 
     def inc(self, name: str, n: float = 1, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self.counters[key] = self.counters.get(key, 0) + n
+
+    def add_gauge(self, name: str, n: float, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self.gauges[key] = self.gauges.get(key, 0) + n
 
     def observe(self, name: str, value: float, buckets=LATENCY_BUCKETS_S, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
@@ -63,7 +70,8 @@ class Metrics:
             counters = [{"name": n, "labels": dict(lab), "value": v} for (n, lab), v in sorted(self.counters.items())]
             hists = [{"name": n, "labels": dict(lab), "buckets": list(h.buckets), "counts": list(h.counts),
                       "sum": h.total, "count": h.n} for (n, lab), h in sorted(self.hists.items())]
-        return {"uptime_s": time.time() - self.started, "counters": counters, "histograms": hists}
+            gauges = [{"name": n, "labels": dict(lab), "value": v} for (n, lab), v in sorted(self.gauges.items())]
+        return {"uptime_s": time.time() - self.started, "counters": counters, "histograms": hists, "gauges": gauges}
 
     def to_prometheus(self) -> str:
         def fmt(labels: tuple, extra: tuple = ()) -> str:
@@ -77,6 +85,11 @@ class Metrics:
             for name in sorted({n for n, _ in self.counters}):
                 lines.append(f"# TYPE enclaveml_{name} counter")
                 for (n, lab), v in sorted(self.counters.items()):
+                    if n == name:
+                        lines.append(f"enclaveml_{n}{fmt(lab)} {v:g}")
+            for name in sorted({n for n, _ in self.gauges}):
+                lines.append(f"# TYPE enclaveml_{name} gauge")
+                for (n, lab), v in sorted(self.gauges.items()):
                     if n == name:
                         lines.append(f"enclaveml_{n}{fmt(lab)} {v:g}")
             for name in sorted({n for n, _ in self.hists}):
