@@ -138,3 +138,42 @@ def test_early_stop_stops_a_decoder_with_nothing_to_learn():
     # stopping early did not cost the learnable decoder its quality
     assert res.info[1]["val_mse"] < 1.5 * full.info[1]["val_mse"]
     assert res.info[1]["val_mse"] < 0.5 * res.info[2]["val_mse"]
+
+
+def test_the_oracle_copy_is_the_same_function_and_leaves_the_model_alone():
+    from enclaveml.assess.inference import folded
+
+    m = _darknet()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fast = folded(m, m.input_shape)
+    assert fast is not m and not any(isinstance(x, torch.nn.BatchNorm2d) for x in fast.modules())
+    x = torch.randn(4, *m.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), m(x), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # the original keeps its layers
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if float(x.sum()) > 0 else x  # data-dependent control flow: fx cannot trace it
+
+    u = Untraceable()
+    assert folded(u, (3, 4, 4)) is u
+
+
+def test_rmle_stops_once_converged():
+    from enclaveml.assess.rmle import converged, reconstruct
+    from enclaveml.data.preprocess import Preprocessing
+
+    assert not converged([5.0, 4.0], 2, 0.01) and converged([5.0, 1.0, 0.999, 0.995], 2, 0.01)
+    assert not converged([5.0, 1.0, 0.9, 0.8], 2, 0.01)
+    pre = Preprocessing(size=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3)
+    target = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    front = torch.nn.AvgPool2d(2)  # an easy IR to match: the search converges well before the budget
+    # the TV prior gives the objective a floor, which the search reaches well before the budget
+    recon, steps = reconstruct(front, pre, front(target), (3, 8, 8), 500, 0.05, 0.02, window=30)
+    full, all_steps = reconstruct(front, pre, front(target), (3, 8, 8), 500, 0.05, 0.02, window=0)
+    assert steps < 300 and all_steps == 500
+    err = lambda r: float((r - target).abs().mean())  # noqa: E731
+    assert err(recon) < 0.9 * float((0.5 - target).abs().mean())  # better than the grey start
+    assert err(recon) < err(full) + 0.02  # and about as good as the whole budget

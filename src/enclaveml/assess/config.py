@@ -33,6 +33,9 @@ class AssessConfig:
     rmle_steps: int = 150
     rmle_lr: float = 0.05
     rmle_tv: float = 0.02
+    rmle_early_stop: bool = True  # stop once the objective improves < rmle_min_delta over rmle_window steps
+    rmle_window: int = 30
+    rmle_min_delta: float = 0.01
     # KL test and cost
     kl_batch: int = 512
     latency_repeats: int = 10

@@ -55,7 +55,7 @@ def channel_images(ir: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tenso
 def oracle_probs(ctx: AssessContext, grey: torch.Tensor) -> torch.Tensor:
     """Softmax of the whole model on grey [0, 1] images (n, 1, H, W)."""
     x = ctx.pre.normalise(grey.expand(-1, 3, -1, -1))
-    return torch.softmax(ctx.model(x).float(), dim=-1)
+    return torch.softmax((ctx.oracle or ctx.model)(x).float(), dim=-1)
 
 
 @register

@@ -32,6 +32,8 @@ class AssessContext:
     config: AssessConfig
     # one pass of the model -> IRs at every assessed point (assess/forward.py); None: tests use PointData's IRs
     forward: "PointForward | None" = None
+    # the oracle the KL test queries: an inference copy of `model` (assess/inference.py); None: `model`
+    oracle: "torch.nn.Module | None" = None
 
 
 @dataclass
