@@ -16,6 +16,15 @@ from enclaveml.models import zoo
 from enclaveml.models.layers import LayeredModel
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny tensors on a shared 2-core machine lose to thread synchronisation."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _darknet():
     torch.manual_seed(0)
     m = zoo.load("darknet", pretrained=False).eval()
