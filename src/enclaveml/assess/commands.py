@@ -42,11 +42,14 @@ def register(app: typer.Typer) -> None:
         resize: bool = typer.Option(False, "--resize", help="resize/convert images instead of refusing other sizes or modes"),
         ssim_threshold: float = typer.Option(0.3, "--ssim-threshold", help="SSIM above this is a recognisable reconstruction"),
         kl_tolerance: float = typer.Option(0.1, "--kl-tolerance", help="KL test: leak when own channels beat uniform on this much more of the samples than the control"),
+        kl_confidence: float = typer.Option(0.95, "--kl-confidence", help="KL test: a point passes when this confidence interval of that difference lies at or below the tolerance"),
         budget_mb: float = typer.Option(93.0, "--budget-mb", help="enclave memory budget in MiB (SGX1 usable EPC: 93)"),
         tests: str = typer.Option("kl,decoder,rmle", "--tests", help="leakage tests to run"),
         decoder_steps: int = typer.Option(400, "--decoder-steps", help="training steps of each point's decoder"),
         decoder_train: int = typer.Option(4000, "--decoder-train", help="held-out images for the decoder"),
         decoder_batch: int = typer.Option(32, "--decoder-batch", help="decoder training batch size"),
+        decoder_early_stop: bool = typer.Option(True, "--decoder-early-stop/--no-decoder-early-stop",
+                                                help="stop each decoder once its validation loss stops improving"),
         rmle_steps: int = typer.Option(150, "--rmle-steps", help="Adam steps of the white-box reconstruction"),
         rmle_samples: int = typer.Option(8, "--rmle-samples", help="test samples the white-box attack reconstructs"),
         seed: int = typer.Option(0, "--seed"),
@@ -70,6 +73,10 @@ def register(app: typer.Typer) -> None:
             raise UserInputError("--samples must be at least 1")
         if budget_mb <= 0 or not 0 < ssim_threshold < 1:
             raise UserInputError("--budget-mb must be positive and --ssim-threshold between 0 and 1")
+        if not 0 < kl_confidence < 1:
+            raise UserInputError("--kl-confidence must be between 0 and 1, e.g. 0.95")
+        if decoder_steps < 1 or decoder_batch < 1:
+            raise UserInputError("--decoder-steps and --decoder-batch must be at least 1")
         test_names = tuple(t.strip() for t in tests.split(",") if t.strip())
         for t in test_names:
             leakage.get(t)
@@ -78,8 +85,8 @@ def register(app: typer.Typer) -> None:
         model = _model_arg(model, onnx)
         m, pre, classes = load_model(model, weights, input_size, parse_floats(mean, "--mean"), parse_floats(std, "--std"), resize)
         cfg = AssessConfig(samples=samples, points=_ints(points, "--points"), tests=test_names,
-                           ssim_threshold=ssim_threshold, kl_tolerance=kl_tolerance, budget_bytes=int(budget_mb * 2**20),
-                           decoder_steps=decoder_steps, decoder_train=decoder_train, decoder_batch=decoder_batch, rmle_steps=rmle_steps,
+                           ssim_threshold=ssim_threshold, kl_tolerance=kl_tolerance, kl_confidence=kl_confidence,
+                           budget_bytes=int(budget_mb * 2**20), decoder_steps=decoder_steps, decoder_early_stop=decoder_early_stop, decoder_train=decoder_train, decoder_batch=decoder_batch, rmle_steps=rmle_steps,
                            rmle_samples=rmle_samples, seed=seed)
         selected = [p.index for p in select_points(m, cfg.points)]
         if point is not None and point not in selected:
@@ -92,7 +99,7 @@ def register(app: typer.Typer) -> None:
         assess_data = load_assess_data(data, pre, cfg.samples, cfg.decoder_train, cfg.seed)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as prog:
-            task = prog.add_task("starting", total=1 + n_points * (len(test_names) + 1))
+            task = prog.add_task("starting", total=2 + len(test_names) + n_points * (len(test_names) + 1))
             started = [False]
 
             def say(msg: str) -> None:
@@ -114,14 +121,26 @@ def _print_summary(console, record: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"assessment of {record['model']}")
-    for col in ("k", "layer", "KL delta", "uniform", "KL leaks", "SSIM", "attack", "MFLOPs", "memory MiB", "ms"):
+    for col in ("k", "layer", "KL delta", "uniform", "KL verdict", "SSIM", "attack", "MFLOPs", "memory MiB", "ms"):
         t.add_column(col)
     for p in record["points"]:
         kl, inv, c = p.get("kl") or {}, p.get("inversion") or {}, p["cost"]
         mark = " *" if p["index"] == record["recommended"] else ""
         t.add_row(f"{p['index']}{mark}", p["name"], f"{kl.get('min', float('nan')):.3g}", f"{kl.get('uniform', float('nan')):.3g}",
-                  str(kl.get("leaks", "-")), f"{inv.get('ssim', float('nan')):.3f}", str(inv.get("attack", "-")),
+                  _kl_cell(kl), f"{inv.get('ssim', float('nan')):.3f}", str(inv.get("attack", "-")),
                   f"{c['flops'] / 1e6:.1f}", f"{c['enclave_bytes'] / 2**20:.2f}", f"{c['latency_ms']:.3f}")
     console.print(t)
     r = record["recommendation"]
     console.print(f"recommended point: {r['index']} - {r['reason']}")
+    t = record.get("time_breakdown", {})
+    if t:
+        console.print("time (wall s / CPU s): " + ", ".join(f"{k} {v['wall_s']:.1f}/{v['cpu_s']:.1f}" for k, v in t.items()))
+
+
+def _kl_cell(kl: dict) -> str:
+    ci = kl.get("ci")
+    if ci is None:
+        return str(kl.get("leaks", "-"))
+    if ci["verdict"] != "undecided":
+        return ci["verdict"]
+    return f"undecided, needs {ci['samples_needed']}" if ci.get("samples_needed") else "undecided"

@@ -15,17 +15,27 @@ class AssessConfig:
     tests: tuple[str, ...] = ("kl", "decoder", "rmle")
     ssim_threshold: float = 0.3  # SSIM <= this is "unrecognisable" (He et al., ACSAC 2019)
     kl_tolerance: float = 0.1  # a point leaks when own channels beat uniform on this fraction more samples than chance
+    kl_confidence: float = 0.95  # level of the interval on that difference; a point passes when its upper bound <= tolerance
     budget_bytes: int = SGX1_EPC_BYTES
     # decoder inversion (black box): one small decoder per point, trained on held-out data
     decoder_train: int = 4000
     decoder_steps: int = 400
     decoder_batch: int = 32
     decoder_lr: float = 2e-3
+    # early stop: every `check_every` steps, validation MSE on held-out attacker images; after
+    # `patience` checks without a `min_delta` relative improvement the final decay starts
+    decoder_early_stop: bool = True
+    decoder_check_every: int = 24
+    decoder_patience: int = 2
+    decoder_min_delta: float = 0.01
     # white-box rMLE with a total-variation prior
     rmle_samples: int = 8
     rmle_steps: int = 150
     rmle_lr: float = 0.05
     rmle_tv: float = 0.02
+    rmle_early_stop: bool = True  # stop once the objective improves < rmle_min_delta over rmle_window steps
+    rmle_window: int = 30
+    rmle_min_delta: float = 0.01
     # KL test and cost
     kl_batch: int = 512
     latency_repeats: int = 10

@@ -12,6 +12,11 @@ a *different* test sample's IR against F(x) (`chance_fraction`). A point leaks w
 channels beat the baseline on more samples than another image's channels do (plus a configurable
 tolerance): then the IR carries content of x itself, which is what the paper's test asks.
 `any_channel_beats_uniform` keeps the paper's literal criterion for reference.
+
+How sure that verdict is: `ci` holds a confidence interval of leak_fraction - chance_fraction
+(paired over the samples, assess/confidence.py), the verdict it supports ("leaks", "passes" or
+"undecided") and how many samples would decide it if the observed shares held; the
+recommendation reads `ci.verdict`, not the point estimate.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .confidence import kl_confidence
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import kl_divergence, kl_to_uniform
 
@@ -49,7 +55,7 @@ def channel_images(ir: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tenso
 def oracle_probs(ctx: AssessContext, grey: torch.Tensor) -> torch.Tensor:
     """Softmax of the whole model on grey [0, 1] images (n, 1, H, W)."""
     x = ctx.pre.normalise(grey.expand(-1, 3, -1, -1))
-    return torch.softmax(ctx.model(x).float(), dim=-1)
+    return torch.softmax((ctx.oracle or ctx.model)(x).float(), dim=-1)
 
 
 @register
@@ -101,6 +107,7 @@ class KLTest(LeakageTest):
             "delta": _quantiles(delta),
             "uniform_dist": _quantiles(base),
             "channels": int(c),
+            "ci": kl_confidence(beat.tolist(), chance.tolist(), self.config.kl_tolerance, self.config.kl_confidence),
         }
         # the report shows, for the first sample, the channels the oracle found most like x
         k = min(self.config.report_images, c)

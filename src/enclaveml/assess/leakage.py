@@ -17,6 +17,7 @@ from ..data.preprocess import Preprocessing
 from ..errors import UserInputError
 from ..models.layers import FrontNet, LayeredModel, PartitionPoint
 from .config import AssessConfig
+from .forward import PointForward
 
 
 @dataclass
@@ -29,6 +30,10 @@ class AssessContext:
     x_train: torch.Tensor  # the attacker's held-out same-distribution pixels (M, 3, H, W)
     probs_test: torch.Tensor  # F(x) = softmax of the whole model on x_test (N, K)
     config: AssessConfig
+    # one pass of the model -> IRs at every assessed point (assess/forward.py); None: tests use PointData's IRs
+    forward: "PointForward | None" = None
+    # the oracle the KL test queries: an inference copy of `model` (assess/inference.py); None: `model`
+    oracle: "torch.nn.Module | None" = None
 
 
 @dataclass
@@ -38,7 +43,7 @@ class PointData:
     point: PartitionPoint
     front: FrontNet
     ir_test: torch.Tensor  # IR of x_test (N, *out_shape)
-    ir_train: torch.Tensor  # IR of x_train (M, *out_shape)
+    ir_train: torch.Tensor | None = None  # IR of x_train (M, *out_shape) when stored; the runner streams it instead
 
 
 @dataclass
@@ -58,6 +63,9 @@ class LeakageTest(ABC):
 
     def __init__(self, config: AssessConfig):
         self.config = config
+
+    def prepare(self, ctx: AssessContext, points: list[PointData]) -> None:
+        """Work shared by all points, done once before `evaluate` (e.g. training every decoder together)."""
 
     @abstractmethod
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:

@@ -103,6 +103,32 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
+def _kl_verdict(kl: dict) -> str:
+    ci = kl.get("ci")
+    if not ci:
+        return "leaks" if kl.get("leaks") else ("-" if not kl else "passes")
+    text = f"{ci['verdict']} ({ci['lower']:+.2f}..{ci['upper']:+.2f})"
+    if ci["verdict"] == "undecided":
+        n = ci.get("samples_needed")
+        text += f", needs {n} samples" if n is not None else ", no sample size decides it"
+    return text
+
+
+def _time_table(record: dict) -> str:
+    """Where the time went: wall and process CPU seconds per phase (older records: wall only)."""
+    t = record.get("time_breakdown")
+    if not t:
+        return "<h2>Where the time went (s)</h2><pre>" + html.escape(json.dumps(record["timings_s"], indent=1)) + "</pre>"
+    load = record.get("load_average") or {}
+    rows = "".join(f"<tr><td class='l'>{html.escape(k)}</td><td>{v['wall_s']:.1f}</td><td>{v['cpu_s']:.1f}</td>"
+                   f"<td>{v['share']:.0%}</td></tr>" for k, v in t.items())
+    note = (f" Load average (1, 5, 15 min) at the start {load.get('start')}, at the end {load.get('end')}: on a shared "
+            "machine the CPU seconds say more than the wall seconds.") if load else ""
+    return (f"<h2>Where the time went</h2><p>Wall and process CPU seconds per phase; {record.get('torch_threads', '?')} "
+            f"torch threads.{html.escape(note)}</p><table><tr><th>phase</th><th>wall s</th><th>CPU s</th><th>share of wall</th></tr>"
+            + rows + "</table>")
+
+
 def render(record: dict, images: dict[int, dict[str, torch.Tensor]], originals: torch.Tensor | None) -> str:
     """The whole report as an HTML string."""
     pts = record["points"]
@@ -137,6 +163,17 @@ def render(record: dict, images: dict[int, dict[str, torch.Tensor]], originals: 
         parts.append(_chart("Samples where a channel beats uniform", kx,
                             [("channel beats uniform", [p["kl"]["leak_fraction"] for p in kl_pts], "#15c"),
                              ("another image's channels (control)", [p["kl"]["chance_fraction"] for p in kl_pts], "#888")], None, "fraction"))
+        ci_pts = [p for p in kl_pts if p["kl"].get("ci")]
+        if ci_pts:
+            ci0 = ci_pts[0]["kl"]["ci"]
+            parts.append(f"<p>The verdict: own-channel share minus control share per point, with its {ci0['confidence']:.0%} "
+                         "confidence interval (Newcombe's paired score interval; shaded). A point passes the KL test only when "
+                         "the whole interval lies at or below the tolerance, leaks when it lies above, and is "
+                         "<i>undecided</i> otherwise; the table says how many samples would decide it.</p>")
+            parts.append(_chart(f"KL leakage statistic with {ci0['confidence']:.0%} CI", [p["index"] for p in ci_pts],
+                                [("own - control", [p["kl"]["ci"]["difference"] for p in ci_pts], "#15c")],
+                                (f"tolerance {ci0['tolerance']:g}", ci0["tolerance"]), "share difference",
+                                band=([p["kl"]["ci"]["lower"] for p in ci_pts], [p["kl"]["ci"]["upper"] for p in ci_pts])))
     inv_pts = [p for p in pts if p.get("inversion")]
     if inv_pts:
         attacks = sorted({a for p in inv_pts for a in p["inversion"]["attacks"]})
@@ -148,7 +185,7 @@ def render(record: dict, images: dict[int, dict[str, torch.Tensor]], originals: 
 
     # table
     parts.append("<h2>Per point</h2><table><tr><th>k</th><th>last layer</th><th>IR shape</th><th>KL delta median</th>"
-                 "<th>KL uniform</th><th>beats uniform</th><th>control</th><th>SSIM (attack)</th><th>PSNR dB</th>"
+                 "<th>KL uniform</th><th>beats uniform</th><th>control</th><th>KL verdict (CI)</th><th>SSIM (attack)</th><th>PSNR dB</th>"
                  "<th>params</th><th>MFLOPs</th><th>enclave memory</th><th>latency ms</th><th>verdict</th></tr>")
     for p in pts:
         kl, inv, c = p.get("kl") or {}, p.get("inversion") or {}, p["cost"]
@@ -159,6 +196,7 @@ def render(record: dict, images: dict[int, dict[str, torch.Tensor]], originals: 
             f"<tr{cls}><td>{p['index']}</td><td class='l'>{html.escape(p['name'])}</td><td>{'x'.join(map(str, p['ir_shape']))}</td>"
             f"<td>{kl.get('min', float('nan')):.4g}</td><td>{kl.get('uniform', float('nan')):.4g}</td>"
             f"<td>{kl.get('leak_fraction', float('nan')):.0%}</td><td>{kl.get('chance_fraction', float('nan')):.0%}</td>"
+            f"<td class='l'>{html.escape(_kl_verdict(kl))}</td>"
             f"<td>{inv.get('ssim', float('nan')):.3f} ({html.escape(str(inv.get('attack', '-')))})</td><td>{inv.get('psnr', float('nan')):.1f}</td>"
             f"<td>{c['params']:,}</td><td>{c['flops'] / 1e6:.1f}</td><td>{_fmt_bytes(c['enclave_bytes'])}</td>"
             f"<td>{c['latency_ms']:.3f}</td><td class='l'>{verdict}</td></tr>")
@@ -176,6 +214,6 @@ def render(record: dict, images: dict[int, dict[str, torch.Tensor]], originals: 
             parts.append(f"<div class='row'><span>{html.escape(key)}</span>{_imgs(t)}</div>")
     parts.append("</div>")
     parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(record["config"], indent=1)) + "</pre>")
-    parts.append("<h2>Where the time went (s)</h2><pre>" + html.escape(json.dumps(record["timings_s"], indent=1)) + "</pre>")
+    parts.append(_time_table(record))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -1,17 +1,22 @@
 """Run an assessment: every test at every candidate point, the cost, the recommendation (owner side).
 
-Data flows one way: samples -> IRs point by point (each IR is the previous one pushed through one
-more layer, so the whole sweep costs one forward pass per set) -> registered leakage tests and the
-cost model -> one JSON-ready record per point -> the recommendation. Pictures for the report are
-returned beside the JSON, never inside it.
+Data flows one way: samples -> one forward pass of the model per batch, which yields the IR at
+every assessed point and the logits (assess/forward.py) -> each registered leakage test prepares
+what it shares across points (the decoders of all points train together on shared forward
+batches) and evaluates each point -> the cost model -> one JSON-ready record per point -> the
+recommendation. Every phase's wall and process CPU time is recorded (`time_breakdown`), so the
+record says where the time went. Pictures for the report are returned beside the JSON, never
+inside it.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,6 +27,8 @@ from . import leakage
 from .config import AssessConfig
 from .cost import frontnet_cost
 from .data import AssessData, load_assess_data
+from .forward import PointForward
+from .inference import folded
 from .leakage import AssessContext, PointData
 from .recommend import recommend
 
@@ -46,17 +53,38 @@ def select_points(model: LayeredModel, wanted: tuple[int, ...] | None):
     return [by_index[k] for k in sorted(set(wanted))]
 
 
-@torch.no_grad()
-def _forward_batched(layer: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([layer(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+class PhaseClock:
+    """Wall and process CPU seconds per named phase (CPU time counts every thread of the process)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    def breakdown(self) -> dict:
+        """{phase: {wall_s, cpu_s, share}} plus `total`; `share` is the phase's part of the total wall time."""
+        total_w, total_c = time.perf_counter() - self._wall0, time.process_time() - self._cpu0
+        out = {k: {"wall_s": round(v, 3), "cpu_s": round(self.cpu[k], 3), "share": round(v / max(total_w, 1e-9), 4)}
+               for k, v in self.wall.items()}
+        out["total"] = {"wall_s": round(total_w, 3), "cpu_s": round(total_c, 3), "share": 1.0}
+        return out
 
 
 def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Path | AssessData", config: AssessConfig,
                    model_name: str, classes: list[str] | None = None, progress: Progress | None = None,
                    override: int | None = None) -> Assessment:
     say = progress or (lambda _msg: None)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    clock = PhaseClock()
+    load_start = _load_average()
     model.eval()
     # channels-last weights: the same values, ~20% faster CPU convolutions for the oracle and the attacks
     model.to(memory_format=torch.channels_last)
@@ -64,43 +92,40 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
     tests = [leakage.get(name)(config) for name in config.tests]
 
     say("loading data")
-    t0 = time.perf_counter()
-    data = data_dir if isinstance(data_dir, AssessData) else load_assess_data(
-        data_dir, pre, config.samples, config.decoder_train, config.seed)
-    x_test = data.x_test.float().div(255.0)
-    x_train = data.x_train.float().div(255.0)
-    timings["data"] = time.perf_counter() - t0
+    with clock.phase("data"):
+        data = data_dir if isinstance(data_dir, AssessData) else load_assess_data(
+            data_dir, pre, config.samples, config.decoder_train, config.seed)
+        x_test = data.x_test.float().div(255.0)
+        x_train = data.x_train.float().div(255.0)
 
-    with torch.no_grad():
-        logits = _forward_batched(model, pre.normalise(x_test))
-    probs = torch.softmax(logits.float(), dim=-1)
+    say("forward pass: IRs at every point")
+    with clock.phase("forward"):
+        forward = PointForward(model, [p.index for p in points])
+        # one pass yields every point's IR and the logits; every test reuses these
+        irs_test, logits = forward.batched(pre.normalise(x_test), logits=True)
+        probs = torch.softmax(logits.float(), dim=-1)
+        pds = [PointData(p, model.split(p.index)[0], irs_test[p.index]) for p in points]
+        oracle = folded(model, tuple(model.input_shape))
     accuracy = _sample_accuracy(logits, data.y_test, data.classes, classes)
-    ctx = AssessContext(model, pre, x_test, x_train, probs, config)
+    ctx = AssessContext(model, pre, x_test, x_train, probs, config, forward=forward, oracle=oracle)
 
-    layers = list(model.layers)
-    ir_test, ir_train = pre.normalise(x_test), pre.normalise(x_train)
-    wanted = {p.index: p for p in points}
+    for test in tests:
+        say(f"{test.name}: shared work for all points")
+        with clock.phase(test.name):
+            test.prepare(ctx, pds)
+
     records, images = [], {}
-    for k in range(1, max(wanted) + 1):
-        t0 = time.perf_counter()
-        ir_test = _forward_batched(layers[k - 1], ir_test)
-        ir_train = _forward_batched(layers[k - 1], ir_train)
-        timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t0
-        if k not in wanted:
-            continue
-        point = wanted[k]
-        front, _ = model.split(k)
-        pt = PointData(point, front, ir_test, ir_train)
+    for pt in pds:
+        point, k = pt.point, pt.point.index
         rec: dict = {"index": k, "name": point.name, "ir_shape": list(point.out_shape), "kl": None,
                      "inversion": None, "cost": None}
         attacks, point_images = {}, {}
         for test in tests:
             say(f"point {k} ({point.name}): {test.name}")
             t0 = time.perf_counter()
-            res = test.evaluate(ctx, pt)
-            dt = time.perf_counter() - t0
-            timings[test.name] = timings.get(test.name, 0.0) + dt
-            res.summary["seconds"] = round(dt, 3)
+            with clock.phase(test.name):
+                res = test.evaluate(ctx, pt)
+            res.summary["seconds"] = round(time.perf_counter() - t0, 3)
             for name, img in res.images.items():
                 point_images[f"{test.name}.{name}"] = img
             if test.kind == "kl":
@@ -112,14 +137,13 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
             rec["inversion"] = {"ssim": attacks[best]["ssim"], "psnr": attacks[best]["psnr"], "attack": best,
                                 "attacks": attacks}
         say(f"point {k} ({point.name}): cost")
-        t0 = time.perf_counter()
-        rec["cost"] = frontnet_cost(front, model.input_shape, config.budget_bytes, config.latency_repeats)
-        timings["cost"] = timings.get("cost", 0.0) + time.perf_counter() - t0
+        with clock.phase("cost"):
+            rec["cost"] = frontnet_cost(pt.front, model.input_shape, config.budget_bytes, config.latency_repeats)
         records.append(rec)
         images[k] = point_images
 
     rec_choice = recommend(records, config.ssim_threshold, override)
-    timings["total"] = time.perf_counter() - t_start
+    breakdown = clock.breakdown()
     record = {
         "model": model_name,
         "input_shape": list(model.input_shape),
@@ -133,10 +157,20 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
         "recommended": rec_choice["index"],
         "recommendation": rec_choice,
         "config": config.to_dict(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "timings_s": {k: v["wall_s"] for k, v in breakdown.items()},
+        "time_breakdown": breakdown,
         "torch_threads": torch.get_num_threads(),
+        "load_average": {"start": load_start, "end": _load_average()},
     }
     return Assessment(record, images, x_test[: config.report_images])
+
+
+def _load_average() -> list[float] | None:
+    """The host's 1/5/15-minute load averages: timings mean little without them on a shared machine."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _sample_accuracy(logits: torch.Tensor, y: torch.Tensor, folder_classes: list[str],

@@ -1,0 +1,60 @@
+"""The decoder attacker's network: IR_k -> image (owner side, assessment).
+
+One small convolutional decoder per point (He et al., ACSAC 2019, "inverse network"): convs at the
+IR's size, then x2 bilinear upsampling to the input size; the width halves when the side doubles,
+so every resolution level costs about the same.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _width(r: int, base: int) -> int:
+    """Channels at spatial size r: halve the width when the side doubles (constant cost per level)."""
+    return int(max(16, min(128, base // max(r, 1))))
+
+
+class Decoder(nn.Module):
+    """IR (C, h, w) or (C,) -> image (3, H, W) in [0, 1]: convs at IR size, then x2 upsampling."""
+
+    def __init__(self, ir_shape: tuple[int, ...], out_hw: tuple[int, int], mean: torch.Tensor,
+                 std: torch.Tensor, base: int = 512):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        H, W = out_hw
+        self.out_hw = out_hw
+        if len(ir_shape) == 1:  # a vector IR (after pooling): project to a 4x4 map first
+            c0 = _width(4, base)
+            self.stem = nn.Sequential(nn.Linear(ir_shape[0], c0 * 16), nn.Unflatten(1, (c0, 4, 4)), nn.ReLU(inplace=True))
+            c, r = c0, 4
+        else:
+            c_in, h = ir_shape[0], ir_shape[1]
+            c, r = _width(h, base), h
+            self.stem = nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        body: list[nn.Module] = [nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        while r < H:
+            r2 = min(2 * r, H)
+            c2 = _width(r2, base)
+            body += [nn.Upsample(size=(r2, round(r2 * W / H)), mode="bilinear", align_corners=False),
+                     nn.Conv2d(c, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(inplace=True)]
+            c, r = c2, r2
+        body += [nn.Conv2d(c, 3, 3, padding=1)]
+        self.body = nn.Sequential(*body)
+
+    def forward(self, ir: torch.Tensor) -> torch.Tensor:
+        z = (ir - self.mean) / self.std
+        y = torch.sigmoid(self.body(self.stem(z)))
+        if y.shape[-2:] != self.out_hw:
+            y = F.interpolate(y, size=self.out_hw, mode="bilinear", align_corners=False)
+        return y
+
+
+def channel_stats(ir: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = (0, 2, 3) if ir.dim() == 4 else (0,)
+    mean = ir.mean(dim=dims, keepdim=True)[0]
+    std = ir.std(dim=dims, keepdim=True)[0].clamp_min(1e-3)
+    return mean, std

@@ -1,0 +1,188 @@
+"""The assessment's speed machinery must not change what it measures.
+
+One forward pass per batch gives every point's IR bit-identical to that point's FrontNet; training
+all decoders on those shared batches gives bit-identical decoders to training on separate
+per-point forwards, whatever the number of worker threads; early stopping stops a decoder that has
+nothing left to learn and leaves one that still improves.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from enclaveml.assess.decoder_training import Plateau, WSDSchedule, split_validation, train_decoders
+from enclaveml.assess.forward import PointForward
+from enclaveml.models import zoo
+from enclaveml.models.layers import LayeredModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny tensors on a shared 2-core machine lose to thread synchronisation."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _darknet():
+    torch.manual_seed(0)
+    m = zoo.load("darknet", pretrained=False).eval()
+    return m.to(memory_format=torch.channels_last)
+
+
+def test_one_forward_gives_every_points_ir_bit_identical_to_its_frontnet():
+    m = _darknet()
+    ks = [p.index for p in m.partition_points()]
+    x = torch.randn(5, *m.input_shape)
+    irs, logits = PointForward(m, ks)(x, logits=True)
+    assert sorted(irs) == ks
+    with torch.no_grad():
+        for k in ks:
+            assert torch.equal(irs[k], m.split(k)[0](x)), k
+        assert torch.equal(logits, m(x))
+    part, _ = PointForward(m, ks)(x, upto=4)  # a pass cut at the deepest consumer still training
+    assert sorted(part) == [k for k in ks if k <= 4] and torch.equal(part[4], irs[4])
+
+
+class _SplitOnly(nn.Module):
+    """A model that can be split but has no `run`: the per-FrontNet fallback."""
+
+    def __init__(self, inner: LayeredModel):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def split(self, k):
+        return self.inner.split(k)
+
+
+def test_fallback_without_run_gives_the_same_irs():
+    m = _darknet()
+    x = torch.randn(3, *m.input_shape)
+    a, la = PointForward(m, [2, 7])(x, logits=True)
+    b, lb = PointForward(_SplitOnly(m), [2, 7])(x, logits=True)
+    assert all(torch.equal(a[k], b[k]) for k in (2, 7)) and torch.equal(la, lb)
+    with pytest.raises(ValueError):
+        PointForward(m, [])
+
+
+def _params(decoders):
+    return {k: [p.detach().clone() for p in d.parameters()] for k, d in decoders.items()}
+
+
+def test_shared_forward_training_equals_separate_forwards_and_is_thread_independent():
+    m = _darknet()
+    ks = [1, 4, 10]
+    x = torch.rand(80, *m.input_shape)  # 8 validation + 72 training images: 4 minibatches an epoch
+    fwd = PointForward(m, ks)
+    fronts = {k: m.split(k)[0] for k in ks}
+    shapes = {k: tuple(p.out_shape) for p in m.partition_points() for k in ks if p.index == k}
+
+    def separate(idx, upto):
+        with torch.no_grad():
+            return {k: fronts[k](x[idx]) for k in ks if k <= upto}
+
+    kw = dict(steps=6, batch=16, lr=2e-3, seed=3, chunk=32)
+    shared = train_decoders(lambda idx, upto: fwd(x[idx], upto=upto)[0], x, shapes, workers=1, **kw)
+    alone = train_decoders(separate, x, shapes, workers=1, **kw)
+    threaded = train_decoders(lambda idx, upto: fwd(x[idx], upto=upto)[0], x, shapes, workers=2, **kw)
+    a, b, c = _params(shared.decoders), _params(alone.decoders), _params(threaded.decoders)
+    for k in ks:
+        assert all(torch.equal(p, q) for p, q in zip(a[k], b[k])), k
+        assert all(torch.equal(p, q) for p, q in zip(a[k], c[k])), k
+    assert all(shared.info[k]["steps"] == 6 for k in ks)
+    assert shared.chunks == 3  # 2 chunks of 32 (4 steps), then 1 more (2 steps): one model pass per chunk
+
+
+def test_schedule_warmup_stable_decay_and_early_decay():
+    s = WSDSchedule(100)
+    assert (s.warmup, s.decay, s.end) == (15, 20, 100)
+    assert s.factor(0) == pytest.approx(1 / 25) and s.factor(15) == 1.0 and s.factor(79) == 1.0
+    assert s.factor(80) == 1.0 and s.factor(90) == pytest.approx(0.5) and not s.done(99) and s.done(100)
+    s.begin_decay(40)
+    assert s.end == 60 and s.factor(50) == pytest.approx(0.5) and s.done(60)
+    s.begin_decay(45)  # the first plateau wins
+    assert s.end == 60
+    late = WSDSchedule(100)
+    late.begin_decay(95)  # a plateau after the budget's own decay began changes nothing
+    assert late.end == 100
+    with pytest.raises(ValueError):
+        WSDSchedule(0)
+
+
+def test_plateau_rule():
+    p = Plateau(patience=2, min_delta=0.01)
+    assert [p.update(v) for v in (1.0, 0.5, 0.3, 0.299, 0.2985)] == [False, False, False, False, True]
+    q = Plateau(patience=2, min_delta=0.01)
+    assert [q.update(v) for v in (1.0, 0.995, 0.9)] == [False, False, False]  # improvement resets the count
+    with pytest.raises(FloatingPointError):
+        q.update(float("nan"))
+
+
+def test_validation_split_is_disjoint_and_absent_for_tiny_sets():
+    g = torch.Generator().manual_seed(0)
+    tr, va, has = split_validation(1000, g)
+    assert has and va.numel() == 100 and tr.numel() == 900 and not set(tr.tolist()) & set(va.tolist())
+    tr, va, has = split_validation(50, g)
+    assert not has and tr.numel() == 50
+
+
+def test_early_stop_stops_a_decoder_with_nothing_to_learn():
+    """IR = the image (learnable) beside IR = noise independent of the image (only the mean is learnable)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(400, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(base, size=(8, 8), mode="bilinear", align_corners=False)
+    noise = torch.randn(400, 4, 8, 8, generator=g)
+    source = lambda idx, upto: {1: x[idx], 2: noise[idx]}  # noqa: E731
+    shapes = {1: (3, 8, 8), 2: (4, 8, 8)}
+    kw = dict(steps=300, batch=16, lr=2e-3, seed=0, check_every=10)
+    res = train_decoders(source, x, shapes, early_stop=True, **kw)
+    full = train_decoders(source, x, shapes, early_stop=False, **kw)
+    assert res.info[2]["stopped_early"] and res.info[2]["steps"] < 200, res.info[2]
+    assert res.info[1]["steps"] > res.info[2]["steps"]
+    assert all(full.info[k]["steps"] == 300 and not full.info[k]["stopped_early"] for k in shapes)
+    # stopping early did not cost the learnable decoder its quality
+    assert res.info[1]["val_mse"] < 1.5 * full.info[1]["val_mse"]
+    assert res.info[1]["val_mse"] < 0.5 * res.info[2]["val_mse"]
+
+
+def test_the_oracle_copy_is_the_same_function_and_leaves_the_model_alone():
+    from enclaveml.assess.inference import folded
+
+    m = _darknet()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fast = folded(m, m.input_shape)
+    assert fast is not m and not any(isinstance(x, torch.nn.BatchNorm2d) for x in fast.modules())
+    x = torch.randn(4, *m.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), m(x), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # the original keeps its layers
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if float(x.sum()) > 0 else x  # data-dependent control flow: fx cannot trace it
+
+    u = Untraceable()
+    assert folded(u, (3, 4, 4)) is u
+
+
+def test_rmle_stops_once_converged():
+    from enclaveml.assess.rmle import converged, reconstruct
+    from enclaveml.data.preprocess import Preprocessing
+
+    assert not converged([5.0, 4.0], 2, 0.01) and converged([5.0, 1.0, 0.999, 0.995], 2, 0.01)
+    assert not converged([5.0, 1.0, 0.9, 0.8], 2, 0.01)
+    pre = Preprocessing(size=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3)
+    target = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    front = torch.nn.AvgPool2d(2)  # an easy IR to match: the search converges well before the budget
+    # the TV prior gives the objective a floor, which the search reaches well before the budget
+    recon, steps = reconstruct(front, pre, front(target), (3, 8, 8), 500, 0.05, 0.02, window=30)
+    full, all_steps = reconstruct(front, pre, front(target), (3, 8, 8), 500, 0.05, 0.02, window=0)
+    assert steps < 300 and all_steps == 500
+    err = lambda r: float((r - target).abs().mean())  # noqa: E731
+    assert err(recon) < 0.9 * float((0.5 - target).abs().mean())  # better than the grey start
+    assert err(recon) < err(full) + 0.02  # and about as good as the whole budget
