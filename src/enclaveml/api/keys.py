@@ -48,22 +48,7 @@ class OwnerKey(SigningKey):
             os.close(fd)
         return p
 
-    @classmethod
-    def load(cls, path: "str | os.PathLike[str]") -> "OwnerKey":
-        try:
-            pem = Path(path).read_bytes()
-        except OSError as e:
-            raise UserInputError(f"{path}: cannot read key ({e.strerror})") from None
-        return cls.from_pem(pem)
-
-    @classmethod
-    def load_or_create(cls, path: "str | os.PathLike[str]") -> "OwnerKey":
-        """The key at `path`, generated and saved (0600) on first use (the CLI's default key)."""
-        if Path(path).exists():
-            return cls.load(path)
-        key = cls.generate()
-        key.save(path)
-        return key
+    # load(path) and load_or_create(path) are SigningKey's (they build `cls`, so an OwnerKey).
 
     @classmethod
     def default(cls) -> "OwnerKey":
