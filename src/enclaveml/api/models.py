@@ -109,17 +109,11 @@ def _from_module(model: Any, input_shape: Sequence[int] | None, classes, preproc
                              f"not {type(model).__name__}")
     if len(shape) != 3 or shape[0] != 3 or min(shape) < 1:
         raise UserInputError(f"input_shape {shape}: expected (3, H, W)")
-    layered.eval()
-    try:
-        with torch.no_grad():
-            out = layered(torch.zeros(1, *shape))
-    except Exception as e:
-        raise UserInputError(f"the model fails on an input of shape {'x'.join(map(str, shape))} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    if out.dim() != 2:
-        raise UserInputError(f"the model's output has shape {tuple(out.shape)}; expected (batch, classes)")
+    from ..models.loading import probe_classes
+
+    num_classes = probe_classes(layered, shape)
     layered.input_shape = shape
-    layered.num_classes = int(out.shape[1])
+    layered.num_classes = num_classes
     names = classes if classes is not None else getattr(model, "classes", None)
     pre = _preprocessing(model, (shape[1], shape[2]), preprocessing, mean, std, resize)
     return layered, pre, (list(names) if names is not None else None)

@@ -143,16 +143,7 @@ def load_user_model(spec: str, weights: str | None = None, input_size: str | Seq
                              "(a LayeredModel, an nn.Sequential, a list of blocks or any model with a forward())")
     if weights:
         load_weights(model, read_state_dict(weights), weights)
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, *shape))
-    except Exception as e:
-        raise UserInputError(f"{spec}: the model fails on an input of shape {'x'.join(map(str, shape))} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    if out.dim() != 2:
-        raise UserInputError(f"{spec}: the model's output has shape {tuple(out.shape)}; expected (batch, classes)")
-    model.num_classes = int(out.shape[1])
+    model.num_classes = probe_classes(model, shape, f"{spec}: ")
     size = (shape[1], shape[2])
     if mean is not None or std is not None:
         if mean is None or std is None or len(mean) != 3 or len(std) != 3:
@@ -243,3 +234,19 @@ def load_model(name: str, weights: str | None = None, input_size: str | None = N
             raise UserInputError("--mean and --std go together, three values each")
         p = Preprocessing(size=p.size, mean=tuple(mean), std=tuple(std))
     return model, Preprocessing(size=p.size, mean=p.mean, std=p.std, resize=resize), list(e.classes)
+
+
+def probe_classes(model: torch.nn.Module, shape: "tuple[int, ...]", what: str = "") -> int:
+    """Run `model` (put in eval mode) on one zero input of `shape` and return its number of
+    classes; `UserInputError` (prefixed by `what`) when it fails or its output is not (batch, classes)."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape))
+    except Exception as e:
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise UserInputError(f"{what}the model fails on an input of shape {'x'.join(map(str, shape))} "
+                             f"({type(e).__name__}: {first})") from None
+    if out.dim() != 2:
+        raise UserInputError(f"{what}the model's output has shape {tuple(out.shape)}; expected (batch, classes)")
+    return int(out.shape[1])
