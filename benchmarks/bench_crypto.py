@@ -12,7 +12,7 @@ import time
 
 from enclaveml.crypto import (HpkeKeyPair, ReplayGuard, SigningKey, frame_fresh, generate_key, open_key_release,
                               open_request, open_sealed, seal, seal_key_release, seal_request)
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 
 
 def _per_call(fn, n: int) -> float:

@@ -39,7 +39,7 @@ def main() -> None:
     from enclaveml.crypto import SigningKey, frame_fresh
     from enclaveml.models import zoo
     from enclaveml.models.bundle import make_bundle
-    from enclaveml.serve import protocol
+    from enclaveml.protocol import infer as protocol
     from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env
 
     shared = paths.shared_dir()

@@ -52,7 +52,7 @@ def test_imagenet_models_assessed_partitioned_served_and_answering_like_the_whol
     from enclaveml.models.bundle import load_manifest, load_model_key
     from enclaveml.models.loading import load_model
     from enclaveml.serve.launcher import ServerProcess, server_env, snapshot_package
-    from enclaveml.serve.protocol import enclave_config
+    from enclaveml.protocol.infer import enclave_config
     from enclaveml.tee import Policy
     from enclaveml.tee.sim import PLATFORM_DIR, expected_sim_measurement, sim_platform_public_key
 

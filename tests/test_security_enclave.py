@@ -20,7 +20,7 @@ from enclaveml.errors import (DataError, EvidenceRejected, ReplayedMessage, Tamp
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
 from enclaveml.protocol import ModelPin, ModelRef, Target
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 from enclaveml.serve.enclave import EnclaveService
 from enclaveml.tee import bind_report_data, verify_evidence
 from enclaveml.tee.sim import SimBackend, sim_policy

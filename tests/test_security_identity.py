@@ -25,7 +25,7 @@ from enclaveml.models.bundle import bundle_files, make_bundle, open_enclave_part
 from enclaveml.models.classmap import ClassMapping
 from enclaveml.models.public_weights import match_rows
 from enclaveml.protocol import ModelIdentity, ModelPin, ModelRef, Target
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 from enclaveml.serve.enclave import EnclaveService
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 from enclaveml.tee import get_backend

@@ -22,10 +22,10 @@ from enclaveml.crypto import SigningKey, seal_key_release
 from enclaveml.crypto.nonces import NonceIssuer
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 from enclaveml.serve.enclave import MAX_NONCES
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
-from enclaveml.serve.upload import sign_upload
+from enclaveml.protocol.deploy import sign_upload
 
 
 def _upload(url: str, owner: SigningKey, att, model_id: str, key: bytes, files: dict) -> httpx.Response:

@@ -30,7 +30,7 @@ from enclaveml.models import zoo
 from enclaveml.models import bundle as B
 from enclaveml.models.classmap import ClassMapping
 from enclaveml.serve import channel as ch
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 
 FUZZ = settings(max_examples=120, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

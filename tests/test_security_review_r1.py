@@ -15,7 +15,7 @@ from enclaveml.models import zoo
 from enclaveml.models.bundle import make_bundle
 from enclaveml.models.public_weights import classifier_is_public, match_rows
 from enclaveml.protocol import ModelIdentity, ModelPin
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 from enclaveml.tee import Policy
 
 MODEL = "darknet"

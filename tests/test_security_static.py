@@ -231,7 +231,7 @@ def test_objects_holding_secrets_do_not_print_them():
 
 def test_error_messages_do_not_quote_request_plaintext():
     from enclaveml.errors import DataError
-    from enclaveml.serve import protocol
+    from enclaveml.protocol import infer as protocol
 
     secret = "patient-name-SECRET"
     for opts in (b'{"top_k": "' + secret.encode() + b'"}', b'["' + secret.encode() + b'"]', secret.encode()):

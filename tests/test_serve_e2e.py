@@ -21,8 +21,8 @@ from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_own
 from enclaveml.protocol import ModelPin, ModelRef, Target
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
-from enclaveml.serve import protocol
-from enclaveml.serve.upload import sign_upload
+from enclaveml.protocol import infer as protocol
+from enclaveml.protocol.deploy import sign_upload
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 
 MODEL = "darknet"

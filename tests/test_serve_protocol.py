@@ -12,7 +12,7 @@ from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_own
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle, read_public_bundle
 from enclaveml.protocol import ModelIdentity, ModelPin, ModelRef, Target
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 from enclaveml.serve.batcher import AsyncBatcher
 from enclaveml.serve.enclave import EnclaveService
 from enclaveml.serve.metrics import Metrics

@@ -21,7 +21,7 @@ from enclaveml.client import EnclaveClient  # noqa: E402
 from enclaveml.crypto import SigningKey, frame_fresh  # noqa: E402
 from enclaveml.models import zoo  # noqa: E402
 from enclaveml.models.bundle import make_bundle  # noqa: E402
-from enclaveml.serve import protocol  # noqa: E402
+from enclaveml.protocol import infer as protocol  # noqa: E402
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package  # noqa: E402
 
 K = 3

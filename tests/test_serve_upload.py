@@ -25,7 +25,7 @@ from enclaveml.client import EnclaveClient
 from enclaveml.crypto import SigningKey
 from enclaveml.models import zoo
 from enclaveml.models.bundle import make_bundle
-from enclaveml.serve import upload as U
+from enclaveml.protocol import deploy as U
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 
 FLOOD = 20

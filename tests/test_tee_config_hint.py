@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from enclaveml.errors import PolicyViolation
-from enclaveml.serve import protocol
+from enclaveml.protocol import infer as protocol
 from enclaveml.tee import bind_report_data, commands, load_policy, verify_evidence
 from enclaveml.tee.sim import SimBackend, sim_policy
 

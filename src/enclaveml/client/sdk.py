@@ -30,8 +30,8 @@ from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release,
 from ..crypto.nonces import SUFFIX_BYTES as NONCE_SUFFIX_BYTES
 from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, decode_identity, frame_target,
                                  identity_aad, infer_aad)
-from ..serve import protocol
-from ..serve.upload import sign_upload
+from ..protocol import infer as protocol
+from ..protocol.deploy import sign_upload
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
 #: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.

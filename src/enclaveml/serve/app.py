@@ -39,11 +39,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors as E
 from ..protocol.identity import ModelRef
-from . import protocol
+from ..protocol import infer as protocol
 from .batcher import BatcherClosed, pick_device
 from .channel import ChannelError, RemoteError
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
-from .upload import MAX_HEADER_BYTES, PREFIX_BYTES, UploadHeader, UploadTooLarge
+from ..protocol.deploy import MAX_HEADER_BYTES, PREFIX_BYTES, UploadHeader, UploadTooLarge
 
 #: Status code for each error kind; anything not listed is a 500 (and its message is not sent).
 STATUS = {
@@ -187,7 +187,7 @@ async def receive_upload(request: Request, model_id: str, s: "HostState") -> tup
     At most `max_concurrent_uploads` bodies are streamed at once (more: ServerBusy, 503)."""
     import hashlib
 
-    from . import upload as U
+    from ..protocol import deploy as U
 
     cfg = s.cfg
     cl = request.headers.get("content-length")

@@ -51,7 +51,7 @@ from ..protocol.identity import (ModelIdentity, ModelRef, encode_identity, ident
                                  split_target)
 from ..tee import bind_report_data
 from ..tee.backend import EnclaveBackend
-from . import protocol
+from ..protocol import infer as protocol
 
 DELETE = "delete"
 UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE

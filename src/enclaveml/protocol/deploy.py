@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ..crypto import SigningKey, VerifyKey, loads_untrusted
 from ..crypto.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from ..errors import DataError, ReplayedMessage, TamperedMessage, Unauthorized, UserInputError
-from .protocol import check_model_id
+from .infer import check_model_id
 
 UPLOAD_SIGNING_LABEL = b"enclaveml/v1 upload\x00"
 #: Largest signed header the host reads before it has verified anything.

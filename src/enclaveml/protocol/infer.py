@@ -55,7 +55,7 @@ from typing import Any
 
 from ..crypto import loads_untrusted
 from ..errors import DataError, TamperedMessage, UserInputError
-from ..protocol.identity import ModelIdentity, Target, check_name
+from .identity import ModelIdentity, Target, check_name
 
 MAX_TOP_K = 100
 MAX_OPTIONS_BYTES = 4096
@@ -132,7 +132,7 @@ def seal_infer(enclave_public: bytes, target: Target, framed: bytes):
     HPKE message of `framed` (`crypto.frame_fresh(encode_payload(...))`) -> (body, context, aad);
     open the answer with `context.open_response(answer, aad)`."""
     from ..crypto import seal_request
-    from ..protocol.identity import frame_target, infer_aad
+    from .identity import frame_target, infer_aad
 
     aad = infer_aad(target.to_bytes())
     msg, ctx = seal_request(enclave_public, framed, aad)
