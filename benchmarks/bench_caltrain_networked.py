@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from enclaveml import keyfiles
 from enclaveml.crypto import SigningKey
 from enclaveml.data.folder import load_image_folder
 from enclaveml.tee import Evidence, verify_claims_only, write_policy
@@ -201,7 +202,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-caltrain-net-") as tmp:
         work = Path(tmp)
         owner_key = work / "owner.key"
-        owner_hex = SigningKey.load_or_create(owner_key).public_key().to_bytes().hex()
+        owner_hex = keyfiles.load_or_create_signing_key(owner_key).public_key().to_bytes().hex()
         proc, url = start_server(work, owner_hex, a.threads)
         try:
             pin_policy(url, owner_hex, work / "home", work / "policy.toml")

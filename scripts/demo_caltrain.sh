@@ -48,8 +48,8 @@ print(f"   participant 1: {n} clean images; participant 2: {n}, {flip['flipped']
 PYEOF
 
 echo "== owner: an Ed25519 key; participants agree to train for its public key"
-OWNER_PUB="$("$PY" -c 'import sys; from enclaveml.crypto import SigningKey
-print(SigningKey.load_or_create(sys.argv[1]).public_key().to_bytes().hex())' "$WORK/owner.key")"
+OWNER_PUB="$("$PY" -c 'import sys; from enclaveml.keyfiles import load_or_create_signing_key
+print(load_or_create_signing_key(sys.argv[1]).public_key().to_bytes().hex())' "$WORK/owner.key")"
 echo "   owner public key ${OWNER_PUB:0:16}..."
 
 echo "== owner: the training plan (model darknet:width=8, split k = 5), published to participants"

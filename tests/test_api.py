@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 import enclaveml as eml
+from enclaveml import keyfiles
 from enclaveml.crypto import SigningKey
 from enclaveml.errors import PartitionError, UserInputError
 from enclaveml.models.bundle import load_manifest
@@ -183,7 +184,7 @@ def test_owner_key_file_is_private_and_never_overwritten(tmp_path):
         eml.OwnerKey.generate().save(p)
     back = eml.OwnerKey.load(p)
     assert isinstance(back, SigningKey) and back.fingerprint == k.fingerprint and len(back.public_hex) == 64
-    assert SigningKey.load(p).public_key() == k.public_key()  # the CLI reads the same file
+    assert keyfiles.load_signing_key(p).public_key() == k.public_key()  # the CLI reads the same file
     assert eml.OwnerKey.load_or_create(tmp_path / "new.key").fingerprint == eml.OwnerKey.load(tmp_path / "new.key").fingerprint
 
 

@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+from enclaveml import keyfiles
 from enclaveml.crypto import SigningKey, VerifyKey
 from enclaveml.errors import TamperedMessage, UserInputError
 
@@ -40,31 +41,31 @@ def test_every_signature_byte_flip_and_other_data_fail():
 def test_save_load_mode_0600(tmp_path):
     sk = SigningKey.generate()
     path = tmp_path / "keys" / "owner.key"
-    sk.save(path)
+    keyfiles.save_signing_key(sk, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    again = SigningKey.load(path)
+    again = keyfiles.load_signing_key(path)
     assert again.public_key() == sk.public_key()
     again.public_key().verify(sk.sign(b"m"), b"m")
     # an existing world-readable file is tightened when overwritten
     path.chmod(0o644)
-    sk.save(path)
+    keyfiles.save_signing_key(sk, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_load_or_create_is_stable(tmp_path):
     path = tmp_path / "owner.key"
-    a = SigningKey.load_or_create(path)
-    b = SigningKey.load_or_create(path)
+    a = keyfiles.load_or_create_signing_key(path)
+    b = keyfiles.load_or_create_signing_key(path)
     assert a.public_key() == b.public_key()
 
 
 def test_bad_key_files_and_bytes(tmp_path):
     with pytest.raises(UserInputError):
-        SigningKey.load(tmp_path / "missing.key")
+        keyfiles.load_signing_key(tmp_path / "missing.key")
     junk = tmp_path / "junk.key"
     junk.write_bytes(b"not a key")
     with pytest.raises(UserInputError):
-        SigningKey.load(junk)
+        keyfiles.load_signing_key(junk)
     with pytest.raises(UserInputError):
         VerifyKey.from_bytes(b"\x00" * 31)

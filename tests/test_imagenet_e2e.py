@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from enclaveml import keyfiles
 from enclaveml.data.packaged import packaged_imagefolder
 from enclaveml.data.preprocess import load_image_bytes
 
@@ -52,7 +53,7 @@ def test_imagenet_models_assessed_partitioned_served_and_answering_like_the_whol
     from enclaveml.models.bundle import load_manifest, load_model_key
     from enclaveml.models.loading import load_model
     from enclaveml.serve.launcher import ServerProcess, server_env, snapshot_package
-    from enclaveml.protocol.infer import enclave_config
+    from enclaveml.models.servable import enclave_config
     from enclaveml.tee import Policy
     from enclaveml.tee.sim import PLATFORM_DIR, expected_sim_measurement, sim_platform_public_key
 
@@ -82,7 +83,7 @@ def test_imagenet_models_assessed_partitioned_served_and_answering_like_the_whol
     policy = Policy(allowed_backends=["sim"],
                     measurements={"sim": [expected_sim_measurement(config, root=pkg / "enclaveml")]},
                     sim_platform_keys=[sim_platform_public_key(home / PLATFORM_DIR).hex()])
-    owner = SigningKey.load_or_create(tmp_path / "owner.key")
+    owner = keyfiles.load_or_create_signing_key(tmp_path / "owner.key")
     photos = sorted(p for p in packaged_imagefolder("foolbox-imagenet").rglob("*") if p.is_file())[:6]
     images = [load_image_bytes(p) for p in photos]
     client = EnclaveClient(srv.url, policy)

@@ -74,7 +74,7 @@ def attest_app() -> typer.Typer:
 
 
 def test_attest_policy_derives_the_enclave_configuration_the_way_serve_does(attest_app, tmp_path):
-    from enclaveml.protocol.infer import enclave_config
+    from enclaveml.models.servable import enclave_config
     from enclaveml.tee.sim import SimBackend, expected_sim_measurement
 
     # what `serve --allow-factory SPEC` measures: the worker's backend with enclave_config([SPEC])

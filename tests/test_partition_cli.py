@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT
+from enclaveml import keyfiles
 from enclaveml.crypto import SigningKey
 from enclaveml.errors import PartitionError, UnknownModel, UserInputError
 from enclaveml.models import zoo
@@ -60,7 +61,7 @@ def test_user_model_bundle_end_to_end(tmp_path):
         key_file = tmp_path / "bundle.modelkey"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert not (tmp_path / "bundle" / "bundle.modelkey").exists()
-        owner = SigningKey.load(tmp_path / "home" / "owner.key")
+        owner = keyfiles.load_signing_key(tmp_path / "home" / "owner.key")
         assert stat.S_IMODE((tmp_path / "home" / "owner.key").stat().st_mode) == 0o600
         man = load_manifest(tmp_path / "bundle", expected_owner=owner.public_key())
         assert man.k == 2 and man.arch == {"factory": "mymodels:build"} and man.name == "bundle"
@@ -161,7 +162,7 @@ def test_inspect_verifies_bundle(cli, tmp_path):
 
     r = cli("densenet", "--at", "2", "--out", "b", "--untrained", "--owner-key", "o.key")
     assert r.exit_code == 0, r.output
-    fp = SigningKey.load(tmp_path / "o.key").public_key().fingerprint()
+    fp = keyfiles.load_signing_key(tmp_path / "o.key").public_key().fingerprint()
     runner = CliRunner()
     r = runner.invoke(app, ["inspect", "b", "--owner", fp[:16]])
     assert r.exit_code == 0 and fp in r.output and "k=2" in r.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import pytest
 
+from enclaveml import keyfiles
 from enclaveml.crypto import SigningKey, seal_owner_command
 from enclaveml.errors import EvidenceRejected, PolicyViolation, TamperedMessage, UserInputError
 from enclaveml.train import demo
@@ -30,7 +31,7 @@ PLANNED = ("--model", "darknet:width=4", "--split", "3")
 def base(tmp_path_factory, cifar10_dir):
     b = tmp_path_factory.mktemp("caltrain-plan")
     demo.split_folder(cifar10_dir / "train", b / "data", 2, 2)  # 2 participants, 20 images each
-    owner = SigningKey.load_or_create(b / "owner.key").public_key().to_bytes().hex()
+    owner = keyfiles.load_or_create_signing_key(b / "owner.key").public_key().to_bytes().hex()
     return {"base": b, "data": b / "data", "owner": owner, "home": b / "home"}
 
 
@@ -137,7 +138,7 @@ def test_the_enclave_refuses_a_run_outside_its_plan(base, planned, tmp_path):
     try:
         info = c.get_json("/info")
         pub, nonce = c.attest(pol)
-        owner = SigningKey.load(owner_key)
+        owner = keyfiles.load_signing_key(owner_key)
         for n, args in enumerate([{"model": "darknet:width=4", "split": 1, "plan": info["plan_hash"]},
                                   {"model": "darknet:width=8", "split": 3, "plan": info["plan_hash"]},
                                   {"model": "darknet:width=4", "split": 3, "plan": "00" * 32},
@@ -154,7 +155,7 @@ def test_the_enclave_refuses_a_run_outside_its_plan(base, planned, tmp_path):
     tm = TracedModel(tmp_path / "m")
     assert tm.meta["plan_hash"] == info["plan_hash"] and tm.meta["plan"]["split"] == 3
     img = next((base["data"] / "participant2" / "cat").iterdir())
-    pk = SigningKey.load(tmp_path / "p.key").public_key().to_bytes().hex()
+    pk = keyfiles.load_signing_key(tmp_path / "p.key").public_key().to_bytes().hex()
     assert tm.verify_instance(img.read_bytes(), pk)["verified"]
 
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enclaveml import keyfiles
 from enclaveml.crypto import (HpkeKeyPair, ReplayGuard, SigningKey, frame_fresh, generate_key, open_key_release,
                               open_owner_command, open_request, open_sealed, parse_fresh, require_owner, seal,
                               seal_key_release, seal_owner_command, seal_request)
@@ -398,15 +399,15 @@ def _mode(p) -> int:
 
 def test_signing_key_file_is_0600_even_over_an_existing_world_readable_file(tmp_path, open_umask):
     p = tmp_path / "owner.pem"
-    SigningKey.generate().save(p)
+    keyfiles.save_signing_key(SigningKey.generate(), p)
     assert _mode(p) == 0o600
     q = tmp_path / "existing.pem"
     q.write_bytes(b"old")
     os.chmod(q, 0o644)
-    SigningKey.generate().save(q)
+    keyfiles.save_signing_key(SigningKey.generate(), q)
     assert _mode(q) == 0o600
     r = tmp_path / "created.pem"
-    SigningKey.load_or_create(r)
+    keyfiles.load_or_create_signing_key(r)
     assert _mode(r) == 0o600
 
 

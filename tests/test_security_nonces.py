@@ -22,7 +22,7 @@ from enclaveml.crypto import SigningKey, seal_key_release
 from enclaveml.crypto.nonces import NonceIssuer
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
-from enclaveml.protocol import infer as protocol
+from enclaveml.protocol import deploy, infer as protocol
 from enclaveml.serve.enclave import MAX_NONCES
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 from enclaveml.protocol.deploy import sign_upload
@@ -30,7 +30,7 @@ from enclaveml.protocol.deploy import sign_upload
 
 def _upload(url: str, owner: SigningKey, att, model_id: str, key: bytes, files: dict) -> httpx.Response:
     release = seal_key_release(owner, att.public_key, model_id, key, att.nonce)
-    body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
+    body = deploy.pack_parts({deploy.KEY_RELEASE: release, **files})
     return httpx.post(f"{url}/v1/models/{model_id}", content=sign_upload(owner, model_id, body, time.time()) + body,
                       timeout=120)
 

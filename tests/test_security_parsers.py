@@ -30,7 +30,7 @@ from enclaveml.models import zoo
 from enclaveml.models import bundle as B
 from enclaveml.models.classmap import ClassMapping
 from enclaveml.serve import channel as ch
-from enclaveml.protocol import infer as protocol
+from enclaveml.protocol import deploy, infer as protocol
 
 FUZZ = settings(max_examples=120, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -386,7 +386,7 @@ def test_deeply_nested_request_options_are_a_data_error():
     st.binary(max_size=30)))
 def test_unpack_parts_raises_only_data_error(body):
     allowed = {"manifest.json", "key_release"}
-    parts = _only((DataError,), protocol.unpack_parts, body, allowed)
+    parts = _only((DataError,), deploy.unpack_parts, body, allowed)
     if parts is not None:
         assert set(parts) <= allowed
 
@@ -394,23 +394,23 @@ def test_unpack_parts_raises_only_data_error(body):
 def test_unpack_parts_with_infinite_size_is_a_data_error():
     idx = b'[["key_release",1e999]]'
     with pytest.raises(DataError):
-        protocol.unpack_parts(struct.pack(">I", len(idx)) + idx, {"key_release"})
+        deploy.unpack_parts(struct.pack(">I", len(idx)) + idx, {"key_release"})
 
 
 def test_unpack_parts_with_deep_index_is_a_data_error():
     idx = b"[" * 60000
     with pytest.raises(DataError):
-        protocol.unpack_parts(struct.pack(">I", len(idx)) + idx, {"key_release"})
+        deploy.unpack_parts(struct.pack(">I", len(idx)) + idx, {"key_release"})
 
 
 def test_pack_unpack_round_trip_and_reordering_attack():
-    body = protocol.pack_parts({"manifest.json": b"M" * 5, "key_release": b"K" * 3})
-    assert protocol.unpack_parts(body, {"manifest.json", "key_release"}) == {"manifest.json": b"M" * 5,
+    body = deploy.pack_parts({"manifest.json": b"M" * 5, "key_release": b"K" * 3})
+    assert deploy.unpack_parts(body, {"manifest.json", "key_release"}) == {"manifest.json": b"M" * 5,
                                                                               "key_release": b"K" * 3}
     with pytest.raises(DataError):
-        protocol.unpack_parts(body + b"x", {"manifest.json", "key_release"})
+        deploy.unpack_parts(body + b"x", {"manifest.json", "key_release"})
     with pytest.raises(DataError):
-        protocol.unpack_parts(body, {"manifest.json"})
+        deploy.unpack_parts(body, {"manifest.json"})
 
 
 # ------------------------------------------------------------------------------------------- channel frames

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,83 @@ def test_error_messages_do_not_quote_request_plaintext():
         with pytest.raises(DataError) as ei:
             protocol.decode_payload(len(opts).to_bytes(2, "big") + opts + b"image")
         assert secret not in str(ei.value)
+
+
+# -- layering: no file I/O in crypto/, no HTTP in protocol/, no serve/ in client/ (issue 10) --------
+
+#: Calls that read or write files (or raw descriptors): the builtin `open`, os/io/shutil calls, any
+#: `Path(...)` (and so `Path(...).open()`), and pathlib's read/write methods on anything. (Not any
+#: `.open` method: `HpkeContext.open` decrypts.)
+FILE_IO_CALLS = {"open", "os.open", "io.open", "os.write", "os.read", "os.fdopen", "os.remove", "os.unlink",
+                 "os.replace", "os.rename", "os.makedirs", "os.mkdir", "shutil.copy", "shutil.copyfile", "shutil.move",
+                 "Path", "pathlib.Path"}
+FILE_IO_METHODS = {"read_bytes", "read_text", "write_bytes", "write_text", "mkdir", "touch", "unlink"}
+
+
+def _file_io(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            last = name.rsplit(".", 1)[-1]
+            if name in FILE_IO_CALLS or (isinstance(node.func, ast.Attribute) and last in FILE_IO_METHODS):
+                out.append(f"{path.name}:{node.lineno}: {name}()")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "") in ("pathlib", "shutil", "tempfile"):
+            out.append(f"{path.name}:{node.lineno}: imports from {node.module}")
+        elif isinstance(node, ast.Import) and any(a.name in ("pathlib", "shutil", "tempfile") for a in node.names):
+            out.append(f"{path.name}:{node.lineno}: imports {node.names[0].name}")
+    return out
+
+
+def test_crypto_does_no_file_io():
+    """crypto/ is pure: keys are values there; key files are read and written by `enclaveml.keyfiles`."""
+    problems = [v for p in sorted((SRC / "crypto").glob("*.py")) for v in _file_io(p)]
+    assert not problems, "file I/O in crypto/:\n" + "\n".join(problems)
+
+
+def test_the_file_io_rule_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom pathlib import Path\nopen('k')\nPath('k').read_bytes()\nPath('k').write_text('x')\n"
+                   "fd = os.open('k', 0)\nos.write(fd, b'x')\nctx.open(ct)\n")
+    found = " ".join(_file_io(bad))
+    assert "ctx.open" not in found
+    for needle in (" open()", "read_bytes()", "write_text()", "os.open()", "os.write()", "imports from pathlib", "Path()"):
+        assert needle in found, (needle, found)
+
+
+def _imports(path: Path) -> set[str]:
+    """The enclaveml modules a file imports (relative imports resolved against its package)."""
+    rel = path.relative_to(SRC.parent).with_suffix("").parts  # ('enclaveml', 'client', 'sdk')
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(rel[:-node.level]) if path.name != "__init__.py" else list(rel[:len(rel) - node.level + 1])
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def test_client_never_imports_serve_and_protocol_knows_no_http():
+    for p in sorted((SRC / "client").glob("*.py")):
+        bad = sorted(m for m in _imports(p) if m == "enclaveml.serve" or m.startswith("enclaveml.serve."))
+        assert not bad, f"client/{p.name} imports {bad}"
+    for p in sorted((SRC / "protocol").glob("*.py")):
+        bad = sorted(m for m in _imports(p)
+                     if m.split(".")[0] in ("fastapi", "starlette", "httpx", "socket", "uvicorn")
+                     or m.startswith(("enclaveml.serve", "enclaveml.train", "enclaveml.client")))
+        assert not bad, f"protocol/{p.name} imports {bad}"
+
+
+def test_the_import_rule_resolves_relative_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "enclaveml" / "client"
+    pkg.mkdir(parents=True)
+    (pkg / "x.py").write_text("from ..serve import protocol\nfrom . import sdk\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "enclaveml")
+    assert {"enclaveml.serve", "enclaveml.serve.protocol", "enclaveml.client.sdk"} <= _imports(pkg / "x.py")

@@ -21,7 +21,7 @@ from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_own
 from enclaveml.protocol import ModelPin, ModelRef, Target
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
-from enclaveml.protocol import infer as protocol
+from enclaveml.protocol import deploy, infer as protocol
 from enclaveml.protocol.deploy import sign_upload
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 
@@ -262,7 +262,7 @@ def test_key_release_cannot_be_replayed_or_forged(served):
     files = bundle_files(s.base / "bundle")
     att = s.client.attest()
     release = seal_key_release(s.owner, att.public_key, MODEL, s.key, att.nonce)
-    body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
+    body = deploy.pack_parts({deploy.KEY_RELEASE: release, **files})
     body = sign_upload(s.owner, MODEL, body, time.time()) + body
     r1 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)
     assert r1.status_code == 200 and r1.json()["replaced"] is True
@@ -270,7 +270,7 @@ def test_key_release_cannot_be_replayed_or_forged(served):
     assert r2.status_code == 409 and r2.json()["error"] == "ReplayedMessage"
     forged = bytearray(release)
     forged[-5] ^= 1
-    body = protocol.pack_parts({protocol.KEY_RELEASE: bytes(forged), **files})
+    body = deploy.pack_parts({deploy.KEY_RELEASE: bytes(forged), **files})
     body = sign_upload(s.owner, MODEL, body, time.time()) + body
     r3 = httpx.post(f"{s.srv.url}/v1/models/{MODEL}", content=body, timeout=60)
     assert r3.status_code == 400 and r3.json()["error"] == "TamperedMessage"

@@ -12,7 +12,8 @@ from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_own
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle, read_public_bundle
 from enclaveml.protocol import ModelIdentity, ModelPin, ModelRef, Target
-from enclaveml.protocol import infer as protocol
+from enclaveml.models import servable
+from enclaveml.protocol import deploy, infer as protocol
 from enclaveml.serve.batcher import AsyncBatcher
 from enclaveml.serve.enclave import EnclaveService
 from enclaveml.serve.metrics import Metrics
@@ -60,12 +61,12 @@ def test_model_ids_are_url_safe(bad):
 
 def test_parts_round_trip_and_refuse_bad_bodies():
     parts = {"a": b"123", "b": b"", "c": b"x" * 1000}
-    assert protocol.unpack_parts(protocol.pack_parts(parts), {"a", "b", "c"}) == parts
-    body = protocol.pack_parts(parts)
-    for bad in (body[:-1], body + b"!", b"\x00\x00", protocol.pack_parts({"zzz": b"1"}),
+    assert deploy.unpack_parts(deploy.pack_parts(parts), {"a", "b", "c"}) == parts
+    body = deploy.pack_parts(parts)
+    for bad in (body[:-1], body + b"!", b"\x00\x00", deploy.pack_parts({"zzz": b"1"}),
                 b"\x00\x00\x00\x05[1,2]", b"\x00\x00\x00\x10[[\"a\",1],[\"a\",1]]aa"):
         with pytest.raises(E.DataError):
-            protocol.unpack_parts(bad, {"a", "b", "c"})
+            deploy.unpack_parts(bad, {"a", "b", "c"})
 
 
 def test_batcher_groups_waiting_items_and_keeps_order():
@@ -293,11 +294,11 @@ def test_only_zoo_architectures_are_served(tmp_path):
     """A signed manifest naming `os:system` as its factory must not make anything run."""
     import json
 
-    protocol.check_servable_arch({"zoo": "darknet"})
+    servable.check_servable_arch({"zoo": "darknet"})
     for arch in ({"factory": "os:system", "kwargs": {"command": "true"}}, {"zoo": "nope"},
                  {"zoo": "darknet", "factory": "os:system"}):
         with pytest.raises(E.UserInputError):
-            protocol.check_servable_arch(arch)
+            servable.check_servable_arch(arch)
     # end to end in the enclave service: a deploy with such a manifest is refused before import
     from enclaveml.models.bundle import MANIFEST, MANIFEST_LABEL, SIGNATURE
 
@@ -408,16 +409,16 @@ def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_
     factory = "enclaveml.models.zoo.extraction:build"
     arch = {"factory": factory, "kwargs": {"num_classes": 10}}
     with pytest.raises(E.UserInputError):
-        protocol.check_servable_arch(arch)
-    protocol.check_servable_arch(arch, (factory,))
+        servable.check_servable_arch(arch)
+    servable.check_servable_arch(arch, (factory,))
     with pytest.raises(E.UserInputError):
-        protocol.check_servable_arch(arch, ("enclaveml.models.zoo.darknet:build",))
+        servable.check_servable_arch(arch, ("enclaveml.models.zoo.darknet:build",))
     with pytest.raises(E.UserInputError):
-        protocol.enclave_config(["os.system"])  # not package.module:function
-    assert protocol.enclave_config([]) == {}
-    cfg = protocol.enclave_config([factory, factory])
+        servable.enclave_config(["os.system"])  # not package.module:function
+    assert servable.enclave_config([]) == {}
+    cfg = servable.enclave_config([factory, factory])
     assert cfg == {"allowed_factories": [factory]}
-    assert expected_sim_measurement(cfg) != expected_sim_measurement(protocol.enclave_config([]))
+    assert expected_sim_measurement(cfg) != expected_sim_measurement(servable.enclave_config([]))
 
     owner = SigningKey.generate()
     e = zoo.entry("extraction")

@@ -26,6 +26,7 @@ from enclaveml.crypto import SigningKey
 from enclaveml.models import zoo
 from enclaveml.models.bundle import make_bundle
 from enclaveml.protocol import deploy as U
+from enclaveml.serve import upload as H
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 
 FLOOD = 20
@@ -42,16 +43,16 @@ def test_header_round_trip_and_checks():
     n = U.header_length(prefix[:U.PREFIX_BYTES])
     h = U.parse_upload_header(prefix[U.PREFIX_BYTES:U.PREFIX_BYTES + n])
     assert (h.owner, h.model_id, h.size, h.ts) == (owner.public_key(), "m", len(body), 1000.0)
-    U.check_upload_header(h, "m", 1 << 20, 1000.0 + U.MAX_SKEW_S - 1)
+    H.check_upload_header(h, "m", 1 << 20, 1000.0 + H.MAX_SKEW_S - 1)
     with pytest.raises(E.TamperedMessage):
-        U.check_upload_header(h, "other", 1 << 20, 1000.0)
-    with pytest.raises(U.UploadTooLarge):
-        U.check_upload_header(h, "m", len(body) - 1, 1000.0)
+        H.check_upload_header(h, "other", 1 << 20, 1000.0)
+    with pytest.raises(H.UploadTooLarge):
+        H.check_upload_header(h, "m", len(body) - 1, 1000.0)
     with pytest.raises(E.ReplayedMessage):
-        U.check_upload_header(h, "m", 1 << 20, 1000.0 + U.MAX_SKEW_S + 1)
+        H.check_upload_header(h, "m", 1 << 20, 1000.0 + H.MAX_SKEW_S + 1)
     with pytest.raises(E.Unauthorized):
-        U.check_upload_header(h, "m", 1 << 20, 1000.0, frozenset({SigningKey.generate().public_key().to_bytes()}))
-    U.check_upload_header(h, "m", 1 << 20, 1000.0, U.parse_owner_keys([owner.public_key().to_bytes().hex()]))
+        H.check_upload_header(h, "m", 1 << 20, 1000.0, frozenset({SigningKey.generate().public_key().to_bytes()}))
+    H.check_upload_header(h, "m", 1 << 20, 1000.0, H.parse_owner_keys([owner.public_key().to_bytes().hex()]))
 
 
 def test_header_is_verified_before_it_is_parsed():
@@ -72,7 +73,7 @@ def test_header_is_verified_before_it_is_parsed():
         with pytest.raises(E.DataError):
             U.header_length(bad)
     with pytest.raises(E.UserInputError):
-        U.parse_owner_keys(["zz"])
+        H.parse_owner_keys(["zz"])
 
 
 # -- against a real server -------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_body_that_is_not_the_signed_one_is_refused(server):
         assert r.status_code in (400, 422) and r.json()["error"] == kind
     r = httpx.post(s.srv.url + "/v1/models/m2", content=prefix + body + b"!", timeout=30)  # longer
     assert r.status_code in (400, 413, 422)
-    old = U.sign_upload(s.owner, "m2", body, time.time() - 2 * U.MAX_SKEW_S)
+    old = U.sign_upload(s.owner, "m2", body, time.time() - 2 * H.MAX_SKEW_S)
     r = httpx.post(s.srv.url + "/v1/models/m2", content=old + body, timeout=30)
     assert r.status_code == 409 and r.json()["error"] == "ReplayedMessage"
     big = U.sign_upload(s.owner, "m2", b"", time.time())  # a header that lies about nothing, empty

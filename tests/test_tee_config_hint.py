@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from enclaveml.errors import PolicyViolation
-from enclaveml.protocol import infer as protocol
+from enclaveml.models import servable
 from enclaveml.tee import bind_report_data, commands, load_policy, verify_evidence
 from enclaveml.tee.sim import SimBackend, sim_policy
 
@@ -32,7 +32,7 @@ def _evidence(tmp_path, config: dict, measurement: str | None = None):
 
 def test_configuration_mismatch_names_the_configuration_and_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("ENCLAVEML_HOME", str(tmp_path))  # `attest policy` pins this platform
-    ev, rd = _evidence(tmp_path, protocol.enclave_config([FACTORY]))
+    ev, rd = _evidence(tmp_path, servable.enclave_config([FACTORY]))
     plain = sim_policy({}, tmp_path / "sim-platform")
     with pytest.raises(PolicyViolation) as ei:
         verify_evidence(ev, plain, rd)
@@ -62,5 +62,5 @@ def test_other_code_is_told_apart_from_other_configuration(tmp_path):
 
 
 def test_a_matching_policy_needs_no_hint(tmp_path):
-    ev, rd = _evidence(tmp_path, protocol.enclave_config([FACTORY]))
-    assert verify_evidence(ev, sim_policy(protocol.enclave_config([FACTORY]), tmp_path / "sim-platform"), rd)
+    ev, rd = _evidence(tmp_path, servable.enclave_config([FACTORY]))
+    assert verify_evidence(ev, sim_policy(servable.enclave_config([FACTORY]), tmp_path / "sim-platform"), rd)

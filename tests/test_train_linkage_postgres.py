@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from enclaveml import keyfiles
 from enclaveml.errors import TamperedMessage, UserInputError
 from enclaveml.train.linkage import LinkageRecord, LinkageStore, records_to_arrays
 from enclaveml.train.trace import trace
@@ -259,7 +260,7 @@ def test_training_server_keeps_linkage_in_postgres(pg, tmp_path, cifar10_dir):
     url, host_db = pg
     data = tmp_path / "data"
     demo.split_folder(cifar10_dir / "train", data, 2, 2)
-    owner = SigningKey.load_or_create(tmp_path / "owner.key").public_key().to_bytes().hex()
+    owner = keyfiles.load_or_create_signing_key(tmp_path / "owner.key").public_key().to_bytes().hex()
     srv = Server(tmp_path / "store", tmp_path / "home", owner, extra=("--linkage-url", url))
     try:
         _pin_policy(srv, tmp_path / "policy.toml")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from enclaveml import keyfiles
 from enclaveml.crypto import HpkeKeyPair, SigningKey, seal_request
 from enclaveml.errors import EvidenceRejected, PolicyViolation
 from enclaveml.tee import write_policy
@@ -97,7 +98,7 @@ def env(tmp_path_factory, cifar10_dir):
     data = base / "data"
     demo.split_folder(cifar10_dir / "train", data, 3, 4)  # 3 disjoint folders, 40 images each
     policy = base / "policy.toml"
-    owner = SigningKey.load_or_create(base / "owner.key").public_key().to_bytes().hex()
+    owner = keyfiles.load_or_create_signing_key(base / "owner.key").public_key().to_bytes().hex()
     d = {"base": base, "data": data, "policy": policy, "owner": base / "owner.key",
          "srv": Server(base / "store", home, owner)}
     _pin_policy(d["srv"], policy)
@@ -130,7 +131,7 @@ def test_contribute_resumes_and_rejects_bad_input(env):
     c = HostClient(srv.url)
     pub, _ = c.attest(env["policy"])
     assert c.get("/info").json()["instances"] == 80
-    k1, k2 = SigningKey.load(key), SigningKey.generate()
+    k1, k2 = keyfiles.load_signing_key(key), SigningKey.generate()
     img = (data / "participant3" / "cat").iterdir().__next__().read_bytes()
     dup = next((data / "participant1" / "dog").iterdir()).read_bytes()
 
@@ -229,7 +230,7 @@ def test_train_release_trace_and_resume_after_kill(env, tmp_path):
     assert out.returncode == 0, out.stderr
     tr = json.loads(out.stdout)
     assert len(tr["neighbours"]) == 5 and tr["label_name"] == "cat"
-    p2 = SigningKey.load(env["base"] / "p2.key").public_key()
+    p2 = keyfiles.load_signing_key(env["base"] / "p2.key").public_key()
     # the image itself was contributed by participant 2 and is its own nearest neighbour
     assert tr["neighbours"][0]["distance"] < 1e-3 and tr["neighbours"][0]["participant"] == p2.fingerprint()
     assert sum(p["count"] for p in tr["participants"]) == 5

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from .. import keyfiles
 from ..errors import UserInputError
 from .images import ImageLike, to_image_bytes
 
@@ -78,7 +79,7 @@ def participant_id(key: "SigningKey | str | os.PathLike[str]") -> str:
     """The participant id (hex) that linkage records and traces name for this key."""
     from ..crypto import SigningKey
 
-    k = key if isinstance(key, SigningKey) else SigningKey.load(key)
+    k = key if isinstance(key, SigningKey) else keyfiles.load_signing_key(key)
     return k.public_key().fingerprint()
 
 

@@ -1,8 +1,8 @@
 """`enclaveml.OwnerKey`: the model owner's Ed25519 signing key, and its key file (owner side).
 
 The key signs bundle manifests, key releases and delete commands; the enclave binds each
-deployment to its public key. The file (PEM PKCS#8) is written here, at the edge, mode 0600 from
-creation, and never overwritten by accident: `save` refuses an existing file.
+deployment to its public key. The file (PEM PKCS#8) is written at the edge (`enclaveml.keyfiles`),
+mode 0600 from creation, and never overwritten by accident: `save` refuses an existing file.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import keyfiles
 from ..crypto import SigningKey
-from ..crypto.signing import write_all
 from ..errors import UserInputError
 
 
@@ -32,23 +32,17 @@ class OwnerKey(SigningKey):
 
     def save(self, path: "str | os.PathLike[str]", *, overwrite: bool = False) -> Path:
         """Write the key (PEM, mode 0600 from creation); refuses an existing file unless `overwrite`."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        try:
-            fd = os.open(p, flags, 0o600)
-        except FileExistsError:
-            raise UserInputError(f"{p}: a key is already there; refusing to overwrite it") from None
-        except OSError as e:
-            raise UserInputError(f"{p}: cannot write key ({e.strerror})") from None
-        try:
-            os.fchmod(fd, 0o600)
-            write_all(fd, self.to_pem())
-        finally:
-            os.close(fd)
-        return p
+        return keyfiles.save_signing_key(self, path, overwrite=overwrite)
 
-    # load(path) and load_or_create(path) are SigningKey's (they build `cls`, so an OwnerKey).
+    @classmethod
+    def load(cls, path: "str | os.PathLike[str]") -> "OwnerKey":
+        """The key in a PEM file (the CLI's `--owner-key`)."""
+        return keyfiles.load_signing_key(path, cls)
+
+    @classmethod
+    def load_or_create(cls, path: "str | os.PathLike[str]") -> "OwnerKey":
+        """The key at `path`, generated (mode 0600) on first use."""
+        return keyfiles.load_or_create_signing_key(path, cls)
 
     @classmethod
     def default(cls) -> "OwnerKey":

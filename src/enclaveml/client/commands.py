@@ -13,10 +13,9 @@ import typer
 
 
 def _owner_key(path: Optional[Path]):
-    from .. import paths
-    from ..crypto import SigningKey
+    from .. import keyfiles, paths
 
-    return SigningKey.load(path or paths.home() / "owner.key")
+    return keyfiles.load_signing_key(path or paths.home() / "owner.key")
 
 
 def register(app: typer.Typer) -> None:

@@ -28,10 +28,11 @@ import httpx
 from .. import errors as E
 from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_request
 from ..crypto.nonces import SUFFIX_BYTES as NONCE_SUFFIX_BYTES
-from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, decode_identity, frame_target,
-                                 identity_aad, infer_aad)
 from ..protocol import infer as protocol
-from ..protocol.deploy import sign_upload
+from ..protocol.attest import EvidenceAnswer
+from ..protocol.deploy import encode_upload
+from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, check_model_id, decode_identity,
+                                 frame_target, identity_aad, infer_aad)
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
 #: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.
@@ -183,13 +184,11 @@ class EnclaveClient:
             r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()})
         try:
             body = loads_untrusted(r.content)
-            pk = bytes.fromhex(body["public_key"])
-            evidence = Evidence.from_dict(body["evidence"])
-            issued = bytes.fromhex(body["nonce"])  # ours, extended by the enclave (crypto/nonces.py)
-        except (KeyError, TypeError, ValueError):
+        except ValueError:
             raise E.EvidenceRejected("the server's evidence answer is malformed") from None
-        if len(pk) != 32:
-            raise E.EvidenceRejected("the enclave public key is not 32 bytes")
+        answer = EvidenceAnswer.from_dict(body)
+        evidence = Evidence.from_dict(answer.evidence)
+        pk, issued = answer.public_key, answer.nonce  # issued: ours, extended by the enclave (crypto/nonces.py)
         if not (issued.startswith(nonce) and len(issued) == len(nonce) + NONCE_SUFFIX_BYTES):
             raise E.EvidenceRejected("the enclave's nonce does not extend the one the client sent")
         claims = verify_evidence(evidence, self.policy, bind_report_data(pk, issued))
@@ -224,13 +223,12 @@ class EnclaveClient:
 
         files = bundle_files(bundle_dir)
         manifest = load_manifest(files, expected_owner=owner_key.public_key())
-        name = protocol.check_model_id(model_id or manifest.name)
+        name = check_model_id(model_id or manifest.name)
         att = self.attest()  # always fresh: the release is bound to this nonce
         release = seal_key_release(owner_key, att.public_key, name, model_key, att.nonce)
-        body = protocol.pack_parts({protocol.KEY_RELEASE: release, **files})
         # The signed header first: the host checks it before it reads (or stores) the body.
-        prefix = sign_upload(owner_key, name, body, time.time())
-        out = _json_body(self._request("POST", f"/v1/models/{name}", content=prefix + body,
+        upload = encode_upload(owner_key, name, release, files, time.time())
+        out = _json_body(self._request("POST", f"/v1/models/{name}", content=upload,
                                        headers={"content-type": "application/octet-stream"}))
         owner = owner_key.public_key().to_bytes().hex()
         with self._lock:
@@ -246,7 +244,7 @@ class EnclaveClient:
         """Attest, then send a delete command signed by the owner and sealed to the enclave."""
         if self._replicas() is not None:
             return self._fanout.delete(model_id, owner_key)
-        ref = ModelRef(owner_key.public_key().to_bytes().hex(), protocol.check_model_id(model_id))
+        ref = ModelRef(owner_key.public_key().to_bytes().hex(), check_model_id(model_id))
         att = self.attest()
         cmd = seal_owner_command(owner_key, att.public_key, "delete", ref.name, att.nonce)
         return _json_body(self._request("DELETE", f"/v1/models/{ref}", content=cmd))
@@ -255,7 +253,7 @@ class EnclaveClient:
 
     def target(self, model: str) -> Target:
         """The pinned deployment a request for `model` goes to (`PolicyViolation` if unpinned)."""
-        pin = self.policy.pin(protocol.check_model_id(model))
+        pin = self.policy.pin(check_model_id(model))
         return Target(ModelRef(pin.owner, model), pin)
 
     def identity(self, model: str, att: AttestedEnclave | None = None) -> ModelIdentity:
@@ -282,7 +280,7 @@ class EnclaveClient:
     # -- inference --------------------------------------------------------------------------
 
     def _seal(self, att: AttestedEnclave, images: list[bytes], target: Target, top_k: int, logits: bool):
-        framed = frame_fresh(protocol.encode_payload(images, top_k, logits, pad=self.pad_requests))
+        framed = frame_fresh(protocol.InferRequest(tuple(images), top_k, logits).encode(pad=self.pad_requests))
         body, ctx, _ = protocol.seal_infer(att.public_key, target, framed)
         return body, ctx
 
@@ -300,7 +298,7 @@ class EnclaveClient:
 
     def infer_each(self, images: Sequence[bytes], model: str, top_k: int = 5,
                    logits: bool = False) -> list[dict | E.EnclaveMLError]:
-        protocol.check_model_id(model)
+        check_model_id(model)
         images = [bytes(i) for i in images]
         if self._replicas() is not None:  # one replica per call, round-robin
             return self._fanout.infer_each(images, model, top_k, logits)

@@ -9,8 +9,6 @@ domain-separation label so that a signature made for one purpose never verifies 
 from __future__ import annotations
 
 import hmac
-import os
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -21,13 +19,6 @@ from . import _hazmat as hz
 
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (a single write may be short)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class VerifyKey:
@@ -75,7 +66,8 @@ class VerifyKey:
 
 
 class SigningKey:
-    """An Ed25519 private key. Stored as PEM PKCS#8, mode 0600, on its owner's machine only."""
+    """An Ed25519 private key. Stored as PEM PKCS#8 (`to_pem`), mode 0600, on its owner's machine
+    only: key files are read and written at the edge (`enclaveml.keyfiles`), never in crypto/."""
 
     __slots__ = ("_key",)
 
@@ -105,37 +97,6 @@ class SigningKey:
         if not isinstance(key, Ed25519PrivateKey):
             raise UserInputError("the private key is not an Ed25519 key")
         return cls(key)
-
-    def save(self, path: "str | os.PathLike[str]") -> None:
-        """Write the key as PEM with mode 0600 (created so; never world-readable, not even briefly)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as e:
-            raise UserInputError(f"{path}: cannot write key ({e.strerror})") from None
-        try:
-            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to an existing file
-            write_all(fd, self.to_pem())
-        finally:
-            os.close(fd)
-
-    @classmethod
-    def load(cls, path: "str | os.PathLike[str]") -> "SigningKey":
-        try:
-            pem = Path(path).read_bytes()
-        except OSError as e:
-            raise UserInputError(f"{path}: cannot read key ({e.strerror})") from None
-        return cls.from_pem(pem)
-
-    @classmethod
-    def load_or_create(cls, path: "str | os.PathLike[str]") -> "SigningKey":
-        """The owner's key at `path`, generated (0600) on first use."""
-        if Path(path).exists():
-            return cls.load(path)
-        key = cls.generate()
-        key.save(path)
-        return key
 
     def __repr__(self) -> str:
         return f"SigningKey(public={self.public_key().fingerprint()[:16]})"

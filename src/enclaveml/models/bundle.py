@@ -49,7 +49,7 @@ from typing import AbstractSet, Any, Iterable, Mapping
 from torch import nn
 
 from ..crypto import SigningKey, VerifyKey, generate_key, open_sealed, seal, sha256
-from ..crypto.signing import write_all
+from ..keyfiles import write_all
 from ..crypto.wirejson import loads_untrusted
 from ..data.preprocess import Preprocessing
 from ..errors import PartitionError, TamperedMessage, UserInputError

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from .. import keyfiles
 from ..errors import UserInputError
 
 
@@ -145,7 +146,6 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from .. import paths
-        from ..crypto import SigningKey
         from .bundle import make_bundle, model_key_path, save_model_key
 
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
         arch_file = None
         if _is_onnx(model):
             arch, arch_file, stripped = _onnx_architecture(model, m, out)
-        owner = SigningKey.load_or_create(owner_key or paths.home() / "owner.key")
+        owner = keyfiles.load_or_create_signing_key(owner_key or paths.home() / "owner.key")
         _warn_if_public(m, head)
         manifest, model_key = make_bundle(m, k, out, arch, pre, names, owner, name=name or _default_name(model, out),
                                           head=head)

@@ -46,6 +46,11 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_model_id(model_id: str) -> str:
+    """A deployment's name in a URL or an upload (the same rule as `check_name`)."""
+    return check_name(model_id)
+
+
 def check_owner_hex(owner: str) -> str:
     """An owner is the hex of its 32-byte Ed25519 public key (lower case)."""
     if not isinstance(owner, str) or len(owner) != 64 or not set(owner.lower()) <= _HEX:

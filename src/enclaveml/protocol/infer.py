@@ -1,7 +1,7 @@
-"""Infenclave wire formats between client, host and enclave: pure functions, no I/O.
+"""Infenclave inference messages between client, host and enclave: pure functions, no I/O.
 
 Trust side: all. The client builds requests and reads results; the enclave reads requests and
-builds results; the host only splits upload bodies into parts. Crypto details (HPKE suite, the
+builds results; the host relays both, sealed. Crypto details (HPKE suite, the
 OHTTP-style response, freshness header) live in `enclaveml.crypto` and docs/crypto.md.
 
 Inference request (HTTP body of POST /v1/models/{owner}/{name}/infer), one or several images:
@@ -39,10 +39,8 @@ never ends with one). A one-image request whose image cannot be decoded fails as
 DataError the host relays); in a several-image request that image's item says so, sealed, and the
 host learns only how many of the request's images failed (it counts them).
 
-Model upload (POST /v1/models/{model}): an owner-signed header (`serve/upload.py`), then a
-`pack_parts` body; other multi-part bodies are `pack_parts` alone:
-
-    u32 n || JSON index [[name, size], ...] (n bytes) || the parts' bytes in index order
+Typed forms: `InferRequest` (the payload: images and options) and `InferResult` (one item of
+the answer); the functions below are their codec. Model uploads are in `protocol.deploy`.
 """
 
 from __future__ import annotations
@@ -51,11 +49,12 @@ import functools
 import json
 import math
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from ..crypto import loads_untrusted
 from ..errors import DataError, TamperedMessage, UserInputError
-from .identity import ModelIdentity, Target, check_name
+from .identity import ModelIdentity, Target, check_model_id  # noqa: F401  (check_model_id: part of this API)
 
 MAX_TOP_K = 100
 MAX_OPTIONS_BYTES = 4096
@@ -76,55 +75,69 @@ MIN_PADDED_PAYLOAD = 1024
 PAD_STEP = 1024 * 1024
 MAX_PADDED_PAYLOAD = 8 * 1024 * 1024
 _U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-
-#: Parts of a model upload: the key release plus the bundle files (see models/bundle.py).
-KEY_RELEASE = "key_release"
 
 
-def check_model_id(model_id: str) -> str:
-    """Model names are short and URL-safe: letters, digits, '-', '_', '.' (one rule: `check_name`)."""
-    return check_name(model_id)
+@dataclass(frozen=True)
+class InferRequest:
+    """The payload of one inference request: 1..`MAX_IMAGES` images and the options for all of them.
 
-
-def check_servable_arch(arch: dict, allowed_factories: "tuple[str, ...] | frozenset[str]" = ()) -> None:
-    """Only zoo architectures are built by the server (host and enclave), plus the factories the
-    operator allowed by exact name (`serve --allow-factory`, part of the enclave's measured
-    configuration: see `enclave_config`).
-
-    Why: a manifest's `{"factory": "module:function", "kwargs": ...}` makes `build_arch` import
-    and call any function the uploader names (e.g. `os:system`), in the host and, worse, in the
-    enclave, which holds other owners' keys. Signing proves who uploaded, not that it is safe.
+    `encode` is what the client frames (`crypto.frame_fresh`) and seals (`seal_infer`); `decode`
+    is what the enclave reads once the HPKE message authenticated. Byte-for-byte the format above.
     """
-    from ..models import zoo
 
-    if not isinstance(arch, dict):
-        raise UserInputError("arch must be an object")
-    if set(arch) == {"zoo"} and str(arch.get("zoo")) in zoo.ZOO:
-        return
-    if ("factory" in arch and set(arch) <= {"factory", "kwargs"} and isinstance(arch["factory"], str)
-            and arch["factory"] in frozenset(allowed_factories)):
-        return
-    raise UserInputError("only zoo architectures ({'zoo': name}) can be served"
-                         + (" and the allowed factories" if allowed_factories else "")
-                         + f"; known: {', '.join(sorted(zoo.ZOO))}")
+    images: tuple[bytes, ...]
+    top_k: int = 5
+    logits: bool = False
 
+    def encode(self, pad: bool = True) -> bytes:
+        return encode_payload(list(self.images), self.top_k, self.logits, pad=pad)
 
-def check_factory_names(names: "list[str] | tuple[str, ...]") -> tuple[str, ...]:
-    """Validate `--allow-factory` values ('package.module:function'); sorted, without repeats."""
-    from ..models.bundle import check_arch
-
-    for name in names:
-        check_arch({"factory": name})  # UserInputError unless it looks like package.module:function
-    return tuple(sorted(set(names)))
+    @classmethod
+    def decode(cls, payload: bytes) -> "InferRequest":
+        opts, images = decode_payload(payload)
+        return cls(tuple(images), opts["top_k"], opts["logits"])
 
 
-def enclave_config(allowed_factories: "tuple[str, ...] | list[str]" = ()) -> dict[str, Any]:
-    """The serving enclave's measured configuration (sim backend: hashed into the measurement that
-    clients pin; `enclaveml attest policy --tee sim --config JSON` with the same JSON). Empty by
-    default, so a server without `--allow-factory` keeps the plain code measurement."""
-    names = check_factory_names(list(allowed_factories))
-    return {"allowed_factories": list(names)} if names else {}
+@dataclass(frozen=True)
+class Prediction:
+    """One of an answer's top-k classes (index in the model's original class order)."""
+
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One image's answer, as the client reads it: which deployment answered, its top-k, and the
+    logits if asked. (`to_dict` is the JSON item, the form `EnclaveClient.infer` returns.)"""
+
+    identity: ModelIdentity
+    top: tuple[Prediction, ...]
+    logits: "tuple[float, ...] | None" = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**_ident(self.identity),
+                               "top": [{"index": p.index, "label": p.label, "score": p.score} for p in self.top]}
+        if self.logits is not None:
+            out["logits"] = list(self.logits)
+        return out
+
+    @classmethod
+    def from_dict(cls, res: dict[str, Any]) -> "InferResult":
+        """From a decoded item (`decode_result` / `decode_results`)."""
+        try:
+            logits = res.get("logits")
+            return cls(_item_identity(res),
+                       tuple(Prediction(t["index"], t["label"], float(t["score"])) for t in res["top"]),
+                       tuple(float(v) for v in logits) if logits is not None else None)
+        except (KeyError, TypeError, ValueError):
+            raise TamperedMessage("result is malformed") from None
+
+    @classmethod
+    def decode(cls, data: bytes, expected: "Target | None" = None) -> "InferResult":
+        """Client side: one (authenticated, padded) item; `TamperedMessage` for an error item."""
+        return cls.from_dict(decode_result(data, expected))
 
 
 def seal_infer(enclave_public: bytes, target: Target, framed: bytes):
@@ -326,40 +339,4 @@ def decode_results(data: bytes, n: int, expected: "Target | None" = None) -> "li
     for i in range(n):
         item = _decode_item(data[i * size:(i + 1) * size], expected)
         out.append(DataError(item["message"][:300]) if "error" in item else item)
-    return out
-
-
-def pack_parts(parts: dict[str, bytes]) -> bytes:
-    """Several named byte strings in one body (no multipart parser, no pickles)."""
-    index = json.dumps([[name, len(b)] for name, b in parts.items()], separators=(",", ":")).encode()
-    return _U32.pack(len(index)) + index + b"".join(bytes(b) for b in parts.values())
-
-
-def unpack_parts(body: bytes, allowed: tuple[str, ...] | frozenset[str], max_index: int = 65536) -> dict[str, bytes]:
-    """Inverse of `pack_parts`; only `allowed` names, each once, sizes adding up exactly."""
-    body = memoryview(body)
-    if len(body) < _U32.size:
-        raise DataError("upload body is truncated")
-    (n,) = _U32.unpack_from(body)
-    if n > max_index or len(body) < _U32.size + n:
-        raise DataError("upload index is truncated or too large")
-    try:
-        index = loads_untrusted(bytes(body[_U32.size:_U32.size + n]))
-        if not isinstance(index, list):
-            raise ValueError
-        entries = [(e[0], e[1]) for e in index
-                   if isinstance(e, list) and len(e) == 2 and type(e[0]) is str and type(e[1]) is int]
-        if len(entries) != len(index):
-            raise ValueError
-    except (ValueError, TypeError):
-        raise DataError("upload index is not valid") from None
-    names = [name for name, _ in entries]
-    if len(set(names)) != len(names) or not set(names) <= set(allowed):
-        raise DataError(f"upload parts must be distinct and among: {', '.join(sorted(allowed))}")
-    if any(size < 0 for _, size in entries) or sum(size for _, size in entries) != len(body) - _U32.size - n:
-        raise DataError("upload part sizes do not add up to the body")
-    out, pos = {}, _U32.size + n
-    for name, size in entries:
-        out[name] = bytes(body[pos:pos + size])
-        pos += size
     return out

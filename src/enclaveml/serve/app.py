@@ -1,9 +1,8 @@
-"""The untrusted host server: HTTP routes that move bytes between clients and the enclave worker.
+"""The untrusted host server's HTTP routes: thin adapters over `serve/service.py`.
 
-Trust side: host. It never holds a plaintext input, a decoded pixel, a label name or a key: it
-forwards ciphertext to the enclave, runs the public BackNet on IR tensors, and returns sealed
-responses. Every `EnclaveMLError` becomes a status code, a short JSON error and a counter; the
-server keeps serving.
+Trust side: host. Each route hands the request's bytes to one `HostService` method and wraps
+what it returns; the service holds no HTTP type. Every `EnclaveMLError` becomes a status code, a
+short JSON error and a counter; the server keeps serving.
 
 Routes (docs/serving.md):
     GET    /healthz                      liveness: "ok" (200) or why not (503): enclave restarting,
@@ -13,7 +12,7 @@ Routes (docs/serving.md):
                                          SHA-256(pk || that nonce), and pk
     GET    /v1/models                    deployments (OWNERHEX/name) and public bundle facts
     POST   /v1/models/{name}             deploy/replace: signed upload header, then
-                                         pack_parts(key_release + bundle files) (serve/upload.py); the
+                                         pack_parts(key_release + bundle files) (protocol/deploy.py); the
                                          deployment is OWNERHEX/name for the key-release signer
     DELETE /v1/models/{owner}/{name}     delete: an owner command sealed to the enclave
     POST   /v1/models/{owner}/{name}/identity  the deployed identity, sealed to the asking client
@@ -22,28 +21,18 @@ Routes (docs/serving.md):
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import os
-import threading
 import time
-from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors as E
-from ..protocol.identity import ModelRef
-from ..protocol import infer as protocol
-from .batcher import BatcherClosed, pick_device
 from .channel import ChannelError, RemoteError
-from .metrics import BATCH_BUCKETS, Metrics, json_logger
-from ..protocol.deploy import MAX_HEADER_BYTES, PREFIX_BYTES, UploadHeader, UploadTooLarge
+from .metrics import json_logger
+from .service import BodyStream, HostService, PayloadTooLarge, ServerBusy, ServerConfig, error_kind  # noqa: F401
 
 #: Status code for each error kind; anything not listed is a 500 (and its message is not sent).
 STATUS = {
@@ -60,60 +49,6 @@ STATUS = {
     "EnclaveUnavailable": 503,
     "ServerBusy": 503,
 }
-ERROR_CLASSES = (E.UnknownModel, E.DataError, E.PartitionError, E.UserInputError, E.TamperedMessage,
-                 E.ReplayedMessage, E.EvidenceRejected, E.PolicyViolation, E.Unauthorized)
-
-
-class PayloadTooLarge(E.UserInputError):
-    """A request body is over the configured limit."""
-
-
-class ServerBusy(E.EnclaveMLError):
-    """The host cannot take this request now (too many uploads, enclave restarting): 503 + Retry-After."""
-
-
-@dataclass
-class ServerConfig:
-    tee: str = "sim"
-    store: Path = Path("store")
-    device: str = "auto"
-    max_batch: int = 64
-    window_ms: float = 0.0
-    enclave_threads: int = 2
-    max_request_bytes: int = 8 * 1024 * 1024 + 4096
-    max_upload_bytes: int = 512 * 1024 * 1024
-    worker_args: list[str] = field(default_factory=list)
-    worker_socket: str | None = None
-    #: Starts the worker at `worker_socket` instead of `python -m enclaveml.serve.worker` (gramine-sgx).
-    worker_launch: Any = None
-    #: Model factories besides the zoo that host and enclave build ('package.module:function').
-    allowed_factories: tuple[str, ...] = ()
-    #: Owner keys (raw 32 bytes) that may upload; None: any key that signs its upload header.
-    allowed_owners: "frozenset[bytes] | None" = None
-    #: Uploads streamed at once; more get 503 with Retry-After.
-    max_concurrent_uploads: int = 2
-    #: Longest wait for an upload's signed header, and for its whole body (slow senders).
-    upload_header_timeout_s: float = 10.0
-    upload_timeout_s: float = 600.0
-    #: Liveness: a ping through the channel every `ping_interval_s`; no answer within
-    #: `ping_timeout_s` means the worker is hung (reported by /healthz, then restarted).
-    ping_interval_s: float = 2.0
-    ping_timeout_s: float = 10.0
-    #: Seconds a 503 answer tells the client to wait (Retry-After).
-    retry_after_s: int = 2
-
-
-def error_kind(e: BaseException) -> str:
-    if isinstance(e, (PayloadTooLarge, UploadTooLarge)):
-        return "PayloadTooLarge"
-    if isinstance(e, ServerBusy):
-        return "ServerBusy"
-    for cls in ERROR_CLASSES:
-        if isinstance(e, cls):
-            return cls.__name__
-    if isinstance(e, (ChannelError, BatcherClosed)):
-        return "EnclaveUnavailable"
-    return "InternalError"
 
 
 def error_body(e: BaseException) -> tuple[int, dict]:
@@ -124,314 +59,25 @@ def error_body(e: BaseException) -> tuple[int, dict]:
     return STATUS.get(kind, 500), {"error": kind, "message": msg}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` before reading it all."""
-    cl = request.headers.get("content-length")
-    if cl is not None:
-        try:
-            if int(cl) > limit:
-                raise PayloadTooLarge(f"body of {int(cl)} bytes is over the {limit}-byte limit")
-        except ValueError:
-            raise E.UserInputError("bad Content-Length") from None
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-    return bytes(buf)
+def _body(request: Request) -> BodyStream:
+    return BodyStream(request.stream(), request.headers.get("content-length"))
 
 
-class _Stream:
-    """Reads an ASGI request body in pieces of the caller's choosing, with time limits."""
-
-    def __init__(self, request: Request):
-        self._it = request.stream().__aiter__()
-        self._buf = bytearray()
-        self._eof = False
-
-    async def _more(self, deadline: float) -> bool:
-        if self._eof:
-            return False
-        try:
-            chunk = await asyncio.wait_for(self._it.__anext__(), max(0.0, deadline - time.monotonic()))
-        except StopAsyncIteration:
-            self._eof = True
-            return False
-        except asyncio.TimeoutError:
-            raise E.DataError("upload is too slow") from None
-        self._buf += chunk
-        return True
-
-    async def read_exact(self, n: int, deadline: float) -> bytes:
-        while len(self._buf) < n:
-            if not await self._more(deadline):
-                raise E.DataError("upload is truncated")
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    async def chunks(self, deadline: float):
-        """The rest of the body, as it arrives."""
-        while True:
-            if self._buf:
-                out, self._buf = bytes(self._buf), bytearray()
-                yield out
-            if not await self._more(deadline):
-                return
-
-
-async def receive_upload(request: Request, model_id: str, s: "HostState") -> tuple[UploadHeader, dict[str, bytes]]:
-    """Read an upload's signed header (at most 4 KiB), check it, and only then stream the body to
-    a temporary file in the store (never whole in memory while it arrives), hashing it, under the
-    signed size; the parts come back once the hash matches. The file is removed on every path.
-    At most `max_concurrent_uploads` bodies are streamed at once (more: ServerBusy, 503)."""
-    import hashlib
-
-    from ..protocol import deploy as U
-
-    cfg = s.cfg
-    cl = request.headers.get("content-length")
-    try:
-        declared = int(cl) if cl is not None else None
-    except ValueError:
-        raise E.UserInputError("bad Content-Length") from None
-    if declared is not None and declared > PREFIX_BYTES + MAX_HEADER_BYTES + cfg.max_upload_bytes:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the {cfg.max_upload_bytes}-byte limit")
-    stream = _Stream(request)
-    deadline = time.monotonic() + cfg.upload_header_timeout_s
-    n = U.header_length(await stream.read_exact(PREFIX_BYTES, deadline))
-    header = U.parse_upload_header(await stream.read_exact(n, deadline))
-    U.check_upload_header(header, model_id, cfg.max_upload_bytes, time.time(), cfg.allowed_owners)
-    if declared is not None and declared != PREFIX_BYTES + n + header.size:
-        raise E.DataError("Content-Length does not match the upload's signed size")
-    if s.uploads.locked():
-        raise ServerBusy(f"{cfg.max_concurrent_uploads} uploads are in progress; try again later")
-    async with s.uploads:
-        path = s.store.new_upload_path()
-        try:
-            digest, got = hashlib.sha256(), 0
-            deadline = time.monotonic() + cfg.upload_timeout_s
-            with open(path, "wb") as f:
-                pending: list[bytes] = []
-                queued = 0
-                async for chunk in stream.chunks(deadline):
-                    got += len(chunk)
-                    if got > header.size:
-                        raise UploadTooLarge("upload body is longer than its signed size")
-                    digest.update(chunk)
-                    pending.append(chunk)
-                    queued += len(chunk)
-                    if queued >= 1 << 20:
-                        await asyncio.to_thread(f.writelines, pending)
-                        pending, queued = [], 0
-                await asyncio.to_thread(f.writelines, pending)
-            if got != header.size:
-                raise E.DataError("upload body is shorter than its signed size")
-            if not hmac.compare_digest(digest.digest(), header.sha256):
-                raise E.TamperedMessage("upload body does not match its signed SHA-256")
-            return header, await asyncio.to_thread(_unpack_upload, path)
-        finally:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-
-def _unpack_upload(path: Path) -> dict[str, bytes]:
-    """The parts of a verified upload file (mapped, not read whole, then copied part by part)."""
-    import mmap
-
-    from ..models import bundle as B
-
-    allowed = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS, B.HEAD}
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return protocol.unpack_parts(b"", allowed)
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            view = memoryview(m)
-            try:
-                return protocol.unpack_parts(view, allowed)
-            finally:
-                view.release()
-
-
-async def wait(fut: Future):
-    return await asyncio.wrap_future(fut)
-
-
-#: How often the host checks that its enclave worker is alive, and the longest wait between
-#: restarts of a worker that keeps dying.
-SUPERVISE_S = 0.5
-MAX_RESTART_BACKOFF_S = 30.0
-#: /healthz statuses (all but "ok" answer 503 with Retry-After; docs/serving.md).
-STATUS_OK = "ok"
-STATUS_RESTARTING = "enclave restarting"
-STATUS_UNRESPONSIVE = "enclave unresponsive"
-STATUS_DOWN = "enclave down"
-
-
-class HostState:
-    """What the host process holds: the enclave proxy, per-model pipelines, store, metrics, log."""
-
-    def __init__(self, cfg: ServerConfig, loop: "asyncio.AbstractEventLoop | None" = None):
-        from .store import ModelStore
-
-        self.cfg = cfg
-        self.loop = loop
-        self.metrics = Metrics()
-        self.log = json_logger()
-        self.store = ModelStore(cfg.store)
-        self.device = pick_device(cfg.device)
-        self.pipelines: dict = {}
-        self.public: dict[str, dict] = {}
-        self.lock = threading.Lock()
-        #: Upload bodies being streamed to disk (`receive_upload`).
-        self.uploads = asyncio.Semaphore(max(1, cfg.max_concurrent_uploads))
-        #: What /healthz reports: STATUS_OK, or why the enclave cannot serve now.
-        self.status = STATUS_RESTARTING  # until the stored deployments are restored
-        self.enclave = self.start_enclave()
-
-    def start_enclave(self):
-        from .host import EnclaveProxy
-
-        factory_args = [a for f in protocol.check_factory_names(list(self.cfg.allowed_factories))
-                        for a in ("--allow-factory", f)]
-        enclave = EnclaveProxy(self.cfg.tee, threads=self.cfg.enclave_threads,
-                               extra_args=[*factory_args, *self.cfg.worker_args],
-                               socket_path=self.cfg.worker_socket, launch=self.cfg.worker_launch, loop=self.loop)
-        self.log.info("enclave started", extra={"fields": {
-            "enclave_pid": enclave.pid, "tee": self.cfg.tee, "device": str(self.device),
-            "measurement": enclave.info.get("measurement"), "hardening": enclave.info.get("hardening")}})
-        return enclave
-
-    def check_ready(self) -> None:
-        """While the worker restarts (its deployments not yet restored), every model route answers
-        503 with Retry-After, never 404: the client should wait, not conclude the model is gone."""
-        if self.status != STATUS_OK or not self.enclave.alive():
-            raise ChannelError("the enclave worker is restarting")
-
-    def pipeline(self, model_id: str):
-        self.check_ready()
-        with self.lock:
-            p = self.pipelines.get(model_id)
-        if p is None:
-            raise E.UnknownModel(f"no model {model_id[:90]!r} is deployed")
-        return p
-
-    def install(self, model_id: str, manifest, backnet, owner: str | None):
-        """Serve `model_id` through a new pipeline (in the event loop: its batchers live there)."""
-        from .host import ModelPipeline
-
-        pipe = ModelPipeline(model_id, self.enclave, backnet, self.device, self.cfg.max_batch, self.cfg.window_ms / 1000.0,
-                             on_batch=lambda n: self.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
-                             on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"),
-                             on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st))
-        with self.lock:
-            old = self.pipelines.get(model_id)
-            self.pipelines[model_id] = pipe
-            self.public[model_id] = {"bundle_id": manifest.bundle_id, "name": manifest.name, "k": manifest.k,
-                                     "head": manifest.head, "ir_shape": list(manifest.ir_shape),
-                                     "owner": manifest.owner, "owner_fingerprint": owner}
-        if old is not None:
-            old.close()
-
-    async def restore_all(self) -> None:
-        """Bring back every stored deployment from its sealed record (after a start or a worker
-        restart): the enclave opens what it sealed; the owner is not needed. A deployment that
-        does not restore (e.g. sealed by other enclave code) is logged and skipped."""
-        from ..models import bundle as B
-        from .store import SEALED_DEPLOYMENT
-
-        for ref in await asyncio.to_thread(self.store.models):
-            model_id = str(ref)
-            try:
-                files = await asyncio.to_thread(self.store.load, ref)
-                if SEALED_DEPLOYMENT not in files:
-                    raise E.DataError("no sealed deployment stored")
-                parts = {n: files[n] for n in (B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP, B.HEAD) if n in files}
-                h, _, _ = await wait(self.enclave.call_async({"op": "restore", "model": model_id}, None,
-                                                             {**parts, "sealed": files[SEALED_DEPLOYMENT]}))
-                manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, self.cfg.allowed_factories)
-                if manifest.bundle_id != h.get("bundle_id"):
-                    raise E.TamperedMessage("the enclave restored another bundle than the host loaded")
-                self.install(model_id, manifest, backnet, h.get("owner"))
-                self.metrics.inc("deployments_total", outcome="restored")
-                self.log.info("deployment restored", extra={"fields": {"model": model_id, "bundle_id": manifest.bundle_id}})
-            except Exception as e:  # one bad record must not keep the others down
-                self.log.warning("deployment not restored", extra={"fields": {
-                    "model": model_id, "kind": error_kind(e), "message": str(e)[:200]}})
-
-    async def supervise(self) -> None:
-        """Restart a dead or hung enclave worker and restore its deployments (with backoff if it
-        keeps dying). Hung: it did not answer a liveness ping within `ping_timeout_s`.
-
-        Requests in flight when it died get 503 (EnclaveUnavailable); so does every model request
-        until the deployments are restored (`check_ready`). Clients then see a new enclave key,
-        attest again and resend themselves (the SDK never resends on the host's word).
-        """
-        backoff = SUPERVISE_S
-        next_ping = time.monotonic() + self.cfg.ping_interval_s
-        while True:
-            await asyncio.sleep(SUPERVISE_S)
-            reason = None if self.enclave.alive() else "died"
-            if reason is None and time.monotonic() >= next_ping:
-                if not await self.enclave.ping(self.cfg.ping_timeout_s):
-                    reason = "unresponsive" if self.enclave.alive() else "died"
-                next_ping = time.monotonic() + self.cfg.ping_interval_s
-            if reason is None:
-                backoff = SUPERVISE_S
-                continue
-            if not await self.restart(reason):
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, MAX_RESTART_BACKOFF_S)
-
-    async def restart(self, reason: str) -> bool:
-        """Replace the worker ("died" or "unresponsive": then it is killed first) and restore the
-        deployments; False if the new worker did not start (the caller retries)."""
-        dead = self.enclave
-        self.status = STATUS_UNRESPONSIVE if reason == "unresponsive" else STATUS_RESTARTING
-        self.metrics.inc("enclave_restarts_total", reason=reason)
-        self.log.warning("enclave worker " + ("does not answer" if reason == "unresponsive" else "died")
-                         + "; restarting", extra={"fields": {"enclave_pid": dead.pid, "reason": reason,
-                                                             "exit_code": dead.proc.poll()}})
-        with self.lock:
-            old, self.pipelines, self.public = list(self.pipelines.values()), {}, {}
-        for p in old:
-            p.close()
-        if reason == "unresponsive":
-            dead.kill()  # a stopped or hung process never exits by itself
-        await asyncio.to_thread(dead.close)
-        try:
-            self.enclave = await asyncio.to_thread(self.start_enclave)
-        except Exception as e:
-            self.status = STATUS_DOWN
-            self.log.warning("enclave restart failed", extra={"fields": {"type": type(e).__name__}})
-            return False
-        await self.restore_all()
-        self.status = STATUS_OK
-        return True
-
-
-def create_app(cfg: ServerConfig) -> FastAPI:
-    state: dict[str, HostState] = {}
+def create_app(cfg: ServerConfig, service=HostService.open) -> FastAPI:
+    """The app; `service(cfg)` (awaited at startup) builds the `HostService` and starts its enclave."""
+    state: dict[str, HostService] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["s"] = await asyncio.to_thread(HostState, cfg, asyncio.get_running_loop())
-        await state["s"].restore_all()
-        state["s"].status = STATUS_OK
-        supervisor = asyncio.ensure_future(state["s"].supervise())
+        state["s"] = await service(cfg)
         try:
             yield
         finally:
-            supervisor.cancel()
-            for p in list(state["s"].pipelines.values()):
-                p.close()  # in the loop: the batchers' futures belong to it
-            await asyncio.to_thread(state["s"].enclave.close)
+            await state["s"].close()
 
     app = FastAPI(title="enclaveml host", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-    def S() -> HostState:
+    def S() -> HostService:
         return state["s"]
 
     app.add_middleware(ObserveMiddleware, state=state)
@@ -452,11 +98,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        s = S()
-        status = s.status if s.enclave.alive() or s.status != STATUS_OK else STATUS_DOWN
-        ok = status == STATUS_OK
-        body = {"status": status, "tee": cfg.tee, "enclave_pid": s.enclave.pid,
-                "device": str(s.device), "models": sorted(s.pipelines)}
+        ok, body = S().health()
         return JSONResponse(body, status_code=200 if ok else 503,
                             headers=None if ok else {"Retry-After": str(cfg.retry_after_s)})
 
@@ -468,91 +110,27 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @app.get("/v1/evidence")
     async def evidence(nonce: str = ""):
-        if not 16 <= len(nonce) <= 128:
-            raise E.DataError("nonce must be 8 to 64 bytes of hex")
-        h, _, _ = await wait(S().enclave.call_async({"op": "evidence", "nonce": nonce}))
-        # The enclave's nonce: the caller's, extended with a time and the enclave's MAC (bound
-        # into the evidence; an owner command carries it).
-        return {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": h["nonce"]}
+        return await S().evidence(nonce)
 
     @app.get("/v1/models")
     async def list_models():
-        return {"models": [{"id": m, **S().public.get(m, {})} for m in sorted(S().pipelines)]}
+        return S().models()
 
     @app.post("/v1/models/{name}")
     async def deploy(name: str, request: Request):
-        s = S()
-        protocol.check_model_id(name)
-        s.check_ready()
-        from ..models import bundle as B
-
-        header, files = await receive_upload(request, name, s)
-        missing = {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, *B.PARTS} - set(files)
-        if missing:
-            raise E.DataError(f"upload is missing {', '.join(sorted(missing))}")
-        # Check the public half first, so that a bad BackNet changes nothing in the enclave.
-        public = B.load_manifest(files)
-        if public.owner != header.owner.to_bytes().hex():  # the uploader is the bundle's owner
-            raise E.Unauthorized("the upload is signed by another key than the bundle's owner")
-        protocol.check_servable_arch(public.arch, cfg.allowed_factories)
-        if set(files) - {protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE} != set(public.part_names):
-            raise E.DataError(f"upload parts do not match the manifest ({', '.join(public.part_names)})")
-        manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, cfg.allowed_factories)
-        enclave_parts = {n: files[n] for n in (protocol.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP,
-                                               B.HEAD) if n in files}
-        h, _, sealed = await wait(s.enclave.call_async({"op": "deploy", "model": name}, None, enclave_parts))
-        ref = ModelRef(manifest.owner, name)
-        if h.get("bundle_id") != manifest.bundle_id or h.get("model") != str(ref):
-            raise E.TamperedMessage("the enclave accepted another bundle than the host loaded")
-        from .store import SEALED_DEPLOYMENT
-
-        stored = {n: files[n] for n in files if n != protocol.KEY_RELEASE}
-        await asyncio.to_thread(s.store.save, ref, {**stored, SEALED_DEPLOYMENT: sealed.get("sealed", b"")})
-        s.install(str(ref), manifest, backnet, h.get("owner"))
-        s.metrics.inc("deployments_total", outcome="replaced" if h.get("replaced") else "created")
-        return {"model": str(ref), "name": name, "owner": manifest.owner, "bundle_id": manifest.bundle_id,
-                "k": manifest.k, "head": manifest.head, "replaced": bool(h.get("replaced"))}
+        return await S().deploy(name, _body(request))
 
     @app.delete("/v1/models/{owner}/{name}")
     async def delete(owner: str, name: str, request: Request):
-        s = S()
-        ref = ModelRef(owner, name)
-        s.check_ready()
-        body = await read_body(request, 65536)
-        await wait(s.enclave.call_async({"op": "delete", "model": str(ref)}, None, {"command": body}))
-        with s.lock:
-            old = s.pipelines.pop(str(ref), None)
-            s.public.pop(str(ref), None)
-        if old is not None:
-            old.close()
-        await asyncio.to_thread(s.store.delete, ref)
-        s.metrics.inc("deployments_total", outcome="deleted")
-        return {"model": str(ref), "deleted": True}
+        return await S().delete(owner, name, _body(request))
 
     @app.post("/v1/models/{owner}/{name}/identity")
     async def identity(owner: str, name: str, request: Request):
-        s = S()
-        ref = ModelRef(owner, name)
-        s.check_ready()
-        body = await read_body(request, 8192)
-        _, _, b = await wait(s.enclave.call_async({"op": "identity", "model": str(ref)}, None, {"request": body}))
-        return Response(b["identity"], media_type="application/octet-stream")
+        return Response(await S().identity(owner, name, _body(request)), media_type="application/octet-stream")
 
     @app.post("/v1/models/{owner}/{name}/infer")
     async def infer(owner: str, name: str, request: Request):
-        s = S()
-        model_id = str(ModelRef(owner, name))
-        pipe = s.pipeline(model_id)
-        s.metrics.add_gauge("in_flight_requests", 1)  # queue depth (the replicas' autoscaling signal)
-        try:
-            body = await read_body(request, cfg.max_request_bytes)
-            t0 = time.perf_counter()
-            resp = await pipe.run(body)
-        finally:
-            s.metrics.add_gauge("in_flight_requests", -1)
-        s.metrics.observe("inference_seconds", time.perf_counter() - t0, model=model_id)
-        s.metrics.inc("inferences_total", model=model_id, outcome="ok")
-        return Response(resp, media_type="application/octet-stream")
+        return Response(await S().infer(owner, name, _body(request)), media_type="application/octet-stream")
 
     return app
 

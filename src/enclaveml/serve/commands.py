@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         """Serve deployed models: host server (untrusted) + enclave worker process, until Ctrl-C."""
         from ..errors import UserInputError
         from .app import ServerConfig, serve
-        from ..protocol.deploy import parse_owner_keys
+        from .upload import parse_owner_keys
 
         allow_factory = list(allow_factory or ())
         for c in card or ():
@@ -91,11 +91,11 @@ def register(app: typer.Typer) -> None:
             return _serve_replicas(locals())
         launch = None
         if tee == "gramine-sgx":
-            from ..protocol import infer as protocol
+            from ..models.servable import check_factory_names
 
             gramine_socket, launch = _prepare_gramine(
                 gramine_dir or store / "gramine", cost, signing_key, dry_run, enclave_threads,
-                protocol.check_factory_names(list(allow_factory or ())))
+                check_factory_names(list(allow_factory or ())))
             if launch is None:  # --dry-run
                 return
 

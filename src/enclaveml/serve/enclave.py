@@ -47,6 +47,7 @@ from ..errors import DataError, ReplayedMessage, TamperedMessage, UnknownModel
 from ..models.bundle import CLASSMAP, FRONTNET, HEAD, MANIFEST, SIGNATURE, load_manifest, open_enclave_parts
 from ..models.classmap import ClassMapping
 from ..models.layers import FrontNet
+from ..models.servable import check_factory_names, check_servable_arch
 from ..protocol.identity import (ModelIdentity, ModelRef, encode_identity, identity_aad, infer_aad,
                                  split_target)
 from ..tee import bind_report_data
@@ -108,8 +109,8 @@ class EnclaveService:
         self.backend = backend
         self.max_pass = max(1, int(max_pass))
         #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
-        #: configuration (`protocol.enclave_config`), never from an upload.
-        self.allowed_factories = protocol.check_factory_names(list(allowed_factories))
+        #: configuration (`models.servable.enclave_config`), never from an upload.
+        self.allowed_factories = check_factory_names(list(allowed_factories))
         self.kp = HpkeKeyPair.generate()
         self.guard = ReplayGuard(window_s=replay_window_s)
         self.handle_ttl_s = handle_ttl_s
@@ -189,7 +190,7 @@ class EnclaveService:
     def _install(self, ref: ModelRef, owner: VerifyKey, model_key: bytes, files: dict[str, bytes]) -> dict:
         parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP, HEAD) if n in files}
         manifest = load_manifest(parts, expected_owner=owner)
-        protocol.check_servable_arch(manifest.arch, self.allowed_factories)  # before any import
+        check_servable_arch(manifest.arch, self.allowed_factories)  # before any import
         ep = open_enclave_parts(parts, model_key, expected_owner=owner, allowed_factories=self.allowed_factories)
         head = ep.head.to(self.device) if ep.head is not None else None
         dep = Deployment(ref, owner, ep.front.to(self.device), ep.mapping, manifest.preprocessing,

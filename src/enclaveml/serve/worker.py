@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(rest)
 
     from ..tee import get_backend
-    from ..protocol.infer import enclave_config
+    from ..models.servable import enclave_config
 
     config = enclave_config(args.allow_factory)  # part of the measurement (sim); argv under Gramine
     options = {"lock_memory": not args.no_lock_memory, "config": config} if args.tee == "sim" else {}

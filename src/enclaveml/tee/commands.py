@@ -54,7 +54,7 @@ def _enclave_config(text: str | None, allow_factory: list[str] | None, card: Pat
     if names:
         if "allowed_factories" in cfg:
             raise UserInputError("give the allowed factories with --allow-factory/--card or in --config, not both")
-        from ..protocol.infer import enclave_config  # the one definition the server's worker uses
+        from ..models.servable import enclave_config  # the one definition the server's worker uses
 
         cfg = {**cfg, **enclave_config(names)}
     return cfg

@@ -4,6 +4,8 @@ Trust side: participant / owner. The host is untrusted: what it returns is eithe
 verify against our policy, ciphertext only the enclave or we can open, or status we only display.
 Error replies come back as the same `enclaveml.errors` class the server raised. Every JSON answer
 is parsed with `crypto.loads_untrusted` (`json_of`); a malformed one raises `TamperedMessage`.
+The requests and answers are `protocol.caltrain`'s typed messages (`contribute`, `start`,
+`release`, `audit`) and `protocol.attest`'s evidence answer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from .. import errors as _errors
 from ..crypto import loads_untrusted
 from ..errors import EnclaveMLError, TamperedMessage, UserInputError
+from ..protocol import caltrain as msg
+from ..protocol.attest import EvidenceAnswer
 
 MAX_ANSWER_BYTES = 64 << 20
 
@@ -71,6 +75,23 @@ class HostClient:
     def post_json(self, path: str, body: dict) -> dict:
         return json_of(self.post(path, body), f"answer to {path}")
 
+    def contribute(self, uploads: "list[bytes]") -> "list[msg.ContributeResult]":
+        """Send sealed instances; one result per upload (`TamperedMessage` for a malformed answer)."""
+        body = self.post_json("/contribute", msg.ContributeRequest(tuple(uploads)).to_json())
+        return msg.decode_contribute_answer(body, len(uploads))
+
+    def start(self, run_id: str, command: bytes, checkpoint_every: int = msg.DEFAULT_CHECKPOINT_EVERY) -> dict:
+        """Start (or attach to, or resume) a run with the owner's sealed start command: its status."""
+        return self.post_json("/train/start", msg.RunCommand(run_id, command, checkpoint_every).to_json())
+
+    def release(self, run_id: str, command: bytes) -> bytes:
+        """The finished run's model and linkage key, sealed to the reply key in `command`."""
+        return msg.decode_sealed_answer("release", self.post_json("/train/release", msg.RunCommand(run_id, command).to_json()))
+
+    def audit(self, run_id: str, command: bytes) -> bytes:
+        """The run's label audit, signed by the enclave and sealed to the reply key in `command`."""
+        return msg.decode_sealed_answer("audit", self.post_json("/train/audit", msg.RunCommand(run_id, command).to_json()))
+
     def plan(self):
         """The training plan the server says it runs, and its hash (the host's word until `attest`)."""
         from .plan import plan_from_answer
@@ -91,11 +112,10 @@ class HostClient:
             plan_hash = self.plan()[1]
         nonce = os.urandom(32)
         try:
-            body = self.get_json("/evidence", nonce=nonce.hex())
-            pub = bytes.fromhex(body["public_key"])
-            ev = Evidence.from_dict(body["evidence"])
-        except (KeyError, ValueError, TypeError, TamperedMessage):
+            answer = EvidenceAnswer.from_dict(self.get_json("/evidence", nonce=nonce.hex()))
+        except TamperedMessage:
             raise _errors.EvidenceRejected("the server's evidence answer is malformed") from None
+        pub, ev = answer.public_key, Evidence.from_dict(answer.evidence)
         try:
             verify_evidence(ev, policy, plan_report_data(pub, nonce, plan_hash))
         except _errors.EvidenceRejected as e:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from .. import keyfiles
 from ..errors import EnclaveMLError
 
 train_app = typer.Typer(help="CalTrain: accountable confidential training with an enclave.", no_args_is_help=True)
@@ -340,9 +341,8 @@ def verify_instance_cmd(
 @train_app.command("public-key")
 def public_key_cmd(key: Path = typer.Argument(...)) -> None:
     """(participant) Print the public key (hex) and participant id of an Ed25519 key file."""
-    from ..crypto import SigningKey
 
-    vk = SigningKey.load(key).public_key()
+    vk = keyfiles.load_signing_key(key).public_key()
     typer.echo(json.dumps({"public_key": vk.to_bytes().hex(), "participant": vk.fingerprint()}))
 
 

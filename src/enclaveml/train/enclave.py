@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .. import keyfiles
 from ..crypto import HpkeKeyPair, VerifyKey, generate_key, open_owner_command, open_sealed, require_owner, seal
 from ..crypto import seal_request
 from ..errors import (DataError, EnclaveMLError, PolicyViolation, ReplayedMessage, TamperedMessage, Unauthorized,
@@ -70,7 +71,7 @@ AUDIT_INFO = b"enclaveml/v1 caltrain-audit"
 
 def parse_owner(value: "str | bytes | VerifyKey") -> VerifyKey:
     """An owner's Ed25519 public key from a VerifyKey, 32 raw bytes, 64 hex digits, or a key file
-    (public key hex, or a private key PEM as `SigningKey.load` reads it)."""
+    (public key hex, or a private key PEM as `keyfiles.load_signing_key` reads it)."""
     from pathlib import Path
 
     if isinstance(value, VerifyKey):
@@ -91,10 +92,8 @@ def parse_owner(value: "str | bytes | VerifyKey") -> VerifyKey:
         raw = path.read_text().strip()
         if len(raw) == 64:
             return parse_owner(raw)
-        from ..crypto import SigningKey
-
         try:
-            return SigningKey.load(path).public_key()
+            return keyfiles.load_signing_key(path).public_key()
         except Exception:
             raise UserInputError(f"{path}: not an Ed25519 key (public key hex or private key PEM)") from None
     raise UserInputError("owner must be an Ed25519 public key (64 hex digits) or a key file")

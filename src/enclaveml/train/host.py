@@ -4,7 +4,7 @@ Trust side: host. It relays ciphertext between participants/owner and the enclav
 what the enclave sealed, and runs the BackNet half of training on IRs (CPU or GPU). It never holds
 a key that opens an instance, a label, the loss, the class mapping or the linkage records.
 
-HTTP API (JSON; bytes as base64):
+HTTP API (JSON; bytes as base64; the messages are `protocol.caltrain`'s and `protocol.attest`'s):
     GET  /info                       the training plan (and its hash), classes and data model
     GET  /evidence?nonce=HEX         enclave evidence binding its HPKE key to the nonce
     POST /contribute  {uploads}      per upload: accepted | exists | rejected (with reason)
@@ -15,12 +15,14 @@ HTTP API (JSON; bytes as base64):
     POST /train/audit {run_id, command}     owner-signed label audit, signed by the enclave, sealed to the owner
     GET  /metrics                    counters (rejections by kind, steps, requests)
 Errors: enclaveml errors -> 400/403/404/409 with {"error": kind, "message": text}; the server
-keeps serving.
+keeps serving. `TrainingHost` is the service (no HTTP type); the routes in `create_app` only
+decode a message, run one `TrainingHost` call in a worker thread (enclave calls block: never on
+the event loop) and encode the answer.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -33,25 +35,16 @@ from fastapi import Request
 
 from ..errors import (DataError, EnclaveMLError, EvidenceRejected, PolicyViolation, TamperedMessage, Unauthorized,
                       UserInputError)
+from ..protocol import caltrain as msg
+from ..protocol.attest import EvidenceAnswer
 from .partitioned import HostTrainer, TrainConfig, host_layers
 from .plan import TrainingPlan
 from .spec import ModelSpec
 from .store import InstanceStore, RunStore, check_run_id
 
-MAX_UPLOADS_PER_REQUEST = 512
+MAX_UPLOADS_PER_REQUEST = msg.MAX_UPLOADS_PER_REQUEST
 _STATUS = {UserInputError: 400, DataError: 400, TamperedMessage: 400, EvidenceRejected: 400,
            PolicyViolation: 403, Unauthorized: 403}
-
-
-def _b64d(s: Any, what: str) -> bytes:
-    try:
-        return base64.b64decode(str(s), validate=True)
-    except (ValueError, TypeError):
-        raise UserInputError(f"{what} is not base64") from None
-
-
-def _b64e(b: bytes) -> str:
-    return base64.b64encode(b).decode()
 
 
 class TrainingHost:
@@ -117,8 +110,7 @@ class TrainingHost:
         except ValueError:
             raise UserInputError("nonce must be hex") from None
         h, _, _ = self.call("evidence", nonce=nonce.hex())
-        h.pop("id", None)
-        return h
+        return EvidenceAnswer.from_dict(h).to_dict()
 
     def contribute(self, uploads: list[bytes]) -> list[dict]:
         if len(uploads) > MAX_UPLOADS_PER_REQUEST:
@@ -129,10 +121,13 @@ class TrainingHost:
             if r["status"] == "accepted":
                 status = self.instances.add(r["tag"], r["owner"], blobs[f"s{i}"])
                 if status == "duplicate":
-                    r = {"status": "rejected", "error": "DataError",
-                         "reason": "duplicate instance: another participant already contributed it"}
+                    res = msg.ContributeResult("rejected", error="DataError",
+                                               reason="duplicate instance: another participant already contributed it")
                 else:
-                    r = {"status": status, "participant": r["participant"]}
+                    res = msg.ContributeResult(status, participant=r["participant"])
+            else:
+                res = msg.ContributeResult("rejected", error=r["error"], reason=r["reason"])
+            r = res.to_json()
             self.metrics[f"contribute_{r['status']}"] += 1
             if r["status"] == "rejected":
                 self.metrics[f"rejected_{r['error']}"] += 1
@@ -280,11 +275,11 @@ def create_app(host_factory) -> "Any":
 
     @asynccontextmanager
     async def lifespan(app):
-        state["host"] = host_factory()
+        state["host"] = await asyncio.to_thread(host_factory)  # spawns the enclave worker
         try:
             yield
         finally:
-            state["host"].close()
+            await asyncio.to_thread(state["host"].close)
 
     app = FastAPI(title="enclaveml CalTrain host", lifespan=lifespan)
 
@@ -306,50 +301,59 @@ def create_app(host_factory) -> "Any":
     def H() -> TrainingHost:
         return state["host"]
 
-    @app.get("/info")
-    def info():
+    async def run(fn, *args):
+        """A `TrainingHost` call (enclave round trips, disk) in a worker thread, off the event loop."""
+        return await asyncio.to_thread(fn, *args)
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError:
+            raise UserInputError("body is not JSON") from None
+
+    def _info() -> dict:
         plan = H().plan
         return {"classes": list(plan.classes), "data_model": plan.data_model, "plan": plan.to_dict(),
                 "plan_hash": plan.hash().hex(), "instances": H().instances.count()}
 
+    @app.get("/info")
+    async def info():
+        return await run(_info)
+
     @app.get("/evidence")
-    def evidence(nonce: str):
-        return H().evidence(nonce)
+    async def evidence(nonce: str):
+        return await run(H().evidence, nonce)
 
     @app.post("/contribute")
     async def contribute(request: Request):
-        body = await request.json()
-        ups = body.get("uploads") if isinstance(body, dict) else None
-        if not isinstance(ups, list):
-            raise UserInputError("body must be {\"uploads\": [base64, ...]}")
-        return {"results": H().contribute([_b64d(u, "upload") for u in ups])}
+        req = msg.ContributeRequest.from_json(await json_body(request))
+        return {"results": await run(H().contribute, list(req.uploads))}
 
     @app.post("/train/start")
     async def start(request: Request):
-        body = await request.json()
-        return H().start(str(body.get("run_id", "")), _b64d(body.get("command", ""), "command"),
-                         int(body.get("checkpoint_every", 50)))
+        cmd = msg.RunCommand.from_json(await json_body(request), start=True)
+        return await run(H().start, cmd.run_id, cmd.command, cmd.checkpoint_every)
 
     @app.get("/train/status")
-    def status(run_id: str):
-        return H().status(run_id)
+    async def status(run_id: str):
+        return await run(H().status, run_id)
 
     @app.post("/train/release")
     async def release(request: Request):
-        body = await request.json()
-        return {"release": _b64e(H().release(str(body.get("run_id", "")), _b64d(body.get("command", ""), "command")))}
+        cmd = msg.RunCommand.from_json(await json_body(request))
+        return msg.encode_sealed_answer("release", await run(H().release, cmd.run_id, cmd.command))
 
     @app.post("/train/audit")
     async def audit(request: Request):
-        body = await request.json()
-        return {"audit": _b64e(H().audit(str(body.get("run_id", "")), _b64d(body.get("command", ""), "command")))}
+        cmd = msg.RunCommand.from_json(await json_body(request))
+        return msg.encode_sealed_answer("audit", await run(H().audit, cmd.run_id, cmd.command))
 
     @app.get("/train/linkage")
-    def linkage(run_id: str):
-        return Response(H().linkage_bytes(run_id), media_type="application/octet-stream")
+    async def linkage(run_id: str):
+        return Response(await run(H().linkage_bytes, run_id), media_type="application/octet-stream")
 
     @app.get("/metrics")
-    def metrics():
+    async def metrics():
         return dict(H().metrics)
 
     return app

@@ -16,7 +16,6 @@ and the linkage key to a one-time key of ours. The model folder it writes:
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import keyfiles
 from ..crypto import HpkeKeyPair, SigningKey, open_request, seal_owner_command
 from ..errors import PolicyViolation, TamperedMessage, UserInputError
 from .client import HostClient
@@ -66,7 +66,7 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         defence = Defence.parse(defence)  # unknown name or out-of-range setting
     if head is not None and model is not None and split is not None:
         check_head(ModelSpec.parse(model).build(), split, head)
-    owner = key_path if isinstance(key_path, SigningKey) else SigningKey.load_or_create(key_path)
+    owner = key_path if isinstance(key_path, SigningKey) else keyfiles.load_or_create_signing_key(key_path)
     rules = load_policy(policy).caltrain
     client = HostClient(url)
     try:
@@ -83,8 +83,7 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
                                  {"model": choice.model, "split": choice.split, "head": choice.head,
                                   "defence": choice.defence.to_dict(), "plan": plan_hash.hex(), "config": cfg.to_dict()})
-        st = client.post_json("/train/start", {"run_id": run_id, "command": base64.b64encode(cmd).decode(),
-                                               "checkpoint_every": checkpoint_every})
+        st = client.start(run_id, cmd, checkpoint_every)
         if not wait:
             return st
         while st.get("state") == "running":
@@ -103,12 +102,7 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
 def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run_id: str, out: str | Path) -> dict:
     reply = HpkeKeyPair.generate()
     cmd = seal_owner_command(owner, pub, RELEASE, run_id, nonce, {"reply_to": reply.public_bytes().hex()})
-    ans = client.post_json("/train/release", {"run_id": run_id, "command": base64.b64encode(cmd).decode()})
-    try:
-        msg = base64.b64decode(str(ans["release"]), validate=True)
-    except (KeyError, ValueError):
-        raise TamperedMessage("the server's release answer is malformed") from None
-    data, _ = open_request(reply, msg, b"", info=RELEASE_INFO)
+    data, _ = open_request(reply, client.release(run_id, cmd), b"", info=RELEASE_INFO)
     header, files = unpack_files(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,20 +121,16 @@ def audit(url: str, policy: str | Path, key_path: str | Path, run_id: str = "cal
 
     Returns the signed envelope {report, signature, audit_key, evidence} after `verify_audit`.
     """
-    owner = SigningKey.load(key_path)
+    owner = keyfiles.load_signing_key(key_path)
     client = HostClient(url)
     try:
         pub, nonce = client.attest(policy)
         reply = HpkeKeyPair.generate()
         cmd = seal_owner_command(owner, pub, AUDIT, run_id, nonce, {"reply_to": reply.public_bytes().hex()})
-        ans = client.post_json("/train/audit", {"run_id": run_id, "command": base64.b64encode(cmd).decode()})
+        sealed = client.audit(run_id, cmd)
     finally:
         client.close()
-    try:
-        msg = base64.b64decode(str(ans["audit"]), validate=True)
-    except (KeyError, ValueError):
-        raise TamperedMessage("the server's audit answer is malformed") from None
-    data, _ = open_request(reply, msg, b"", info=AUDIT_INFO)
+    data, _ = open_request(reply, sealed, b"", info=AUDIT_INFO)
     try:
         envelope = json.loads(data)
     except ValueError:

@@ -12,7 +12,6 @@ server deduplicates anything sent twice anyway.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -21,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..crypto import SigningKey
+from .. import keyfiles
 from ..data.folder import list_image_folder
 from ..data.preprocess import load_image_bytes
-from ..errors import DataError, TamperedMessage
+from ..errors import DataError
 from .client import HostClient
 from .instances import instance_hash, make_upload
 
@@ -71,7 +70,7 @@ def contribute(data_dir: str | Path, url: str, policy: str | Path, key_path: str
     from .plan import check_requirements
 
     key_path = Path(key_path)
-    key = SigningKey.load_or_create(key_path)
+    key = keyfiles.load_or_create_signing_key(key_path)
     rules = load_policy(policy).caltrain
     client = HostClient(url)
     try:
@@ -101,17 +100,13 @@ def contribute(data_dir: str | Path, url: str, policy: str | Path, key_path: str
                 break  # tests: simulate an interrupted session
             chunk = todo[i:i + batch]
             ups = [make_upload(pub, key, data, y, plan=plan_hash) for _, data, y in chunk]
-            res = client.post_json("/contribute", {"uploads": [base64.b64encode(u).decode() for _, u in ups]})
-            results = res.get("results")
-            if not isinstance(results, list) or len(results) != len(ups) or \
-                    not all(isinstance(r, dict) and isinstance(r.get("status"), str) for r in results):
-                raise TamperedMessage("the server's /contribute answer is malformed")
+            results = client.contribute([u for _, u in ups])  # TamperedMessage: not one result per upload
             for (path, _, _), (h, _), r in zip(chunk, ups, results):
-                rep.counts[r["status"]] += 1
-                if r["status"] in ("accepted", "exists"):
+                rep.counts[r.status] += 1
+                if r.status in ("accepted", "exists"):
                     done.add(h.hex())
                 else:
-                    rep.rejections.append({"file": str(path), "error": r.get("error"), "reason": r.get("reason")})
+                    rep.rejections.append({"file": str(path), "error": r.error, "reason": r.reason})
             _save_journal(jpath, done)
             if progress:
                 progress(min(i + batch, len(todo)), len(todo))
