@@ -12,7 +12,8 @@ The Python API (each name is imported on first use, so `import enclaveml` stays 
 
 Owner side: ``enclaveml.assess`` (where to split), ``enclaveml.models`` (how to split).
 Host side: ``enclaveml.serve`` (untrusted server). Enclave side: the worker in ``enclaveml.serve``
-and ``enclaveml.train``. Pure protocol code: ``enclaveml.crypto`` and ``enclaveml.tee``.
+and ``enclaveml.train``. Pure protocol code: ``enclaveml.protocol`` (the messages),
+``enclaveml.crypto`` and ``enclaveml.tee``; key files: ``enclaveml.keyfiles``.
 The wrappers live in ``enclaveml.api``; docs/python-api.md describes each call.
 """
 

@@ -1,0 +1,137 @@
+"""The typed messages of `enclaveml.protocol`, without sockets: golden bytes (the wire formats
+did not change when they moved out of serve/), round trips, and hostile input raising the one
+error each side expects."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from enclaveml import errors as E
+from enclaveml.crypto import SigningKey
+from enclaveml.protocol import caltrain as C
+from enclaveml.protocol import deploy as D
+from enclaveml.protocol import infer as P
+from enclaveml.protocol.attest import EvidenceAnswer, check_nonce_hex
+from enclaveml.protocol.identity import ModelIdentity
+
+KEY = SigningKey(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+IDENT = ModelIdentity("ab" * 32, "m", "cd" * 8, 3, 0)
+
+#: SHA-256 of each message as `serve/protocol.py` and `serve/upload.py` produced it before the move
+#: (commit 4844c3f, same inputs): the formats are byte-for-byte the same.
+GOLDEN = {
+    "payload_batch": "a69ecea84ac73c21bc87f3ded9f11be2a3c0b50a79fa17fcfdb9664197a79497",
+    "payload_one_unpadded": "9328d962fa904bc0a2dd9031f1c0ff5529f76805f42181e3cf5dee58ce984c2a",
+    "parts": "e9ab388e731afc88c1862789e90edefb5843180fc240fc3a2b4464f4615c90a0",
+    "upload": "e1518ad13c888bea29d3e14b852e69ef7f4bf51278599758ebaee89f61dd2a70",
+    "result": "d8ac6ce7112a2737f3705c9c1b2eeed999f132e3203e4eb3c7e8d93e82860a6e",
+    "error": "5fd8f6f2697026baf2eaa0ea868121b3af813fdcaf6fef1eb98f5f3ad169c05b",
+}
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_wire_bytes_are_unchanged_by_the_move():
+    got = {
+        "payload_batch": P.InferRequest((b"abc", b"de"), 3, True).encode(pad=True),
+        "payload_one_unpadded": P.InferRequest((b"x",), 5, False).encode(pad=False),
+        "parts": D.pack_parts({"key_release": b"K" * 3, "manifest.json": b"M" * 5}),
+        "upload": D.sign_upload(KEY, "m", b"body", 1000.0),
+        "result": P.encode_result(IDENT, [0.1, 0.7, 0.2], ["a", "b", "c"], 2, [1.0, 2.0, -3.5]),
+        "error": P.encode_error_item(IDENT, ["a", "b", "c"], 2, False),
+    }
+    assert {k: _sha(v) for k, v in got.items()} == GOLDEN
+    # the typed request is the function codec, and a one-image list is the one image
+    assert P.InferRequest((b"x",), 5).encode(pad=False) == P.encode_payload(b"x", 5, pad=False)
+
+
+def test_infer_request_round_trip_and_hostile_payloads():
+    req = P.InferRequest((b"\xff\xd8one", b"", b"three"), top_k=7, logits=True)
+    assert P.InferRequest.decode(req.encode()) == req
+    assert P.InferRequest.decode(req.encode(pad=False)) == req
+    raw = req.encode()
+    with pytest.raises(E.DataError):
+        P.InferRequest.decode(raw[:-1] + b"\x01")  # padding must be zeros
+    with pytest.raises(E.TamperedMessage):
+        P.InferRequest.decode(b"\x00")
+    with pytest.raises(E.UserInputError):
+        P.InferRequest((b"x",), top_k=0).encode()
+
+
+def test_infer_result_is_typed_from_the_sealed_item():
+    item = P.encode_result(IDENT, [0.1, 0.7, 0.2], ["a", "b", "c"], 2, [1.0, 2.0, -3.5])
+    res = P.InferResult.decode(item)
+    assert res.identity == IDENT and [p.label for p in res.top] == ["b", "c"] and res.logits == (1.0, 2.0, -3.5)
+    assert res.to_dict() == P.decode_result(item)  # the dict the SDK returns
+    with pytest.raises(E.TamperedMessage):
+        P.InferResult.decode(P.encode_error_item(IDENT, ["a", "b", "c"], 2, False))
+    with pytest.raises(E.TamperedMessage):
+        P.InferResult.from_dict({**P.decode_result(item), "logits": ["x"]})
+
+
+def test_upload_is_signed_header_then_parts():
+    files = {"manifest.json": b"{}", "backnet.safetensors": b"B" * 10}
+    up = D.encode_upload(KEY, "m", b"release", files, 1000.0)
+    n = D.header_length(up[:D.PREFIX_BYTES])
+    h = D.parse_upload_header(up[D.PREFIX_BYTES:D.PREFIX_BYTES + n])
+    body = up[D.PREFIX_BYTES + n:]
+    assert h.size == len(body) and h.sha256 == hashlib.sha256(body).digest() and h.owner == KEY.public_key()
+    assert D.unpack_parts(body, {D.KEY_RELEASE, *files}) == {D.KEY_RELEASE: b"release", **files}
+
+
+def test_deploy_answer_round_trip_and_malformed():
+    a = D.DeployAnswer("ab" * 32 + "/m", "m", "ab" * 32, "cd" * 8, 3, 0, False)
+    assert list(a.to_dict()) == ["model", "name", "owner", "bundle_id", "k", "head", "replaced"]
+    assert D.DeployAnswer.from_dict(a.to_dict()) == a
+    for bad in (None, [], {"model": "x"}, {**a.to_dict(), "k": "3"}):
+        with pytest.raises(E.TamperedMessage):
+            D.DeployAnswer.from_dict(bad)
+
+
+def test_evidence_answer_round_trip_and_malformed():
+    a = EvidenceAnswer({"backend": "sim", "quote": ""}, b"\x01" * 32, b"\x02" * 40, b"\x03" * 32)
+    assert EvidenceAnswer.from_dict(a.to_dict()) == a
+    assert "plan_hash" not in EvidenceAnswer(a.evidence, a.public_key, a.nonce).to_dict()
+    for bad in (None, {}, {**a.to_dict(), "public_key": "zz"}, {**a.to_dict(), "public_key": "00" * 31},
+                {**a.to_dict(), "evidence": "x"}, {**a.to_dict(), "plan_hash": 5}):
+        with pytest.raises(E.EvidenceRejected):
+            EvidenceAnswer.from_dict(bad)
+    assert check_nonce_hex("00" * 8) == "00" * 8
+    for bad in ("", "00" * 7, "00" * 65):
+        with pytest.raises(E.DataError):
+            check_nonce_hex(bad)
+
+
+def test_caltrain_envelopes_match_the_old_json_and_refuse_bad_shapes():
+    ups = (b"u1", b"u2")
+    assert C.ContributeRequest(ups).to_json() == {"uploads": [base64.b64encode(u).decode() for u in ups]}
+    assert C.ContributeRequest.from_json(C.ContributeRequest(ups).to_json()) == C.ContributeRequest(ups)
+    cmd = C.RunCommand("run", b"cmd", 7)
+    assert cmd.to_json() == {"run_id": "run", "command": base64.b64encode(b"cmd").decode(), "checkpoint_every": 7}
+    assert C.RunCommand.from_json(cmd.to_json(), start=True) == cmd
+    assert C.RunCommand.from_json({"run_id": "r", "command": "AA=="}, start=True).checkpoint_every == 50
+    assert "checkpoint_every" not in C.RunCommand("r", b"x").to_json()
+    for bad in (None, [], {"uploads": "x"}, {"uploads": ["!!"]}, {"uploads": ["AA=="] * (C.MAX_UPLOADS_PER_REQUEST + 1)}):
+        with pytest.raises(E.UserInputError):
+            C.ContributeRequest.from_json(bad)
+    for bad in (None, {"command": "!"}, {"run_id": "r", "command": "AA==", "checkpoint_every": "x"}):
+        with pytest.raises(E.UserInputError):
+            C.RunCommand.from_json(bad, start=True)
+    results = [C.ContributeResult("accepted", participant="p"), C.ContributeResult("rejected", error="DataError", reason="r")]
+    body = C.encode_contribute_answer(results)
+    assert body == {"results": [{"status": "accepted", "participant": "p"},
+                                {"status": "rejected", "error": "DataError", "reason": "r"}]}
+    assert C.decode_contribute_answer(body, 2) == results
+    for bad, n in ((body, 3), ({"results": [1, 2]}, 2), ({}, 0), ({"results": [{"status": 5}]}, 1)):
+        with pytest.raises(E.TamperedMessage):
+            C.decode_contribute_answer(bad, n)
+    assert C.decode_sealed_answer("release", C.encode_sealed_answer("release", b"\x00sealed")) == b"\x00sealed"
+    for bad in ({}, {"release": "!!"}, {"audit": "AA=="}, None):
+        with pytest.raises(E.TamperedMessage):
+            C.decode_sealed_answer("release", bad)
