@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from .. import errors as E
 from .channel import ChannelError, RemoteError
 from .metrics import json_logger
-from .service import BodyStream, HostService, PayloadTooLarge, ServerBusy, ServerConfig, error_kind  # noqa: F401
+from .service import BodyStream, HostService, ServerConfig, error_kind  # ServerConfig: `serve`'s argument
 
 #: Status code for each error kind; anything not listed is a 500 (and its message is not sent).
 STATUS = {
