@@ -103,8 +103,12 @@ class DPTrainer(EnclaveTrainer):
         self._y = y
         return self._ir.detach()
 
+    def _float_buffers(self) -> list[torch.Tensor]:
+        return [b for b in self.module.buffers() if b.is_floating_point()]
+
     def local_grads(self, d_ir: torch.Tensor) -> torch.Tensor:
-        """dL/dIR from the host -> this replica's parameter gradients, flat float32 (not applied yet)."""
+        """dL/dIR from the host -> this replica's parameter gradients and its floating-point buffers
+        (BatchNorm running statistics of its own batches), flat float32 (not applied yet)."""
         if self._ir is None:
             raise UserInputError("backward before forward")
         if d_ir.shape != self._ir.shape:
@@ -113,10 +117,12 @@ class DPTrainer(EnclaveTrainer):
         self._ir, self._y = None, None
         flat = [torch.zeros(p.numel()) if p.grad is None else p.grad.detach().reshape(-1).float()
                 for p in self.module.parameters()]
+        flat += [b.detach().reshape(-1).float() for b in self._float_buffers()]
         return torch.cat(flat).contiguous()
 
     def apply_mean(self, grads: list[torch.Tensor]) -> None:
-        """The N replicas' gradients in rank order -> their mean as the gradient -> one SGD step."""
+        """The N replicas' vectors in rank order -> their mean: the gradient of one SGD step, and
+        the running statistics every replica keeps (so all replicas stay identical)."""
         total = grads[0].clone()
         for g in grads[1:]:
             total += g
@@ -126,10 +132,15 @@ class DPTrainer(EnclaveTrainer):
             n = p.numel()
             p.grad = total[off:off + n].view_as(p).clone()
             off += n
+        with torch.no_grad():
+            for b in self._float_buffers():
+                n = b.numel()
+                b.copy_(total[off:off + n].view_as(b))
+                off += n
         self._apply_step()
 
     def grad_size(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        return sum(p.numel() for p in self.module.parameters()) + sum(b.numel() for b in self._float_buffers())
 
 
 class DistributedEnclave(CalTrainEnclave):

@@ -220,6 +220,9 @@ def run_rank(call: Call, rank: int, world: int, st: dict, device: str = "cpu", c
     from safetensors.torch import save
 
     back_state = save({k: v.detach().cpu().contiguous() for k, v in host.module.state_dict().items()})
+    # DDP broadcasts rank 0's buffers before each forward, so after the last step only rank 0's
+    # BatchNorm statistics are the group's: every enclave fingerprints with rank 0's BackNet.
+    back_state = ex.broadcast(back_state if rank == 0 else None)
     if rank == 0:
         toks = ex.all_gather(b"")[1:]
         h, _, b = call("dp_finish", blobs={"back": back_state, **{f"p{i}": x for i, x in enumerate(toks)}},
@@ -288,7 +291,6 @@ def peer_main(rank: int, world: int, address: str, tee: str, owner_hex: str, pla
         return client.request({"op": op, **header}, tensors, blobs, timeout=timeout)
 
     seq = first_run if first_run is not None else int(store.add("runs", 0)) + 1
-    store.set(f"peer/{rank}", str(os.getpid()))
     try:
         while True:
             key = f"run/{seq}"
@@ -299,11 +301,20 @@ def peer_main(rank: int, world: int, address: str, tee: str, owner_hex: str, pla
                     raise SystemExit(f"peer {rank}: its enclave worker exited")
                 continue
             order = json.loads(store.get(key))
-            init_group(store, seq, rank, world, device)
+            outcome = "ok"
             try:
+                init_group(store, seq, rank, world, device)
                 run_rank(call, rank, world, {}, device, every=int(order.get("every", 50)))
+            except Exception as e:  # the run failed on some rank; this peer goes on if its enclave lives
+                outcome = "failed"
+                print(f"peer {rank}: run {order.get('run_id')!r} failed: {type(e).__name__}: {str(e)[:200]}",
+                      file=sys.stderr, flush=True)
             finally:
                 close_group()
+            alive = proc.poll() is None and not client_closed(client)
+            store.set(f"after/{seq}/{rank}", outcome if alive else "exit")
+            if not alive:
+                raise SystemExit(f"peer {rank}: its enclave worker is gone; restart this peer")
             seq += 1
     finally:
         client.close()
@@ -311,6 +322,11 @@ def peer_main(rank: int, world: int, address: str, tee: str, owner_hex: str, pla
             proc.wait(timeout=5)
         except Exception:
             proc.kill()
+
+
+def client_closed(client) -> bool:
+    """Whether the channel to the enclave worker has failed (the worker died or hung up)."""
+    return bool(getattr(client, "closed", False) or getattr(client, "_closed", False))
 
 
 class PeerGroup:
@@ -341,8 +357,25 @@ class PeerGroup:
              "--device", device, "--threads", threads, "--first-run", str(self.seq + 1), "--spawned"],
             close_fds=True)
 
-    def respawn_dead(self) -> list[int]:
-        """Restart every local peer that has exited (its enclave died, or a run failed)."""
+    def respawn_dead(self, wait_s: float = 30.0) -> list[int]:
+        """Before a run: wait until every local peer has reported how the previous run ended, then
+        restart those that have exited (their enclave died). Returns the restarted ranks."""
+        if self.seq > 0:
+            deadline = time.time() + wait_s
+            for r, p in self.procs.items():
+                key = f"after/{self.seq}/{r}"
+                while p.poll() is None and time.time() < deadline:
+                    try:
+                        self.store.wait([key], timedelta(seconds=1))
+                        break
+                    except Exception:
+                        continue
+                if p.poll() is None and self.store.check([key]) and self.store.get(key) == b"exit":
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait(timeout=10)
         dead = [r for r, p in self.procs.items() if p.poll() is not None]
         for r in dead:
             self._spawn(r)
@@ -375,7 +408,7 @@ def lead_start(host, group: PeerGroup, run_id: str, command: bytes, every: int, 
     group.respawn_dead()
     seq = group.announce(run_id, every)
     ck = rs.load_checkpoint()
-    st: dict[str, Any] = {"run_id": run_id, "state": "starting", "step": 0, "total": None, "started": time.time()}
+    st: dict[str, Any] = {"run_id": run_id, "state": "running", "step": 0, "total": None, "started": time.time()}
     ready = threading.Event()
     err: dict[str, BaseException] = {}
 
@@ -412,7 +445,7 @@ def lead_start(host, group: PeerGroup, run_id: str, command: bytes, every: int, 
 
     host.runs[run_id] = st
     threading.Thread(target=body, daemon=True, name=f"train-{run_id}").start()
-    ready.wait(timeout=COLLECTIVE_TIMEOUT_S + 60)
+    ready.wait(timeout=min(COLLECTIVE_TIMEOUT_S + 60, 240))  # the owner's client waits 300 s for this answer
     if st["state"] == "failed" and isinstance(err.get("e"), EnclaveMLError) and st.get("total") is None:
         raise err["e"]  # refused before the first step (owner, plan, checkpoint): say so in the answer
     return {k: v for k, v in st.items() if k != "started"} | {"started": st["started"]}
