@@ -30,6 +30,7 @@ from enclaveml.train.participant import contribute
 from enclaveml.train.partitioned import TrainConfig
 from test_train_system import Server, _pin_policy
 
+pytestmark = pytest.mark.slow  # about 100 s on 2 busy cores: 4 processes, 4 trainings
 torch.set_num_threads(1)
 CFG = TrainConfig(epochs=2, batch=10, lr=0.05, seed=2)
 MODEL = "darknet:width=4"

@@ -95,10 +95,14 @@ def unpack_list(data: bytes) -> list[bytes]:
         out, off = [], 4
         for _ in range(n):
             (ln,) = struct.unpack_from(">I", data, off)
+            if off + 4 + ln > len(data):
+                raise struct.error("truncated")
             out.append(bytes(data[off + 4:off + 4 + ln]))
             off += 4 + ln
     except struct.error:
         raise TamperedMessage("a host message between the ranks is truncated") from None
+    if off != len(data):
+        raise TamperedMessage("a host message between the ranks has trailing bytes")
     return out
 
 
@@ -280,6 +284,8 @@ def peer_main(rank: int, world: int, address: str, tee: str, owner_hex: str, pla
     if not 0 < rank < world:
         raise UserInputError(f"a peer's rank is 1..{world - 1}, not {rank}")
     torch.set_num_threads(max(1, threads))
+    if device == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{rank % torch.cuda.device_count()}"  # one GPU per peer where there are several
     host, port = parse_address(address)
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
