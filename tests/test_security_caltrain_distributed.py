@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from enclaveml.crypto import SigningKey, seal_owner_command
-from enclaveml.errors import EvidenceRejected, PolicyViolation, TamperedMessage
+from enclaveml.errors import EvidenceRejected, PolicyViolation, ReplayedMessage, TamperedMessage
 from enclaveml.tee.sim import SimBackend
 from enclaveml.train.dp_enclave import DistributedEnclave, pack_records, shard_of, unpack_records
 from enclaveml.train.enclave import START, enclave_config
@@ -228,3 +228,38 @@ def test_records_round_trip_and_peer_records_are_sealed(group):
     assert out["records"] == encs[0].run["n"]
     recs = encs[0]._shard_records(backs[0])
     assert [r.instance_hash for r in unpack_records(pack_records(recs))] == [r.instance_hash for r in recs]
+
+
+def test_no_message_is_sealed_twice_under_one_nonce(group):
+    """A host that asks for a step's gradient twice (another dL/dIR), the records twice, or a second
+    start in the same session must be refused: AES-GCM under a repeated nonce leaks the XOR of
+    the plaintexts and the authentication key."""
+    encs, _, _ = group
+    hosts = _running(encs)
+    e, h = encs[1], hosts[1]
+    g = e.loss_grad(h.forward(e.forward(0)))
+    d_ir = h.backward(g)
+    e.dp_backward(d_ir)
+    e.forward(0)  # the host replays the step
+    with pytest.raises(ReplayedMessage, match="step 0"):
+        e.dp_backward(d_ir * 2)
+    lead = encs[0]
+    cmd = seal_owner_command(OWNER, lead.hpke.public_bytes(), START, "dp-9", b"owner-nonce-dp-09",
+                             {"model": SPEC, "split": 3, "plan": lead.plan_hash.hex(), "config": CFG.to_dict()})
+    with pytest.raises(ReplayedMessage, match="already started"):
+        lead.dp_lead_start(cmd, None)  # a second (valid) owner command within one session
+
+
+def test_records_are_sealed_once_per_session(group):
+    encs, _, _ = group
+    hosts = _running(encs)
+    for step in range(encs[0].trainer.total_steps):
+        toks = _step_tokens(encs, hosts, step)
+        for e in encs:
+            e.dp_apply(toks)
+    from safetensors.torch import save
+
+    back = save({k: v.contiguous() for k, v in hosts[1].module.state_dict().items()})
+    encs[1].dp_records(back)
+    with pytest.raises(ReplayedMessage, match="records"):
+        encs[1].dp_records(back)

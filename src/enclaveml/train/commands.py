@@ -76,6 +76,10 @@ def serve_cmd(
     from .host import serve
 
     plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
+    if not 1 <= enclaves <= 64:
+        from ..errors import UserInputError
+
+        raise UserInputError(f"--enclaves {enclaves}: give 1 (one enclave) to 64")
     typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {plan.owner[:16]}, "
                f"plan {plan.hash().hex()[:16]}{f', {enclaves} enclaves' if enclaves > 1 else ''})", err=True)
     serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan, enclaves,

@@ -29,6 +29,7 @@ the enclaves (`dp_host.py`, torch.distributed). What this adds to `CalTrainEncla
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 
 from ..crypto import generate_key, seal
 from ..crypto.peer_channel import BROADCAST, PeerBox, random_key
-from ..errors import DataError, PolicyViolation, TamperedMessage, UserInputError
+from ..errors import DataError, PolicyViolation, ReplayedMessage, TamperedMessage, UserInputError
 from .defences import DefenceSpec
 from .enclave import CalTrainEnclave, _safetensors_bytes, pack_files
 from .fingerprint import fingerprints
@@ -149,6 +150,7 @@ class DistributedEnclave(CalTrainEnclave):
     def __init__(self, backend, owner=None, plan=None):
         super().__init__(backend, owner, plan)
         self._peers: PeerSession | None = None
+        self._sealed: set[tuple[int, int]] = set()
         self._group: PeerBox | None = None
         self.rank, self.world = 0, 1
 
@@ -169,6 +171,7 @@ class DistributedEnclave(CalTrainEnclave):
         self._peers = PeerSession(rank, world, self.plan_hash, self._evidence_for, self._verify_peer)
         self.rank, self.world = self._peers.rank, self._peers.world
         self._group, self.trainer, self.run = None, None, None
+        self._sealed: set[tuple[int, int]] = set()  # (purpose, step) sealed in this session
         return self._peers.hello()
 
     def dp_attest(self, hellos: list[bytes]) -> dict:
@@ -176,6 +179,13 @@ class DistributedEnclave(CalTrainEnclave):
 
     def dp_verify(self, evidences: list[dict]) -> None:
         self._need_peers().verify(evidences)
+
+    def _once(self, purpose: int, step: int, what: str) -> None:
+        """Each (purpose, step) is sealed once per session: its nonce is deterministic, and AES-GCM
+        under a repeated nonce would leak the XOR of two plaintexts and the authentication key."""
+        if (purpose, step) in self._sealed:
+            raise ReplayedMessage(f"{what} has already been sealed in this session")
+        self._sealed.add((purpose, step))
 
     def _need_peers(self) -> PeerSession:
         if self._peers is None:
@@ -198,6 +208,8 @@ class DistributedEnclave(CalTrainEnclave):
             raise UserInputError("only enclave 0 opens the owner's start command")
         if not peers.verified():
             raise UserInputError("the group's evidence has not been verified")
+        if (JOIN, 0) in self._sealed:
+            raise ReplayedMessage("this group session has already started a run (a new run needs a new handshake)")
         cmd = self._open_command(command, "caltrain-start")
         args = cmd.args
         choice = self._choice(args)
@@ -229,6 +241,7 @@ class DistributedEnclave(CalTrainEnclave):
             perm = self._mapping_for(run, spec.num_classes).perm
         back = self._setup(run, mine, init_seed, defence_seed, perm, state)
         self._consume_nonce(cmd.nonce)
+        self._once(JOIN, 0, "the join messages")
         group_key = random_key()
         self._group = PeerBox(group_key, peers.session)
         joins = []
@@ -252,7 +265,8 @@ class DistributedEnclave(CalTrainEnclave):
         run = msg["run"]
         self._data_key = bytes.fromhex(msg["data_key"])
         mine, digest, n = self._shard()
-        if digest != run["dataset"] or n != run["n"] or run["enclaves"] != self.world:
+        same = hmac.compare_digest(digest.encode(), str(run["dataset"]).encode())
+        if not same or n != run["n"] or run["enclaves"] != self.world:
             raise TamperedMessage(f"the host handed enclave {self.rank} another set of instances than enclave 0 "
                                   f"({n} instances, digest {digest[:16]}...; enclave 0 has {run['n']}, "
                                   f"{str(run['dataset'])[:16]}...)")
@@ -316,6 +330,7 @@ class DistributedEnclave(CalTrainEnclave):
         tr = self._need_run()
         if self._group is None:
             raise UserInputError("no group key: the run has not started")
+        self._once(GRAD, tr.step, f"the FrontNet gradient of step {tr.step}")
         self._pending = tr.local_grads(d_ir)
         return self._group.seal(GRAD, self.rank, BROADCAST, tr.step, self._pending.numpy().tobytes(),
                                 self._context())
@@ -363,6 +378,9 @@ class DistributedEnclave(CalTrainEnclave):
         """Enclave r > 0 after the last step: its shard's linkage records, sealed to the group."""
         if self.rank == 0:
             raise UserInputError("enclave 0 finishes the run; it does not send records")
+        if self._group is None:
+            raise UserInputError("no group key: the run has not started")
+        self._once(RECORDS, self.trainer.total_steps if self.trainer else -1, "this enclave's linkage records")
         recs = self._shard_records(back_state)
         return self._group.seal(RECORDS, self.rank, 0, self.trainer.total_steps, pack_records(recs), self._context())
 

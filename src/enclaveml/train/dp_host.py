@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
