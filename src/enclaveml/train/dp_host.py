@@ -453,4 +453,4 @@ def lead_start(host, group: PeerGroup, run_id: str, command: bytes, every: int, 
     ready.wait(timeout=min(COLLECTIVE_TIMEOUT_S + 60, 240))  # the owner's client waits 300 s for this answer
     if st["state"] == "failed" and isinstance(err.get("e"), EnclaveMLError) and st.get("total") is None:
         raise err["e"]  # refused before the first step (owner, plan, checkpoint): say so in the answer
-    return {k: v for k, v in st.items() if k != "started"} | {"started": st["started"]}
+    return dict(st)
