@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 
-.PHONY: venv test demo zoo bench-assess bench-serve bench-replicas load-serve bench-caltrain bench-label-leakage bench-crypto bench clean
+.PHONY: venv test demo zoo bench-assess bench-serve bench-replicas load-serve bench-caltrain bench-caltrain-distributed bench-label-leakage bench-crypto bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ load-serve: $(STAMP)
 
 bench-caltrain: $(STAMP)
 	$(PY) benchmarks/bench_caltrain.py
+
+bench-caltrain-distributed: $(STAMP)
+	$(PY) benchmarks/bench_caltrain_distributed.py
 
 bench-label-leakage: $(STAMP)
 	$(PY) benchmarks/bench_label_leakage.py

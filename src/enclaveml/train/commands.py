@@ -66,14 +66,52 @@ def serve_cmd(
     split: Optional[int] = typer.Option(None, "--split", help="the partition point k every run must use" + _OPEN),
     head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave" + _OPEN),
     defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence NAME[:key=value,...]" + _OPEN),
+    enclaves: int = typer.Option(1, "--enclaves", help="data-parallel training over N mutually attested enclaves "
+                                 "(this server is rank 0; docs/scaling.md)"),
+    peer_address: Optional[str] = typer.Option(None, "--peer-address", help="HOST:PORT where the group's peers "
+                                               "rendezvous (torch.distributed TCPStore; default a free loopback port)"),
+    spawn_peers: bool = typer.Option(True, "--spawn-peers/--no-spawn-peers", help="start the N-1 peers on this "
+                                     "machine (default), or wait for `train peer` processes on other machines"),
 ) -> None:
     """(host) Run the training server and its enclave worker, for one owner and one training plan."""
     from .host import serve
 
     plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
+    if not 1 <= enclaves <= 64:
+        from ..errors import UserInputError
+
+        raise UserInputError(f"--enclaves {enclaves}: give 1 (one enclave) to 64")
     typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {plan.owner[:16]}, "
-               f"plan {plan.hash().hex()[:16]})", err=True)
-    serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan)
+               f"plan {plan.hash().hex()[:16]}{f', {enclaves} enclaves' if enclaves > 1 else ''})", err=True)
+    serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan, enclaves,
+          peer_address, spawn_peers)
+
+
+@train_app.command("peer")
+def peer_cmd(
+    rank: int = typer.Option(..., "--rank", help="this peer's rank, 1..N-1 (rank 0 is `train serve`)"),
+    enclaves: int = typer.Option(..., "--enclaves", help="the group's size N"),
+    peer_address: str = typer.Option(..., "--peer-address", help="HOST:PORT of rank 0's rendezvous store"),
+    tee: str = typer.Option("sim", "--tee"),
+    owner: Optional[str] = typer.Option(None, "--owner", help="as for train serve (may be omitted with --plan)"),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help=_PLAN_HELP),
+    plan_json: Optional[str] = typer.Option(None, "--plan-json", hidden=True),
+    device: str = typer.Option("cpu", "--device", help="where this host runs its BackNet replica (cpu, cuda)"),
+    threads: int = typer.Option(1, "--threads"),
+    first_run: Optional[int] = typer.Option(None, "--first-run", hidden=True),
+    spawned: bool = typer.Option(False, "--spawned", hidden=True),
+) -> None:
+    """(host) One peer of a data-parallel training group: a host process and its own enclave worker."""
+    from ..tee.sim_evidence import canonical_json
+    from .dp_host import peer_main
+    from .plan import TrainingPlan
+
+    if plan_json is not None:
+        plan = TrainingPlan.from_dict(json.loads(plan_json))
+    else:
+        plan = _plan_options(owner, plan_file, "darknet", None, None, None, None)
+    peer_main(rank, enclaves, peer_address, tee, plan.owner, canonical_json(plan.to_dict()).decode(), device,
+              threads, first_run, spawned)
 
 
 @train_app.command("plan")
@@ -190,6 +228,9 @@ def run_cmd(
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="steps between sealed checkpoints"),
     no_wait: bool = typer.Option(False, "--no-wait", help="start and return"),
+    enclaves: Optional[int] = typer.Option(None, "--enclaves", help="require data-parallel training over exactly N "
+                                           "enclaves (signed into the start command; enclave 0 refuses another "
+                                           "group size)"),
 ) -> None:
     """(owner) Train with the FrontNet in the enclave and the BackNet on the host; fetch the model."""
     from .owner import run
@@ -204,7 +245,7 @@ def run_cmd(
             typer.echo(f"  step {st.get('step')}/{st.get('total')}", err=True)
 
     res = run(url, policy, model, split, cfg, key, out, run_id, checkpoint_every, progress=progress, wait=not no_wait,
-              head=head, defence=defence)
+              head=head, defence=defence, enclaves=enclaves)
     typer.echo(json.dumps(res))
 
 

@@ -65,6 +65,11 @@ def make_handler(enc):
         if op == "audit":
             return {}, None, {"audit": enc.audit(blobs.get("command", b""), blobs.get("final", b""),
                                                  blobs.get("meta", b""))}
+        # -- data-parallel CalTrain (`train serve --enclaves N`; dp_worker_ops.py) --
+        if isinstance(op, str) and op.startswith("dp_") and hasattr(enc, "dp_hello"):
+            from .dp_worker_ops import handle_dp
+
+            return handle_dp(enc, op, h, tensors, blobs)
         raise UserInputError(f"unknown op {op!r}")
 
     return handle
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--owner", required=True, help="the run owner's Ed25519 public key, hex (measured config)")
     ap.add_argument("--plan", default=None, help="the training plan, JSON (train/plan.py); default: the owner's "
                     "open plan")
+    ap.add_argument("--group", action="store_true", help="one enclave of a data-parallel group (dp_enclave.py)")
     a = ap.parse_args(rest)
     import json
 
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     be.harden()
     torch.set_num_threads(max(1, a.threads))
     enc = CalTrainEnclave(be, owner=config["owner"], plan=plan)
+    if a.group:
+        from .dp_enclave import DistributedEnclave
+
+        enc = DistributedEnclave(be, owner=config["owner"], plan=plan)
     chan = Channel.from_fd(fd)
     # One request at a time: a training run is a strict sequence of steps.
     serve_channel(chan, make_handler(enc), max_workers=1, inline=lambda h: True)

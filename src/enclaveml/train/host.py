@@ -52,9 +52,13 @@ class TrainingHost:
 
     def __init__(self, store: Path, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
                  threads: int = 1, owner: str | bytes | None = None, linkage_url: str | None = None,
-                 plan: "TrainingPlan | None" = None):
+                 plan: "TrainingPlan | None" = None, enclaves: int = 1, peer_address: str | None = None,
+                 spawn_peers: bool = True):
         """`plan`: what this deployment trains (plan.py); default the owner's open plan over
-        `data_model`. Given a plan, `owner` may be omitted and `data_model` must be its data model."""
+        `data_model`. Given a plan, `owner` may be omitted and `data_model` must be its data model.
+        `enclaves` > 1: this host is rank 0 of a data-parallel group (dp_host.py) whose peers
+        rendezvous at `peer_address` (HOST:PORT; default a free loopback port) and are spawned
+        here unless `spawn_peers` is False (then start them with `train peer`)."""
         from ..serve.channel import ChannelClient, spawn_enclave_worker
         from ..tee.sim_evidence import canonical_json
         from .enclave import parse_owner
@@ -87,15 +91,24 @@ class TrainingHost:
         self.metrics: Counter = Counter()
         self.runs: dict[str, dict] = {}
         self._run_lock = threading.Lock()
+        self.group = None  # data-parallel peers (dp_host.PeerGroup) when enclaves > 1
+        group_args = ["--group"] if enclaves > 1 else []
         self.proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
                                                ["--tee", tee, "--threads", str(threads), "--owner", owner_hex,
-                                                "--plan", canonical_json(plan.to_dict()).decode()])
+                                                "--plan", canonical_json(plan.to_dict()).decode(), *group_args])
         self.enclave = ChannelClient(chan)
+        if enclaves > 1:
+            from .dp_host import PeerGroup
+
+            self.group = PeerGroup(enclaves, tee, owner_hex, canonical_json(plan.to_dict()).decode(), device,
+                                   threads, peer_address, spawn_peers)
 
     def call(self, op: str, tensors=None, blobs=None, timeout: float = 600.0, **header):
         return self.enclave.request({"op": op, **header}, tensors, blobs, timeout=timeout)
 
     def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
         self.enclave.close()
         try:
             self.proc.wait(timeout=10)
@@ -158,6 +171,10 @@ class TrainingHost:
             if rs.load_final() is not None:
                 self.runs[run_id] = {"run_id": run_id, "state": "done"}
                 return self.runs[run_id]
+            if self.group is not None:  # data-parallel over the group's enclaves (dp_host.py)
+                from .dp_host import lead_start
+
+                return lead_start(self, self.group, run_id, command, max(1, int(checkpoint_every)), rs)
             for ci, chunk in enumerate(self.instances.iter_chunks()):
                 self.call("add_data", blobs={f"s{i}": tok for i, (_, tok) in enumerate(chunk)},
                           tags=[t for t, _ in chunk], reset=ci == 0)
@@ -361,12 +378,14 @@ def create_app(host_factory) -> "Any":
 
 def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
           host: str = "127.0.0.1", threads: int = 1, owner: str | bytes | None = None,
-          linkage_url: str | None = None, plan: "TrainingPlan | None" = None) -> None:
+          linkage_url: str | None = None, plan: "TrainingPlan | None" = None, enclaves: int = 1,
+          peer_address: str | None = None, spawn_peers: bool = True) -> None:
     import uvicorn
 
     from .enclave import parse_owner
 
     owner_hex = parse_owner(owner).to_bytes().hex() if owner is not None else None  # fail before spawning
     torch.set_num_threads(max(1, threads))
-    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex, linkage_url, plan))
+    app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex, linkage_url, plan,
+                                          enclaves, peer_address, spawn_peers))
     uvicorn.run(app, host=host, port=port, log_level="warning")

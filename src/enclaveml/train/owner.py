@@ -45,7 +45,7 @@ def _write_private(path: Path, data: bytes) -> None:
 def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg: TrainConfig,
         key_path: "str | Path | SigningKey", out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50,
         poll: float = 1.0, progress: Callable[[dict], None] | None = None, wait: bool = True,
-        head: int | None = None, defence: "str | dict | None" = None) -> dict:
+        head: int | None = None, defence: "str | dict | None" = None, enclaves: int | None = None) -> dict:
     """Start (or resume) a run, wait for it, and fetch the release into `out`.
 
     `model`, `split`, `head`, `defence`: None takes the plan's value (model "darknet", head 0 and
@@ -55,7 +55,9 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
     label-leakage defence the enclave applies to the gradient it hands the host
     (`defences.DefenceSpec`, text `NAME[:k=v,...]` or its dict). Both travel in the signed start
     command; the enclave checks them and reports them back. `key_path`: the owner's key file
-    (created on first use), or the key itself.
+    (created on first use), or the key itself. `enclaves`: require data-parallel training over
+    exactly this many enclaves (in the signed command; enclave 0 checks it, and the release's
+    `model.json` must say so).
     """
     from ..tee import load_policy
     from .partitioned import check_head
@@ -82,7 +84,8 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         pub, nonce = client.attest(policy, plan_hash)  # the evidence names the plan
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
                                  {"model": choice.model, "split": choice.split, "head": choice.head,
-                                  "defence": choice.defence.to_dict(), "plan": plan_hash.hex(), "config": cfg.to_dict()})
+                                  "defence": choice.defence.to_dict(), "plan": plan_hash.hex(), "config": cfg.to_dict(),
+                                  **({"enclaves": int(enclaves)} if enclaves is not None else {})})
         st = client.start(run_id, cmd, checkpoint_every)
         if not wait:
             return st
@@ -94,7 +97,11 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         if st.get("state") != "done":
             raise UserInputError(f"training did not finish: {st.get('state')} {st.get('error', '')}".strip())
         pub, nonce = client.attest(policy, plan_hash)  # a fresh nonce: the enclave accepts each one once
-        return {**st, **release(client, pub, nonce, owner, run_id, out)}
+        res = {**st, **release(client, pub, nonce, owner, run_id, out)}
+        if enclaves is not None and res.get("enclaves", 1) != int(enclaves):
+            raise PolicyViolation(f"the run was trained by {res.get('enclaves', 1)} enclave(s), not the {enclaves} "
+                                  "asked for")
+        return res
     finally:
         client.close()
 
@@ -112,7 +119,7 @@ def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run
     _write_private(out / "linkage.key", key)
     (out / "model.json").write_text(json.dumps(header, indent=2) + "\n")
     (out / "linkage.db").write_bytes(client.get("/train/linkage", run_id=run_id).content)
-    return {"out": str(out), "instances": header["instances"]}
+    return {"out": str(out), "instances": header["instances"], "enclaves": int(header.get("enclaves", 1))}
 
 
 def audit(url: str, policy: str | Path, key_path: str | Path, run_id: str = "caltrain",
