@@ -32,6 +32,7 @@ from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, deco
                                  identity_aad, infer_aad)
 from ..serve import protocol
 from ..serve.upload import sign_upload
+from ..timing import StageClock, now, since
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
 #: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.
@@ -126,6 +127,8 @@ class EnclaveClient:
         #: None for a plain server; _UNKNOWN until the first operation asks.
         self._fanout: Any = _UNKNOWN
         self._prefetched: tuple | None = None  # (nonce, evidence answer, when) from the probe
+        #: Per-stage totals of inference on this client: seal, http (the round trip), open.
+        self.clock = StageClock()
 
     def close(self) -> None:
         self.http.close()
@@ -323,7 +326,10 @@ class EnclaveClient:
         out: list = []
         aad = infer_aad(target.to_bytes())
         for chunk in _chunks(images):
+            t = now()
             msg, ctx = self._seal(att, chunk, target, top_k, logits)
+            since(self.clock, "client_seal", t)
+            t = now()
             try:
                 r = self._request("POST", f"/v1/models/{target.ref}/infer", content=msg,
                                   headers={"content-type": "application/octet-stream"})
@@ -332,7 +338,10 @@ class EnclaveClient:
             except E.EnclaveMLError as e:  # the request as a whole failed: each of its images did
                 out.extend([e] * len(chunk))
                 continue
+            since(self.clock, "client_http", t)
+            t = now()
             out.extend(protocol.decode_results(ctx.open_response(r.content, aad), len(chunk), expected=target))
+            since(self.clock, "client_open", t)
         return out
 
     def health(self) -> dict:

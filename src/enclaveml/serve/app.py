@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors as E
 from ..protocol.identity import ModelRef
+from ..timing import StageClock, now, since
 from . import protocol
 from .batcher import BatcherClosed, pick_device
 from .channel import ChannelError, RemoteError
@@ -279,6 +280,7 @@ class HostState:
         self.cfg = cfg
         self.loop = loop
         self.metrics = Metrics()
+        self.clock = StageClock()  # per-stage totals: /metrics?format=json "stages"
         self.log = json_logger()
         self.store = ModelStore(cfg.store)
         self.device = pick_device(cfg.device)
@@ -325,7 +327,8 @@ class HostState:
         pipe = ModelPipeline(model_id, self.enclave, backnet, self.device, self.cfg.max_batch, self.cfg.window_ms / 1000.0,
                              on_batch=lambda n: self.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
                              on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"),
-                             on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st))
+                             on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st),
+                             clock=self.clock)
         with self.lock:
             old = self.pipelines.get(model_id)
             self.pipelines[model_id] = pipe
@@ -461,9 +464,13 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                             headers=None if ok else {"Retry-After": str(cfg.retry_after_s)})
 
     @app.get("/metrics")
-    async def metrics(format: str = "prometheus"):
+    async def metrics(format: str = "prometheus", stages: int = 0):
         if format == "json":
-            return JSONResponse(S().metrics.to_json())
+            out = S().metrics.to_json()
+            if stages:  # per-stage totals of the host and (one channel call) of the enclave
+                h, _, _ = await wait(S().enclave.call_async({"op": "stats"}))
+                out["stages"] = {"host": S().clock.snapshot(), "enclave": h.get("stages", {})}
+            return JSONResponse(out)
         return PlainTextResponse(S().metrics.to_prometheus(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/evidence")
@@ -545,7 +552,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         pipe = s.pipeline(model_id)
         s.metrics.add_gauge("in_flight_requests", 1)  # queue depth (the replicas' autoscaling signal)
         try:
+            tb = now()
             body = await read_body(request, cfg.max_request_bytes)
+            since(s.clock, "read_body", tb)
             t0 = time.perf_counter()
             resp = await pipe.run(body)
         finally:
@@ -602,6 +611,8 @@ class ObserveMiddleware:
             if s is not None:
                 dt = time.perf_counter() - t0
                 route = _route_name(scope.get("path", ""), scope.get("method", ""))
+                if route == "infer":
+                    s.clock.add("http_infer", int(dt * 1e9))
                 bytes_in = next((int(v) for k, v in scope.get("headers", []) if k == b"content-length"), 0)
                 s.metrics.inc("http_requests_total", route=route, status=str(info["status"]))
                 s.metrics.observe("http_request_seconds", dt, route=route)

@@ -51,6 +51,7 @@ from ..protocol.identity import (ModelIdentity, ModelRef, encode_identity, ident
                                  split_target)
 from ..tee import bind_report_data
 from ..tee.backend import EnclaveBackend
+from ..timing import StageClock, now, since
 from . import protocol
 
 DELETE = "delete"
@@ -118,6 +119,8 @@ class EnclaveService:
         self._pending: dict[str, _Pending] = {}
         self.nonces = NonceIssuer(os.urandom(32), ttl_s=NONCE_TTL_S, max_used=MAX_NONCES)
         self._lock = threading.Lock()
+        #: Per-stage totals (calls, wall ns, CPU ns) of inference: the worker's "stats" op.
+        self.clock = StageClock()
 
     # -- attestation -------------------------------------------------------------------------
 
@@ -253,10 +256,15 @@ class EnclaveService:
 
     def _open(self, dep: Deployment, raw: bytes, msg: bytes) -> tuple[list[torch.Tensor], _Pending]:
         aad = infer_aad(raw)
+        t = now()
         framed, sealer = open_request(self.kp, msg, aad)
+        since(self.clock, "hpke_open", t)
+        t = now()
         rid, ts, payload = parse_fresh(framed)
         self.guard.check(rid, ts)
         opts, images = protocol.decode_payload(payload)
+        since(self.clock, "replay_and_payload", t)
+        t = now()
         xs: list[torch.Tensor] = []
         slots: list[int] = []
         for image in images:
@@ -267,6 +275,7 @@ class EnclaveService:
                 if len(images) == 1:  # no plaintext detail crosses to the host
                     raise DataError(UNDECODABLE_IMAGE) from None
                 slots.append(-1)
+        since(self.clock, "decode_preprocess", t)
         return xs, _Pending(sealer, dep, opts["top_k"], opts["logits"], aad, time.monotonic(), tuple(slots))
 
     @torch.no_grad()
@@ -288,17 +297,21 @@ class EnclaveService:
         opened: list[tuple[list[torch.Tensor], _Pending] | Exception] = []
         for ct in ciphertexts:
             try:
+                t = now()
                 d, raw, msg = self._target(ref, ct)
+                since(self.clock, "target_check", t)
                 if d is not dep:  # redeployed between the two look-ups: refuse, the client resends
                     raise UnknownModel(f"model {ref.short()} was redeployed")
                 opened.append(self._open(dep, raw, msg))
             except Exception as e:
                 opened.append(e)
         xs_all = [x for o in opened if not isinstance(o, Exception) for x in o[0]]
+        t = now()
         # At most `max_pass` images per FrontNet pass: many requests of many images must not
         # outgrow the enclave's memory (the assessment's cost figures assume bounded batches).
         irs = (torch.cat([dep.front(torch.stack(xs_all[i:i + self.max_pass]).to(self.device)).cpu()
                           for i in range(0, len(xs_all), self.max_pass)]) if xs_all else torch.empty(0))
+        since(self.clock, "frontnet", t)
         out: list[tuple[str, torch.Tensor, int] | Exception] = []
         row = 0
         for o in opened:
@@ -328,6 +341,7 @@ class EnclaveService:
             pending = self._pending.pop(handle, None)
         if pending is None:
             raise UnknownModel("unknown or expired request handle")
+        t = now()
         dep = pending.dep
         assert dep is not None
         labels, n = list(dep.mapping.labels), dep.mapping.num_classes
@@ -342,6 +356,8 @@ class EnclaveService:
                 raise DataError("the head's output does not have one score per class")
         logits = dep.mapping.to_original(scores.reshape(pending.rows, n))
         probs = torch.softmax(logits.double(), dim=1).tolist()
+        since(self.clock, "class_mapping", t)
+        t = now()
         items = []
         ident = dep.identity
         for row in pending.slots:
@@ -350,7 +366,11 @@ class EnclaveService:
             else:
                 items.append(protocol.encode_result(ident, probs[row], labels, pending.top_k,
                                                     logits[row].tolist() if pending.logits else None))
-        return pending.sealer.seal_response(b"".join(items), pending.aad)
+        since(self.clock, "encode_result", t)
+        t = now()
+        out = pending.sealer.seal_response(b"".join(items), pending.aad)
+        since(self.clock, "hpke_seal", t)
+        return out
 
     def abort(self, handle: str) -> None:
         with self._lock:
