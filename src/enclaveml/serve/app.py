@@ -474,13 +474,17 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         return PlainTextResponse(S().metrics.to_prometheus(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/evidence")
-    async def evidence(nonce: str = ""):
+    async def evidence(nonce: str = "", keys: str = ""):
         if not 16 <= len(nonce) <= 128:
             raise E.DataError("nonce must be 8 to 64 bytes of hex")
-        h, _, _ = await wait(S().enclave.call_async({"op": "evidence", "nonce": nonce}))
+        op = {"op": "evidence", "nonce": nonce, **({"keys": "pq"} if keys == "pq" else {})}
+        h, _, _ = await wait(S().enclave.call_async(op))
         # The enclave's nonce: the caller's, extended with a time and the enclave's MAC (bound
-        # into the evidence; an owner command carries it).
-        return {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": h["nonce"]}
+        # into the evidence; an owner command carries it). keys=pq: the hybrid key too (bound).
+        out = {"evidence": h["evidence"], "public_key": h["public_key"], "nonce": h["nonce"]}
+        if "pq_public_key" in h:
+            out["pq_public_key"] = h["pq_public_key"]
+        return out
 
     @app.get("/v1/models")
     async def list_models():

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..crypto import (HpkeKeyPair, ReplayGuard, open_key_release, open_owner_command, open_request, open_sealed,
-                      require_owner, seal)
+from ..crypto import (SUITES, EnclaveKeys, ReplayGuard, open_any, open_key_release, open_owner_command,
+                      open_sealed, require_owner, seal)
 from ..crypto.nonces import NonceIssuer
 from ..crypto.replay import parse_fresh
 from ..crypto.signing import VerifyKey
@@ -49,7 +49,7 @@ from ..models.classmap import ClassMapping
 from ..models.layers import FrontNet
 from ..protocol.identity import (ModelIdentity, ModelRef, encode_identity, identity_aad, infer_aad,
                                  split_target)
-from ..tee import bind_report_data
+from ..tee import bind_report_data, bind_report_data_pq
 from ..tee.backend import EnclaveBackend
 from ..timing import StageClock, now, since
 from . import protocol
@@ -105,13 +105,17 @@ class EnclaveService:
     """All enclave state for serving. Thread-safe: many `front`/`finish` calls run concurrently."""
 
     def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
-                 device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = 64):
+                 device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = 64,
+                 suites: "tuple[str, ...] | list[str]" = SUITES):
         self.backend = backend
         self.max_pass = max(1, int(max_pass))
         #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
         #: configuration (`protocol.enclave_config`), never from an upload.
         self.allowed_factories = protocol.check_factory_names(list(allowed_factories))
-        self.kp = HpkeKeyPair.generate()
+        #: Request keys: the classic X25519 pair (evidence binds it) and the hybrid one (bound on
+        #: request, `evidence(pq=True)`); `suites` are the HPKE suites this enclave opens.
+        self.keys = EnclaveKeys.generate(suites)
+        self.kp = self.keys.classic
         self.guard = ReplayGuard(window_s=replay_window_s)
         self.handle_ttl_s = handle_ttl_s
         self.device = torch.device(device)
@@ -133,10 +137,18 @@ class EnclaveService:
         cannot evict an owner's pending nonce."""
         return self.nonces.issue(caller_nonce, time.monotonic())
 
-    def evidence(self, nonce: bytes) -> dict:
-        """Evidence binding SHA-256(public key || nonce) (normally a nonce from `issue_nonce`)."""
+    def pq_public_key(self) -> bytes | None:
+        return self.keys.pq.public_bytes() if self.keys.pq is not None else None
+
+    def evidence(self, nonce: bytes, pq: bool = False) -> dict:
+        """Evidence binding SHA-256(public key || nonce) (normally a nonce from `issue_nonce`), and
+        with `pq` the hybrid public key in the upper half of the report data (`bind_report_data_pq`)."""
         if not 8 <= len(nonce) <= 128:
             raise DataError("attestation nonce must be 8 to 128 bytes")
+        if pq:
+            if self.keys.pq is None:
+                raise DataError("this enclave offers no hybrid (post-quantum) key")
+            return self.backend.evidence(bind_report_data_pq(self.public_key(), nonce, self.pq_public_key())).to_dict()
         return self.backend.evidence(bind_report_data(self.public_key(), nonce)).to_dict()
 
     def _consume_nonce(self, nonce: bytes) -> None:
@@ -154,7 +166,7 @@ class EnclaveService:
         `restore` brings the deployment back without the owner.
         """
         protocol.check_model_id(name)
-        rel = open_key_release(self.kp, key_release)
+        rel = open_key_release(self.keys, key_release)
         if rel.model_id != name:
             raise TamperedMessage("key release was signed for another model name")
         self._consume_nonce(rel.nonce)
@@ -205,7 +217,7 @@ class EnclaveService:
 
     def delete(self, ref_text: str, command: bytes) -> dict:
         ref = ModelRef.parse(ref_text)
-        cmd = open_owner_command(self.kp, command)
+        cmd = open_owner_command(self.keys, command)
         if cmd.command != DELETE or cmd.model_id != ref.name:
             raise TamperedMessage("owner command is not a delete of this model")
         with self._lock:
@@ -249,7 +261,7 @@ class EnclaveService:
         target, raw, msg = split_target(body)
         if target.ref != ref:
             raise TamperedMessage("the request is for another deployment than the host routed it to")
-        framed, sealer = open_request(self.kp, msg, identity_aad(raw))
+        framed, sealer = open_any(self.keys, msg, identity_aad(raw))
         rid, ts, _ = parse_fresh(framed)
         self.guard.check(rid, ts)
         return sealer.seal_response(encode_identity(self._deployment(ref).identity), identity_aad(raw))
@@ -257,7 +269,7 @@ class EnclaveService:
     def _open(self, dep: Deployment, raw: bytes, msg: bytes) -> tuple[list[torch.Tensor], _Pending]:
         aad = infer_aad(raw)
         t = now()
-        framed, sealer = open_request(self.kp, msg, aad)
+        framed, sealer = open_any(self.keys, msg, aad)
         since(self.clock, "hpke_open", t)
         t = now()
         rid, ts, payload = parse_fresh(framed)

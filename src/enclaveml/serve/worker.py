@@ -87,8 +87,11 @@ def _handler(svc, info: dict):
             except ValueError:
                 raise DataError("nonce must be hex") from None
             issued = svc.issue_nonce(nonce)
-            return {"evidence": svc.evidence(issued), "public_key": svc.public_key().hex(),
-                    "nonce": issued.hex()}, None, None
+            pq = h.get("keys") == "pq"  # also bind the hybrid key (crypto/suites.py)
+            out = {"evidence": svc.evidence(issued, pq), "public_key": svc.public_key().hex(), "nonce": issued.hex()}
+            if pq:
+                out["pq_public_key"] = svc.pq_public_key().hex()
+            return out, None, None
         if op in ("deploy", "restore"):
             files = {k: v for k, v in blobs.items() if k not in ("key_release", "sealed")}
             if op == "deploy":
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
 
     svc = EnclaveService(backend, replay_window_s=args.replay_window,
                          allowed_factories=config.get("allowed_factories", ()))
-    info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex()}
+    info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex(),
+            "suites": sorted(svc.keys.accepted)}
     serve_channel(channel, _handler(svc, info), max_workers=max(1, args.threads),
                   inline=lambda h: h.get("op") in INLINE_OPS)
 
