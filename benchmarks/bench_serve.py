@@ -21,6 +21,13 @@ throughput_ratio_best_plain (against the best of that and one process per core),
 p50_ms_service, p99_ms_service, p50_ms_plain, p99_ms_plain, accuracy_service, accuracy_plain,
 cpu_ms_per_image_service, cpu_ms_per_image_plain, cpu_ms_per_image_plain_1thread (and a few more
 keys describing the run).
+
+Before that line, a per-stage breakdown (wall and CPU microseconds per image of the throughput
+phase, and per single-image request): the stage clocks of the clients, the host and the enclave
+(`enclaveml/timing.py`, read through `/metrics?format=json&stages=1`) diffed around each phase,
+plus the channel hops, HTTP outside the app and each process's CPU that no stage accounts for; the
+same figures are the JSON's "stages". `--suite` picks the HPKE suite (crypto/suites.py) of the
+requests and the key release.
 """
 
 from __future__ import annotations
@@ -302,6 +309,9 @@ def main() -> None:
                     help="torch thread counts to try for plain PyTorch; the best throughput is the baseline")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server's host process")
     ap.add_argument("--server-args", default="", help="extra `enclaveml serve` arguments")
+    ap.add_argument("--suite", default="x25519-pyhpke",
+                    help="HPKE suite of the requests and the key release (crypto/suites.py): x25519-pyhpke "
+                         "(the original format), x25519 (native), mlkem768-x25519 (post-quantum hybrid)")
     ap.add_argument("--head", type=int, default=0, help="also run the last N layers in the enclave (partition --head)")
     args = ap.parse_args()
     if not args.data or not Path(args.data).is_dir():
@@ -349,6 +359,12 @@ def main() -> None:
         extra = ["--torch-threads", str(args.torch_threads), *args.server_args.split()]
         with ServerProcess(tmp / "store", tmp / "server.log", env=server_env(home), extra_args=extra) as srv:
             policy = local_sim_policy(home)
+            if args.suite != "x25519-pyhpke":
+                from dataclasses import replace
+
+                from enclaveml.crypto import check_suite
+
+                policy = replace(policy, crypto={"suite": check_suite(args.suite)})
             with EnclaveClient(srv.url, policy) as c:
                 c.deploy(tmp / "bundle", key, owner, model_id="darknet")
                 policy = c.policy  # now pins the deployed model, as the owner's policy file would
@@ -426,7 +442,7 @@ def main() -> None:
         "cpu_ms_per_image_service": round(service["cpu_ms"], 3), "cpu_ms_per_image_plain": round(plain["cpu_ms"], 3),
         "load_average_1m": round(os.getloadavg()[0], 2), "trained": trained,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
-        "stages": stages,
+        "suite": args.suite, "stages": stages,
     }
     print_breakdown(f"throughput phase, per image ({args.clients} clients x batch {args.batch})",
                     stages["throughput_per_image"])
