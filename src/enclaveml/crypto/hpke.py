@@ -14,6 +14,9 @@ export `secret = Export("enclaveml/v1 response", 16)` from the request's HPKE co
 picks a random `response_nonce`, and `key`, `nonce` come from HKDF with `salt = enc ||
 response_nonce`. Only the holder of that request's context can open the response, so a response
 cannot be swapped onto another request, and a fresh random response key is used every time.
+
+This is the default suite ("x25519-pyhpke"); `crypto/suites.py` adds native X25519 and the
+ML-KEM-768 + X25519 hybrid, tagged on the wire, with the same response objects (`key_bytes`).
 """
 
 from __future__ import annotations
