@@ -146,3 +146,26 @@ def test_policy_names_the_suite_and_refuses_unknown_ones(tmp_path):
     for bad in ({"suite": "x25519-weak"}, {"models": {"darknet": "none"}}, {"cipher": "x"}, {"models": ["x"]}):
         with pytest.raises(UserInputError, match="crypto"):
             Policy(crypto=bad)
+
+
+def test_native_suite_opens_what_the_rfc_checked_implementation_seals():
+    """With the RFC 9180 A.1 recipient key (derived from its ikmR), a base-mode message that pyhpke
+    (checked against the RFC's vector in test_crypto_hpke.py) seals opens through the native path."""
+    import json
+
+    from conftest import HPKE_VECTORS
+
+    path = HPKE_VECTORS / "rfc9180_a1_base.json"
+    if not path.exists():
+        pytest.skip("RFC 9180 test vector not beside this checkout")
+    kp = HpkeKeyPair.derive(bytes.fromhex(json.loads(path.read_text())["ikmR"]))
+    keys = S.EnclaveKeys(kp, None, frozenset({S.X25519}))
+    pk = hz.SUITE.kem.deserialize_public_key(kp.public_bytes())
+    enc, ctx = hz.SUITE.create_sender_context(pk, info=S._info(S.X25519, S.DEFAULT_INFO, AAD))
+    response_key = b"r" * 16
+    msg = S.TAG + b"\x01" + enc + ctx.seal(response_key + b"payload", aad=b"")
+    pt, sealer = S.open_any(keys, msg, AAD)
+    assert pt == b"payload"
+    from enclaveml.crypto.hpke import RequestContext
+
+    assert RequestContext(enc, response_key).open_response(sealer.seal_response(b"ok", AAD), AAD) == b"ok"
