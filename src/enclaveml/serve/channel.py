@@ -33,7 +33,9 @@ descriptors ("emla_..." arenas, "emlo_..." one-offs) are labels within the chann
 
 Without shared memory (`Channel(use_shm=False)`: enclaves that cannot map host memory, reached
 over a socket path with `spawn_enclave_worker_at`), a tensor's segment is "" and its bytes follow
-the blobs on the socket, in descriptor order. A receiver accepts both forms.
+the blobs on the socket, in descriptor order. A receiver accepts both forms. With shared memory,
+a tensor under `inline_below` bytes (default `INLINE_BELOW`, 64 KiB: a request's IR rows and
+scores) travels inline too: the same two copies, and no slot to free, so no control frame back.
 
 Every field from the peer is checked (sizes, dtypes, segment names, bounds); a malformed frame
 raises `ChannelError` and the channel should be closed.
