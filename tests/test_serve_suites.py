@@ -99,3 +99,13 @@ def test_rewritten_suite_id_is_refused_and_a_replay_too(served):
     assert protocol.decode_result(ctx.open_response(r.content, aad))["top"][0]["index"] == served.want
     r = httpx.post(url, content=body, timeout=60)
     assert r.status_code == 409 and r.json()["error"] == "ReplayedMessage"
+
+
+def test_stage_totals_come_from_host_and_enclave(served):
+    with EnclaveClient(served.srv.url, served.policy) as c:
+        c.infer([served.img], model=MODEL)
+        assert c.clock.snapshot()["client_seal"]["n"] >= 1
+    st = httpx.get(f"{served.srv.url}/metrics", params={"format": "json", "stages": 1}, timeout=30).json()["stages"]
+    for side, stage in (("host", "front_call"), ("host", "http_infer"), ("host", "backnet_forward"),
+                        ("enclave", "hpke_open"), ("enclave", "frontnet"), ("enclave", "op_finish_batch")):
+        assert st[side][stage]["n"] >= 1 and st[side][stage]["wall_ns"] > 0, (side, stage)
