@@ -21,3 +21,15 @@ def test_stage_totals_and_diff():
     c.add("work", 5, 3, n=2)
     d = diff(c.snapshot(), first)
     assert d == {"work": {"n": 2, "wall_ns": 5, "cpu_ns": 3}}  # unchanged stages drop out
+
+
+def test_stage_clocks_can_be_switched_off(monkeypatch):
+    import enclaveml.timing as T
+
+    monkeypatch.setattr(T, "ENABLED", False)
+    c = StageClock()
+    with c.stage("a"):
+        pass
+    since(c, "b", now())
+    c.add("c", 1, 1)
+    assert c.snapshot() == {} and now() == (0, 0)
