@@ -21,6 +21,13 @@ throughput_ratio_best_plain (against the best of that and one process per core),
 p50_ms_service, p99_ms_service, p50_ms_plain, p99_ms_plain, accuracy_service, accuracy_plain,
 cpu_ms_per_image_service, cpu_ms_per_image_plain, cpu_ms_per_image_plain_1thread (and a few more
 keys describing the run).
+
+Before that line, a per-stage breakdown (wall and CPU microseconds per image of the throughput
+phase, and per single-image request): the stage clocks of the clients, the host and the enclave
+(`enclaveml/timing.py`, read through `/metrics?format=json&stages=1`) diffed around each phase,
+plus the channel hops, HTTP outside the app and each process's CPU that no stage accounts for; the
+same figures are the JSON's "stages". `--suite` picks the HPKE suite (crypto/suites.py) of the
+requests and the key release.
 """
 
 from __future__ import annotations
@@ -167,6 +174,114 @@ def service_latencies(client, model_id: str, images: list[bytes]) -> list[float]
     return lat
 
 
+def stage_snapshot(srv, clients: list) -> dict:
+    """Totals of every stage clock (host and enclave through /metrics, the clients here) and the
+    CPU seconds of each process, to diff around a phase."""
+    import httpx
+
+    from enclaveml.timing import StageClock
+
+    r = httpx.get(srv.url + "/metrics", params={"format": "json", "stages": 1}, timeout=30)
+    r.raise_for_status()
+    st = r.json()["stages"]
+    merged = StageClock()
+    for c in clients:
+        for k, v in c.clock.snapshot().items():
+            merged.add(k, v["wall_ns"], v["cpu_ns"], v["n"])
+    return {"host": st["host"], "enclave": st["enclave"], "client": merged.snapshot(),
+            "cpu": {"host": _cpu_pid(srv.pid), "enclave": _cpu_pid(srv.enclave_pid()), "client": _cpu_self()}}
+
+
+#: (row name, side, stage) of the breakdown table, in the order a request meets them.
+_ROWS = (
+    ("client: encode + HPKE seal", "client", "client_seal"),
+    ("client: HTTP round trip", "client", "client_http"),
+    ("host: HTTP request in app (middleware)", "host", "http_infer"),
+    ("host: read body", "host", "read_body"),
+    ("host: front stage (queue + call)", "host", "front_total"),
+    ("host: front call (send..reply)", "host", "front_call"),
+    ("host: front send (blobs, frame)", "host", "front_send"),
+    ("enclave: front_batch op", "enclave", "op_front_batch"),
+    ("enclave: target check", "enclave", "target_check"),
+    ("enclave: HPKE open", "enclave", "hpke_open"),
+    ("enclave: replay + payload", "enclave", "replay_and_payload"),
+    ("enclave: decode + preprocess", "enclave", "decode_preprocess"),
+    ("enclave: FrontNet", "enclave", "frontnet"),
+    ("host: front unpack", "host", "front_unpack"),
+    ("host: backnet stage (queue + run)", "host", "backnet_total"),
+    ("host: BackNet forward", "host", "backnet_forward"),
+    ("host: finish stage (queue + call)", "host", "finish_total"),
+    ("host: finish call (send..reply)", "host", "finish_call"),
+    ("host: finish send (cat, frame)", "host", "finish_send"),
+    ("enclave: finish_batch op", "enclave", "op_finish_batch"),
+    ("enclave: class mapping + softmax", "enclave", "class_mapping"),
+    ("enclave: encode result", "enclave", "encode_result"),
+    ("enclave: HPKE seal response", "enclave", "hpke_seal"),
+    ("client: HPKE open + decode", "client", "client_open"),
+)
+
+
+def breakdown(before: dict, after: dict, units: int) -> dict:
+    """Per-unit (request or image) wall and CPU microseconds of each stage between two
+    snapshots, plus derived rows: the channel hops (call minus the enclave's op), HTTP outside
+    the app (client round trip minus the middleware's time) and each process's CPU that no stage
+    accounts for (uvicorn's HTTP parsing, asyncio, channel framing and copies, httpx)."""
+    from enclaveml.timing import diff
+
+    d = {side: diff(after[side], before[side]) for side in ("host", "enclave", "client")}
+    u = max(1, units)
+
+    def wall(side, st):
+        return d[side].get(st, {}).get("wall_ns", 0) / 1e3 / u
+
+    def cpu(side, st):
+        return d[side].get(st, {}).get("cpu_ns", 0) / 1e3 / u
+
+    rows = {name: {"wall_us": round(wall(side, st), 1), "cpu_us": round(cpu(side, st), 1)}
+            for name, side, st in _ROWS if st in d[side]}
+    rows["channel hop: front (call - op)"] = {"wall_us": round(wall("host", "front_call") - wall("enclave", "op_front_batch"), 1), "cpu_us": None}
+    rows["channel hop: finish (call - op)"] = {"wall_us": round(wall("host", "finish_call") - wall("enclave", "op_finish_batch"), 1), "cpu_us": None}
+    rows["HTTP outside the app (httpx, loopback, uvicorn)"] = {
+        "wall_us": round(wall("client", "client_http") - wall("host", "http_infer"), 1), "cpu_us": None}
+    cpu_d = {k: (after["cpu"][k] - before["cpu"][k]) * 1e6 / u for k in after["cpu"]}
+    host_staged = sum(cpu("host", st) for st in ("read_body", "front_send", "front_unpack", "finish_send", "backnet_forward"))
+    enclave_staged = sum(cpu("enclave", st) for st in ("op_front_batch", "op_finish_batch"))
+    client_staged = sum(cpu("client", st) for st in ("client_seal", "client_http", "client_open"))
+    rows["host: CPU in no stage (uvicorn, asyncio, channel I/O)"] = {"wall_us": None, "cpu_us": round(cpu_d["host"] - host_staged, 1)}
+    rows["enclave: CPU in no op (channel I/O, copies)"] = {"wall_us": None, "cpu_us": round(cpu_d["enclave"] - enclave_staged, 1)}
+    rows["client: CPU in no stage (bench threads)"] = {"wall_us": None, "cpu_us": round(cpu_d["client"] - client_staged, 1)}
+    rows["process CPU: host / enclave / client"] = {"wall_us": None, "cpu_us": [round(cpu_d[k], 1) for k in ("host", "enclave", "client")]}
+    return rows
+
+
+def _sum_breakdown(pairs: list, units: int) -> dict:
+    """One breakdown over several (before, after) snapshot pairs (the rounds of a phase)."""
+    if not pairs:
+        return {}
+    before = {"host": {}, "enclave": {}, "client": {}, "cpu": {"host": 0.0, "enclave": 0.0, "client": 0.0}}
+    after = {"host": {}, "enclave": {}, "client": {}, "cpu": {"host": 0.0, "enclave": 0.0, "client": 0.0}}
+    from enclaveml.timing import diff
+
+    for b, a in pairs:
+        for side in ("host", "enclave", "client"):
+            for k, v in diff(a[side], b[side]).items():
+                t = after[side].setdefault(k, {"n": 0, "wall_ns": 0, "cpu_ns": 0})
+                for f in t:
+                    t[f] += v[f]
+        for k in after["cpu"]:
+            after["cpu"][k] += a["cpu"][k] - b["cpu"][k]
+    return breakdown(before, after, units)
+
+
+def print_breakdown(title: str, rows: dict) -> None:
+    print(f"{title:58}{'wall us':>10}{'CPU us':>10}", file=sys.stderr)
+    for name, v in rows.items():
+        w = "" if v["wall_us"] is None else f"{v['wall_us']:.1f}"
+        c = v["cpu_us"]
+        c = "" if c is None else (" / ".join(f"{x:.0f}" for x in c) if isinstance(c, list) else f"{c:.1f}")
+        print(f"  {name:56}{w:>10}{c:>10}", file=sys.stderr)
+
+
 def main() -> None:
     from enclaveml import paths
     from enclaveml.crypto import SigningKey
@@ -194,6 +309,9 @@ def main() -> None:
                     help="torch thread counts to try for plain PyTorch; the best throughput is the baseline")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server's host process")
     ap.add_argument("--server-args", default="", help="extra `enclaveml serve` arguments")
+    ap.add_argument("--suite", default="x25519-pyhpke",
+                    help="HPKE suite of the requests and the key release (crypto/suites.py): x25519-pyhpke "
+                         "(the original format), x25519 (native), mlkem768-x25519 (post-quantum hybrid)")
     ap.add_argument("--head", type=int, default=0, help="also run the last N layers in the enclave (partition --head)")
     args = ap.parse_args()
     if not args.data or not Path(args.data).is_dir():
@@ -241,6 +359,12 @@ def main() -> None:
         extra = ["--torch-threads", str(args.torch_threads), *args.server_args.split()]
         with ServerProcess(tmp / "store", tmp / "server.log", env=server_env(home), extra_args=extra) as srv:
             policy = local_sim_policy(home)
+            if args.suite != "x25519-pyhpke":
+                from dataclasses import replace
+
+                from enclaveml.crypto import check_suite
+
+                policy = replace(policy, crypto={"suite": check_suite(args.suite)})
             with EnclaveClient(srv.url, policy) as c:
                 c.deploy(tmp / "bundle", key, owner, model_id="darknet")
                 policy = c.policy  # now pins the deployed model, as the owner's policy file would
@@ -250,6 +374,7 @@ def main() -> None:
             # Rounds alternate plain and service on the same slices, so that a machine whose load
             # changes during the run (shared CI) treats both alike.
             n, r = len(images), args.rounds
+            stage_acc = {"throughput": [], "single": []}  # (before, after) snapshots per phase
             for i in range(r):
                 part = slice(i * n // r, (i + 1) * n // r)
                 single = images[i * args.single // r:(i + 1) * args.single // r]
@@ -273,16 +398,23 @@ def main() -> None:
                 lat_plain += plain_latencies(model, entry.preprocessing, single)
                 torch.set_num_threads(1)
                 pids = (srv.pid, srv.enclave_pid())
+                s0 = stage_snapshot(srv, clients)
                 c0 = _cpu_self() + sum(_cpu_pid(p) for p in pids)
                 sdt, ok = service_throughput(clients, "darknet", images[part], labels[part], args.batch)
                 acc["service_cpu"] += _cpu_self() + sum(_cpu_pid(p) for p in pids) - c0
                 acc["service_s"] += sdt
                 acc["service_ok"] += ok
+                s1 = stage_snapshot(srv, clients)
                 lat_service += service_latencies(clients[0], "darknet", single)
+                s2 = stage_snapshot(srv, clients)
+                stage_acc["throughput"].append((s0, s1))
+                stage_acc["single"].append((s1, s2))
                 m = len(images[part])
                 print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f} images/s", file=sys.stderr)
             for c in clients:
                 c.close()
+    stages = {"throughput_per_image": _sum_breakdown(stage_acc["throughput"], n),
+              "single_per_request": _sum_breakdown(stage_acc["single"], len(lat_service))}
     if pool is not None:
         pool.shutdown()
     procs = ({"images_per_s": n / acc["proc_s"], "accuracy": acc["proc_ok"] / n, "cpu_ms": 1000 * acc["proc_cpu"] / n}
@@ -310,7 +442,11 @@ def main() -> None:
         "cpu_ms_per_image_service": round(service["cpu_ms"], 3), "cpu_ms_per_image_plain": round(plain["cpu_ms"], 3),
         "load_average_1m": round(os.getloadavg()[0], 2), "trained": trained,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
+        "suite": args.suite, "stages": stages,
     }
+    print_breakdown(f"throughput phase, per image ({args.clients} clients x batch {args.batch})",
+                    stages["throughput_per_image"])
+    print_breakdown("single-image requests, per request", stages["single_per_request"])
     print(f"{'':18}{'service':>12}{'plain':>12}", file=sys.stderr)
     print(f"{'images/s':18}{out['images_per_s_service']:>12}{out['images_per_s_plain']:>12}"
           f"   ({out['images_per_s_plain_processes']} with {args.plain_processes} single-thread processes)",

@@ -201,7 +201,7 @@ def test_frame_round_trip_is_pure():
 
 def test_peer_cannot_point_outside_a_segment():
     a, b = __import__("socket").socketpair()
-    left, right = ch.Channel(a, 4096), ch.Channel(b, 4096)
+    left, right = ch.Channel(a, 4096, inline_below=0), ch.Channel(b, 4096)
     try:
         left.send({}, {"x": torch.ones(4)})  # creates left's arena
         seg = left._arena.name
@@ -287,3 +287,22 @@ def test_an_event_loop_can_read_the_replies(tmp_path):
             client2.request({"op": "echo"}, timeout=5)
 
     asyncio.run(main())
+
+
+def test_small_tensors_travel_inline_and_large_ones_through_shared_memory():
+    a, b = __import__("socket").socketpair()
+    left, right = ch.Channel(a), ch.Channel(b)
+    try:
+        small = torch.arange(16, dtype=torch.float32)
+        left.send({"k": 1}, {"x": small})
+        h, t, _ = right.recv()
+        assert h == {"k": 1} and torch.equal(t["x"], small)
+        assert left._arena is None  # no slot taken, so no "free" frame comes back
+        big = torch.arange(ch.INLINE_BELOW // 4, dtype=torch.float32)
+        left.send({}, {"x": big, "y": small})
+        _, t, _ = right.recv()
+        assert torch.equal(t["x"], big) and torch.equal(t["y"], small)
+        assert left._arena is not None
+    finally:
+        left.close()
+        right.close()

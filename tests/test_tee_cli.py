@@ -116,3 +116,13 @@ def test_bad_inputs_are_user_errors(app, tmp_path):
     assert isinstance(run(app, "verify", f).exception, UserInputError)
     assert isinstance(run(app, "verify", tmp_path / "missing").exception, UserInputError)
     assert isinstance(run(app, "verify", f, "--type", "sim", "--now", "yesterday").exception, UserInputError)
+
+
+def test_policy_names_the_hpke_suite(app, tmp_path):
+    from enclaveml.tee import load_policy
+
+    out = tmp_path / "policy.toml"
+    r = run(app, "policy", "--tee", "sim", "--suite", "mlkem768-x25519", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert load_policy(out).suite_for("any") == "mlkem768-x25519"
+    assert isinstance(run(app, "policy", "--tee", "sim", "--suite", "rsa").exception, UserInputError)

@@ -26,13 +26,15 @@ from typing import Any, Sequence
 import httpx
 
 from .. import errors as E
-from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_request
+from ..crypto import SigningKey, frame_fresh, loads_untrusted, seal_key_release, seal_owner_command, seal_with
+from ..crypto.suites import MLKEM768_X25519, POST_QUANTUM, PQ_PUBLIC_BYTES
 from ..crypto.nonces import SUFFIX_BYTES as NONCE_SUFFIX_BYTES
 from ..protocol import infer as protocol
 from ..protocol.attest import EvidenceAnswer
 from ..protocol.deploy import encode_upload
 from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, check_model_id, decode_identity,
                                  frame_target, identity_aad, infer_aad)
+from ..timing import StageClock, now, since
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
 #: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.
@@ -75,6 +77,17 @@ class AttestedEnclave:
     at: float
     #: Deployments whose identity this enclave reported and the pin accepted (name -> identity).
     identities: dict = field(default_factory=dict, compare=False, repr=False)
+    #: The enclave's hybrid (ML-KEM-768 + X25519) key, when the policy asked for it and the
+    #: evidence binds it (upper half of the report data).
+    pq_public_key: bytes | None = None
+
+    def recipient(self, suite: str) -> bytes:
+        """The attested key a request in `suite` is sealed to."""
+        if suite == MLKEM768_X25519:
+            if self.pq_public_key is None:
+                raise E.PolicyViolation("the policy names the hybrid suite, but this enclave's evidence binds no hybrid key")
+            return self.pq_public_key
+        return self.public_key
 
 
 def _json_body(r: httpx.Response, what: str = "answer") -> Any:
@@ -127,6 +140,8 @@ class EnclaveClient:
         #: None for a plain server; _UNKNOWN until the first operation asks.
         self._fanout: Any = _UNKNOWN
         self._prefetched: tuple | None = None  # (nonce, evidence answer, when) from the probe
+        #: Per-stage totals of inference on this client: seal, http (the round trip), open.
+        self.clock = StageClock()
 
     def close(self) -> None:
         self.http.close()
@@ -171,17 +186,18 @@ class EnclaveClient:
         replica front: every replica, returning the first one's)."""
         if self._replicas() is not None:
             return self._fanout.attest()
-        from ..tee import Evidence, bind_report_data, verify_evidence
+        from ..tee import Evidence, bind_report_data, bind_report_data_pq, verify_evidence
 
+        pq = self._wants_pq()
         with self._lock:
             pre, self._prefetched = self._prefetched, None
-        if pre is not None and time.monotonic() - pre[2] < PREFETCH_S:  # the probe's answer, just fetched
+        if pre is not None and not pq and time.monotonic() - pre[2] < PREFETCH_S:  # the probe's answer, just fetched
             nonce, r = pre[0], pre[1]
             if r.status_code >= 400:
                 raise _error_from_response(r)
         else:
             nonce = os.urandom(32)
-            r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex()})
+            r = self._request("GET", "/v1/evidence", params={"nonce": nonce.hex(), **({"keys": "pq"} if pq else {})})
         try:
             body = loads_untrusted(r.content)
         except ValueError:
@@ -189,13 +205,24 @@ class EnclaveClient:
         answer = EvidenceAnswer.from_dict(body)
         evidence = Evidence.from_dict(answer.evidence)
         pk, issued = answer.public_key, answer.nonce  # issued: ours, extended by the enclave (crypto/nonces.py)
+        pq_pk = answer.pq_public_key if pq else None
+        if pq and pq_pk is None:
+            raise E.EvidenceRejected("the policy names the hybrid (post-quantum) suite, but the enclave "
+                                     "offered no hybrid key; refusing rather than using a weaker suite")
         if not (issued.startswith(nonce) and len(issued) == len(nonce) + NONCE_SUFFIX_BYTES):
             raise E.EvidenceRejected("the enclave's nonce does not extend the one the client sent")
-        claims = verify_evidence(evidence, self.policy, bind_report_data(pk, issued))
-        att = AttestedEnclave(pk, issued, claims, time.monotonic())
+        expected = bind_report_data(pk, issued) if pq_pk is None else bind_report_data_pq(pk, issued, pq_pk)
+        claims = verify_evidence(evidence, self.policy, expected)
+        att = AttestedEnclave(pk, issued, claims, time.monotonic(), pq_public_key=pq_pk)
         with self._lock:
             self._attested = att
         return att
+
+    def _wants_pq(self) -> bool:
+        """Whether the policy names a post-quantum suite anywhere (then every attestation asks for
+        the hybrid key and refuses evidence without it)."""
+        c = self.policy.crypto
+        return bool({c.get("suite"), *c.get("models", {}).values()} & POST_QUANTUM)
 
     def attested(self) -> AttestedEnclave:
         if self._replicas() is not None:
@@ -225,7 +252,8 @@ class EnclaveClient:
         manifest = load_manifest(files, expected_owner=owner_key.public_key())
         name = check_model_id(model_id or manifest.name)
         att = self.attest()  # always fresh: the release is bound to this nonce
-        release = seal_key_release(owner_key, att.public_key, name, model_key, att.nonce)
+        suite = self.policy.suite_for(None)
+        release = seal_key_release(owner_key, att.public_key, name, model_key, att.nonce, suite, att.recipient(suite))
         # The signed header first: the host checks it before it reads (or stores) the body.
         upload = encode_upload(owner_key, name, release, files, time.time())
         out = _json_body(self._request("POST", f"/v1/models/{name}", content=upload,
@@ -246,7 +274,8 @@ class EnclaveClient:
             return self._fanout.delete(model_id, owner_key)
         ref = ModelRef(owner_key.public_key().to_bytes().hex(), check_model_id(model_id))
         att = self.attest()
-        cmd = seal_owner_command(owner_key, att.public_key, "delete", ref.name, att.nonce)
+        suite = self.policy.suite_for(None)
+        cmd = seal_owner_command(owner_key, att.public_key, "delete", ref.name, att.nonce, None, suite, att.recipient(suite))
         return _json_body(self._request("DELETE", f"/v1/models/{ref}", content=cmd))
 
     # -- model identity ---------------------------------------------------------------------
@@ -264,7 +293,8 @@ class EnclaveClient:
         att = att or self.attested()
         target = self.target(model)
         raw = target.to_bytes()
-        msg, ctx = seal_request(att.public_key, frame_fresh(b""), identity_aad(raw))
+        suite = self.policy.suite_for(model)
+        msg, ctx = seal_with(suite, att.recipient(suite), frame_fresh(b""), identity_aad(raw))
         r = self._request("POST", f"/v1/models/{target.ref}/identity", content=frame_target(target, msg),
                           headers={"content-type": "application/octet-stream"})
         ident = decode_identity(ctx.open_response(r.content, identity_aad(raw)))
@@ -281,7 +311,8 @@ class EnclaveClient:
 
     def _seal(self, att: AttestedEnclave, images: list[bytes], target: Target, top_k: int, logits: bool):
         framed = frame_fresh(protocol.InferRequest(tuple(images), top_k, logits).encode(pad=self.pad_requests))
-        body, ctx, _ = protocol.seal_infer(att.public_key, target, framed)
+        suite = self.policy.suite_for(target.ref.name)
+        body, ctx, _ = protocol.seal_infer(att.recipient(suite), target, framed, suite)
         return body, ctx
 
     def infer(self, images: Sequence[bytes], model: str, top_k: int = 5, logits: bool = False) -> list[dict]:
@@ -321,7 +352,10 @@ class EnclaveClient:
         out: list = []
         aad = infer_aad(target.to_bytes())
         for chunk in _chunks(images):
+            t = now()
             msg, ctx = self._seal(att, chunk, target, top_k, logits)
+            since(self.clock, "client_seal", t)
+            t = now()
             try:
                 r = self._request("POST", f"/v1/models/{target.ref}/infer", content=msg,
                                   headers={"content-type": "application/octet-stream"})
@@ -330,7 +364,10 @@ class EnclaveClient:
             except E.EnclaveMLError as e:  # the request as a whole failed: each of its images did
                 out.extend([e] * len(chunk))
                 continue
+            since(self.clock, "client_http", t)
+            t = now()
             out.extend(protocol.decode_results(ctx.open_response(r.content, aad), len(chunk), expected=target))
+            since(self.clock, "client_open", t)
         return out
 
     def health(self) -> dict:

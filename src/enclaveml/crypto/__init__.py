@@ -14,6 +14,7 @@ from .keyrelease import (KeyRelease, OwnerCommand, open_key_release, open_owner_
 from .replay import ReplayGuard, frame_fresh, parse_fresh
 from .sealing import generate_key, open_sealed, seal
 from .signing import SigningKey, VerifyKey
+from .suites import SUITES, EnclaveKeys, PqKeyPair, check_suite, open_any, seal_with
 from .wirejson import loads_untrusted
 
 
@@ -29,4 +30,5 @@ __all__ = [
     "SigningKey", "VerifyKey", "generate_key", "seal", "open_sealed", "ReplayGuard",
     "frame_fresh", "parse_fresh", "KeyRelease", "OwnerCommand", "seal_key_release", "open_key_release",
     "seal_owner_command", "open_owner_command", "require_owner", "sha256", "loads_untrusted",
+    "SUITES", "EnclaveKeys", "PqKeyPair", "check_suite", "open_any", "seal_with",
 ]

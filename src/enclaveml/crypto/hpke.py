@@ -14,6 +14,9 @@ export `secret = Export("enclaveml/v1 response", 16)` from the request's HPKE co
 picks a random `response_nonce`, and `key`, `nonce` come from HKDF with `salt = enc ||
 response_nonce`. Only the holder of that request's context can open the response, so a response
 cannot be swapped onto another request, and a fresh random response key is used every time.
+
+This is the default suite ("x25519-pyhpke"); `crypto/suites.py` adds native X25519 and the
+ML-KEM-768 + X25519 hybrid, tagged on the wire, with the same response objects (`key_bytes`).
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ _RESPONSE_FAILED = "response failed authentication (tampered, truncated or not f
 class HpkeKeyPair:
     """The enclave's X25519 key pair; the private half never leaves the enclave."""
 
-    __slots__ = ("_sk", "_pk")
+    __slots__ = ("_sk", "_pk", "_pyca")
 
     def __init__(self, private_key: KEMKeyInterface, public_key: KEMKeyInterface):
         self._sk = private_key
         self._pk = public_key
+        #: The same private key as a `cryptography` object, for the native suites (crypto/suites.py).
+        self._pyca = X25519PrivateKey.from_private_bytes(private_key.to_private_bytes())
 
     @classmethod
     def generate(cls) -> "HpkeKeyPair":
@@ -83,10 +88,10 @@ def _public_key(recipient_public: bytes) -> KEMKeyInterface:
     return hz.SUITE.kem.deserialize_public_key(bytes(recipient_public))
 
 
-def _response_keys(secret: bytes, enc: bytes, response_nonce: bytes) -> tuple[bytes, bytes]:
-    """RFC 9458 section 4.4: salt = enc || response_nonce; key, nonce from HKDF."""
+def _response_keys(secret: bytes, enc: bytes, response_nonce: bytes, nk: int = hz.N_K) -> tuple[bytes, bytes]:
+    """RFC 9458 section 4.4: salt = enc || response_nonce; key (nk bytes), nonce from HKDF."""
     prk = hz.hkdf_extract(enc + response_nonce, secret)
-    return hz.hkdf_expand(prk, b"key", hz.N_K), hz.hkdf_expand(prk, b"nonce", hz.N_N)
+    return hz.hkdf_expand(prk, b"key", nk), hz.hkdf_expand(prk, b"nonce", hz.N_N)
 
 
 @dataclass(frozen=True, repr=False)
@@ -95,14 +100,17 @@ class RequestContext:
 
     enc: bytes
     _secret: bytes = field(repr=False)
+    #: Response AEAD key size: 16 (AES-128-GCM), or 32 (AES-256-GCM) for the hybrid suite.
+    key_bytes: int = hz.N_K
 
     def open_response(self, resp: bytes, aad: bytes = b"") -> bytes:
         """Decrypt the enclave's response to *this* request; `TamperedMessage` on any failure."""
         resp = bytes(resp)
-        if len(resp) < RESPONSE_NONCE_BYTES + hz.N_T:
+        nn = max(self.key_bytes, hz.N_N)
+        if len(resp) < nn + hz.N_T:
             raise TamperedMessage(_RESPONSE_FAILED)
-        response_nonce, ct = resp[:RESPONSE_NONCE_BYTES], resp[RESPONSE_NONCE_BYTES:]
-        key, nonce = _response_keys(self._secret, self.enc, response_nonce)
+        response_nonce, ct = resp[:nn], resp[nn:]
+        key, nonce = _response_keys(self._secret, self.enc, response_nonce, self.key_bytes)
         try:
             return hz.aes_gcm_open(key, nonce, ct, aad)
         except hz.AuthenticationFailed:
@@ -118,11 +126,12 @@ class ResponseSealer:
 
     enc: bytes
     _secret: bytes = field(repr=False)
+    key_bytes: int = hz.N_K
 
     def seal_response(self, plaintext: bytes, aad: bytes = b"") -> bytes:
         """Encrypt a response with a fresh random nonce (safe to call more than once)."""
-        response_nonce = hz.random_bytes(RESPONSE_NONCE_BYTES)
-        key, nonce = _response_keys(self._secret, self.enc, response_nonce)
+        response_nonce = hz.random_bytes(max(self.key_bytes, hz.N_N))
+        key, nonce = _response_keys(self._secret, self.enc, response_nonce, self.key_bytes)
         return response_nonce + hz.aes_gcm_seal(key, nonce, bytes(plaintext), aad)
 
     def __repr__(self) -> str:

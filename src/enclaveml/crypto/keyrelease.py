@@ -8,6 +8,8 @@ enclave accepts them only from the owner key a deployment was created with (`req
 Wire format (docs/crypto.md):
 
     msg       = HPKE request (enc || ct) to the enclave key, info "enclaveml/v1 owner-command", aad ""
+                (in the suite the owner names, `crypto.suites`: the classic one by default, or
+                e.g. the ML-KEM-768 + X25519 hybrid sealed to the enclave's attested hybrid key)
     plaintext = owner public key (32) || Ed25519 signature (64) || body
     body      = canonical JSON (sorted keys, no spaces, UTF-8) of
                 {"v": 1, "command": str, "model_id": str, "nonce": hex, "enclave": hex, "args": {...}}
@@ -30,7 +32,8 @@ from typing import Any
 
 from ..errors import TamperedMessage, Unauthorized
 from . import _hazmat as hz
-from .hpke import HpkeKeyPair, open_request, seal_request
+from .hpke import HpkeKeyPair
+from .suites import LEGACY, MLKEM768_X25519, EnclaveKeys, open_any, seal_with
 from .signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, SigningKey, VerifyKey
 from .wirejson import loads_untrusted
 
@@ -68,20 +71,30 @@ def _canonical(obj: dict) -> bytes:
 
 
 def seal_owner_command(owner: SigningKey, enclave_public: bytes, command: str, model_id: str,
-                       nonce: bytes, args: dict[str, Any] | None = None) -> bytes:
-    """Owner side: sign `command` for `model_id`, bound to the enclave key and its nonce, and seal it."""
+                       nonce: bytes, args: dict[str, Any] | None = None, suite: str = LEGACY,
+                       pq_public: bytes | None = None) -> bytes:
+    """Owner side: sign `command` for `model_id`, bound to the enclave key and its nonce, and seal it
+    in `suite` (the hybrid suite seals to `pq_public`, the enclave's attested hybrid key; the
+    signed body always names the classic `enclave_public`, which the evidence binds first)."""
     if not 1 <= len(nonce) <= MAX_NONCE_BYTES:
         raise ValueError(f"nonce must be 1 to {MAX_NONCE_BYTES} bytes")
     body = _canonical({"v": 1, "command": str(command), "model_id": str(model_id), "nonce": bytes(nonce).hex(),
                        "enclave": bytes(enclave_public).hex(), "args": dict(args or {})})
     sig = owner.sign(SIGNING_LABEL + body)
-    msg, _ = seal_request(enclave_public, owner.public_key().to_bytes() + sig + body, aad=b"", info=INFO)
+    if suite == MLKEM768_X25519 and pq_public is None:
+        raise ValueError("the hybrid suite needs the enclave's attested hybrid public key")
+    recipient = pq_public if suite == MLKEM768_X25519 else enclave_public
+    msg, _ = seal_with(suite, recipient, owner.public_key().to_bytes() + sig + body, aad=b"", info=INFO)
     return msg
 
 
-def open_owner_command(kp: HpkeKeyPair, msg: bytes, expected_nonce: bytes | None = None) -> OwnerCommand:
-    """Enclave side: decrypt, verify the signature, then parse; `TamperedMessage` on any failure."""
-    pt, _ = open_request(kp, msg, aad=b"", info=INFO)
+def open_owner_command(kp: "HpkeKeyPair | EnclaveKeys", msg: bytes,
+                       expected_nonce: bytes | None = None) -> OwnerCommand:
+    """Enclave side: decrypt (any suite `kp` accepts), verify the signature, then parse;
+    `TamperedMessage` on any failure."""
+    pt, _ = open_any(kp, msg, aad=b"", info=INFO)
+    if isinstance(kp, EnclaveKeys):
+        kp = kp.classic
     if len(pt) < PUBLIC_KEY_BYTES + SIGNATURE_BYTES + 2:
         raise TamperedMessage("owner command is truncated")
     raw_owner, sig, body = pt[:PUBLIC_KEY_BYTES], pt[PUBLIC_KEY_BYTES:PUBLIC_KEY_BYTES + SIGNATURE_BYTES], \
@@ -116,15 +129,15 @@ def require_owner(cmd: OwnerCommand, deployment_owner: VerifyKey) -> OwnerComman
 
 
 def seal_key_release(owner: SigningKey, enclave_public: bytes, model_id: str, model_key: bytes,
-                     nonce: bytes) -> bytes:
+                     nonce: bytes, suite: str = LEGACY, pq_public: bytes | None = None) -> bytes:
     """Owner side: release `model_key` for `model_id` to the attested enclave (signed + sealed)."""
     if len(model_key) != hz.REST_KEY_BYTES:
         raise ValueError("a model key is 32 bytes")
     return seal_owner_command(owner, enclave_public, RELEASE_KEY, model_id, nonce,
-                              {"model_key": bytes(model_key).hex()})
+                              {"model_key": bytes(model_key).hex()}, suite, pq_public)
 
 
-def open_key_release(kp: HpkeKeyPair, msg: bytes, expected_nonce: bytes | None = None) -> KeyRelease:
+def open_key_release(kp: "HpkeKeyPair | EnclaveKeys", msg: bytes, expected_nonce: bytes | None = None) -> KeyRelease:
     """Enclave side: open a key release; `TamperedMessage` on any failure (signature checked inside)."""
     cmd = open_owner_command(kp, msg, expected_nonce)
     if cmd.command != RELEASE_KEY:

@@ -20,6 +20,7 @@ repeats the identity in every sealed answer; the client checks both (`check_iden
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import struct
@@ -210,7 +211,14 @@ def split_target(body: bytes) -> tuple[Target, bytes, bytes]:
     if n > MAX_TARGET_BYTES or len(body) < _U16.size + n:
         raise TamperedMessage("request target is truncated or too large")
     raw = bytes(body[_U16.size:_U16.size + n])
-    return Target.from_bytes(raw), raw, bytes(body[_U16.size + n:])
+    return _parse_target(raw), raw, bytes(body[_U16.size + n:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_target(raw: bytes) -> Target:
+    # A client sends the same target with every request: parse (and re-encode, to check it is
+    # canonical) once. Targets are immutable; a malformed one raises and is not cached.
+    return Target.from_bytes(raw)
 
 
 def infer_aad(target_bytes: bytes) -> bytes:

@@ -140,15 +140,16 @@ class InferResult:
         return cls.from_dict(decode_result(data, expected))
 
 
-def seal_infer(enclave_public: bytes, target: Target, framed: bytes):
+def seal_infer(enclave_public: bytes, target: Target, framed: bytes, suite: str = "x25519-pyhpke"):
     """Client side: the request body for `target` (its pin in the clear and as the AAD) around the
-    HPKE message of `framed` (`crypto.frame_fresh(encode_payload(...))`) -> (body, context, aad);
+    HPKE message of `framed` (`crypto.frame_fresh(encode_payload(...))`) in `suite`
+    (`crypto.suites`; `enclave_public` is that suite's attested key) -> (body, context, aad);
     open the answer with `context.open_response(answer, aad)`."""
-    from ..crypto import seal_request
+    from ..crypto import seal_with
     from .identity import frame_target, infer_aad
 
     aad = infer_aad(target.to_bytes())
-    msg, ctx = seal_request(enclave_public, framed, aad)
+    msg, ctx = seal_with(suite, enclave_public, framed, aad)
     return frame_target(target, msg), ctx, aad
 
 

@@ -103,14 +103,17 @@ def create_app(cfg: ServerConfig, service=HostService.open) -> FastAPI:
                             headers=None if ok else {"Retry-After": str(cfg.retry_after_s)})
 
     @app.get("/metrics")
-    async def metrics(format: str = "prometheus"):
+    async def metrics(format: str = "prometheus", stages: int = 0):
         if format == "json":
-            return JSONResponse(S().metrics.to_json())
+            out = S().metrics.to_json()
+            if stages:
+                out["stages"] = await S().stage_totals()
+            return JSONResponse(out)
         return PlainTextResponse(S().metrics.to_prometheus(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/evidence")
-    async def evidence(nonce: str = ""):
-        return await S().evidence(nonce)
+    async def evidence(nonce: str = "", keys: str = ""):
+        return await S().evidence(nonce, pq=keys == "pq")
 
     @app.get("/v1/models")
     async def list_models():
@@ -181,6 +184,8 @@ class ObserveMiddleware:
                 dt = time.perf_counter() - t0
                 route = _route_name(scope.get("path", ""), scope.get("method", ""))
                 bytes_in = next((int(v) for k, v in scope.get("headers", []) if k == b"content-length"), 0)
+                if route == "infer":
+                    s.clock.add("http_infer", int(dt * 1e9))
                 s.metrics.inc("http_requests_total", route=route, status=str(info["status"]))
                 s.metrics.observe("http_request_seconds", dt, route=route)
                 s.log.info("request", extra={"fields": {

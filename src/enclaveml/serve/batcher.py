@@ -18,6 +18,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
+from ..timing import now, since
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """'auto' -> the first CUDA GPU when there is one, else the CPU."""
     if requested == "auto":
@@ -40,8 +43,10 @@ class BackNetExecutor:
     on its own thread (GPU if any); `max_batch` counts rows."""
 
     def __init__(self, backnet: torch.nn.Module, device: torch.device, max_batch: int = 64,
-                 window_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
+                 window_s: float = 0.0, on_batch: Callable[[int], None] | None = None, clock=None):
         self.device = device
+        #: A `timing.StageClock` for the forward pass (wall and CPU of the thread running it).
+        self.clock = clock
         self.backnet = backnet.to(device).eval()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="backnet")
         self.batcher = AsyncBatcher(self._run, max_batch, window_s, concurrency=1, on_batch=on_batch,
@@ -49,8 +54,11 @@ class BackNetExecutor:
 
     @torch.no_grad()
     def _forward(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
+        t = now()
         x = torch.cat(irs).to(self.device, non_blocking=True)
-        return list(self.backnet(x).float().cpu().split([int(ir.shape[0]) for ir in irs]))
+        out = list(self.backnet(x).float().cpu().split([int(ir.shape[0]) for ir in irs]))
+        since(self.clock, "backnet_forward", t)
+        return out
 
     async def _run(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.device.type == "cpu" and sum(int(ir.shape[0]) for ir in irs) <= INLINE_ROWS:

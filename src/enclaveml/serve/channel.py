@@ -33,7 +33,9 @@ descriptors ("emla_..." arenas, "emlo_..." one-offs) are labels within the chann
 
 Without shared memory (`Channel(use_shm=False)`: enclaves that cannot map host memory, reached
 over a socket path with `spawn_enclave_worker_at`), a tensor's segment is "" and its bytes follow
-the blobs on the socket, in descriptor order. A receiver accepts both forms.
+the blobs on the socket, in descriptor order. A receiver accepts both forms. With shared memory,
+a tensor under `inline_below` bytes (default `INLINE_BELOW`, 64 KiB: a request's IR rows and
+scores) travels inline too: the same two copies, and no slot to free, so no control frame back.
 
 Every field from the peer is checked (sizes, dtypes, segment names, bounds); a malformed frame
 raises `ChannelError` and the channel should be closed.
@@ -78,6 +80,9 @@ MAX_BLOB_BYTES = 64 << 20
 #: Largest tensor accepted in one frame (bytes).
 MAX_TENSOR_BYTES = 1 << 30
 DEFAULT_ARENA_BYTES = 16 << 20
+#: Tensors smaller than this travel inline on the socket even with shared memory: the same two
+#: copies, but no arena slot and no "free" control frame back (an extra wake-up of the peer).
+INLINE_BELOW = 64 << 10
 #: Segment name of a tensor whose bytes follow the blobs on the socket (no shared memory).
 INLINE = ""
 #: Largest total of inline tensor bytes accepted in one frame.
@@ -311,9 +316,11 @@ def decode_meta(raw: bytes) -> tuple[Header, list[tuple[str, int]], list[list], 
 class Channel:
     """One end of a host <-> enclave channel. `send` is thread-safe; call `recv` from one thread."""
 
-    def __init__(self, sock: socket.socket, arena_bytes: int = DEFAULT_ARENA_BYTES, use_shm: bool = True):
+    def __init__(self, sock: socket.socket, arena_bytes: int = DEFAULT_ARENA_BYTES, use_shm: bool = True,
+                 inline_below: int = INLINE_BELOW):
         self.sock = sock
         self.use_shm = bool(use_shm)
+        self.inline_below = int(inline_below)
         self.arena_bytes = int(arena_bytes)
         self._arena: _Arena | None = None
         self._peer_segments: dict[str, mmap.mmap] = {}  # the peer's arenas, mapped read-only
@@ -370,8 +377,15 @@ class Channel:
         if self.use_shm:
             one_offs: dict[str, Segment] = {}
             try:
-                descs = [self._place(name, t, one_offs) for name, t in (tensors or {}).items()]
-                self._send_frame(encode_meta(header, blobs, descs, []), list(blobs.values()), descs, one_offs)
+                descs, inline = [], []
+                for name, t in (tensors or {}).items():
+                    if t.dtype in _DTYPE_NAMES and t.numel() * t.element_size() < self.inline_below:
+                        src = _tensor_bytes(t)
+                        descs.append([name, _DTYPE_NAMES[t.dtype], list(t.shape), INLINE, 0, src.nbytes])
+                        inline.append(src)
+                    else:
+                        descs.append(self._place(name, t, one_offs))
+                self._send_frame(encode_meta(header, blobs, descs, []), list(blobs.values()) + inline, descs, one_offs)
             finally:
                 for one in one_offs.values():  # the peer has its own fd (or never will): unmap ours
                     one.close()

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..crypto import (HpkeKeyPair, ReplayGuard, open_key_release, open_owner_command, open_request, open_sealed,
-                      require_owner, seal)
+from ..crypto import (SUITES, EnclaveKeys, ReplayGuard, open_any, open_key_release, open_owner_command,
+                      open_sealed, require_owner, seal)
 from ..crypto.nonces import NonceIssuer
 from ..crypto.replay import parse_fresh
 from ..crypto.signing import VerifyKey
@@ -50,9 +50,10 @@ from ..models.layers import FrontNet
 from ..models.servable import check_factory_names, check_servable_arch
 from ..protocol.identity import (ModelIdentity, ModelRef, encode_identity, identity_aad, infer_aad,
                                  split_target)
-from ..tee import bind_report_data
+from ..tee import bind_report_data, bind_report_data_pq
 from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
+from ..timing import StageClock, now, since
 
 DELETE = "delete"
 UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE
@@ -105,13 +106,17 @@ class EnclaveService:
     """All enclave state for serving. Thread-safe: many `front`/`finish` calls run concurrently."""
 
     def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
-                 device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = 64):
+                 device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = 64,
+                 suites: "tuple[str, ...] | list[str]" = SUITES):
         self.backend = backend
         self.max_pass = max(1, int(max_pass))
         #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
         #: configuration (`models.servable.enclave_config`), never from an upload.
         self.allowed_factories = check_factory_names(list(allowed_factories))
-        self.kp = HpkeKeyPair.generate()
+        #: Request keys: the classic X25519 pair (evidence binds it) and the hybrid one (bound on
+        #: request, `evidence(pq=True)`); `suites` are the HPKE suites this enclave opens.
+        self.keys = EnclaveKeys.generate(suites)
+        self.kp = self.keys.classic
         self.guard = ReplayGuard(window_s=replay_window_s)
         self.handle_ttl_s = handle_ttl_s
         self.device = torch.device(device)
@@ -119,6 +124,8 @@ class EnclaveService:
         self._pending: dict[str, _Pending] = {}
         self.nonces = NonceIssuer(os.urandom(32), ttl_s=NONCE_TTL_S, max_used=MAX_NONCES)
         self._lock = threading.Lock()
+        #: Per-stage totals (calls, wall ns, CPU ns) of inference: the worker's "stats" op.
+        self.clock = StageClock()
 
     # -- attestation -------------------------------------------------------------------------
 
@@ -131,10 +138,18 @@ class EnclaveService:
         cannot evict an owner's pending nonce."""
         return self.nonces.issue(caller_nonce, time.monotonic())
 
-    def evidence(self, nonce: bytes) -> dict:
-        """Evidence binding SHA-256(public key || nonce) (normally a nonce from `issue_nonce`)."""
+    def pq_public_key(self) -> bytes | None:
+        return self.keys.pq.public_bytes() if self.keys.pq is not None else None
+
+    def evidence(self, nonce: bytes, pq: bool = False) -> dict:
+        """Evidence binding SHA-256(public key || nonce) (normally a nonce from `issue_nonce`), and
+        with `pq` the hybrid public key in the upper half of the report data (`bind_report_data_pq`)."""
         if not 8 <= len(nonce) <= 128:
             raise DataError("attestation nonce must be 8 to 128 bytes")
+        if pq:
+            if self.keys.pq is None:
+                raise DataError("this enclave offers no hybrid (post-quantum) key")
+            return self.backend.evidence(bind_report_data_pq(self.public_key(), nonce, self.pq_public_key())).to_dict()
         return self.backend.evidence(bind_report_data(self.public_key(), nonce)).to_dict()
 
     def _consume_nonce(self, nonce: bytes) -> None:
@@ -152,7 +167,7 @@ class EnclaveService:
         `restore` brings the deployment back without the owner.
         """
         protocol.check_model_id(name)
-        rel = open_key_release(self.kp, key_release)
+        rel = open_key_release(self.keys, key_release)
         if rel.model_id != name:
             raise TamperedMessage("key release was signed for another model name")
         self._consume_nonce(rel.nonce)
@@ -203,7 +218,7 @@ class EnclaveService:
 
     def delete(self, ref_text: str, command: bytes) -> dict:
         ref = ModelRef.parse(ref_text)
-        cmd = open_owner_command(self.kp, command)
+        cmd = open_owner_command(self.keys, command)
         if cmd.command != DELETE or cmd.model_id != ref.name:
             raise TamperedMessage("owner command is not a delete of this model")
         with self._lock:
@@ -247,17 +262,22 @@ class EnclaveService:
         target, raw, msg = split_target(body)
         if target.ref != ref:
             raise TamperedMessage("the request is for another deployment than the host routed it to")
-        framed, sealer = open_request(self.kp, msg, identity_aad(raw))
+        framed, sealer = open_any(self.keys, msg, identity_aad(raw))
         rid, ts, _ = parse_fresh(framed)
         self.guard.check(rid, ts)
         return sealer.seal_response(encode_identity(self._deployment(ref).identity), identity_aad(raw))
 
     def _open(self, dep: Deployment, raw: bytes, msg: bytes) -> tuple[list[torch.Tensor], _Pending]:
         aad = infer_aad(raw)
-        framed, sealer = open_request(self.kp, msg, aad)
+        t = now()
+        framed, sealer = open_any(self.keys, msg, aad)
+        since(self.clock, "hpke_open", t)
+        t = now()
         rid, ts, payload = parse_fresh(framed)
         self.guard.check(rid, ts)
         opts, images = protocol.decode_payload(payload)
+        since(self.clock, "replay_and_payload", t)
+        t = now()
         xs: list[torch.Tensor] = []
         slots: list[int] = []
         for image in images:
@@ -268,6 +288,7 @@ class EnclaveService:
                 if len(images) == 1:  # no plaintext detail crosses to the host
                     raise DataError(UNDECODABLE_IMAGE) from None
                 slots.append(-1)
+        since(self.clock, "decode_preprocess", t)
         return xs, _Pending(sealer, dep, opts["top_k"], opts["logits"], aad, time.monotonic(), tuple(slots))
 
     @torch.no_grad()
@@ -289,17 +310,21 @@ class EnclaveService:
         opened: list[tuple[list[torch.Tensor], _Pending] | Exception] = []
         for ct in ciphertexts:
             try:
+                t = now()
                 d, raw, msg = self._target(ref, ct)
+                since(self.clock, "target_check", t)
                 if d is not dep:  # redeployed between the two look-ups: refuse, the client resends
                     raise UnknownModel(f"model {ref.short()} was redeployed")
                 opened.append(self._open(dep, raw, msg))
             except Exception as e:
                 opened.append(e)
         xs_all = [x for o in opened if not isinstance(o, Exception) for x in o[0]]
+        t = now()
         # At most `max_pass` images per FrontNet pass: many requests of many images must not
         # outgrow the enclave's memory (the assessment's cost figures assume bounded batches).
         irs = (torch.cat([dep.front(torch.stack(xs_all[i:i + self.max_pass]).to(self.device)).cpu()
                           for i in range(0, len(xs_all), self.max_pass)]) if xs_all else torch.empty(0))
+        since(self.clock, "frontnet", t)
         out: list[tuple[str, torch.Tensor, int] | Exception] = []
         row = 0
         for o in opened:
@@ -329,6 +354,7 @@ class EnclaveService:
             pending = self._pending.pop(handle, None)
         if pending is None:
             raise UnknownModel("unknown or expired request handle")
+        t = now()
         dep = pending.dep
         assert dep is not None
         labels, n = list(dep.mapping.labels), dep.mapping.num_classes
@@ -343,6 +369,8 @@ class EnclaveService:
                 raise DataError("the head's output does not have one score per class")
         logits = dep.mapping.to_original(scores.reshape(pending.rows, n))
         probs = torch.softmax(logits.double(), dim=1).tolist()
+        since(self.clock, "class_mapping", t)
+        t = now()
         items = []
         ident = dep.identity
         for row in pending.slots:
@@ -351,7 +379,11 @@ class EnclaveService:
             else:
                 items.append(protocol.encode_result(ident, probs[row], labels, pending.top_k,
                                                     logits[row].tolist() if pending.logits else None))
-        return pending.sealer.seal_response(b"".join(items), pending.aad)
+        since(self.clock, "encode_result", t)
+        t = now()
+        out = pending.sealer.seal_response(b"".join(items), pending.aad)
+        since(self.clock, "hpke_seal", t)
+        return out
 
     def abort(self, handle: str) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ import torch
 from . import channel as ch
 from .batcher import AsyncBatcher, BackNetExecutor
 from ..errors import EnclaveMLError
+from ..timing import StageClock, now, since
 
 
 def _item_error(item: dict) -> Exception:
@@ -98,14 +99,17 @@ class ModelPipeline:
     """
 
     def __init__(self, model_id: str, enclave: EnclaveProxy, backnet: torch.nn.Module, device: torch.device,
-                 max_batch: int = 64, window_s: float = 0.0, on_batch=None, on_failed=None, on_stage=None):
+                 max_batch: int = 64, window_s: float = 0.0, on_batch=None, on_failed=None, on_stage=None,
+                 clock: "StageClock | None" = None):
         self.model_id = model_id
         self.enclave = enclave
+        #: Per-stage totals (wall; CPU only for stretches without an await): /metrics "stages".
+        self.clock = clock
         #: Called with (stage, seconds) for each request's front, backnet and finish (metrics).
         self.on_stage = on_stage
         #: Called with the number of a request's images the enclave could not decode (metrics).
         self.on_failed = on_failed
-        self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch)
+        self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch, clock=clock)
         self.front = AsyncBatcher(self._front, max_batch, 0.0, concurrency=2)
         self.finish = AsyncBatcher(self._finish, max_batch, 0.0, concurrency=2)
 
@@ -121,15 +125,25 @@ class ModelPipeline:
             raise
         t2 = time.perf_counter()
         out = await self.finish.submit((handle, scores))
+        t3 = time.perf_counter()
         if self.on_stage is not None:
-            for stage, dt in (("front", t1 - t0), ("backnet", t2 - t1), ("finish", time.perf_counter() - t2)):
+            for stage, dt in (("front", t1 - t0), ("backnet", t2 - t1), ("finish", t3 - t2)):
                 self.on_stage(stage, dt)
+        if self.clock is not None:  # wall only: these stretches await (queueing included)
+            for stage, dt in (("front_total", t1 - t0), ("backnet_total", t2 - t1), ("finish_total", t3 - t2)):
+                self.clock.add(stage, int(dt * 1e9))
         return out
 
     async def _front(self, ciphertexts: list[bytes]) -> list:
+        t0 = now()
         blobs = {f"r{i}": c for i, c in enumerate(ciphertexts)}
         header = {"op": "front_batch", "model": self.model_id, "n": len(ciphertexts)}
-        h, t, _ = await asyncio.wrap_future(self.enclave.call_async(header, None, blobs))
+        fut = self.enclave.call_async(header, None, blobs)
+        since(self.clock, "front_send", t0)
+        h, t, _ = await asyncio.wrap_future(fut)
+        t1 = now()
+        if self.clock is not None:
+            self.clock.add("front_call", t1[0] - t0[0])
         items = h.get("items", [])
         if len(items) != len(ciphertexts):
             raise ch.RemoteError("enclave answered the wrong number of items")
@@ -144,15 +158,20 @@ class ModelPipeline:
                     self.on_failed(int(it["failed"]))
             else:
                 out.append(_item_error(it))
+        since(self.clock, "front_unpack", t1)
         return out
 
     async def _finish(self, items: list[tuple[str, torch.Tensor]]) -> list:
+        t0 = now()
         handles = [h for h, _ in items]
         rows = [int(s.shape[0]) if s.dim() == 2 else 0 for _, s in items]
         full = [s for _, s in items if s.dim() == 2 and s.shape[0]]
         tensors = {"scores": torch.cat(full)} if full else None
         fut = self.enclave.call_async({"op": "finish_batch", "handles": handles, "rows": rows}, tensors)
+        since(self.clock, "finish_send", t0)
         h, _, b = await asyncio.wrap_future(fut)
+        if self.clock is not None:
+            self.clock.add("finish_call", now()[0] - t0[0])
         res = h.get("items", [])
         if len(res) != len(items):
             raise ch.RemoteError("enclave answered the wrong number of items")

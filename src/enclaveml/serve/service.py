@@ -25,6 +25,7 @@ from ..models.servable import check_factory_names, check_servable_arch
 from ..protocol import deploy as D
 from ..protocol.attest import EvidenceAnswer, check_nonce_hex
 from ..protocol.identity import ModelRef, check_model_id
+from ..timing import StageClock, now, since
 from .batcher import BatcherClosed, pick_device
 from .channel import ChannelError
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
@@ -256,6 +257,7 @@ class HostService:
         self.cfg = cfg
         self.loop = loop
         self.metrics = Metrics()
+        self.clock = StageClock()  # per-stage totals: /metrics?format=json&stages=1
         self.log = json_logger()
         self.store = ModelStore(cfg.store)
         self.device = pick_device(cfg.device)
@@ -302,7 +304,8 @@ class HostService:
         pipe = ModelPipeline(model_id, self.enclave, backnet, self.device, self.cfg.max_batch, self.cfg.window_ms / 1000.0,
                              on_batch=lambda n: self.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
                              on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"),
-                             on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st))
+                             on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st),
+                             clock=self.clock)
         with self.lock:
             old = self.pipelines.get(model_id)
             self.pipelines[model_id] = pipe
@@ -420,11 +423,18 @@ class HostService:
     def models(self) -> dict[str, Any]:
         return {"models": [{"id": m, **self.public.get(m, {})} for m in sorted(self.pipelines)]}
 
-    async def evidence(self, nonce: str) -> dict[str, Any]:
+    async def evidence(self, nonce: str, pq: bool = False) -> dict[str, Any]:
         """The enclave's evidence for the caller's `nonce` (hex), which the enclave extends with a
-        time and its MAC (bound into the evidence; an owner command carries it)."""
-        h, _, _ = await wait(self.enclave.call_async({"op": "evidence", "nonce": check_nonce_hex(nonce)}))
+        time and its MAC (bound into the evidence; an owner command carries it). `pq`: the hybrid
+        request key too, bound in the report data's upper half (crypto/suites.py)."""
+        op = {"op": "evidence", "nonce": check_nonce_hex(nonce), **({"keys": "pq"} if pq else {})}
+        h, _, _ = await wait(self.enclave.call_async(op))
         return EvidenceAnswer.from_dict(h).to_dict()
+
+    async def stage_totals(self) -> dict[str, Any]:
+        """Per-stage time totals of the host and (one channel call) of the enclave (timing.py)."""
+        h, _, _ = await wait(self.enclave.call_async({"op": "stats"}))
+        return {"host": self.clock.snapshot(), "enclave": h.get("stages", {})}
 
     async def deploy(self, name: str, body: BodyStream) -> dict[str, Any]:
         """Deploy or replace OWNER/name from a signed upload (`protocol.deploy`)."""
@@ -489,7 +499,9 @@ class HostService:
         pipe = self.pipeline(model_id)
         self.metrics.add_gauge("in_flight_requests", 1)  # queue depth (the replicas' autoscaling signal)
         try:
+            tb = now()
             request = await read_body(body, self.cfg.max_request_bytes)
+            since(self.clock, "read_body", tb)
             t0 = time.perf_counter()
             resp = await pipe.run(request)
         finally:

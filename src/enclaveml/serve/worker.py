@@ -7,10 +7,12 @@ first (before any secret exists in its memory), then answers the host's requests
 by calling `EnclaveService` (all logic lives there; this file only moves bytes). Requests run on
 a thread pool so several proceed at once (torch releases the GIL in its kernels).
 
-Operations (header "op"): info, ping, evidence, deploy, restore, delete, identity, front_batch, finish_batch, abort. Replies
+Operations (header "op"): info, ping, stats, evidence, deploy, restore, delete, identity, front_batch, finish_batch, abort. Replies
 carry the same "id"; failures come back as {"error": kind, "message": text}. A request may carry
 several images: `front_batch` answers per request {"handle", "rows", "failed"} with the IR rows of
 all requests concatenated, and `finish_batch` takes per handle its number of rows of scores.
+"stats" answers the per-stage totals of `EnclaveService.clock` (calls, wall and CPU ns: aggregated
+timings, no more than the host sees of each call's duration) and each op's handler time.
 """
 
 from __future__ import annotations
@@ -20,18 +22,27 @@ import sys
 
 import torch
 
+from ..timing import now, since
 from .channel import serve_channel, worker_channel_from_argv
 
 
 #: Operations run on the channel's reading thread, not the pool: cheap ones, and "ping", which so
 #: answers even while every pool thread runs a long FrontNet pass (a busy enclave is not a hung one).
-INLINE_OPS = ("abort", "info", "finish_batch", "ping")
+INLINE_OPS = ("abort", "info", "finish_batch", "ping", "stats")
 
 
 def _handler(svc, info: dict):
     from ..errors import DataError
 
     def handle(h: dict, tensors: dict, blobs: dict):
+        t = now()
+        try:
+            return _handle(h, tensors, blobs)
+        finally:
+            if h.get("op") in ("front_batch", "finish_batch"):
+                since(svc.clock, "op_" + h["op"], t)
+
+    def _handle(h: dict, tensors: dict, blobs: dict):
         op = h.get("op")
         if op == "front_batch":
             n = h.get("n", 0)
@@ -76,8 +87,11 @@ def _handler(svc, info: dict):
             except ValueError:
                 raise DataError("nonce must be hex") from None
             issued = svc.issue_nonce(nonce)
-            return {"evidence": svc.evidence(issued), "public_key": svc.public_key().hex(),
-                    "nonce": issued.hex()}, None, None
+            pq = h.get("keys") == "pq"  # also bind the hybrid key (crypto/suites.py)
+            out = {"evidence": svc.evidence(issued, pq), "public_key": svc.public_key().hex(), "nonce": issued.hex()}
+            if pq:
+                out["pq_public_key"] = svc.pq_public_key().hex()
+            return out, None, None
         if op in ("deploy", "restore"):
             files = {k: v for k, v in blobs.items() if k not in ("key_release", "sealed")}
             if op == "deploy":
@@ -88,6 +102,8 @@ def _handler(svc, info: dict):
             return {}, None, {"identity": svc.identity(str(h.get("model", "")), blobs.get("request", b""))}
         if op == "delete":
             return svc.delete(str(h.get("model", "")), blobs.get("command", b"")), None, None
+        if op == "stats":
+            return {"stages": svc.clock.snapshot()}, None, None
         if op == "ping":  # liveness: answered on the reading thread (see INLINE_OPS)
             return {"pong": True}, None, None
         if op == "info":
@@ -131,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
 
     svc = EnclaveService(backend, replay_window_s=args.replay_window,
                          allowed_factories=config.get("allowed_factories", ()))
-    info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex()}
+    info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex(),
+            "suites": sorted(svc.keys.accepted)}
     serve_channel(channel, _handler(svc, info), max_workers=max(1, args.threads),
                   inline=lambda h: h.get("op") in INLINE_OPS)
 

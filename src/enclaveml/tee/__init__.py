@@ -7,7 +7,7 @@ Backends (`get_backend(name)`): "sim", "gramine-sgx", "tsm". Evidence types: "si
 """
 
 from .backend import EnclaveBackend, available_backends, get_backend, register_backend
-from .evidence import EVIDENCE_TYPES, Claims, Evidence, bind_report_data
+from .evidence import EVIDENCE_TYPES, Claims, Evidence, bind_report_data, bind_report_data_pq
 from .policy import Policy, load_policy, write_policy
 from .verify import verify_claims_only, verify_evidence
 
@@ -18,7 +18,7 @@ __all__ = [
     "Evidence",
     "Policy",
     "available_backends",
-    "bind_report_data",
+    "bind_report_data", "bind_report_data_pq",
     "get_backend",
     "load_policy",
     "register_backend",

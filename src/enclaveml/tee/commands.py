@@ -234,15 +234,21 @@ def policy_cmd(
     min_k: Optional[int] = typer.Option(None, "--min-k", help="Accept splits from K on (default: each bundle's own k)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write here (default: print)."),
     card: Optional[Path] = typer.Option(None, "--card", help="Model card whose factory the server allows (as `serve --card`)."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="HPKE suite of requests and key releases: x25519-pyhpke "
+                                        "(default), x25519, mlkem768-x25519 (post-quantum hybrid); docs/crypto.md."),
 ) -> None:
     """Write a policy pinning the local sim platform key and this code's sim measurement, and the
     models (`--model BUNDLE`) a client may use."""
     _require_sim(tee)
+    from dataclasses import replace
+
     from .policy import write_policy
     from .sim import sim_policy
 
     p = _pin_bundles(sim_policy(_enclave_config(config, allow_factory, card), max_age_s=max_age_s), list(model or []),
                      min_k, False, None)
+    if suite is not None:
+        p = replace(p, crypto={"suite": suite})  # UserInputError for an unknown suite
     if out is None:
         sys.stdout.write(p.to_toml())
     else:

@@ -36,6 +36,17 @@ def bind_report_data(public_key: bytes, nonce: bytes) -> bytes:
     return hashlib.sha256(bytes(public_key) + bytes(nonce)).digest() + bytes(32)
 
 
+#: Label of the second binding: the enclave's hybrid (ML-KEM-768 + X25519) public key.
+PQ_KEY_LABEL = b"enclaveml/v1 hybrid-key\x00"
+
+
+def bind_report_data_pq(public_key: bytes, nonce: bytes, pq_public_key: bytes) -> bytes:
+    """Report data that binds the hybrid request key too: the lower half as `bind_report_data`,
+    the upper half SHA-256("enclaveml/v1 hybrid-key\0" || hybrid public key). Given only when the
+    verifier asks for it (`/v1/evidence?keys=pq`), so older verifiers still see zeros there."""
+    return bind_report_data(public_key, nonce)[:32] + hashlib.sha256(PQ_KEY_LABEL + bytes(pq_public_key)).digest()
+
+
 def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 

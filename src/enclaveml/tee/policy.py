@@ -79,6 +79,10 @@ class Policy:
     caltrain               what a CalTrain participant (or owner) accepts of a training plan:
                            {owner, plans, min_split, min_head, defences} (docs/caltrain.md;
                            checked by `train.plan.check_requirements` before any upload)
+    crypto                 {suite, models = {name: suite}}: the HPKE suite requests and key
+                           releases use (`crypto.suites`; default "x25519-pyhpke", the original
+                           format), e.g. "mlkem768-x25519" for the post-quantum hybrid, which
+                           makes the client refuse an enclave whose evidence binds no hybrid key
     """
 
     allowed_backends: list[str] = field(default_factory=lambda: ["sgx", "tdx", "sev-snp"])
@@ -95,6 +99,7 @@ class Policy:
     pccs_url: str | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     caltrain: dict[str, Any] = field(default_factory=dict)
+    crypto: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.models, dict):
@@ -150,6 +155,13 @@ class Policy:
             if k not in SNP_TCB_FIELDS or isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
                 raise UserInputError(f"policy field min_snp_tcb: {k} = {v!r} (fields {', '.join(SNP_TCB_FIELDS)}, values 0..255)")
         self.caltrain = _caltrain_table(self.caltrain)
+        self.crypto = _crypto_table(self.crypto)
+
+    def suite_for(self, name: str | None = None) -> str:
+        """The HPKE suite for requests to model `name` (or for owner commands, `None`)."""
+        from ..crypto.suites import LEGACY
+
+        return self.crypto.get("models", {}).get(name, self.crypto.get("suite", LEGACY))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +214,12 @@ class Policy:
         if self.caltrain:
             lines += ["", "# what this policy accepts of a CalTrain training plan (docs/caltrain.md)", "[caltrain]"]
             lines += [f"{k} = {s(v)}" for k, v in self.caltrain.items()]
+        if self.crypto:
+            lines += ["", "# the HPKE suite of requests and key releases (docs/crypto.md, Suites)", "[crypto]"]
+            if "suite" in self.crypto:
+                lines.append(f"suite = {s(self.crypto['suite'])}")
+            if self.crypto.get("models"):
+                lines += ["", "[crypto.models]"] + [f"{s(k)} = {s(v)}" for k, v in sorted(self.crypto["models"].items())]
         return "\n".join(lines) + "\n"
 
 
@@ -233,6 +251,28 @@ def _caltrain_table(table: Any) -> dict[str, Any]:
         if not all(_NAME.fullmatch(x) for x in d):
             raise UserInputError("policy field caltrain.defences must be defence names (a-z, 0-9, '_', '-')")
         out["defences"] = d
+    return out
+
+
+def _crypto_table(table: Any) -> dict[str, Any]:
+    """The `[crypto]` table: `suite` and per-model `models.NAME`, each a known suite name."""
+    from ..crypto.suites import check_suite
+
+    if not isinstance(table, dict):
+        raise UserInputError("policy field crypto must be a table")
+    unknown = sorted(set(table) - {"suite", "models"})
+    if unknown:
+        raise UserInputError(f"policy field crypto: unknown key(s) {', '.join(unknown)} (known: models, suite)")
+    out: dict[str, Any] = {}
+    try:
+        if "suite" in table:
+            out["suite"] = check_suite(table["suite"])
+        if "models" in table:
+            if not isinstance(table["models"], dict):
+                raise UserInputError("models must be a table {name: suite}")
+            out["models"] = {check_name(k): check_suite(v) for k, v in table["models"].items()}
+    except UserInputError as e:
+        raise UserInputError(f"policy field crypto: {e}") from None
     return out
 
 
