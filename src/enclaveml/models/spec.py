@@ -52,6 +52,10 @@ class ModelSpec:
         fields = text.split(":")
         if len(fields) >= 2 and "=" not in fields[1]:
             kind, target, rest = "factory", ":".join(fields[:2]), fields[2:]
+            from . import zoo
+
+            if fields[0] in zoo.ZOO:  # `darknet:width` is a zoo option missing its value, not module darknet
+                raise UserInputError(f"model spec {text[:80]!r}: zoo model {fields[0]} takes options as key=INT")
             if not _FUNC.fullmatch(target):
                 raise UserInputError(f"model spec {text[:80]!r}: {target!r} is not package.module:function")
         else:

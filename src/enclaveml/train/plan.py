@@ -305,9 +305,13 @@ class TrainingPlan:
             raise PolicyViolation(f"model factory {spec.target!r} is not allowed here (a training enclave allows "
                                   "the factories of its measured configuration: train serve --allow-factory, or a "
                                   "plan that fixes the model)")
+        from ..models.loading import probe_classes
+
         built = spec.build(tuple(self.input), len(self.classes), allowed_factories)
-        if built.num_classes != len(self.classes):
-            raise UserInputError(f"model {spec.text} has {built.num_classes} outputs; the plan declares "
+        outputs = probe_classes(built, tuple(self.input), f"model {spec.text}: ") if spec.is_factory \
+            else built.num_classes
+        if outputs != len(self.classes):
+            raise UserInputError(f"model {spec.text} has {outputs} outputs; the plan declares "
                                  f"{len(self.classes)} classes")
         if tuple(built.input_shape) != tuple(self.input):
             raise UserInputError(f"model {spec.text} takes {list(built.input_shape)}, the plan's input is "

@@ -1,0 +1,129 @@
+"""One model specification, one class mapping, one split rule for bundles and CalTrain (issues 10, 11)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from enclaveml.errors import PartitionError, PolicyViolation, UnknownModel, UserInputError
+from enclaveml.models.bundle import build_arch, check_arch
+from enclaveml.models.classmap import ClassMapping
+from enclaveml.models.spec import ModelSpec
+from enclaveml.models.split import check_split, permute_classifier, split_model
+from enclaveml.models.zoo import darknet
+from enclaveml.serve.protocol import check_servable_arch
+from enclaveml.train import spec as train_spec
+from enclaveml.train.plan import TrainingPlan
+
+OWNER = "ab" * 32
+FACTORY = "enclaveml.models.examples:resnet_cifar"
+
+
+@pytest.mark.parametrize("text,arch", [
+    ("darknet", {"zoo": "darknet"}),
+    ("darknet:width=16", {"zoo": "darknet", "kwargs": {"width": 16}}),
+    ("darknet:width=8:num_classes=3", {"zoo": "darknet", "kwargs": {"num_classes": 3, "width": 8}}),
+    (FACTORY, {"factory": FACTORY}),
+    (f"{FACTORY}:width=4", {"factory": FACTORY, "kwargs": {"width": 4}}),
+    ("nets:build", {"factory": "nets:build"}),
+])
+def test_one_spec_two_spellings(text, arch):
+    spec = ModelSpec.parse(text)
+    assert spec.arch == arch and check_arch(arch) == arch
+    assert ModelSpec.from_arch(arch) == spec
+    assert ModelSpec.parse(spec.text) == spec
+    assert train_spec.ModelSpec is ModelSpec  # CalTrain's spec is the same type
+
+
+@pytest.mark.parametrize("text,err", [
+    ("", UserInputError), ("darknet:width", UserInputError), ("darknet:width=x", UserInputError),
+    ("nosuch", UnknownModel), ("darknet:width=1:width=2", UserInputError), ("a b:c", UserInputError),
+    ("os:system:x=y", UserInputError), ("darknet:Width=3", UserInputError),
+])
+def test_bad_specs_are_refused(text, err):
+    with pytest.raises(err):
+        ModelSpec.parse(text)
+
+
+def test_parsing_a_factory_imports_nothing():
+    name = "enclaveml_never_imported_mod"
+    spec = ModelSpec.parse(f"{name}:build")
+    TrainingPlan.build(OWNER, "darknet", ["a", "b", "c"], spec.text, 2)  # a plan naming it: still no import
+    assert name not in sys.modules and spec.is_factory
+
+
+def test_zoo_options_build_in_bundles_and_serving():
+    m = build_arch({"zoo": "darknet", "kwargs": {"width": 4}})
+    assert m.layers.conv1[0].out_channels == 4
+    check_servable_arch({"zoo": "darknet", "kwargs": {"width": 4}})
+    for bad in ({"zoo": "darknet", "kwargs": {}}, {"zoo": "darknet", "kwargs": {"width": "4"}},
+                {"zoo": "darknet", "kwargs": {"width": True}}, {"zoo": "darknet", "kwargs": {"width": -1}}):
+        with pytest.raises(UserInputError):
+            check_arch(bad)
+    with pytest.raises(UserInputError, match="does not take"):
+        build_arch({"zoo": "darknet", "kwargs": {"depth": 3}})
+
+
+def test_class_mapping_from_a_seed_is_the_bundles_class():
+    a = ClassMapping.random(10, generator=torch.Generator().manual_seed(5))
+    b = ClassMapping.random(10, torch.Generator().manual_seed(5))  # the older CalTrain call
+    assert a == b and a.permutation != tuple(range(10))
+    assert ClassMapping.from_bytes(a.to_bytes()) == a
+    x = torch.randn(4, 10)
+    assert torch.equal(a.to_original(a.to_host(x)), x)
+    assert ClassMapping(a.perm) == ClassMapping(a.permutation)
+    for n in (2, 3):  # never the identity, even for two classes
+        for seed in range(20):
+            assert ClassMapping.random(n, generator=torch.Generator().manual_seed(seed)).permutation != tuple(range(n))
+
+
+def test_one_split_rule_and_classifier_permutation():
+    model = darknet.build(width=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    mapping = ClassMapping.random(10)
+    permute_classifier(model, mapping)
+    parts = split_model(model, 5)
+    with torch.no_grad():
+        host_order = parts.back(parts.front(x))
+    assert torch.allclose(mapping.to_original(host_order), ref, atol=1e-6)
+    permute_classifier(model, mapping, inverse=True)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    n = len(model)
+    with pytest.raises(PartitionError, match="leaves no BackNet layer"):
+        check_split(model, 5, n - 5)
+    assert check_split(model, 5, 1).keys == ("fc.weight", "fc.bias") or check_split(model, 5, 1).layer == n - 1
+
+
+def test_plan_declares_any_classes_and_a_factory_needs_an_allow_list():
+    plan = TrainingPlan.build(OWNER, "darknet", ["airplane", "cat", "ship"], f"{FACTORY}:num_classes=3:width=4", 3)
+    assert plan.factories() == (FACTORY,)
+    with pytest.raises(PolicyViolation, match="not allowed"):
+        plan.build_model(plan.model, ())
+    m = plan.build_model(plan.model, (FACTORY,), 3, 0)
+    assert m.num_classes == 3 and tuple(m.input_shape) == (3, 32, 32)
+    with pytest.raises(UserInputError, match="3 classes"):
+        plan.build_model(f"{FACTORY}:width=4", (FACTORY,))  # 10 outputs
+    open_plan = TrainingPlan.build(OWNER, "darknet", ["a", "b", "c"])
+    with pytest.raises(UserInputError, match="3 classes"):
+        open_plan.resolve("darknet:width=4", 3)
+    assert open_plan.resolve("darknet:width=4:num_classes=3", 3).model == "darknet:num_classes=3:width=4"
+    with pytest.raises(UserInputError, match="2 to"):
+        TrainingPlan.build(OWNER, "darknet", ["only"])
+
+
+def test_training_enclave_refuses_a_plan_factory_its_configuration_does_not_allow():
+    from enclaveml.tee import get_backend
+    from enclaveml.train.enclave import CalTrainEnclave, enclave_config
+
+    plan = TrainingPlan.build(OWNER, "darknet", ["a", "b", "c"], f"{FACTORY}:num_classes=3", 3)
+    with pytest.raises(UserInputError, match="does not allow"):
+        CalTrainEnclave(get_backend("sim", config=enclave_config(OWNER)), plan=plan)
+    cfg = enclave_config(OWNER, [FACTORY])
+    assert cfg["allowed_factories"] == [FACTORY] and "allowed_factories" not in enclave_config(OWNER)
+    enc = CalTrainEnclave(get_backend("sim", config=cfg), plan=plan)
+    assert enc.allowed_factories == {FACTORY}
