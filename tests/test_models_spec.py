@@ -127,3 +127,16 @@ def test_training_enclave_refuses_a_plan_factory_its_configuration_does_not_allo
     assert cfg["allowed_factories"] == [FACTORY] and "allowed_factories" not in enclave_config(OWNER)
     enc = CalTrainEnclave(get_backend("sim", config=cfg), plan=plan)
     assert enc.allowed_factories == {FACTORY}
+
+
+def test_partition_names_models_with_the_same_spec(tmp_path):
+    from enclaveml.models.commands import _load_model
+    from enclaveml.models.loading import load_model
+
+    m, pre, classes = load_model("darknet:width=4", pretrained=False)
+    assert m.layers.conv1[0].out_channels == 4 and len(classes) == 10
+    with pytest.raises(UserInputError, match="no trained weights"):
+        load_model("darknet:width=4")
+    m, arch, pre, names = _load_model("darknet:width=4:num_classes=3", None, True, None, None, None, None)
+    assert arch == {"zoo": "darknet", "kwargs": {"num_classes": 3, "width": 4}} and m.num_classes == 3
+    assert build_arch(arch).names == m.names

@@ -140,8 +140,8 @@ def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run
     header, files = unpack_files(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "front.safetensors", "back.safetensors"):
-        (out / name).write_bytes(files[name])
+    for fname in ("model.safetensors", "front.safetensors", "back.safetensors"):
+        (out / fname).write_bytes(files[fname])
     key = bytes.fromhex(header.pop("linkage_key"))
     _write_private(out / "linkage.key", key)
     (out / "model.json").write_text(json.dumps(header, indent=2) + "\n")
