@@ -140,3 +140,49 @@ def test_partition_names_models_with_the_same_spec(tmp_path):
     m, arch, pre, names = _load_model("darknet:width=4:num_classes=3", None, True, None, None, None, None)
     assert arch == {"zoo": "darknet", "kwargs": {"num_classes": 3, "width": 4}} and m.num_classes == 3
     assert build_arch(arch).names == m.names
+
+
+def _released_folder(tmp_path, plan, model_text, split, head=0):
+    """A model folder as `train run` writes it from the enclave's release (without a server)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = plan.build_model(model_text, ModelSpec.parse(model_text).target_allowed(), split, head)
+    folder = tmp_path / "released"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    meta = {"run_id": "run/1", "model": model_text, "arch": ModelSpec.parse(model_text).arch, "split": split,
+            "classes": list(plan.classes), "input": list(plan.input), "head": head, "plan": plan.to_dict(),
+            "plan_hash": plan.hash().hex(), "preprocessing": plan.preprocessing().to_dict(), "instances": 0}
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder, model.eval()
+
+
+@pytest.mark.parametrize("model_text,head", [("darknet:width=4:num_classes=3", 0), ("darknet:width=4:num_classes=3", 2),
+                                             (f"{FACTORY}:num_classes=3:width=4", 0)])
+def test_release_bundle_is_a_partition_bundle(tmp_path, model_text, head):
+    from enclaveml.crypto import SigningKey
+    from enclaveml.models.bundle import load_model_key, open_enclave_parts, read_public_bundle
+    from enclaveml.train.owner import write_bundle
+
+    plan = TrainingPlan.build(OWNER, "darknet", ["airplane", "cat", "ship"])
+    folder, model = _released_folder(tmp_path, plan, model_text, 3, head)
+    owner = SigningKey.generate()
+    made = write_bundle(folder, owner)
+    assert made["name"] == "run-1" and made["bundle"] == str(folder / "bundle")
+    key = load_model_key(made["model_key"])
+    allowed = ModelSpec.parse(model_text).target_allowed()
+    manifest, back = read_public_bundle(made["bundle"], owner.public_key(), allowed)
+    parts = open_enclave_parts(made["bundle"], key, owner.public_key(), allowed)
+    assert manifest.arch == ModelSpec.parse(model_text).arch and manifest.k == 3 and manifest.head == head
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = back(parts.front(x))
+        if parts.head is not None:
+            out = parts.head(out)
+        assert torch.allclose(parts.mapping.to_original(out), model(x), atol=1e-5)
+    assert parts.mapping.labels == ("airplane", "cat", "ship")
+    with pytest.raises(UserInputError, match="already there"):  # never overwrites a bundle or its key
+        write_bundle(folder, owner)

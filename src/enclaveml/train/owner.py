@@ -68,6 +68,8 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
     from .plan import Defence, check_requirements
 
     # What can be checked here is refused before anything is sent (or an owner key created).
+    if wait:
+        bundle_target(out, bundle)
     if defence is not None:
         defence = Defence.parse(defence)  # unknown name or out-of-range setting
     if head is not None and model is not None and split is not None and not ModelSpec.parse(model).is_factory:
@@ -115,6 +117,7 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
 def fetch_release(url: str, policy: str | Path, key_path: "str | Path | SigningKey", out: str | Path,
                   run_id: str = "caltrain", bundle: "str | Path | None" = None, name: str | None = None) -> dict:
     """Fetch a finished run's release again (attest, signed release command) into `out`, with its bundle."""
+    bundle_target(out, bundle)
     owner = key_path if isinstance(key_path, SigningKey) else SigningKey.load(key_path)
     client = HostClient(url)
     try:
@@ -148,6 +151,18 @@ def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run
     (out / "linkage.db").write_bytes(client.get("/train/linkage", run_id=run_id).content)
     made = write_bundle(out, owner, bundle, name=name)
     return {"out": str(out), "instances": header["instances"], **made}
+
+
+def bundle_target(out: str | Path, bundle: "str | Path | None" = None) -> Path:
+    """Where a release's bundle goes (default OUT/bundle); `UserInputError` if a bundle or its
+    model key is already there (a release never overwrites a model key: choose another place)."""
+    from ..models.bundle import model_key_path
+
+    target = Path(bundle) if bundle is not None else Path(out) / "bundle"
+    if (target.exists() and (not target.is_dir() or any(target.iterdir()))) or model_key_path(target).exists():
+        raise UserInputError(f"{target}: a bundle (or {model_key_path(target).name}) is already there; choose "
+                             "another --out or --bundle (a release never overwrites a model key)")
+    return target
 
 
 def released_model(folder: str | Path):
@@ -192,11 +207,9 @@ def write_bundle(folder: str | Path, owner: SigningKey, bundle: "str | Path | No
     from ..data.preprocess import Preprocessing
     from ..models.bundle import make_bundle, model_key_path, save_model_key
 
-    model, meta = released_model(folder)
-    target = Path(bundle) if bundle is not None else Path(folder) / "bundle"
+    target = bundle_target(folder, bundle)
     key_file = model_key_path(target)
-    if key_file.exists():
-        raise UserInputError(f"{key_file}: a model key is already there; refusing to overwrite it")
+    model, meta = released_model(folder)
     manifest, key = make_bundle(model, int(meta["split"]), target, ModelSpec.parse(meta["model"]).arch,
                                 Preprocessing.from_dict(meta["preprocessing"]), list(meta["classes"]), owner,
                                 name=name or _bundle_name(str(meta.get("run_id", "caltrain"))),
