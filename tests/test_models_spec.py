@@ -186,3 +186,44 @@ def test_release_bundle_is_a_partition_bundle(tmp_path, model_text, head):
     assert parts.mapping.labels == ("airplane", "cat", "ship")
     with pytest.raises(UserInputError, match="already there"):  # never overwrites a bundle or its key
         write_bundle(folder, owner)
+
+
+def test_an_enclave_builds_only_the_factories_its_measured_configuration_allows(tmp_path):
+    """The attack: an owner's start command (or a forged open plan) names a factory the
+    participants' pinned measurement never allowed. Refused before any import; allowed, it trains."""
+    from image_helpers import random_png
+
+    from enclaveml.crypto import SigningKey, seal_owner_command
+    from enclaveml.tee.sim import SimBackend
+    from enclaveml.train.enclave import START, CalTrainEnclave, enclave_config
+    from enclaveml.train.instances import make_upload
+    from enclaveml.train.partitioned import TrainConfig
+
+    owner = SigningKey.generate()
+    plan = TrainingPlan.build(owner.public_key(), "darknet", ["airplane", "cat", "ship"])  # model left open
+    user_model = f"{FACTORY}:num_classes=3:width=4"
+
+    def enclave(allowed):
+        be = SimBackend(enclave_config(owner.public_key(), allowed), lock_memory=False, platform_dir=tmp_path / "pf")
+        enc = CalTrainEnclave(be, plan=plan)
+        p = SigningKey.generate()
+        res = enc.ingest([make_upload(enc.hpke.public_bytes(), p, random_png(i), i % 3, plan=enc.plan_hash)[1]
+                          for i in range(6)])
+        enc.add_data([(r["tag"], r["sealed"]) for r in res])
+        return enc
+
+    def start(enc, model, nonce):
+        body = {"model": model, "split": 3, "plan": enc.plan_hash.hex(),
+                "config": TrainConfig(epochs=1, batch=3, seed=1).to_dict()}
+        return enc.start(seal_owner_command(owner, enc.hpke.public_bytes(), START, "r", nonce, body), None)
+
+    enc = enclave(())
+    for model in (user_model, "enclaveml_not_a_module_xyz:build"):
+        with pytest.raises(PolicyViolation, match="not allowed"):
+            start(enc, model, b"nonce-000000000" + model[:1].encode())
+    assert "enclaveml_not_a_module_xyz" not in sys.modules
+    enc = enclave((FACTORY,))
+    info, back_state = start(enc, user_model, b"nonce-0000000009")
+    assert info["model"] == user_model and info["total_steps"] == 2
+    ir = enc.forward(0)
+    assert ir.shape[0] == 3 and back_state
