@@ -227,3 +227,28 @@ def test_an_enclave_builds_only_the_factories_its_measured_configuration_allows(
     assert info["model"] == user_model and info["total_steps"] == 2
     ir = enc.forward(0)
     assert ir.shape[0] == 3 and back_state
+
+
+def test_train_release_command_makes_the_bundle_from_a_model_folder(tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from enclaveml.crypto import SigningKey
+    from enclaveml.models.bundle import load_manifest
+
+    plan = TrainingPlan.build(OWNER, "darknet", ["airplane", "cat", "ship"])
+    folder, _ = _released_folder(tmp_path, plan, "darknet:width=4:num_classes=3", 3)
+    key = tmp_path / "owner.key"
+    owner = SigningKey.load_or_create(key)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "enclaveml", "train", "release", "--out", str(folder), "--key", str(key),
+           "--bundle", str(tmp_path / "b"), "--name", "cats"]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["name"] == "cats" and load_manifest(tmp_path / "b", owner.public_key()).k == 3
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode != 0 and "already there" in again.stderr and again.stderr.strip().count("\n") == 0
