@@ -252,3 +252,15 @@ def test_train_release_command_makes_the_bundle_from_a_model_folder(tmp_path):
     assert res["name"] == "cats" and load_manifest(tmp_path / "b", owner.public_key()).k == 3
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode != 0 and "already there" in again.stderr and again.stderr.strip().count("\n") == 0
+
+
+def test_zoo_options_cannot_make_the_server_allocate_without_bound():
+    """The attack: a signed upload names {"zoo": "darknet", "kwargs": {"width": 999999}} (2.2e15
+    parameters) to make the host and the enclave, which holds other owners' keys, run out of memory."""
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(UserInputError, match="parameters"):
+        build_arch({"zoo": "darknet", "kwargs": {"width": 999999}})
+    assert time.monotonic() - t < 5  # sized on the meta device, nothing allocated
+    assert build_arch({"zoo": "darknet", "kwargs": {"width": 64}}).num_classes == 10

@@ -72,6 +72,10 @@ MAX_SIGNATURE_BYTES = 4096
 MAX_MANIFEST_DEPTH = 8
 #: Largest dimension or count a manifest may state (shapes, k, number of classes).
 MAX_DIM = (1 << 31) - 1
+#: Largest zoo model built from a manifest's options (`{"zoo": "darknet", "kwargs": {"width": W}}`):
+#: an uploader must not make the host and the enclave allocate without bound. The zoo's default
+#: models have 0.1-2.3 M parameters.
+MAX_ZOO_PARAMS = 64_000_000
 _FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -284,8 +288,17 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
     if "zoo" in arch:
         from . import zoo
 
+        build = zoo.entry(arch["zoo"]).build
         try:
-            model = zoo.entry(arch["zoo"]).build(**arch.get("kwargs", {}))
+            if arch.get("kwargs"):  # options come from whoever signed the manifest: size them first
+                import torch
+
+                with torch.device("meta"):  # shapes only, no memory
+                    size = sum(p.numel() for p in build(**arch["kwargs"]).parameters())
+                if size > MAX_ZOO_PARAMS:
+                    raise UserInputError(f"zoo model {arch['zoo']} with {arch['kwargs']} would have {size:,} parameters; "
+                                         f"at most {MAX_ZOO_PARAMS:,} are built from a manifest's options")
+            model = build(**arch.get("kwargs", {}))
         except TypeError as e:
             raise UserInputError(f"zoo model {arch['zoo']!r} does not take those options ({e})") from None
     else:
