@@ -48,6 +48,7 @@ from enclaveml.train import detectors, poison
 from enclaveml.train.fingerprint import fingerprints, predict
 from enclaveml.train.instances import EnclaveDataset, InstanceIngest, make_upload
 from enclaveml.train.linkage import LinkageRecord, LinkageStore, records_to_arrays
+from enclaveml.models.split import permute_classifier
 from enclaveml.train.partitioned import (ClassMapping, EnclaveTrainer, HostTrainer, PlainTrainer, TrainConfig,
                                          partitioned_step, split_for_caltrain)
 from enclaveml.train.cluster import trace_cluster
@@ -146,7 +147,7 @@ def train_caltrain(ds, cfg, width, k, seed, plain_pixels=None):
         if (step + 1) % per == 0:
             extra = f", plain loss {ploss:.3f} ({t_plain:.0f}s)" if plain is not None else ""
             log(f"  epoch {epoch + 1}/{cfg.epochs}: caltrain loss {loss:.3f} ({t_cal:.0f}s){extra}")
-    mapping.unpermute_rows(model.layers[-1])  # the owner's released model is in class order
+    permute_classifier(model, mapping, inverse=True)  # the owner's released model is in class order
     return model, t_cal, (plain.module if plain is not None else None), t_plain
 
 

@@ -44,6 +44,7 @@ from enclaveml.models.zoo import darknet
 from enclaveml.train.defences import DefenceSpec
 from enclaveml.train.fingerprint import predict
 from enclaveml.train.label_attack import CentroidAttack, ColumnNamer, exposed_columns, recovery
+from enclaveml.models.split import permute_classifier
 from enclaveml.train.partitioned import ClassMapping, EnclaveTrainer, HostTrainer, TrainConfig, split_with_head
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -104,7 +105,7 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
         truth.append(y[~known])
         if (step + 1) % per == 0:
             log(f"    epoch {epoch + 1}/{cfg.epochs}: loss {enc.last_loss:.3f} ({t_train:.0f}s)")
-    mapping.unpermute_rows(model.layers[-1])
+    permute_classifier(model, mapping, inverse=True)
     if head == 0:
         guesses["columns"] = [grad_namer.name(c) for c in guesses["columns"]]
         guesses["score_argmax"] = [score_namer.name(c) for c in guesses["score_argmax"]]

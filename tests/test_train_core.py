@@ -12,6 +12,7 @@ from enclaveml.models.zoo import darknet
 from enclaveml.models import zoo
 from enclaveml.train import detectors
 from enclaveml.train.linkage import LinkageRecord, LinkageStore
+from enclaveml.models.split import permute_classifier
 from enclaveml.train.partitioned import (ClassMapping, EnclaveTrainer, HostTrainer, PlainTrainer, TrainConfig,
                                          partitioned_step, split_for_caltrain)
 from enclaveml.train.trace import summarise, trace
@@ -42,7 +43,7 @@ def test_partitioned_matches_plain_training():
         l1 = partitioned_step(enc, host, x[idx], y[idx])
         l2 = plain.train_step(x[idx], y[idx])
         assert abs(l1 - l2) < 1e-5
-    mapping.unpermute_rows(base.layers.fc)  # back to class order
+    permute_classifier(base, mapping, inverse=True)  # back to class order
     for (n1, p1), (n2, p2) in zip(base.state_dict().items(), plain_model.state_dict().items()):
         assert torch.allclose(p1.float(), p2.float(), atol=1e-5), n1
     # the host's classifier is really in the secret order, and the scores are permuted

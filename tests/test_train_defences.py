@@ -18,6 +18,7 @@ from enclaveml.models import zoo
 from enclaveml.models.zoo import darknet
 from enclaveml.train.defences import DefenceSpec, class_noise, group_mix, step_generator
 from enclaveml.train.label_attack import CentroidAttack, ColumnNamer, exposed_columns, recovery
+from enclaveml.models.split import permute_classifier
 from enclaveml.train.partitioned import (ClassMapping, EnclaveTrainer, HostTrainer, PlainTrainer, TrainConfig,
                                          check_head, host_layers, partitioned_step, split_with_head)
 
@@ -133,7 +134,7 @@ def test_sealed_head_trains_like_plain_and_the_host_gets_cut_layer_gradients_onl
         plain.train_step(x[idx], y[idx])
         assert abs(enc.last_loss - float(torch.nn.functional.cross_entropy(
             torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)))) < 5  # a real loss
-    mapping.unpermute_rows(base.layers.fc)
+    permute_classifier(base, mapping, inverse=True)
     for (n1, p1), (_, p2) in zip(base.state_dict().items(), plain_model.state_dict().items()):
         assert torch.allclose(p1.float(), p2.float(), atol=1e-5), n1
     assert list(dict(host_layers(darknet.build(width=8), 5, 2).named_children())) == ["conv4", "pool3", "conv5",

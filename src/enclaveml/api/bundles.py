@@ -123,7 +123,7 @@ def partition(model: ModelLike, *, out: "str | os.PathLike[str]", k: int | None 
     from ..models.bundle import make_bundle, model_key_path, save_model_key
     from ..models.choose import partition_point
     from .keys import as_owner_key
-    from .models import model_name, resolve_model
+    from .models import model_name, resolve_model, spec_arch
 
     out_dir = Path(out)
     key_path = model_key_path(out_dir)
@@ -133,7 +133,7 @@ def partition(model: ModelLike, *, out: "str | os.PathLike[str]", k: int | None 
         raise UserInputError(f"{key_path}: a model key is already there; refusing to overwrite it")
     recommended, source = _recommended(assessment, model_name(model, name))
     k = partition_point(k, recommended, assessed=assessment is not None, force=force, source=source)
-    if isinstance(model, (str, os.PathLike)) and ":" in os.fspath(model) and weights is None:
+    if isinstance(model, (str, os.PathLike)) and spec_arch(os.fspath(model)).get("factory") and weights is None:
         raise UserInputError(f"user model {model!r} needs weights=FILE (.safetensors or a .pt state dict)")
     r = resolve_model(model, name=name, weights=weights, input_shape=input_shape, classes=classes,
                       preprocessing=preprocessing, mean=mean, std=std, resize=True, pretrained=pretrained,

@@ -2,7 +2,7 @@
 
 - participant: `contribute(folder, url, policy, key)` uploads signed, encrypted instances.
 - owner: `policy(owner)` pins a training enclave configured for that owner; `train(...)` runs the
-  partitioned training and fetches the released model and its linkage store.
+  partitioned training and fetches the released model, its linkage store and a servable bundle.
 - auditor: `open_model(folder)` / `trace(image, label, model_dir=...)` name the training instances
   and contributors behind a misprediction.
 - host, for trying it on one machine: `local_server(store, owner)` starts `enclaveml train serve`.
@@ -62,14 +62,27 @@ def _policy_file(policy: Any) -> Iterator[Path]:
         yield write_policy(policy, Path(d) / "policy.toml")
 
 
-def policy(owner: OwnerLike, out: "str | os.PathLike[str] | None" = None) -> "Policy":
+def policy(owner: OwnerLike, out: "str | os.PathLike[str] | None" = None, *, plan: Any = None,
+           allowed_factories: Sequence[str] = ()) -> "Policy":
     """(owner/participant) A policy accepting this machine's sim training enclave configured for `owner`
-    and its default training plan (`enclaveml train policy --owner`); written to `out` too if given."""
+    and its default training plan (`enclaveml train policy --owner`), or `plan` (a `TrainingPlan`,
+    its dict or its JSON file, as `train serve --plan` runs it: a factory it fixes is allowed in the
+    measured configuration, as are `allowed_factories`); written to `out` too if given."""
+    import json
+
     from ..tee import write_policy
     from ..train.plan import TrainingPlan, participant_policy
 
-    p = participant_policy(TrainingPlan.build(_owner_public(owner).to_bytes().hex(), "darknet", None, None, None,
-                                              None, None))
+    owner_hex = _owner_public(owner).to_bytes().hex()
+    if plan is None:
+        plan = TrainingPlan.build(owner_hex, "darknet", None, None, None, None, None)
+    elif isinstance(plan, (str, os.PathLike)):
+        plan = TrainingPlan.from_dict(json.loads(Path(plan).read_text()))
+    elif isinstance(plan, dict):
+        plan = TrainingPlan.from_dict(plan)
+    if plan.owner != owner_hex:
+        raise UserInputError("the training plan names another owner")
+    p = participant_policy(plan, allowed_factories=tuple(allowed_factories))
     if out is not None:
         write_policy(p, out)
     return p
@@ -183,6 +196,12 @@ class TrainedModel:
         return list(self._traced.classes)
 
     @property
+    def bundle(self) -> Path | None:
+        """The release's servable bundle (as `partition` writes one; its key at BUNDLE.modelkey), if made."""
+        b = getattr(self, "_bundle", None) or self.path / "bundle"
+        return b if (b / "manifest.json").is_file() else None
+
+    @property
     def instances(self) -> int:
         return len(self._traced.records)
 
@@ -221,23 +240,32 @@ def trace(image: ImageLike, label: str, *, model_dir: "str | os.PathLike[str]", 
     return TrainedModel(model_dir, linkage).trace(image, label, k=k, mode=mode)
 
 
-def train(url: str, policy: PolicyLike, *, split: int, model: str = "darknet", epochs: int = 4,
+def train(url: str, policy: PolicyLike, *, split: int | None = None, model: str | None = None, epochs: int = 4,
           owner_key: "SigningKey | str | os.PathLike[str]" = "owner.key", out: "str | os.PathLike[str]" = "caltrain-model",
           run_id: str = "caltrain", batch: int = 128, lr: float = 0.1, seed: int = 0, checkpoint_every: int = 50,
-          progress: Callable[[dict], None] | None = None) -> TrainedModel:
+          progress: Callable[[dict], None] | None = None, bundle: "str | os.PathLike[str] | None" = None,
+          name: str | None = None) -> TrainedModel:
     """(owner) Train with the FrontNet (first `split` layers), labels and loss in the enclave and the
     BackNet on the host; wait, fetch the release into `out`, and open it.
 
-    `model`: a zoo name or spec such as "darknet:width=8". The same `run_id` again resumes from its
-    sealed checkpoint. `owner_key`: the key the server was started for (an `OwnerKey` or key file).
+    `model`: a model spec (`models/spec.py`): a zoo name with options such as "darknet:width=8", or
+    your "package.module:function" when the server's plan allows it; None takes the plan's (else
+    "darknet"), as does `split`. The same `run_id` again resumes from its sealed checkpoint.
+    `owner_key`: the key the server was started for (an `OwnerKey` or key file). The release
+    includes a servable bundle (`TrainedModel.bundle`, default OUT/bundle, named `name`, default
+    the run id) that `Client.deploy` / `enclaveml deploy` take as it is.
     """
     from ..train.owner import run
     from ..train.partitioned import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, batch=batch, lr=lr, seed=seed)
     with _policy_file(policy) as pf:
-        run(url, pf, model, split, cfg, owner_key, out, run_id, checkpoint_every, progress=progress, wait=True)
-    return TrainedModel(out)
+        run(url, pf, model, split, cfg, owner_key, out, run_id, checkpoint_every, progress=progress, wait=True,
+            bundle=bundle, name=name)
+    found = TrainedModel(out)
+    if bundle is not None:
+        found._bundle = Path(bundle)
+    return found
 
 
 # ---------------------------------------------------------------------------- a local training server

@@ -47,8 +47,17 @@ def load_model(model: str, *, weights: "str | os.PathLike[str] | None" = None, p
     from ..models.loading import load_model as _load
 
     m, _, _ = _load(str(model), str(weights) if weights else None, pretrained=pretrained)
-    object.__setattr__(m, ARCH_ATTR, {"factory": str(model)} if ":" in str(model) else {"zoo": str(model)})
+    object.__setattr__(m, ARCH_ATTR, spec_arch(str(model)))
     return m
+
+
+def spec_arch(text: str) -> dict:
+    """The manifest `arch` of a model named by text: the one model specification (`models/spec.py`)."""
+    from ..models.spec import ModelSpec
+
+    if text.lower().endswith(".onnx"):
+        return {"factory": text}
+    return ModelSpec.parse(text).arch
 
 
 def model_name(model: Any, name: str | None = None) -> str:
@@ -135,7 +144,7 @@ def resolve_model(model: ModelLike, *, name: str | None = None, weights: "str | 
             pre = _preprocessing(None, pre.size, preprocessing, None, None, resize)
         if factory is not None:
             raise UserInputError("factory= goes with a model object; a zoo name or 'module:factory' spec names itself")
-        arch = {"factory": spec} if ":" in spec else {"zoo": spec}
+        arch = spec_arch(spec)
         return ResolvedModel(m, pre, list(classes) if classes is not None else names, name or spec, arch)
     if weights is not None:
         raise UserInputError("weights= goes with a zoo name or a 'module:factory' spec; load an nn.Module's "

@@ -24,7 +24,7 @@ the hashes of the sealed files). So a sealed part opens only in its own bundle, 
 name. Weights are never pickled: safetensors only, loaded from bytes.
 
 Architectures: a manifest is signed only by whoever made it, so it names code, never runs it.
-`{"zoo": name}` is always built; `{"factory": "pkg.mod:fn", "kwargs": {...}}` only when the
+`{"zoo": name}` (optionally with integer `"kwargs"`) is always built; `{"factory": "pkg.mod:fn", "kwargs": {...}}` only when the
 CALLER's `allowed_factories` names that exact "pkg.mod:fn" (the owner on their machine, or a
 list fixed in the enclave's measured configuration and the server's), with kwargs that are plain
 JSON scalars. Anything else raises `UserInputError` before any import.
@@ -41,7 +41,6 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AbstractSet, Any, Iterable, Mapping
@@ -73,6 +72,10 @@ MAX_SIGNATURE_BYTES = 4096
 MAX_MANIFEST_DEPTH = 8
 #: Largest dimension or count a manifest may state (shapes, k, number of classes).
 MAX_DIM = (1 << 31) - 1
+#: Largest zoo model built from a manifest's options (`{"zoo": "darknet", "kwargs": {"width": W}}`):
+#: an uploader must not make the host and the enclave allocate without bound. The zoo's default
+#: models have 0.1-2.3 M parameters.
+MAX_ZOO_PARAMS = 64_000_000
 _FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -218,17 +221,24 @@ def _dim(v: Any) -> int:
 def check_arch(arch: Any) -> dict:
     """The shape of a manifest's `arch`, checked without importing anything; returns a copy.
 
-    `{"zoo": name}`, or `{"factory": "pkg.module:function"}` with optional `"kwargs"`: an object
+    `{"zoo": name}` with optional integer `"kwargs"` (options of the zoo builder, e.g. a CalTrain
+    run's `darknet:width=16`: `models/spec.py`), or `{"factory": "pkg.module:function"}` with optional `"kwargs"`: an object
     whose keys are identifiers and whose values are plain JSON scalars (string, finite number,
     boolean, null). Whether a factory may be *called* is decided by `build_arch`'s allow-list.
     """
     if not isinstance(arch, Mapping):
         raise UserInputError("arch must be an object: {'zoo': name} or {'factory': 'pkg.module:function'}")
     keys = set(arch)
-    if keys == {"zoo"}:
+    if "zoo" in keys and keys <= {"zoo", "kwargs"}:
         if not isinstance(arch["zoo"], str):
             raise UserInputError("arch 'zoo' must be a zoo model name")
-        return {"zoo": arch["zoo"]}
+        kwargs = arch.get("kwargs", {})
+        if not isinstance(kwargs, Mapping) or ("kwargs" in keys and not kwargs) or not all(
+                isinstance(k, str) and k.isidentifier() and not k.startswith("_") and type(v) is int
+                and 0 <= v <= 999_999 for k, v in kwargs.items()):
+            raise UserInputError(f"zoo model {str(arch['zoo'])[:40]!r}: kwargs must be a non-empty object of integer "
+                                 "options 0..999999 (e.g. {'width': 16}), or left out")
+        return {"zoo": arch["zoo"], **({"kwargs": dict(kwargs)} if kwargs else {})}
     if "factory" in keys and keys <= {"factory", "kwargs"}:
         spec = arch["factory"]
         if not isinstance(spec, str) or not _FACTORY.fullmatch(spec):
@@ -278,7 +288,19 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
     if "zoo" in arch:
         from . import zoo
 
-        model = zoo.entry(arch["zoo"]).build()
+        build = zoo.entry(arch["zoo"]).build
+        try:
+            if arch.get("kwargs"):  # options come from whoever signed the manifest: size them first
+                import torch
+
+                with torch.device("meta"):  # shapes only, no memory
+                    size = sum(p.numel() for p in build(**arch["kwargs"]).parameters())
+                if size > MAX_ZOO_PARAMS:
+                    raise UserInputError(f"zoo model {arch['zoo']} with {arch['kwargs']} would have {size:,} parameters; "
+                                         f"at most {MAX_ZOO_PARAMS:,} are built from a manifest's options")
+            model = build(**arch.get("kwargs", {}))
+        except TypeError as e:
+            raise UserInputError(f"zoo model {arch['zoo']!r} does not take those options ({e})") from None
     else:
         _require_allowed(arch, allowed)
         spec = arch["factory"]
@@ -301,19 +323,6 @@ def build_arch(arch: Mapping[str, Any], input_shape=None, num_classes: int | Non
     return model.eval()
 
 
-def _classifier_keys(model: LayeredModel, k: int) -> tuple[int, tuple[str, ...]]:
-    """(layer index, state-dict keys whose rows (dim 0) are the classes) of the classifier: the last
-    Linear or 1x1 conv, followed only by permutation-equivariant ops (`models/head.py`); it must not
-    be in the FrontNet."""
-    from .head import find_classifier
-
-    head = find_classifier(model)
-    if head.layer < k:
-        raise PartitionError(f"partition point {k} puts the classifier ({model.names[head.layer]}) in the FrontNet: "
-                             f"the host would see the class scores in their true order; choose k <= {head.layer}")
-    return head.layer, head.keys
-
-
 # ---------------------------------------------------------------------------- owner side
 
 def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", arch: dict,
@@ -333,14 +342,9 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
     arch = check_arch(arch)  # a bundle whose arch no reader would accept is refused here, early
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"{out}: already exists and is not an empty directory")
-    model.check_point(k)
-    class_layer, class_keys = _classifier_keys(model, k)
-    if type(head) is not int or head < 0 or k >= len(model) - head:
-        raise PartitionError(f"--head {head} with k={k} leaves no BackNet layer for the host "
-                             f"(this model has {len(model)} layers: need k + head < {len(model)})")
-    if head and class_layer < len(model) - head:
-        raise PartitionError(f"--head {head} leaves the classifier ({model.names[class_layer]}) on the host: the "
-                             f"head must hold it (--head {len(model) - class_layer} or more)")
+    from .split import check_split
+
+    class_keys = check_split(model, k, head).keys  # the one rule of bundles and CalTrain
     classes = [str(c) for c in classes]
     if len(classes) != model.num_classes:
         raise UserInputError(f"{len(classes)} class names for a model with {model.num_classes} classes")
@@ -354,7 +358,7 @@ def make_bundle(model: LayeredModel, k: int, out_dir: "str | os.PathLike[str]", 
     model.eval()
     try:
         ir_shape = model.partition_points()[k - 1].out_shape
-        front, back, head_net = _split3(model, k, len(model) - head)
+        front, back, head_net = _split3(model, k, len(model) - head)  # models/split.py
         mapping = ClassMapping.random(model.num_classes, classes)
         last_state = layer_state_dict(head_net if head else back)  # the part holding the classifier
         for row_key in class_keys:
@@ -462,11 +466,10 @@ def read_public_bundle(bundle: "str | os.PathLike[str] | Mapping[str, bytes]",
 
 def _split3(model: LayeredModel, k: int, stop: int) -> tuple[FrontNet, BackNet, "nn.Sequential | None"]:
     """FrontNet layers[:k], BackNet layers[k:stop], head layers[stop:] (None when stop is the end)."""
-    front, rest = model.split(k)
-    items = list(rest.named_children())
-    cut = stop - k
-    back = BackNet(OrderedDict(items[:cut]), k)
-    return front, back, (nn.Sequential(OrderedDict(items[cut:])) if cut < len(items) else None)
+    from .split import split_model
+
+    parts = split_model(model, k, len(model) - stop)
+    return parts.front, parts.back, parts.head
 
 
 @dataclass(frozen=True)

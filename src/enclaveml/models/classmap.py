@@ -1,6 +1,8 @@
 """The secret class mapping: a permutation that hides which BackNet output is which class.
 
-Trust side: owner (creates it, permutes the last layer) and enclave (maps scores back). The host
+One class for serving bundles and CalTrain (`models/split.py` permutes a model's classifier with it).
+Trust side: owner (creates it, permutes the last layer) and enclave (maps scores back; a CalTrain
+enclave also draws one per run and computes the loss in class order). The host
 runs a BackNet whose classifier (the last `nn.Linear` or 1x1 conv, followed only by ops that treat
 the classes alike: `models/head.py`) has its rows permuted by `pi`, so its scores come out in a
 secret order: host position j holds the score of original class `permutation[j]`. Only the
@@ -44,9 +46,9 @@ class ClassMapping:
     permutation: tuple[int, ...]
     labels: tuple[str, ...]
 
-    def __init__(self, permutation: Sequence[int], labels: Sequence[str]):
-        perm = tuple(int(p) for p in permutation)
-        labs = tuple(str(s) for s in labels)
+    def __init__(self, permutation: "Sequence[int] | torch.Tensor", labels: Sequence[str] | None = None):
+        perm = tuple(int(p) for p in (permutation.tolist() if isinstance(permutation, torch.Tensor) else permutation))
+        labs = tuple(str(s) for s in labels) if labels is not None else tuple(str(i) for i in range(len(perm)))
         if sorted(perm) != list(range(len(perm))):
             raise UserInputError("class mapping: not a permutation of 0..n-1")
         if len(labs) != len(perm):
@@ -59,17 +61,37 @@ class ClassMapping:
         object.__setattr__(self, "labels", labs)
 
     @classmethod
-    def random(cls, num_classes: int, labels: Sequence[str] | None = None) -> "ClassMapping":
-        """A uniformly random non-identity permutation from the OS CSPRNG (identity only if n = 1)."""
+    def random(cls, num_classes: int, labels: "Sequence[str] | torch.Generator | None" = None,
+               generator: torch.Generator | None = None) -> "ClassMapping":
+        """A uniformly random non-identity permutation (identity only if n = 1).
+
+        From the OS CSPRNG (a bundle's mapping), or from `generator` when the caller derives it
+        from a secret seed (a CalTrain run: the same run redraws the same mapping). A generator
+        in `labels`' place is taken as `generator` (the older CalTrain call).
+        """
+        if isinstance(labels, torch.Generator):
+            labels, generator = None, labels
         if num_classes < 1:
             raise UserInputError("class mapping needs at least one class")
         labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
         rng = secrets.SystemRandom()
         perm = list(range(num_classes))
         while True:
-            rng.shuffle(perm)
+            if generator is None:
+                rng.shuffle(perm)
+            else:
+                perm = torch.randperm(num_classes, generator=generator).tolist()
             if num_classes == 1 or perm != sorted(perm):
                 return cls(perm, labels)
+
+    def with_labels(self, labels: Sequence[str]) -> "ClassMapping":
+        """The same permutation with other label names."""
+        return ClassMapping(self.permutation, labels)
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """The permutation as a tensor (what a sealed CalTrain checkpoint stores)."""
+        return self._index()
 
     @property
     def num_classes(self) -> int:
@@ -100,6 +122,10 @@ class ClassMapping:
     def permute_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of a weight or bias tensor (dim 0 = classes) in host order."""
         return t.index_select(0, self._index(t.device))
+
+    def unpermute_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of `permute_rows`: rows in host order -> original class order."""
+        return t.index_select(0, self._inverse(t.device))
 
     def to_original(self, scores_in_host_order: torch.Tensor) -> torch.Tensor:
         """Scores (..., n) in host order -> original class order (a pure gather: bit-exact)."""

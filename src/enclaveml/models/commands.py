@@ -51,13 +51,15 @@ def _load_model(model: str, weights: Optional[Path], untrained: bool, classes: O
 
     For an .onnx file the arch dict is completed by `_onnx_architecture` once the bundle path is known."""
     from .loading import load_model, parse_floats
+    from .spec import ModelSpec
 
-    if ":" in model and weights is None:
+    spec = None if _is_onnx(model) else ModelSpec.parse(model)  # the one model specification
+    if spec is not None and spec.is_factory and weights is None:
         raise UserInputError(f"user model {model!r} needs --weights FILE (.safetensors or a .pt state dict)")
     m, pre, names = load_model(model, str(weights) if weights else None, input_size, parse_floats(mean, "--mean"),
                                parse_floats(std, "--std"), resize=True, pretrained=not untrained,
                                card=str(card) if card else None)
-    arch = {"factory": model} if ":" in model else ({} if _is_onnx(model) else {"zoo": model})
+    arch = {} if spec is None else spec.arch
     if classes is not None:
         names = [c.strip() for c in classes.split(",")]
     if names is None:
@@ -96,8 +98,8 @@ def _onnx_architecture(onnx_file: str, m, out: Path) -> tuple[dict, Path, bytes]
 
 def _default_name(model: str, out: Path) -> str:
     """The zoo name, or the bundle directory's name made URL-safe (it is the default model id)."""
-    if ":" not in model and not _is_onnx(model):
-        return model
+    if not _is_onnx(model) and (":" not in model or "=" in model.split(":")[1]):  # a zoo name (with options)
+        return model.split(":")[0]
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in out.resolve().name)
     return safe.lstrip(".")[:64] or "model"
 

@@ -111,10 +111,19 @@ def _preprocessing_from(obj, size: tuple[int, int]) -> Preprocessing | None:
 def load_user_model(spec: str, weights: str | None = None, input_size: str | Sequence[int] | None = None,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                     resize: bool = False) -> tuple[LayeredModel, Preprocessing, list[str] | None]:
-    """`module:factory` (+ weights) -> (LayeredModel in eval mode, its Preprocessing, class names or None)."""
+    """`module:factory` (+ weights) -> (LayeredModel in eval mode, its Preprocessing, class names or None).
+
+    `spec` is a model specification (`models/spec.py`): `module:factory`, optionally with integer
+    options `module:factory:width=16` passed to the factory as keyword arguments."""
+    from .spec import ModelSpec
+
+    parsed = ModelSpec.parse(spec)
+    if not parsed.is_factory:
+        raise UnknownModel(f"{spec!r}: a user model is given as module:factory, e.g. mypkg.nets:build")
+    spec = parsed.target
     module, factory = _import_factory(spec)
     try:
-        built = factory()
+        built = factory(**parsed.options)
     except Exception as e:
         raise UserInputError(f"{spec}: the factory failed ({type(e).__name__}: {e})"[:300]) from None
     if isinstance(input_size, str):
@@ -199,7 +208,7 @@ def load_model(name: str, weights: str | None = None, input_size: str | None = N
     A user model's card (`card`, else a `model.json` beside the weights or the .onnx file; see
     `models/card.py`) fills in the input size, preprocessing and class names not given as flags.
     """
-    if ":" in name or name.lower().endswith(".onnx"):
+    if name.lower().endswith(".onnx") or (":" in name and "=" not in name.split(":")[1]):  # a factory (models/spec.py)
         from .card import find_card, read_card
 
         onnx_file = name if name.lower().endswith(".onnx") else None
@@ -221,9 +230,17 @@ def load_model(name: str, weights: str | None = None, input_size: str | None = N
             classes = list(c.classes)
         return m, pre, classes
     from . import zoo
+    from .spec import ModelSpec
 
-    e = zoo.entry(name)
-    model = zoo.load(name, pretrained=pretrained and weights is None)
+    spec = ModelSpec.parse(name)  # a zoo name, with integer options as CalTrain names them (darknet:width=16)
+    e = zoo.entry(spec.target)
+    if spec.options:
+        if pretrained and weights is None:
+            raise UserInputError(f"zoo model {spec.text} has no trained weights (only {spec.target} with its default "
+                                 "options has): pass --weights FILE, or --untrained")
+        model = spec.build().eval()
+    else:
+        model = zoo.load(name, pretrained=pretrained and weights is None)
     if weights:
         load_weights(model, read_state_dict(weights), weights)
     if input_size is not None and parse_input_size(input_size) != tuple(model.input_shape):
@@ -233,7 +250,7 @@ def load_model(name: str, weights: str | None = None, input_size: str | None = N
         if mean is None or std is None or len(mean) != 3 or len(std) != 3:
             raise UserInputError("--mean and --std go together, three values each")
         p = Preprocessing(size=p.size, mean=tuple(mean), std=tuple(std))
-    return model, Preprocessing(size=p.size, mean=p.mean, std=p.std, resize=resize), list(e.classes)
+    return model, Preprocessing(size=p.size, mean=p.mean, std=p.std, resize=resize), list(spec.classes)
 
 
 def probe_classes(model: torch.nn.Module, shape: "tuple[int, ...]", what: str = "") -> int:

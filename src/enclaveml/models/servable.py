@@ -25,7 +25,7 @@ def check_servable_arch(arch: dict, allowed_factories: "tuple[str, ...] | frozen
 
     if not isinstance(arch, dict):
         raise UserInputError("arch must be an object")
-    if set(arch) == {"zoo"} and str(arch.get("zoo")) in zoo.ZOO:
+    if "zoo" in arch and set(arch) <= {"zoo", "kwargs"} and str(arch.get("zoo")) in zoo.ZOO:  # options: check_arch
         return
     if ("factory" in arch and set(arch) <= {"factory", "kwargs"} and isinstance(arch["factory"], str)
             and arch["factory"] in frozenset(allowed_factories)):

@@ -42,6 +42,8 @@ def _plan_options(owner: Optional[str], plan_file: Optional[Path], data_model: s
     return TrainingPlan.build(owner, data_model, None, model, split, head, defence)
 
 
+_ALLOW_HELP = ("a user architecture package.module:function the enclave may build (repeatable; measured; the "
+               "plan's own model factory is always allowed)")
 _PLAN_HELP = "training plan JSON (`train plan --out`): fixes owner, data, model, split, head and defence"
 _OPEN = " (default: left to the owner's train run)"
 
@@ -72,6 +74,7 @@ def serve_cmd(
                                                "rendezvous (torch.distributed TCPStore; default a free loopback port)"),
     spawn_peers: bool = typer.Option(True, "--spawn-peers/--no-spawn-peers", help="start the N-1 peers on this "
                                      "machine (default), or wait for `train peer` processes on other machines"),
+    allow_factory: list[str] = typer.Option([], "--allow-factory", help=_ALLOW_HELP),
 ) -> None:
     """(host) Run the training server and its enclave worker, for one owner and one training plan."""
     from .host import serve
@@ -84,7 +87,7 @@ def serve_cmd(
     typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {plan.owner[:16]}, "
                f"plan {plan.hash().hex()[:16]}{f', {enclaves} enclaves' if enclaves > 1 else ''})", err=True)
     serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan, enclaves,
-          peer_address, spawn_peers)
+          peer_address, spawn_peers, tuple(allow_factory or ()))
 
 
 @train_app.command("peer")
@@ -118,9 +121,10 @@ def peer_cmd(
 def plan_cmd(
     owner: str = typer.Option(..., "--owner", help="the owner: Ed25519 public key (hex) or key file"),
     data_model: str = typer.Option("darknet", "--data-model", help="zoo model whose input size and classes the data use"),
-    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class names (default: the data "
-                                          "model's)"),
-    model: Optional[str] = typer.Option(None, "--model", help="model spec" + _OPEN),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class names, any number from 2 "
+                                          "(default: the data model's)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model spec: zoo NAME[:key=INT...] or your "
+                                        "package.module:function (allowed in the enclave by this plan)" + _OPEN),
     split: Optional[int] = typer.Option(None, "--split", help="partition point k" + _OPEN),
     head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave" + _OPEN),
     defence: Optional[str] = typer.Option(None, "--defence", help="defence NAME[:key=value,...]" + _OPEN),
@@ -154,6 +158,8 @@ def policy_cmd(
                                                         "this defence (repeat to accept any of several)"),
     any_plan: bool = typer.Option(False, "--any-plan", help="do not pin one plan: accept any plan of the owner "
                                   "that meets the requirements (the default when requirements but no plan are given)"),
+    allow_factory: list[str] = typer.Option([], "--allow-factory", help="as for train serve: the enclave's "
+                                            "configuration allows this factory too (measured)"),
     out: Path = typer.Option(Path("caltrain-policy.toml"), "--out"),
 ) -> None:
     """(owner/participant) Write a policy accepting this machine's sim training enclave for OWNER and a plan.
@@ -175,7 +181,8 @@ def policy_cmd(
     described = plan_file is not None or any(v is not None for v in (model, split, head, defence)) or \
         data_model != "darknet"
     plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
-    write_policy(participant_policy(plan, rules, pin_plan=not any_plan and (described or not rules)), out)
+    write_policy(participant_policy(plan, rules, pin_plan=not any_plan and (described or not rules),
+                                    allowed_factories=tuple(allow_factory or ())), out)
     typer.echo(str(out))
 
 
@@ -208,8 +215,9 @@ def contribute_cmd(
 @train_app.command("run")
 def run_cmd(
     url: str = typer.Option(..., "--url"),
-    model: Optional[str] = typer.Option(None, "--model", help="zoo name or spec, e.g. darknet:width=16 (default: the "
-                                        "server's plan's, else darknet)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model spec: zoo name with options, e.g. "
+                                        "darknet:width=16, or your package.module:function (default: the server's "
+                                        "plan's, else darknet)"),
     split: Optional[int] = typer.Option(None, "--split", help="partition point k: FrontNet = first k layers "
                                         "(default: the plan's)"),
     head: Optional[int] = typer.Option(None, "--head", help="last N layers run in the enclave too: the host sees "
@@ -231,6 +239,9 @@ def run_cmd(
     enclaves: Optional[int] = typer.Option(None, "--enclaves", help="require data-parallel training over exactly N "
                                            "enclaves (signed into the start command; enclave 0 refuses another "
                                            "group size)"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="where the servable bundle of the release goes "
+                                          "(default OUT/bundle; its model key beside it, BUNDLE.modelkey)"),
+    name: Optional[str] = typer.Option(None, "--name", help="the bundle's model name (default: the run id)"),
 ) -> None:
     """(owner) Train with the FrontNet in the enclave and the BackNet on the host; fetch the model."""
     from .owner import run
@@ -245,7 +256,31 @@ def run_cmd(
             typer.echo(f"  step {st.get('step')}/{st.get('total')}", err=True)
 
     res = run(url, policy, model, split, cfg, key, out, run_id, checkpoint_every, progress=progress, wait=not no_wait,
-              head=head, defence=defence, enclaves=enclaves)
+              head=head, defence=defence, enclaves=enclaves, bundle=bundle, name=name)
+    typer.echo(json.dumps(res))
+
+
+@train_app.command("release")
+def release_cmd(
+    url: Optional[str] = typer.Option(None, "--url", help="fetch a finished run's release from this server again"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="with --url: the policy the enclave must satisfy"),
+    key: Path = typer.Option(Path("owner.key"), "--key", help="owner's Ed25519 key (must exist)"),
+    run_id: str = typer.Option("caltrain", "--run-id"),
+    out: Path = typer.Option(Path("caltrain-model"), "--out", help="the released model folder (written with --url, "
+                             "else read)"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="bundle directory to create (default OUT/bundle)"),
+    name: Optional[str] = typer.Option(None, "--name", help="the bundle's model name (default: the run id)"),
+) -> None:
+    """(owner) Make the servable bundle of a released model (`enclaveml deploy` takes it as it is)."""
+    from ..errors import UserInputError
+    from .owner import fetch_release, write_bundle
+
+    if url is not None:
+        if policy is None:
+            raise UserInputError("--url needs --policy (the enclave is attested before it releases anything)")
+        res = fetch_release(url, policy, key, out, run_id, bundle=bundle, name=name)
+    else:
+        res = write_bundle(out, keyfiles.load_signing_key(key), bundle, name=name)
     typer.echo(json.dumps(res))
 
 

@@ -43,7 +43,9 @@ from .enclave import CalTrainEnclave, _safetensors_bytes, pack_files
 from .fingerprint import fingerprints
 from .instances import EnclaveDataset
 from .linkage import LinkageRecord, seal_records
-from .partitioned import EnclaveTrainer, TrainConfig, check_head, host_layers, split_with_head, ClassMapping
+from ..models.classmap import ClassMapping
+from ..models.split import permute_classifier
+from .partitioned import EnclaveTrainer, TrainConfig, host_layers, split_with_head
 from .peer_keys import GRAD, JOIN, RECORDS, PeerSession, peer_policy
 from .spec import ModelSpec
 
@@ -147,8 +149,8 @@ class DPTrainer(EnclaveTrainer):
 class DistributedEnclave(CalTrainEnclave):
     """A `CalTrainEnclave` that trains one shard as one of `world` mutually attested replicas."""
 
-    def __init__(self, backend, owner=None, plan=None):
-        super().__init__(backend, owner, plan)
+    def __init__(self, backend, owner=None, plan=None, allowed_factories=None):
+        super().__init__(backend, owner, plan, allowed_factories=allowed_factories)
         self._peers: PeerSession | None = None
         self._sealed: set[tuple[int, int]] = set()
         self._group: PeerBox | None = None
@@ -225,7 +227,7 @@ class DistributedEnclave(CalTrainEnclave):
                "head": choice.head, "defence": choice.defence.to_dict(), "plan": self.plan_hash.hex(),
                "config": cfg.to_dict(), "dataset": digest, "n": n, "total_steps": total,
                "classes": list(self.plan.classes), "enclaves": self.world}
-        check_head(spec.build(), k, choice.head)
+        self.plan.build_model(spec.text, self.allowed_factories, k, choice.head)  # allow-list, classes, split
         init_seed = self._secret_seed(b"init", run)
         defence_seed = self._secret_seed(b"defence", run)
         state = None
@@ -238,7 +240,7 @@ class DistributedEnclave(CalTrainEnclave):
             perm = tensors.pop("mapping.perm")
             state = blob
         else:
-            perm = self._mapping_for(run, spec.num_classes).perm
+            perm = self._mapping_for(run, len(self.plan.classes)).perm
         back = self._setup(run, mine, init_seed, defence_seed, perm, state)
         self._consume_nonce(cmd.nonce)
         self._once(JOIN, 0, "the join messages")
@@ -285,12 +287,12 @@ class DistributedEnclave(CalTrainEnclave):
             raise DataError(f"enclave {self.rank}'s shard holds {len(ds)} instances, fewer than the {steps} steps "
                             "of an epoch: use fewer enclaves or a smaller --batch")
         torch.manual_seed(init_seed)
-        model = spec.build()
+        model = self.plan.build_model(spec.text, self.allowed_factories, k, head)  # allow-list, classes, split
         mapping = ClassMapping(perm)
         front, back, head_mod = split_with_head(model, k, head, mapping)
         defence = DefenceSpec.from_dict(run["defence"])
         seed = (defence_seed + self.rank * 0x9E3779B97F4A7C15) % (1 << 63)  # each replica its own noise
-        trainer = DPTrainer(front, mapping, spec.preprocessing(), cfg, run["total_steps"], head_mod, defence, seed,
+        trainer = DPTrainer(front, mapping, self.plan.preprocessing(), cfg, run["total_steps"], head_mod, defence, seed,
                             rank=self.rank, world=self.world)
         if state:
             trainer.load_state_bytes(state)
@@ -298,7 +300,7 @@ class DistributedEnclave(CalTrainEnclave):
         self._order_cache = None
         self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
         self.head = head
-        self._host_out = ((spec.num_classes,) if head == 0 else
+        self._host_out = ((len(self.plan.classes),) if head == 0 else
                           tuple(model.partition_points()[len(model) - head - 1].out_shape))
         from ..crypto import VerifyKey
 
@@ -370,8 +372,8 @@ class DistributedEnclave(CalTrainEnclave):
         if tr.step != tr.total_steps:
             raise UserInputError(f"training is at step {tr.step} of {tr.total_steps}")
         host_layers(self.model, self.k, self.head).load_state_dict(load(back_state))
-        tr.mapping.unpermute_rows(self.model.layers[-1])
-        fps = fingerprints(self.model, self.ds.all_pixels(), self.spec.preprocessing())
+        permute_classifier(self.model, tr.mapping, inverse=True)  # fingerprints in class order
+        fps = fingerprints(self.model, self.ds.all_pixels(), self.plan.preprocessing())
         return [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
 
     def dp_records(self, back_state: bytes) -> bytes:
@@ -406,10 +408,11 @@ class DistributedEnclave(CalTrainEnclave):
         files = {"model.safetensors": _safetensors_bytes(self.model.state_dict()),
                  "front.safetensors": _safetensors_bytes(front.state_dict()),
                  "back.safetensors": _safetensors_bytes(back.state_dict())}
-        header = {"run_id": store_id, "model": self.spec.text, "split": self.k, "classes": self.run["classes"],
+        header = {"run_id": store_id, "model": self.spec.text, "arch": self.spec.arch, "split": self.k,
+                  "classes": self.run["classes"], "input": list(self.plan.input),
                   "head": self.run["head"], "defence": self.run["defence"],
                   "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
-                  "preprocessing": self.spec.preprocessing().to_dict(), "config": self.run["config"],
+                  "preprocessing": self.plan.preprocessing().to_dict(), "config": self.run["config"],
                   "instances": len(records), "linkage_key": linkage_key.hex(), "owner": self.run["owner"],
                   "enclaves": self.world}
         final = seal(self._state_key, pack_files(header, files), b"caltrain/final")

@@ -55,7 +55,9 @@ from .fingerprint import fingerprints
 from .instances import EnclaveDataset, InstanceIngest
 from .linkage import LinkageRecord, seal_records
 from .defences import DefenceSpec
-from .partitioned import ClassMapping, EnclaveTrainer, TrainConfig, check_head, host_layers, split_with_head
+from ..models.classmap import ClassMapping
+from ..models.split import permute_classifier
+from .partitioned import EnclaveTrainer, TrainConfig, host_layers, split_with_head
 from .plan import RunChoice, TrainingPlan, plan_key, plan_report_data
 from .spec import ModelSpec
 
@@ -99,11 +101,24 @@ def parse_owner(value: "str | bytes | VerifyKey") -> VerifyKey:
     raise UserInputError("owner must be an Ed25519 public key (64 hex digits) or a key file")
 
 
-def enclave_config(owner: "str | bytes | VerifyKey | None") -> dict:
-    """The measured configuration of a training enclave whose only owner is `owner`."""
-    if owner is None:
-        return dict(ENCLAVE_CONFIG)
-    return {**ENCLAVE_CONFIG, "owner": parse_owner(owner).to_bytes().hex()}
+def enclave_config(owner: "str | bytes | VerifyKey | None", allowed_factories: "tuple[str, ...] | list[str]" = ()) -> dict:
+    """The measured configuration of a training enclave whose only owner is `owner`.
+
+    `allowed_factories`: the user architectures ('package.module:function') this enclave may
+    build, as a serving enclave's (`serve --allow-factory`); absent when there are none, so the
+    zoo-only measurement is unchanged. `train serve` adds the factory its plan fixes.
+    """
+    from ..models.bundle import check_arch
+
+    names = sorted(set(allowed_factories))
+    for name in names:
+        check_arch({"factory": name})  # UserInputError unless package.module:function
+    cfg = dict(ENCLAVE_CONFIG)
+    if owner is not None:
+        cfg["owner"] = parse_owner(owner).to_bytes().hex()
+    if names:
+        cfg["allowed_factories"] = names
+    return cfg
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -137,14 +152,20 @@ class CalTrainEnclave:
     """One training enclave (one run at a time) for one training plan."""
 
     def __init__(self, backend, owner: "str | bytes | VerifyKey | None" = None,
-                 plan: "TrainingPlan | dict | None" = None):
+                 plan: "TrainingPlan | dict | None" = None, allowed_factories: "tuple[str, ...] | None" = None):
         """`owner`: the only key whose start/release commands are accepted. Default: the `owner` of
         the backend's measured configuration (sim); None there too = any signer (tests only).
         `plan`: the training plan (default: the open plan of that owner over the darknet data model,
-        what `train serve --owner` runs); its owner must be the enclave's."""
+        what `train serve --owner` runs); its owner must be the enclave's. `allowed_factories`:
+        the user architectures it may build (default: those of the backend's measured
+        configuration; the plan's own factory must be among them)."""
         self.be = backend
+        config = getattr(backend, "config", None) or {}
         if owner is None:
-            owner = (getattr(backend, "config", None) or {}).get("owner")
+            owner = config.get("owner")
+        if allowed_factories is None:
+            allowed_factories = tuple(config.get("allowed_factories", ()))
+        self.allowed_factories: frozenset[str] = frozenset(allowed_factories)
         self.allowed_owner: VerifyKey | None = None if owner is None else parse_owner(owner)
         if plan is None:
             plan = TrainingPlan.build(self.allowed_owner)
@@ -153,6 +174,10 @@ class CalTrainEnclave:
         mine = None if self.allowed_owner is None else self.allowed_owner.to_bytes().hex()
         if plan.owner != mine:
             raise UserInputError("the training plan names another owner than the enclave configuration")
+        missing = [f for f in plan.factories() if f not in self.allowed_factories]
+        if missing:
+            raise UserInputError(f"the training plan fixes model factory {missing[0]!r}, which this enclave's "
+                                 "configuration does not allow")
         self.plan: TrainingPlan = plan
         self.plan_hash: bytes = plan.hash()
         self._used_nonces: set[bytes] = set()
@@ -253,9 +278,7 @@ class CalTrainEnclave:
         # dL/dscores), and it would know the FrontNet at step 0, making the first IRs a white-box
         # inversion. A small config seed could even be brute-forced from the BackNet weights.
         torch.manual_seed(self._secret_seed(b"init", run))
-        model = spec.build()
-        model.check_point(k)
-        check_head(model, k, head)
+        model = self.plan.build_model(spec.text, self.allowed_factories, k, head)  # allow-list, classes, split
         defence_seed = self._secret_seed(b"defence", run)  # the host cannot redraw the noise
         back_state = None
         if checkpoint:
@@ -266,19 +289,21 @@ class CalTrainEnclave:
                     raise TamperedMessage(f"checkpoint does not belong to this run ({key} differs)")
             mapping = ClassMapping(tensors.pop("mapping.perm"))
             front, _, head_mod = split_with_head(model, k, head, mapping)
-            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total, head_mod, defence, defence_seed)
+            trainer = EnclaveTrainer(front, mapping, self.plan.preprocessing(), cfg, total, head_mod, defence,
+                                     defence_seed)
             trainer.load_state_bytes(blob)
         else:
-            mapping = self._mapping_for(run, spec.num_classes)
+            mapping = self._mapping_for(run, len(self.plan.classes))
             front, back, head_mod = split_with_head(model, k, head, mapping)
-            trainer = EnclaveTrainer(front, mapping, spec.preprocessing(), cfg, total, head_mod, defence, defence_seed)
+            trainer = EnclaveTrainer(front, mapping, self.plan.preprocessing(), cfg, total, head_mod, defence,
+                                     defence_seed)
             back_state = _safetensors_bytes(back.state_dict())
         self._consume_nonce(cmd.nonce)
         self._order_cache = None  # the epoch order belongs to this run's seed and data set
         self.model, self.spec, self.k, self.ds, self.run, self.trainer = model, spec, k, ds, run, trainer
         self.head = head
         # what the host's output must look like per instance: scores, or the cut-layer features
-        self._host_out = ((spec.num_classes,) if head == 0 else
+        self._host_out = ((len(self.plan.classes),) if head == 0 else
                           tuple(model.partition_points()[len(model) - head - 1].out_shape))
         self.owner = cmd.owner
         self._final = None
@@ -318,7 +343,7 @@ class CalTrainEnclave:
         float32 rounding, ~1e-8 at step 0, and training amplifies it; docs/caltrain.md).
         """
         g = torch.Generator().manual_seed(self._secret_seed(b"mapping", run))
-        return ClassMapping.random(num_classes, g)
+        return ClassMapping.random(num_classes, generator=g)
 
     def _need_run(self) -> EnclaveTrainer:
         if self.trainer is None:
@@ -381,8 +406,8 @@ class CalTrainEnclave:
         if tr.step != tr.total_steps:
             raise UserInputError(f"training is at step {tr.step} of {tr.total_steps}")
         host_layers(self.model, self.k, self.head).load_state_dict(load(back_state))
-        tr.mapping.unpermute_rows(self.model.layers[-1])  # the released model is in class order
-        fps = fingerprints(self.model, self.ds.all_pixels(), self.spec.preprocessing())
+        permute_classifier(self.model, tr.mapping, inverse=True)  # the released model is in class order
+        fps = fingerprints(self.model, self.ds.all_pixels(), self.plan.preprocessing())
         records = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
         linkage_key = generate_key()
         store_id = self.run["run_id"]
@@ -391,10 +416,11 @@ class CalTrainEnclave:
         files = {"model.safetensors": _safetensors_bytes(self.model.state_dict()),
                  "front.safetensors": _safetensors_bytes(front.state_dict()),
                  "back.safetensors": _safetensors_bytes(back.state_dict())}
-        header = {"run_id": store_id, "model": self.spec.text, "split": self.k, "classes": self.run["classes"],
+        header = {"run_id": store_id, "model": self.spec.text, "arch": self.spec.arch, "split": self.k,
+                  "classes": self.run["classes"], "input": list(self.plan.input),
                   "head": self.run["head"], "defence": self.run["defence"],
                   "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
-                  "preprocessing": self.spec.preprocessing().to_dict(), "config": self.run["config"],
+                  "preprocessing": self.plan.preprocessing().to_dict(), "config": self.run["config"],
                   "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"],
                   "head": self.run["head"], "defence": self.run["defence"]}
         final = seal(self._state_key, pack_files(header, files), b"caltrain/final")

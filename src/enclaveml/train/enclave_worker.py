@@ -1,4 +1,4 @@
-"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim --owner HEX [--plan JSON]`.
+"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim --owner HEX [--plan JSON] [--allow-factory PKG.MOD:FN]...`.
 
 Trust side: enclave. Started by the training host with `serve.channel.spawn_enclave_worker`; it
 hardens itself before any secret exists, then answers the host's requests one at a time (a
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plan", default=None, help="the training plan, JSON (train/plan.py); default: the owner's "
                     "open plan")
     ap.add_argument("--group", action="store_true", help="one enclave of a data-parallel group (dp_enclave.py)")
+    ap.add_argument("--allow-factory", action="append", default=[],
+                    help="a user architecture (package.module:function) this enclave may build (measured config)")
     a = ap.parse_args(rest)
     import json
 
@@ -91,16 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     from .enclave import CalTrainEnclave, enclave_config
     from .plan import TrainingPlan
 
-    config = enclave_config(a.owner)  # part of the measurement (sim); argv under Gramine
+    config = enclave_config(a.owner, a.allow_factory)  # part of the measurement (sim); argv under Gramine
     plan = TrainingPlan.from_dict(json.loads(a.plan)) if a.plan else None
     be = get_backend(a.tee, config=config) if a.tee == "sim" else get_backend(a.tee)
     be.harden()
     torch.set_num_threads(max(1, a.threads))
-    enc = CalTrainEnclave(be, owner=config["owner"], plan=plan)
+    factories = tuple(config.get("allowed_factories", ()))
+    enc = CalTrainEnclave(be, owner=config["owner"], plan=plan, allowed_factories=factories)
     if a.group:
         from .dp_enclave import DistributedEnclave
 
-        enc = DistributedEnclave(be, owner=config["owner"], plan=plan)
+        enc = DistributedEnclave(be, owner=config["owner"], plan=plan, allowed_factories=factories)
     chan = Channel.from_fd(fd)
     # One request at a time: a training run is a strict sequence of steps.
     serve_channel(chan, make_handler(enc), max_workers=1, inline=lambda h: True)

@@ -53,15 +53,17 @@ class TrainingHost:
     def __init__(self, store: Path, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
                  threads: int = 1, owner: str | bytes | None = None, linkage_url: str | None = None,
                  plan: "TrainingPlan | None" = None, enclaves: int = 1, peer_address: str | None = None,
-                 spawn_peers: bool = True):
+                 spawn_peers: bool = True, allowed_factories: "tuple[str, ...] | list[str]" = ()):
         """`plan`: what this deployment trains (plan.py); default the owner's open plan over
         `data_model`. Given a plan, `owner` may be omitted and `data_model` must be its data model.
         `enclaves` > 1: this host is rank 0 of a data-parallel group (dp_host.py) whose peers
         rendezvous at `peer_address` (HOST:PORT; default a free loopback port) and are spawned
-        here unless `spawn_peers` is False (then start them with `train peer`)."""
+        here unless `spawn_peers` is False (then start them with `train peer`).
+        `allowed_factories`: user architectures the enclave may build (measured, `--allow-factory`);
+        the plan's own factory is always added."""
         from ..serve.channel import ChannelClient, spawn_enclave_worker
         from ..tee.sim_evidence import canonical_json
-        from .enclave import parse_owner
+        from .enclave import enclave_config, parse_owner
 
         if owner is None and plan is not None and plan.owner is not None:
             owner = plan.owner
@@ -75,6 +77,8 @@ class TrainingHost:
         if data_model not in ("darknet", plan.data_model):
             raise UserInputError(f"--data-model {data_model} differs from the plan's data model {plan.data_model}")
         self.plan = plan
+        self.allowed_factories = tuple(enclave_config(owner_hex, plan.factories() + tuple(allowed_factories))
+                                       .get("allowed_factories", ()))
 
         self.root = Path(store)
         #: Where finished runs' linkage records go: None for `runs/<run>/linkage.db` (SQLite), or a
@@ -95,7 +99,8 @@ class TrainingHost:
         group_args = ["--group"] if enclaves > 1 else []
         self.proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
                                                ["--tee", tee, "--threads", str(threads), "--owner", owner_hex,
-                                                "--plan", canonical_json(plan.to_dict()).decode(), *group_args])
+                                                "--plan", canonical_json(plan.to_dict()).decode(), *group_args,
+                                                *[a for f in self.allowed_factories for a in ("--allow-factory", f)]])
         self.enclave = ChannelClient(chan)
         if enclaves > 1:
             from .dp_host import PeerGroup
@@ -186,7 +191,8 @@ class TrainingHost:
             info.pop("id", None)
             spec = ModelSpec.parse(info["model"])
             cfg = TrainConfig.from_dict(info["config"])
-            back = host_layers(spec.build(), int(info["split"]), int(info.get("head", 0)))  # without the head
+            built = self.plan.build_model(spec.text, self.allowed_factories)  # the operator's allow-list
+            back = host_layers(built, int(info["split"]), int(info.get("head", 0)))  # without the head
             host = HostTrainer(back, cfg, int(info["total_steps"]), self.device)
             if ck:
                 host.load_state_bytes(ck[2])
@@ -379,7 +385,8 @@ def create_app(host_factory) -> "Any":
 def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
           host: str = "127.0.0.1", threads: int = 1, owner: str | bytes | None = None,
           linkage_url: str | None = None, plan: "TrainingPlan | None" = None, enclaves: int = 1,
-          peer_address: str | None = None, spawn_peers: bool = True) -> None:
+          peer_address: str | None = None, spawn_peers: bool = True,
+          allowed_factories: "tuple[str, ...] | list[str]" = ()) -> None:
     import uvicorn
 
     from .enclave import parse_owner
@@ -387,5 +394,5 @@ def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet",
     owner_hex = parse_owner(owner).to_bytes().hex() if owner is not None else None  # fail before spawning
     torch.set_num_threads(max(1, threads))
     app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex, linkage_url, plan,
-                                          enclaves, peer_address, spawn_peers))
+                                          enclaves, peer_address, spawn_peers, tuple(allowed_factories)))
     uvicorn.run(app, host=host, port=port, log_level="warning")

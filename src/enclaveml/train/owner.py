@@ -6,10 +6,14 @@ the enclave (its evidence carries the plan hash), sends it an owner-signed start
 that plan (sealed to its key), waits, then asks for the release: the enclave encrypts the model
 and the linkage key to a one-time key of ours. The model folder it writes:
 
-    model.safetensors  front.safetensors  back.safetensors   (class order; usable by Infenclave)
-    model.json         spec, split, head, defence, plan and plan hash, classes, preprocessing, config
+    model.safetensors  front.safetensors  back.safetensors   (class order)
+    model.json         spec, arch, split, head, defence, plan and plan hash, classes, input,
+                       preprocessing, config
     linkage.db         the encrypted linkage store, as the host keeps it
     linkage.key        the 32-byte key that opens it (mode 0600)
+    bundle/            the model as `enclaveml partition` writes a bundle (signed manifest, sealed
+                       FrontNet and class map, BackNet safetensors), for `enclaveml deploy` as it is
+    bundle.modelkey    its model key (mode 0600), as `partition` keeps it beside the bundle
 
 `trace` works offline on that folder: fingerprint of the image, nearest same-label records.
 """
@@ -45,7 +49,8 @@ def _write_private(path: Path, data: bytes) -> None:
 def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg: TrainConfig,
         key_path: "str | Path | SigningKey", out: str | Path, run_id: str = "caltrain", checkpoint_every: int = 50,
         poll: float = 1.0, progress: Callable[[dict], None] | None = None, wait: bool = True,
-        head: int | None = None, defence: "str | dict | None" = None, enclaves: int | None = None) -> dict:
+        head: int | None = None, defence: "str | dict | None" = None, bundle: "str | Path | None" = None,
+        name: str | None = None, enclaves: int | None = None) -> dict:
     """Start (or resume) a run, wait for it, and fetch the release into `out`.
 
     `model`, `split`, `head`, `defence`: None takes the plan's value (model "darknet", head 0 and
@@ -55,18 +60,21 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
     label-leakage defence the enclave applies to the gradient it hands the host
     (`defences.DefenceSpec`, text `NAME[:k=v,...]` or its dict). Both travel in the signed start
     command; the enclave checks them and reports them back. `key_path`: the owner's key file
-    (created on first use), or the key itself. `enclaves`: require data-parallel training over
-    exactly this many enclaves (in the signed command; enclave 0 checks it, and the release's
-    `model.json` must say so).
+    (created on first use), or the key itself. The release goes to `out` with a servable bundle
+    (`write_bundle`: `bundle`, default OUT/bundle, named `name`, default the run id). `enclaves`: require data-parallel
+    training over exactly this many enclaves (in the signed command; enclave 0 checks it, and
+    the release's `model.json` must say so).
     """
     from ..tee import load_policy
     from .partitioned import check_head
     from .plan import Defence, check_requirements
 
     # What can be checked here is refused before anything is sent (or an owner key created).
+    if wait:
+        bundle_target(out, bundle)
     if defence is not None:
         defence = Defence.parse(defence)  # unknown name or out-of-range setting
-    if head is not None and model is not None and split is not None:
+    if head is not None and model is not None and split is not None and not ModelSpec.parse(model).is_factory:
         check_head(ModelSpec.parse(model).build(), split, head)
     owner = key_path if isinstance(key_path, SigningKey) else keyfiles.load_or_create_signing_key(key_path)
     rules = load_policy(policy).caltrain
@@ -80,8 +88,14 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         if model is None and plan.model is None:
             model = "darknet"
         choice = plan.resolve(model, split, head, defence)
-        check_head(ModelSpec.parse(choice.model).build(), choice.split, choice.head)  # before anything is sent
+        spec = ModelSpec.parse(choice.model)
+        if not spec.is_factory:
+            check_head(spec.build(), choice.split, choice.head)  # before anything is sent
         pub, nonce = client.attest(policy, plan_hash)  # the evidence names the plan
+        if spec.is_factory:
+            # Only now: an enclave our policy accepts was measured with this factory allowed (its
+            # configuration), so the plan's factory is one this owner configured, not the host's.
+            plan.build_model(spec.text, spec.target_allowed(), choice.split, choice.head)
         cmd = seal_owner_command(owner, pub, START, run_id, nonce,
                                  {"model": choice.model, "split": choice.split, "head": choice.head,
                                   "defence": choice.defence.to_dict(), "plan": plan_hash.hex(), "config": cfg.to_dict(),
@@ -97,7 +111,7 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         if st.get("state") != "done":
             raise UserInputError(f"training did not finish: {st.get('state')} {st.get('error', '')}".strip())
         pub, nonce = client.attest(policy, plan_hash)  # a fresh nonce: the enclave accepts each one once
-        res = {**st, **release(client, pub, nonce, owner, run_id, out)}
+        res = {**st, **release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name)}
         if enclaves is not None and res.get("enclaves", 1) != int(enclaves):
             raise PolicyViolation(f"the run was trained by {res.get('enclaves', 1)} enclave(s), not the {enclaves} "
                                   "asked for")
@@ -106,20 +120,116 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         client.close()
 
 
-def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run_id: str, out: str | Path) -> dict:
+def fetch_release(url: str, policy: str | Path, key_path: "str | Path | SigningKey", out: str | Path,
+                  run_id: str = "caltrain", bundle: "str | Path | None" = None, name: str | None = None) -> dict:
+    """Fetch a finished run's release again (attest, signed release command) into `out`, with its bundle."""
+    bundle_target(out, bundle)
+    owner = key_path if isinstance(key_path, SigningKey) else keyfiles.load_signing_key(key_path)
+    client = HostClient(url)
+    try:
+        plan, plan_hash = client.plan()
+        pub, nonce = client.attest(policy, plan_hash)
+        return release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name)
+    finally:
+        client.close()
+
+
+def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run_id: str, out: str | Path,
+            bundle: "str | Path | None" = None, name: str | None = None) -> dict:
+    """Ask the enclave for the model (sealed to a one-time key of ours), write the model folder,
+    and make the servable bundle from it (`write_bundle`; `bundle` default OUT/bundle)."""
     reply = HpkeKeyPair.generate()
     cmd = seal_owner_command(owner, pub, RELEASE, run_id, nonce, {"reply_to": reply.public_bytes().hex()})
     data, _ = open_request(reply, client.release(run_id, cmd), b"", info=RELEASE_INFO)
     header, files = unpack_files(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "front.safetensors", "back.safetensors"):
-        (out / name).write_bytes(files[name])
+    for fname in ("model.safetensors", "front.safetensors", "back.safetensors"):
+        (out / fname).write_bytes(files[fname])
     key = bytes.fromhex(header.pop("linkage_key"))
     _write_private(out / "linkage.key", key)
     (out / "model.json").write_text(json.dumps(header, indent=2) + "\n")
     (out / "linkage.db").write_bytes(client.get("/train/linkage", run_id=run_id).content)
-    return {"out": str(out), "instances": header["instances"], "enclaves": int(header.get("enclaves", 1))}
+    made = write_bundle(out, owner, bundle, name=name)
+    return {"out": str(out), "instances": header["instances"], "enclaves": int(header.get("enclaves", 1)), **made}
+
+
+def bundle_target(out: str | Path, bundle: "str | Path | None" = None) -> Path:
+    """Where a release's bundle goes (default OUT/bundle); `UserInputError` if a bundle or its
+    model key is already there (a release never overwrites a model key: choose another place)."""
+    from ..models.bundle import model_key_path
+
+    target = Path(bundle) if bundle is not None else Path(out) / "bundle"
+    if (target.exists() and (not target.is_dir() or any(target.iterdir()))) or model_key_path(target).exists():
+        raise UserInputError(f"{target}: a bundle (or {model_key_path(target).name}) is already there; choose "
+                             "another --out or --bundle (a release never overwrites a model key)")
+    return target
+
+
+def released_model(folder: str | Path):
+    """(LayeredModel in class order, model.json) of a released model folder (owner or auditor).
+
+    The folder is the owner's own file, like a model card: a user factory it names is built
+    (the attested training enclave was configured to allow it, `run`), no other.
+    """
+    from safetensors.torch import load_file
+
+    from .plan import TrainingPlan
+
+    d = Path(folder)
+    try:
+        meta = json.loads((d / "model.json").read_text())
+    except FileNotFoundError as e:
+        raise UserInputError(f"{d}: not a CalTrain model folder ({e.filename} missing)") from None
+    except ValueError:
+        raise UserInputError(f"{d}/model.json: not JSON") from None
+    spec = ModelSpec.parse(meta["model"])
+    if "plan" in meta:
+        model = TrainingPlan.from_dict(meta["plan"]).build_model(spec.text, spec.target_allowed())
+    else:  # released before plans existed: zoo models only
+        model = spec.build()
+    try:
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+    except (OSError, RuntimeError) as e:
+        raise UserInputError(f"{d}/model.safetensors does not fit {spec.text} ({type(e).__name__})") from None
+    return model.eval(), meta
+
+
+def write_bundle(folder: str | Path, owner: SigningKey, bundle: "str | Path | None" = None,
+                 name: str | None = None) -> dict:
+    """The released model as a bundle in exactly `enclaveml partition`'s format, ready for `deploy`.
+
+    Same split (k and head as trained), the same architecture spec in the manifest's `arch`
+    (`models/spec.py`), the plan's preprocessing and the owner's class names, a FRESH secret
+    class mapping (the training run's was exposed to the host's gradients), signed with the
+    owner's key. The model key goes to BUNDLE.modelkey (0600) as `partition` writes it.
+    Default bundle: FOLDER/bundle; default name: the run id.
+    """
+    from ..data.preprocess import Preprocessing
+    from ..models.bundle import make_bundle, model_key_path, save_model_key
+
+    target = bundle_target(folder, bundle)
+    key_file = model_key_path(target)
+    model, meta = released_model(folder)
+    manifest, key = make_bundle(model, int(meta["split"]), target, ModelSpec.parse(meta["model"]).arch,
+                                Preprocessing.from_dict(meta["preprocessing"]), list(meta["classes"]), owner,
+                                name=name or _bundle_name(str(meta.get("run_id", "caltrain"))),
+                                head=int(meta.get("head", 0)))
+    try:
+        save_model_key(key_file, key)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return {"bundle": str(target), "model_key": str(key_file), "name": manifest.name,
+            "bundle_id": manifest.bundle_id}
+
+
+def _bundle_name(run_id: str) -> str:
+    """A model name servers accept (letters, digits, '-', '_', '.'), from a run id."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in run_id)
+    return safe.lstrip(".")[:64] or "caltrain"
 
 
 def audit(url: str, policy: str | Path, key_path: str | Path, run_id: str = "caltrain",
@@ -182,22 +292,19 @@ class TracedModel:
     def __init__(self, folder: str | Path, linkage: str | Path | None = None):
         """`linkage`: read the records from there (a `postgresql://` URL or another SQLite file)
         instead of the folder's linkage.db; the folder's key and run id still decide what opens."""
-        from safetensors.torch import load_file
-
+        from ..data.preprocess import Preprocessing
         from .linkage import LinkageStore, records_to_arrays
 
         self.dir = Path(folder)
+        self.model, self.meta = released_model(self.dir)
         try:
-            self.meta = json.loads((self.dir / "model.json").read_text())
             key = (self.dir / "linkage.key").read_bytes()
         except FileNotFoundError as e:
             raise UserInputError(f"{self.dir}: not a CalTrain model folder ({e.filename} missing)") from None
         self.spec = ModelSpec.parse(self.meta["model"])
         self.classes = list(self.meta["classes"])
-        self.model = self.spec.build()
-        self.model.load_state_dict(load_file(str(self.dir / "model.safetensors")))
-        self.model.eval()
-        self.pre = self.spec.preprocessing()
+        self.pre = (Preprocessing.from_dict(self.meta["preprocessing"]) if "preprocessing" in self.meta
+                    else self.spec.preprocessing())
         with LinkageStore(linkage or self.dir / "linkage.db", key,
                           store=self.meta.get("run_id") if linkage else None) as store:
             self.records = store.read_all()  # TamperedMessage if the store was changed

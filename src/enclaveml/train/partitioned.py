@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,8 @@ from torch import nn
 
 from ..data.preprocess import Preprocessing
 from ..errors import TamperedMessage, UserInputError
+from ..models.classmap import ClassMapping
+from ..models.split import check_split, permute_classifier, split_model
 from .augment import augment
 
 if TYPE_CHECKING:
@@ -91,43 +92,6 @@ class TrainConfig:
             epoch, b = divmod(step, per)
             order = self.epoch_order(n, epoch)
             yield step, epoch, order[b * self.batch:(b + 1) * self.batch]
-
-
-class ClassMapping:
-    """The secret permutation pi: score column j is class pi[j]. Lives only in the enclave."""
-
-    def __init__(self, perm: torch.Tensor):
-        perm = torch.as_tensor(perm, dtype=torch.long)
-        n = perm.numel()
-        if sorted(perm.tolist()) != list(range(n)):
-            raise UserInputError("a class mapping must be a permutation of 0..n-1")
-        self.perm = perm
-        self.inverse = torch.argsort(perm)
-
-    @classmethod
-    def random(cls, n: int, gen: torch.Generator | None = None) -> "ClassMapping":
-        return cls(torch.randperm(n, generator=gen))
-
-    def to_scores_order(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class order -> secret score order (to permute a plain model's last layer)."""
-        return logits.index_select(-1, self.perm)
-
-    def to_class_order(self, scores: torch.Tensor) -> torch.Tensor:
-        """Secret score order -> class order (enclave, after the host's BackNet)."""
-        return scores.index_select(-1, self.inverse)
-
-    def permute_rows(self, linear: nn.Linear) -> None:
-        """Reorder a Linear layer's output rows into the secret order (in place)."""
-        with torch.no_grad():
-            linear.weight.copy_(linear.weight[self.perm])
-            if linear.bias is not None:
-                linear.bias.copy_(linear.bias[self.perm])
-
-    def unpermute_rows(self, linear: nn.Linear) -> None:
-        with torch.no_grad():
-            linear.weight.copy_(linear.weight[self.inverse])
-            if linear.bias is not None:
-                linear.bias.copy_(linear.bias[self.inverse])
 
 
 class _Half:
@@ -240,7 +204,7 @@ class EnclaveTrainer(_Half):
             raise UserInputError("loss_grad before forward")
         out = scores.detach().requires_grad_(True)
         scores = out if self.head is None else self.head(out)
-        logits = self.mapping.to_class_order(scores)
+        logits = self.mapping.to_original(scores)
         loss = F.cross_entropy(logits, self._y, label_smoothing=self.cfg.label_smoothing)
         if self.head is None:
             (grad,) = torch.autograd.grad(loss, out)
@@ -317,37 +281,27 @@ class PlainTrainer(_Half):
 
 def split_for_caltrain(model: nn.Module, k: int, mapping: ClassMapping):
     """Split a LayeredModel at k and permute its classifier rows: (FrontNet, BackNet)."""
-    front, back = model.split(k)
-    fc = list(back.children())[-1]
-    if not isinstance(fc, nn.Linear):
-        raise UserInputError("CalTrain needs a model whose last layer is a Linear classifier")
-    mapping.permute_rows(fc)
+    front, back, _ = split_with_head(model, k, 0, mapping)
     return front, back
 
 
 def check_head(model: nn.Module, k: int, head: int) -> int:
-    """`head` = how many of the last layers run in the enclave: 0 (none) up to leaving the host one."""
-    model.check_point(k)
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head <= len(model) - k - 1:
-        raise UserInputError(f"--head {head} is out of range: with split {k} this model allows 0..{len(model) - k - 1} "
-                             "(the host keeps at least one layer)")
+    """`head` = how many of the last layers run in the enclave: 0 (none) up to leaving the host one
+    (the one rule of bundles and CalTrain: `models.split.check_split`)."""
+    check_split(model, k, head)
     return head
 
 
 def host_layers(model: nn.Module, k: int, head: int = 0) -> nn.Sequential:
     """The host's part: layers k..n-1-head (the BackNet without the head). Shares the parameters."""
-    check_head(model, k, head)
-    items = list(model.layers.named_children())
-    return nn.Sequential(OrderedDict(items[k:len(items) - head]))
+    check_split(model, k, head)
+    return split_model(model, k, head).back
 
 
 def split_with_head(model: nn.Module, k: int, head: int, mapping: ClassMapping):
-    """(FrontNet, host layers, head or None) with the classifier rows permuted; head=0 is
-    `split_for_caltrain`. The parts share the parameters with `model`."""
-    check_head(model, k, head)
-    front, back = split_for_caltrain(model, k, mapping)
-    if head == 0:
-        return front, back, None
-    items = list(model.layers.named_children())
-    return front, host_layers(model, k, head), nn.Sequential(OrderedDict(items[len(items) - head:]))
-
+    """(FrontNet, host layers, head or None) with the classifier rows permuted in place by `mapping`
+    (`models.split`: the same partition as a bundle's). The parts share the parameters with `model`."""
+    check_split(model, k, head)
+    permute_classifier(model, mapping)
+    parts = split_model(model, k, head)
+    return parts.front, parts.back, parts.head

@@ -10,9 +10,17 @@ label-leakage defence runs. The plan names all of them; any may be left to the o
 `train run` (null), and a participant whose policy requires a minimum refuses such a plan.
 
     plan = {"version": 1, "owner": HEX | null, "data_model": "darknet", "classes": [...],
-            "input": [3, 32, 32], "model": "darknet:width=16" | null, "split": 5 | null,
+            "input": [3, 32, 32], "model": "darknet:width=16" | "mypkg.nets:build" | null, "split": 5 | null,
             "head": 0 | null, "defence": {"name": "noise", "settings": {"scale": 1.0}} | null}
     plan hash = SHA-256("enclaveml/v1 caltrain-plan\\0" || canonical JSON of the plan)
+
+The data model (a zoo name) says how instances are decoded and normalised; the owner declares
+the class names (any number from 2 up to MAX_CLASSES; default the data model's). The model is a
+model specification (`models/spec.py`): a zoo model whose classes match, or the owner's own
+architecture as `package.module:function`, which an enclave builds only when its measured
+configuration allows that factory (`enclave.enclave_config`; a plan that fixes a factory allows
+it). A plan is parsed without importing anything: a factory is first built, and its classes and
+split checked, inside the enclave at start (`build_model`).
 
 How it binds (all backends, simulated or hardware):
 - the enclave's evidence carries the plan hash in the upper half of its report data
@@ -41,6 +49,7 @@ PLAN_DOMAIN = b"enclaveml/v1 caltrain-plan\x00"
 #: has it (a plan hash is a SHA-256), so an instance bound to it is refused by every enclave.
 UNPLANNED = bytes(32)
 MAX_HEAD = 64
+MAX_CLASSES = 1000
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 _SETTING = re.compile(r"[a-z_]{1,20}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -167,12 +176,15 @@ class TrainingPlan:
         if not isinstance(d["data_model"], str):
             raise UserInputError("training plan: data_model must be a zoo model name")
         data = ModelSpec.parse(d["data_model"])
+        if data.is_factory:
+            raise UserInputError("training plan: data_model must be a zoo model name (it fixes how instances are "
+                                 "decoded); the model to train goes in model")
         classes = d["classes"]
-        if not isinstance(classes, list) or len(classes) != data.num_classes or \
+        if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES or \
                 not all(isinstance(c, str) and 1 <= len(c) <= 64 and c.isprintable() for c in classes) or \
                 len(set(classes)) != len(classes):
-            raise UserInputError(f"training plan: classes must be {data.num_classes} distinct names of 1-64 "
-                                 f"printable characters (the data model's class count)")
+            raise UserInputError(f"training plan: classes must be 2 to {MAX_CLASSES} distinct names of 1-64 "
+                                 f"printable characters")
         h, w = data.preprocessing().size
         if d["input"] != [3, h, w]:
             raise UserInputError(f"training plan: input {d['input']!r} is not the data model's [3, {h}, {w}]")
@@ -183,8 +195,9 @@ class TrainingPlan:
             spec = ModelSpec.parse(model)
             if spec.text != model:
                 raise UserInputError(f"training plan: model {model!r} is not in canonical form ({spec.text!r})")
-            if spec.num_classes != len(classes) or spec.preprocessing().size != (h, w):
-                raise UserInputError(f"training plan: model {model} does not take the data model's input or classes")
+            if not spec.is_factory and (spec.num_classes != len(classes) or spec.preprocessing().size != (h, w)):
+                raise UserInputError(f"training plan: model {model} does not take the data model's input or the "
+                                     f"plan's {len(classes)} classes")
         split = None if d["split"] is None else _int("split", d["split"], 1, 1000)
         head = None if d["head"] is None else _int("head", d["head"], 0, MAX_HEAD)
         defence = None if d["defence"] is None else Defence.parse(d["defence"])
@@ -197,7 +210,10 @@ class TrainingPlan:
         """The split must be a partition point of the model and leave the host at least one layer."""
         from .spec import ModelSpec
 
-        n = len(ModelSpec.parse(model).build())
+        spec = ModelSpec.parse(model)
+        if spec.is_factory:
+            return  # not imported outside an enclave that allows it: checked by `build_model` at start
+        n = len(spec.build())
         if split is not None and not 1 <= split <= n - 1:
             raise UserInputError(f"training plan: split {split} is out of range for {model} (points 1..{n - 1})")
         if split is not None and head is not None and split + head > n - 1:
@@ -256,10 +272,53 @@ class TrainingPlan:
         head = 0 if out["head"] is None else _int("head", out["head"], 0, MAX_HEAD)
         split = _int("split", out["split"], 1, 1000)
         spec = ModelSpec.parse(out["model"])
-        if spec.num_classes != len(self.classes) or spec.preprocessing().size != tuple(self.input[1:]):
-            raise UserInputError(f"model {spec.text} does not take this plan's input or classes")
+        if not spec.is_factory and (spec.num_classes != len(self.classes)
+                                    or spec.preprocessing().size != tuple(self.input[1:])):
+            raise UserInputError(f"model {spec.text} does not take this plan's input or its {len(self.classes)} "
+                                 "classes")
         self._check_model(spec.text, split, head)
         return RunChoice(spec.text, split, head, out["defence"] or NO_DEFENCE)
+
+    def factories(self) -> tuple[str, ...]:
+        """The user factory this plan fixes, if any (an enclave running the plan allows it)."""
+        from .spec import ModelSpec
+
+        spec = None if self.model is None else ModelSpec.parse(self.model)
+        return (spec.target,) if spec is not None and spec.is_factory else ()
+
+    def preprocessing(self):
+        """How instances are decoded and normalised: the data model's."""
+        return self.data_spec().preprocessing()
+
+    def build_model(self, model: str, allowed_factories: Any = (), split: int | None = None, head: int = 0):
+        """The architecture `model` names for this plan's input and classes (random weights).
+
+        A factory only when `allowed_factories` (the caller's trusted configuration: an enclave's
+        measured one, a host operator's flags, the owner's own choice) names it, else
+        PolicyViolation before any import; then its classes and, if given, the split are checked.
+        """
+        from ..models.split import check_split
+        from .spec import ModelSpec
+
+        spec = ModelSpec.parse(model)
+        if not spec.allowed_by(allowed_factories):
+            raise PolicyViolation(f"model factory {spec.target!r} is not allowed here (a training enclave allows "
+                                  "the factories of its measured configuration: train serve --allow-factory, or a "
+                                  "plan that fixes the model)")
+        from ..models.loading import probe_classes
+
+        built = spec.build(tuple(self.input), len(self.classes), allowed_factories)
+        outputs = probe_classes(built, tuple(self.input), f"model {spec.text}: ") if spec.is_factory \
+            else built.num_classes
+        if outputs != len(self.classes):
+            raise UserInputError(f"model {spec.text} has {outputs} outputs; the plan declares "
+                                 f"{len(self.classes)} classes")
+        if tuple(built.input_shape) != tuple(self.input):
+            raise UserInputError(f"model {spec.text} takes {list(built.input_shape)}, the plan's input is "
+                                 f"{list(self.input)}")
+        if split is not None:
+            check_split(built, split, head)
+        return built
 
 
 def plan_report_data(public_key: bytes, nonce: bytes, plan_hash: bytes) -> bytes:
@@ -327,10 +386,13 @@ def check_requirements(plan: TrainingPlan, req: dict, plan_hash: bytes | None = 
                                   f"{', '.join(names)}")
 
 
-def participant_policy(plan: TrainingPlan, rules: dict | None = None, pin_plan: bool = True):
+def participant_policy(plan: TrainingPlan, rules: dict | None = None, pin_plan: bool = True,
+                       allowed_factories: "tuple[str, ...] | list[str]" = ()):
     """The sim policy that accepts this machine's training enclave for `plan`'s owner: `[caltrain]`
     pins the owner, the exact plan (unless `pin_plan` is False) and the least protection `rules`
-    ({min_split, min_head, defences}). Refuses a pinned plan that can never meet the rules."""
+    ({min_split, min_head, defences}). Refuses a pinned plan that can never meet the rules. The
+    measured configuration allows the plan's factory and `allowed_factories` (as `train serve
+    --allow-factory`)."""
     from ..errors import EnclaveMLError, UserInputError
     from ..tee.sim import sim_policy
     from .enclave import enclave_config
@@ -344,4 +406,4 @@ def participant_policy(plan: TrainingPlan, rules: dict | None = None, pin_plan: 
         except EnclaveMLError as e:
             raise UserInputError(f"the plan you pin can never meet your own requirements: {e}") from None
     table.update(rules)
-    return sim_policy(enclave_config(plan.owner), caltrain=table)
+    return sim_policy(enclave_config(plan.owner, plan.factories() + tuple(allowed_factories)), caltrain=table)
