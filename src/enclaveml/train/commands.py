@@ -65,14 +65,48 @@ def serve_cmd(
     split: Optional[int] = typer.Option(None, "--split", help="the partition point k every run must use" + _OPEN),
     head: Optional[int] = typer.Option(None, "--head", help="classifier layers kept in the enclave" + _OPEN),
     defence: Optional[str] = typer.Option(None, "--defence", help="label-leakage defence NAME[:key=value,...]" + _OPEN),
+    ping_interval: float = typer.Option(2.0, "--ping-interval",
+                                        help="seconds between liveness pings of the enclave worker"),
+    ping_timeout: float = typer.Option(10.0, "--ping-timeout",
+                                       help="a worker that does not answer a ping within this many seconds is "
+                                            "restarted (a running run stops; its next start resumes the checkpoint)"),
+    worker_socket: Optional[str] = typer.Option(None, "--worker-socket",
+                                                help="talk to the enclave worker over this Unix socket path, tensors "
+                                                     "inline (for enclaves that cannot inherit fds or map host memory)"),
+    gramine_dir: Optional[Path] = typer.Option(None, "--gramine-dir", help="gramine-sgx: where the manifest, "
+                                               "signature and worker socket go (default STORE/gramine)"),
+    cost: Optional[Path] = typer.Option(None, "--cost", help="gramine-sgx: assessment.json (or a cost report) "
+                                        "sizing the enclave"),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="gramine-sgx: RSA-3072 key for "
+                                               "gramine-sgx-sign (default: Gramine's own default key)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="gramine-sgx: write the manifest, print the Gramine "
+                                 "commands, do not launch"),
 ) -> None:
     """(host) Run the training server and its enclave worker, for one owner and one training plan."""
+    from ..errors import UserInputError
     from .host import serve
 
+    if tee != "gramine-sgx" and (gramine_dir or cost or signing_key or dry_run):
+        raise UserInputError("--gramine-dir, --cost, --signing-key and --dry-run are for --tee gramine-sgx")
     plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
+    launch = None
+    if tee == "gramine-sgx":  # the same launch as `enclaveml serve --tee gramine-sgx` (runtime.spawn)
+        from ..runtime.spawn import gramine_launch
+        from ..tee import gramine
+        from .host import WORKER_MODULE, worker_args
+
+        g = gramine_launch(gramine_dir or store / "gramine",
+                           lambda sock: gramine.worker_argv(sock, threads=1, torch_threads=threads, module=WORKER_MODULE,
+                                                            extra_args=worker_args(plan.owner, plan)),
+                           cost, signing_key, dry_run, threads, echo=typer.echo)
+        if g.launch is None:  # --dry-run
+            return
+        worker_socket, launch = g.socket_path, g.launch
     typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {plan.owner[:16]}, "
                f"plan {plan.hash().hex()[:16]})", err=True)
-    serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan)
+    serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan,
+          worker_socket=worker_socket, worker_launch=launch, ping_interval_s=ping_interval,
+          ping_timeout_s=ping_timeout)
 
 
 @train_app.command("plan")
