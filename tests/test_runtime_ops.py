@@ -163,3 +163,31 @@ def test_the_serving_and_caltrain_registries_check_their_arguments():
     ):
         with pytest.raises(DataError, match=why):
             ops.handle(header, {}, {})
+
+
+def test_dependencies_point_inward():
+    """The runtime knows neither system; serving and CalTrain never import each other (DESIGN.md)."""
+    import ast
+    from pathlib import Path
+
+    import enclaveml
+
+    root = Path(enclaveml.__file__).parent
+
+    def imports(pkg: str) -> set[str]:
+        out = set()
+        for p in (root / pkg).rglob("*.py"):
+            depth = len(p.relative_to(root).parts)  # a relative import of this many dots reaches the package root
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    mod = node.module or ""
+                    if node.level >= depth:
+                        out.add(mod.split(".")[0])
+                    elif node.level == 0 and mod.startswith("enclaveml."):
+                        out.add(mod.split(".")[1])
+                elif isinstance(node, ast.Import):
+                    out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("enclaveml.")}
+        return out
+
+    assert not imports("runtime") & {"serve", "train", "client", "assess", "cli"}, imports("runtime")
+    assert "serve" not in imports("train") and "train" not in imports("serve")

@@ -289,3 +289,18 @@ def test_an_event_loop_can_read_the_replies(tmp_path):
             client2.request({"op": "echo"}, timeout=5)
 
     asyncio.run(main())
+
+
+def test_inline_frames_of_empty_tensors_only():
+    """No shared memory, and no tensor bytes at all: the frame still carries the tensors' shapes."""
+    import socket
+
+    a, b = socket.socketpair()
+    left, right = transport.Channel(a, use_shm=False), transport.Channel(b, use_shm=False)
+    try:
+        left.send({"op": "x"}, {"e": torch.zeros(0, 3), "f": torch.empty(0, dtype=torch.int64)})
+        h, t, _ = right.recv()
+        assert h == {"op": "x"} and t["e"].shape == (0, 3) and t["f"].dtype == torch.int64
+    finally:
+        left.close()
+        right.close()

@@ -155,9 +155,10 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy()
 
 
-def copy_out(desc: TensorDesc, buf: "mmap.mmap | memoryview", offset: int) -> torch.Tensor:
-    """A private copy of the tensor `desc` describes, from `buf` at `offset` (bounds checked)."""
-    if offset + desc.nbytes > len(buf):
+def copy_out(desc: TensorDesc, buf: "mmap.mmap | memoryview | None", offset: int) -> torch.Tensor:
+    """A private copy of the tensor `desc` describes, from `buf` at `offset` (bounds checked;
+    `buf` may be None for a tensor of no bytes)."""
+    if offset + desc.nbytes > (len(buf) if buf is not None else 0):
         raise ChannelError("tensor lies outside its shared-memory segment")
     out = torch.empty(desc.shape, dtype=DTYPES[desc.dtype])
     if desc.nbytes:
