@@ -99,6 +99,38 @@ def test_malformed_frames_raise_a_clear_error_and_the_reader_stays_broken(frame,
     r.receive_data(_wire({"op": "honest"}))  # a stream with a bad frame in it cannot be resynchronised
     with pytest.raises(F.FrameError, match=why):
         r.next_event()
+    with pytest.raises(F.FrameError, match=why):  # the pull parser refuses it the same way
+        F.read_frame(_Pull(frame + b"\x00" * 64))
+
+
+class _Pull:
+    """`read_exact` over a byte string, recording what was asked for."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos, self.asked = data, 0, []
+
+    def __call__(self, n: int) -> bytes:
+        self.asked.append(n)
+        if self.pos + n > len(self.data):
+            raise EOFError
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+
+def test_the_pull_parser_reads_each_part_once_and_agrees_with_the_reader():
+    t = [["x", "float32", [2], F.INLINE, 0, 8], ["s", "uint8", [3], "emla_1_ab", 64, 3]]
+    data = _wire({"op": "a"}, {"b": b"xyz", "c": b"!"}, t, [["emla_2_cd", 0]], [b"\x01" * 8]) + _wire({"op": "b"})
+    pull = _Pull(data)
+    a, b = F.read_frame(pull), F.read_frame(pull)
+    r = F.FrameReader()
+    r.receive_data(data)
+    for got, want in ((a, r.next_event()), (b, r.next_event())):
+        assert (got.header, got.blobs, got.tensors, got.frees) == (want.header, want.blobs, want.tensors, want.frees)
+        assert bytes(got.inline or b"") == bytes(want.inline or b"")
+    meta_a = len(F.encode_meta({"op": "a"}, {"b": b"xyz", "c": b"!"}, t, [["emla_2_cd", 0]])) - 4
+    assert pull.asked == [4, meta_a, 4, 8, 4, len(data) - pull.asked[1] - 4 - 4 - 8 - 4]
+    assert a.blobs == {"b": b"xyz", "c": b"!"} and bytes(a.inline) == b"\x01" * 8 and b.blobs == {}
 
 
 def test_encoding_refuses_what_cannot_travel():

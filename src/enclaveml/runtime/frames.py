@@ -15,10 +15,11 @@ A frame on the wire:
     sum(nbytes)     the bytes of the inline tensors (segment ""), in the order of "t"
 
 Receiving: `FrameReader.receive_data(bytes)` then `next_event()` -> a `Frame` or `NEED_DATA`.
-`bytes_wanted()` says how many bytes finish the part being read, so a transport can read exactly
-that much and hand the buffer over; fed whole, a part is kept as it is (no copy), so the codec adds
-no copy to the channel's hot path. A reader that raised `FrameError` stays broken (every later
-call raises again): a stream with a bad frame in it cannot be resynchronised.
+`bytes_wanted()` says how many bytes finish the part being read; fed whole, a part is kept as it
+is (no copy). A reader that raised `FrameError` stays broken (every later call raises again): a
+stream with a bad frame in it cannot be resynchronised. `read_frame(read_exact)` is the same parse
+pulled part by part from a function that returns exactly the bytes asked for: the transport's hot
+path (one call per frame, no buffering, no copy beyond the blobs' own).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -194,6 +195,40 @@ def decode_meta(raw: "bytes | bytearray | memoryview"
     return meta.get("h", {}), blobs, tensors, frees
 
 
+def frame_length(prefix: "bytes | bytearray | memoryview") -> int:
+    """The meta length a frame's 4-byte prefix announces (checked against the limit)."""
+    (n,) = LEN.unpack(prefix)
+    if n > MAX_META_BYTES:
+        raise FrameError("frame header is too large")
+    return n
+
+
+def split_blobs(raw: "bytes | bytearray | memoryview", sizes: list[tuple[str, int]]) -> dict[str, bytes]:
+    """The named blobs out of their concatenated bytes (one copy each, into `bytes`)."""
+    view, blobs, pos = memoryview(raw), {}, 0
+    for name, size in sizes:
+        blobs[name] = bytes(view[pos:pos + size])
+        pos += size
+    return blobs
+
+
+def inline_bytes(tensors: list[TensorDesc]) -> int:
+    """How many bytes of inline tensors follow the blobs."""
+    return sum(d.nbytes for d in tensors if d.segment == INLINE)
+
+
+def read_frame(read_exact: "Callable[[int], bytes | bytearray | memoryview]") -> Frame:
+    """One frame, pulled part by part from `read_exact(n)` (which returns exactly n bytes, or
+    raises). The same parse as `FrameReader`, for a transport that reads exactly what each part
+    needs: each part is one buffer, kept as it came (no copy beyond the blobs' own)."""
+    n = frame_length(read_exact(LEN.size))
+    header, sizes, tensors, frees = decode_meta(read_exact(n))
+    need = sum(size for _, size in sizes)
+    blobs = split_blobs(read_exact(need), sizes) if need else {name: b"" for name, _ in sizes}
+    need = inline_bytes(tensors)
+    return Frame(header, blobs, tensors, frees, memoryview(read_exact(need)) if need else None)
+
+
 # States of the reader: which part of a frame it reads next.
 _PREFIX, _META, _BLOBS, _INLINE, _BROKEN = range(5)
 
@@ -259,10 +294,7 @@ class FrameReader:
     def _advance(self) -> "Frame | _NeedData":
         while self._have >= self._need:
             if self._state == _PREFIX:
-                (n,) = LEN.unpack(self._take(LEN.size))
-                if n > MAX_META_BYTES:
-                    raise FrameError("frame header is too large")
-                self._state, self._need = _META, n
+                self._state, self._need = _META, frame_length(self._take(LEN.size))
             elif self._state == _META:
                 header, self._blob_sizes, tensors, frees = decode_meta(self._take(self._need))
                 self._frame = Frame(header, {}, tensors, frees)
@@ -270,13 +302,8 @@ class FrameReader:
             elif self._state == _BLOBS:
                 frame = self._frame
                 assert frame is not None
-                raw = memoryview(self._take(self._need)) if self._need else memoryview(b"")
-                pos = 0
-                for name, size in self._blob_sizes:
-                    frame.blobs[name] = bytes(raw[pos:pos + size])
-                    pos += size
-                self._state = _INLINE
-                self._need = sum(d.nbytes for d in frame.tensors if d.segment == INLINE)
+                frame.blobs = split_blobs(self._take(self._need), self._blob_sizes)
+                self._state, self._need = _INLINE, inline_bytes(frame.tensors)
             elif self._state == _INLINE:
                 frame = self._frame
                 assert frame is not None

@@ -27,14 +27,11 @@ import os
 import select
 import socket
 import threading
-from typing import Any
-
 import torch
 
 from .arena import DEFAULT_ARENA_BYTES, Arena, Segment, copy_out, map_peer_segment, tensor_bytes
 from .errors import ChannelClosed, ChannelError
-from .frames import (ARENA_PREFIX, DTYPE_NAMES, INLINE, NEED_DATA, FrameReader, Header, TensorDesc, encode_meta,
-                     free_frame)
+from .frames import ARENA_PREFIX, DTYPE_NAMES, INLINE, FrameError, Header, TensorDesc, encode_meta, free_frame, read_frame
 
 Message = tuple[Header, dict[str, torch.Tensor], dict[str, bytes]]
 
@@ -55,7 +52,7 @@ class Channel:
         self._arena: Arena | None = None
         self._peer_segments: dict[str, mmap.mmap] = {}  # the peer's arenas, mapped read-only
         self._fds: list[int] = []  # segment fds received with the frame being read
-        self._reader = FrameReader()
+        self._broken: FrameError | None = None
         self._send_lock = threading.Lock()
         self._arena_lock = threading.Lock()
         self._closed = False
@@ -233,11 +230,13 @@ class Channel:
             self._drop_fds()  # fds this frame carried but did not use (or a refused frame's)
 
     def _recv_frame(self) -> Message | None:
-        reader = self._reader
-        frame: Any = reader.next_event()
-        while frame is NEED_DATA:  # read exactly what the codec still needs: its part, whole
-            reader.receive_data(self._recv_exact(reader.bytes_wanted()))
-            frame = reader.next_event()
+        if self._broken is not None:  # a refused frame desynchronised the stream
+            raise self._broken
+        try:
+            frame = read_frame(self._recv_exact)  # each part read whole, exactly as long as it is
+        except FrameError as e:
+            self._broken = e
+            raise
         for seg, off in frame.frees:
             if self._arena is not None and seg == self._arena.name:
                 self._arena.free(off)
