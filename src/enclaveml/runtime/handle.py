@@ -146,6 +146,8 @@ class Supervisor:
             if reason is None:
                 backoff = self.poll_s
                 continue
+            if self._stop.is_set():  # the host is closing its worker: not a death to repair
+                return
             ok = self.restart(reason)
             if inspect.isawaitable(ok):
                 ok = await ok
