@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from enclaveml.errors import TamperedMessage
-from enclaveml.runtime import arena, frames, rpc, spawn, transport
+from enclaveml.runtime import frames, rpc, spawn, transport
 from enclaveml.runtime.errors import ChannelClosed, ChannelError
 
 ECHO_WORKER = '''

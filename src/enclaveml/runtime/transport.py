@@ -31,7 +31,8 @@ import torch
 
 from .arena import DEFAULT_ARENA_BYTES, Arena, Segment, copy_out, map_peer_segment, tensor_bytes
 from .errors import ChannelClosed, ChannelError
-from .frames import ARENA_PREFIX, DTYPE_NAMES, INLINE, FrameError, Header, TensorDesc, encode_meta, free_frame, read_frame
+from .frames import (ARENA_PREFIX, DTYPE_NAMES, INLINE, FrameError, Header, TensorDesc, encode_meta, free_frame,
+                     read_frame)
 
 Message = tuple[Header, dict[str, torch.Tensor], dict[str, bytes]]
 

@@ -121,7 +121,8 @@ class TrainingHost:
         self.runs: dict[str, dict] = {}
         self._run_lock = threading.Lock()
         self.tee = tee
-        self.worker = WorkerSpec(WORKER_MODULE, ["--tee", tee, "--torch-threads", str(threads), *worker_args(owner_hex, plan)],
+        self.worker = WorkerSpec(WORKER_MODULE, ["--tee", tee, "--torch-threads", str(threads),
+                                                 *worker_args(owner_hex, plan)],
                                  socket_path=worker_socket, launch=worker_launch)
         #: What /healthz reports: "ok", or why the enclave cannot serve now (as the serving host).
         self.enclave_status = STATUS_OK
@@ -147,10 +148,9 @@ class TrainingHost:
         dead = self.enclave
         self.enclave_status = STATUS_UNRESPONSIVE if reason == UNRESPONSIVE else STATUS_RESTARTING
         self.metrics[f"enclave_restarts_{reason}"] += 1
-        with self._run_lock:
-            for st in self.runs.values():
-                if st.get("state") == "running":
-                    st.update(state="failed", error=WORKER_LOST)
+        for st in list(self.runs.values()):  # not under _run_lock: `start` may hold it, waiting on the hung worker
+            if st.get("state") == "running":
+                st.update(state="failed", error=WORKER_LOST)
         try:
             self.enclave = await replace(dead, reason)
         except Exception:
