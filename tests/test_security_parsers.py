@@ -29,7 +29,8 @@ from enclaveml.errors import (DataError, EnclaveMLError, PolicyViolation, Tamper
 from enclaveml.models import zoo
 from enclaveml.models import bundle as B
 from enclaveml.models.classmap import ClassMapping
-from enclaveml.serve import channel as ch
+from enclaveml.runtime import arena, frames, transport
+from enclaveml.runtime.errors import ChannelError
 from enclaveml.protocol import deploy, infer as protocol
 
 FUZZ = settings(max_examples=120, deadline=None, database=None, derandomize=True,
@@ -429,24 +430,24 @@ META = st.fixed_dictionaries({}, optional={"h": st.dictionaries(st.text(max_size
        | st.builds(lambda n, shape, dtype: json.dumps({"t": [["x", dtype, shape, "emla_1_ab", 0, n]]}).encode(),
                    st.integers(0, 2**31), st.lists(st.integers(0, 2**20), max_size=9), st.sampled_from(["float32", "uint8"])))
 def test_decode_meta_raises_only_channel_error(raw):
-    out = _only((ch.ChannelError,), ch.decode_meta, raw)
+    out = _only((ChannelError,), frames.decode_meta, raw)
     if out is not None:
         header, blobs, tensors, frees = out
         assert isinstance(header, dict)
-        assert sum(n for _, n in blobs) <= ch.MAX_BLOB_BYTES
+        assert sum(n for _, n in blobs) <= frames.MAX_BLOB_BYTES
         for name, dtype, shape, seg, off, nbytes in tensors:
-            assert dtype in ch._DTYPES and ch._SEGMENT_NAME.match(seg) and 0 <= nbytes <= ch.MAX_TENSOR_BYTES
+            assert dtype in frames.DTYPES and frames.SEGMENT_NAME.match(seg) and 0 <= nbytes <= frames.MAX_TENSOR_BYTES
 
 
 def test_decode_meta_deeply_nested_is_a_channel_error():
-    with pytest.raises(ch.ChannelError):
-        ch.decode_meta(b"[" * 100_000)
+    with pytest.raises(ChannelError):
+        frames.decode_meta(b"[" * 100_000)
 
 
 @pytest.mark.parametrize("meta", [b'{"b":null}', b'{"t":5}', b'{"f":true}'])
 def test_decode_meta_with_non_list_sections_is_a_channel_error(meta):
-    with pytest.raises(ch.ChannelError):
-        ch.decode_meta(meta)
+    with pytest.raises(ChannelError):
+        frames.decode_meta(meta)
 
 
 def _raw_frame(meta: dict, blob: bytes = b"") -> bytes:
@@ -457,35 +458,35 @@ def _raw_frame(meta: dict, blob: bytes = b"") -> bytes:
 @pytest.fixture()
 def pair():
     a, b = socket.socketpair()
-    chan = ch.Channel(a, arena_bytes=1 << 16)
+    chan = transport.Channel(a, arena_bytes=1 << 16)
     yield chan, b
     chan.close()
     b.close()
 
 
 @pytest.mark.parametrize("frame,why", [
-    (struct.pack(">I", ch.MAX_META_BYTES + 1), "meta too large"),
+    (struct.pack(">I", frames.MAX_META_BYTES + 1), "meta too large"),
     (_raw_frame({"t": [["x", "float32", [4], "emlo_nonexistent_1", 0, 16]]}), "missing segment"),
     (_raw_frame({"t": [["x", "float32", [4], "eml/../../etc", 0, 16]]}), "bad segment name"),
     (_raw_frame({"t": [["x", "complex64", [4], "emla_x", 0, 32]]}), "bad dtype"),
     (_raw_frame({"t": [["x", "float32", [4], "emla_x", 0, 15]]}), "size mismatch"),
     (_raw_frame({"b": [["a", -1]]}), "negative blob"),
-    (_raw_frame({"b": [["a", ch.MAX_BLOB_BYTES + 1]]}), "blob too large"),
+    (_raw_frame({"b": [["a", frames.MAX_BLOB_BYTES + 1]]}), "blob too large"),
     (b"\x00\x00\x00\x02[]", "meta not an object"),
 ])
 def test_channel_recv_refuses_malformed_frames(pair, frame, why):
     chan, peer = pair
     peer.sendall(frame)
-    with pytest.raises(ch.ChannelError):
+    with pytest.raises(ChannelError):
         chan.recv()
 
 
 def test_channel_recv_refuses_overflowing_shapes(pair):
     chan, peer = pair
-    seg = ch._Arena(4096)
+    seg = arena.Arena(4096)
     try:
         peer.sendall(_raw_frame({"t": [["x", "float32", [2**40, 2**40, 0], seg.name, 0, 0]]}))
-        with pytest.raises(ch.ChannelError):
+        with pytest.raises(ChannelError):
             chan.recv()
     finally:
         seg.close()
@@ -493,10 +494,10 @@ def test_channel_recv_refuses_overflowing_shapes(pair):
 
 def test_channel_peer_cannot_read_outside_its_segment(pair):
     chan, peer = pair
-    seg = ch._Arena(4096)
+    seg = arena.Arena(4096)
     try:
         peer.sendall(_raw_frame({"t": [["x", "uint8", [64], seg.name, 4096 - 32, 64]]}))
-        with pytest.raises(ch.ChannelError):
+        with pytest.raises(ChannelError):
             chan.recv()
     finally:
         seg.close()

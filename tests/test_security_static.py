@@ -149,7 +149,7 @@ def test_weights_are_only_read_with_weights_only_or_safetensors():
 
 # ------------------------------------------------------------------------------------------- constant-time compares
 
-CHECKED_PACKAGES = ("crypto/", "tee/", "serve/", "train/", "models/bundle.py", "client/")
+CHECKED_PACKAGES = ("crypto/", "tee/", "runtime/", "serve/", "train/", "models/bundle.py", "client/")
 
 
 def _operand_is_secretish(node: ast.AST) -> bool:

@@ -1,4 +1,4 @@
-"""The host <-> enclave channel: real processes, a real socketpair, real shared memory."""
+"""The runtime's channel (transport, rpc, spawn): real processes, a real socketpair, real shared memory."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from enclaveml.errors import TamperedMessage
-from enclaveml.serve import channel as ch
+from enclaveml.runtime import frames, rpc, spawn, transport
+from enclaveml.runtime.errors import ChannelClosed, ChannelError
 
 ECHO_WORKER = '''
 import sys, torch
 torch.set_num_threads(1)
 from enclaveml.errors import TamperedMessage
-from enclaveml.serve.channel import Channel, serve_channel, channel_fd_from_argv
+from enclaveml.runtime.transport import Channel, channel_fd_from_argv
+from enclaveml.runtime.rpc import serve_channel
 
 def handle(h, tensors, blobs):
     if h.get("op") == "fail":
@@ -39,8 +41,8 @@ serve_channel(Channel.from_fd(fd, arena_bytes=int(rest[0])), handle, max_workers
 def echo(tmp_path):
     (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
-    client = ch.ChannelClient(chan)
+    proc, chan = spawn.spawn_by_fd("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
+    client = rpc.ChannelClient(chan)
     yield proc, chan, client
     client.close()
     proc.wait(60)
@@ -103,7 +105,7 @@ def test_errors_come_back_as_their_class_without_internal_details(echo):
     _, _, client = echo
     with pytest.raises(TamperedMessage, match="bad tag"):
         client.request({"op": "fail"})
-    with pytest.raises(ch.RemoteError) as ei:
+    with pytest.raises(rpc.RemoteError) as ei:
         client.request({"op": "crash"})
     assert "secret detail" not in str(ei.value)
     # The worker keeps serving after failures.
@@ -112,10 +114,10 @@ def test_errors_come_back_as_their_class_without_internal_details(echo):
 
 def test_worker_death_fails_pending_calls(echo):
     proc, _, client = echo
-    with pytest.raises(ch.ChannelClosed):
+    with pytest.raises(ChannelClosed):
         client.request({"op": "exit"}, timeout=60)
     assert proc.wait(60) == 3
-    with pytest.raises(ch.ChannelClosed):
+    with pytest.raises(ChannelClosed):
         client.request({"op": "echo"}, timeout=60)
 
 
@@ -123,8 +125,8 @@ def test_no_shared_memory_segments_outlive_the_channel(tmp_path):
     before = _shm_names()
     (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["65536"], env=env, arena_bytes=65536)
-    client = ch.ChannelClient(chan)
+    proc, chan = spawn.spawn_by_fd("echo_worker_mod", ["65536"], env=env, arena_bytes=65536)
+    client = rpc.ChannelClient(chan)
     client.request({"op": "echo"}, {"a": torch.randn(100), "b": torch.randn(100_000)})
     client.close()
     proc.wait(60)
@@ -139,15 +141,15 @@ def test_a_killed_worker_leaves_no_shared_memory_behind(tmp_path):
     before = _shm_names()
     (tmp_path / "echo_worker_mod.py").write_text(ECHO_WORKER)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["65536"], env=env, arena_bytes=65536)
-    client = ch.ChannelClient(chan)
+    proc, chan = spawn.spawn_by_fd("echo_worker_mod", ["65536"], env=env, arena_bytes=65536)
+    client = rpc.ChannelClient(chan)
     try:
         h, t, _ = client.request({"op": "echo"}, {"a": torch.ones(100), "b": torch.ones(100_000)}, timeout=60)
         assert torch.equal(t["b"], torch.full((100_000,), 2.0)) and torch.equal(t["a"], torch.full((100,), 2.0))
         assert _shm_names() - before == set()  # in use, and still no name anywhere
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(60)
-        with pytest.raises(ch.ChannelClosed):
+        with pytest.raises(ChannelClosed):
             client.request({"op": "echo"}, {"a": torch.ones(100)}, timeout=60)
     finally:
         client.close()
@@ -160,18 +162,18 @@ def test_unsealed_or_foreign_fds_are_refused():
     import socket as so
 
     a, b = so.socketpair()
-    chan = ch.Channel(a, 4096)
+    chan = transport.Channel(a, 4096)
     try:
         fd = os.memfd_create("x")  # not sealed: the peer could shrink it under our reads
         os.ftruncate(fd, 4096)
-        meta = ch.encode_meta({}, {}, [["x", "uint8", [16], "emlo_1_ab", 0, 16]], [])
+        meta = frames.encode_meta({}, {}, [["x", "uint8", [16], "emlo_1_ab", 0, 16]], [])
         b.sendmsg([meta], [(so.SOL_SOCKET, so.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
         os.close(fd)
-        with pytest.raises(ch.ChannelError, match="sealed"):
+        with pytest.raises(ChannelError, match="sealed"):
             chan.recv()
         with open(__file__, "rb") as f:  # a file of the peer's choosing
             b.sendmsg([meta], [(so.SOL_SOCKET, so.SCM_RIGHTS, array.array("i", [f.fileno()]).tobytes())])
-        with pytest.raises(ch.ChannelError, match="not a memfd"):
+        with pytest.raises(ChannelError, match="not a memfd"):
             chan.recv()
     finally:
         chan.close()
@@ -189,26 +191,26 @@ def test_unsealed_or_foreign_fds_are_refused():
     b'{"h": {}, "t": [["x", "float32", [2], "emla_1_2", -64, 8]]}',
 ])
 def test_malformed_frames_are_refused(meta):
-    with pytest.raises(ch.ChannelError):
-        ch.decode_meta(meta)
+    with pytest.raises(ChannelError):
+        frames.decode_meta(meta)
 
 
 def test_frame_round_trip_is_pure():
-    raw = ch.encode_meta({"op": "x", "n": 1}, {"a": b"12"}, [["t", "float32", [2], "emla_1_ab", 0, 8]], [])
-    header, blobs, tensors, frees = ch.decode_meta(raw[4:])
+    raw = frames.encode_meta({"op": "x", "n": 1}, {"a": b"12"}, [["t", "float32", [2], "emla_1_ab", 0, 8]], [])
+    header, blobs, tensors, frees = frames.decode_meta(raw[4:])
     assert header == {"op": "x", "n": 1} and blobs == [("a", 2)] and tensors[0][0] == "t" and frees == []
 
 
 def test_peer_cannot_point_outside_a_segment():
     a, b = __import__("socket").socketpair()
-    left, right = ch.Channel(a, 4096, inline_below=0), ch.Channel(b, 4096)
+    left, right = transport.Channel(a, 4096, inline_below=0), transport.Channel(b, 4096)
     try:
         left.send({}, {"x": torch.ones(4)})  # creates left's arena
         seg = left._arena.name
-        bad = ch.encode_meta({"op": "evil"}, {}, [["x", "float32", [2048], seg, 0, 8192]], [])
+        bad = frames.encode_meta({"op": "evil"}, {}, [["x", "float32", [2048], seg, 0, 8192]], [])
         left._send_frame(bad, [])
         right.recv()  # the honest message
-        with pytest.raises(ch.ChannelError, match="outside"):
+        with pytest.raises(ChannelError, match="outside"):
             right.recv()
     finally:
         left.close()
@@ -219,16 +221,16 @@ def test_inline_tensors_over_a_socket_path(tmp_path):
     """The transport for enclaves that cannot inherit an fd or map host memory (Gramine)."""
     worker = ECHO_WORKER.replace(
         "fd, rest = channel_fd_from_argv(sys.argv[1:])\nserve_channel(Channel.from_fd(fd, arena_bytes=int(rest[0])), handle, max_workers=4)",
-        "from enclaveml.serve.channel import worker_channel_from_argv\n"
+        "from enclaveml.runtime.transport import worker_channel_from_argv\n"
         "chan, rest = worker_channel_from_argv(sys.argv[1:])\nassert not chan.use_shm\nserve_channel(chan, handle)")
     assert worker != ECHO_WORKER
     (tmp_path / "echo_worker_path.py").write_text(worker)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     before = _shm_names()
     sock = str(tmp_path / "w.sock")
-    proc, chan = ch.spawn_enclave_worker_at(
+    proc, chan = spawn.spawn_at_path(
         sock, [__import__("sys").executable, "-m", "echo_worker_path", "--channel-path", sock, "--no-shm"], env=env)
-    client = ch.ChannelClient(chan)
+    client = rpc.ChannelClient(chan)
     try:
         t = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int32), "e": torch.zeros(0)}
         h, out, b = client.request({"op": "echo", "n": 2}, t, {"x": b"hello"})
@@ -264,8 +266,8 @@ def test_an_event_loop_can_read_the_replies(tmp_path):
 
     async def main():
         loop = asyncio.get_running_loop()
-        proc, chan = ch.spawn_enclave_worker("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
-        client = ch.ChannelClient(chan, loop=loop)
+        proc, chan = spawn.spawn_by_fd("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
+        client = rpc.ChannelClient(chan, loop=loop)
         big = os.urandom(8 << 20)
         h, t, b = await asyncio.wrap_future(client.call({"op": "echo", "n": 1}, {"x": torch.arange(5.0)}, {"big": big}))
         assert h["n"] == 1 and torch.equal(t["x"], torch.arange(5.0) * 2) and b["big"] == big[::-1]
@@ -273,17 +275,17 @@ def test_an_event_loop_can_read_the_replies(tmp_path):
         assert [m[0]["n"] for m in many] == list(range(50))
         # a blocking request from another thread, answered through the loop
         assert (await asyncio.to_thread(client.request, {"op": "echo", "n": 99}))[0]["n"] == 99
-        with pytest.raises(ch.ChannelClosed):
+        with pytest.raises(ChannelClosed):
             await asyncio.wrap_future(client.call({"op": "exit"}))
         assert client.closed is not None and proc.wait(60) == 3
         await asyncio.to_thread(client.close)
 
-        proc2, chan2 = ch.spawn_enclave_worker("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
-        client2 = ch.ChannelClient(chan2, loop=loop)
+        proc2, chan2 = spawn.spawn_by_fd("echo_worker_mod", ["1048576"], env=env, arena_bytes=1 << 20)
+        client2 = rpc.ChannelClient(chan2, loop=loop)
         assert (await asyncio.wrap_future(client2.call({"op": "echo", "n": 2})))[0]["n"] == 2
         await asyncio.to_thread(client2.close)  # from another thread: the loop stops reading first
         assert proc2.wait(60) == 0
-        with pytest.raises(ch.ChannelClosed):
+        with pytest.raises(ChannelClosed):
             client2.request({"op": "echo"}, timeout=5)
 
     asyncio.run(main())
@@ -291,18 +293,33 @@ def test_an_event_loop_can_read_the_replies(tmp_path):
 
 def test_small_tensors_travel_inline_and_large_ones_through_shared_memory():
     a, b = __import__("socket").socketpair()
-    left, right = ch.Channel(a), ch.Channel(b)
+    left, right = transport.Channel(a), transport.Channel(b)
     try:
         small = torch.arange(16, dtype=torch.float32)
         left.send({"k": 1}, {"x": small})
         h, t, _ = right.recv()
         assert h == {"k": 1} and torch.equal(t["x"], small)
         assert left._arena is None  # no slot taken, so no "free" frame comes back
-        big = torch.arange(ch.INLINE_BELOW // 4, dtype=torch.float32)
+        big = torch.arange(transport.INLINE_BELOW // 4, dtype=torch.float32)
         left.send({}, {"x": big, "y": small})
         _, t, _ = right.recv()
         assert torch.equal(t["x"], big) and torch.equal(t["y"], small)
         assert left._arena is not None
+    finally:
+        left.close()
+        right.close()
+
+
+def test_inline_frames_of_empty_tensors_only():
+    """No shared memory, and no tensor bytes at all: the frame still carries the tensors' shapes."""
+    import socket
+
+    a, b = socket.socketpair()
+    left, right = transport.Channel(a, use_shm=False), transport.Channel(b, use_shm=False)
+    try:
+        left.send({"op": "x"}, {"e": torch.zeros(0, 3), "f": torch.empty(0, dtype=torch.int64)})
+        h, t, _ = right.recv()
+        assert h == {"op": "x"} and t["e"].shape == (0, 3) and t["f"].dtype == torch.int64
     finally:
         left.close()
         right.close()

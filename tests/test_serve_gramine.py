@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 import tomllib
@@ -17,7 +16,7 @@ import httpx
 from enclaveml.tee import gramine
 
 
-from manifest_helpers import covered as _covered, pkg_dir as _pkg_dir, render as _render
+from manifest_helpers import covered as _covered, fake_gramine_env, pkg_dir as _pkg_dir, render as _render
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -90,38 +89,12 @@ def test_bad_cost_report_and_misplaced_options_fail_with_one_line(tmp_path):
     assert r.returncode == 2 and "--tee gramine-sgx" in r.stderr
 
 
-FAKE_MANIFEST = "#!/bin/sh\n# stand-in gramine-manifest: -Darch_libdir=X TEMPLATE OUT\ncp \"$2\" \"$3\"\n"
-FAKE_SIGN = f"""#!{sys.executable}
-# stand-in gramine-sgx-sign: --manifest M --output OUT [--key K]; writes OUT and a SIGSTRUCT
-import sys
-a = sys.argv[1:]
-open(a[a.index("--output") + 1], "wb").write(b"sgx")
-sig = bytearray(1808)
-sig[960:992] = bytes(range(32))
-open("worker.sig", "wb").write(bytes(sig))
-"""
-FAKE_SGX = f"""#!{sys.executable}
-# stand-in gramine-sgx: runs the manifest's worker argv as a plain process (sim backend, no SGX)
-import os, sys, tomllib
-m = tomllib.load(open("worker.manifest", "rb"))
-argv = m["loader"]["argv"]
-argv[argv.index("--tee") + 1] = "sim"
-os.execv(sys.executable, [sys.executable, *argv[1:]])
-"""
-
-
 def test_serve_launches_the_signed_worker_over_the_socket_path(tmp_path):
     """The whole launch path (manifest, sign, `gramine-sgx worker`, socket-path channel) with
     stand-in tools; the worker itself is a plain process on the sim backend."""
     from enclaveml.serve.launcher import ServerProcess
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("gramine-manifest", FAKE_MANIFEST), ("gramine-sgx-sign", FAKE_SIGN), ("gramine-sgx", FAKE_SGX)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755 | stat.S_IXUSR)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "ENCLAVEML_HOME": str(tmp_path / "home")}
+    env = {**fake_gramine_env(tmp_path / "bin"), "ENCLAVEML_HOME": str(tmp_path / "home")}
     gdir = tmp_path / "g"
     with ServerProcess(tmp_path / "store", tmp_path / "server.log", tee="gramine-sgx", env=env,
                        extra_args=["--gramine-dir", str(gdir), "--enclave-threads", "1"]) as srv:

@@ -24,9 +24,12 @@ from enclaveml.client import EnclaveClient
 from enclaveml.crypto import SigningKey
 from enclaveml.models import zoo
 from enclaveml.models.bundle import make_bundle
-from enclaveml.serve.channel import Channel, ChannelClient, serve_channel
+from enclaveml.runtime.enclave.main import add_builtin_ops
+from enclaveml.runtime.enclave.ops import OpRegistry
+from enclaveml.runtime.rpc import ChannelClient, serve_channel
+from enclaveml.runtime.transport import Channel
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
-from enclaveml.serve.worker import INLINE_OPS
+from enclaveml.serve.worker import INLINE_OPS, register_ops
 
 
 @pytest.fixture(scope="module")
@@ -139,25 +142,28 @@ def test_a_stopped_worker_is_reported_and_restarted(served):
 
 
 def test_ping_is_answered_while_every_pool_thread_is_busy():
-    """The worker's ping runs on the reading thread (INLINE_OPS), so long legitimate work on
-    the pool does not make a busy worker look hung."""
-    assert "ping" in INLINE_OPS
+    """The worker's ping runs on the reading thread (the runtime's built-in, inline), so long
+    legitimate work on the pool does not make a busy worker look hung."""
+    serving = add_builtin_ops(register_ops(OpRegistry(), None), dict)
+    assert {n for n in serving.names() if serving.is_inline({"op": n})} == set(INLINE_OPS)
     a, b = socket.socketpair()
     release = threading.Event()
+    ops = OpRegistry()
 
-    def handler(h, t, bl):
-        if h.get("op") == "slow":
-            release.wait(30)
-        return {"op": h.get("op")}, None, None
+    @ops.op("slow")
+    def slow(call):
+        release.wait(30)
+        return {"op": "slow"}
 
-    worker = threading.Thread(target=serve_channel, args=(Channel(b), handler, 1),
-                              kwargs={"inline": lambda h: h.get("op") in INLINE_OPS})
+    add_builtin_ops(ops, dict)
+    worker = threading.Thread(target=serve_channel, args=(Channel(b), ops.handle, 1),
+                              kwargs={"inline": ops.is_inline})
     worker.start()
     client = ChannelClient(Channel(a))
     try:
         slow = [client.call({"op": "slow"}) for _ in range(3)]  # the one pool thread, and a queue
         t0 = time.monotonic()
-        assert client.request({"op": "ping"}, timeout=5)[0]["op"] == "ping"
+        assert client.request({"op": "ping"}, timeout=5)[0]["pong"] is True
         assert time.monotonic() - t0 < 2.0
         assert not any(f.done() for f in slow)
         release.set()

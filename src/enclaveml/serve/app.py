@@ -30,7 +30,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors as E
-from .channel import ChannelError, RemoteError
+from ..runtime.errors import ChannelError
+from ..runtime.rpc import RemoteError
 from .metrics import json_logger
 from .service import BodyStream, HostService, ServerConfig, error_kind  # ServerConfig: `serve`'s argument
 

@@ -140,38 +140,11 @@ def _serve_replicas(o: dict) -> None:
 
 def _prepare_gramine(workdir: Path, cost_path: Optional[Path], signing_key: Optional[Path], dry_run: bool,
                      threads: int, factories: list[str]):
-    """Write the worker's manifest template into `workdir`; with `dry_run` print the Gramine
-    commands and return (socket, None); else check the tools, render and sign, and return
-    (socket path, launch) where launch() starts `gramine-sgx worker`."""
-    import shlex
-    import sys
-
-    from ..errors import UserInputError
+    """The serving worker under Gramine (`runtime.spawn.gramine_launch`): (socket path, launch),
+    launch None after a dry run."""
+    from ..runtime.spawn import gramine_launch
     from ..tee import gramine
 
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    sock = workdir / "worker.sock"
-    if len(str(sock).encode()) > 100:  # sun_path is 108 bytes on Linux
-        raise UserInputError(f"--gramine-dir {workdir} is too long for a Unix socket path; pick a shorter one")
-    sealed = workdir / "sealed"
-    sealed.mkdir(exist_ok=True)
-    opts = dict(argv=gramine.worker_argv(sock, threads=threads, allowed_factories=factories), state_dir=sealed)
-    if cost_path is not None:
-        cost = gramine.cost_from_file(cost_path)
-        cost.setdefault("threads", threads)
-        text = gramine.manifest_for_cost(cost, **opts)
-    else:
-        text = gramine.generate_manifest(**opts)
-    (workdir / "worker.manifest.template").write_text(text)
-    cmds = gramine.build_commands(workdir, signing_key)
-    if dry_run:
-        print(f"manifest template: {workdir / 'worker.manifest.template'}")
-        print(f"worker socket: {sock}")
-        for cmd in cmds:
-            print(f"(cd {shlex.quote(str(workdir))} && {shlex.join(cmd)})")
-        return str(sock), None
-    gramine.require_tools()
-    build = gramine.build_enclave(workdir, text, signing_key)
-    print(f"enclave signed: MRENCLAVE {build.mrenclave} MRSIGNER {build.mrsigner}", file=sys.stderr, flush=True)
-    return str(sock), lambda: gramine.launch_enclave(build)
+    g = gramine_launch(workdir, lambda sock: gramine.worker_argv(sock, threads=threads, allowed_factories=factories),
+                       cost_path, signing_key, dry_run, threads)
+    return g.socket_path, g.launch

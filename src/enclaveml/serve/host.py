@@ -1,4 +1,4 @@
-"""The host's handle on its enclave worker: start it, call it, batch calls per model.
+"""The serving host's side of its enclave worker: start it, batch calls per model.
 
 Trust side: host (untrusted). Everything that passes through here is ciphertext, evidence, IR
 tensors, scores in the secret class order, opaque handles and sealed responses.
@@ -7,86 +7,42 @@ tensors, scores in the secret class order, opaque handles and sealed responses.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from concurrent.futures import Future
-from typing import Any
 
 import torch
 
-from . import channel as ch
-from .batcher import AsyncBatcher, BackNetExecutor
 from ..errors import EnclaveMLError
+from ..runtime.errors import ChannelError
+from ..runtime.handle import EnclaveHandle
+from ..runtime.rpc import RemoteError, error_from_fields
+from ..runtime.spawn import WorkerSpec
 from ..timing import StageClock, now, since
+from .batcher import AsyncBatcher, BackNetExecutor
+
+WORKER_MODULE = "enclaveml.serve.worker"
 
 
 def _item_error(item: dict) -> Exception:
-    try:
-        ch.raise_remote(item)
-    except Exception as e:
-        return e
-    return ch.RemoteError("missing result")
+    return error_from_fields(item) or RemoteError("missing result")
 
 
-class EnclaveProxy:
-    """Starts `python -m enclaveml.serve.worker` and offers its operations as method calls."""
+def worker_spec(tee: str = "sim", threads: int = 2, extra_args: list[str] | None = None,
+                env: dict[str, str] | None = None, socket_path: str | None = None, launch=None) -> WorkerSpec:
+    """How the serving worker starts: by fd (tensors through shared memory), or at `socket_path`
+    (tensors inline), where `launch` (e.g. `gramine-sgx worker`, whose argv the signed manifest
+    fixes) may start it instead of this host."""
+    return WorkerSpec(WORKER_MODULE, ["--tee", tee, "--threads", str(threads), *(extra_args or [])], env=env,
+                      socket_path=socket_path, launch=launch)
+
+
+class EnclaveProxy(EnclaveHandle):
+    """Starts `python -m enclaveml.serve.worker` (the runtime's handle on it, `runtime.handle`)."""
 
     def __init__(self, tee: str = "sim", threads: int = 2, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None, timeout_s: float = 60.0, socket_path: str | None = None,
                  launch=None, loop: "asyncio.AbstractEventLoop | None" = None):
-        args = ["--tee", tee, "--threads", str(threads), *(extra_args or [])]
-        if socket_path is None:  # inherited socketpair fd, tensors through shared memory
-            self.proc, chan = ch.spawn_enclave_worker("enclaveml.serve.worker", args, env=env)
-        else:  # a Unix socket path, tensors inline (for enclaves that cannot inherit fds)
-            argv = [sys.executable, "-m", "enclaveml.serve.worker", "--channel-path", socket_path, "--no-shm", *args]
-            # `launch` (e.g. `gramine-sgx worker`) starts the worker instead: its argv is fixed by the
-            # signed manifest, not by this host.
-            self.proc, chan = ch.spawn_enclave_worker_at(socket_path, argv, env=env, launch=launch)
-        self.client = ch.ChannelClient(chan, loop=loop)  # loop: replies read by the server's event loop
-        self.timeout_s = timeout_s
-        self.info: dict[str, Any] = self.call({"op": "info"})[0]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and self.client.closed is None
-
-    def kill(self) -> None:
-        """SIGKILL the worker (also when it is stopped or hung); `close` then reaps it."""
-        try:
-            self.proc.kill()
-        except OSError:
-            pass
-
-    async def ping(self, timeout_s: float) -> bool:
-        """True if the worker answers a liveness ping within `timeout_s` (the worker answers it on
-        its reading thread, so long FrontNet passes do not delay it). Never cancels the call: a
-        late answer just finds its Future already given up on."""
-        fut = self.call_async({"op": "ping"})
-        deadline = time.monotonic() + timeout_s
-        while not fut.done() and time.monotonic() < deadline:
-            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        for _ in range(3):  # a reply already readable (the loop was busy) is dispatched first
-            if fut.done():
-                break
-            await asyncio.sleep(0)
-        return fut.done() and fut.exception() is None
-
-    def call(self, header: dict, tensors=None, blobs=None):
-        return self.client.request(header, tensors, blobs, timeout=self.timeout_s)
-
-    def call_async(self, header: dict, tensors=None, blobs=None) -> Future:
-        return self.client.call(header, tensors, blobs)
-
-    def close(self) -> None:
-        self.client.close()
-        try:
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait(5)
+        super().__init__(worker_spec(tee, threads, extra_args, env, socket_path, launch), loop=loop,
+                         timeout_s=timeout_s)
 
 
 class ModelPipeline:
@@ -146,7 +102,7 @@ class ModelPipeline:
             self.clock.add("front_call", t1[0] - t0[0])
         items = h.get("items", [])
         if len(items) != len(ciphertexts):
-            raise ch.RemoteError("enclave answered the wrong number of items")
+            raise RemoteError("enclave answered the wrong number of items")
         ir = t.get("ir")
         out, row = [], 0
         for it in items:
@@ -174,13 +130,13 @@ class ModelPipeline:
             self.clock.add("finish_call", now()[0] - t0[0])
         res = h.get("items", [])
         if len(res) != len(items):
-            raise ch.RemoteError("enclave answered the wrong number of items")
+            raise RemoteError("enclave answered the wrong number of items")
         return [b[f"r{i}"] if r.get("ok") else _item_error(r) for i, r in enumerate(res)]
 
     def abort(self, handle: str) -> None:
         try:
             self.enclave.call_async({"op": "abort", "handles": [handle]})
-        except (EnclaveMLError, ch.ChannelError):
+        except (EnclaveMLError, ChannelError):
             pass
 
     def close(self) -> None:

@@ -27,7 +27,8 @@ from ..protocol.attest import EvidenceAnswer, check_nonce_hex
 from ..protocol.identity import ModelRef, check_model_id
 from ..timing import StageClock, now, since
 from .batcher import BatcherClosed, pick_device
-from .channel import ChannelError
+from ..runtime.errors import ChannelError
+from ..runtime.handle import UNRESPONSIVE, Supervisor, replace
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
 from .upload import UploadTooLarge, check_upload_header
 
@@ -236,10 +237,6 @@ async def wait(fut: Future):
     return await asyncio.wrap_future(fut)
 
 
-#: How often the host checks that its enclave worker is alive, and the longest wait between
-#: restarts of a worker that keeps dying.
-SUPERVISE_S = 0.5
-MAX_RESTART_BACKOFF_S = 30.0
 #: /healthz statuses (all but "ok" answer 503 with Retry-After; docs/serving.md).
 STATUS_OK = "ok"
 STATUS_RESTARTING = "enclave restarting"
@@ -343,46 +340,30 @@ class HostService:
 
     async def supervise(self) -> None:
         """Restart a dead or hung enclave worker and restore its deployments (with backoff if it
-        keeps dying). Hung: it did not answer a liveness ping within `ping_timeout_s`.
+        keeps dying; `runtime.handle.Supervisor`). Hung: it did not answer a liveness ping within
+        `ping_timeout_s`.
 
         Requests in flight when it died get 503 (EnclaveUnavailable); so does every model request
         until the deployments are restored (`check_ready`). Clients then see a new enclave key,
         attest again and resend themselves (the SDK never resends on the host's word).
         """
-        backoff = SUPERVISE_S
-        next_ping = time.monotonic() + self.cfg.ping_interval_s
-        while True:
-            await asyncio.sleep(SUPERVISE_S)
-            reason = None if self.enclave.alive() else "died"
-            if reason is None and time.monotonic() >= next_ping:
-                if not await self.enclave.ping(self.cfg.ping_timeout_s):
-                    reason = "unresponsive" if self.enclave.alive() else "died"
-                next_ping = time.monotonic() + self.cfg.ping_interval_s
-            if reason is None:
-                backoff = SUPERVISE_S
-                continue
-            if not await self.restart(reason):
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, MAX_RESTART_BACKOFF_S)
+        await Supervisor(lambda: self.enclave, self.restart, self.cfg.ping_interval_s, self.cfg.ping_timeout_s).run()
 
     async def restart(self, reason: str) -> bool:
         """Replace the worker ("died" or "unresponsive": then it is killed first) and restore the
         deployments; False if the new worker did not start (the caller retries)."""
         dead = self.enclave
-        self.status = STATUS_UNRESPONSIVE if reason == "unresponsive" else STATUS_RESTARTING
+        self.status = STATUS_UNRESPONSIVE if reason == UNRESPONSIVE else STATUS_RESTARTING
         self.metrics.inc("enclave_restarts_total", reason=reason)
-        self.log.warning("enclave worker " + ("does not answer" if reason == "unresponsive" else "died")
+        self.log.warning("enclave worker " + ("does not answer" if reason == UNRESPONSIVE else "died")
                          + "; restarting", extra={"fields": {"enclave_pid": dead.pid, "reason": reason,
                                                              "exit_code": dead.proc.poll()}})
         with self.lock:
             old, self.pipelines, self.public = list(self.pipelines.values()), {}, {}
         for p in old:
             p.close()
-        if reason == "unresponsive":
-            dead.kill()  # a stopped or hung process never exits by itself
-        await asyncio.to_thread(dead.close)
         try:
-            self.enclave = await asyncio.to_thread(self.start_enclave)
+            self.enclave = await replace(dead, reason, self.start_enclave)
         except Exception as e:
             self.status = STATUS_DOWN
             self.log.warning("enclave restart failed", extra={"fields": {"type": type(e).__name__}})

@@ -1,156 +1,158 @@
-"""The enclave worker process: `python -m enclaveml.serve.worker --channel-fd FD --tee sim`.
+"""The serving enclave worker process: `python -m enclaveml.serve.worker --channel-fd FD --tee sim`.
 
 (Or `--channel-path PATH [--no-shm]` where the worker cannot inherit an fd, e.g. under Gramine.)
 
-Trust side: enclave. Started by the host with `channel.spawn_enclave_worker`; hardens itself
-first (before any secret exists in its memory), then answers the host's requests on the channel
-by calling `EnclaveService` (all logic lives there; this file only moves bytes). Requests run on
-a thread pool so several proceed at once (torch releases the GIL in its kernels).
+Trust side: enclave. Started by the host through `runtime.handle.EnclaveHandle`; the runtime's
+worker main (`runtime.enclave.main`) hardens the process first (before any secret exists in its
+memory), then serves the ops registered here, each calling `EnclaveService` (all logic lives
+there; this file only moves bytes). Requests run on a thread pool so several proceed at once
+(torch releases the GIL in its kernels).
 
-Operations (header "op"): info, ping, stats, evidence, deploy, restore, delete, identity, front_batch, finish_batch, abort. Replies
-carry the same "id"; failures come back as {"error": kind, "message": text}. A request may carry
-several images: `front_batch` answers per request {"handle", "rows", "failed"} with the IR rows of
-all requests concatenated, and `finish_batch` takes per handle its number of rows of scores.
-"stats" answers the per-stage totals of `EnclaveService.clock` (calls, wall and CPU ns: aggregated
-timings, no more than the host sees of each call's duration) and each op's handler time.
+Operations (header "op"): info, ping (the runtime's), stats, evidence, deploy, restore, delete, identity,
+front_batch, finish_batch, abort. Replies carry the same "id"; failures come back as {"error":
+kind, "message": text}. A request may carry several images: `front_batch` answers per request
+{"handle", "rows", "failed"} with the IR rows of all requests concatenated, and `finish_batch`
+takes per handle its number of rows of scores. "stats" answers the per-stage totals of
+`EnclaveService.clock` (calls, wall and CPU ns: aggregated timings, no more than the host sees of
+each call's duration) and each batch op's handler time.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
+from ..runtime.enclave.main import WorkerApp, run_worker
+from ..runtime.enclave.ops import Hex, Int, Ints, OpRegistry, Str, Strs
+from ..runtime.rpc import error_fields
 from ..timing import now, since
-from .channel import serve_channel, worker_channel_from_argv
 
-
+#: Largest number of requests (and of handles) in one batch op.
+MAX_BATCH = 4096
 #: Operations run on the channel's reading thread, not the pool: cheap ones, and "ping", which so
 #: answers even while every pool thread runs a long FrontNet pass (a busy enclave is not a hung one).
 INLINE_OPS = ("abort", "info", "finish_batch", "ping", "stats")
+_MODEL = Str(512, default="")
 
 
-def _handler(svc, info: dict):
+def register_ops(ops: OpRegistry, svc) -> OpRegistry:
+    """The serving ops on `svc` (an `EnclaveService`)."""
     from ..errors import DataError
 
-    def handle(h: dict, tensors: dict, blobs: dict):
+    @ops.op("front_batch", n=Int(0, MAX_BATCH, default=0), model=_MODEL)
+    def front_batch(call, n, model):
         t = now()
         try:
-            return _handle(h, tensors, blobs)
+            return _front_batch(call, n, model)
         finally:
-            if h.get("op") in ("front_batch", "finish_batch"):
-                since(svc.clock, "op_" + h["op"], t)
+            since(svc.clock, "op_front_batch", t)
 
-    def _handle(h: dict, tensors: dict, blobs: dict):
-        op = h.get("op")
-        if op == "front_batch":
-            n = h.get("n", 0)
-            if type(n) is not int or not 0 <= n <= 4096:
-                raise DataError("front_batch: n must be 0..4096")
-            outs = svc.front_batch(str(h.get("model", "")), [blobs.get(f"r{i}", b"") for i in range(n)])
-            items, irs = [], []
-            for o in outs:
-                if isinstance(o, Exception):
-                    items.append(_error_item(o))
-                else:
-                    items.append({"handle": o[0], "rows": int(o[1].shape[0]) if o[1].dim() else 0, "failed": o[2]})
-                    if o[1].numel():
-                        irs.append(o[1])
-            return {"items": items}, ({"ir": torch.cat(irs)} if irs else None), None
-        if op == "finish_batch":
-            handles, rows = h.get("handles", []), h.get("rows", [])
-            if (not isinstance(handles, list) or not isinstance(rows, list) or len(rows) != len(handles)
-                    or not all(type(r) is int and 0 <= r <= 4096 for r in rows)):
-                raise DataError("finish_batch: handles and rows must be lists of one length")
-            scores = tensors.get("scores")
-            total = sum(rows)
-            if (scores is None and total) or (scores is not None and (scores.dim() != 2 or scores.shape[0] != total)):
-                raise DataError("finish_batch: the scores must have one row per decoded image")
-            items, blobs_out, row = [], {}, 0
-            for i, (hd, r) in enumerate(zip(handles, rows)):
-                try:
-                    part = scores[row:row + r] if r else torch.empty(0)
-                    blobs_out[f"r{i}"] = svc.finish(str(hd), part)
-                    items.append({"ok": True})
-                except Exception as e:
-                    items.append(_error_item(e))
-                row += r
-            return {"items": items}, None, blobs_out
-        if op == "abort":
-            for hd in h.get("handles", []):
-                svc.abort(str(hd))
-            return {}, None, None
-        if op == "evidence":
+    def _front_batch(call, n, model):
+        outs = svc.front_batch(model, [call.blobs.get(f"r{i}", b"") for i in range(n)])
+        items, irs = [], []
+        for o in outs:
+            if isinstance(o, Exception):
+                items.append(error_fields(o))
+            else:
+                items.append({"handle": o[0], "rows": int(o[1].shape[0]) if o[1].dim() else 0, "failed": o[2]})
+                if o[1].numel():
+                    irs.append(o[1])
+        return {"items": items}, ({"ir": torch.cat(irs)} if irs else None), None
+
+    @ops.op("finish_batch", inline=True, handles=Strs(MAX_BATCH, 64, default=[]),
+            rows=Ints(MAX_BATCH, 0, MAX_BATCH, default=[]))
+    def finish_batch(call, handles, rows):
+        t = now()
+        try:
+            return _finish_batch(call, handles, rows)
+        finally:
+            since(svc.clock, "op_finish_batch", t)
+
+    def _finish_batch(call, handles, rows):
+        if len(rows) != len(handles):
+            raise DataError("finish_batch: handles and rows must be lists of one length")
+        scores = call.tensors.get("scores")
+        total = sum(rows)
+        if (scores is None and total) or (scores is not None and (scores.dim() != 2 or scores.shape[0] != total)):
+            raise DataError("finish_batch: the scores must have one row per decoded image")
+        items, blobs_out, row = [], {}, 0
+        for i, (hd, r) in enumerate(zip(handles, rows)):
             try:
-                nonce = bytes.fromhex(str(h.get("nonce", "")))
-            except ValueError:
-                raise DataError("nonce must be hex") from None
-            issued = svc.issue_nonce(nonce)
-            pq = h.get("keys") == "pq"  # also bind the hybrid key (crypto/suites.py)
-            out = {"evidence": svc.evidence(issued, pq), "public_key": svc.public_key().hex(), "nonce": issued.hex()}
-            if pq:
-                out["pq_public_key"] = svc.pq_public_key().hex()
-            return out, None, None
-        if op in ("deploy", "restore"):
-            files = {k: v for k, v in blobs.items() if k not in ("key_release", "sealed")}
-            if op == "deploy":
-                out = svc.deploy(str(h.get("model", "")), blobs.get("key_release", b""), files)
-                return {k: v for k, v in out.items() if k != "sealed"}, None, {"sealed": out["sealed"]}
-            return svc.restore(str(h.get("model", "")), blobs.get("sealed", b""), files), None, None
-        if op == "identity":
-            return {}, None, {"identity": svc.identity(str(h.get("model", "")), blobs.get("request", b""))}
-        if op == "delete":
-            return svc.delete(str(h.get("model", "")), blobs.get("command", b"")), None, None
-        if op == "stats":
-            return {"stages": svc.clock.snapshot()}, None, None
-        if op == "ping":  # liveness: answered on the reading thread (see INLINE_OPS)
-            return {"pong": True}, None, None
-        if op == "info":
-            return {**info, "models": svc.models()}, None, None
-        raise DataError(f"unknown enclave operation {str(op)[:32]!r}")
+                part = scores[row:row + r] if r else torch.empty(0)
+                blobs_out[f"r{i}"] = svc.finish(hd, part)
+                items.append({"ok": True})
+            except Exception as e:
+                items.append(error_fields(e))
+            row += r
+        return {"items": items}, None, blobs_out
 
-    return handle
+    @ops.op("abort", inline=True, handles=Strs(MAX_BATCH, 64, default=[]))
+    def abort(call, handles):
+        for hd in handles:
+            svc.abort(hd)
+        return {}
+
+    @ops.op("evidence", nonce=Hex(0, 1024, default=b""), keys=Str(8, default=""))
+    def evidence(call, nonce, keys):
+        issued = svc.issue_nonce(nonce)
+        pq = keys == "pq"  # also bind the hybrid key (crypto/suites.py)
+        out = {"evidence": svc.evidence(issued, pq), "public_key": svc.public_key().hex(), "nonce": issued.hex()}
+        if pq:
+            out["pq_public_key"] = svc.pq_public_key().hex()
+        return out
+
+    @ops.op("stats", inline=True)
+    def stats(call):
+        return {"stages": svc.clock.snapshot()}
+
+    @ops.op("deploy", model=_MODEL)
+    def deploy(call, model):
+        files = {k: v for k, v in call.blobs.items() if k not in ("key_release", "sealed")}
+        out = svc.deploy(model, call.blobs.get("key_release", b""), files)
+        return {k: v for k, v in out.items() if k != "sealed"}, None, {"sealed": out["sealed"]}
+
+    @ops.op("restore", model=_MODEL)
+    def restore(call, model):
+        files = {k: v for k, v in call.blobs.items() if k not in ("key_release", "sealed")}
+        return svc.restore(model, call.blobs.get("sealed", b""), files)
+
+    @ops.op("identity", model=_MODEL)
+    def identity(call, model):
+        return {}, None, {"identity": svc.identity(model, call.blobs.get("request", b""))}
+
+    @ops.op("delete", model=_MODEL)
+    def delete(call, model):
+        return svc.delete(model, call.blobs.get("command", b""))
+
+    return ops
 
 
-def _error_item(e: Exception) -> dict:
-    from ..errors import EnclaveMLError
-
-    if isinstance(e, EnclaveMLError):
-        return {"error": type(e).__name__, "message": str(e)}
-    return {"error": "InternalError", "message": "internal error in the worker"}
-
-
-def main(argv: list[str] | None = None) -> None:
-    channel, rest = worker_channel_from_argv(list(sys.argv[1:] if argv is None else argv))
-    p = argparse.ArgumentParser(prog="enclaveml.serve.worker")
-    p.add_argument("--tee", default="sim")
-    p.add_argument("--threads", type=int, default=2, help="requests handled at once")
-    p.add_argument("--torch-threads", type=int, default=1)
+def _add_arguments(p) -> None:
     p.add_argument("--replay-window", type=float, default=120.0)
-    p.add_argument("--no-lock-memory", action="store_true")
     p.add_argument("--allow-factory", action="append", default=[],
                    help="a model factory 'package.module:function' this enclave may build (measured)")
-    args = p.parse_args(rest)
 
-    from ..tee import get_backend
+
+def _config(args) -> dict:
     from ..models.servable import enclave_config
 
-    config = enclave_config(args.allow_factory)  # part of the measurement (sim); argv under Gramine
-    options = {"lock_memory": not args.no_lock_memory, "config": config} if args.tee == "sim" else {}
-    backend = get_backend(args.tee, **options)
-    hardening = backend.harden()  # first: before any key or input exists in this process
-    torch.set_num_threads(max(1, args.torch_threads))
-    measurement = backend.measurement()  # measured at launch, like a TEE
+    return enclave_config(args.allow_factory)  # part of the measurement (sim); argv under Gramine
 
+
+def _build(backend, args, config):
     from .enclave import EnclaveService
 
     svc = EnclaveService(backend, replay_window_s=args.replay_window,
                          allowed_factories=config.get("allowed_factories", ()))
-    info = {"tee": args.tee, "measurement": measurement, "hardening": hardening, "public_key": svc.public_key().hex(),
-            "suites": sorted(svc.keys.accepted)}
-    serve_channel(channel, _handler(svc, info), max_workers=max(1, args.threads),
-                  inline=lambda h: h.get("op") in INLINE_OPS)
+    public_key = svc.public_key().hex()
+    suites = sorted(svc.keys.accepted)
+    return register_ops(OpRegistry(), svc), lambda: {"public_key": public_key, "suites": suites, "models": svc.models()}
+
+
+APP = WorkerApp(prog="enclaveml.serve.worker", build=_build, add_arguments=_add_arguments, config=_config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_worker(APP, argv)
 
 
 if __name__ == "__main__":

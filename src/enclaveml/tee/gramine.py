@@ -41,7 +41,9 @@ RUNTIME_BYTES = 2 * GIB
 #: Threads Gramine must provide besides torch's: Python main, channel/IO threads, Gramine helpers.
 BASE_THREADS = 8
 TOOLS = ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx")
-WORKER_ARGV = ["python3", "-m", "enclaveml.serve.worker", "--tee", "gramine-sgx"]
+#: The serving worker's module; CalTrain's is `enclaveml.train.enclave_worker` (`worker_argv(module=...)`).
+WORKER_MODULE = "enclaveml.serve.worker"
+WORKER_ARGV = ["python3", "-m", WORKER_MODULE, "--tee", "gramine-sgx"]
 SEALED_DIR = "/enclaveml-sealed"
 
 
@@ -237,14 +239,18 @@ def cost_from_file(path: str | Path) -> dict[str, Any]:
 
 
 def worker_argv(channel_path: str | Path, threads: int = 2, torch_threads: int | None = None,
-                allowed_factories: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The worker's fixed command line in the manifest (measured): socket-path channel, inline tensors."""
-    argv = [*WORKER_ARGV, "--channel-path", str(channel_path), "--no-shm", "--threads", str(int(threads))]
+                allowed_factories: list[str] | tuple[str, ...] = (), module: str = WORKER_MODULE,
+                extra_args: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """A worker's fixed command line in the manifest (measured): socket-path channel, inline
+    tensors. `module`: which enclave worker (serving's by default, or CalTrain's); `extra_args`:
+    its own flags (CalTrain: the owner and the plan), measured with the rest."""
+    argv = ["python3", "-m", module, "--tee", "gramine-sgx", "--channel-path", str(channel_path), "--no-shm",
+            "--threads", str(int(threads))]
     if torch_threads is not None:
         argv += ["--torch-threads", str(int(torch_threads))]
     for f in allowed_factories:
         argv += ["--allow-factory", f]
-    return argv
+    return argv + [str(a) for a in extra_args]
 
 
 def build_commands(workdir: str | Path, signing_key: str | Path | None = None,

@@ -75,19 +75,51 @@ def serve_cmd(
     spawn_peers: bool = typer.Option(True, "--spawn-peers/--no-spawn-peers", help="start the N-1 peers on this "
                                      "machine (default), or wait for `train peer` processes on other machines"),
     allow_factory: list[str] = typer.Option([], "--allow-factory", help=_ALLOW_HELP),
+    ping_interval: float = typer.Option(2.0, "--ping-interval",
+                                        help="seconds between liveness pings of the enclave worker"),
+    ping_timeout: float = typer.Option(10.0, "--ping-timeout",
+                                       help="a worker that does not answer a ping within this many seconds is "
+                                            "restarted (a running run stops; its next start resumes the checkpoint)"),
+    worker_socket: Optional[str] = typer.Option(None, "--worker-socket",
+                                                help="talk to the enclave worker over this Unix socket path, tensors "
+                                                     "inline (for enclaves that cannot inherit fds or map host memory)"),
+    gramine_dir: Optional[Path] = typer.Option(None, "--gramine-dir", help="gramine-sgx: where the manifest, "
+                                               "signature and worker socket go (default STORE/gramine)"),
+    cost: Optional[Path] = typer.Option(None, "--cost", help="gramine-sgx: assessment.json (or a cost report) "
+                                        "sizing the enclave"),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="gramine-sgx: RSA-3072 key for "
+                                               "gramine-sgx-sign (default: Gramine's own default key)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="gramine-sgx: write the manifest, print the Gramine "
+                                 "commands, do not launch"),
 ) -> None:
     """(host) Run the training server and its enclave worker, for one owner and one training plan."""
+    from ..errors import UserInputError
     from .host import serve
 
+    if tee != "gramine-sgx" and (gramine_dir or cost or signing_key or dry_run):
+        raise UserInputError("--gramine-dir, --cost, --signing-key and --dry-run are for --tee gramine-sgx")
     plan = _plan_options(owner, plan_file, data_model, model, split, head, defence)
     if not 1 <= enclaves <= 64:
-        from ..errors import UserInputError
-
         raise UserInputError(f"--enclaves {enclaves}: give 1 (one enclave) to 64")
+    factories = tuple(sorted({*plan.factories(), *(allow_factory or ())}))
+    launch = None
+    if tee == "gramine-sgx":  # the same launch as `enclaveml serve --tee gramine-sgx` (runtime.spawn)
+        from ..runtime.spawn import gramine_launch
+        from ..tee import gramine
+        from .host import WORKER_MODULE, worker_args
+
+        g = gramine_launch(gramine_dir or store / "gramine",
+                           lambda sock: gramine.worker_argv(sock, threads=1, torch_threads=threads, module=WORKER_MODULE,
+                                                            extra_args=worker_args(plan.owner, plan, factories, enclaves > 1)),
+                           cost, signing_key, dry_run, threads, echo=typer.echo)
+        if g.launch is None:  # --dry-run
+            return
+        worker_socket, launch = g.socket_path, g.launch
     typer.echo(f"CalTrain host on http://{host}:{port} (tee {tee}, store {store}, owner {plan.owner[:16]}, "
                f"plan {plan.hash().hex()[:16]}{f', {enclaves} enclaves' if enclaves > 1 else ''})", err=True)
     serve(store, port, tee, plan.data_model, device, host, threads, plan.owner, linkage_url, plan, enclaves,
-          peer_address, spawn_peers, tuple(allow_factory or ()))
+          peer_address, spawn_peers, tuple(allow_factory or ()), worker_socket=worker_socket, worker_launch=launch,
+          ping_interval_s=ping_interval, ping_timeout_s=ping_timeout)
 
 
 @train_app.command("peer")
@@ -103,6 +135,8 @@ def peer_cmd(
     threads: int = typer.Option(1, "--threads"),
     first_run: Optional[int] = typer.Option(None, "--first-run", hidden=True),
     spawned: bool = typer.Option(False, "--spawned", hidden=True),
+    allow_factory: list[str] = typer.Option([], "--allow-factory", help="as rank 0's `train serve --allow-factory` "
+                                            "(the group's enclaves must have one measured configuration)"),
 ) -> None:
     """(host) One peer of a data-parallel training group: a host process and its own enclave worker."""
     from ..tee.sim_evidence import canonical_json
@@ -114,7 +148,7 @@ def peer_cmd(
     else:
         plan = _plan_options(owner, plan_file, "darknet", None, None, None, None)
     peer_main(rank, enclaves, peer_address, tee, plan.owner, canonical_json(plan.to_dict()).decode(), device,
-              threads, first_run, spawned)
+              threads, first_run, spawned, tuple(allow_factory or ()))
 
 
 @train_app.command("plan")

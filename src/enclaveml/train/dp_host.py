@@ -274,9 +274,13 @@ def _die_with_parent() -> None:
 
 
 def peer_main(rank: int, world: int, address: str, tee: str, owner_hex: str, plan_json: str, device: str = "cpu",
-              threads: int = 1, first_run: int | None = None, spawned: bool = False) -> None:
-    """A peer host (rank > 0): its own enclave worker, then every run rank 0 announces, forever."""
-    from ..serve.channel import ChannelClient, spawn_enclave_worker
+              threads: int = 1, first_run: int | None = None, spawned: bool = False,
+              allowed_factories: "tuple[str, ...] | list[str]" = ()) -> None:
+    """A peer host (rank > 0): its own enclave worker, then every run rank 0 announces, forever.
+    `allowed_factories`: as rank 0's (`train serve --allow-factory`; the same measured
+    configuration, or the group's mutual attestation refuses this peer)."""
+    from ..runtime.rpc import ChannelClient
+    from ..runtime.spawn import WorkerSpec, start_worker
 
     if spawned:
         _die_with_parent()
@@ -287,9 +291,10 @@ def peer_main(rank: int, world: int, address: str, tee: str, owner_hex: str, pla
         device = f"cuda:{rank % torch.cuda.device_count()}"  # one GPU per peer where there are several
     host, port = parse_address(address)
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
-                                      ["--tee", tee, "--threads", str(threads), "--owner", owner_hex,
-                                       "--plan", plan_json, "--group"])
+    proc, chan = start_worker(WorkerSpec("enclaveml.train.enclave_worker",
+                                         ["--tee", tee, "--torch-threads", str(threads), "--owner", owner_hex,
+                                          "--plan", plan_json, "--group",
+                                          *[a for f in allowed_factories for a in ("--allow-factory", f)]]))
     client = ChannelClient(chan)
 
     def call(op, tensors=None, blobs=None, timeout=600.0, **header):
@@ -338,7 +343,8 @@ class PeerGroup:
     """Rank 0's view of the group: the TCPStore it serves, and the local peer processes it keeps up."""
 
     def __init__(self, world: int, tee: str, owner_hex: str, plan_json: str, device: str = "cpu",
-                 threads: int = 1, address: str | None = None, spawn: bool = True):
+                 threads: int = 1, address: str | None = None, spawn: bool = True,
+                 allowed_factories: "tuple[str, ...] | list[str]" = ()):
         if isinstance(world, bool) or not 2 <= int(world) <= 64:
             raise UserInputError("--enclaves must be 2..64 for a group (1 is the ordinary server)")
         self.world, self.device = int(world), device
@@ -347,6 +353,7 @@ class PeerGroup:
                                    timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         self.address = f"{host}:{self.store.port}"
         self._args = [tee, owner_hex, plan_json, device, str(threads)]
+        self._factory_args = [a for f in allowed_factories for a in ("--allow-factory", f)]
         self.spawn = spawn
         self.seq = 0
         self.procs: dict[int, subprocess.Popen] = {}
@@ -359,7 +366,8 @@ class PeerGroup:
         self.procs[rank] = subprocess.Popen(
             [sys.executable, "-m", "enclaveml", "train", "peer", "--rank", str(rank), "--enclaves", str(self.world),
              "--peer-address", self.address, "--tee", tee, "--owner", owner_hex, "--plan-json", plan_json,
-             "--device", device, "--threads", threads, "--first-run", str(self.seq + 1), "--spawned"],
+             "--device", device, "--threads", threads, "--first-run", str(self.seq + 1), "--spawned",
+             *self._factory_args],
             close_fds=True)
 
     def respawn_dead(self, wait_s: float = 30.0) -> list[int]:

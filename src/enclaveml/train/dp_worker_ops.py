@@ -1,39 +1,64 @@
-"""The enclave worker's ops for data-parallel CalTrain (`dp_*`), as one block the worker dispatches to.
+"""The enclave worker's ops for data-parallel CalTrain (`dp_*`), registered beside the others.
 
 Trust side: enclave (moves bytes between the channel and `dp_enclave.DistributedEnclave`; no logic).
+Arguments are range-checked by the runtime's op registry (`runtime.enclave.ops`) before a
+handler runs.
 """
 
 from __future__ import annotations
 
 from ..errors import UserInputError
+from ..runtime.enclave.ops import Int, OpRegistry
+
+#: Largest data-parallel group (as `train serve --enclaves` allows).
+MAX_GROUP = 64
+_N = Int(0, MAX_GROUP, default=0)
 
 
-def handle_dp(enc, op: str, h: dict, tensors: dict, blobs: dict):
-    """One `dp_*` request -> (header, tensors, blobs)."""
-    n = int(h.get("n", 0))
-    if op == "dp_hello":
-        return {}, None, {"hello": enc.dp_hello(int(h.get("rank", -1)), int(h.get("world", 0)))}
-    if op == "dp_attest":
-        return {"evidence": enc.dp_attest([blobs.get(f"h{i}", b"") for i in range(n)])}, None, None
-    if op == "dp_verify":
-        evs = h.get("evidences")
-        if not isinstance(evs, list) or not all(isinstance(e, dict) for e in evs):
+def register_dp_ops(ops: OpRegistry, enc) -> OpRegistry:
+    """The `dp_*` ops on `enc` (a `DistributedEnclave`)."""
+
+    @ops.op("dp_hello", rank=Int(-1, MAX_GROUP, default=-1), world=Int(0, MAX_GROUP, default=0))
+    def dp_hello(call, rank, world):
+        return {}, None, {"hello": enc.dp_hello(rank, world)}
+
+    @ops.op("dp_attest", n=_N)
+    def dp_attest(call, n):
+        return {"evidence": enc.dp_attest([call.blobs.get(f"h{i}", b"") for i in range(n)])}
+
+    @ops.op("dp_verify")
+    def dp_verify(call):
+        evs = call.header.get("evidences")
+        if not isinstance(evs, list) or len(evs) > MAX_GROUP or not all(isinstance(e, dict) for e in evs):
             raise UserInputError("dp_verify needs a list of evidence objects")
         enc.dp_verify(evs)
-        return {}, None, None
-    if op == "dp_lead_start":
-        info, back, joins = enc.dp_lead_start(blobs.get("command", b""), blobs.get("checkpoint") or None)
+        return {}
+
+    @ops.op("dp_lead_start")
+    def dp_lead_start(call):
+        info, back, joins = enc.dp_lead_start(call.blobs.get("command", b""), call.blobs.get("checkpoint") or None)
         return info, None, {"back": back, **{f"j{r}": j for r, j in enumerate(joins, start=1)}}
-    if op == "dp_join":
-        info, back = enc.dp_join(blobs.get("join", b""))
+
+    @ops.op("dp_join")
+    def dp_join(call):
+        info, back = enc.dp_join(call.blobs.get("join", b""))
         return info, None, {"back": back}
-    if op == "dp_backward":
-        return {}, None, {"grad": enc.dp_backward(tensors["grad"])}
-    if op == "dp_apply":
-        return {"step": enc.dp_apply([blobs.get(f"g{i}", b"") for i in range(n)])}, None, None
-    if op == "dp_records":
-        return {}, None, {"records": enc.dp_records(blobs.get("back", b""))}
-    if op == "dp_finish":
-        out = enc.dp_finish(blobs.get("back", b""), [blobs.get(f"p{i}", b"") for i in range(n)])
+
+    @ops.op("dp_backward", tensors=("grad",))
+    def dp_backward(call):
+        return {}, None, {"grad": enc.dp_backward(call.tensors["grad"])}
+
+    @ops.op("dp_apply", n=_N)
+    def dp_apply(call, n):
+        return {"step": enc.dp_apply([call.blobs.get(f"g{i}", b"") for i in range(n)])}
+
+    @ops.op("dp_records")
+    def dp_records(call):
+        return {}, None, {"records": enc.dp_records(call.blobs.get("back", b""))}
+
+    @ops.op("dp_finish", n=_N)
+    def dp_finish(call, n):
+        out = enc.dp_finish(call.blobs.get("back", b""), [call.blobs.get(f"p{i}", b"") for i in range(n)])
         return {"records": out["records"]}, None, {"meta": out["meta_token"], "final": out["final"]}
-    raise UserInputError(f"unknown op {op!r}")
+
+    return ops

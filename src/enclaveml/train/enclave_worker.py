@@ -1,112 +1,155 @@
-"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim --owner HEX [--plan JSON] [--allow-factory PKG.MOD:FN]...`.
+"""The CalTrain enclave process: `python -m enclaveml.train.enclave_worker --channel-fd FD --tee sim --owner HEX [--plan JSON]`.
 
-Trust side: enclave. Started by the training host with `serve.channel.spawn_enclave_worker`; it
-hardens itself before any secret exists, then answers the host's requests one at a time (a
-training run is a sequence). All logic is in `CalTrainEnclave`; this file only moves bytes.
-The owner is measured (sim config); the training plan (`--plan`, canonical JSON; default the
-owner's open plan) is bound by the enclave itself: report data, per-plan keys (plan.py).
+(Or `--channel-path PATH --no-shm` where the worker cannot inherit an fd, e.g. under Gramine.)
 
-Ops (header "op"): evidence, ingest, add_data, start, forward, loss, backward, checkpoint,
-finish, records, release, audit_records, audit. Failures travel back as {"error": kind, "message": text}.
+Trust side: enclave. Started by the training host through `runtime.handle.EnclaveHandle`; the
+runtime's worker main (`runtime.enclave.main`) hardens the process before any secret exists,
+then serves the ops registered here one at a time (a training run is a sequence: one pool
+thread, requests in the order they came; the runtime's `ping` is answered on the reading thread,
+so a long step does not look like a hung enclave). All logic is in `CalTrainEnclave`; this file
+only moves bytes. The owner is measured (sim config; the manifest's argv under Gramine); the
+training plan (`--plan`, canonical JSON; default the owner's open plan) is bound by the enclave
+itself: report data, per-plan keys (plan.py).
+
+Ops (header "op"): info, ping (the runtime's), evidence, ingest, add_data, start, forward, loss,
+backward, checkpoint, finish, records, release, audit_records, audit; with `--group` (one enclave
+of a data-parallel group, dp_enclave.py) also the `dp_*` ops of dp_worker_ops.py. Failures
+travel back as {"error": kind, "message": text}. `--allow-factory` names the user architectures
+this enclave may build (measured configuration).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from ..runtime.enclave.main import WorkerApp, run_worker
+from ..runtime.enclave.ops import Bool, Hex, Int, OpRegistry, Strs
 
-import torch
+#: Largest number of uploads, instances or records in one op.
+MAX_ITEMS = 100_000
+_STEP = Int(-1, 2**40, default=-1)
+_INDEX = Int(-1, 2**40, default=0)
 
-from ..serve.channel import Channel, channel_fd_from_argv, serve_channel
+
+def register_ops(ops: OpRegistry, enc) -> OpRegistry:
+    """The CalTrain ops on `enc` (a `CalTrainEnclave`)."""
+
+    @ops.op("evidence", nonce=Hex(0, 1024, default=b""))
+    def evidence(call, nonce):
+        return enc.evidence(nonce)
+
+    @ops.op("ingest", n=Int(0, MAX_ITEMS, default=0))
+    def ingest(call, n):
+        res = enc.ingest([call.blobs.get(f"u{i}", b"") for i in range(n)])  # decoded as the plan says
+        out_blobs = {}
+        for i, r in enumerate(res):
+            if "sealed" in r:
+                out_blobs[f"s{i}"] = r.pop("sealed")
+        return {"results": res}, None, out_blobs
+
+    @ops.op("add_data", tags=Strs(MAX_ITEMS, 256, default=[]), reset=Bool())
+    def add_data(call, tags, reset):
+        items = [(t, call.blobs.get(f"s{i}", b"")) for i, t in enumerate(tags)]
+        return {"count": enc.add_data(items, reset)}
+
+    @ops.op("start")
+    def start(call):
+        info, back = enc.start(call.blobs.get("command", b""), call.blobs.get("checkpoint") or None)
+        return info, None, ({"back": back} if back is not None else None)
+
+    @ops.op("forward", step=_STEP)
+    def forward(call, step):
+        return {}, {"ir": enc.forward(step)}, None
+
+    @ops.op("loss", tensors=("scores",))
+    def loss(call):
+        return {}, {"grad": enc.loss_grad(call.tensors["scores"])}, None
+
+    @ops.op("backward", tensors=("grad",))
+    def backward(call):
+        return {"step": enc.backward(call.tensors["grad"])}
+
+    @ops.op("checkpoint")
+    def checkpoint(call):
+        return {"step": enc.trainer.step}, None, {"checkpoint": enc.checkpoint()}
+
+    @ops.op("finish")
+    def finish(call):
+        out = enc.finish(call.blobs.get("back", b""))
+        return {"records": out["records"]}, None, {"meta": out["meta_token"], "final": out["final"]}
+
+    @ops.op("records", start=_INDEX, count=Int(0, MAX_ITEMS, default=0))
+    def records(call, start, count):
+        toks = enc.records(start, count)
+        return {"n": len(toks)}, None, {f"r{i}": t for i, t in enumerate(toks)}
+
+    @ops.op("release")
+    def release(call):
+        return {}, None, {"release": enc.release(call.blobs.get("command", b""), call.blobs.get("final", b""))}
+
+    @ops.op("audit_records", start=Int(-1, 2**40, default=-1), n=Int(0, MAX_ITEMS, default=0))
+    def audit_records(call, start, n):
+        return {"count": enc.audit_records(start, [call.blobs.get(f"r{i}", b"") for i in range(n)])}
+
+    @ops.op("audit")
+    def audit(call):
+        b = call.blobs
+        return {}, None, {"audit": enc.audit(b.get("command", b""), b.get("final", b""), b.get("meta", b""))}
+
+    return ops
 
 
 def make_handler(enc):
-    from ..errors import UserInputError
+    """A channel handler serving the CalTrain ops on `enc` (for in-process callers and tests)."""
+    return _registry(enc).handle
 
-    def handle(h: dict, tensors: dict, blobs: dict):
-        op = h.get("op")
-        if op == "evidence":
-            return enc.evidence(bytes.fromhex(str(h.get("nonce", "")))), None, None
-        if op == "ingest":
-            n = int(h.get("n", 0))
-            res = enc.ingest([blobs.get(f"u{i}", b"") for i in range(n)])  # decoded as the plan says
-            out_blobs = {}
-            for i, r in enumerate(res):
-                if "sealed" in r:
-                    out_blobs[f"s{i}"] = r.pop("sealed")
-            return {"results": res}, None, out_blobs
-        if op == "add_data":
-            tags = [str(t) for t in h.get("tags", [])]
-            items = [(t, blobs.get(f"s{i}", b"")) for i, t in enumerate(tags)]
-            return {"count": enc.add_data(items, bool(h.get("reset")))}, None, None
-        if op == "start":
-            info, back = enc.start(blobs.get("command", b""), blobs.get("checkpoint") or None)
-            return info, None, ({"back": back} if back is not None else None)
-        if op == "forward":
-            return {}, {"ir": enc.forward(int(h.get("step", -1)))}, None
-        if op == "loss":
-            return {}, {"grad": enc.loss_grad(tensors["scores"])}, None
-        if op == "backward":
-            return {"step": enc.backward(tensors["grad"])}, None, None
-        if op == "checkpoint":
-            return {"step": enc.trainer.step}, None, {"checkpoint": enc.checkpoint()}
-        if op == "finish":
-            out = enc.finish(blobs.get("back", b""))
-            return {"records": out["records"]}, None, {"meta": out["meta_token"], "final": out["final"]}
-        if op == "records":
-            toks = enc.records(int(h.get("start", 0)), int(h.get("count", 0)))
-            return {"n": len(toks)}, None, {f"r{i}": t for i, t in enumerate(toks)}
-        if op == "release":
-            return {}, None, {"release": enc.release(blobs.get("command", b""), blobs.get("final", b""))}
-        if op == "audit_records":
-            n = int(h.get("n", 0))
-            return {"count": enc.audit_records(int(h.get("start", -1)), [blobs.get(f"r{i}", b"") for i in range(n)])}, \
-                None, None
-        if op == "audit":
-            return {}, None, {"audit": enc.audit(blobs.get("command", b""), blobs.get("final", b""),
-                                                 blobs.get("meta", b""))}
-        # -- data-parallel CalTrain (`train serve --enclaves N`; dp_worker_ops.py) --
-        if isinstance(op, str) and op.startswith("dp_") and hasattr(enc, "dp_hello"):
-            from .dp_worker_ops import handle_dp
 
-            return handle_dp(enc, op, h, tensors, blobs)
-        raise UserInputError(f"unknown op {op!r}")
+def _registry(enc) -> OpRegistry:
+    ops = register_ops(OpRegistry(), enc)
+    if hasattr(enc, "dp_hello"):  # a DistributedEnclave
+        from .dp_worker_ops import register_dp_ops
 
-    return handle
+        register_dp_ops(ops, enc)
+    return ops
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--owner", required=True, help="the run owner's Ed25519 public key, hex (measured config)")
+    p.add_argument("--plan", default=None, help="the training plan, JSON (train/plan.py); default: the owner's "
+                   "open plan")
+    p.add_argument("--group", action="store_true", help="one enclave of a data-parallel group (dp_enclave.py)")
+    p.add_argument("--allow-factory", action="append", default=[],
+                   help="a user architecture (package.module:function) this enclave may build (measured config)")
+
+
+def _config(args) -> dict:
+    from .enclave import enclave_config
+
+    return enclave_config(args.owner, args.allow_factory)  # part of the measurement (sim); argv under Gramine
+
+
+def _build(backend, args, config):
+    import json
+
+    from .enclave import CalTrainEnclave
+    from .plan import TrainingPlan
+
+    plan = TrainingPlan.from_dict(json.loads(args.plan)) if args.plan else None
+    factories = tuple(config.get("allowed_factories", ()))
+    if args.group:
+        from .dp_enclave import DistributedEnclave
+
+        enc = DistributedEnclave(backend, owner=config["owner"], plan=plan, allowed_factories=factories)
+    else:
+        enc = CalTrainEnclave(backend, owner=config["owner"], plan=plan, allowed_factories=factories)
+    return _registry(enc), lambda: {"app": "caltrain", "plan_hash": enc.plan_hash.hex()}
+
+
+#: One request at a time: a training run is a strict sequence of steps.
+APP = WorkerApp(prog="enclaveml.train.enclave_worker", build=_build, add_arguments=_add_arguments,
+                config=_config, max_threads=1, default_threads=1)
 
 
 def main(argv: list[str] | None = None) -> None:
-    fd, rest = channel_fd_from_argv(list(sys.argv[1:] if argv is None else argv))
-    ap = argparse.ArgumentParser(prog="enclaveml.train.enclave_worker")
-    ap.add_argument("--tee", default="sim")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--owner", required=True, help="the run owner's Ed25519 public key, hex (measured config)")
-    ap.add_argument("--plan", default=None, help="the training plan, JSON (train/plan.py); default: the owner's "
-                    "open plan")
-    ap.add_argument("--group", action="store_true", help="one enclave of a data-parallel group (dp_enclave.py)")
-    ap.add_argument("--allow-factory", action="append", default=[],
-                    help="a user architecture (package.module:function) this enclave may build (measured config)")
-    a = ap.parse_args(rest)
-    import json
-
-    from ..tee import get_backend
-    from .enclave import CalTrainEnclave, enclave_config
-    from .plan import TrainingPlan
-
-    config = enclave_config(a.owner, a.allow_factory)  # part of the measurement (sim); argv under Gramine
-    plan = TrainingPlan.from_dict(json.loads(a.plan)) if a.plan else None
-    be = get_backend(a.tee, config=config) if a.tee == "sim" else get_backend(a.tee)
-    be.harden()
-    torch.set_num_threads(max(1, a.threads))
-    factories = tuple(config.get("allowed_factories", ()))
-    enc = CalTrainEnclave(be, owner=config["owner"], plan=plan, allowed_factories=factories)
-    if a.group:
-        from .dp_enclave import DistributedEnclave
-
-        enc = DistributedEnclave(be, owner=config["owner"], plan=plan, allowed_factories=factories)
-    chan = Channel.from_fd(fd)
-    # One request at a time: a training run is a strict sequence of steps.
-    serve_channel(chan, make_handler(enc), max_workers=1, inline=lambda h: True)
+    run_worker(APP, argv)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,18 @@ HTTP API (JSON; bytes as base64; the messages are `protocol.caltrain`'s and `pro
     POST /train/release {run_id, command}   the model + linkage key, sealed to the owner
     GET  /train/linkage?run_id=R     the encrypted linkage store (SQLite file)
     POST /train/audit {run_id, command}     owner-signed label audit, signed by the enclave, sealed to the owner
-    GET  /metrics                    counters (rejections by kind, steps, requests)
-Errors: enclaveml errors -> 400/403/404/409 with {"error": kind, "message": text}; the server
-keeps serving. `TrainingHost` is the service (no HTTP type); the routes in `create_app` only
-decode a message, run one `TrainingHost` call in a worker thread (enclave calls block: never on
-the event loop) and encode the answer.
+    GET  /metrics                    counters (rejections by kind, steps, requests, enclave restarts)
+    GET  /healthz                    the enclave worker: "ok" (200) or why not (503: restarting,
+                                     unresponsive, down), as the serving host's
+Errors: enclaveml errors -> 400/403/404/409 with {"error": kind, "message": text}; an enclave
+worker that is not there (restarting) -> 503 EnclaveUnavailable; the server keeps serving.
+`TrainingHost` is the service (no HTTP type); the routes in `create_app` only decode a message,
+run one `TrainingHost` call in a worker thread (enclave calls block: never on the event loop)
+and encode the answer.
+
+The worker is started, supervised and restarted through the one enclave runtime
+(`runtime.handle`), by fd or, with `worker_socket`/`worker_launch`, over a socket path or under
+Gramine, exactly as the serving host's.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 import torch
 from fastapi import Request
 
+from ..runtime.errors import ChannelError
 from ..errors import (DataError, EnclaveMLError, EvidenceRejected, PolicyViolation, TamperedMessage, Unauthorized,
                       UserInputError)
 from ..protocol import caltrain as msg
@@ -43,8 +51,26 @@ from .spec import ModelSpec
 from .store import InstanceStore, RunStore, check_run_id
 
 MAX_UPLOADS_PER_REQUEST = msg.MAX_UPLOADS_PER_REQUEST
+WORKER_MODULE = "enclaveml.train.enclave_worker"
+#: Enclave worker states (as the serving host's /healthz).
+STATUS_OK = "ok"
+STATUS_RESTARTING = "enclave restarting"
+STATUS_UNRESPONSIVE = "enclave unresponsive"
+STATUS_DOWN = "enclave down"
+#: Why a run stopped when its enclave worker died or hung.
+WORKER_LOST = "the enclave worker stopped; start the run again to resume from its last checkpoint"
 _STATUS = {UserInputError: 400, DataError: 400, TamperedMessage: 400, EvidenceRejected: 400,
            PolicyViolation: 403, Unauthorized: 403}
+
+
+def worker_args(owner_hex: str, plan: TrainingPlan, allowed_factories: "tuple[str, ...]" = (),
+                group: bool = False) -> list[str]:
+    """The training worker's own flags: its owner, plan and allowed user architectures (measured:
+    sim config / the manifest), and `--group` for one enclave of a data-parallel group."""
+    from ..tee.sim_evidence import canonical_json
+
+    return ["--owner", owner_hex, "--plan", canonical_json(plan.to_dict()).decode(),
+            *[a for f in allowed_factories for a in ("--allow-factory", f)], *(["--group"] if group else [])]
 
 
 class TrainingHost:
@@ -53,15 +79,21 @@ class TrainingHost:
     def __init__(self, store: Path, tee: str = "sim", data_model: str = "darknet", device: str = "cpu",
                  threads: int = 1, owner: str | bytes | None = None, linkage_url: str | None = None,
                  plan: "TrainingPlan | None" = None, enclaves: int = 1, peer_address: str | None = None,
-                 spawn_peers: bool = True, allowed_factories: "tuple[str, ...] | list[str]" = ()):
+                 spawn_peers: bool = True, allowed_factories: "tuple[str, ...] | list[str]" = (),
+                 worker_socket: str | None = None, worker_launch=None,
+                 ping_interval_s: float = 2.0, ping_timeout_s: float = 10.0, supervise: bool = True):
         """`plan`: what this deployment trains (plan.py); default the owner's open plan over
         `data_model`. Given a plan, `owner` may be omitted and `data_model` must be its data model.
         `enclaves` > 1: this host is rank 0 of a data-parallel group (dp_host.py) whose peers
         rendezvous at `peer_address` (HOST:PORT; default a free loopback port) and are spawned
         here unless `spawn_peers` is False (then start them with `train peer`).
         `allowed_factories`: user architectures the enclave may build (measured, `--allow-factory`);
-        the plan's own factory is always added."""
-        from ..serve.channel import ChannelClient, spawn_enclave_worker
+        the plan's own factory is always added.
+        `worker_socket` (and `worker_launch`, e.g. `gramine-sgx worker`): reach the enclave worker
+        over that Unix socket path, as the serving host does (`runtime.spawn`). `supervise`: restart
+        a dead worker, or one that misses a liveness ping for `ping_timeout_s` (`runtime.handle`)."""
+        from ..runtime.handle import EnclaveHandle, Supervisor
+        from ..runtime.spawn import WorkerSpec
         from ..tee.sim_evidence import canonical_json
         from .enclave import enclave_config, parse_owner
 
@@ -95,30 +127,61 @@ class TrainingHost:
         self.metrics: Counter = Counter()
         self.runs: dict[str, dict] = {}
         self._run_lock = threading.Lock()
+        self.tee = tee
         self.group = None  # data-parallel peers (dp_host.PeerGroup) when enclaves > 1
-        group_args = ["--group"] if enclaves > 1 else []
-        self.proc, chan = spawn_enclave_worker("enclaveml.train.enclave_worker",
-                                               ["--tee", tee, "--threads", str(threads), "--owner", owner_hex,
-                                                "--plan", canonical_json(plan.to_dict()).decode(), *group_args,
-                                                *[a for f in self.allowed_factories for a in ("--allow-factory", f)]])
-        self.enclave = ChannelClient(chan)
+        self.worker = WorkerSpec(WORKER_MODULE, ["--tee", tee, "--torch-threads", str(threads),
+                                                 *worker_args(owner_hex, plan, self.allowed_factories, enclaves > 1)],
+                                 socket_path=worker_socket, launch=worker_launch)
+        #: What /healthz reports: "ok", or why the enclave cannot serve now (as the serving host).
+        self.enclave_status = STATUS_OK
+        self.enclave = EnclaveHandle(self.worker, timeout_s=600.0)
+        self.supervisor = Supervisor(lambda: self.enclave, self.restart, ping_interval_s, ping_timeout_s)
+        if supervise:
+            self.supervisor.start_thread("caltrain-supervisor")
         if enclaves > 1:
             from .dp_host import PeerGroup
 
             self.group = PeerGroup(enclaves, tee, owner_hex, canonical_json(plan.to_dict()).decode(), device,
-                                   threads, peer_address, spawn_peers)
+                                   threads, peer_address, spawn_peers, self.allowed_factories)
+
+    @property
+    def proc(self):
+        return self.enclave.proc
 
     def call(self, op: str, tensors=None, blobs=None, timeout: float = 600.0, **header):
-        return self.enclave.request({"op": op, **header}, tensors, blobs, timeout=timeout)
+        return self.enclave.call({"op": op, **header}, tensors, blobs, timeout=timeout)
+
+    async def restart(self, reason: str) -> bool:
+        """Replace a dead or hung worker (`runtime.handle.Supervisor` calls this). A new worker has
+        a new HPKE key: participants and the owner attest again. A run in progress stops ("failed");
+        the owner's next start command resumes it from its last sealed checkpoint (the per-plan
+        sealing keys are the same in the new worker)."""
+        from ..runtime.handle import UNRESPONSIVE, replace
+
+        dead = self.enclave
+        self.enclave_status = STATUS_UNRESPONSIVE if reason == UNRESPONSIVE else STATUS_RESTARTING
+        self.metrics[f"enclave_restarts_{reason}"] += 1
+        for st in list(self.runs.values()):  # not under _run_lock: `start` may hold it, waiting on the hung worker
+            if st.get("state") == "running":
+                st.update(state="failed", error=WORKER_LOST)
+        try:
+            self.enclave = await replace(dead, reason)
+        except Exception:
+            self.enclave_status = STATUS_DOWN
+            return False
+        self.enclave_status = STATUS_OK
+        return True
+
+    def health(self) -> dict:
+        """The enclave worker's state: "ok" or why not (restarting, unresponsive, down)."""
+        status = self.enclave_status if self.enclave.alive() or self.enclave_status != STATUS_OK else STATUS_DOWN
+        return {"status": status, "tee": self.tee, "enclave_pid": self.enclave.pid}
 
     def close(self) -> None:
+        self.supervisor.stop()
         if self.group is not None:
             self.group.close()
         self.enclave.close()
-        try:
-            self.proc.wait(timeout=10)
-        except Exception:
-            self.proc.kill()
 
     # -- participants -------------------------------------------------------------------------
 
@@ -240,7 +303,10 @@ class TrainingHost:
             st.update(state="done", seconds=round(time.time() - st["started"], 1))
         except Exception as e:  # the run stops; the server goes on serving
             self.metrics["train_failed"] += 1
-            st.update(state="failed", error=f"{type(e).__name__}: {e}"[:300])
+            if isinstance(e, ChannelError):  # the worker died or hung: the supervisor replaces it
+                st.update(state="failed", error=WORKER_LOST)
+            else:
+                st.update(state="failed", error=f"{type(e).__name__}: {e}"[:300])
 
     def release(self, run_id: str, command: bytes) -> bytes:
         rs = RunStore(self.root, check_run_id(run_id))
@@ -314,6 +380,14 @@ def create_app(host_factory) -> "Any":
         code = next((c for cls, c in _STATUS.items() if isinstance(e, cls)), 400)
         return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=code)
 
+    @app.exception_handler(ChannelError)
+    async def _unavailable(request: Request, e: ChannelError):
+        h = state.get("host")
+        if h is not None:
+            h.metrics["error_EnclaveUnavailable"] += 1
+        return JSONResponse({"error": "EnclaveUnavailable", "message": "the enclave worker is not available"},
+                            status_code=503, headers={"Retry-After": "2"})
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         h = state.get("host")
@@ -333,6 +407,11 @@ def create_app(host_factory) -> "Any":
             return await request.json()
         except ValueError:
             raise UserInputError("body is not JSON") from None
+
+    @app.get("/healthz")
+    def healthz():
+        body = H().health()
+        return JSONResponse(body, status_code=200 if body["status"] == STATUS_OK else 503)
 
     def _info() -> dict:
         plan = H().plan
@@ -386,7 +465,8 @@ def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet",
           host: str = "127.0.0.1", threads: int = 1, owner: str | bytes | None = None,
           linkage_url: str | None = None, plan: "TrainingPlan | None" = None, enclaves: int = 1,
           peer_address: str | None = None, spawn_peers: bool = True,
-          allowed_factories: "tuple[str, ...] | list[str]" = ()) -> None:
+          allowed_factories: "tuple[str, ...] | list[str]" = (), worker_socket: str | None = None,
+          worker_launch=None, ping_interval_s: float = 2.0, ping_timeout_s: float = 10.0) -> None:
     import uvicorn
 
     from .enclave import parse_owner
@@ -394,5 +474,7 @@ def serve(store: Path, port: int, tee: str = "sim", data_model: str = "darknet",
     owner_hex = parse_owner(owner).to_bytes().hex() if owner is not None else None  # fail before spawning
     torch.set_num_threads(max(1, threads))
     app = create_app(lambda: TrainingHost(store, tee, data_model, device, threads, owner_hex, linkage_url, plan,
-                                          enclaves, peer_address, spawn_peers, tuple(allowed_factories)))
+                                          enclaves, peer_address, spawn_peers, tuple(allowed_factories),
+                                          worker_socket=worker_socket, worker_launch=worker_launch,
+                                          ping_interval_s=ping_interval_s, ping_timeout_s=ping_timeout_s))
     uvicorn.run(app, host=host, port=port, log_level="warning")
