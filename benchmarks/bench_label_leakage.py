@@ -43,7 +43,8 @@ from enclaveml.models import zoo
 from enclaveml.models.zoo import darknet
 from enclaveml.train.defences import DefenceSpec
 from enclaveml.train.fingerprint import predict
-from enclaveml.train.label_attack import CentroidAttack, ColumnNamer, exposed_columns, recovery
+from enclaveml.train.label_attack import (CentroidAttack, ColumnNamer, KnnAttack, ProbeAttack, exposed_columns,
+                                          recovery)
 from enclaveml.train.partitioned import ClassMapping, EnclaveTrainer, HostTrainer, TrainConfig, split_with_head
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -69,11 +70,17 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
     front, back, head_mod = split_with_head(model, k, head, mapping)
     total = cfg.steps_per_epoch(len(tr)) * cfg.epochs
     enc = EnclaveTrainer(front, mapping, PRE, cfg, total, head=head_mod, defence=defence,
-                         defence_seed=seed * 1_000_003 + 17)
+                         defence_seed=seed * 1_000_003 + 17, ir_shape=tuple(model.partition_points()[k - 1].out_shape))
     host = HostTrainer(back, cfg, total)
     grad_namer, score_namer = ColumnNamer(CLASSES), ColumnNamer(CLASSES)
-    grad_att = {"centroid": CentroidAttack(CLASSES, window), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)}
-    fwd_att = {"output_centroid": CentroidAttack(CLASSES, window), "ir_centroid": CentroidAttack(CLASSES, window)}
+    def attacks(prefix: str) -> dict:
+        return {f"{prefix}centroid": CentroidAttack(CLASSES, window),
+                f"{prefix}knn": KnnAttack(CLASSES, window), f"{prefix}knn_euclid": KnnAttack(CLASSES, window, cosine=False),
+                f"{prefix}probe": ProbeAttack(CLASSES, window)}
+
+    grad_att = {**attacks(""), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)}
+    out_att, ir_att = attacks("output_"), attacks("ir_")
+    fwd_att = {**out_att, **ir_att}
     guesses: dict[str, list[torch.Tensor]] = {n: [] for n in [*grad_att, *fwd_att, "columns", "score_argmax"]}
     truth, t_train = [], 0.0
     per = cfg.steps_per_epoch(len(tr))
@@ -99,8 +106,10 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
             guesses["score_argmax"].append(pred[~known])
         for name, att in grad_att.items():
             guesses[name].append(att.step(grad, known, y[known])[~known])
-        guesses["output_centroid"].append(fwd_att["output_centroid"].step(out, known, y[known])[~known])
-        guesses["ir_centroid"].append(fwd_att["ir_centroid"].step(ir, known, y[known])[~known])
+        for name, att in out_att.items():
+            guesses[name].append(att.step(out, known, y[known])[~known])
+        for name, att in ir_att.items():
+            guesses[name].append(att.step(ir, known, y[known])[~known])
         truth.append(y[~known])
         if (step + 1) % per == 0:
             log(f"    epoch {epoch + 1}/{cfg.epochs}: loss {enc.last_loss:.3f} ({t_train:.0f}s)")
