@@ -10,10 +10,12 @@ without a head, the scores). Every step it guesses the label of every other part
 - exposed (today's default): from dL/dscores (`label_attack.exposed_columns`), the columns named
   by the colluder's rows;
 - sealed head (`train run --head N`): from the cut-layer gradients, nearest class centroid of
-  the colluder's rows (direction attack, Li et al. 2022) and spherical k-means named by them;
+  the colluder's rows (direction attack, Li et al. 2022), spherical k-means named by them, k-NN
+  (cosine and Euclidean: direction and norm) and a ridge-regression probe trained on them;
 - each defence (`train run --head N --defence NAME:k=v`): the same attacks, best one reported;
-- forward attacks, which no gradient defence touches: nearest class centroid on the IR and on the
-  host's own output (scores or cut-layer features), and the argmax of the scores.
+- forward attacks, which no gradient defence touches: the same four (centroid, k-NN x 2, probe)
+  on the IR and on the host's own output (scores or cut-layer features), and the argmax of the
+  scores.
 
 Recovery = share of the other participants' rows (all steps) whose label the attacker names,
 per channel (gradient, forward) and the best of both; chance = 1/classes. `defended` in the last
@@ -146,9 +148,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
     ap.add_argument("--head", type=int, default=1, help="layers of the sealed head")
-    ap.add_argument("--defences", default="noise:scale=0.5 noise:scale=1 noise:scale=2 mix:group=2 mix:group=4 "
-                    "mix:group=8 mix:group=16",
-                    help="defences to measure, separated by spaces or ';', each with the sealed head")
+    ap.add_argument("--defences", default="labelfree mix:group=4,local=1 noise:scale=1,local=1",
+                    help="defences to measure, separated by spaces or ';', each with the sealed head (the noise "
+                    "and mix curve of docs/caltrain.md: `noise:scale=0.5 noise:scale=1 noise:scale=2 mix:group=2 "
+                    "mix:group=4 mix:group=8 mix:group=16`)")
     ap.add_argument("--defended", default=None,
                     help="the defence reported as `defended` (default: chosen from the figures: the most accurate "
                     "one whose gradient recovery is within 10 points of chance, else the least leaky)")

@@ -132,6 +132,18 @@ def test_knn_and_probe_attacks_name_clustered_rows_and_not_identical_ones():
         assert len(torch.unique(guess)) == 1 and recovery(guess, y[~known]) <= 0.1 + 1e-9
 
 
+def test_a_secret_rotation_per_batch_does_not_hide_labels():
+    """A candidate not offered: rotate each batch's cut-layer rows by a secret orthogonal matrix. Inner
+    products within a batch survive, so the colluder's rows of the same batch still name the
+    clusters (and the host's update would be wrong in its own coordinates anyway)."""
+    grad, y = _rows(n=128, d=64)
+    known = torch.arange(128) % 3 == 0
+    att = CentroidAttack(10, window=1)  # only this batch's colluder rows: a fresh rotation each step
+    for step in range(3):
+        q = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(step))).Q
+        assert recovery(att.step(grad @ q, known, y[known])[~known], y[~known]) > 0.95
+
+
 # -- the sealed head ---------------------------------------------------------------------------
 
 def _data(n=48, seed=0):
