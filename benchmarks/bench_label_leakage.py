@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
     ap.add_argument("--head", type=int, default=1, help="layers of the sealed head")
-    ap.add_argument("--defences", default="labelfree mix:group=4,local=1 noise:scale=1,local=1",
+    ap.add_argument("--defences", default="labelfree mix:group=4,local=1",
                     help="defences to measure, separated by spaces or ';', each with the sealed head (the noise "
                     "and mix curve of docs/caltrain.md: `noise:scale=0.5 noise:scale=1 noise:scale=2 mix:group=2 "
                     "mix:group=4 mix:group=8 mix:group=16`)")
