@@ -45,7 +45,7 @@ def inproc(repeats: int) -> dict:
     try:
         from enclaveml.runtime.transport import Channel
     except ImportError:  # the tree before issue 10
-        from enclaveml.runtime.transport import Channel
+        from enclaveml.serve.channel import Channel
     torch.set_num_threads(1)
     a, b = socket.socketpair()
     left, right = Channel(a), Channel(b)

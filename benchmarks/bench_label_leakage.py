@@ -10,10 +10,12 @@ without a head, the scores). Every step it guesses the label of every other part
 - exposed (today's default): from dL/dscores (`label_attack.exposed_columns`), the columns named
   by the colluder's rows;
 - sealed head (`train run --head N`): from the cut-layer gradients, nearest class centroid of
-  the colluder's rows (direction attack, Li et al. 2022) and spherical k-means named by them;
+  the colluder's rows (direction attack, Li et al. 2022), spherical k-means named by them, k-NN
+  (cosine and Euclidean: direction and norm) and a ridge-regression probe trained on them;
 - each defence (`train run --head N --defence NAME:k=v`): the same attacks, best one reported;
-- forward attacks, which no gradient defence touches: nearest class centroid on the IR and on the
-  host's own output (scores or cut-layer features), and the argmax of the scores.
+- forward attacks, which no gradient defence touches: the same four (centroid, k-NN x 2, probe)
+  on the IR and on the host's own output (scores or cut-layer features), and the argmax of the
+  scores.
 
 Recovery = share of the other participants' rows (all steps) whose label the attacker names,
 per channel (gradient, forward) and the best of both; chance = 1/classes. `defended` in the last
@@ -43,7 +45,8 @@ from enclaveml.models import zoo
 from enclaveml.models.zoo import darknet
 from enclaveml.train.defences import DefenceSpec
 from enclaveml.train.fingerprint import predict
-from enclaveml.train.label_attack import CentroidAttack, ColumnNamer, exposed_columns, recovery
+from enclaveml.train.label_attack import (CentroidAttack, ColumnNamer, KnnAttack, ProbeAttack, exposed_columns,
+                                          recovery)
 from enclaveml.models.split import permute_classifier
 from enclaveml.train.partitioned import ClassMapping, EnclaveTrainer, HostTrainer, TrainConfig, split_with_head
 
@@ -70,11 +73,17 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
     front, back, head_mod = split_with_head(model, k, head, mapping)
     total = cfg.steps_per_epoch(len(tr)) * cfg.epochs
     enc = EnclaveTrainer(front, mapping, PRE, cfg, total, head=head_mod, defence=defence,
-                         defence_seed=seed * 1_000_003 + 17)
+                         defence_seed=seed * 1_000_003 + 17, ir_shape=tuple(model.partition_points()[k - 1].out_shape))
     host = HostTrainer(back, cfg, total)
     grad_namer, score_namer = ColumnNamer(CLASSES), ColumnNamer(CLASSES)
-    grad_att = {"centroid": CentroidAttack(CLASSES, window), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)}
-    fwd_att = {"output_centroid": CentroidAttack(CLASSES, window), "ir_centroid": CentroidAttack(CLASSES, window)}
+    def attacks(prefix: str) -> dict:
+        return {f"{prefix}centroid": CentroidAttack(CLASSES, window),
+                f"{prefix}knn": KnnAttack(CLASSES, window), f"{prefix}knn_euclid": KnnAttack(CLASSES, window, cosine=False),
+                f"{prefix}probe": ProbeAttack(CLASSES, window)}
+
+    grad_att = {**attacks(""), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)}
+    out_att, ir_att = attacks("output_"), attacks("ir_")
+    fwd_att = {**out_att, **ir_att}
     guesses: dict[str, list[torch.Tensor]] = {n: [] for n in [*grad_att, *fwd_att, "columns", "score_argmax"]}
     truth, t_train = [], 0.0
     per = cfg.steps_per_epoch(len(tr))
@@ -100,8 +109,10 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
             guesses["score_argmax"].append(pred[~known])
         for name, att in grad_att.items():
             guesses[name].append(att.step(grad, known, y[known])[~known])
-        guesses["output_centroid"].append(fwd_att["output_centroid"].step(out, known, y[known])[~known])
-        guesses["ir_centroid"].append(fwd_att["ir_centroid"].step(ir, known, y[known])[~known])
+        for name, att in out_att.items():
+            guesses[name].append(att.step(out, known, y[known])[~known])
+        for name, att in ir_att.items():
+            guesses[name].append(att.step(ir, known, y[known])[~known])
         truth.append(y[~known])
         if (step + 1) % per == 0:
             log(f"    epoch {epoch + 1}/{cfg.epochs}: loss {enc.last_loss:.3f} ({t_train:.0f}s)")
@@ -138,9 +149,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
     ap.add_argument("--head", type=int, default=1, help="layers of the sealed head")
-    ap.add_argument("--defences", default="noise:scale=0.5 noise:scale=1 noise:scale=2 mix:group=2 mix:group=4 "
-                    "mix:group=8 mix:group=16",
-                    help="defences to measure, separated by spaces or ';', each with the sealed head")
+    ap.add_argument("--defences", default="labelfree mix:group=4,local=1",
+                    help="defences to measure, separated by spaces or ';', each with the sealed head (the noise "
+                    "and mix curve of docs/caltrain.md: `noise:scale=0.5 noise:scale=1 noise:scale=2 mix:group=2 "
+                    "mix:group=4 mix:group=8 mix:group=16`)")
     ap.add_argument("--defended", default=None,
                     help="the defence reported as `defended` (default: chosen from the figures: the most accurate "
                     "one whose gradient recovery is within 10 points of chance, else the least leaky)")

@@ -16,8 +16,9 @@ import torch
 from enclaveml.errors import TamperedMessage, UserInputError
 from enclaveml.models import zoo
 from enclaveml.models.zoo import darknet
-from enclaveml.train.defences import DefenceSpec, class_noise, group_mix, step_generator
-from enclaveml.train.label_attack import CentroidAttack, ColumnNamer, exposed_columns, recovery
+from enclaveml.train.defences import DefenceSpec, batch_mean, class_noise, group_mix, step_generator
+from enclaveml.train.label_attack import (CentroidAttack, ColumnNamer, KnnAttack, ProbeAttack, exposed_columns,
+                                          recovery)
 from enclaveml.models.split import permute_classifier
 from enclaveml.train.partitioned import (ClassMapping, EnclaveTrainer, HostTrainer, PlainTrainer, TrainConfig,
                                          check_head, host_layers, partitioned_step, split_with_head)
@@ -107,6 +108,43 @@ def test_defence_specs_parse_and_refuse_bad_input():
         d.apply(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long), step_generator(0, 0))
 
 
+def test_labelfree_gives_every_row_the_batch_mean_and_local_is_parsed_and_kept():
+    grad, y = _rows(n=20)
+    out = batch_mean(grad, y, step_generator(0, 0))
+    assert torch.allclose(out.sum(0), grad.sum(0), atol=1e-4)
+    assert all(torch.equal(out[0], out[i]) for i in range(20))  # rows cannot be told apart
+    assert DefenceSpec.parse("labelfree").to_dict() == {"name": "labelfree", "settings": {"local": 1}}
+    assert DefenceSpec.parse("labelfree").local_front and not DefenceSpec.parse("mix:group=4").local_front
+    assert DefenceSpec.parse("mix:group=4,local=1").to_dict() == {"name": "mix", "settings": {"group": 4, "local": 1}}
+    assert DefenceSpec.parse("noise:scale=1").to_dict()["settings"] == {"classwise": 0, "scale": 1.0}  # unchanged
+    for bad in ("labelfree:local=0", "mix:local=2", "none:local=1", "noise:local=0.5"):
+        with pytest.raises(UserInputError):
+            DefenceSpec.parse(bad)
+
+
+def test_knn_and_probe_attacks_name_clustered_rows_and_not_identical_ones():
+    grad, y = _rows(n=200, d=32)
+    known = torch.arange(200) % 3 == 0  # every class has known rows
+    for att in (KnnAttack(10, k=5), KnnAttack(10, k=5, cosine=False), ProbeAttack(10)):
+        assert recovery(att.step(grad, known, y[known])[~known], y[~known]) > 0.95
+    same = grad.mean(0, keepdim=True).expand(200, -1)  # what `labelfree` hands the host
+    for att in (KnnAttack(10, k=5), ProbeAttack(10), CentroidAttack(10)):
+        guess = att.step(same, known, y[known])[~known]
+        assert len(torch.unique(guess)) == 1 and recovery(guess, y[~known]) <= 0.1 + 1e-9
+
+
+def test_a_secret_rotation_per_batch_does_not_hide_labels():
+    """A candidate not offered: rotate each batch's cut-layer rows by a secret orthogonal matrix. Inner
+    products within a batch survive, so the colluder's rows of the same batch still name the
+    clusters (and the host's update would be wrong in its own coordinates anyway)."""
+    grad, y = _rows(n=128, d=64)
+    known = torch.arange(128) % 3 == 0
+    att = CentroidAttack(10, window=1)  # only this batch's colluder rows: a fresh rotation each step
+    for step in range(3):
+        q = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(step))).Q
+        assert recovery(att.step(grad @ q, known, y[known])[~known], y[~known]) > 0.95
+
+
 # -- the sealed head ---------------------------------------------------------------------------
 
 def _data(n=48, seed=0):
@@ -155,7 +193,7 @@ def _coloured(n: int, seed: int):
     return x.clamp(0, 255).to(torch.uint8), y
 
 
-def _leak(head: int, defence: str, channel: str = "gradient") -> float:
+def _leak(head: int, defence: str, channel: str = "gradient", attack: type = CentroidAttack) -> float:
     torch.manual_seed(0)
     model = darknet.build(width=4)
     x, y = _coloured(320, 1)
@@ -164,9 +202,10 @@ def _leak(head: int, defence: str, channel: str = "gradient") -> float:
     mapping = ClassMapping.random(10, torch.Generator().manual_seed(9))
     front, back, head_mod = split_with_head(model, 5, head, mapping)
     total = cfg.steps_per_epoch(320) * cfg.epochs
-    enc = EnclaveTrainer(front, mapping, PRE, cfg, total, head_mod, DefenceSpec.parse(defence), defence_seed=123)
+    enc = EnclaveTrainer(front, mapping, PRE, cfg, total, head_mod, DefenceSpec.parse(defence), defence_seed=123,
+                         ir_shape=tuple(model.partition_points()[4].out_shape))
     host = HostTrainer(back, cfg, total)
-    namer, attack = ColumnNamer(10), CentroidAttack(10, window=10)
+    namer, attack = ColumnNamer(10), attack(10, window=10)
     guesses, truth = [], []
     for step, _, idx in cfg.batches(320):
         ir = enc.forward(x[idx], y[idx])
@@ -193,6 +232,46 @@ def test_colluding_host_names_labels_when_exposed_and_from_the_cut_layer_but_not
     assert _leak(0, "none") == 1.0  # dL/dscores: every label, exactly
     assert _leak(1, "none") > 0.9  # sealed head: cut-layer gradients still cluster by class
     assert _leak(1, "noise:scale=4") < 0.2  # chance is 0.1
+
+
+def test_labelfree_leaves_no_label_in_the_gradient_for_any_attack():
+    assert _leak(1, "none", attack=KnnAttack) > 0.5 and _leak(1, "none", attack=ProbeAttack) > 0.5  # both read it
+    for attack in (CentroidAttack, KnnAttack, ProbeAttack):
+        assert _leak(1, "labelfree", attack=attack) < 0.2  # chance is 0.1
+
+
+def test_a_local_frontnet_learns_without_the_hosts_gradient():
+    """`local=1`: the FrontNet's update is the same whatever dL/dIR the host returns (it learns from
+    the enclave's local classifier), it does learn, and the classifier is in the enclave's state."""
+    x, y = _coloured(64, 3)
+
+    def run(host_grad):
+        torch.manual_seed(0)
+        model = darknet.build(width=4)
+        cfg = TrainConfig(epochs=4, batch=16, lr=0.05, seed=0, augment=False)
+        mapping = ClassMapping.random(10, torch.Generator().manual_seed(1))
+        front, back, head_mod = split_with_head(model, 5, 1, mapping)
+        enc = EnclaveTrainer(front, mapping, PRE, cfg, 16, head_mod, DefenceSpec.parse("mix:group=4,local=1"), 5,
+                             ir_shape=(16, 8, 8))
+        host, losses = HostTrainer(back, cfg, 16), []
+        for _, _, idx in cfg.batches(64):
+            d_ir = host.backward(enc.loss_grad(host.forward(enc.forward(x[idx], y[idx]))))
+            losses.append(float(enc._local_loss.detach()))
+            enc.backward(host_grad(d_ir))
+        return enc, losses
+
+    a, losses = run(lambda d: d)
+    b, _ = run(lambda d: torch.randn_like(d) * 100)
+    for (n, p), (_, q) in zip(a.front.state_dict().items(), b.front.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert sum(losses[-4:]) < sum(losses[:4])  # the local classifier's loss falls: the FrontNet learns
+    from safetensors.torch import load
+    assert any(k.startswith("w.local.") for k in load(a.state_bytes()))
+    with pytest.raises(TamperedMessage):
+        a.forward(x[:16], y[:16])
+        a.backward(torch.zeros(16, 16, 4, 4))  # still checked
+    with pytest.raises(UserInputError):  # a local FrontNet needs to know the IR it classifies
+        EnclaveTrainer(a.front, ClassMapping.random(10), PRE, TrainConfig(), 1, None, DefenceSpec.parse("labelfree"))
 
 
 def test_a_gradient_defence_leaves_the_forward_pass_as_it_is():
@@ -248,6 +327,37 @@ def test_enclave_checks_head_defence_and_the_host_output_shape_and_keeps_them_in
                                               "plan": e.plan_hash.hex(), "head": 1,
                                               "defence": {"name": "noise", "settings": {"scale": 2}}}), ckpt)
         assert info["start_step"] == 1 and e.trainer.head is not None
+
+
+def test_enclave_runs_and_resumes_labelfree_with_its_local_classifier():
+    from enclaveml.crypto import SigningKey, seal_owner_command
+    from enclaveml.tee.sim import SimBackend
+    from enclaveml.train.enclave import START, CalTrainEnclave, enclave_config
+    from enclaveml.train.instances import make_upload
+    from image_helpers import random_png
+    import tempfile
+    from pathlib import Path
+
+    owner, part = SigningKey.generate(), SigningKey.generate()
+    with tempfile.TemporaryDirectory() as tmp:
+        be = SimBackend(enclave_config(owner.public_key()), platform_dir=Path(tmp), lock_memory=False)
+        e = CalTrainEnclave(be)
+        res = e.ingest([make_upload(e.hpke.public_bytes(), part, random_png(i), i % 10, plan=e.plan_hash)[1]
+                        for i in range(8)])
+        e.add_data([(r["tag"], r["sealed"]) for r in res])
+        args = {"model": "darknet:width=4", "split": 5, "config": TrainConfig(epochs=1, batch=4, seed=0).to_dict(),
+                "plan": e.plan_hash.hex(), "head": 1, "defence": {"name": "labelfree", "settings": {}}}
+        info, _ = e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", b"nonce-000001", args), None)
+        assert info["defence"] == {"name": "labelfree", "settings": {"local": 1}}
+        e.forward(0)
+        grad = e.loss_grad(torch.randn(4, 64))
+        assert all(torch.equal(grad[0], grad[i]) for i in range(4))  # one row for the whole batch
+        e.backward(torch.zeros(4, 16, 8, 8))
+        front = {k: v.clone() for k, v in e.trainer.front.state_dict().items()}
+        ckpt = e.checkpoint()
+        info, _ = e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", b"nonce-000002", args), ckpt)
+        assert info["start_step"] == 1 and e.trainer.local is not None
+        assert all(torch.equal(v, e.trainer.front.state_dict()[k]) for k, v in front.items())
 
 
 class _RecordingHost:

@@ -17,6 +17,15 @@ host receives. Each is registered by name and parsed from `NAME[:key=value,...]`
     mix:group=M       gradient mixing: a random partition of the batch into groups of M rows, each
                       row replaced by its group's mean (the batch sum is kept; each row is biased
                       towards its group)
+    labelfree         no label reaches the host: every row receives the batch's mean gradient (one
+                      vector for the whole batch: rows cannot be told apart, so no per-instance
+                      label can be read from them); the FrontNet learns from a local classifier
+                      in the enclave (below), not from the host's dL/dIR
+
+`local=1` (noise, mix; always on for labelfree): the FrontNet is trained by a local auxiliary
+classifier on the IR inside the enclave (decoupled greedy learning, Belilovsky et al., ICML 2020)
+instead of by the dL/dIR the host returns, so the defended gradient no longer reaches it; the
+host's reply is still checked and otherwise ignored (`local_classifier`).
 
 The randomness must be secret: a host that could redraw the noise would subtract it. The enclave
 seeds it from its keyed run seed and the step (`step_generator`), so a rerun or a resumed run is
@@ -45,7 +54,7 @@ class _Kind:
 
 
 def class_noise(grad: torch.Tensor, labels: torch.Tensor, scale: float, gen: torch.Generator,
-                classwise: int = 0) -> torch.Tensor:
+                classwise: int = 0, local: int = 0) -> torch.Tensor:
     """Rows + scale x N(0,1) along each class-mean direction of the batch, centred over the batch.
 
     Unbiased (E[noise] = 0), keeps the batch sum exactly, and puts all its power where a label
@@ -68,11 +77,12 @@ def class_noise(grad: torch.Tensor, labels: torch.Tensor, scale: float, gen: tor
     return (g.double() + noise).to(grad.dtype).reshape(grad.shape)
 
 
-def group_mix(grad: torch.Tensor, labels: torch.Tensor, group: int, gen: torch.Generator) -> torch.Tensor:
+def group_mix(grad: torch.Tensor, labels: torch.Tensor, group: int, gen: torch.Generator,
+              local: int = 0) -> torch.Tensor:
     """Each row replaced by the mean of its random group of `group` rows (the last group may be
     smaller, never a single row: that one joins the group before it); the batch sum is kept.
     `labels` is unused: mixing does not need them."""
-    del labels
+    del labels, local
     n = grad.shape[0]
     g = grad.reshape(n, -1)
     order = torch.randperm(n, generator=gen)
@@ -86,15 +96,45 @@ def group_mix(grad: torch.Tensor, labels: torch.Tensor, group: int, gen: torch.G
     return out.reshape(grad.shape)
 
 
+def batch_mean(grad: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, local: int = 1) -> torch.Tensor:
+    """Every row replaced by the batch's mean row: the batch sum is kept and the rows are equal, so
+    the host's rows carry no per-instance label (only the batch's class mix, through the mean)."""
+    del labels, gen, local
+    g = grad.reshape(grad.shape[0], -1)
+    return g.double().mean(0, keepdim=True).expand_as(g).to(g.dtype).reshape(grad.shape).clone()
+
+
+def local_classifier(ir_shape: "tuple[int, ...]", classes: int, gen: torch.Generator) -> torch.nn.Module:
+    """The enclave's auxiliary classifier that trains the FrontNet under `local=1`: the IR pooled
+    to 2x2 (a feature vector as is), then one Linear layer (DGL's simplest auxiliary problem).
+    Initialised from the enclave's secret generator: the host never learns it."""
+    from torch import nn
+
+    if len(ir_shape) == 3:
+        body: list[nn.Module] = [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
+        width = int(ir_shape[0]) * 4
+    elif len(ir_shape) == 1:
+        body, width = [], int(ir_shape[0])
+    else:
+        raise UserInputError(f"a local classifier needs an IR of shape (C,H,W) or (D,), not {tuple(ir_shape)}")
+    fc = nn.Linear(width, classes)
+    bound = 1.0 / width ** 0.5
+    with torch.no_grad():
+        fc.weight.copy_(torch.rand(fc.weight.shape, generator=gen) * 2 * bound - bound)
+        fc.bias.copy_(torch.rand(fc.bias.shape, generator=gen) * 2 * bound - bound)
+    return nn.Sequential(*body, fc)
+
+
 def _none(grad: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return grad
 
 
 DEFENCES: dict[str, _Kind] = {
     "none": _Kind(_none, {}, {}),
-    "noise": _Kind(class_noise, {"scale": (0.0, 100.0, float), "classwise": (0, 1, int)},
-                   {"scale": 2.0, "classwise": 0}),
-    "mix": _Kind(group_mix, {"group": (2, 4096, int)}, {"group": 4}),
+    "noise": _Kind(class_noise, {"scale": (0.0, 100.0, float), "classwise": (0, 1, int), "local": (0, 1, int)},
+                   {"scale": 2.0, "classwise": 0}),  # a setting without a default (local) is in `to_dict` only when given
+    "mix": _Kind(group_mix, {"group": (2, 4096, int), "local": (0, 1, int)}, {"group": 4}),
+    "labelfree": _Kind(batch_mean, {"local": (1, 1, int)}, {"local": 1}),
 }
 
 
@@ -158,6 +198,11 @@ class DefenceSpec:
     def text(self) -> str:
         return self.name + (":" + ",".join(f"{k}={v:g}" for k, v in sorted(self.settings.items()))
                             if self.settings else "")
+
+    @property
+    def local_front(self) -> bool:
+        """Whether the FrontNet learns from the enclave's local classifier, not the host's dL/dIR."""
+        return bool(self.settings.get("local", 0))
 
     def apply(self, grad: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The rows the host receives in place of `grad` (one row per instance)."""

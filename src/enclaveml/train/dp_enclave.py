@@ -291,6 +291,9 @@ class DistributedEnclave(CalTrainEnclave):
         mapping = ClassMapping(perm)
         front, back, head_mod = split_with_head(model, k, head, mapping)
         defence = DefenceSpec.from_dict(run["defence"])
+        if defence.local_front:  # its local classifier would need the group's averaging too
+            raise PolicyViolation(f"defence {defence.text} (a local FrontNet) is not supported across enclaves yet; "
+                                  "train it with one enclave")
         seed = (defence_seed + self.rank * 0x9E3779B97F4A7C15) % (1 << 63)  # each replica its own noise
         trainer = DPTrainer(front, mapping, self.plan.preprocessing(), cfg, run["total_steps"], head_mod, defence, seed,
                             rank=self.rank, world=self.world)

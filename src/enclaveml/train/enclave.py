@@ -280,6 +280,7 @@ class CalTrainEnclave:
         torch.manual_seed(self._secret_seed(b"init", run))
         model = self.plan.build_model(spec.text, self.allowed_factories, k, head)  # allow-list, classes, split
         defence_seed = self._secret_seed(b"defence", run)  # the host cannot redraw the noise
+        ir_shape = tuple(model.partition_points()[k - 1].out_shape)  # for a local FrontNet (`local=1`)
         back_state = None
         if checkpoint:
             meta, tensors, blob = self._open_checkpoint(checkpoint)
@@ -290,13 +291,13 @@ class CalTrainEnclave:
             mapping = ClassMapping(tensors.pop("mapping.perm"))
             front, _, head_mod = split_with_head(model, k, head, mapping)
             trainer = EnclaveTrainer(front, mapping, self.plan.preprocessing(), cfg, total, head_mod, defence,
-                                     defence_seed)
+                                     defence_seed, ir_shape)
             trainer.load_state_bytes(blob)
         else:
             mapping = self._mapping_for(run, len(self.plan.classes))
             front, back, head_mod = split_with_head(model, k, head, mapping)
             trainer = EnclaveTrainer(front, mapping, self.plan.preprocessing(), cfg, total, head_mod, defence,
-                                     defence_seed)
+                                     defence_seed, ir_shape)
             back_state = _safetensors_bytes(back.state_dict())
         self._consume_nonce(cmd.nonce)
         self._order_cache = None  # the epoch order belongs to this run's seed and data set

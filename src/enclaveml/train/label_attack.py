@@ -18,6 +18,12 @@ recognisable) and infers everyone else's.
   `window` steps, each row labelled by its nearest centroid (cosine); `kmeans=True` refines the
   centroids on the batch with spherical k-means first and names each cluster by the colluder
   rows in it.
+- `KnnAttack`: k nearest colluder rows of the last `window` steps (cosine), majority vote; it
+  needs no class to form one cluster, so it also reads multi-modal classes and norm differences
+  (`cosine=False`: Euclidean distance on the raw rows).
+- `ProbeAttack`: a ridge-regression linear probe from the colluder's rows of the last `window`
+  steps to their one-hot labels (kernel form, standardised rows), argmax per row: the attack of
+  a host that trains a classifier on what it sees.
 """
 
 from __future__ import annotations
@@ -88,6 +94,60 @@ class CentroidAttack:
             if len(ys):
                 names[j] = torch.bincount(ys, minlength=self.classes).argmax()
         return cent, names
+
+
+class _Bank:
+    """The colluder's rows (flattened) and labels of the last `window` steps."""
+
+    def __init__(self, window: int):
+        self.rows: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, window))
+
+    def add(self, rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.rows.append((rows, labels))
+        return torch.cat([r for r, _ in self.rows]), torch.cat([y for _, y in self.rows])
+
+
+class KnnAttack:
+    """Majority label of the `k` nearest colluder rows (cosine, or Euclidean with cosine=False)."""
+
+    def __init__(self, classes: int, window: int = 20, k: int = 10, cosine: bool = True):
+        self.classes, self.k, self.cosine = classes, k, cosine
+        self.bank = _Bank(window)
+
+    def step(self, rows: torch.Tensor, known: torch.Tensor, known_labels: torch.Tensor) -> torch.Tensor:
+        g = rows.reshape(rows.shape[0], -1).double()
+        if self.cosine:
+            g = F.normalize(g, dim=1)
+        bank, labs = self.bank.add(g[known], known_labels)
+        sim = g @ bank.T if self.cosine else -torch.cdist(g, bank)
+        k = min(self.k, bank.shape[0])
+        if k == 0:
+            return torch.full((g.shape[0],), -1, dtype=torch.long)
+        idx = sim.topk(k, dim=1).indices
+        votes = torch.zeros(g.shape[0], self.classes, dtype=torch.double)
+        votes.scatter_add_(1, labs[idx], torch.ones(idx.shape, dtype=torch.double))
+        return votes.argmax(1)
+
+
+class ProbeAttack:
+    """Ridge-regression probe (kernel form) from the colluder's standardised rows to one-hot labels."""
+
+    def __init__(self, classes: int, window: int = 20, ridge: float = 1.0):
+        self.classes, self.ridge = classes, ridge
+        self.bank = _Bank(window)
+
+    def step(self, rows: torch.Tensor, known: torch.Tensor, known_labels: torch.Tensor) -> torch.Tensor:
+        g = rows.reshape(rows.shape[0], -1).double()
+        bank, labs = self.bank.add(g[known], known_labels)
+        if bank.shape[0] == 0:
+            return torch.full((g.shape[0],), -1, dtype=torch.long)
+        mu, sd = bank.mean(0), bank.std(0, unbiased=False) + 1e-8
+        xb, xg = (bank - mu) / sd, (g - mu) / sd
+        y1 = F.one_hot(labs, self.classes).double()
+        y1 = y1 - y1.mean(0)
+        kern = xb @ xb.T
+        alpha = torch.linalg.solve(kern + self.ridge * xb.shape[1] * torch.eye(len(kern), dtype=torch.double), y1)
+        return (xg @ xb.T @ alpha).argmax(1)
 
 
 def recovery(guess: torch.Tensor, truth: torch.Tensor) -> float:

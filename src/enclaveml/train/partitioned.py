@@ -157,6 +157,14 @@ class _FrontAndHead(nn.Module):
         self.front, self.head = front, head
 
 
+class _WithLocal(nn.Module):
+    """The enclave's parameters with the local classifier that trains the FrontNet (`local=1`)."""
+
+    def __init__(self, front: nn.Module, head: nn.Module | None, local: nn.Module):
+        super().__init__()
+        self.front, self.head, self.local = front, head, local
+
+
 class EnclaveTrainer(_Half):
     """Enclave half: augment, normalise, FrontNet forward/backward, labels and loss.
 
@@ -164,15 +172,25 @@ class EnclaveTrainer(_Half):
     cut-layer feature map, not the scores: the enclave runs the head and the loss on it and hands
     back dL/dfeatures. `defence` (`defences.DefenceSpec`) transforms the gradient before it leaves,
     with randomness from `defence_seed` and the step (secret: the enclave derives it from its key).
+    A defence with a local FrontNet (`local=1`, `labelfree`) needs `ir_shape` (one instance's IR):
+    the FrontNet then learns from a local classifier on the IR here, not from the host's dL/dIR.
     """
 
     def __init__(self, front: nn.Module, mapping: ClassMapping, pre: Preprocessing, cfg: TrainConfig,
                  total_steps: int, head: nn.Module | None = None, defence: "DefenceSpec | None" = None,
-                 defence_seed: int = 0):
-        from .defences import DefenceSpec
+                 defence_seed: int = 0, ir_shape: "tuple[int, ...] | None" = None):
+        from .defences import DefenceSpec, local_classifier
 
-        super().__init__(front if head is None else _FrontAndHead(front, head), cfg, total_steps)
+        self.local = None
+        if defence is not None and defence.local_front:
+            if ir_shape is None:
+                raise UserInputError(f"defence {defence.text} trains the FrontNet locally and needs the IR shape")
+            self.local = local_classifier(tuple(ir_shape), mapping.perm.numel(),
+                                          torch.Generator().manual_seed(int(defence_seed) % (2 ** 63) + 1))
+        parts = front if head is None else _FrontAndHead(front, head)
+        super().__init__(parts if self.local is None else _WithLocal(front, head, self.local), cfg, total_steps)
         self.front, self.head = front, head
+        self._local_loss: torch.Tensor | None = None
         self.mapping = mapping
         self.pre = pre
         self.defence = defence or DefenceSpec()
@@ -189,6 +207,8 @@ class EnclaveTrainer(_Half):
         x = self.pre.normalise(x.div_(255.0))
         self._ir = self.front(x)
         self._y = y
+        if self.local is not None:  # the FrontNet's own supervision, kept here (labels never leave)
+            self._local_loss = F.cross_entropy(self.local(self._ir), y, label_smoothing=self.cfg.label_smoothing)
         return self._ir.detach()
 
     def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
@@ -222,8 +242,11 @@ class EnclaveTrainer(_Half):
             raise UserInputError("backward before forward")
         if d_ir.shape != self._ir.shape:
             raise TamperedMessage(f"IR gradient has shape {tuple(d_ir.shape)}, expected {tuple(self._ir.shape)}")
-        self._ir.backward(d_ir)
-        self._ir, self._y = None, None
+        if self.local is None:
+            self._ir.backward(d_ir)
+        else:  # checked above, otherwise unused: the defended gradient does not reach the FrontNet
+            self._local_loss.backward()
+        self._ir, self._y, self._local_loss = None, None, None
         self._apply_step()
 
 
