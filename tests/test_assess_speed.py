@@ -186,3 +186,32 @@ def test_rmle_stops_once_converged():
     err = lambda r: float((r - target).abs().mean())  # noqa: E731
     assert err(recon) < 0.9 * float((0.5 - target).abs().mean())  # better than the grey start
     assert err(recon) < err(full) + 0.02  # and about as good as the whole budget
+
+
+def test_batched_rmle_is_each_points_own_search():
+    """All points' searches in one staircase batch give each point's own search (to float rounding)."""
+    from enclaveml.assess.inference import folded, folded_layers
+    from enclaveml.assess.rmle import point_groups, reconstruct, reconstruct_points
+
+    m = _darknet()
+    pre = zoo.entry("darknet").preprocessing
+    x = torch.rand(3, *m.input_shape, generator=torch.Generator().manual_seed(0))
+    fast = folded_layers(m, m.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(fast(pre.normalise(x)), m(pre.normalise(x)), rtol=1e-4, atol=1e-4)
+        targets = {k: m.split(k)[0](pre.normalise(x)) for k in (1, 4, 10)}
+    together = reconstruct_points(fast, pre, targets, m.input_shape, 12, 0.05, 0.02)
+    for k, t in targets.items():
+        alone, steps = reconstruct(folded(m.split(k)[0], m.input_shape), pre, t, m.input_shape, 12, 0.05, 0.02)
+        assert together[k][1] == steps == 12
+        assert torch.allclose(together[k][0], alone, atol=1e-4), k
+    # a point that converges leaves the batch with its images; the others go on as they would alone
+    early = reconstruct_points(fast, pre, targets, m.input_shape, 40, 0.05, 0.02, window=4, min_delta=0.2)
+    steps = {}
+    for k, t in targets.items():
+        alone, steps[k] = reconstruct(folded(m.split(k)[0], m.input_shape), pre, t, m.input_shape, 40, 0.05, 0.02,
+                                      window=4, min_delta=0.2)
+        diff = float((early[k][0] - alone).abs().max())
+        assert early[k][1] == steps[k] and diff < 1e-2, (k, early[k][1], steps[k], diff)  # Adam amplifies rounding
+    assert len(set(steps.values())) > 1 and min(steps.values()) < 40, steps  # they left at different steps
+    assert point_groups([1, 2, 3], 8, 224 * 224) == [[1, 2], [3]] and point_groups([1, 2], 8, 1024) == [[1, 2]]
