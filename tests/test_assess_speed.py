@@ -215,3 +215,38 @@ def test_batched_rmle_is_each_points_own_search():
         assert early[k][1] == steps[k] and diff < 1e-2, (k, early[k][1], steps[k], diff)  # Adam amplifies rounding
     assert len(set(steps.values())) > 1 and min(steps.values()) < 40, steps  # they left at different steps
     assert point_groups([1, 2, 3], 8, 224 * 224) == [[1, 2], [3]] and point_groups([1, 2], 8, 1024) == [[1, 2]]
+
+
+def _toy_oracle(noise: float):
+    """A fixed nonlinear 'model' of grey images; its low-precision answers are off by up to `noise` logits."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 10, generator=g)
+
+    def oracle(grey, low):
+        feats = torch.nn.functional.adaptive_avg_pool2d(grey, 8).flatten(1)
+        logits = (feats - 0.5) @ w * 3
+        if low:  # a deterministic error, as large as `noise`
+            logits = logits + noise * torch.sin(1e3 * logits)
+        return torch.softmax(logits, -1)
+    return oracle
+
+
+def test_kl_screen_keeps_every_minimum_exact_and_computes_few_images_in_float32():
+    from enclaveml.assess.kl_screen import channel_kl
+
+    g = torch.Generator().manual_seed(0)
+    ir = torch.randn(6, 40, 4, 4, generator=g)
+    ir[2, 5] = 1.0  # a blank channel
+    p = torch.softmax(torch.randn(6, 10, generator=g) * 2, -1)
+    for noise in (0.01, 0.5):  # small error: a narrow margin; large error: the margin must grow to stay exact
+        oracle = _toy_oracle(noise)
+        blank_q = oracle(torch.zeros(1, 1, 16, 16), False)[0]
+        own, ctl, how = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=False)
+        own_s, ctl_s, how_s = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=True, margin=0.01)
+        assert torch.allclose(own_s.min(1).values, own.min(1).values, atol=1e-6), noise
+        assert torch.allclose(ctl_s.min(1).values, ctl.min(1).values, atol=1e-6), noise
+        assert torch.equal(own_s.argmin(1), own.argmin(1))
+        assert how.float32 == how.live == 6 * 40 - 1 and not how.screened
+        assert how_s.screened and how_s.margin >= 3 * how_s.max_error > 0
+        if noise == 0.01:
+            assert how_s.float32 < how_s.live / 2, how_s

@@ -38,6 +38,7 @@ class AssessConfig:
     rmle_min_delta: float = 0.01
     # KL test and cost
     kl_batch: int = 512
+    kl_screen: bool = True  # bfloat16 oracle pass first, float32 near each minimum (assess/kl_screen.py)
     latency_repeats: int = 10
     report_images: int = 6
     seed: int = 0
