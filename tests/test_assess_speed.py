@@ -241,8 +241,8 @@ def test_kl_screen_keeps_every_minimum_exact_and_computes_few_images_in_float32(
     for noise in (0.01, 0.5):  # small error: a narrow margin; large error: the margin must grow to stay exact
         oracle = _toy_oracle(noise)
         blank_q = oracle(torch.zeros(1, 1, 16, 16), False)[0]
-        own, ctl, how = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=False)
-        own_s, ctl_s, how_s = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=True, margin=0.01)
+        own, ctl, how, _ = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=False)
+        own_s, ctl_s, how_s, _ = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=True, margin=0.01)
         assert torch.allclose(own_s.min(1).values, own.min(1).values, atol=1e-6), noise
         assert torch.allclose(ctl_s.min(1).values, ctl.min(1).values, atol=1e-6), noise
         assert torch.equal(own_s.argmin(1), own.argmin(1))

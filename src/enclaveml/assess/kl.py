@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .confidence import kl_confidence
-from .kl_screen import bf16_is_fast, channel_kl, normalised_maps, to_images
+from .kl_screen import Answers, bf16_is_fast, channel_kl, normalised_maps, to_images
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import kl_divergence, kl_to_uniform
 
@@ -56,6 +56,10 @@ class KLTest(LeakageTest):
     name = "kl"
     kind = "kl"
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._previous: tuple[AssessContext, Answers] | None = None  # the last point's oracle answers
+
     @torch.no_grad()
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
         size = tuple(ctx.x_test.shape[-2:])
@@ -64,8 +68,11 @@ class KLTest(LeakageTest):
         p = ctx.probs_test  # (n, K)
         blank_q = oracle_probs(ctx, torch.zeros(1, 1, *size))[0]
         screen = self.config.kl_screen and bf16_is_fast()
-        kl_all, ctl_all, how = channel_kl(lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size,
-                                          self.config.kl_batch, screen, seed=self.config.seed)
+        previous = self._previous[1] if self._previous is not None and self._previous[0] is ctx else None
+        kl_all, ctl_all, how, answers = channel_kl(
+            lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, self.config.kl_batch, screen,
+            seed=self.config.seed, previous=previous)
+        self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
         delta, _ = kl_all.min(dim=1)
         base = kl_to_uniform(p)
         beat = delta < base

@@ -67,6 +67,15 @@ def to_images(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @dataclass
+class Answers:
+    """One point's oracle answers, kept so that the next point can reuse those of identical images."""
+
+    norm: torch.Tensor  # normalised maps (n, C, h, w)
+    q: torch.Tensor  # oracle probabilities (n, C, K)
+    exact: torch.Tensor  # (n, C): computed in float32
+
+
+@dataclass
 class ScreenReport:
     """How the oracle's answers were computed, for the JSON (`kl.oracle`)."""
 
@@ -75,24 +84,38 @@ class ScreenReport:
     screened: bool  # whether a bfloat16 pass screened them first
     margin: float  # final margin around each minimum (KL units)
     max_error: float  # largest |KL bf16 - KL fp32| seen
+    reused: int = 0  # images identical to the previous point's, answered from its passes
 
     def to_dict(self) -> dict:
         return {"precision": "bfloat16 screen, float32 near each minimum" if self.screened else "float32",
                 "images": self.live, "float32_images": self.float32,
-                "margin": round(self.margin, 5), "max_bf16_error": round(self.max_error, 5)}
+                "margin": round(self.margin, 5), "max_bf16_error": round(self.max_error, 5),
+                "reused_images": self.reused}
 
 
 def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch.Tensor, size: tuple[int, int],
-               batch: int, screen: bool, margin: float = 0.1, check_share: float = 0.03, seed: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor, ScreenReport]:
+               batch: int, screen: bool, margin: float = 0.1, check_share: float = 0.03, seed: int = 0,
+               previous: Answers | None = None, same_tol: float = 1e-5
+               ) -> tuple[torch.Tensor, torch.Tensor, ScreenReport, Answers]:
     """own[i, c] = KL(p_i || F(image of channel c of sample i)) and ctl[i, c] = KL(p_i || F(image of
     channel c of sample i-1)) (the permutation control, cyclic), each (n, C), exact near each row's
-    minimum; and how they were computed."""
+    minimum; how they were computed; and the answers, for the next point.
+
+    With `previous` (the answers of a point with IRs of the same shape on the same samples), an
+    image whose normalised map equals the previous one's (within `same_tol`: e.g. after a batch
+    norm, whose per-channel affine map normalisation removes) takes that answer, not a new pass.
+    """
     norm, blank = normalised_maps(ir)
     n, c = blank.shape
     q = blank_q.expand(n, c, -1).clone()
     exact = blank.clone()
+    known = torch.zeros_like(blank)
+    if previous is not None and previous.norm.shape == norm.shape:
+        known = ((norm - previous.norm).abs().amax(dim=(2, 3)) <= same_tol) & ~blank
+        q[known] = previous.q[known]
+        exact |= known & previous.exact
     live = (~blank).nonzero()
+    reused = int(known.sum())
 
     def compute(mask: torch.Tensor, low: bool) -> None:
         pairs = mask.nonzero()
@@ -103,17 +126,22 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
     def kls() -> tuple[torch.Tensor, torch.Tensor]:
         return kl_divergence(p[:, None, :], q), kl_divergence(p[:, None, :], q.roll(1, dims=0))
 
+    def answers() -> Answers:
+        return Answers(norm, q, exact)
+
     if not screen or live.shape[0] == 0:
-        compute(~blank, False)
+        compute(~blank & ~known, False)
+        exact |= ~blank
         own, ctl = kls()
-        return own, ctl, ScreenReport(int(live.shape[0]), int(live.shape[0]), False, 0.0, 0.0)
-    compute(~blank, True)
+        return own, ctl, ScreenReport(int(live.shape[0]), int(live.shape[0]) - reused, False, 0.0, 0.0, reused), answers()
+    compute(~blank & ~known, True)
     own16, ctl16 = kls()
     check = torch.zeros_like(blank)  # a seeded random share, computed in both precisions
     gen = torch.Generator().manual_seed(seed)
     k = min(live.shape[0], max(64, round(check_share * live.shape[0])))
     pick = live[torch.randperm(live.shape[0], generator=gen)[:k]]
     check[pick[:, 0], pick[:, 1]] = True
+    fresh = torch.zeros_like(blank)  # computed in float32 here
     while True:
         near_own = own16 <= own16.min(dim=1, keepdim=True).values + margin
         near_ctl = (ctl16 <= ctl16.min(dim=1, keepdim=True).values + margin).roll(-1, dims=0)  # row i uses sample i-1
@@ -121,11 +149,11 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
         if want.any():
             compute(want, False)
             exact |= want
+            fresh |= want
         own, ctl = kls()
-        done = exact & ~blank
-        err = torch.cat([(own - own16)[done].abs(), (ctl - ctl16)[done.roll(1, dims=0)].abs()])
+        err = torch.cat([(own - own16)[fresh].abs(), (ctl - ctl16)[fresh.roll(1, dims=0)].abs()])
         max_error = float(err.max()) if err.numel() else 0.0
         if margin >= 3 * max_error:
             break
         margin = 3 * max_error
-    return own, ctl, ScreenReport(int(live.shape[0]), int(done.sum()), True, margin, max_error)
+    return own, ctl, ScreenReport(int(live.shape[0]), int(fresh.sum()), True, margin, max_error, reused), answers()
