@@ -250,3 +250,22 @@ def test_kl_screen_keeps_every_minimum_exact_and_computes_few_images_in_float32(
         assert how_s.screened and how_s.margin >= 3 * how_s.max_error > 0
         if noise == 0.01:
             assert how_s.float32 < how_s.live / 2, how_s
+
+
+def test_affine_copies_found_after_batch_norm_and_mapped_back_exactly():
+    from enclaveml.assess.affine import affine_copies, fit_affine
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1)
+    conv = torch.randn(5, 6, 4, 4)
+    with torch.no_grad():
+        after_bn = bn(conv)
+    relu = after_bn.clamp_min(0)
+    found = affine_copies({3: conv, 4: after_bn, 5: relu, 6: 2 * relu + 1})
+    assert sorted(found) == [4, 6] and found[4].source == 3 and found[6].source == 5
+    assert torch.allclose(found[4].to_source(after_bn), conv, atol=1e-4)
+    assert fit_affine(conv, torch.randn(5, 6, 4, 4)) is None and fit_affine(conv, conv[:, :3]) is None
+    chained = affine_copies({1: conv, 2: after_bn, 3: 3 * after_bn - 2})
+    assert chained[3].source == 1 and torch.allclose(chained[3].to_source(3 * after_bn - 2), conv, atol=1e-4)

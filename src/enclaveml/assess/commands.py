@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         kl_confidence: float = typer.Option(0.95, "--kl-confidence", help="KL test: a point passes when this confidence interval of that difference lies at or below the tolerance"),
         budget_mb: float = typer.Option(93.0, "--budget-mb", help="enclave memory budget in MiB (SGX1 usable EPC: 93)"),
         tests: str = typer.Option("kl,decoder,rmle", "--tests", help="leakage tests to run"),
-        decoder_steps: int = typer.Option(400, "--decoder-steps", help="training steps of each point's decoder"),
+        decoder_steps: int = typer.Option(200, "--decoder-steps", help="training steps of each point's decoder"),
         decoder_train: int = typer.Option(4000, "--decoder-train", help="held-out images for the decoder"),
         decoder_batch: int = typer.Option(32, "--decoder-batch", help="decoder training batch size"),
         decoder_early_stop: bool = typer.Option(True, "--decoder-early-stop/--no-decoder-early-stop",

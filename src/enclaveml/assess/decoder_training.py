@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder_net import Decoder, channel_stats
+from .metrics import ssim_training
 
 #: (pixel indices into the attacker's images, deepest point wanted) -> {point: IR of those images}
 IRSource = Callable[[torch.Tensor, int], dict[int, torch.Tensor]]
@@ -127,6 +128,7 @@ class DecoderRun:
     schedule: WSDSchedule
     plateau: Plateau
     lr: float
+    ssim_weight: float = 0.0  # loss = MSE + ssim_weight * (1 - SSIM): the attacker optimises what it is scored by
     steps: int = 0
     val_losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
@@ -143,7 +145,10 @@ class DecoderRun:
                 return
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr * self.schedule.factor(self.steps)
-            loss = F.mse_loss(self.decoder(ir[i:i + batch]), x[i:i + batch])
+            y, target = self.decoder(ir[i:i + batch]), x[i:i + batch]
+            loss = F.mse_loss(y, target)
+            if self.ssim_weight:
+                loss = loss + self.ssim_weight * (1 - ssim_training(y, target))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -179,7 +184,8 @@ def split_validation(m: int, gen: torch.Generator, max_val: int = 256) -> tuple[
 
 def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tuple[int, ...]], steps: int,
                    batch: int, lr: float, seed: int, early_stop: bool = True, check_every: int = 24,
-                   patience: int = 2, min_delta: float = 0.01, workers: int = 1, chunk: int = 256) -> TrainingResult:
+                   patience: int = 2, min_delta: float = 0.01, workers: int = 1, chunk: int = 256,
+                   width: int = 512, ssim_weight: float = 0.0) -> TrainingResult:
     """Fit one decoder IR_k -> pixels per point k in `shapes`, all on the same shared batches."""
     if steps < 1 or batch < 1:
         raise ValueError(f"decoder training needs steps >= 1 and batch >= 1 (got {steps}, {batch})")
@@ -201,9 +207,10 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
         for k in sorted(shapes):
             torch.manual_seed(seed + k)
             mean, std = channel_stats(ir_val[k])
-            dec = Decoder(tuple(shapes[k]), tuple(x_train.shape[-2:]), mean, std).to(memory_format=torch.channels_last)
+            dec = Decoder(tuple(shapes[k]), tuple(x_train.shape[-2:]), mean, std, base=width
+                          ).to(memory_format=torch.channels_last)
             runs[k] = DecoderRun(k, dec, torch.optim.Adam(dec.parameters(), lr=lr), WSDSchedule(steps),
-                                 Plateau(patience, min_delta), lr)
+                                 Plateau(patience, min_delta), lr, ssim_weight)
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         chunks = 0
         try:
