@@ -186,3 +186,86 @@ def test_rmle_stops_once_converged():
     err = lambda r: float((r - target).abs().mean())  # noqa: E731
     assert err(recon) < 0.9 * float((0.5 - target).abs().mean())  # better than the grey start
     assert err(recon) < err(full) + 0.02  # and about as good as the whole budget
+
+
+def test_batched_rmle_is_each_points_own_search():
+    """All points' searches in one staircase batch give each point's own search (to float rounding)."""
+    from enclaveml.assess.inference import folded, folded_layers
+    from enclaveml.assess.rmle import point_groups, reconstruct, reconstruct_points
+
+    m = _darknet()
+    pre = zoo.entry("darknet").preprocessing
+    x = torch.rand(3, *m.input_shape, generator=torch.Generator().manual_seed(0))
+    fast = folded_layers(m, m.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(fast(pre.normalise(x)), m(pre.normalise(x)), rtol=1e-4, atol=1e-4)
+        targets = {k: m.split(k)[0](pre.normalise(x)) for k in (1, 4, 10)}
+    together = reconstruct_points(fast, pre, targets, m.input_shape, 12, 0.05, 0.02)
+    for k, t in targets.items():
+        alone, steps = reconstruct(folded(m.split(k)[0], m.input_shape), pre, t, m.input_shape, 12, 0.05, 0.02)
+        assert together[k][1] == steps == 12
+        assert torch.allclose(together[k][0], alone, atol=1e-4), k
+    # a point that converges leaves the batch with its images; the others go on as they would alone
+    early = reconstruct_points(fast, pre, targets, m.input_shape, 40, 0.05, 0.02, window=4, min_delta=0.2)
+    steps = {}
+    for k, t in targets.items():
+        alone, steps[k] = reconstruct(folded(m.split(k)[0], m.input_shape), pre, t, m.input_shape, 40, 0.05, 0.02,
+                                      window=4, min_delta=0.2)
+        diff = float((early[k][0] - alone).abs().max())
+        assert early[k][1] == steps[k] and diff < 1e-2, (k, early[k][1], steps[k], diff)  # Adam amplifies rounding
+    assert len(set(steps.values())) > 1 and min(steps.values()) < 40, steps  # they left at different steps
+    assert point_groups([1, 2, 3], 8, 224 * 224) == [[1, 2], [3]] and point_groups([1, 2], 8, 1024) == [[1, 2]]
+
+
+def _toy_oracle(noise: float):
+    """A fixed nonlinear 'model' of grey images; its low-precision answers are off by up to `noise` logits."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 10, generator=g)
+
+    def oracle(grey, low):
+        feats = torch.nn.functional.adaptive_avg_pool2d(grey, 8).flatten(1)
+        logits = (feats - 0.5) @ w * 3
+        if low:  # a deterministic error, as large as `noise`
+            logits = logits + noise * torch.sin(1e3 * logits)
+        return torch.softmax(logits, -1)
+    return oracle
+
+
+def test_kl_screen_keeps_every_minimum_exact_and_computes_few_images_in_float32():
+    from enclaveml.assess.kl_screen import channel_kl
+
+    g = torch.Generator().manual_seed(0)
+    ir = torch.randn(6, 40, 4, 4, generator=g)
+    ir[2, 5] = 1.0  # a blank channel
+    p = torch.softmax(torch.randn(6, 10, generator=g) * 2, -1)
+    for noise in (0.01, 0.5):  # small error: a narrow margin; large error: the margin must grow to stay exact
+        oracle = _toy_oracle(noise)
+        blank_q = oracle(torch.zeros(1, 1, 16, 16), False)[0]
+        own, ctl, how, _ = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=False)
+        own_s, ctl_s, how_s, _ = channel_kl(oracle, ir, p, blank_q, (16, 16), 50, screen=True, margin=0.01)
+        assert torch.allclose(own_s.min(1).values, own.min(1).values, atol=1e-6), noise
+        assert torch.allclose(ctl_s.min(1).values, ctl.min(1).values, atol=1e-6), noise
+        assert torch.equal(own_s.argmin(1), own.argmin(1))
+        assert how.float32 == how.live == 6 * 40 - 1 and not how.screened
+        assert how_s.screened and how_s.margin >= 3 * how_s.max_error > 0
+        if noise == 0.01:
+            assert how_s.float32 < how_s.live / 2, how_s
+
+
+def test_affine_copies_found_after_batch_norm_and_mapped_back_exactly():
+    from enclaveml.assess.affine import affine_copies, fit_affine
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1)
+    conv = torch.randn(5, 6, 4, 4)
+    with torch.no_grad():
+        after_bn = bn(conv)
+    relu = after_bn.clamp_min(0)
+    found = affine_copies({3: conv, 4: after_bn, 5: relu, 6: 2 * relu + 1})
+    assert sorted(found) == [4, 6] and found[4].source == 3 and found[6].source == 5
+    assert torch.allclose(found[4].to_source(after_bn), conv, atol=1e-4)
+    assert fit_affine(conv, torch.randn(5, 6, 4, 4)) is None and fit_affine(conv, conv[:, :3]) is None
+    chained = affine_copies({1: conv, 2: after_bn, 3: 3 * after_bn - 2})
+    assert chained[3].source == 1 and torch.allclose(chained[3].to_source(3 * after_bn - 2), conv, atol=1e-4)

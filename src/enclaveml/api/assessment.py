@@ -229,7 +229,7 @@ def assess(model: ModelLike, data: "str | os.PathLike[str] | Any", *, samples: i
            out: "str | os.PathLike[str] | None" = None, points: Sequence[int] | None = None,
            point: int | None = None, tests: Sequence[str] = ("kl", "decoder", "rmle"),
            ssim_threshold: float = 0.3, kl_tolerance: float = 0.1, budget_mb: float = 93.0,
-           decoder_steps: int = 400, decoder_train: int = 4000, decoder_batch: int = 32,
+           decoder_steps: int = 200, decoder_train: int = 4000, decoder_batch: int = 32,
            rmle_steps: int = 150, rmle_samples: int = 8, seed: int = 0,
            progress: Callable[[str], None] | None = None, name: str | None = None,
            weights: "str | os.PathLike[str] | None" = None, input_shape: Sequence[int] | None = None,

@@ -45,11 +45,13 @@ def register(app: typer.Typer) -> None:
         kl_confidence: float = typer.Option(0.95, "--kl-confidence", help="KL test: a point passes when this confidence interval of that difference lies at or below the tolerance"),
         budget_mb: float = typer.Option(93.0, "--budget-mb", help="enclave memory budget in MiB (SGX1 usable EPC: 93)"),
         tests: str = typer.Option("kl,decoder,rmle", "--tests", help="leakage tests to run"),
-        decoder_steps: int = typer.Option(400, "--decoder-steps", help="training steps of each point's decoder"),
+        decoder_steps: int = typer.Option(200, "--decoder-steps", help="training steps of each point's decoder"),
         decoder_train: int = typer.Option(4000, "--decoder-train", help="held-out images for the decoder"),
         decoder_batch: int = typer.Option(32, "--decoder-batch", help="decoder training batch size"),
         decoder_early_stop: bool = typer.Option(True, "--decoder-early-stop/--no-decoder-early-stop",
                                                 help="stop each decoder once its validation loss stops improving"),
+        kl_screen: bool = typer.Option(True, "--kl-screen/--no-kl-screen",
+                                       help="KL test: screen channel images in bfloat16, float32 near each minimum (same minima)"),
         rmle_steps: int = typer.Option(150, "--rmle-steps", help="Adam steps of the white-box reconstruction"),
         rmle_samples: int = typer.Option(8, "--rmle-samples", help="test samples the white-box attack reconstructs"),
         seed: int = typer.Option(0, "--seed"),
@@ -86,7 +88,7 @@ def register(app: typer.Typer) -> None:
         m, pre, classes = load_model(model, weights, input_size, parse_floats(mean, "--mean"), parse_floats(std, "--std"), resize)
         cfg = AssessConfig(samples=samples, points=_ints(points, "--points"), tests=test_names,
                            ssim_threshold=ssim_threshold, kl_tolerance=kl_tolerance, kl_confidence=kl_confidence,
-                           budget_bytes=int(budget_mb * 2**20), decoder_steps=decoder_steps, decoder_early_stop=decoder_early_stop, decoder_train=decoder_train, decoder_batch=decoder_batch, rmle_steps=rmle_steps,
+                           budget_bytes=int(budget_mb * 2**20), decoder_steps=decoder_steps, decoder_early_stop=decoder_early_stop, decoder_train=decoder_train, decoder_batch=decoder_batch, kl_screen=kl_screen, rmle_steps=rmle_steps,
                            rmle_samples=rmle_samples, seed=seed)
         selected = [p.index for p in select_points(m, cfg.points)]
         if point is not None and point not in selected:

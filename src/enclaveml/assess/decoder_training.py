@@ -28,21 +28,27 @@ import torch
 import torch.nn.functional as F
 
 from .decoder_net import Decoder, channel_stats
+from .metrics import ssim_training
 
 #: (pixel indices into the attacker's images, deepest point wanted) -> {point: IR of those images}
 IRSource = Callable[[torch.Tensor, int], dict[int, torch.Tensor]]
 
 
 @contextmanager
-def single_threaded() -> Iterator[None]:
-    """Intra-op parallelism off: small convolutions lose more to synchronisation than they gain
-    (measured: 631 s with 2 threads vs 389 s with 1 for darknet's 12 decoders)."""
+def torch_threads(n: int) -> Iterator[None]:
+    """Intra-op threads set to `n` for a block (process-wide; the decoders' pool is idle meanwhile)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def single_threaded():
+    """Intra-op parallelism off: small convolutions lose more to synchronisation than they gain
+    (measured: 631 s with 2 threads vs 389 s with 1 for darknet's 12 decoders)."""
+    return torch_threads(1)
 
 
 @dataclass
@@ -122,6 +128,7 @@ class DecoderRun:
     schedule: WSDSchedule
     plateau: Plateau
     lr: float
+    ssim_weight: float = 0.0  # loss = MSE + ssim_weight * (1 - SSIM): the attacker optimises what it is scored by
     steps: int = 0
     val_losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
@@ -138,7 +145,10 @@ class DecoderRun:
                 return
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr * self.schedule.factor(self.steps)
-            loss = F.mse_loss(self.decoder(ir[i:i + batch]), x[i:i + batch])
+            y, target = self.decoder(ir[i:i + batch]), x[i:i + batch]
+            loss = F.mse_loss(y, target)
+            if self.ssim_weight:
+                loss = loss + self.ssim_weight * (1 - ssim_training(y, target))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -174,7 +184,8 @@ def split_validation(m: int, gen: torch.Generator, max_val: int = 256) -> tuple[
 
 def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tuple[int, ...]], steps: int,
                    batch: int, lr: float, seed: int, early_stop: bool = True, check_every: int = 24,
-                   patience: int = 2, min_delta: float = 0.01, workers: int = 1, chunk: int = 256) -> TrainingResult:
+                   patience: int = 2, min_delta: float = 0.01, workers: int = 1, chunk: int = 256,
+                   width: int = 512, ssim_weight: float = 0.0) -> TrainingResult:
     """Fit one decoder IR_k -> pixels per point k in `shapes`, all on the same shared batches."""
     if steps < 1 or batch < 1:
         raise ValueError(f"decoder training needs steps >= 1 and batch >= 1 (got {steps}, {batch})")
@@ -183,16 +194,23 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
     batch = min(batch, train_idx.numel())
     chunk = max(batch, chunk // batch * batch)
     deepest = max(shapes)
+    outer = torch.get_num_threads()
+
+    def forward(idx: torch.Tensor, upto: int) -> dict[int, torch.Tensor]:
+        with torch_threads(outer):  # the model's pass over a chunk is large: every core helps
+            return source(idx, upto)
+
     with single_threaded():
-        ir_val = source(val_idx, deepest)
+        ir_val = forward(val_idx, deepest)
         x_val = x_train[val_idx]
         runs = {}
         for k in sorted(shapes):
             torch.manual_seed(seed + k)
             mean, std = channel_stats(ir_val[k])
-            dec = Decoder(tuple(shapes[k]), tuple(x_train.shape[-2:]), mean, std).to(memory_format=torch.channels_last)
+            dec = Decoder(tuple(shapes[k]), tuple(x_train.shape[-2:]), mean, std, base=width
+                          ).to(memory_format=torch.channels_last)
             runs[k] = DecoderRun(k, dec, torch.optim.Adam(dec.parameters(), lr=lr), WSDSchedule(steps),
-                                 Plateau(patience, min_delta), lr)
+                                 Plateau(patience, min_delta), lr, ssim_weight)
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         chunks = 0
         try:
@@ -205,7 +223,7 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
                     if not active:
                         break
                     idx = perm[c:c + chunk]
-                    irs = source(idx, max(r.point for r in active))
+                    irs = forward(idx, max(r.point for r in active))
                     xs = x_train[idx]
                     chunks += 1
                     _each(pool, active, lambda r: r.train_on(irs[r.point], xs, batch))

@@ -33,3 +33,19 @@ def folded(model: nn.Module, input_shape: tuple[int, ...], rtol: float = 1e-3) -
     if ref.shape != out.shape or float((ref - out).abs().max()) > rtol * float(ref.abs().max().clamp_min(1e-6)):
         return model
     return fast
+
+
+def folded_layers(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """The same fold, layer by layer, keeping a `LayeredModel`'s `run(x, start, stop)`: one copy serves
+    the KL oracle (the whole model) and the white-box attacker of every point (a prefix of it).
+
+    A layer that cannot be folded is used as it is; a model that is not a `LayeredModel` gets the
+    whole-model fold (`folded`).
+    """
+    from ..models.layers import LayeredModel
+
+    if not isinstance(model, LayeredModel):
+        return folded(model, input_shape)
+    shapes = [tuple(input_shape)] + [p.out_shape for p in model.partition_points()]
+    layers = [(name, folded(layer, shapes[i])) for i, (name, layer) in enumerate(model.layers.named_children())]
+    return LayeredModel(layers, model.input_shape, model.num_classes).eval()

@@ -17,14 +17,17 @@ How sure that verdict is: `ci` holds a confidence interval of leak_fraction - ch
 (paired over the samples, assess/confidence.py), the verdict it supports ("leaks", "passes" or
 "undecided") and how many samples would decide it if the observed shares held; the
 recommendation reads `ci.verdict`, not the point estimate.
+
+The oracle's passes over the channel images are the whole cost; they run in bfloat16 first and in
+float32 again near each minimum (assess/kl_screen.py), which keeps every minimum exact.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .confidence import kl_confidence
+from .kl_screen import Answers, bf16_is_fast, channel_kl, normalised_maps, to_images
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import kl_divergence, kl_to_uniform
 
@@ -35,33 +38,27 @@ def channel_images(ir: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tenso
     A constant channel (dead ReLU, or a 1x1 spatial IR) has no min-max normalisation; it becomes
     the black image and is flagged so the oracle sees it once, not once per channel.
     """
-    if ir.dim() == 2:
-        ir = ir[:, :, None, None]
-    if ir.dim() != 4:
-        raise ValueError(f"IR of shape {tuple(ir.shape)}: expected (n, C) or (n, C, h, w)")
-    flat = ir.reshape(-1, 1, ir.shape[-2], ir.shape[-1]).float()
-    lo = flat.amin(dim=(2, 3), keepdim=True)
-    hi = flat.amax(dim=(2, 3), keepdim=True)
-    span = hi - lo
-    blank = span.flatten() <= 1e-6 * hi.abs().flatten().clamp_min(1.0)
-    norm = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
-    norm[blank] = 0.0
-    if norm.shape[-2:] != tuple(size):
-        norm = F.interpolate(norm, size=size, mode="bilinear", align_corners=False).clamp_(0, 1)
-    return norm, blank
+    norm, blank = normalised_maps(ir)
+    return to_images(norm.reshape(-1, *norm.shape[-2:]), size), blank.flatten()
 
 
 @torch.no_grad()
-def oracle_probs(ctx: AssessContext, grey: torch.Tensor) -> torch.Tensor:
-    """Softmax of the whole model on grey [0, 1] images (n, 1, H, W)."""
+def oracle_probs(ctx: AssessContext, grey: torch.Tensor, low_precision: bool = False) -> torch.Tensor:
+    """Softmax of the whole model on grey [0, 1] images (n, 1, H, W), in bfloat16 when asked."""
     x = ctx.pre.normalise(grey.expand(-1, 3, -1, -1))
-    return torch.softmax((ctx.oracle or ctx.model)(x).float(), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+        logits = (ctx.oracle or ctx.model)(x)
+    return torch.softmax(logits.float(), dim=-1)
 
 
 @register
 class KLTest(LeakageTest):
     name = "kl"
     kind = "kl"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._previous: tuple[AssessContext, Answers] | None = None  # the last point's oracle answers
 
     @torch.no_grad()
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
@@ -70,24 +67,18 @@ class KLTest(LeakageTest):
         n, c = ir.shape[0], ir.shape[1]
         p = ctx.probs_test  # (n, K)
         blank_q = oracle_probs(ctx, torch.zeros(1, 1, *size))[0]
-        q_all = torch.empty(n, c, p.shape[1])
-        per_chunk = max(1, self.config.kl_batch // c)  # whole samples per oracle batch
-        for s in range(0, n, per_chunk):
-            imgs, blank = channel_images(ir[s:s + per_chunk], size)
-            q = blank_q.expand(imgs.shape[0], -1).clone()
-            live = (~blank).nonzero().flatten()
-            for b in range(0, live.numel(), self.config.kl_batch):
-                idx = live[b:b + self.config.kl_batch]
-                q[idx] = oracle_probs(ctx, imgs[idx])
-            m = imgs.shape[0] // c
-            q_all[s:s + m] = q.view(m, c, -1)
-        kl_all = kl_divergence(p[:, None, :], q_all)  # (n, c)
+        screen = self.config.kl_screen and bf16_is_fast()
+        previous = self._previous[1] if self._previous is not None and self._previous[0] is ctx else None
+        kl_all, ctl_all, how, answers = channel_kl(
+            lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, self.config.kl_batch, screen,
+            seed=self.config.seed, previous=previous)
+        self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
         delta, _ = kl_all.min(dim=1)
         base = kl_to_uniform(p)
         beat = delta < base
         blank_beat = kl_divergence(p, blank_q[None, :]) < base
-        if n > 1:  # permutation control: sample i against the channels of sample i+1
-            other = kl_divergence(p[:, None, :], q_all.roll(1, dims=0)).min(dim=1).values
+        if n > 1:  # permutation control: sample i against the channels of sample i-1
+            other = ctl_all.min(dim=1).values
             chance = other < base
         else:
             other = kl_divergence(p, blank_q[None, :])
@@ -107,6 +98,7 @@ class KLTest(LeakageTest):
             "delta": _quantiles(delta),
             "uniform_dist": _quantiles(base),
             "channels": int(c),
+            "oracle": how.to_dict(),
             "ci": kl_confidence(beat.tolist(), chance.tolist(), self.config.kl_tolerance, self.config.kl_confidence),
         }
         # the report shows, for the first sample, the channels the oracle found most like x

@@ -69,3 +69,24 @@ def kl_to_uniform(p: torch.Tensor) -> torch.Tensor:
     """KL(p || uniform): the paper's baseline, log K minus the entropy of p."""
     k = p.shape[-1]
     return kl_divergence(p, torch.full_like(p, 1.0 / k))
+
+
+def ssim_training(x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean SSIM of a batch, float32 and differentiable: the decoder attacker's training objective.
+
+    The same statistic as `ssim` (Gaussian window, K1=0.01, K2=0.03, data range 1, 'valid'), with
+    the five local moments filtered in one separable pass, so it costs little beside the decoder.
+    """
+    win = min(win_size, x.shape[-1], x.shape[-2])
+    win -= (win + 1) % 2
+    ax = torch.arange(win, dtype=x.dtype) - (win - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    g = g / g.sum()
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    ch = stack.shape[1]
+    t = F.conv2d(stack, g.view(1, 1, 1, win).expand(ch, 1, 1, win), groups=ch)
+    t = F.conv2d(t, g.view(1, 1, win, 1).expand(ch, 1, win, 1), groups=ch)
+    mx, my, xx, yy, xy = t.chunk(5, dim=1)
+    vx, vy, vxy = xx - mx * mx, yy - my * my, xy - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return (((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))).mean()

@@ -6,6 +6,12 @@ with a total-variation prior that favours natural images (He et al., ACSAC 2019,
 Pixels are parameterised as sigmoid(z) so they stay in [0, 1]. The search stops early once its
 objective improves by less than 1% over 30 steps (converged); the FrontNet it differentiates is an
 inference copy with batch norm folded in (assess/inference.py), the same function.
+
+All points search at once (`reconstruct_points`): the candidate images of every point are one
+batch, and one pass of the folded model serves them all, each point's rows leaving the pass at
+its own depth (a staircase). The work is the same as one search per point; the batches are 12x
+larger, which two cores use far better than batches of 8. Each point keeps its own objective,
+Adam moments and stopping rule, so the searches do not interact.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import torch
 from .inference import folded
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import psnr, ssim
+
+#: Adam's constants (torch.optim.Adam's defaults), for the batched search's own update
+BETAS, EPS = (0.9, 0.999), 1e-8
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +59,63 @@ def reconstruct(front: torch.nn.Module, pre, target: torch.Tensor, shape: tuple[
     return torch.sigmoid(z.detach()), steps
 
 
+def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Tensor], shape: tuple[int, ...],
+                       steps: int, lr: float, tv: float, window: int = 0, min_delta: float = 0.01
+                       ) -> dict[int, tuple[torch.Tensor, int]]:
+    """`reconstruct` for every point k of `targets` (IR_k of the same images) at once, through
+    `model.run(x, start, stop)`: {k: (images, steps taken)}.
+
+    The rows of the batch are grouped by point, shallowest first; after layer k the rows of point
+    k leave the pass, so each row runs exactly its own FrontNet. Adam's update is elementwise, so
+    one update of the whole batch is each point's own update; a point that converges leaves the
+    batch with its moments.
+    """
+    ks = sorted(targets)
+    rows = {k: int(targets[k].shape[0]) for k in ks}
+    scale = {k: targets[k].flatten(1).pow(2).mean(1).clamp_min(1e-8) for k in ks}
+    z = torch.zeros(sum(rows.values()), *shape)
+    m1, m2 = torch.zeros_like(z), torch.zeros_like(z)
+    history: dict[int, list[float]] = {k: [] for k in ks}
+    done: dict[int, tuple[torch.Tensor, int]] = {}
+    active = list(ks)
+    for step in range(steps):
+        z.requires_grad_(True)
+        x = torch.sigmoid(z)
+        h, at, row, total, finished = pre.normalise(x), 0, 0, 0.0, []
+        for k in active:
+            h = model.run(h, at, k)
+            at, n = k, rows[k]
+            out, h = h[:n], h[n:]
+            fit = (out - targets[k]).flatten(1).pow(2).mean(1) / scale[k]
+            loss = (fit + tv * total_variation(x[row:row + n])).sum()
+            history[k].append(float(loss.detach()))
+            if window and converged(history[k], window, min_delta):
+                finished.append((k, row, n))
+            total = total + loss
+            row += n
+        (grad,) = torch.autograd.grad(total, z)
+        z = z.detach()
+        if finished:  # converged points leave with the images that gave the converged objective
+            keep = torch.ones(z.shape[0], dtype=torch.bool)
+            for k, r, n in finished:
+                done[k] = (torch.sigmoid(z[r:r + n]), step)
+                keep[r:r + n] = False
+                active.remove(k)
+            z, m1, m2, grad = z[keep], m1[keep], m2[keep], grad[keep]
+            if not active:
+                break
+        t = step + 1
+        m1.mul_(BETAS[0]).add_(grad, alpha=1 - BETAS[0])
+        m2.mul_(BETAS[1]).addcmul_(grad, grad, value=1 - BETAS[1])
+        denom = (m2.sqrt() / (1 - BETAS[1] ** t) ** 0.5).add_(EPS)
+        z.addcdiv_(m1, denom, value=-lr / (1 - BETAS[0] ** t))
+    row = 0
+    for k in active:  # the step budget ran out
+        done[k] = (torch.sigmoid(z[row:row + rows[k]]), steps)
+        row += rows[k]
+    return done
+
+
 def converged(history: list[float], window: int, min_delta: float) -> bool:
     """True when the last value is less than `min_delta` (relative) below the value `window` steps before."""
     if len(history) <= window:
@@ -58,18 +124,48 @@ def converged(history: list[float], window: int, min_delta: float) -> bool:
     return now > before * (1 - min_delta)
 
 
+def point_groups(ks: list[int], rows: int, pixels: int, budget: int = 2 ** 20) -> list[list[int]]:
+    """Points in depth order, grouped so that one group's batch holds at most `budget` pixels
+    (rows x H x W; at least one point a group): bounded memory on large inputs (ImageNet)."""
+    per = max(1, budget // max(1, rows * pixels))
+    return [ks[i:i + per] for i in range(0, len(ks), per)]
+
+
 @register
 class RMLEInversion(LeakageTest):
     name = "rmle"
     kind = "inversion"
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._done: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def prepare(self, ctx: AssessContext, points: list[PointData]) -> None:
+        """Search for every point's images together (one staircase batch), when the model can run
+        layer ranges (`run`); otherwise each point searches alone in `evaluate`."""
+        fast = ctx.oracle if ctx.oracle is not None else ctx.model
+        if not points or not callable(getattr(fast, "run", None)):
+            return
+        cfg = self.config
+        n = min(cfg.rmle_samples, ctx.x_test.shape[0])
+        shape = tuple(ctx.x_test.shape[1:])
+        targets = {pt.point.index: pt.ir_test[:n] for pt in points}
+        for group in point_groups(sorted(targets), n, shape[-1] * shape[-2]):
+            self._done.update(reconstruct_points(
+                fast, ctx.pre, {k: targets[k] for k in group}, shape, cfg.rmle_steps, cfg.rmle_lr, cfg.rmle_tv,
+                cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta))
+
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
         cfg = self.config
         n = min(cfg.rmle_samples, ctx.x_test.shape[0])
         x = ctx.x_test[:n]
-        front = folded(pt.front, tuple(x.shape[1:]))  # same function, faster; the target IR is the real FrontNet's
-        recon, steps = reconstruct(front, ctx.pre, pt.ir_test[:n], tuple(x.shape[1:]), cfg.rmle_steps, cfg.rmle_lr,
-                                   cfg.rmle_tv, cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta)
+        if pt.point.index in self._done:
+            recon, steps = self._done.pop(pt.point.index)
+        else:
+            front = folded(pt.front, tuple(x.shape[1:]))  # same function, faster; the target IR is the real FrontNet's
+            recon, steps = reconstruct(front, ctx.pre, pt.ir_test[:n], tuple(x.shape[1:]), cfg.rmle_steps,
+                                       cfg.rmle_lr, cfg.rmle_tv, cfg.rmle_window if cfg.rmle_early_stop else 0,
+                                       cfg.rmle_min_delta)
         s, p = ssim(recon, x), psnr(recon, x)
         summary = {"ssim": float(s.mean()), "psnr": float(p.mean()), "ssim_min": float(s.min()),
                    "ssim_max": float(s.max()), "samples": n, "steps": steps, "step_budget": cfg.rmle_steps}

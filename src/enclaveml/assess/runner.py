@@ -28,7 +28,7 @@ from .config import AssessConfig
 from .cost import frontnet_cost
 from .data import AssessData, load_assess_data
 from .forward import PointForward
-from .inference import folded
+from .inference import folded_layers
 from .leakage import AssessContext, PointData
 from .recommend import recommend
 
@@ -105,7 +105,8 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
         irs_test, logits = forward.batched(pre.normalise(x_test), logits=True)
         probs = torch.softmax(logits.float(), dim=-1)
         pds = [PointData(p, model.split(p.index)[0], irs_test[p.index]) for p in points]
-        oracle = folded(model, tuple(model.input_shape))
+        # batch-norm-folded inference copy: the KL oracle, and rMLE's FrontNets (its prefixes)
+        oracle = folded_layers(model, tuple(model.input_shape))
     accuracy = _sample_accuracy(logits, data.y_test, data.classes, classes)
     ctx = AssessContext(model, pre, x_test, x_train, probs, config, forward=forward, oracle=oracle)
 
