@@ -219,7 +219,7 @@ def test_records_round_trip_and_peer_records_are_sealed(group):
     from safetensors.torch import save
 
     backs = [save({k: v.contiguous() for k, v in h.module.state_dict().items()}) for h in hosts]
-    tok = encs[1].dp_records(backs[1])
+    tok = encs[1].dp_records(backs[0])  # rank 0's BackNet, as dp_host broadcasts it
     bad = bytearray(tok)
     bad[-1] ^= 1
     with pytest.raises(TamperedMessage, match="linkage records from enclave 1"):
@@ -263,3 +263,123 @@ def test_records_are_sealed_once_per_session(group):
     encs[1].dp_records(back)
     with pytest.raises(ReplayedMessage, match="records"):
         encs[1].dp_records(back)
+
+
+def _trained(encs):
+    """A two-enclave run stepped to its end; the hosts' BackNets (rank 0's is the one released)."""
+    from safetensors.torch import save
+
+    hosts = _running(encs)
+    for step in range(encs[0].trainer.total_steps):
+        toks = _step_tokens(encs, hosts, step)
+        for e in encs:
+            e.dp_apply(toks)
+    return [save({k: v.contiguous() for k, v in h.module.state_dict().items()}) for h in hosts]
+
+
+def test_single_enclave_ops_are_refused_in_a_group(group):
+    """After a group start the host must not drive a replica with the single-enclave ops: a local
+    `backward` is an SGD step on one shard, and `finish` would release that FrontNet as enclaves=2."""
+    encs, _, _ = group
+    hosts = _running(encs)
+    lead = encs[0]
+    cmd = seal_owner_command(OWNER, lead.hpke.public_bytes(), START, "dp-s", b"owner-nonce-dp-0s",
+                             {"model": SPEC, "split": 3, "plan": lead.plan_hash.hex(), "config": CFG.to_dict()})
+    for e, h in zip(encs, hosts):
+        before = [p.detach().clone() for p in e.trainer.module.parameters()]  # (forward moves BN statistics)
+        g = e.loss_grad(h.forward(e.forward(0)))
+        with pytest.raises(PolicyViolation, match="'backward' is a single-enclave op"):
+            e.backward(h.backward(g))
+        with pytest.raises(PolicyViolation, match="'finish'"):
+            e.finish(b"")
+        with pytest.raises(PolicyViolation, match="'start'"):
+            e.start(cmd, None)
+        assert e.trainer.step == 0 and e.run["run_id"] == "dp-1"
+        assert all(torch.equal(a, b) for a, b in zip(before, e.trainer.module.parameters()))
+
+
+def test_a_single_enclave_refuses_a_start_that_claims_a_group(group):
+    encs, _, _ = group
+    enc = encs[1]  # no group session: the single-enclave `start`
+    cmd = seal_owner_command(OWNER, enc.hpke.public_bytes(), START, "solo", b"owner-nonce-solo1",
+                             {"model": SPEC, "split": 3, "plan": enc.plan_hash.hex(), "config": CFG.to_dict(),
+                              "enclaves": 2})
+    with pytest.raises(PolicyViolation, match="asks for 2 enclaves; this is a single enclave"):
+        enc.start(cmd, None)
+    assert enc.run is None and enc.trainer is None
+
+
+def test_peer_fingerprinting_with_another_backnet_is_refused(group):
+    """The host hands enclave 1 another BackNet than the one enclave 0 releases: that shard's
+    fingerprints would not match the released model, so enclave 0 refuses them."""
+    encs, _, _ = group
+    backs = _trained(encs)
+    assert backs[0] != backs[1]  # these test hosts train independently (dp_host broadcasts rank 0's)
+    tok = encs[1].dp_records(backs[1])
+    with pytest.raises(TamperedMessage, match="enclave 1 fingerprinted its shard with another BackNet"):
+        encs[0].dp_finish(backs[0], [tok])
+    assert encs[0]._final is None and not getattr(encs[0], "_records", None)
+
+
+def test_replayed_join_token_is_refused(group):
+    """A host that recorded enclave 1's join token replays it mid-run: it would rewind that
+    replica to step 0 (its FrontNet back to the initial weights) while enclave 0 goes on."""
+    encs, _, _ = group
+    _handshake(encs)
+    lead = encs[0]
+    cmd = seal_owner_command(OWNER, lead.hpke.public_bytes(), START, "dp-j", b"owner-nonce-dp-0j",
+                             {"model": SPEC, "split": 3, "plan": lead.plan_hash.hex(), "config": CFG.to_dict()})
+    info, back, joins = lead.dp_lead_start(cmd, None)
+    encs[1].dp_join(joins[0])
+    hosts = _hosts(encs, info, back)
+    toks = _step_tokens(encs, hosts, 0)
+    assert [e.dp_apply(toks) for e in encs] == [1, 1]
+    with pytest.raises(ReplayedMessage, match="already joined"):
+        encs[1].dp_join(joins[0])
+    assert encs[1].trainer.step == 1
+
+
+def test_refused_lead_start_changes_nothing(group):
+    encs, _, _ = group
+    _running(encs)
+    lead = encs[0]
+    run, trainer = lead.run, lead.trainer
+    cmd = seal_owner_command(OWNER, lead.hpke.public_bytes(), START, "dp-1", b"owner-nonce-dp-01",
+                             {"model": SPEC, "split": 3, "plan": lead.plan_hash.hex(), "config": CFG.to_dict()})
+    _handshake(encs)  # a new session, but the owner's (used) nonce again
+    with pytest.raises(ReplayedMessage, match="nonce"):
+        lead.dp_lead_start(cmd, None)
+    assert lead.run is None and lead.trainer is None and lead.owner is not None
+
+
+def test_peer_verify_failure_of_an_odd_exception_type_is_evidence_rejected(group):
+    import json
+
+    encs, _, _ = group
+    hellos = [e.dp_hello(r, 2) for r, e in enumerate(encs)]
+    evs = [e.dp_attest(hellos) for e in encs]
+
+    def broken(ev, expected):
+        raise json.JSONDecodeError("bad evidence", "{", 0)  # its constructor takes three arguments
+
+    encs[0]._peers._verify_fn = broken
+    with pytest.raises(EvidenceRejected, match="peer enclave 1 is refused: bad evidence"):
+        encs[0].dp_verify(evs)
+    assert not encs[0]._peers.verified()
+
+
+def test_fetch_release_checks_the_group_size(group, tmp_path):
+    from enclaveml.train.owner import release
+
+    encs, _, _ = group
+    backs = _trained(encs)
+    out = encs[0].dp_finish(backs[0], [encs[1].dp_records(backs[0])])
+
+    class Host:  # carries the owner's command to the real enclave, as the host's /train/release does
+        def release(self, run_id, cmd):
+            return encs[0].release(cmd, out["final"])
+
+    with pytest.raises(PolicyViolation, match="trained by 2 enclave"):
+        release(Host(), encs[0].hpke.public_bytes(), b"release-nonce-001", OWNER, "dp-1", tmp_path / "m",
+                enclaves=1)
+    assert not (tmp_path / "m").exists()

@@ -156,6 +156,28 @@ class DistributedEnclave(CalTrainEnclave):
         self._group: PeerBox | None = None
         self.rank, self.world = 0, 1
 
+    # -- the single-enclave ops, refused in a group ----------------------------------------------
+
+    def _no_single(self, op: str) -> None:
+        """In a group session or a group run, a local `backward` would be a step on one shard only
+        (and `finish` would release it) while the header says enclaves=N: dp_backward/dp_apply and
+        dp_finish are the only ways forward."""
+        if self._peers is not None or (self.run is not None and "enclaves" in self.run):
+            raise PolicyViolation(f"{op!r} is a single-enclave op; this enclave is in a group of {self.world} "
+                                  "(use the dp_ ops)")
+
+    def start(self, command: bytes, checkpoint: bytes | None) -> tuple[dict, bytes | None]:
+        self._no_single("start")
+        return super().start(command, checkpoint)
+
+    def backward(self, d_ir: torch.Tensor) -> int:
+        self._no_single("backward")
+        return super().backward(d_ir)
+
+    def finish(self, back_state: bytes) -> dict:
+        self._no_single("finish")
+        return super().finish(back_state)
+
     # -- handshake ---------------------------------------------------------------------------
 
     def _verify_peer(self, evidence: dict, expected: bytes) -> None:
@@ -241,8 +263,8 @@ class DistributedEnclave(CalTrainEnclave):
             state = blob
         else:
             perm = self._mapping_for(run, len(self.plan.classes)).perm
+        self._consume_nonce(cmd.nonce)  # before _setup replaces run/trainer/owner: a refused start changes nothing
         back = self._setup(run, mine, init_seed, defence_seed, perm, state)
-        self._consume_nonce(cmd.nonce)
         self._once(JOIN, 0, "the join messages")
         group_key = random_key()
         self._group = PeerBox(group_key, peers.session)
@@ -260,6 +282,9 @@ class DistributedEnclave(CalTrainEnclave):
         peers = self._need_peers()
         if peers.rank == 0:
             raise UserInputError("enclave 0 leads; it does not join")
+        if (JOIN, 0) in self._sealed:  # a replayed join token would rewind this replica to step 0
+            raise ReplayedMessage("this enclave has already joined a run in this group session "
+                                  "(a new run needs a new handshake)")
         data = peers.pair_box(0).open(JOIN, 0, peers.rank, 0, token, what="join message")
         (hn,) = struct.unpack_from(">I", data)
         msg = json.loads(data[4:4 + hn])
@@ -273,6 +298,7 @@ class DistributedEnclave(CalTrainEnclave):
                                   f"({n} instances, digest {digest[:16]}...; enclave 0 has {run['n']}, "
                                   f"{str(run['dataset'])[:16]}...)")
         back = self._setup(run, mine, int(msg["init_seed"]), int(msg["defence_seed"]), torch.tensor(msg["perm"]), state)
+        self._once(JOIN, 0, "the join message")
         self._group = PeerBox(bytes.fromhex(msg["group_key"]), peers.session)
         return self._info(), back
 
@@ -387,7 +413,8 @@ class DistributedEnclave(CalTrainEnclave):
             raise UserInputError("no group key: the run has not started")
         self._once(RECORDS, self.trainer.total_steps if self.trainer else -1, "this enclave's linkage records")
         recs = self._shard_records(back_state)
-        return self._group.seal(RECORDS, self.rank, 0, self.trainer.total_steps, pack_records(recs), self._context())
+        body = hashlib.sha256(back_state).digest() + pack_records(recs)  # which BackNet fingerprinted them
+        return self._group.seal(RECORDS, self.rank, 0, self.trainer.total_steps, body, self._context())
 
     def dp_finish(self, back_state: bytes, peer_tokens: list[bytes]) -> dict:
         """Enclave 0: its own and every peer's records -> one sealed linkage store; the sealed final state."""
@@ -396,10 +423,14 @@ class DistributedEnclave(CalTrainEnclave):
         if len(peer_tokens) != self.world - 1:
             raise TamperedMessage(f"expected linkage records of {self.world - 1} peers, got {len(peer_tokens)}")
         records = self._shard_records(back_state)
+        own = hashlib.sha256(back_state).digest()
         for r, tok in enumerate(peer_tokens, start=1):
             raw = self._group.open(RECORDS, r, 0, self.trainer.total_steps, tok, self._context(),
                                    what="linkage records")
-            records += unpack_records(raw)
+            if not hmac.compare_digest(raw[:32], own):  # else the host gave that peer a garbage BackNet
+                raise TamperedMessage(f"enclave {r} fingerprinted its shard with another BackNet than the one "
+                                      "enclave 0 releases")
+            records += unpack_records(raw[32:])
         hashes = {r.instance_hash for r in records}
         if len(records) != self.run["n"] or len(hashes) != len(records):
             raise TamperedMessage(f"the shards' linkage records cover {len(hashes)} distinct instances in "

@@ -258,6 +258,9 @@ class CalTrainEnclave:
         """Open the owner's start command; set up (or restore) the run. Returns (info, BackNet state)."""
         cmd = self._open_command(command, START)
         args = cmd.args
+        if args.get("enclaves") not in (None, 1):  # one enclave must not release a run claiming a group
+            raise PolicyViolation(f"the owner's start command asks for {args.get('enclaves')!r} enclaves; "
+                                  "this is a single enclave")
         choice = self._choice(args)
         spec, k = ModelSpec.parse(choice.model), choice.split
         cfg = TrainConfig.from_dict(args.get("config", {}))

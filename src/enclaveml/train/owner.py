@@ -111,37 +111,39 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         if st.get("state") != "done":
             raise UserInputError(f"training did not finish: {st.get('state')} {st.get('error', '')}".strip())
         pub, nonce = client.attest(policy, plan_hash)  # a fresh nonce: the enclave accepts each one once
-        res = {**st, **release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name)}
-        if enclaves is not None and res.get("enclaves", 1) != int(enclaves):
-            raise PolicyViolation(f"the run was trained by {res.get('enclaves', 1)} enclave(s), not the {enclaves} "
-                                  "asked for")
-        return res
+        return {**st, **release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name, enclaves=enclaves)}
     finally:
         client.close()
 
 
 def fetch_release(url: str, policy: str | Path, key_path: "str | Path | SigningKey", out: str | Path,
-                  run_id: str = "caltrain", bundle: "str | Path | None" = None, name: str | None = None) -> dict:
-    """Fetch a finished run's release again (attest, signed release command) into `out`, with its bundle."""
+                  run_id: str = "caltrain", bundle: "str | Path | None" = None, name: str | None = None,
+                  enclaves: int | None = None) -> dict:
+    """Fetch a finished run's release again (attest, signed release command) into `out`, with its bundle.
+    `enclaves`: require a run trained over exactly this many enclaves (as `run` does)."""
     bundle_target(out, bundle)
     owner = key_path if isinstance(key_path, SigningKey) else keyfiles.load_signing_key(key_path)
     client = HostClient(url)
     try:
         plan, plan_hash = client.plan()
         pub, nonce = client.attest(policy, plan_hash)
-        return release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name)
+        return release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name, enclaves=enclaves)
     finally:
         client.close()
 
 
 def release(client: HostClient, pub: bytes, nonce: bytes, owner: SigningKey, run_id: str, out: str | Path,
-            bundle: "str | Path | None" = None, name: str | None = None) -> dict:
+            bundle: "str | Path | None" = None, name: str | None = None, enclaves: int | None = None) -> dict:
     """Ask the enclave for the model (sealed to a one-time key of ours), write the model folder,
-    and make the servable bundle from it (`write_bundle`; `bundle` default OUT/bundle)."""
+    and make the servable bundle from it (`write_bundle`; `bundle` default OUT/bundle). `enclaves`:
+    refuse (before writing anything) a release whose sealed header names another group size."""
     reply = HpkeKeyPair.generate()
     cmd = seal_owner_command(owner, pub, RELEASE, run_id, nonce, {"reply_to": reply.public_bytes().hex()})
     data, _ = open_request(reply, client.release(run_id, cmd), b"", info=RELEASE_INFO)
     header, files = unpack_files(data)
+    trained_by = int(header.get("enclaves", 1))
+    if enclaves is not None and trained_by != int(enclaves):
+        raise PolicyViolation(f"the run was trained by {trained_by} enclave(s), not the {enclaves} asked for")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for fname in ("model.safetensors", "front.safetensors", "back.safetensors"):

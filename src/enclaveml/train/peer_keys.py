@@ -28,7 +28,7 @@ import struct
 from typing import Callable
 
 from ..crypto.peer_channel import MAX_RANKS, PeerBox, PeerKeyPair
-from ..errors import EvidenceRejected, TamperedMessage, UserInputError
+from ..errors import EnclaveMLError, EvidenceRejected, TamperedMessage, UserInputError
 from .plan import plan_report_data
 
 HELLO_BYTES = 64
@@ -107,7 +107,10 @@ class PeerSession:
             except EvidenceRejected as e:
                 raise EvidenceRejected(f"peer enclave {r} is refused (another plan, session or key): {e}") from None
             except Exception as e:
-                raise type(e)(f"peer enclave {r} is refused: {e}") from None
+                msg = f"peer enclave {r} is refused: {e}"
+                if isinstance(e, EnclaveMLError):  # ours take one message; keep the kind (PolicyViolation...)
+                    raise type(e)(msg) from None
+                raise EvidenceRejected(msg) from None  # other types may not take one message
         for r in range(self.world):
             if r != self.rank:
                 lo, hi = min(r, self.rank), max(r, self.rank)
