@@ -304,6 +304,8 @@ def release_cmd(
                              "else read)"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="bundle directory to create (default OUT/bundle)"),
     name: Optional[str] = typer.Option(None, "--name", help="the bundle's model name (default: the run id)"),
+    enclaves: Optional[int] = typer.Option(None, "--enclaves", help="with --url: require a run trained by exactly "
+                                           "this many enclaves"),
 ) -> None:
     """(owner) Make the servable bundle of a released model (`enclaveml deploy` takes it as it is)."""
     from ..errors import UserInputError
@@ -312,7 +314,7 @@ def release_cmd(
     if url is not None:
         if policy is None:
             raise UserInputError("--url needs --policy (the enclave is attested before it releases anything)")
-        res = fetch_release(url, policy, key, out, run_id, bundle=bundle, name=name)
+        res = fetch_release(url, policy, key, out, run_id, bundle=bundle, name=name, enclaves=enclaves)
     else:
         res = write_bundle(out, keyfiles.load_signing_key(key), bundle, name=name)
     typer.echo(json.dumps(res))
