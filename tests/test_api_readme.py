@@ -59,6 +59,7 @@ def test_readme_python_api_block_runs(tmp_path, monkeypatch, capsys, cifar10_dir
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the caltrain API is covered by tests/test_api.py
 def test_docs_caltrain_example_runs(tmp_path, monkeypatch, capsys, cifar10_dir):
     text = (ROOT / "docs" / "python-api.md").read_text()
     blocks = [b for b in python_blocks(text) if "eml.caltrain" in b]

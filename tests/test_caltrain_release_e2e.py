@@ -177,6 +177,7 @@ def _serve_deploy_infer(base: Path, cifar: Path, res: dict, classes: list[str], 
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the user-graph test below covers train -> release -> deploy -> infer
 def test_zoo_release_deploys_and_serves_its_own_predictions(tmp_path, cifar10_dir):
     classes = sorted(p.name for p in (cifar10_dir / "train").iterdir())
     res = _train_and_release(tmp_path, cifar10_dir, classes, [], "darknet:width=4", ())

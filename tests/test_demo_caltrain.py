@@ -26,6 +26,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # `make demo` runs the same script; test_train_audit/test_train_trace_modes cover its parts
 def test_caltrain_demo_runs_on_packaged_digits(tmp_path):
     pytest.importorskip("sklearn.datasets")
     if shutil.which("curl") is None:
