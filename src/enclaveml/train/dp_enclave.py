@@ -35,14 +35,13 @@ import struct
 import numpy as np
 import torch
 
-from ..crypto import generate_key, seal
 from ..crypto.peer_channel import BROADCAST, PeerBox, random_key
 from ..errors import DataError, PolicyViolation, ReplayedMessage, TamperedMessage, UserInputError
 from .defences import DefenceSpec
-from .enclave import CalTrainEnclave, _safetensors_bytes, pack_files
+from .enclave import CalTrainEnclave, _safetensors_bytes
 from .fingerprint import fingerprints
 from .instances import EnclaveDataset
-from .linkage import LinkageRecord, seal_records
+from .linkage import LinkageRecord
 from ..models.classmap import ClassMapping
 from ..models.split import permute_classifier
 from .partitioned import EnclaveTrainer, TrainConfig, host_layers, split_with_head
@@ -435,20 +434,4 @@ class DistributedEnclave(CalTrainEnclave):
         if len(records) != self.run["n"] or len(hashes) != len(records):
             raise TamperedMessage(f"the shards' linkage records cover {len(hashes)} distinct instances in "
                                   f"{len(records)} records, expected {self.run['n']}")
-        linkage_key = generate_key()
-        store_id = self.run["run_id"]
-        tokens, meta_token = seal_records(linkage_key, records, store_id)
-        front, back = self.model.split(self.k)
-        files = {"model.safetensors": _safetensors_bytes(self.model.state_dict()),
-                 "front.safetensors": _safetensors_bytes(front.state_dict()),
-                 "back.safetensors": _safetensors_bytes(back.state_dict())}
-        header = {"run_id": store_id, "model": self.spec.text, "arch": self.spec.arch, "split": self.k,
-                  "classes": self.run["classes"], "input": list(self.plan.input),
-                  "head": self.run["head"], "defence": self.run["defence"],
-                  "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
-                  "preprocessing": self.plan.preprocessing().to_dict(), "config": self.run["config"],
-                  "instances": len(records), "linkage_key": linkage_key.hex(), "owner": self.run["owner"],
-                  "enclaves": self.world}
-        final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
-        self._records = tokens
-        return {"records": len(tokens), "meta_token": meta_token, "final": final}
+        return self._seal_final(records, enclaves=self.world)

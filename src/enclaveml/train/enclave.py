@@ -413,6 +413,11 @@ class CalTrainEnclave:
         permute_classifier(self.model, tr.mapping, inverse=True)  # the released model is in class order
         fps = fingerprints(self.model, self.ds.all_pixels(), self.plan.preprocessing())
         records = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
+        return self._seal_final(records)
+
+    def _seal_final(self, records: list, **extra) -> dict:
+        """The end of a run (one enclave or a group's enclave 0): seal the linkage records under a
+        fresh key and the released model with its header under the state key."""
         linkage_key = generate_key()
         store_id = self.run["run_id"]
         tokens, meta_token = seal_records(linkage_key, records, store_id)
@@ -425,8 +430,7 @@ class CalTrainEnclave:
                   "head": self.run["head"], "defence": self.run["defence"],
                   "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
                   "preprocessing": self.plan.preprocessing().to_dict(), "config": self.run["config"],
-                  "instances": len(self.ds), "linkage_key": linkage_key.hex(), "owner": self.run["owner"],
-                  "head": self.run["head"], "defence": self.run["defence"]}
+                  "instances": len(records), "linkage_key": linkage_key.hex(), "owner": self.run["owner"], **extra}
         final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
         self._records = tokens
         return {"records": len(tokens), "meta_token": meta_token, "final": final}
