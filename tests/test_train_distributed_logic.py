@@ -79,3 +79,41 @@ def test_backend_and_address():
     assert parse_address("10.0.0.2:29500") == ("10.0.0.2", 29500)
     with pytest.raises(UserInputError):
         parse_address("nowhere")
+
+
+def test_a_peer_must_share_the_tdx_runtime_registers_not_only_mrtd():
+    """On TDX the policy's measurement is MRTD alone; a TD with the same firmware but another
+    kernel or application (RTMRs) must not join the group (security review, 2026-12-01)."""
+    from enclaveml.errors import PolicyViolation
+    from enclaveml.tee.evidence import Claims
+    from enclaveml.train.peer_keys import SAME_DETAILS, check_same_configuration
+
+    details = {k: f"{i:02x}" * 48 for i, k in enumerate(SAME_DETAILS)}
+    own = Claims("tdx", "aa" * 48, b"\0" * 64, "UpToDate", details=dict(details))
+    check_same_configuration(own, Claims("tdx", "aa" * 48, b"\1" * 64, "UpToDate", details=dict(details)))
+    for k in SAME_DETAILS:
+        other = Claims("tdx", "aa" * 48, b"\1" * 64, "UpToDate", details={**details, k: "ff" * 48})
+        with pytest.raises(PolicyViolation, match=k):
+            check_same_configuration(own, other)
+    missing = Claims("tdx", "aa" * 48, b"\1" * 64, "UpToDate", details={})
+    with pytest.raises(PolicyViolation):
+        check_same_configuration(own, missing)
+    sim = Claims("sim", "bb" * 32, b"\0" * 64, "Simulated", details={"platform_key": "00"})
+    check_same_configuration(sim, sim)  # nothing of the list to compare
+
+
+def test_caltrain_refuses_a_policy_that_names_the_hybrid_suite(tmp_path):
+    """CalTrain seals with X25519 only: a participant whose policy asks for the post-quantum suite
+    is refused before anything is fetched or sent, never silently downgraded."""
+    from enclaveml.errors import PolicyViolation
+    from enclaveml.tee import Policy, write_policy
+    from enclaveml.train.client import HostClient
+
+    path = tmp_path / "policy.toml"
+    write_policy(Policy(allowed_backends=["sim"], crypto={"suite": "mlkem768-x25519"}), path)
+    client = HostClient("http://127.0.0.1:9")  # nothing listens: the refusal comes first
+    try:
+        with pytest.raises(PolicyViolation, match="post-quantum"):
+            client.attest(path)
+    finally:
+        client.close()

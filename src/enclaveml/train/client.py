@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import errors as _errors
 from ..crypto import loads_untrusted
-from ..errors import EnclaveMLError, TamperedMessage, UserInputError
+from ..errors import EnclaveMLError, PolicyViolation, TamperedMessage, UserInputError
 from ..protocol import caltrain as msg
 from ..protocol.attest import EvidenceAnswer
 
@@ -108,6 +108,13 @@ class HostClient:
         from .plan import plan_report_data
 
         policy = load_policy(policy_path)
+        from ..crypto.suites import POST_QUANTUM
+
+        c = policy.crypto
+        if {c.get("suite"), *c.get("models", {}).values()} & POST_QUANTUM:
+            raise PolicyViolation("the policy names the hybrid (post-quantum) suite, which CalTrain does not offer "
+                                  "yet (its uploads, commands and releases use X25519); refusing rather than "
+                                  "using a weaker suite")
         if plan_hash is None:
             plan_hash = self.plan()[1]
         nonce = os.urandom(32)

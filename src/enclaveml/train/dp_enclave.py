@@ -45,7 +45,7 @@ from .linkage import LinkageRecord
 from ..models.classmap import ClassMapping
 from ..models.split import permute_classifier
 from .partitioned import EnclaveTrainer, TrainConfig, host_layers, split_with_head
-from .peer_keys import GRAD, JOIN, RECORDS, PeerSession, peer_policy
+from .peer_keys import GRAD, JOIN, RECORDS, PeerSession, check_same_configuration, peer_policy
 from .spec import ModelSpec
 
 _SHARD = b"enclaveml/v1 caltrain-dp-shard\x00"
@@ -183,7 +183,8 @@ class DistributedEnclave(CalTrainEnclave):
         from ..tee import Evidence, verify_claims_only, verify_evidence
 
         own = verify_claims_only(Evidence.from_dict(self._own_evidence))
-        verify_evidence(evidence, peer_policy(own), expected)
+        peer = verify_evidence(evidence, peer_policy(own), expected)
+        check_same_configuration(own, peer)
 
     def _evidence_for(self, report_data: bytes) -> dict:
         self._own_evidence = self.be.evidence(report_data).to_dict()

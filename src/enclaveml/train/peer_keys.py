@@ -55,6 +55,26 @@ def peer_policy(own_claims):
                   sim_platform_keys=keys, allow_debug=bool(own_claims.details.get("debug", False)))
 
 
+#: Evidence details a peer must share with this enclave beyond the policy's measurement: on TDX the
+#: measurement is MRTD only, so the runtime registers (kernel, application), the configuration id,
+#: owner fields, TD attributes and XFAM must match too (security review of 2026-12-01).
+SAME_DETAILS = ("rt_mr0", "rt_mr1", "rt_mr2", "rt_mr3", "mr_config_id", "mr_owner", "mr_owner_config",
+                "td_attributes", "xfam")
+
+
+def check_same_configuration(own_claims, peer_claims) -> None:
+    """PolicyViolation unless the peer's evidence shows every `SAME_DETAILS` field this enclave's does."""
+    import hmac
+
+    from ..errors import PolicyViolation
+
+    for k in SAME_DETAILS:
+        if k in own_claims.details:
+            theirs = peer_claims.details.get(k)
+            if not isinstance(theirs, str) or not hmac.compare_digest(theirs.encode(), str(own_claims.details[k]).encode()):
+                raise PolicyViolation(f"a peer enclave's {k} differs from this enclave's: not the same configuration")
+
+
 class PeerSession:
     """One enclave's side of the group handshake: hello -> evidence -> verify -> pair keys.
 
