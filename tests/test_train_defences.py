@@ -280,23 +280,31 @@ def test_a_gradient_defence_leaves_the_forward_pass_as_it_is():
     assert _leak(1, "noise:scale=4", channel="ir") > 0.3  # 0.425 here; chance 0.1
 
 
-def test_enclave_checks_head_defence_and_the_host_output_shape_and_keeps_them_in_checkpoints():
-    from enclaveml.crypto import SigningKey, seal_owner_command
+def _sim_enclave_with_eight_instances(tmp):
+    """A sim training enclave holding 8 uploaded instances of one participant, and its owner key."""
+    from enclaveml.crypto import SigningKey
     from enclaveml.tee.sim import SimBackend
-    from enclaveml.train.enclave import START, CalTrainEnclave, enclave_config
+    from enclaveml.train.enclave import CalTrainEnclave, enclave_config
     from enclaveml.train.instances import make_upload
-    from enclaveml.train.spec import ModelSpec
     from image_helpers import random_png
+
+    owner, part = SigningKey.generate(), SigningKey.generate()
+    be = SimBackend(enclave_config(owner.public_key()), platform_dir=tmp, lock_memory=False)
+    e = CalTrainEnclave(be)
+    res = e.ingest([make_upload(e.hpke.public_bytes(), part, random_png(i), i % 10, plan=e.plan_hash)[1]
+                    for i in range(8)])
+    e.add_data([(r["tag"], r["sealed"]) for r in res])
+    return e, owner
+
+
+def test_enclave_checks_head_defence_and_the_host_output_shape_and_keeps_them_in_checkpoints():
+    from enclaveml.crypto import seal_owner_command
+    from enclaveml.train.enclave import START
     import tempfile
     from pathlib import Path
 
-    owner, part = SigningKey.generate(), SigningKey.generate()
     with tempfile.TemporaryDirectory() as tmp:
-        be = SimBackend(enclave_config(owner.public_key()), platform_dir=Path(tmp), lock_memory=False)
-        e = CalTrainEnclave(be)
-        res = e.ingest([make_upload(e.hpke.public_bytes(), part, random_png(i), i % 10, plan=e.plan_hash)[1]
-                        for i in range(8)])
-        e.add_data([(r["tag"], r["sealed"]) for r in res])
+        e, owner = _sim_enclave_with_eight_instances(Path(tmp))
         cfg = TrainConfig(epochs=1, batch=4, seed=0)
 
         def start(nonce: bytes, **extra):
@@ -330,21 +338,13 @@ def test_enclave_checks_head_defence_and_the_host_output_shape_and_keeps_them_in
 
 
 def test_enclave_runs_and_resumes_labelfree_with_its_local_classifier():
-    from enclaveml.crypto import SigningKey, seal_owner_command
-    from enclaveml.tee.sim import SimBackend
-    from enclaveml.train.enclave import START, CalTrainEnclave, enclave_config
-    from enclaveml.train.instances import make_upload
-    from image_helpers import random_png
+    from enclaveml.crypto import seal_owner_command
+    from enclaveml.train.enclave import START
     import tempfile
     from pathlib import Path
 
-    owner, part = SigningKey.generate(), SigningKey.generate()
     with tempfile.TemporaryDirectory() as tmp:
-        be = SimBackend(enclave_config(owner.public_key()), platform_dir=Path(tmp), lock_memory=False)
-        e = CalTrainEnclave(be)
-        res = e.ingest([make_upload(e.hpke.public_bytes(), part, random_png(i), i % 10, plan=e.plan_hash)[1]
-                        for i in range(8)])
-        e.add_data([(r["tag"], r["sealed"]) for r in res])
+        e, owner = _sim_enclave_with_eight_instances(Path(tmp))
         args = {"model": "darknet:width=4", "split": 5, "config": TrainConfig(epochs=1, batch=4, seed=0).to_dict(),
                 "plan": e.plan_hash.hex(), "head": 1, "defence": {"name": "labelfree", "settings": {}}}
         info, _ = e.start(seal_owner_command(owner, e.hpke.public_bytes(), START, "r", b"nonce-000001", args), None)
