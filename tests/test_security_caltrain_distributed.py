@@ -211,14 +211,7 @@ def test_owner_asks_for_another_group_size(group):
 
 def test_records_round_trip_and_peer_records_are_sealed(group):
     encs, _, _ = group
-    hosts = _running(encs)
-    for step in range(encs[0].trainer.total_steps):
-        toks = _step_tokens(encs, hosts, step)
-        for e in encs:
-            e.dp_apply(toks)
-    from safetensors.torch import save
-
-    backs = [save({k: v.contiguous() for k, v in h.module.state_dict().items()}) for h in hosts]
+    backs = _trained(encs)
     tok = encs[1].dp_records(backs[0])  # rank 0's BackNet, as dp_host broadcasts it
     bad = bytearray(tok)
     bad[-1] ^= 1
@@ -252,14 +245,7 @@ def test_no_message_is_sealed_twice_under_one_nonce(group):
 
 def test_records_are_sealed_once_per_session(group):
     encs, _, _ = group
-    hosts = _running(encs)
-    for step in range(encs[0].trainer.total_steps):
-        toks = _step_tokens(encs, hosts, step)
-        for e in encs:
-            e.dp_apply(toks)
-    from safetensors.torch import save
-
-    back = save({k: v.contiguous() for k, v in hosts[1].module.state_dict().items()})
+    back = _trained(encs)[1]
     encs[1].dp_records(back)
     with pytest.raises(ReplayedMessage, match="records"):
         encs[1].dp_records(back)
