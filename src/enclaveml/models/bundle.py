@@ -48,7 +48,7 @@ from typing import AbstractSet, Any, Iterable, Mapping
 from torch import nn
 
 from ..crypto import SigningKey, VerifyKey, generate_key, open_sealed, seal, sha256
-from ..keyfiles import write_all
+from ..keyfiles import write_private
 from ..crypto.wirejson import loads_untrusted
 from ..data.preprocess import Preprocessing
 from ..errors import PartitionError, TamperedMessage, UserInputError
@@ -549,17 +549,7 @@ def save_model_key(path: "str | os.PathLike[str]", key: bytes) -> None:
     """Write a model key as hex, mode 0600, refusing to overwrite an existing key."""
     if len(key) != 32:
         raise UserInputError("a model key is 32 bytes")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise UserInputError(f"{path}: a model key is already there; refusing to overwrite it") from None
-    except OSError as e:
-        raise UserInputError(f"{path}: cannot write model key ({e.strerror})") from None
-    try:
-        os.fchmod(fd, 0o600)
-        write_all(fd, bytes(key).hex().encode() + b"\n")
-    finally:
-        os.close(fd)
+    write_private(path, bytes(key).hex().encode() + b"\n", overwrite=False, what="model key")
 
 
 def load_model_key(path: "str | os.PathLike[str]") -> bytes:
