@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 # `make test` stays under 10 minutes on 2 cores; `make test-all` adds the `extended` end-to-end runs
-# (the digits demo, the zoo release, the docs' CalTrain example: about 1.5 minutes more).
+# (the digits demo, the zoo release, the docs' CalTrain example, ImageNet all the way: about 2 minutes more).
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not extended"
 

@@ -20,7 +20,7 @@ from enclaveml import keyfiles
 from enclaveml.data.packaged import packaged_imagefolder
 from enclaveml.data.preprocess import load_image_bytes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # make test-all; test_assess_imagenet.py covers Lite0 in make test
 RESNET = "enclaveml.models.examples:resnet18"
 
 
