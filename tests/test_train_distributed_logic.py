@@ -117,3 +117,32 @@ def test_caltrain_refuses_a_policy_that_names_the_hybrid_suite(tmp_path):
             client.attest(path)
     finally:
         client.close()
+
+
+def test_peer_evidence_and_training_evidence_cannot_stand_in_for_each_other():
+    """A training enclave answers evidence for (its HPKE key, any nonce the host picks); a host
+    that puts that key in a forged hello and asks for evidence with nonce = the session must not
+    get evidence a peer accepts, and peer evidence must not pass as training evidence
+    (security review 2026-12-01, open low finding: the two shared one report-data shape)."""
+    from enclaveml.errors import EvidenceRejected
+    from enclaveml.train.plan import plan_report_data
+
+    plan = b"p" * 32
+
+
+    def verify(ev, expected):
+        if ev["rd"] != expected.hex():
+            raise EvidenceRejected("report data differs")
+
+    a = PeerSession(0, 2, plan, lambda rd: {"rd": rd.hex()}, verify)
+    b = PeerSession(1, 2, plan, lambda rd: {"rd": rd.hex()}, verify)
+    hellos = [a.hello(), b.hello()]
+    ev_a = a.attest(hellos)
+    b.attest(hellos)
+    # the host asks enclave 1's *training* evidence op for its key with nonce = the session
+    training_shaped = {"rd": plan_report_data(hellos[1][32:], b.session, plan).hex()}
+    with pytest.raises(EvidenceRejected):
+        a.verify([ev_a, training_shaped])
+    # and a peer's evidence is not what a participant checks for that key and nonce
+    assert ev_a["rd"] != plan_report_data(hellos[0][32:], a.session, plan).hex()
+

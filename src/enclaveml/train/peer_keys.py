@@ -5,7 +5,9 @@ The handshake, for world size N, every enclave r at once:
 
     round 1  hello_r     = challenge_r (32 random bytes) || X25519 public key_r
     session  S           = SHA-256("enclaveml/v1 caltrain-dp-session\\0" || plan hash || N || hello_0 .. hello_N-1)
-    round 2  evidence_r  over report data SHA-256(X25519 key_r || S) || plan hash   (plan.plan_report_data)
+    round 2  evidence_r  over report data SHA-256("...caltrain-dp-peer\\0" || X25519 key_r || S) || plan hash
+                         (`peer_report_data`: a tag that training evidence, SHA-256(HPKE key || nonce),
+                         never carries, so neither kind can stand in for the other)
     check    every peer's evidence verifies with the peer policy: same evidence type, the same
              measurement as this enclave's own, (sim) the same trusted platform key, and report
              data naming the peer's key, this session and this enclave's own plan hash
@@ -29,13 +31,25 @@ from typing import Callable
 
 from ..crypto.peer_channel import MAX_RANKS, PeerBox, PeerKeyPair
 from ..errors import EnclaveMLError, EvidenceRejected, TamperedMessage, UserInputError
-from .plan import plan_report_data
 
 HELLO_BYTES = 64
 _SESSION = b"enclaveml/v1 caltrain-dp-session\x00"
+_PEER_REPORT = b"enclaveml/v1 caltrain-dp-peer\x00"
 
 #: Message purposes (the first byte of each nonce): one place per kind of message.
 JOIN, GRAD, RECORDS, SUMMARY = 1, 2, 3, 4
+
+
+def peer_report_data(public_key: bytes, session: bytes, plan_hash: bytes) -> bytes:
+    """The 64-byte report data of a peer's evidence: SHA-256(tag || X25519 key || session) || plan.
+
+    The tag separates it from a training enclave's `plan.plan_report_data` (SHA-256(HPKE key ||
+    nonce) || plan), whose nonce the host picks: without it, the host could ask for training
+    evidence with nonce = a session and present it as a peer's (security review 2026-12-01).
+    """
+    if len(plan_hash) != 32:
+        raise ValueError("plan hash must be 32 bytes")
+    return hashlib.sha256(_PEER_REPORT + bytes(public_key) + bytes(session)).digest() + bytes(plan_hash)
 
 
 def session_id(plan_hash: bytes, hellos: list[bytes]) -> bytes:
@@ -111,7 +125,7 @@ class PeerSession:
             raise TamperedMessage("two enclaves of the group present the same key")
         self.session = session_id(self.plan_hash, hellos)
         self._pubs = [h[32:] for h in hellos]
-        return self._evidence_fn(plan_report_data(self._pubs[self.rank], self.session, self.plan_hash))
+        return self._evidence_fn(peer_report_data(self._pubs[self.rank], self.session, self.plan_hash))
 
     def verify(self, evidences: list[dict]) -> None:
         """Every peer's evidence (rank order) must verify for its key, this session and this plan."""
@@ -123,7 +137,7 @@ class PeerSession:
             if r == self.rank:
                 continue
             try:
-                self._verify_fn(ev, plan_report_data(self._pubs[r], self.session, self.plan_hash))
+                self._verify_fn(ev, peer_report_data(self._pubs[r], self.session, self.plan_hash))
             except EvidenceRejected as e:
                 raise EvidenceRejected(f"peer enclave {r} is refused (another plan, session or key): {e}") from None
             except Exception as e:
