@@ -105,15 +105,21 @@ class _Conn:
 
 class LoadGenerator:
     """`connections` keep-alive connections to `url`, each sending its share of the requests
-    back to back (as many requests in flight as connections, like that many SDK clients)."""
+    back to back (as many requests in flight as connections, like that many SDK clients). The
+    connections are opened afresh by each `run`, before its clock starts (uvicorn closes one
+    that idles for 5 s, as between the bench's phases)."""
 
     def __init__(self, url: str, connections: int = 8):
         u = urlsplit(url)
-        self.conns = [_Conn(u.hostname or "127.0.0.1", u.port or 80) for _ in range(max(1, connections))]
+        self.addr = (u.hostname or "127.0.0.1", u.port or 80)
+        self.n = max(1, connections)
+        self.conns: list[_Conn] = []
 
     def run(self, sealed: list[Sealed]) -> tuple[float, list[bytes]]:
         """(seconds from first send to last answer, answers in request order); raises on any
         status other than 200 (the bench's requests are all good ones)."""
+        self.close()
+        self.conns = [_Conn(*self.addr) for _ in range(self.n)]
         answers: list = [None] * len(sealed)
         errors: list[BaseException] = []
         n = len(self.conns)
@@ -142,6 +148,7 @@ class LoadGenerator:
     def close(self) -> None:
         for c in self.conns:
             c.close()
+        self.conns = []
 
     def __enter__(self) -> "LoadGenerator":
         return self
