@@ -200,7 +200,7 @@ def service_server(gen, client, model_id: str, images: list[bytes], labels: list
     c0, l0 = sum(_cpu_pid(p) for p in pids), _cpu_self()
     dt, answers = gen.run(sealed)
     server_cpu, gen_cpu = sum(_cpu_pid(p) for p in pids) - c0, _cpu_self() - l0
-    after = snapshot()
+    after = snapshot(end=True)
     results = [r for rs in open_answers(sealed, answers, client.target(model_id)) for r in rs]
     if len(results) != len(images):
         raise RuntimeError(f"{len(results)} results for {len(images)} images")
@@ -208,22 +208,34 @@ def service_server(gen, client, model_id: str, images: list[bytes], labels: list
     return dt, correct, server_cpu, gen_cpu, (before, after)
 
 
-def stage_snapshot(srv, clients: list) -> dict:
+_METRICS: dict = {}
+
+
+def stage_snapshot(srv, clients: list, end: bool = False, pids: "tuple[int, int] | None" = None) -> dict:
     """Totals of every stage clock (host and enclave through /metrics, the clients here) and the
-    CPU seconds of each process, to diff around a phase."""
+    CPU seconds of each process, to diff around a phase. The CPU is read after the /metrics call
+    at a phase's start and before it at its end (`end`), so that the snapshots' own work (a GET,
+    a stats op) stays out of every process's figure; one keep-alive httpx client makes them, and
+    `pids` (host, enclave) spares the /healthz call that finds the enclave's."""
     import httpx
 
     from enclaveml.timing import StageClock
 
-    r = httpx.get(srv.url + "/metrics", params={"format": "json", "stages": 1}, timeout=30)
+    host, enclave = pids or (srv.pid, srv.enclave_pid())
+
+    def cpu():
+        return {"host": _cpu_pid(host), "enclave": _cpu_pid(enclave), "client": _cpu_self()}
+
+    before = cpu() if end else None
+    http = _METRICS.get(srv.url) or _METRICS.setdefault(srv.url, httpx.Client(timeout=30))
+    r = http.get(srv.url + "/metrics", params={"format": "json", "stages": 1})
     r.raise_for_status()
     st = r.json()["stages"]
     merged = StageClock()
     for c in clients:
         for k, v in c.clock.snapshot().items():
             merged.add(k, v["wall_ns"], v["cpu_ns"], v["n"])
-    return {"host": st["host"], "enclave": st["enclave"], "client": merged.snapshot(),
-            "cpu": {"host": _cpu_pid(srv.pid), "enclave": _cpu_pid(srv.enclave_pid()), "client": _cpu_self()}}
+    return {"host": st["host"], "enclave": st["enclave"], "client": merged.snapshot(), "cpu": before or cpu()}
 
 
 #: (row name, side, stage) of the breakdown table, in the order a request meets them.
@@ -449,7 +461,7 @@ def main() -> None:
                 lat_plain += plain_latencies(model, entry.preprocessing, single)
                 torch.set_num_threads(1)
                 pids = (srv.pid, srv.enclave_pid())
-                s0 = stage_snapshot(srv, clients)
+                s0 = stage_snapshot(srv, clients, pids=pids)
                 c0, h0 = _cpu_self(), sum(_cpu_pid(p) for p in pids)
                 sdt, ok = service_throughput(clients, "darknet", images[part], labels[part], args.batch)
                 h1 = sum(_cpu_pid(p) for p in pids)
@@ -457,21 +469,21 @@ def main() -> None:
                 acc["service_server_cpu"] += h1 - h0
                 acc["service_s"] += sdt
                 acc["service_ok"] += ok
-                s1 = stage_snapshot(srv, clients)
+                s1 = stage_snapshot(srv, clients, end=True, pids=pids)
                 stage_acc["throughput"].append((s0, s1))
                 lean_note = ""
                 if gen is not None:  # the same requests, the client's work out of the window
                     ldt, ok, lcpu, gcpu, snaps = service_server(gen, clients[0], "darknet", images[part], labels[part],
-                                                                args.batch, pids, lambda: stage_snapshot(srv, clients))
+                                                                args.batch, pids, lambda end=False: stage_snapshot(srv, clients, end, pids))
                     acc["lean_s"] += ldt
                     acc["lean_ok"] += ok
                     acc["lean_cpu"] += lcpu
                     acc["lean_gen_cpu"] += gcpu
                     stage_acc["server"].append(snaps)
-                    s1 = stage_snapshot(srv, clients)
                     lean_note = f", server (lean load generator) {len(images[part]) / ldt:.0f}"
+                s1 = stage_snapshot(srv, clients, pids=pids)
                 lat_service += service_latencies(clients[0], "darknet", single)
-                s2 = stage_snapshot(srv, clients)
+                s2 = stage_snapshot(srv, clients, end=True, pids=pids)
                 stage_acc["single"].append((s1, s2))
                 m = len(images[part])
                 print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f}{lean_note} images/s", file=sys.stderr)
@@ -479,6 +491,9 @@ def main() -> None:
                 c.close()
             if gen is not None:
                 gen.close()
+            for h in _METRICS.values():
+                h.close()
+            _METRICS.clear()
     stages = {"throughput_per_image": _sum_breakdown(stage_acc["throughput"], n),
               "throughput_server_per_image": _sum_breakdown(stage_acc["server"], n),
               "single_per_request": _sum_breakdown(stage_acc["single"], len(lat_service))}
