@@ -14,6 +14,17 @@ single-thread process per core over the same images (the machine's real limit fo
 `images_per_s_plain_processes`). The two sides alternate in --rounds slices so that a shared
 machine whose load changes treats both alike. CPU ms/image (all processes: clients, host,
 enclave worker; for plain, the process or the worker processes) is the load-independent cost.
+Plain preprocesses with the enclave's code (`decode_array` per image, one `Preprocessing.batch`
+per batch) and runs the model in PyTorch's default NCHW layout.
+
+Server capacity: after the SDK clients, the same requests are sealed beforehand with the SDK's
+protocol and sent by a lean load generator (`loadgen.py`: keep-alive HTTP/1.1 on raw sockets,
+answers opened and checked after the timed window), so that only the server's processes work in
+the window: `images_per_s_service_server`, `throughput_ratio_best_plain_server`,
+`cpu_ms_per_image_server` (host + enclave), `cpu_ms_per_image_loadgen`, `accuracy_service_server`.
+CPU ratios against plain on one thread alone and against one single-thread process per core:
+`cpu_ratio_{service,server}_plain_{1thread,processes}`; plain tuned like the enclave
+(channels-last), for information: `cpu_ms_per_image_plain_1thread_channels_last`.
 
 Prints a table, then as its LAST line one JSON object with images_per_s_service,
 images_per_s_plain, throughput_ratio (against plain in one process at its best thread count),
