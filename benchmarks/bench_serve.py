@@ -14,6 +14,17 @@ single-thread process per core over the same images (the machine's real limit fo
 `images_per_s_plain_processes`). The two sides alternate in --rounds slices so that a shared
 machine whose load changes treats both alike. CPU ms/image (all processes: clients, host,
 enclave worker; for plain, the process or the worker processes) is the load-independent cost.
+Plain preprocesses with the enclave's code (`decode_array` per image, one `Preprocessing.batch`
+per batch) and runs the model in PyTorch's default NCHW layout.
+
+Server capacity: after the SDK clients, the same requests are sealed beforehand with the SDK's
+protocol and sent by a lean load generator (`loadgen.py`: keep-alive HTTP/1.1 on raw sockets,
+answers opened and checked after the timed window), so that only the server's processes work in
+the window: `images_per_s_service_server`, `throughput_ratio_best_plain_server`,
+`cpu_ms_per_image_server` (host + enclave), `cpu_ms_per_image_loadgen`, `accuracy_service_server`.
+CPU ratios against plain on one thread alone and against one single-thread process per core:
+`cpu_ratio_{service,server}_plain_{1thread,processes}`; plain tuned like the enclave
+(channels-last), for information: `cpu_ms_per_image_plain_1thread_channels_last`.
 
 Prints a table, then as its LAST line one JSON object with images_per_s_service,
 images_per_s_plain, throughput_ratio (against plain in one process at its best thread count),
@@ -79,13 +90,25 @@ def recommended_k(assessment: str | None, default: int) -> tuple[int, str]:
     return default, "fixed (no assessment given)"
 
 
+def preprocess_batch(pre, images: list[bytes]) -> torch.Tensor:
+    """The enclave's preprocessing code (`decode_array` per image, one `Preprocessing.batch`),
+    made contiguous NCHW: plain PyTorch then runs the model in its default memory layout."""
+    from enclaveml.data.preprocess import decode_array
+
+    return pre.batch([decode_array(b, pre) for b in images]).contiguous()
+
+
 @torch.no_grad()
-def plain_throughput(model, pre, images: list[bytes], labels: list[int], batch: int) -> tuple[float, int]:
-    """(seconds, correct): decode + preprocess + the whole model, `batch` images at a time."""
+def plain_throughput(model, pre, images: list[bytes], labels: list[int], batch: int,
+                     channels_last: bool = False) -> tuple[float, int]:
+    """(seconds, correct): decode + preprocess + the whole model, `batch` images at a time
+    (`channels_last`: the input in that layout, for a model whose weights are)."""
     t0 = time.perf_counter()
     correct = 0
     for i in range(0, len(images), batch):
-        x = torch.stack([pre(b) for b in images[i:i + batch]])
+        x = preprocess_batch(pre, images[i:i + batch])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         correct += int((model(x).argmax(1) == torch.tensor(labels[i:i + batch])).sum())
     return time.perf_counter() - t0, correct
 
@@ -174,22 +197,56 @@ def service_latencies(client, model_id: str, images: list[bytes]) -> list[float]
     return lat
 
 
-def stage_snapshot(srv, clients: list) -> dict:
+def service_server(gen, client, model_id: str, images: list[bytes], labels: list[int], batch: int,
+                   pids: tuple[int, int], snapshot) -> tuple[float, int, float, float, tuple]:
+    """(seconds, correct, server CPU seconds, load-generator CPU seconds, (before, after) stage
+    snapshots): the same requests as `service_throughput`, sealed by the SDK's protocol
+    beforehand and sent by the lean load generator (`loadgen.py`); the answers are opened and
+    checked after the timed window."""
+    from loadgen import open_answers, seal_requests
+
+    chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
+    sealed = seal_requests(client, model_id, chunks, top_k=1)
+    before = snapshot()
+    c0, l0 = sum(_cpu_pid(p) for p in pids), _cpu_self()
+    dt, answers = gen.run(sealed)
+    server_cpu, gen_cpu = sum(_cpu_pid(p) for p in pids) - c0, _cpu_self() - l0
+    after = snapshot(end=True)
+    results = [r for rs in open_answers(sealed, answers, client.target(model_id)) for r in rs]
+    if len(results) != len(images):
+        raise RuntimeError(f"{len(results)} results for {len(images)} images")
+    correct = sum(int(r["top"][0]["index"] == y) for r, y in zip(results, labels))
+    return dt, correct, server_cpu, gen_cpu, (before, after)
+
+
+_METRICS: dict = {}
+
+
+def stage_snapshot(srv, clients: list, end: bool = False, pids: "tuple[int, int] | None" = None) -> dict:
     """Totals of every stage clock (host and enclave through /metrics, the clients here) and the
-    CPU seconds of each process, to diff around a phase."""
+    CPU seconds of each process, to diff around a phase. The CPU is read after the /metrics call
+    at a phase's start and before it at its end (`end`), so that the snapshots' own work (a GET,
+    a stats op) stays out of every process's figure; one keep-alive httpx client makes them, and
+    `pids` (host, enclave) spares the /healthz call that finds the enclave's."""
     import httpx
 
     from enclaveml.timing import StageClock
 
-    r = httpx.get(srv.url + "/metrics", params={"format": "json", "stages": 1}, timeout=30)
+    host, enclave = pids or (srv.pid, srv.enclave_pid())
+
+    def cpu():
+        return {"host": _cpu_pid(host), "enclave": _cpu_pid(enclave), "client": _cpu_self()}
+
+    before = cpu() if end else None
+    http = _METRICS.get(srv.url) or _METRICS.setdefault(srv.url, httpx.Client(timeout=30))
+    r = http.get(srv.url + "/metrics", params={"format": "json", "stages": 1})
     r.raise_for_status()
     st = r.json()["stages"]
     merged = StageClock()
     for c in clients:
         for k, v in c.clock.snapshot().items():
             merged.add(k, v["wall_ns"], v["cpu_ns"], v["n"])
-    return {"host": st["host"], "enclave": st["enclave"], "client": merged.snapshot(),
-            "cpu": {"host": _cpu_pid(srv.pid), "enclave": _cpu_pid(srv.enclave_pid()), "client": _cpu_self()}}
+    return {"host": st["host"], "enclave": st["enclave"], "client": merged.snapshot(), "cpu": before or cpu()}
 
 
 #: (row name, side, stage) of the breakdown table, in the order a request meets them.
@@ -241,15 +298,17 @@ def breakdown(before: dict, after: dict, units: int) -> dict:
             for name, side, st in _ROWS if st in d[side]}
     rows["channel hop: front (call - op)"] = {"wall_us": round(wall("host", "front_call") - wall("enclave", "op_front_batch"), 1), "cpu_us": None}
     rows["channel hop: finish (call - op)"] = {"wall_us": round(wall("host", "finish_call") - wall("enclave", "op_finish_batch"), 1), "cpu_us": None}
-    rows["HTTP outside the app (httpx, loopback, uvicorn)"] = {
-        "wall_us": round(wall("client", "client_http") - wall("host", "http_infer"), 1), "cpu_us": None}
+    if "client_http" in d["client"]:  # not in the lean load generator's phase (no client clocks)
+        rows["HTTP outside the app (httpx, loopback, uvicorn)"] = {
+            "wall_us": round(wall("client", "client_http") - wall("host", "http_infer"), 1), "cpu_us": None}
     cpu_d = {k: (after["cpu"][k] - before["cpu"][k]) * 1e6 / u for k in after["cpu"]}
     host_staged = sum(cpu("host", st) for st in ("read_body", "front_send", "front_unpack", "finish_send", "backnet_forward"))
     enclave_staged = sum(cpu("enclave", st) for st in ("op_front_batch", "op_finish_batch"))
     client_staged = sum(cpu("client", st) for st in ("client_seal", "client_http", "client_open"))
     rows["host: CPU in no stage (uvicorn, asyncio, channel I/O)"] = {"wall_us": None, "cpu_us": round(cpu_d["host"] - host_staged, 1)}
     rows["enclave: CPU in no op (channel I/O, copies)"] = {"wall_us": None, "cpu_us": round(cpu_d["enclave"] - enclave_staged, 1)}
-    rows["client: CPU in no stage (bench threads)"] = {"wall_us": None, "cpu_us": round(cpu_d["client"] - client_staged, 1)}
+    rows["client: CPU in no stage (bench threads)" if d["client"] else "load generator: CPU (bench threads)"] = {
+        "wall_us": None, "cpu_us": round(cpu_d["client"] - client_staged, 1)}
     rows["process CPU: host / enclave / client"] = {"wall_us": None, "cpu_us": [round(cpu_d[k], 1) for k in ("host", "enclave", "client")]}
     return rows
 
@@ -313,6 +372,9 @@ def main() -> None:
                     help="HPKE suite of the requests and the key release (crypto/suites.py): x25519-pyhpke "
                          "(the original format), x25519 (native), mlkem768-x25519 (post-quantum hybrid)")
     ap.add_argument("--head", type=int, default=0, help="also run the last N layers in the enclave (partition --head)")
+    ap.add_argument("--lean-connections", type=int, default=None,
+                    help="keep-alive connections of the lean load generator for the server-capacity figures "
+                         "(default: --clients; 0: skip them)")
     args = ap.parse_args()
     if not args.data or not Path(args.data).is_dir():
         sys.exit("no CIFAR-10 test folder: pass --data DIR (DIR/<class>/*.jpg)")
@@ -336,6 +398,12 @@ def main() -> None:
         if best is None or 300 / dt > best[1]:
             best = (n, 300 / dt)
     plain_threads = best[0]
+    import copy
+
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)  # informational: plain tuned like the enclave
+    lean = args.clients if args.lean_connections is None else args.lean_connections
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from loadgen import LoadGenerator
 
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -347,7 +415,8 @@ def main() -> None:
         pool = ProcessPoolExecutor(args.plain_processes, mp_context=get_context("spawn"), initializer=_proc_init)
         plain_processes(pool, args.plain_processes, images[:64], labels[:64], args.batch)  # warm up
     acc = {"plain_s": 0.0, "plain_ok": 0, "service_s": 0.0, "service_ok": 0, "plain_cpu": 0.0, "service_cpu": 0.0,
-           "proc_s": 0.0, "proc_ok": 0, "proc_cpu": 0.0, "plain1_cpu": 0.0, "plain1_n": 0}
+           "proc_s": 0.0, "proc_ok": 0, "proc_cpu": 0.0, "plain1_cpu": 0.0, "plain1_n": 0, "plain1cl_cpu": 0.0,
+           "service_server_cpu": 0.0, "lean_s": 0.0, "lean_ok": 0, "lean_cpu": 0.0, "lean_gen_cpu": 0.0}
     lat_plain: list[float] = []
     lat_service: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -371,10 +440,11 @@ def main() -> None:
             clients = [EnclaveClient(srv.url, policy) for _ in range(args.clients)]
             for c in clients:
                 c.infer([images[0]], model="darknet")  # attest and warm each connection
+            gen = LoadGenerator(srv.url, lean) if lean > 0 else None
             # Rounds alternate plain and service on the same slices, so that a machine whose load
             # changes during the run (shared CI) treats both alike.
             n, r = len(images), args.rounds
-            stage_acc = {"throughput": [], "single": []}  # (before, after) snapshots per phase
+            stage_acc = {"throughput": [], "single": [], "server": []}  # (before, after) snapshots per phase
             for i in range(r):
                 part = slice(i * n // r, (i + 1) * n // r)
                 single = images[i * args.single // r:(i + 1) * args.single // r]
@@ -394,26 +464,49 @@ def main() -> None:
                 plain_throughput(model, entry.preprocessing, images[part][:200], labels[part][:200], args.batch)
                 acc["plain1_cpu"] += _cpu_self() - c0
                 acc["plain1_n"] += len(images[part][:200])
+                c0 = _cpu_self()
+                plain_throughput(model_cl, entry.preprocessing, images[part][:200], labels[part][:200], args.batch,
+                                 channels_last=True)
+                acc["plain1cl_cpu"] += _cpu_self() - c0
                 torch.set_num_threads(plain_threads)
                 lat_plain += plain_latencies(model, entry.preprocessing, single)
                 torch.set_num_threads(1)
                 pids = (srv.pid, srv.enclave_pid())
-                s0 = stage_snapshot(srv, clients)
-                c0 = _cpu_self() + sum(_cpu_pid(p) for p in pids)
+                s0 = stage_snapshot(srv, clients, pids=pids)
+                c0, h0 = _cpu_self(), sum(_cpu_pid(p) for p in pids)
                 sdt, ok = service_throughput(clients, "darknet", images[part], labels[part], args.batch)
-                acc["service_cpu"] += _cpu_self() + sum(_cpu_pid(p) for p in pids) - c0
+                h1 = sum(_cpu_pid(p) for p in pids)
+                acc["service_cpu"] += _cpu_self() - c0 + h1 - h0
+                acc["service_server_cpu"] += h1 - h0
                 acc["service_s"] += sdt
                 acc["service_ok"] += ok
-                s1 = stage_snapshot(srv, clients)
-                lat_service += service_latencies(clients[0], "darknet", single)
-                s2 = stage_snapshot(srv, clients)
+                s1 = stage_snapshot(srv, clients, end=True, pids=pids)
                 stage_acc["throughput"].append((s0, s1))
+                lean_note = ""
+                if gen is not None:  # the same requests, the client's work out of the window
+                    ldt, ok, lcpu, gcpu, snaps = service_server(gen, clients[0], "darknet", images[part], labels[part],
+                                                                args.batch, pids, lambda end=False: stage_snapshot(srv, clients, end, pids))
+                    acc["lean_s"] += ldt
+                    acc["lean_ok"] += ok
+                    acc["lean_cpu"] += lcpu
+                    acc["lean_gen_cpu"] += gcpu
+                    stage_acc["server"].append(snaps)
+                    lean_note = f", server (lean load generator) {len(images[part]) / ldt:.0f}"
+                s1 = stage_snapshot(srv, clients, pids=pids)
+                lat_service += service_latencies(clients[0], "darknet", single)
+                s2 = stage_snapshot(srv, clients, end=True, pids=pids)
                 stage_acc["single"].append((s1, s2))
                 m = len(images[part])
-                print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f} images/s", file=sys.stderr)
+                print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f}{lean_note} images/s", file=sys.stderr)
             for c in clients:
                 c.close()
+            if gen is not None:
+                gen.close()
+            for h in _METRICS.values():
+                h.close()
+            _METRICS.clear()
     stages = {"throughput_per_image": _sum_breakdown(stage_acc["throughput"], n),
+              "throughput_server_per_image": _sum_breakdown(stage_acc["server"], n),
               "single_per_request": _sum_breakdown(stage_acc["single"], len(lat_service))}
     if pool is not None:
         pool.shutdown()
@@ -425,14 +518,24 @@ def main() -> None:
                "cpu_ms": 1000 * acc["service_cpu"] / n,
                "p50_ms": 1000 * _pct(lat_service, 50), "p99_ms": 1000 * _pct(lat_service, 99)}
 
+    best_plain = max(plain["images_per_s"], procs["images_per_s"] if procs else 0)
+    cpu1 = 1000 * acc["plain1_cpu"] / max(1, acc["plain1_n"])
+    server = ({"images_per_s": n / acc["lean_s"], "accuracy": acc["lean_ok"] / n, "cpu_ms": 1000 * acc["lean_cpu"] / n,
+               "gen_cpu_ms": 1000 * acc["lean_gen_cpu"] / n} if lean > 0 else None)
+
+    def ratio(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    cpu_service = service["cpu_ms"]
+    cpu_server = server["cpu_ms"] if server else None
+    cpu_procs = procs["cpu_ms"] if procs else None
     out = {
         "images_per_s_service": round(service["images_per_s"], 1),
         "images_per_s_plain": round(plain["images_per_s"], 1),
         "throughput_ratio": round(service["images_per_s"] / plain["images_per_s"], 3),
         "images_per_s_plain_processes": round(procs["images_per_s"], 1) if procs else None,
-        "throughput_ratio_best_plain": round(service["images_per_s"] / max(plain["images_per_s"],
-                                                                          procs["images_per_s"] if procs else 0), 3),
-        "cpu_ms_per_image_plain_1thread": round(1000 * acc["plain1_cpu"] / max(1, acc["plain1_n"]), 3),
+        "throughput_ratio_best_plain": round(service["images_per_s"] / best_plain, 3),
+        "cpu_ms_per_image_plain_1thread": round(cpu1, 3),
         "cpu_ms_per_image_plain_processes": round(procs["cpu_ms"], 3) if procs else None,
         "plain_processes": args.plain_processes,
         "p50_ms_service": round(service["p50_ms"], 3), "p99_ms_service": round(service["p99_ms"], 3),
@@ -442,10 +545,33 @@ def main() -> None:
         "cpu_ms_per_image_service": round(service["cpu_ms"], 3), "cpu_ms_per_image_plain": round(plain["cpu_ms"], 3),
         "load_average_1m": round(os.getloadavg()[0], 2), "trained": trained,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
-        "suite": args.suite, "stages": stages,
+        "suite": args.suite,
+        # Server capacity: the same sealed requests sent by the lean load generator (loadgen.py),
+        # so that only the server's processes (host + enclave) do work in the timed window.
+        "images_per_s_service_server": round(server["images_per_s"], 1) if server else None,
+        "throughput_ratio_server": ratio(server and server["images_per_s"], plain["images_per_s"]),
+        "throughput_ratio_best_plain_server": ratio(server and server["images_per_s"], best_plain),
+        "accuracy_service_server": round(server["accuracy"], 4) if server else None,
+        "cpu_ms_per_image_server": round(cpu_server, 3) if server else None,
+        "cpu_ms_per_image_loadgen": round(server["gen_cpu_ms"], 3) if server else None,
+        "cpu_ms_per_image_service_host_enclave": round(1000 * acc["service_server_cpu"] / n, 3),
+        "lean_connections": lean,
+        # CPU per image against plain on one thread alone (the issue's "plain single-thread") and
+        # against one single-thread process per core (the machine's limit, caches shared).
+        "cpu_ratio_service_plain_1thread": ratio(cpu_service, cpu1),
+        "cpu_ratio_server_plain_1thread": ratio(cpu_server, cpu1),
+        "cpu_ratio_service_plain_processes": ratio(cpu_service, cpu_procs),
+        "cpu_ratio_server_plain_processes": ratio(cpu_server, cpu_procs),
+        # Informational, no target: plain with the enclave's own tuning (channels-last weights and input).
+        "cpu_ms_per_image_plain_1thread_channels_last": round(1000 * acc["plain1cl_cpu"] / max(1, acc["plain1_n"]), 3),
+        "cpu_ratio_server_plain_1thread_channels_last": ratio(cpu_server, 1000 * acc["plain1cl_cpu"] / max(1, acc["plain1_n"])),
+        "stages": stages,
     }
     print_breakdown(f"throughput phase, per image ({args.clients} clients x batch {args.batch})",
                     stages["throughput_per_image"])
+    if stages["throughput_server_per_image"]:
+        print_breakdown(f"server capacity, per image (lean load generator, {lean} connections)",
+                        stages["throughput_server_per_image"])
     print_breakdown("single-image requests, per request", stages["single_per_request"])
     print(f"{'':18}{'service':>12}{'plain':>12}", file=sys.stderr)
     print(f"{'images/s':18}{out['images_per_s_service']:>12}{out['images_per_s_plain']:>12}"
@@ -453,7 +579,14 @@ def main() -> None:
           file=sys.stderr)
     print(f"{'p50 ms (single)':18}{out['p50_ms_service']:>12}{out['p50_ms_plain']:>12}", file=sys.stderr)
     print(f"{'p99 ms (single)':18}{out['p99_ms_service']:>12}{out['p99_ms_plain']:>12}", file=sys.stderr)
-    print(f"{'CPU ms/image':18}{out['cpu_ms_per_image_service']:>12}{out['cpu_ms_per_image_plain']:>12}", file=sys.stderr)
+    print(f"{'CPU ms/image':18}{out['cpu_ms_per_image_service']:>12}{out['cpu_ms_per_image_plain']:>12}"
+          f"   (plain 1 thread alone {out['cpu_ms_per_image_plain_1thread']}, per-core processes "
+          f"{out['cpu_ms_per_image_plain_processes']})", file=sys.stderr)
+    if server:
+        print(f"{'server only':18}{out['images_per_s_service_server']:>12}{'':>12}   images/s, "
+              f"{out['cpu_ms_per_image_server']} CPU ms/image (host + enclave; load generator "
+              f"{out['cpu_ms_per_image_loadgen']}), ratio to best plain {out['throughput_ratio_best_plain_server']}",
+              file=sys.stderr)
     print(f"{'top-1 accuracy':18}{out['accuracy_service']:>12}{out['accuracy_plain']:>12}", file=sys.stderr)
     print(json.dumps(out))
 

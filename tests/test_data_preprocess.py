@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from enclaveml.data import Preprocessing, decode_image, load_image_folder
+from enclaveml.data import Preprocessing, decode_array, decode_image, load_image_folder
 from enclaveml.data.folder import to_model_input
 from enclaveml.errors import DataError
 
@@ -29,6 +29,30 @@ def test_bytes_and_folder_paths_agree_bit_for_bit(cifar10_dir):
     for i, path in enumerate(ds.paths[:5]):
         with open(path, "rb") as f:
             assert torch.equal(pre(f.read()), from_folder[i])
+
+
+def test_batch_equals_per_image_bit_for_bit(cifar10_dir):
+    """The enclave's batched path (decode_array per image, one `batch`) gives the model exactly
+    the tensors `Preprocessing(data)` gives: real JPEGs, a photo to resize and a grey PNG."""
+    pre = Preprocessing()
+    images = [p.read_bytes() for p in sorted((cifar10_dir / "test" / "dog").glob("*.jpg"))[:20]]
+    images += [_png(size=(50, 37)), _png(mode="L", size=(32, 32)), _png(size=(64, 64))]
+    x = pre.batch([decode_array(b, pre) for b in images])
+    assert x.shape == (len(images), 3, 32, 32) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)  # what the enclave's FrontNet runs on
+    assert torch.equal(x, torch.stack([pre(b) for b in images]))
+
+
+def test_batch_refuses_pixels_of_another_shape():
+    pre = Preprocessing()
+    with pytest.raises(DataError, match="no images"):
+        pre.batch([])
+    with pytest.raises(DataError, match="32x32 RGB uint8"):
+        pre.batch([np.zeros((32, 32, 3), np.uint8), np.zeros((16, 32, 3), np.uint8)])
+    with pytest.raises(DataError, match="32x32 RGB uint8"):
+        pre.batch([np.zeros((32, 32, 3), np.float32)])
+    with pytest.raises(DataError, match="not a decodable"):
+        decode_array(b"junk", pre)
 
 
 @pytest.mark.parametrize(

@@ -321,3 +321,29 @@ def test_enclave_worker_is_a_separate_hardened_process(served):
     # the worker's command line is the worker module, not a fork of the host server
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"enclaveml.serve.worker" in cmdline
+
+
+def test_bench_lean_load_generator_sends_the_sdk_protocol(served):
+    """bench-serve's server-capacity figure (benchmarks/loadgen.py): requests sealed ahead by
+    the SDK's protocol over raw keep-alive HTTP/1.1 get the SDK's answers; a resent one is a replay."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from loadgen import LoadGenerator, open_answers, seal_requests
+
+    s = served
+    images = [img for _, img in s.images]
+    chunks = [images[:4], images[4:5], images[5:]]
+    sealed = seal_requests(s.client, MODEL, chunks, top_k=2)
+    with LoadGenerator(s.srv.url, connections=2) as gen:
+        _, answers = gen.run(sealed)
+        got = [r for rs in open_answers(sealed, answers, s.client.target(MODEL)) for r in rs]
+        want = s.client.infer(images, model=MODEL, top_k=2)
+        assert [[t["index"] for t in r["top"]] for r in got] == [[t["index"] for t in r["top"]] for r in want]
+        for r, w in zip(got, want):  # other pass sizes round differently (one image alone here)
+            assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(r["top"], w["top"]))
+        with pytest.raises(E.TamperedMessage):  # an answer opens only with its own request's context
+            open_answers(sealed[:1], answers[1:2], s.client.target(MODEL))
+        with pytest.raises(ConnectionError, match="HTTP 409"):
+            gen.run(sealed[:1])
+    _good(s)

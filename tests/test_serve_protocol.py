@@ -247,11 +247,12 @@ def test_one_request_with_several_images_answers_each_in_order(service, cifar10_
     with pytest.raises(E.DataError):
         svc.finish(handle, scores[:2])  # one row per decoded image, no fewer (and the handle is spent)
     msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 2, True))
-    svc.max_pass = 2  # three decoded images in two FrontNet passes: the same answers
+    was, svc.max_pass = svc.max_pass, 2  # three decoded images in two FrontNet passes: the same answers
     try:
         handle, ir = svc.front(D, msg)
     finally:
-        svc.max_pass = 64
+        svc.max_pass = was
+    assert ir.shape[0] == 3 and ir.is_contiguous()  # NCHW on the wire, whatever the FrontNet's layout
     sealed = svc.finish(handle, back(ir).detach())
     plain = ctx.open_response(sealed, aad)
     dep = svc._deployment(ModelRef.parse(D))
