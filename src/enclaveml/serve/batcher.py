@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 
 from ..timing import now, since
+from .threads import LoneThreads, spin_bounded
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -40,11 +41,19 @@ class BatcherClosed(RuntimeError):
 
 class BackNetExecutor:
     """Runs one BackNet on batches of IR tensors (each (rows, ...), one request's decoded images)
-    on its own thread (GPU if any); `max_batch` counts rows."""
+    on its own thread (GPU if any); `max_batch` counts rows. On the CPU, a small batch that runs
+    while `busy()` is false (the pipeline's enclave calls are idle) may use more torch threads
+    (`threads.LoneThreads`)."""
 
     def __init__(self, backnet: torch.nn.Module, device: torch.device, max_batch: int = 64,
-                 window_s: float = 0.0, on_batch: Callable[[int], None] | None = None, clock=None):
+                 window_s: float = 0.0, on_batch: Callable[[int], None] | None = None, clock=None,
+                 busy: Callable[[], bool] | None = None, threads: "LoneThreads | None" = None):
         self.device = device
+        self.busy = busy or (lambda: False)
+        # More threads only where OpenMP's idle threads stop spinning soon (`threads.spin_bounded`).
+        if threads is None and device.type == "cpu":
+            threads = LoneThreads(None if spin_bounded() else 1)
+        self.threads = threads
         #: A `timing.StageClock` for the forward pass (wall and CPU of the thread running it).
         self.clock = clock
         self.backnet = backnet.to(device).eval()
@@ -55,8 +64,14 @@ class BackNetExecutor:
     @torch.no_grad()
     def _forward(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
         t = now()
-        x = torch.cat(irs).to(self.device, non_blocking=True)
-        out = list(self.backnet(x).float().cpu().split([int(ir.shape[0]) for ir in irs]))
+        rows = [int(ir.shape[0]) for ir in irs]
+        x = (irs[0] if len(irs) == 1 else torch.cat(irs)).to(self.device, non_blocking=True)
+        if self.threads is None:
+            y = self.backnet(x)
+        else:
+            with self.threads.run(sum(rows), self.busy()):
+                y = self.backnet(x)
+        out = list(y.float().cpu().split(rows))
         since(self.clock, "backnet_forward", t)
         return out
 
@@ -97,6 +112,11 @@ class AsyncBatcher:
         self._running = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+
+    @property
+    def running(self) -> int:
+        """Batches running now."""
+        return self._running
 
     async def submit(self, item: Any) -> Any:
         if self._closed:

@@ -54,6 +54,7 @@ from ..tee import bind_report_data, bind_report_data_pq
 from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
 from ..timing import StageClock, now, since
+from .threads import LoneThreads
 
 DELETE = "delete"
 UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE
@@ -107,8 +108,10 @@ class EnclaveService:
 
     def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
                  device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = 64,
-                 suites: "tuple[str, ...] | list[str]" = SUITES):
+                 suites: "tuple[str, ...] | list[str]" = SUITES, lone_threads: "LoneThreads | None" = None):
         self.backend = backend
+        #: Torch threads of a small FrontNet pass that runs alone (`serve.threads`); 1 otherwise.
+        self.lone_threads = lone_threads if lone_threads is not None else LoneThreads()
         self.max_pass = max(1, int(max_pass))
         #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
         #: configuration (`models.servable.enclave_config`), never from an upload.
@@ -322,8 +325,9 @@ class EnclaveService:
         t = now()
         # At most `max_pass` images per FrontNet pass: many requests of many images must not
         # outgrow the enclave's memory (the assessment's cost figures assume bounded batches).
-        irs = (torch.cat([dep.front(torch.stack(xs_all[i:i + self.max_pass]).to(self.device)).cpu()
-                          for i in range(0, len(xs_all), self.max_pass)]) if xs_all else torch.empty(0))
+        with self.lone_threads.run(len(xs_all) if self.device.type == "cpu" else 0):
+            irs = (torch.cat([dep.front(torch.stack(xs_all[i:i + self.max_pass]).to(self.device)).cpu()
+                              for i in range(0, len(xs_all), self.max_pass)]) if xs_all else torch.empty(0))
         since(self.clock, "frontnet", t)
         out: list[tuple[str, torch.Tensor, int] | Exception] = []
         row = 0
