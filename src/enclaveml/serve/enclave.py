@@ -81,6 +81,15 @@ class Deployment:
     head: "torch.nn.Module | None" = field(default=None, repr=False)
     head_layers: int = 0
     head_in_shape: tuple[int, ...] = ()
+    #: Host order -> original class order, as an index (`ClassMapping.to_original`'s gather), built once.
+    to_original: "torch.Tensor | None" = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.to_original is None:
+            inv = [0] * self.mapping.num_classes
+            for j, p in enumerate(self.mapping.permutation):
+                inv[p] = j
+            self.to_original = torch.tensor(inv, dtype=torch.long)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -371,7 +380,7 @@ class EnclaveService:
                 scores = dep.head(scores.reshape(pending.rows, *dep.head_in_shape).to(self.device)).float().cpu()
             if scores.shape != (pending.rows, n):
                 raise DataError("the head's output does not have one score per class")
-        logits = dep.mapping.to_original(scores.reshape(pending.rows, n))
+        logits = scores.reshape(pending.rows, n).index_select(1, dep.to_original)  # = mapping.to_original
         probs = torch.softmax(logits.double(), dim=1).tolist()
         since(self.clock, "class_mapping", t)
         t = now()
