@@ -126,7 +126,7 @@ class ModelPipeline:
         handles = [h for h, _ in items]
         rows = [int(s.shape[0]) if s.dim() == 2 else 0 for _, s in items]
         full = [s for _, s in items if s.dim() == 2 and s.shape[0]]
-        tensors = {"scores": torch.cat(full)} if full else None
+        tensors = {"scores": full[0] if len(full) == 1 else torch.cat(full)} if full else None
         fut = self.enclave.call_aio({"op": "finish_batch", "handles": handles, "rows": rows}, tensors)
         since(self.clock, "finish_send", t0)
         h, _, b = await fut
