@@ -69,8 +69,9 @@ def _body(request: Request) -> BodyStream:
     return BodyStream(request.stream(), request.headers.get("content-length"))
 
 
-def create_app(cfg: ServerConfig, service=HostService.open) -> FastAPI:
-    """The app; `service(cfg)` (awaited at startup) builds the `HostService` and starts its enclave."""
+def create_app(cfg: ServerConfig, service=HostService.open, lean_infer: bool = True) -> FastAPI:
+    """The app; `service(cfg)` (awaited at startup) builds the `HostService` and starts its enclave.
+    `lean_infer=False` leaves /infer to the FastAPI route too (for comparison)."""
     state: dict[str, HostService] = {}
 
     @asynccontextmanager
@@ -101,7 +102,7 @@ def create_app(cfg: ServerConfig, service=HostService.open) -> FastAPI:
     async def on_error(request: Request, e: Exception):
         return error_response(_route_name(request.url.path, request.method), e)
 
-    app.add_middleware(ObserveMiddleware, state=state, infer=_LeanInfer(S, error_response))
+    app.add_middleware(ObserveMiddleware, state=state, infer=_LeanInfer(S, error_response) if lean_infer else None)
 
     for exc_type in (E.EnclaveMLError, ChannelError, RemoteError, Exception):
         app.add_exception_handler(exc_type, on_error)
