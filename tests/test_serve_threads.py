@@ -19,7 +19,7 @@ class Clock:
 
 def test_measures_both_then_keeps_the_faster_and_re_explores_when_stale():
     clock = Clock()
-    lt = LoneThreads(best=2, explore_s=2.0, clock=clock)
+    lt = LoneThreads(best=2, base=1, explore_s=2.0, clock=clock)
     assert lt.pick(1) == 2  # nothing known: try the cores first
     lt.record(1, 2, 0.004)
     assert lt.pick(1) == 1  # then the single thread
@@ -31,8 +31,12 @@ def test_measures_both_then_keeps_the_faster_and_re_explores_when_stale():
     assert lt.pick(1) == 2
     for _ in range(10):
         lt.record(1, 2, 0.001)  # the machine got quiet
-    assert lt.pick(1) == 2  # 2 threads now lead
-    clock.t = 4.0  # the 1-thread figure is stale (the first re-measure confirmed 1: interval 4 s)
+    assert lt.pick(1) == 1  # 2 threads lead now; the 1-thread figure (t=0) is re-measured
+    lt.record(1, 1, 0.002)  # it confirms 2 threads: the next re-measure waits twice as long
+    assert lt.pick(1) == 2
+    clock.t = 6.4
+    assert lt.pick(1) == 2
+    clock.t = 6.6
     assert lt.pick(1) == 1
 
 
@@ -60,12 +64,12 @@ def test_re_measures_back_off_while_they_confirm_the_choice():
 
 
 def test_big_busy_and_single_core_passes_use_the_thread_as_it_is():
-    lt = LoneThreads(best=2)
+    lt = LoneThreads(best=2, base=1)
     assert lt.pick(5) == 1  # more than LONE_MAX_ROWS rows
     assert lt.pick(0) == 1
     assert lt.pick(1, busy=True) == 1
     assert lt.pick(1, base=2) == 2  # the process already uses the cores
-    assert LoneThreads(best=1).pick(1) == 1
+    assert LoneThreads(best=1, base=1).pick(1) == 1
 
 
 def test_a_concurrent_pass_runs_at_one_thread_and_counts_are_per_thread():
@@ -88,6 +92,6 @@ def test_a_concurrent_pass_runs_at_one_thread_and_counts_are_per_thread():
 
 def test_env_overrides_the_core_count(monkeypatch):
     monkeypatch.setenv("ENCLAVEML_LONE_THREADS", "1")
-    assert LoneThreads().pick(1) == 1
+    assert LoneThreads(base=1).pick(1) == 1
     monkeypatch.setenv("ENCLAVEML_LONE_THREADS", "3")
     assert LoneThreads().best == 3
