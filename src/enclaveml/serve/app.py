@@ -87,7 +87,6 @@ def create_app(cfg: ServerConfig, service=HostService.open, lean_infer: bool = T
     def S() -> HostService:
         return state["s"]
 
-
     def error_response(route: str, e: BaseException) -> JSONResponse:
         code, body = error_body(e)
         s = state.get("s")
