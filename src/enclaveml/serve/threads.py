@@ -13,8 +13,9 @@ work, a 2-thread pass waits at every barrier for a descheduled thread and is sev
 slower), so `LoneThreads` measures: per batch size (rows), a running mean of the pass's wall time
 at 1 thread and at `best` threads; it picks the faster, and measures the other one afresh once its
 figure is `explore_s` old (doubling up to `MAX_EXPLORE_S` each time a re-measure confirms the
-choice, so that a loaded machine pays a slow multi-thread pass rarely). Only small passes (at most `max_rows` rows) that start while no other
-pass runs in the process are eligible; every other pass runs at 1 thread, as before.
+choice, so that a loaded machine pays a slow multi-thread pass rarely). Only small passes (at
+most `max_rows` rows) that start while no other pass runs in the process are eligible; every
+other pass runs at the process's own thread count (`base`, 1 when serving), as before.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def machine_threads() -> int:
 
 
 #: GOMP_SPINCOUNT given to the enclave worker (and set by `serve.launcher`) when the environment
-#: names no OpenMP wait policy: libgomp's default (300,000 spins, about 10 ms here) keeps an idle
+#: names no OpenMP wait policy: libgomp's default (300,000 spins, milliseconds) keeps an idle
 #: OpenMP thread spinning on a core long after a multi-thread pass, where the other process (the
 #: next stage of the same request) wants to run; a few thousand spins still bridge the gaps
 #: between the layers of one pass.
