@@ -81,6 +81,10 @@ def test_one_connection_per_thread_kept_between_requests():
         t.start()
         t.join()
         assert srv.connections == 2
+        import gc
+
+        gc.collect()
+        assert len(p._conns) == 1  # the finished thread's connection went with it
     finally:
         p.close()
 

@@ -20,6 +20,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
+import weakref
 from dataclasses import dataclass
 
 
@@ -55,7 +56,8 @@ class KeepAlivePost:
         self.timeout = timeout
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[http.client.HTTPConnection] = []
+        #: Open connections, for `close`; weak, so a finished thread's connection goes with it.
+        self._conns: "weakref.WeakSet[http.client.HTTPConnection]" = weakref.WeakSet()
 
     def _connection(self) -> http.client.HTTPConnection:
         c = getattr(self._local, "conn", None)
@@ -65,7 +67,7 @@ class KeepAlivePost:
             c = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self._local.conn = c
             with self._lock:
-                self._conns.append(c)
+                self._conns.add(c)
         if c.sock is None:
             c.connect()
             c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -85,7 +87,7 @@ class KeepAlivePost:
 
     def close(self) -> None:
         with self._lock:
-            conns, self._conns = self._conns, []
+            conns = list(self._conns)
         for c in conns:
             c.close()
 
