@@ -273,10 +273,16 @@ def test_an_event_loop_can_read_the_replies(tmp_path):
         assert h["n"] == 1 and torch.equal(t["x"], torch.arange(5.0) * 2) and b["big"] == big[::-1]
         many = await asyncio.gather(*(asyncio.wrap_future(client.call({"op": "echo", "n": i})) for i in range(50)))
         assert [m[0]["n"] for m in many] == list(range(50))
+        # asyncio Futures resolved in place by the loop's reader, mixed with the others
+        aio = [client.call_aio({"op": "echo", "n": i}, {"x": torch.ones(2)}) for i in range(20)]
+        assert all(isinstance(f, asyncio.Future) for f in aio)
+        assert [m[0]["n"] for m in await asyncio.gather(*aio)] == list(range(20))
         # a blocking request from another thread, answered through the loop
         assert (await asyncio.to_thread(client.request, {"op": "echo", "n": 99}))[0]["n"] == 99
         with pytest.raises(ChannelClosed):
-            await asyncio.wrap_future(client.call({"op": "exit"}))
+            await client.call_aio({"op": "exit"})  # the worker died before replying: the asyncio Future fails too
+        with pytest.raises(ChannelClosed):
+            await client.call_aio({"op": "echo"})  # and a call after that fails at once
         assert client.closed is not None and proc.wait(60) == 3
         await asyncio.to_thread(client.close)
 
@@ -323,3 +329,55 @@ def test_inline_frames_of_empty_tensors_only():
     finally:
         left.close()
         right.close()
+
+
+def _serving(handler, **kw):
+    """A ChannelClient on one end of a socketpair, serve_channel on a thread at the other."""
+    import socket
+
+    a, b = socket.socketpair()
+    server = transport.Channel(b)
+    t = threading.Thread(target=rpc.serve_channel, args=(server, handler), kwargs=kw, daemon=True)
+    t.start()
+    return rpc.ChannelClient(transport.Channel(a)), t
+
+
+def test_small_requests_run_on_the_reading_thread_only_while_the_pool_is_idle():
+    reader = []
+    started, release = threading.Event(), threading.Event()
+
+    def handler(h, tensors, blobs):
+        if h["op"] == "slow":
+            started.set()
+            release.wait(10)
+        return {"thread": threading.current_thread().name}, None, None
+
+    client, t = _serving(handler, max_workers=2, inline=lambda h: h["op"] == "ping",
+                         inline_when_idle=lambda h, tensors, blobs: h["op"] == "small")
+    try:
+        reader.append(client.request({"op": "ping"})[0]["thread"])
+        idle = client.request({"op": "small"})[0]["thread"]
+        assert idle == reader[0]  # nothing in the pool: ran where the ping runs
+        slow = client.call({"op": "slow"})
+        assert started.wait(10)
+        busy = client.request({"op": "small"})[0]["thread"]
+        assert busy != reader[0] and busy.startswith("enclave")  # the pool is busy: a pool thread
+        assert client.request({"op": "ping"}, timeout=5)[0]["thread"] == reader[0]  # still answers
+        release.set()
+        assert slow.result(10)[0]["thread"].startswith("enclave")
+        other = client.request({"op": "other"})[0]["thread"]
+        assert other.startswith("enclave")  # not marked: always the pool
+    finally:
+        release.set()
+        client.close()
+        t.join(10)
+
+
+def test_the_serving_worker_runs_only_lone_small_front_batches_inline():
+    from enclaveml.serve.worker import IDLE_INLINE_BYTES, small_front_batch
+
+    assert small_front_batch({"op": "front_batch", "n": 1}, {}, {"r0": b"x" * 1000})
+    assert not small_front_batch({"op": "front_batch", "n": 2}, {}, {"r0": b"x", "r1": b"y"})
+    assert not small_front_batch({"op": "front_batch", "n": 1}, {}, {"r0": b"x" * (IDLE_INLINE_BYTES + 1)})
+    assert not small_front_batch({"op": "deploy", "n": 1}, {}, {})
+    assert not small_front_batch({"op": "front_batch", "n": 1}, {"t": torch.zeros(1)}, {"r0": b"x"})

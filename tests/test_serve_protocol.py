@@ -89,6 +89,32 @@ def test_batcher_groups_waiting_items_and_keeps_order():
     assert sizes == [1, 8, 8, 3]  # the first ran alone; the rest queued meanwhile and batched
 
 
+def test_a_lone_item_runs_in_its_own_task_and_later_ones_queue_behind_it():
+    seen = []
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def run(items):
+            seen.append((list(items), asyncio.current_task()))
+            if items == [0]:
+                await gate.wait()
+            return items
+
+        b = AsyncBatcher(run, max_batch=8, window_s=0.0)
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.01)
+        assert seen[0][1] is first and b.running == 1  # no task of the batcher's own
+        later = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        assert len(seen) == 1  # the runner is taken: they wait
+        gate.set()
+        assert await first == 0 and await asyncio.gather(*later) == [1, 2, 3]
+        assert [items for items, _ in seen] == [[0], [1, 2, 3]] and b.running == 0
+
+    asyncio.run(main())
+
+
 def test_batcher_counts_item_weights_against_max_batch():
     """Requests of several images: a batch holds at most max_batch rows, but an item heavier than
     that still runs (alone)."""

@@ -84,6 +84,34 @@ def test_unknown_model_and_bad_names_get_their_status(app):
     assert r.status_code == 422 and r.json()["error"] == "DataError"
 
 
+def test_the_lean_infer_route_matches_what_fastapi_would_route():
+    """`POST /v1/models/{owner}/{name}/infer` only: anything else goes on to FastAPI's router."""
+    from enclaveml.serve.app import infer_target
+
+    def t(path, method="POST"):
+        return infer_target({"method": method, "path": path})
+
+    assert t("/v1/models/ab/m/infer") == ("ab", "m")
+    for path in ("/v1/models/ab/m/x/infer", "/v1/models//m/infer", "/v1/models/ab//infer", "/v1/models/m/infer",
+                 "/v1/models/ab/m/infer/", "/v2/models/ab/m/infer", "/v1/models/ab/m/identity"):
+        assert t(path) is None, path
+    assert t("/v1/models/ab/m/infer", "GET") is None
+
+
+def test_infer_errors_and_headers_are_the_routes_own(app):
+    """The lean route answers like the FastAPI routes: JSON errors with their status and a
+    counter, the request id header; other methods and paths are FastAPI's (405, 404)."""
+    owner = app.owner.public_key().to_bytes().hex()
+    before = _errors(app.http, "UnknownModel")
+    r = app.http.post(f"/v1/models/{owner}/nothing-here/infer", content=b"x")
+    assert r.status_code == 404 and r.json() == {"error": "UnknownModel", "message": r.json()["message"]}
+    assert r.headers["content-type"] == "application/json" and r.headers["x-request-id"]
+    assert _errors(app.http, "UnknownModel") == before + 1
+    assert app.http.get(f"/v1/models/{owner}/nothing-here/infer").status_code == 405
+    assert app.http.post(f"/v1/models/{owner}/a/b/infer", content=b"x").status_code == 404
+    assert 'route="infer",status="404"' in app.http.get("/metrics").text
+
+
 def test_sdk_deploys_infers_and_deletes_through_the_routes(app, cifar10_dir):
     img = next((cifar10_dir / "test" / "cat").glob("*.jpg")).read_bytes()
     out = app.client.deploy(app.base / "bundle", app.key, app.owner, model_id=MODEL)
@@ -91,6 +119,10 @@ def test_sdk_deploys_infers_and_deletes_through_the_routes(app, cifar10_dir):
     assert out["model"] == str(ref) and out["k"] == 3 and out["replaced"] is False
     assert str(ref) in app.http.get("/healthz").json()["models"]
     res = app.client.infer([img, img], model=MODEL, top_k=2, logits=True)
+    r = app.http.post(f"/v1/models/{ref}/infer", content=app.client._seal(
+        app.client.attested(), [img], app.client.target(MODEL), 1, False)[0])
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert int(r.headers["content-length"]) == len(r.content) and r.headers["x-request-id"]
     assert len(res) == 2 and len(res[0]["top"]) == 2 and res[0]["logits"] == res[1]["logits"]
     with torch.no_grad():
         want = app.model(app.entry.preprocessing(img).unsqueeze(0))[0]

@@ -16,6 +16,7 @@ and every answer names the deployment that produced it.
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import threading
@@ -35,6 +36,7 @@ from ..protocol.deploy import encode_upload
 from ..protocol.identity import (ModelIdentity, ModelPin, ModelRef, Target, check_model_id, decode_identity,
                                  frame_target, identity_aad, infer_aad)
 from ..timing import StageClock, now, since
+from .keepalive import Answer, KeepAlivePost, usable_for
 
 #: Send small requests at once: without TCP_NODELAY, headers and body written separately meet
 #: Nagle's algorithm and the server's delayed ACK, adding ~40 ms to every request.
@@ -99,7 +101,7 @@ def _json_body(r: httpx.Response, what: str = "answer") -> Any:
         raise E.EnclaveMLError(f"the server's {what} is not valid JSON") from None
 
 
-def _error_from_response(r: httpx.Response) -> E.EnclaveMLError:
+def _error_from_response(r: "httpx.Response | Answer") -> E.EnclaveMLError:
     try:
         body = loads_untrusted(r.content)
     except ValueError:
@@ -130,6 +132,9 @@ class EnclaveClient:
         self.url = url.rstrip("/")
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.http = http or httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(socket_options=NODELAY))
+        #: Inference POSTs through stdlib http.client (client/keepalive.py) when this client owns
+        #: its HTTP client and the URL is plain HTTP with no proxy; else None (all through httpx).
+        self._posts = KeepAlivePost(self.url, timeout) if http is None and usable_for(self.url) else None
         self.reattest_s = reattest_s
         #: Pad each request to a size bucket (protocol.padded_payload_size) so that its length shows
         #: the host only the bucket of the image size; False sends exact sizes (less bandwidth).
@@ -145,6 +150,8 @@ class EnclaveClient:
 
     def close(self) -> None:
         self.http.close()
+        if self._posts is not None:
+            self._posts.close()
 
     def __enter__(self) -> "EnclaveClient":
         return self
@@ -162,6 +169,18 @@ class EnclaveClient:
         if r.status_code >= 400:
             raise _error_from_response(r)
         return r
+
+    def _post_sealed(self, path: str, body: bytes) -> bytes:
+        """POST a sealed message; the answer's bytes, or its error raised as `_request` would."""
+        if self._posts is None:
+            return self._request("POST", path, content=body, headers={"content-type": "application/octet-stream"}).content
+        try:
+            r = self._posts.post(path, body)
+        except (OSError, http.client.HTTPException) as e:
+            raise E.UserInputError(f"cannot reach {self.url} ({type(e).__name__})") from None
+        if r.status_code >= 400:
+            raise _error_from_response(r)
+        return r.content
 
     def _replicas(self):
         """The front's replicas (each attested on its own), or None for a plain server. The first
@@ -357,8 +376,7 @@ class EnclaveClient:
             since(self.clock, "client_seal", t)
             t = now()
             try:
-                r = self._request("POST", f"/v1/models/{target.ref}/infer", content=msg,
-                                  headers={"content-type": "application/octet-stream"})
+                content = self._post_sealed(f"/v1/models/{target.ref}/infer", msg)
             except (E.TamperedMessage, E.PolicyViolation):
                 raise  # maybe a new enclave key or deployment: the caller attests again
             except E.EnclaveMLError as e:  # the request as a whole failed: each of its images did
@@ -366,7 +384,7 @@ class EnclaveClient:
                 continue
             since(self.clock, "client_http", t)
             t = now()
-            out.extend(protocol.decode_results(ctx.open_response(r.content, aad), len(chunk), expected=target))
+            out.extend(protocol.decode_results(ctx.open_response(content, aad), len(chunk), expected=target))
             since(self.clock, "client_open", t)
         return out
 

@@ -98,13 +98,22 @@ class ClassMapping:
         return len(self.permutation)
 
     def _index(self, device=None) -> torch.Tensor:
-        return torch.tensor(self.permutation, dtype=torch.long, device=device)
+        return self._cached("_perm_index", self.permutation, device)
 
     def _inverse(self, device=None) -> torch.Tensor:
         inv = [0] * len(self.permutation)
         for j, p in enumerate(self.permutation):
             inv[p] = j
-        return torch.tensor(inv, dtype=torch.long, device=device)
+        return self._cached("_inv_index", inv, device)
+
+    def _cached(self, name: str, values, device) -> torch.Tensor:
+        """The gather index as a CPU tensor built once per mapping (a serving enclave maps every
+        answer: building it per call cost ~100 us of a single request), moved to `device`."""
+        t = self.__dict__.get(name)
+        if t is None:
+            t = torch.tensor(values, dtype=torch.long)
+            object.__setattr__(self, name, t)
+        return t if device is None or t.device == torch.device(device) else t.to(device)
 
     def permute_linear(self, fc: nn.Linear) -> nn.Linear:
         """A copy of `fc` whose output rows are in host order (row j = original row permutation[j])."""

@@ -93,6 +93,11 @@ class EnclaveHandle:
     def call_async(self, header: dict, tensors=None, blobs=None) -> Future:
         return self.client.call(header, tensors, blobs)
 
+    def call_aio(self, header: dict, tensors=None, blobs=None) -> "asyncio.Future":
+        """For a coroutine: an awaitable reply, resolved in place by the loop's reader when the
+        handle has the caller's loop (`rpc.ChannelClient.call_aio`)."""
+        return self.client.call_aio(header, tensors, blobs)
+
     def close(self) -> None:
         self.client.close()
         try:

@@ -113,6 +113,29 @@ class ChannelClient:
             fut.set_exception(e)
         return fut
 
+    def call_aio(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
+                 blobs: dict[str, bytes] | None = None) -> "asyncio.Future[Message]":
+        """`call` for a coroutine on the client's loop: an asyncio Future that the loop's reader
+        resolves in place (no thread-safe hand-off, no extra turn of the loop). Without a loop
+        (or off its thread), `call` wrapped."""
+        loop = self._loop
+        if loop is None or _running_loop() is not loop:
+            return asyncio.wrap_future(self.call(header, tensors, blobs))
+        fut = loop.create_future()
+        rid = next(self._ids)
+        with self._lock:
+            if self.closed is not None:
+                fut.set_exception(ChannelClosed("the enclave channel is closed"))
+                return fut
+            self._pending[rid] = fut
+        try:
+            self.channel.send({**header, "id": rid}, tensors, blobs)
+        except BaseException as e:
+            with self._lock:
+                self._pending.pop(rid, None)
+            fut.set_exception(e)
+        return fut
+
     def request(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
                 blobs: dict[str, bytes] | None = None, timeout: float | None = 60.0) -> Message:
         """Blocking `call`: the reply, or the worker's error raised as its own class."""
@@ -143,8 +166,11 @@ class ChannelClient:
             self.closed = e
             pending, self._pending = self._pending, {}
         for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
+            if isinstance(fut, asyncio.Future) and _running_loop() is not fut.get_loop():
+                if not fut.get_loop().is_closed():  # an asyncio Future is resolved on its loop
+                    fut.get_loop().call_soon_threadsafe(_fail, fut)
+            else:
+                _fail(fut)
 
     def _read_loop(self) -> None:
         try:
@@ -194,6 +220,11 @@ class ChannelClient:
             self._fail_all(ChannelClosed("the enclave channel is closed"))
 
 
+def _fail(fut) -> None:
+    if not fut.done():
+        fut.set_exception(ChannelClosed("the enclave channel closed before replying"))
+
+
 def _running_loop() -> "asyncio.AbstractEventLoop | None":
     try:
         return asyncio.get_running_loop()
@@ -206,14 +237,22 @@ Handler = Callable[[Header, dict[str, torch.Tensor], dict[str, bytes]],
 
 
 def serve_channel(channel: Channel, handler: Handler, max_workers: int = 4,
-                  inline: Callable[[Header], bool] | None = None) -> None:
+                  inline: Callable[[Header], bool] | None = None,
+                  inline_when_idle: "Callable[[Header, dict[str, torch.Tensor], dict[str, bytes]], bool] | None" = None
+                  ) -> None:
     """Worker side: run `handler` for each request on a thread pool, reply with the same id.
 
     Returns (after closing the channel, which unlinks this side's arena) when the peer closes it.
     `inline(header)` may say that a request must run on the reading thread (e.g. a cheap one, or
     the liveness ping, which so answers while every pool thread is busy). With one pool thread
-    the other requests run one at a time, in the order they arrived.
+    the other requests run one at a time, in the order they arrived. `inline_when_idle(header,
+    tensors, blobs)` may say that a request may run on the reading thread when no pool request
+    is running or queued (a small one: the hand-off to a pool thread and its wake-up cost more
+    than the wait it could cause; a ping arriving meanwhile waits for it, a busy pool never does).
     """
+    pending = [0]  # requests submitted to the pool and not yet answered
+    lock = threading.Lock()
+
     def run(header: Header, tensors, blobs) -> None:
         rid = header.get("id")
         try:
@@ -231,6 +270,13 @@ def serve_channel(channel: Channel, handler: Handler, max_workers: int = 4,
             except ChannelError:
                 pass
 
+    def run_pooled(header: Header, tensors, blobs) -> None:
+        try:
+            run(header, tensors, blobs)
+        finally:
+            with lock:
+                pending[0] -= 1
+
     with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="enclave") as pool:
         while True:
             try:
@@ -239,6 +285,14 @@ def serve_channel(channel: Channel, handler: Handler, max_workers: int = 4,
                 break
             if inline is not None and inline(header):
                 run(header, tensors, blobs)
+                continue
+            with lock:
+                idle = pending[0] == 0
+                if not (idle and inline_when_idle is not None and inline_when_idle(header, tensors, blobs)):
+                    pending[0] += 1
+                    idle = False
+            if idle:
+                run(header, tensors, blobs)
             else:
-                pool.submit(run, header, tensors, blobs)
+                pool.submit(run_pooled, header, tensors, blobs)
     channel.close()

@@ -6,7 +6,8 @@ for the channel calls to the enclave (many requests per FrontNet pass, many resp
 Policy: at most `concurrency` batches run at once. When a runner is free, a batch takes the
 waiting items (up to `max_batch`), at once if `window_s` is 0, else after waiting `window_s` for
 more. Under light load a request waits at most `window_s`; under heavy load items queue while
-the runners are busy, so batches grow by themselves. It all happens inside the server's event
+the runners are busy, so batches grow by themselves. With no window, an item that finds a runner
+free and nobody waiting runs as a batch of one in its own task. It all happens inside the server's event
 loop: no collector thread, so no thread hop per stage.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 
 from ..timing import now, since
+from .threads import LoneThreads, spin_bounded
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -40,11 +42,19 @@ class BatcherClosed(RuntimeError):
 
 class BackNetExecutor:
     """Runs one BackNet on batches of IR tensors (each (rows, ...), one request's decoded images)
-    on its own thread (GPU if any); `max_batch` counts rows."""
+    on its own thread (GPU if any); `max_batch` counts rows. On the CPU, a small batch that runs
+    while `busy()` is false (the pipeline's enclave calls are idle) may use more torch threads
+    (`threads.LoneThreads`)."""
 
     def __init__(self, backnet: torch.nn.Module, device: torch.device, max_batch: int = 64,
-                 window_s: float = 0.0, on_batch: Callable[[int], None] | None = None, clock=None):
+                 window_s: float = 0.0, on_batch: Callable[[int], None] | None = None, clock=None,
+                 busy: Callable[[], bool] | None = None, threads: "LoneThreads | None" = None):
         self.device = device
+        self.busy = busy or (lambda: False)
+        # More threads only where OpenMP's idle threads stop spinning soon (`threads.spin_bounded`).
+        if threads is None and device.type == "cpu":
+            threads = LoneThreads(None if spin_bounded() else 1)
+        self.threads = threads
         #: A `timing.StageClock` for the forward pass (wall and CPU of the thread running it).
         self.clock = clock
         self.backnet = backnet.to(device).eval()
@@ -55,8 +65,14 @@ class BackNetExecutor:
     @torch.no_grad()
     def _forward(self, irs: list[torch.Tensor]) -> list[torch.Tensor]:
         t = now()
-        x = torch.cat(irs).to(self.device, non_blocking=True)
-        out = list(self.backnet(x).float().cpu().split([int(ir.shape[0]) for ir in irs]))
+        rows = [int(ir.shape[0]) for ir in irs]
+        x = (irs[0] if len(irs) == 1 else torch.cat(irs)).to(self.device, non_blocking=True)
+        if self.threads is None:
+            y = self.backnet(x)
+        else:
+            with self.threads.run(sum(rows), self.busy()):
+                y = self.backnet(x)
+        out = list(y.float().cpu().split(rows))
         since(self.clock, "backnet_forward", t)
         return out
 
@@ -98,14 +114,39 @@ class AsyncBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
+    @property
+    def running(self) -> int:
+        """Batches running now."""
+        return self._running
+
     async def submit(self, item: Any) -> Any:
         if self._closed:
             raise BatcherClosed("batcher is closed")
+        if not self._items and self._running < self.concurrency and self.window_s == 0:
+            return await self._run_alone(item)
         fut = asyncio.get_running_loop().create_future()
         self._items.append((item, fut))
         self._waiting += self.weight(item)
         self._maybe_start()
         return await fut
+
+    async def _run_alone(self, item: Any) -> Any:
+        """A runner is free and nothing waits: this item's batch runs in the caller's task (no
+        task to start and no future to resolve: two turns of the loop less per stage for a lone
+        request). Items submitted meanwhile queue, and start when it ends, as after any batch."""
+        self._running += 1
+        try:
+            if self.on_batch is not None:
+                self.on_batch(self.weight(item))
+            results = list(await self.run_batch([item]))
+            if len(results) != 1:
+                raise RuntimeError("batch function returned the wrong number of results")
+        finally:
+            self._running -= 1
+            self._maybe_start()
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        return results[0]
 
     def _maybe_start(self) -> None:
         while self._items and self._running < self.concurrency:

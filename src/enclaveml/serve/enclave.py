@@ -55,6 +55,7 @@ from ..tee import bind_report_data, bind_report_data_pq
 from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
 from ..timing import StageClock, now, since
+from .threads import LoneThreads
 
 DELETE = "delete"
 UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE
@@ -120,8 +121,10 @@ class EnclaveService:
 
     def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
                  device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = MAX_PASS,
-                 suites: "tuple[str, ...] | list[str]" = SUITES):
+                 suites: "tuple[str, ...] | list[str]" = SUITES, lone_threads: "LoneThreads | None" = None):
         self.backend = backend
+        #: Torch threads of a small FrontNet pass that runs alone (`serve.threads`); 1 otherwise.
+        self.lone_threads = lone_threads if lone_threads is not None else LoneThreads()
         self.max_pass = max(1, int(max_pass))
         #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
         #: configuration (`models.servable.enclave_config`), never from an upload.
@@ -347,7 +350,8 @@ class EnclaveService:
         xs_all = [x for o in opened if not isinstance(o, Exception) for x in o[0]]
         # At most `max_pass` images per FrontNet pass: many requests of many images must not
         # outgrow the enclave's memory (the assessment's cost figures assume bounded batches).
-        passes = [self._front_pass(dep, xs_all[i:i + self.max_pass]) for i in range(0, len(xs_all), self.max_pass)]
+        with self.lone_threads.run(len(xs_all) if self.device.type == "cpu" else 0):
+            passes = [self._front_pass(dep, xs_all[k:k + self.max_pass]) for k in range(0, len(xs_all), self.max_pass)]
         irs = (passes[0] if len(passes) == 1 else torch.cat(passes)) if passes else torch.empty(0)
         out: list[tuple[str, torch.Tensor, int] | Exception] = []
         row = 0

@@ -18,6 +18,7 @@ from ..runtime.rpc import RemoteError, error_from_fields
 from ..runtime.spawn import WorkerSpec
 from ..timing import StageClock, now, since
 from .batcher import AsyncBatcher, BackNetExecutor
+from .threads import with_bounded_spin
 
 WORKER_MODULE = "enclaveml.serve.worker"
 
@@ -30,9 +31,10 @@ def worker_spec(tee: str = "sim", threads: int = 2, extra_args: list[str] | None
                 env: dict[str, str] | None = None, socket_path: str | None = None, launch=None) -> WorkerSpec:
     """How the serving worker starts: by fd (tensors through shared memory), or at `socket_path`
     (tensors inline), where `launch` (e.g. `gramine-sgx worker`, whose argv the signed manifest
-    fixes) may start it instead of this host."""
-    return WorkerSpec(WORKER_MODULE, ["--tee", tee, "--threads", str(threads), *(extra_args or [])], env=env,
-                      socket_path=socket_path, launch=launch)
+    fixes) may start it instead of this host. Its environment (default: this process's) bounds
+    OpenMP's spin-wait (`threads.with_bounded_spin`): its lone FrontNet passes may use every core."""
+    return WorkerSpec(WORKER_MODULE, ["--tee", tee, "--threads", str(threads), *(extra_args or [])],
+                      env=with_bounded_spin(env), socket_path=socket_path, launch=launch)
 
 
 class EnclaveProxy(EnclaveHandle):
@@ -65,8 +67,10 @@ class ModelPipeline:
         self.on_stage = on_stage
         #: Called with the number of a request's images the enclave could not decode (metrics).
         self.on_failed = on_failed
-        self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch, clock=clock)
         self.front = AsyncBatcher(self._front, max_batch, 0.0, concurrency=2)
+        # busy: a FrontNet pass may be running in the enclave (do not take its cores)
+        self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch, clock=clock,
+                                    busy=lambda: self.front.running > 0)
         self.finish = AsyncBatcher(self._finish, max_batch, 0.0, concurrency=2)
 
     async def run(self, ciphertext: bytes) -> bytes:
@@ -94,9 +98,9 @@ class ModelPipeline:
         t0 = now()
         blobs = {f"r{i}": c for i, c in enumerate(ciphertexts)}
         header = {"op": "front_batch", "model": self.model_id, "n": len(ciphertexts)}
-        fut = self.enclave.call_async(header, None, blobs)
+        fut = self.enclave.call_aio(header, None, blobs)
         since(self.clock, "front_send", t0)
-        h, t, _ = await asyncio.wrap_future(fut)
+        h, t, _ = await fut
         t1 = now()
         if self.clock is not None:
             self.clock.add("front_call", t1[0] - t0[0])
@@ -122,10 +126,10 @@ class ModelPipeline:
         handles = [h for h, _ in items]
         rows = [int(s.shape[0]) if s.dim() == 2 else 0 for _, s in items]
         full = [s for _, s in items if s.dim() == 2 and s.shape[0]]
-        tensors = {"scores": torch.cat(full)} if full else None
-        fut = self.enclave.call_async({"op": "finish_batch", "handles": handles, "rows": rows}, tensors)
+        tensors = {"scores": full[0] if len(full) == 1 else torch.cat(full)} if full else None
+        fut = self.enclave.call_aio({"op": "finish_batch", "handles": handles, "rows": rows}, tensors)
         since(self.clock, "finish_send", t0)
-        h, _, b = await asyncio.wrap_future(fut)
+        h, _, b = await fut
         if self.clock is not None:
             self.clock.add("finish_call", now()[0] - t0[0])
         res = h.get("items", [])

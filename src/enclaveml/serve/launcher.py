@@ -127,8 +127,12 @@ def local_sim_policy(home: str | os.PathLike[str], package_parent: str | os.Path
 
 
 def server_env(home: str | os.PathLike[str], package_parent: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """Environment for a server child: its ENCLAVEML_HOME, and the package copy first on the path."""
-    env = {**os.environ, "ENCLAVEML_HOME": str(home)}
+    """Environment for a server child: its ENCLAVEML_HOME, the package copy first on the path, and
+    OpenMP's spin-wait bounded (`threads.with_bounded_spin`: its lone BackNet passes may then use
+    every core)."""
+    from .threads import with_bounded_spin
+
+    env = {**with_bounded_spin(), "ENCLAVEML_HOME": str(home)}
     if package_parent is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(package_parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

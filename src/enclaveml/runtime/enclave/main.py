@@ -34,7 +34,9 @@ class WorkerApp:
     `add_arguments(parser)`: its own flags. `config(args)`: its enclave configuration (measured by
     the sim backend; fixed in the manifest's argv under Gramine). `build(backend, args, config)`:
     called after hardening; returns the op registry and a function giving the app's `info` fields.
-    `max_threads`: a cap on pool threads (1: one request at a time, in order)."""
+    `max_threads`: a cap on pool threads (1: one request at a time, in order).
+    `inline_when_idle(header, tensors, blobs)`: requests that may run on the reading thread while
+    the pool is idle (`rpc.serve_channel`)."""
 
     prog: str
     build: Callable[[Any, argparse.Namespace, dict], "tuple[OpRegistry, Callable[[], dict]]"]
@@ -42,6 +44,7 @@ class WorkerApp:
     config: "Callable[[argparse.Namespace], dict] | None" = None
     max_threads: "int | None" = None
     default_threads: int = 2
+    inline_when_idle: "Callable[[dict, dict, dict], bool] | None" = None
 
 
 def parse_args(app: WorkerApp, argv: list[str]) -> argparse.Namespace:
@@ -83,4 +86,5 @@ def run_worker(app: WorkerApp, argv: list[str] | None = None) -> None:
     threads = max(1, args.threads)
     if app.max_threads is not None:
         threads = min(threads, app.max_threads)
-    serve_channel(channel, registry.handle, max_workers=threads, inline=registry.is_inline)
+    serve_channel(channel, registry.handle, max_workers=threads, inline=registry.is_inline,
+                  inline_when_idle=app.inline_when_idle)

@@ -1,0 +1,130 @@
+"""Single-request latency of two source trees, interleaved request by request, beside plain PyTorch.
+
+Trust side: operator (runs owner, client and server on one machine). For A/B comparisons of the
+request path on a shared, loaded machine, where back-to-back `bench_serve.py` runs see different
+loads: one child process per tree (each with its own `enclaveml serve --tee sim`, darknet split
+at k=10, deployed, warmed by 20 requests) and one plain-PyTorch child (decode + preprocess + the
+whole model, 2 threads); the driver sends single-image requests to A, B and plain in turn
+(alternating the order), so load changes hit all three alike. Prints each tree's per-stage
+breakdown (its own `bench_serve.breakdown`) to stderr and, last, one JSON line with p50, p99 and
+mean ms of A, B and plain. AB_ENV_B=NAME=VALUE sets one environment variable for B only.
+
+    python benchmarks/ab_single_latency.py N TREE_A TREE_B [extra `enclaveml serve` args]
+    e.g. python benchmarks/ab_single_latency.py 150 /work/main .
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+PY = sys.executable
+
+
+def child_main(mode: str, tree: str, extra: list[str]) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, os.path.join(tree, "benchmarks"))
+    from enclaveml import paths
+    from enclaveml.models import zoo
+
+    data = paths.shared_dir() / "data" / "cifar10" / "test"
+    import bench_serve as B
+
+    images, labels, classes = B.load_test_set(data, 1000)
+    model = zoo.load("darknet")
+    entry = zoo.entry("darknet")
+    out = sys.stdout
+    sys.stdout = sys.stderr
+    if mode == "plain":
+        torch.set_num_threads(2)
+        B.plain_latencies(model, entry.preprocessing, images[:20])
+        print("ready", file=out, flush=True)
+        for line in sys.stdin:
+            i = int(line)
+            lat = B.plain_latencies(model, entry.preprocessing, [images[i % len(images)]])[0]
+            print(lat, file=out, flush=True)
+        return
+    from enclaveml.client import EnclaveClient
+    from enclaveml.crypto import SigningKey
+    from enclaveml.models.bundle import make_bundle
+    from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env
+
+    suite = os.environ.get("AB_SUITE")
+    with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
+        tmp = Path(tmp)
+        owner = SigningKey.generate()
+        _, key = make_bundle(model, 10, tmp / "bundle", {"zoo": "darknet"}, entry.preprocessing, classes, owner)
+        home = tmp / "home"
+        with ServerProcess(tmp / "store", tmp / "server.log", env=server_env(home), extra_args=extra) as srv:
+            policy = local_sim_policy(home)
+            if suite:
+                from dataclasses import replace
+                policy = replace(policy, crypto={"suite": suite})
+            with EnclaveClient(srv.url, policy) as c:
+                c.deploy(tmp / "bundle", key, owner, model_id="darknet")
+                policy = c.policy
+            c = EnclaveClient(srv.url, policy)
+            for b in images[:20]:
+                c.infer([b], model="darknet", top_k=1)
+            print("ready", file=out, flush=True)
+            s1 = B.stage_snapshot(srv, [c])
+            n = 0
+            for line in sys.stdin:
+                i = int(line)
+                t = time.perf_counter()
+                c.infer([images[i % len(images)]], model="darknet", top_k=1)
+                print(time.perf_counter() - t, file=out, flush=True)
+                n += 1
+            s2 = B.stage_snapshot(srv, [c])
+            rows = B.breakdown(s1, s2, n)
+            B.print_breakdown(f"{tree}", rows)
+            c.close()
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def main() -> None:
+    n = int(sys.argv[1])
+    trees = sys.argv[2:4]
+    extra = sys.argv[4:]
+    kids = {}
+    for name, tree in (("A", trees[0]), ("B", trees[1]), ("plain", trees[0])):
+        env = dict(os.environ, PYTHONPATH=os.path.join(tree, "src"))
+        if name == "B" and os.environ.get("AB_ENV_B"):
+            k, v = os.environ["AB_ENV_B"].split("=", 1)
+            env[k] = v
+        tree = os.path.abspath(tree)
+        kids[name] = subprocess.Popen([PY, os.path.abspath(__file__), "--child", "plain" if name == "plain" else "svc", tree, *extra],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tree)
+    for k in kids.values():
+        assert k.stdout.readline().strip() == "ready"
+    lat = {k: [] for k in kids}
+    order = list(kids.items())
+    for i in range(n):
+        for name, k in (order if i % 2 == 0 else order[::-1]):
+            k.stdin.write(f"{i}\n")
+            k.stdin.flush()
+            lat[name].append(float(k.stdout.readline()))
+            time.sleep(0.005)
+    for k in kids.values():
+        k.stdin.close()
+    for k in kids.values():
+        k.wait()
+    res = {name: {"p50_ms": round(1000 * pct(v, 50), 3), "p99_ms": round(1000 * pct(v, 99), 3),
+                  "mean_ms": round(1000 * sum(v) / len(v), 3)} for name, v in lat.items()}
+    res["load"] = os.getloadavg()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        child_main(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        main()
