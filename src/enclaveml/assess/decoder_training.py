@@ -20,35 +20,18 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .decoder_net import Decoder, channel_stats
 from .metrics import ssim_training
+from .threads import single_threaded, torch_threads
 
 #: (pixel indices into the attacker's images, deepest point wanted) -> {point: IR of those images}
 IRSource = Callable[[torch.Tensor, int], dict[int, torch.Tensor]]
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Intra-op threads set to `n` for a block (process-wide; the decoders' pool is idle meanwhile)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def single_threaded():
-    """Intra-op parallelism off: small convolutions lose more to synchronisation than they gain
-    (measured: 631 s with 2 threads vs 389 s with 1 for darknet's 12 decoders)."""
-    return torch_threads(1)
 
 
 @dataclass
