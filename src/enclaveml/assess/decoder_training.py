@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder_net import Decoder, channel_stats
-from .metrics import ssim_training
+from .metrics import ssim_target, ssim_training
 from .threads import single_threaded, torch_threads
 
 #: (pixel indices into the attacker's images, deepest point wanted) -> {point: IR of those images}
@@ -120,10 +120,15 @@ class DecoderRun:
     def active(self) -> bool:
         return not self.schedule.done(self.steps)
 
-    def train_on(self, ir: torch.Tensor, x: torch.Tensor, batch: int) -> None:
-        """Consecutive minibatch steps over one chunk, until the chunk or the schedule ends."""
+    def train_on(self, ir: torch.Tensor, x: torch.Tensor, batch: int,
+                 moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Consecutive minibatch steps over one chunk, until the chunk or the schedule ends.
+
+        `moments`: each minibatch's target moments for the SSIM term (`ssim_target`), shared by all
+        decoders; computed here when absent.
+        """
         self.decoder.train()
-        for i in range(0, ir.shape[0] - batch + 1, batch):
+        for b, i in enumerate(range(0, ir.shape[0] - batch + 1, batch)):
             if not self.active:
                 return
             for g in self.optimizer.param_groups:
@@ -131,7 +136,8 @@ class DecoderRun:
             y, target = self.decoder(ir[i:i + batch]), x[i:i + batch]
             loss = F.mse_loss(y, target)
             if self.ssim_weight:
-                loss = loss + self.ssim_weight * (1 - ssim_training(y, target))
+                tm = moments[b] if moments is not None else None
+                loss = loss + self.ssim_weight * (1 - ssim_training(y, target, target=tm))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -192,7 +198,8 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
             mean, std = channel_stats(ir_val[k])
             dec = Decoder(tuple(shapes[k]), tuple(x_train.shape[-2:]), mean, std, base=width
                           ).to(memory_format=torch.channels_last)
-            runs[k] = DecoderRun(k, dec, torch.optim.Adam(dec.parameters(), lr=lr), WSDSchedule(steps),
+            # fused Adam: one kernel per parameter instead of a dozen small ops (same update rule)
+            runs[k] = DecoderRun(k, dec, torch.optim.Adam(dec.parameters(), lr=lr, fused=True), WSDSchedule(steps),
                                  Plateau(patience, min_delta), lr, ssim_weight)
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         chunks = 0
@@ -209,7 +216,10 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
                     irs = forward(idx, max(r.point for r in active))
                     xs = x_train[idx]
                     chunks += 1
-                    _each(pool, active, lambda r: r.train_on(irs[r.point], xs, batch))
+                    # the targets' SSIM moments: once per minibatch for all decoders
+                    moments = [ssim_target(xs[i:i + batch]) for i in range(0, xs.shape[0] - batch + 1, batch)
+                               ] if ssim_weight else None
+                    _each(pool, active, lambda r: r.train_on(irs[r.point], xs, batch, moments))
                     t_new = t + idx.numel() // batch
                     if early_stop and has_val and t_new // check_every > t // check_every:
                         checking = [r for r in active if r.active and r.schedule.decay_start is None
