@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .decoder_net import Decoder, channel_stats
 from .metrics import ssim_target, ssim_training
-from .threads import single_threaded, torch_threads
+from .threads import side_by_side, single_threaded
 
 #: (pixel indices into the attacker's images, deepest point wanted) -> {point: IR of those images}
 IRSource = Callable[[torch.Tensor, int], dict[int, torch.Tensor]]
@@ -186,8 +186,10 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
     outer = torch.get_num_threads()
 
     def forward(idx: torch.Tensor, upto: int) -> dict[int, torch.Tensor]:
-        with torch_threads(outer):  # the model's pass over a chunk is large: every core helps
-            return source(idx, upto)
+        # the model's pass over a chunk: its parts side by side, one per core (assess/threads.py)
+        parts = side_by_side(lambda part: source(part, upto), idx.tensor_split(outer), outer) if outer > 1 \
+            and idx.numel() >= 2 * outer else [source(idx, upto)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     with single_threaded():
         ir_val = forward(val_idx, deepest)
