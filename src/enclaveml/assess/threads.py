@@ -2,10 +2,11 @@
 
 Why: the assessment's work splits into independent items (the KL oracle's batches of channel
 images, the rMLE searches of different points, the decoders of different points). Two OpenMP
-threads on one item synchronise at every operator; on a 2-core machine that costs 10-30% of the
-CPU time on large batches and more on small ones, and under load a descheduled partner makes the
-other spin. One item per core, each single-threaded, has no such cost. The items' results do not
-depend on how many run at once (each is computed exactly as it would be alone).
+threads on one item synchronise at every operator, and under load a descheduled partner makes
+the other spin: on the shared 2-core machine (load 8-10) the KL oracle took 1.75x and rMLE 5x the
+CPU time that way (docs/benchmarks.md, "session 4"). One item per core, each single-threaded,
+has no such cost. The items' results do not depend on how many run at once (each is computed
+exactly as it would be alone).
 """
 
 from __future__ import annotations
