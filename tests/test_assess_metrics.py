@@ -49,3 +49,19 @@ def test_kl_matches_scipy_and_uniform_baseline():
     assert torch.all(kl_divergence(p, p) == 0)
     # broadcasting: one p against many q
     assert kl_divergence(p[0], q).shape == (4,)
+
+
+def test_training_ssim_is_the_ssim_statistic_and_differentiable():
+    from enclaveml.assess.metrics import ssim_target, ssim_training
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = (x.detach() + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    s = ssim_training(x, y)
+    assert float(s) == pytest.approx(float(ssim(x.detach(), y).mean()), abs=1e-5)
+    assert float(ssim_training(x, y, target=ssim_target(y))) == pytest.approx(float(s), abs=1e-7)
+    (grad,) = torch.autograd.grad(s, x)
+    assert float(grad.abs().sum()) > 0
+    small = torch.rand(2, 3, 8, 8, generator=g)  # smaller than the window: the window shrinks, as in `ssim`
+    assert float(ssim_training(small, small)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ssim_training(small, 1 - small)) == pytest.approx(float(ssim(small, 1 - small).mean()), abs=1e-5)

@@ -269,3 +269,64 @@ def test_affine_copies_found_after_batch_norm_and_mapped_back_exactly():
     assert fit_affine(conv, torch.randn(5, 6, 4, 4)) is None and fit_affine(conv, conv[:, :3]) is None
     chained = affine_copies({1: conv, 2: after_bn, 3: 3 * after_bn - 2})
     assert chained[3].source == 1 and torch.allclose(chained[3].to_source(3 * after_bn - 2), conv, atol=1e-4)
+
+
+def test_side_by_side_keeps_order_and_runs_each_item_single_threaded():
+    from enclaveml.assess.threads import side_by_side
+
+    torch.set_num_threads(2)
+    seen = side_by_side(lambda i: (i, torch.get_num_threads()), range(5), workers=2)
+    assert [i for i, _ in seen] == list(range(5)) and all(n == 1 for _, n in seen)
+    assert torch.get_num_threads() == 2  # restored
+    assert side_by_side(lambda i: torch.get_num_threads(), [0], workers=2) == [2]  # one item: a plain call
+
+
+def test_balanced_batches_and_point_sets():
+    from enclaveml.assess.kl_screen import balanced_batch
+    from enclaveml.assess.rmle import balanced_sets
+
+    assert balanced_batch(2048, 512, 2) == 512 and balanced_batch(1500, 512, 2) == 375
+    assert balanced_batch(10, 512, 2) == 5 and balanced_batch(1000, 512, 1) == 500 and balanced_batch(0, 512, 2) == 512
+    for n, b, w in [(777, 100, 2), (4097, 512, 3), (10, 512, 3)]:
+        per = balanced_batch(n, b, w)
+        assert 1 <= per <= b and -(-n // per) % w == 0, (n, b, w, per)  # no worker idles on the last round
+    sets = balanced_sets({1: 1.0, 2: 1.0, 3: 10.0, 4: 10.0, 5: 20.0}, 2)
+    assert sorted(k for s in sets for k in s) == [1, 2, 3, 4, 5] and all(s == sorted(s) for s in sets)
+    loads = sorted(sum({1: 1.0, 2: 1.0, 3: 10.0, 4: 10.0, 5: 20.0}[k] for k in s) for s in sets)
+    assert loads == [21.0, 21.0]
+    assert balanced_sets({3: 1.0}, 2) == [[3]]
+
+
+def test_kl_and_rmle_side_by_side_give_the_answers_of_one_worker():
+    """Spreading the oracle's batches or the points' searches over two workers changes nothing."""
+    from enclaveml.assess.inference import folded_layers
+    from enclaveml.assess.kl_screen import channel_kl
+    from enclaveml.assess.rmle import balanced_sets, frontnet_flops, reconstruct_points
+
+    m = _darknet()
+    pre = zoo.entry("darknet").preprocessing
+    fast = folded_layers(m, m.input_shape)
+    x = torch.rand(4, *m.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = torch.softmax(m(pre.normalise(x)), -1)
+        ir = m.split(3)[0](pre.normalise(x))
+
+    def oracle(g, low):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            return torch.softmax(fast(pre.normalise(g.expand(-1, 3, -1, -1))).float(), -1)
+
+    blank_q = oracle(torch.zeros(1, 1, 32, 32), False)[0]
+    one = channel_kl(oracle, ir, p, blank_q, (32, 32), 40, True, workers=1)
+    two = channel_kl(oracle, ir, p, blank_q, (32, 32), 40, True, workers=2)
+    assert torch.allclose(one[0], two[0], atol=1e-6) and torch.allclose(one[1], two[1], atol=1e-6)
+    assert torch.equal(one[0].argmin(1), two[0].argmin(1)) and one[2].float32 == two[2].float32
+    ks = [1, 4, 8, 10]
+    with torch.no_grad():
+        targets = {k: m.split(k)[0](pre.normalise(x)) for k in ks}
+    together = reconstruct_points(fast, pre, targets, m.input_shape, 5, 0.05, 0.02)
+    flops = frontnet_flops(fast, ks, m.input_shape)
+    assert [flops[k] for k in ks] == sorted(flops[k] for k in ks) and flops[1] > 0
+    for s in balanced_sets(flops, 2):
+        apart = reconstruct_points(fast, pre, {k: targets[k] for k in s}, m.input_shape, 5, 0.05, 0.02)
+        for k in s:
+            assert torch.allclose(apart[k][0], together[k][0], atol=1e-5), k

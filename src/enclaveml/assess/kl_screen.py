@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import kl_divergence
+from .threads import side_by_side
 
 #: grey images (B, 1, H, W) in [0, 1], low precision or not -> oracle probabilities (B, K), float32
 Oracle = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -93,9 +94,18 @@ class ScreenReport:
                 "reused_images": self.reused}
 
 
+def balanced_batch(n: int, batch: int, workers: int) -> int:
+    """A batch size of at most `batch` that splits `n` items into a multiple of `workers` batches of
+    near-equal size (no worker idles on the last round)."""
+    if n <= 0:
+        return max(1, batch)
+    rounds = -(-n // max(1, batch * workers))
+    return -(-n // (rounds * max(1, workers)))
+
+
 def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch.Tensor, size: tuple[int, int],
                batch: int, screen: bool, margin: float = 0.1, check_share: float = 0.03, seed: int = 0,
-               previous: Answers | None = None, same_tol: float = 1e-5
+               previous: Answers | None = None, same_tol: float = 1e-5, workers: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor, ScreenReport, Answers]:
     """own[i, c] = KL(p_i || F(image of channel c of sample i)) and ctl[i, c] = KL(p_i || F(image of
     channel c of sample i-1)) (the permutation control, cyclic), each (n, C), exact near each row's
@@ -104,6 +114,7 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
     With `previous` (the answers of a point with IRs of the same shape on the same samples), an
     image whose normalised map equals the previous one's (within `same_tol`: e.g. after a batch
     norm, whose per-channel affine map normalisation removes) takes that answer, not a new pass.
+    The oracle's batches run `workers` at a time, one thread each; the answers do not depend on it.
     """
     norm, blank = normalised_maps(ir)
     n, c = blank.shape
@@ -119,9 +130,12 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
 
     def compute(mask: torch.Tensor, low: bool) -> None:
         pairs = mask.nonzero()
-        for b in range(0, pairs.shape[0], batch):
-            i, j = pairs[b:b + batch].unbind(1)
-            q[i, j] = oracle(to_images(norm[i, j], size), low)
+        per = balanced_batch(pairs.shape[0], batch, workers)
+        chunks = [pairs[b:b + per].unbind(1) for b in range(0, pairs.shape[0], per)]
+        # the batches side by side, one thread each (assess/threads.py); each batch's answer is the same
+        outs = side_by_side(lambda ij: oracle(to_images(norm[ij[0], ij[1]], size), low), chunks, workers)
+        for (i, j), out in zip(chunks, outs):
+            q[i, j] = out
 
     def kls() -> tuple[torch.Tensor, torch.Tensor]:
         return kl_divergence(p[:, None, :], q), kl_divergence(p[:, None, :], q.roll(1, dims=0))

@@ -10,8 +10,10 @@ inference copy with batch norm folded in (assess/inference.py), the same functio
 All points search at once (`reconstruct_points`): the candidate images of every point are one
 batch, and one pass of the folded model serves them all, each point's rows leaving the pass at
 its own depth (a staircase). The work is the same as one search per point; the batches are 12x
-larger, which two cores use far better than batches of 8. Each point keeps its own objective,
-Adam moments and stopping rule, so the searches do not interact.
+larger. The points are split in one set per core of equal FrontNet cost (`balanced_sets`), each set
+one staircase search on one thread, side by side (assess/threads.py). Each point keeps its own
+objective, Adam moments and stopping rule, so the searches do not interact: how the points are
+grouped changes nothing but float rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from .inference import folded
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import psnr, ssim
+from .threads import side_by_side
 
 #: Adam's constants (torch.optim.Adam's defaults), for the batched search's own update
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -124,6 +127,32 @@ def converged(history: list[float], window: int, min_delta: float) -> bool:
     return now > before * (1 - min_delta)
 
 
+def balanced_sets(costs: dict[int, float], workers: int) -> list[list[int]]:
+    """Points split into at most `workers` sets of near-equal total cost (largest first, each to the
+    least-loaded set), each sorted: one staircase search per set, the sets side by side on the cores."""
+    sets: list[list[int]] = [[] for _ in range(max(1, min(workers, len(costs))))]
+    load = [0.0] * len(sets)
+    for k in sorted(costs, key=lambda k: (-costs[k], k)):
+        i = min(range(len(sets)), key=lambda j: (load[j], j))
+        sets[i].append(k)
+        load[i] += costs[k]
+    return [sorted(s) for s in sets if s]
+
+
+def frontnet_flops(model: torch.nn.Module, ks: list[int], shape: tuple[int, ...]) -> dict[int, float]:
+    """FLOPs of each point's FrontNet on one image, from one counted pass through `model.run`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out, h, at, total = {}, torch.zeros(1, *shape), 0, 0.0
+    with torch.no_grad():
+        for k in sorted(ks):
+            with FlopCounterMode(display=False) as fc:
+                h = model.run(h, at, k)
+            total += fc.get_total_flops()
+            out[k], at = max(total, 1.0), k
+    return out
+
+
 def point_groups(ks: list[int], rows: int, pixels: int, budget: int = 2 ** 20) -> list[list[int]]:
     """Points in depth order, grouped so that one group's batch holds at most `budget` pixels
     (rows x H x W; at least one point a group): bounded memory on large inputs (ImageNet)."""
@@ -150,10 +179,20 @@ class RMLEInversion(LeakageTest):
         n = min(cfg.rmle_samples, ctx.x_test.shape[0])
         shape = tuple(ctx.x_test.shape[1:])
         targets = {pt.point.index: pt.ir_test[:n] for pt in points}
-        for group in point_groups(sorted(targets), n, shape[-1] * shape[-2]):
-            self._done.update(reconstruct_points(
-                fast, ctx.pre, {k: targets[k] for k in group}, shape, cfg.rmle_steps, cfg.rmle_lr, cfg.rmle_tv,
-                cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta))
+        # forward + backward cost grows with the FrontNet: split the points in sets of equal cost, one
+        # per core; each set is one staircase search (in memory-bounded groups), single-threaded
+        sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), torch.get_num_threads())
+
+        def search(ks: list[int]) -> dict[int, tuple[torch.Tensor, int]]:
+            found: dict[int, tuple[torch.Tensor, int]] = {}
+            for group in point_groups(ks, n, shape[-1] * shape[-2]):
+                found.update(reconstruct_points(
+                    fast, ctx.pre, {k: targets[k] for k in group}, shape, cfg.rmle_steps, cfg.rmle_lr, cfg.rmle_tv,
+                    cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta))
+            return found
+
+        for found in side_by_side(search, sets):
+            self._done.update(found)
 
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
         cfg = self.config
