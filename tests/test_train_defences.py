@@ -472,6 +472,49 @@ def test_train_run_with_a_sealed_head_trains_through_the_worker_and_the_host_nev
         host.close()
 
 
+def test_train_run_with_selfsup_trains_through_the_worker_with_one_row_per_batch(tmp_path, monkeypatch):
+    """The real system with a thin host: `train run --split 8 --head 3 --defence selfsup`: the
+    enclave hands back one vector per batch, and the host runs its own label-free loss."""
+    import os
+    import time
+
+    from enclaveml.crypto import SigningKey, seal_owner_command
+    from enclaveml.train import selfsup
+    from enclaveml.train.enclave import START
+    from enclaveml.train.instances import make_upload
+    from image_helpers import random_png
+
+    calls = []
+    real = selfsup.HostObjective.loss
+    monkeypatch.setattr(selfsup.HostObjective, "loss", lambda self, *a: calls.append(1) or real(self, *a))
+    owner, part = SigningKey.generate(), SigningKey.generate()
+    host = _RecordingHost.make(tmp_path / "store", owner.public_key().to_bytes().hex())
+    try:
+        ev = host.evidence(os.urandom(16).hex())
+        pub, plan = bytes.fromhex(ev["public_key"]), bytes.fromhex(ev["plan_hash"])
+        res = host.contribute([make_upload(pub, part, random_png(i), i % 10, plan=plan)[1] for i in range(16)])
+        assert all(r["status"] == "accepted" for r in res)
+        cfg = TrainConfig(epochs=1, batch=8, seed=0)
+        cmd = seal_owner_command(owner, pub, START, "thin", os.urandom(16), {
+            "model": "darknet:width=4", "split": 8, "config": cfg.to_dict(), "head": 3, "plan": plan.hex(),
+            "defence": DefenceSpec.parse("selfsup:weight=0.01").to_dict()})
+        st = host.start("thin", cmd, checkpoint_every=2)
+        for _ in range(600):
+            st = host.status("thin")
+            if st["state"] != "running":
+                break
+            time.sleep(0.1)
+        assert st["state"] == "done", st
+        start = next(h for op, _, h in host.seen if op == "start")
+        assert start["split"] == 8 and start["head"] == 3 and start["defence"]["name"] == "selfsup"
+        grads = [t["grad"] for op, t, _ in host.seen if op == "loss"]
+        assert len(grads) == 2 and all(g.shape == (8, 32, 2, 2) for g in grads)  # conv6's, after pool4
+        assert all(torch.equal(g, g[:1].expand_as(g)) for g in grads)  # one vector per batch
+        assert len(calls) == 2  # the host's own loss ran at every step
+    finally:
+        host.close()
+
+
 def test_train_run_refuses_bad_head_and_defence_before_contacting_anyone(tmp_path):
     from typer.testing import CliRunner
 
