@@ -18,10 +18,17 @@ without a head, the scores). Every step it guesses the label of every other part
   scores.
 
 Recovery = share of the other participants' rows (all steps) whose label the attacker names,
-per channel (gradient, forward) and the best of both; chance = 1/classes. `defended` in the last
-line is the most accurate defence whose gradient recovery is within 10 points of chance (else the
-least leaky one), unless `--defended` names one. Accuracy = clean test accuracy of each configuration's model; the exposed
-run is plain training step for step (`test_partitioned_matches_plain_training`), so it is the
+per channel; chance = 1/classes. The last line's `recovery` is the gradient channel (what the
+rows the enclave hands back give away: what a defence changes); `forward_floor` is the forward
+channel (the host classifying what it sees, the IR and its own output, with the colluder's
+labelled rows: it could do the same at inference); `raw_pixels_reference` is the same forward
+attacks on the images themselves, the reference for that floor; `host_flops_share` is the host's
+share of a training step's multiply-accumulates (`train.costs`), since a defence that moves the
+layers into the enclave also moves the work there. `defended` is chosen from the figures (see
+`choose_defended`) unless `--defended` names one; `DEFENCE@k=K,head=H` measures a defence at
+another split and head (a thin host). Accuracy = clean test accuracy of each configuration's
+model; the exposed run is plain training step for step
+(`test_partitioned_matches_plain_training`), so it is the
 plain baseline. To fit a shared 2-core CPU: a class-balanced CIFAR-10 subset (`--per-class`),
 Darknet at a reduced width (`--width`), few epochs (`--epochs`); the whole test set. No
 encryption here: sealing instances changes nothing in what the gradients reveal (the
@@ -146,7 +153,7 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
     (_, g_last), (_, f_last) = rec(grad_names, last), rec(fwd_names, last)
     pa, p_all = rec(list(pix_att)) if pix_att else ({}, None)
     acc = float((predict(model, te.images, PRE) == te.labels).float().mean())
-    return {"head": head, "defence": defence.to_dict(), "exact_front": exact_front, "recovery": max(g_all, f_all),
+    return {"split": k, "head": head, "defence": defence.to_dict(), "exact_front": exact_front, "recovery": max(g_all, f_all),
             "recovery_gradient": g_all,
             "recovery_forward": f_all, "recovery_last_epoch": {"gradient": g_last, "forward": f_last},
             "attacks": {**ga, **fa, **pa}, "accuracy": round(acc, 4), "train_seconds": round(t_train, 1),
@@ -177,6 +184,9 @@ def main() -> None:
     ap.add_argument("--exact-front", default="", help="also run these defences (separated by spaces) with the "
                     "FrontNet trained on the undefended gradient: a diagnostic of where the accuracy goes, "
                     "not something `train run` offers")
+    ap.add_argument("--skip-baselines", action="store_true",
+                    help="run only the defences (to spread one table over several processes: the exposed and "
+                    "sealed-head runs are the same in every process); the last line then holds the configurations only")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
@@ -197,7 +207,8 @@ def main() -> None:
     if a.defended and a.defended not in items:
         items.append(a.defended)
     specs = {t: parse_item(t, a.split, a.head) for t in items}
-    runs = [("exposed", a.split, 0, DefenceSpec(), False), ("sealed_head", a.split, a.head, DefenceSpec(), False)]
+    runs = [] if a.skip_baselines else [("exposed", a.split, 0, DefenceSpec(), False),
+                                        ("sealed_head", a.split, a.head, DefenceSpec(), False)]
     runs += [(item_name(k, h, sp, a.split), k, h, sp, False) for k, h, sp in specs.values()]
     runs += [(f"head{a.head}+{s.text}+exact_front", a.split, a.head, s, True)
              for s in (DefenceSpec.parse(t) for t in a.exact_front.replace(";", " ").split())]
@@ -208,6 +219,12 @@ def main() -> None:
         results[name] = train_and_attack(tr, te, owner, cfg, a.width, k, head, spec, a.seed, a.window, exact,
                                          pixels=name == "exposed")
         log(f"[{name}] {json.dumps(results[name])}")
+    if a.skip_baselines:
+        print(json.dumps({"configurations": results, "setup": {"command": "python benchmarks/bench_label_leakage.py "
+                                                               + " ".join(sys.argv[1:]),
+                                                               "load_average": [round(x, 2) for x in os.getloadavg()],
+                                                               "total_seconds": round(time.time() - t0, 1)}}))
+        return
     plain = results["exposed"]["accuracy"]
     log("")
     log(f"{'configuration':44s} {'gradient':>9s} {'forward':>8s} {'(last epoch)':>13s} {'accuracy':>9s} "
