@@ -86,6 +86,7 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
     enc = EnclaveTrainer(front, mapping, PRE, cfg, total, head=head_mod, defence=defence,
                          defence_seed=seed * 1_000_003 + 17, ir_shape=tuple(model.partition_points()[k - 1].out_shape))
     host = HostTrainer(back, cfg, total, objective=defence.host_objective())
+    host_passes = 2 if getattr(host.objective, "views", 1) == 2 else 1
     extra = (module_macs(enc.local, tuple(model.partition_points()[k - 1].out_shape))
              if enc.local is not None else 0)
     grad_namer, score_namer = ColumnNamer(CLASSES), ColumnNamer(CLASSES)
@@ -157,8 +158,10 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
             "recovery_gradient": g_all,
             "recovery_forward": f_all, "recovery_last_epoch": {"gradient": g_last, "forward": f_last},
             "attacks": {**ga, **fa, **pa}, "accuracy": round(acc, 4), "train_seconds": round(t_train, 1),
-            "raw_pixels": p_all, "host_flops_share": round(host_flops_share(
-                model, k, head, extra, 2 if getattr(host.objective, "views", 1) == 2 else 1), 4),
+            "raw_pixels": p_all, "host_flops_share": round(host_flops_share(model, k, head, extra), 4),
+            # selfsup:views=2 runs the host's layers a second time for its own loss (not counted above:
+            # the share is of the model's work; with it the host's share would be `host_flops_share_with_views`)
+            "host_flops_share_with_views": round(host_flops_share(model, k, head, extra, host_passes), 4),
             "rows_attacked": sum(len(t) for t in truth)}
 
 
