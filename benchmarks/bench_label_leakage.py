@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -69,14 +70,16 @@ def log(*a) -> None:
 
 
 def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: int, defence: DefenceSpec,
-                     seed: int, window: int, exact_front: bool = False, pixels: bool = False) -> dict:
+                     seed: int, window: int, exact_front: bool = False, pixels: bool = False,
+                     attack: bool = True) -> dict:
     """One training; every step the colluding host's attacks guess the other participants' labels.
 
     Gradient attacks use the rows the enclave hands back; forward attacks use what the host
     computes or receives itself (its output: scores or cut-layer features; the IR), which no
     gradient defence touches. `pixels`: the same forward attacks on the raw (normalised,
     augmented) images of each batch too, the reference of what the colluder's labelled examples
-    give a classifier that sees the data itself (`raw_pixels_reference`).
+    give a classifier that sees the data itself (`raw_pixels_reference`). `attack=False`: the
+    training and its accuracy only (every recovery None), for exploring many configurations.
     """
     torch.manual_seed(seed)
     model = darknet.build(width=width)
@@ -91,11 +94,11 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
              if enc.local is not None else 0)
     grad_namer, score_namer = ColumnNamer(CLASSES), ColumnNamer(CLASSES)
     def attacks(prefix: str) -> dict:
-        return {f"{prefix}centroid": CentroidAttack(CLASSES, window),
+        return {} if not attack else {f"{prefix}centroid": CentroidAttack(CLASSES, window),
                 f"{prefix}knn": KnnAttack(CLASSES, window), f"{prefix}knn_euclid": KnnAttack(CLASSES, window, cosine=False),
                 f"{prefix}probe": ProbeAttack(CLASSES, window)}
 
-    grad_att = {**attacks(""), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)}
+    grad_att = {**attacks(""), "kmeans": CentroidAttack(CLASSES, window, kmeans=True)} if attack else {}
     out_att, ir_att = attacks("output_"), attacks("ir_")
     pix_att = attacks("pixels_") if pixels else {}
     fwd_att = {**out_att, **ir_att}
@@ -117,7 +120,7 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
             enc.backward(host.backward(grad))
         t_train += time.perf_counter() - t0
         known = owner[idx] == 0
-        if head == 0:  # columns are named at the end, with all the colluder's votes
+        if head == 0 and attack:  # columns are named at the end, with all the colluder's votes
             cols, pred = exposed_columns(out, grad), out.argmax(1)
             grad_namer.observe(cols[known], y[known])
             score_namer.observe(pred[known], y[known])
@@ -137,7 +140,7 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
         if (step + 1) % per == 0:
             log(f"    epoch {epoch + 1}/{cfg.epochs}: loss {enc.last_loss:.3f} ({t_train:.0f}s)")
     permute_classifier(model, mapping, inverse=True)
-    if head == 0:
+    if head == 0 and attack:
         guesses["columns"] = [grad_namer.name(c) for c in guesses["columns"]]
         guesses["score_argmax"] = [score_namer.name(c) for c in guesses["score_argmax"]]
     else:
@@ -146,15 +149,15 @@ def train_and_attack(tr, te, owner, cfg: TrainConfig, width: int, k: int, head: 
 
     def rec(names, part=slice(None)):
         res = {n: round(recovery(torch.cat(guesses[n][part]), torch.cat(truth[part])), 4)
-               for n in names if n in guesses}
-        return res, max(res.values())
+               for n in names if n in guesses and guesses[n]}
+        return res, max(res.values()) if res else None
 
     grad_names, fwd_names = ["columns", *grad_att], ["score_argmax", *fwd_att]
     (ga, g_all), (fa, f_all) = rec(grad_names), rec(fwd_names)
     (_, g_last), (_, f_last) = rec(grad_names, last), rec(fwd_names, last)
-    pa, p_all = rec(list(pix_att)) if pix_att else ({}, None)
+    pa, p_all = rec(list(pix_att))
     acc = float((predict(model, te.images, PRE) == te.labels).float().mean())
-    return {"split": k, "head": head, "defence": defence.to_dict(), "exact_front": exact_front, "recovery": max(g_all, f_all),
+    return {"split": k, "head": head, "defence": defence.to_dict(), "exact_front": exact_front, "recovery": max(g_all, f_all) if attack else None,
             "recovery_gradient": g_all,
             "recovery_forward": f_all, "recovery_last_epoch": {"gradient": g_last, "forward": f_last},
             "attacks": {**ga, **fa, **pa}, "accuracy": round(acc, 4), "train_seconds": round(t_train, 1),
@@ -174,7 +177,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
     ap.add_argument("--head", type=int, default=1, help="layers of the sealed head")
-    ap.add_argument("--defences", default="labelfree mix:group=4,local=1",
+    ap.add_argument("--defences", default="labelfree@k=8,head=3 labelfree@k=7,head=3 labelfree@k=8,head=1 labelfree "
+                    "selfsup",
                     help="defences to measure, separated by spaces or ';', each with the sealed head; "
                     "`DEFENCE@k=K,head=H` measures one at another split and head (e.g. `labelfree@k=9,head=1`, "
                     "a thin host). The noise and mix curve of docs/caltrain.md: `noise:scale=0.5 noise:scale=1 "
@@ -190,6 +194,8 @@ def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true",
                     help="run only the defences (to spread one table over several processes: the exposed and "
                     "sealed-head runs are the same in every process); the last line then holds the configurations only")
+    ap.add_argument("--no-attacks", action="store_true",
+                    help="train and measure accuracy only (every recovery is null): to explore configurations fast")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
@@ -220,7 +226,7 @@ def main() -> None:
         log(f"[{name}] training {len(tr)} instances, {a.epochs} epochs, darknet width {a.width}, k={k}, "
             f"head {head}, defence {spec.text}")
         results[name] = train_and_attack(tr, te, owner, cfg, a.width, k, head, spec, a.seed, a.window, exact,
-                                         pixels=name == "exposed")
+                                         pixels=name == "exposed", attack=not a.no_attacks)
         log(f"[{name}] {json.dumps(results[name])}")
     if a.skip_baselines:
         print(json.dumps({"configurations": results, "setup": {"command": "python benchmarks/bench_label_leakage.py "
@@ -233,13 +239,14 @@ def main() -> None:
     log(f"{'configuration':44s} {'gradient':>9s} {'forward':>8s} {'(last epoch)':>13s} {'accuracy':>9s} "
         f"{'vs plain':>9s} {'host share':>10s} {'train s':>8s}")
     for name, r in results.items():
-        last = r["recovery_last_epoch"]
-        log(f"{name:44s} {r['recovery_gradient']:9.4f} {r['recovery_forward']:8.4f} {last['gradient']:6.3f}/"
+        last = {k: (math.nan if v is None else v) for k, v in r["recovery_last_epoch"].items()}
+        rg, rf = (math.nan if r[k] is None else r[k] for k in ("recovery_gradient", "recovery_forward"))
+        log(f"{name:44s} {rg:9.4f} {rf:8.4f} {last['gradient']:6.3f}/"
             f"{last['forward']:.3f} {r['accuracy']:9.4f} {100 * (r['accuracy'] - plain):+8.2f}p "
             f"{r['host_flops_share']:10.3f} {r['train_seconds']:8.1f}")
     chance = 1.0 / CLASSES
     pixels = results["exposed"]["raw_pixels"]
-    log(f"chance {chance:.4f}; raw pixels (forward attacks on the images themselves) {pixels:.4f}")
+    log(f"chance {chance:.4f}; raw pixels (forward attacks on the images themselves) {pixels}")
     measured = [(t, results[item_name(*specs[t], a.split)]) for t in items]
     defended = a.defended or choose_defended(measured, chance, plain)
     log(f"defended: {defended}")
@@ -260,7 +267,8 @@ def main() -> None:
         "host_flops_share": {"exposed": results["exposed"]["host_flops_share"],
                              "sealed_head": results["sealed_head"]["host_flops_share"],
                              "defended": d["host_flops_share"]},
-        "goal_met": d["recovery_gradient"] <= chance + 0.10 and plain - d["accuracy"] <= 0.02,
+        "goal_met": d["recovery_gradient"] is not None and d["recovery_gradient"] <= chance + 0.10
+                    and plain - d["accuracy"] <= 0.02,
         "configurations": results,
         "setup": {"train": len(tr), "test": len(te), "participants": a.participants, "colluder": 0,
                   "model": f"darknet width {a.width}", "split": a.split, "head": a.head, "epochs": a.epochs,
@@ -294,13 +302,15 @@ def choose_defended(measured: "list[tuple[str, dict]]", chance: float, plain: fl
     the host reading its own data). Meeting the goal, the largest host share (a defence that
     moves the work into the enclave is worth less); else the most accurate one within 10 points
     of chance; else the least leaky."""
-    near = [(t, r) for t, r in measured if r["recovery_gradient"] <= chance + 0.10]
+    measured = [(t, r) for t, r in measured if r["recovery_gradient"] is not None] or measured
+    near = [(t, r) for t, r in measured if r["recovery_gradient"] is not None
+            and r["recovery_gradient"] <= chance + 0.10]
     goal = [(t, r) for t, r in near if plain - r["accuracy"] <= 0.02]
     if goal:
         return max(goal, key=lambda tr: (tr[1]["host_flops_share"], tr[1]["accuracy"]))[0]
     if near:
         return max(near, key=lambda tr: tr[1]["accuracy"])[0]
-    return min(measured, key=lambda tr: tr[1]["recovery_gradient"])[0]
+    return min(measured, key=lambda tr: tr[1]["recovery_gradient"] or 0.0)[0]
 
 
 if __name__ == "__main__":

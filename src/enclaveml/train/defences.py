@@ -24,7 +24,7 @@ host receives. Each is registered by name and parsed from `NAME[:key=value,...]`
     selfsup:weight=W,views=V   `labelfree`'s rows, and the host trains its layers with a label-free
                       self-supervised loss of its own inputs and outputs (`selfsup.py`: VICReg
                       between the IR's output and a second view's, `views=1`: variance and
-                      covariance only), weighted by W
+                      covariance only), weighted by W (default 0.01, views 2)
 
 `local=1` (noise, mix; always on for labelfree): the FrontNet is trained by a local auxiliary
 classifier on the IR inside the enclave (decoupled greedy learning, Belilovsky et al., ICML 2020)
@@ -148,7 +148,7 @@ DEFENCES: dict[str, _Kind] = {
     "mix": _Kind(group_mix, {"group": (2, 4096, int), "local": (0, 1, int)}, {"group": 4}),
     "labelfree": _Kind(batch_mean, {"local": (1, 1, int)}, {"local": 1}),
     "selfsup": _Kind(self_supervised_rows, {"local": (1, 1, int), "weight": (0.0, 100.0, float), "views": (1, 2, int)},
-                     {"local": 1, "weight": 1.0, "views": 2}),
+                     {"local": 1, "weight": 0.01, "views": 2}),
 }
 
 

@@ -72,7 +72,7 @@ class HostObjective:
     for the IR and, with `views=2`, for a second view of it (`ir_view`); `views=1` keeps only the
     variance and covariance terms (no second forward pass)."""
 
-    weight: float = 1.0
+    weight: float = 0.01
     views: int = 2
 
     def loss(self, module: nn.Module, ir: torch.Tensor, out: torch.Tensor, step: int) -> torch.Tensor:
