@@ -194,6 +194,12 @@ def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true",
                     help="run only the defences (to spread one table over several processes: the exposed and "
                     "sealed-head runs are the same in every process); the last line then holds the configurations only")
+    ap.add_argument("--baselines", default="exposed,sealed_head",
+                    help="which baselines to run (`exposed`, `sealed_head`, both, or `none`); without both, the last "
+                    "line holds the configurations only")
+    ap.add_argument("--combine", nargs="+", type=Path, default=None,
+                    help="train nothing: the summary over the configurations in these earlier outputs (their last "
+                    "lines, or their `[name] {...}` log lines), e.g. of processes that each ran a part of one table")
     ap.add_argument("--no-attacks", action="store_true",
                     help="train and measure accuracy only (every recovery is null): to explore configurations fast")
     ap.add_argument("--epochs", type=int, default=6)
@@ -205,6 +211,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.time()
+    if a.combine:
+        return summarise(a, combined(a.combine), None, t0)
     tr = load_image_folder(a.data / "train", PRE, limit_per_class=a.per_class)
     te = load_image_folder(a.data / "test", PRE, limit_per_class=a.test_per_class)
     log(f"data: {len(tr)} train, {len(te)} test ({time.time() - t0:.0f}s)")
@@ -216,8 +224,9 @@ def main() -> None:
     if a.defended and a.defended not in items:
         items.append(a.defended)
     specs = {t: parse_item(t, a.split, a.head) for t in items}
-    runs = [] if a.skip_baselines else [("exposed", a.split, 0, DefenceSpec(), False),
-                                        ("sealed_head", a.split, a.head, DefenceSpec(), False)]
+    base = set() if a.skip_baselines or a.baselines == "none" else set(a.baselines.split(","))
+    runs = [r for r in [("exposed", a.split, 0, DefenceSpec(), False),
+                        ("sealed_head", a.split, a.head, DefenceSpec(), False)] if r[0] in base]
     runs += [(item_name(k, h, sp, a.split), k, h, sp, False) for k, h, sp in specs.values()]
     runs += [(f"head{a.head}+{s.text}+exact_front", a.split, a.head, s, True)
              for s in (DefenceSpec.parse(t) for t in a.exact_front.replace(";", " ").split())]
@@ -228,12 +237,40 @@ def main() -> None:
         results[name] = train_and_attack(tr, te, owner, cfg, a.width, k, head, spec, a.seed, a.window, exact,
                                          pixels=name == "exposed", attack=not a.no_attacks)
         log(f"[{name}] {json.dumps(results[name])}")
-    if a.skip_baselines:
+    if base != {"exposed", "sealed_head"}:
         print(json.dumps({"configurations": results, "setup": {"command": "python benchmarks/bench_label_leakage.py "
                                                                + " ".join(sys.argv[1:]),
                                                                "load_average": [round(x, 2) for x in os.getloadavg()],
                                                                "total_seconds": round(time.time() - t0, 1)}}))
         return
+    summarise(a, results, len(tr), t0, len(te))
+
+
+def combined(paths: "list[Path]") -> dict:
+    """The configurations measured by earlier runs: each file's last JSON line, or its log lines."""
+    results: dict = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.startswith("{") and '"configurations"' in line:
+                results.update(json.loads(line)["configurations"])
+            elif line.startswith("[") and "] {" in line:
+                name, _, body = line[1:].partition("] ")
+                results[name] = json.loads(body)
+    return results
+
+
+def summarise(a, results: dict, n_train: "int | None", t0: float, n_test: "int | None" = None) -> None:
+    """The table (stderr) and the last line (stdout) over `results`, which hold every configuration."""
+    for need in ["exposed", "sealed_head"]:
+        if need not in results:
+            raise SystemExit(f"no {need} configuration to summarise")
+    items = [t for t in a.defences.replace(";", " ").split()]
+    if a.defended and a.defended not in items:
+        items.append(a.defended)
+    specs = {t: parse_item(t, a.split, a.head) for t in items}
+    missing = [t for t in items if item_name(*specs[t], a.split) not in results]
+    if missing:
+        raise SystemExit(f"no figures for {', '.join(missing)}")
     plain = results["exposed"]["accuracy"]
     log("")
     log(f"{'configuration':44s} {'gradient':>9s} {'forward':>8s} {'(last epoch)':>13s} {'accuracy':>9s} "
@@ -270,7 +307,7 @@ def main() -> None:
         "goal_met": d["recovery_gradient"] is not None and d["recovery_gradient"] <= chance + 0.10
                     and plain - d["accuracy"] <= 0.02,
         "configurations": results,
-        "setup": {"train": len(tr), "test": len(te), "participants": a.participants, "colluder": 0,
+        "setup": {"train": n_train, "test": n_test, "participants": a.participants, "colluder": 0,
                   "model": f"darknet width {a.width}", "split": a.split, "head": a.head, "epochs": a.epochs,
                   "batch": a.batch, "seed": a.seed, "window": a.window,
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} threads",
