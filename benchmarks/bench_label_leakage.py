@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--split", type=int, default=5, help="partition point k (FrontNet = first k layers)")
     ap.add_argument("--head", type=int, default=1, help="layers of the sealed head")
-    ap.add_argument("--defences", default="labelfree@k=8,head=3 labelfree@k=7,head=3 labelfree@k=8,head=1 labelfree "
+    ap.add_argument("--defences", default="labelfree@k=8,head=3 labelfree@k=7,head=3 labelfree "
                     "selfsup",
                     help="defences to measure, separated by spaces or ';', each with the sealed head; "
                     "`DEFENCE@k=K,head=H` measures one at another split and head (e.g. `labelfree@k=9,head=1`, "
