@@ -31,6 +31,11 @@ classifier on the IR inside the enclave (decoupled greedy learning, Belilovsky e
 instead of by the dL/dIR the host returns, so the defended gradient no longer reaches it; the
 host's reply is still checked and otherwise ignored (`local_classifier`).
 
+Which layers the host holds matters more than the defence: `labelfree` with a thin host (`train run
+--split 8 --head 3` on darknet: the host runs one conv layer, 24% of the work, between a FrontNet
+and a head the enclave trains) takes the gradient channel to chance at 1.4 points of accuracy,
+where at k=5 / head 1 it costs 26 (docs/caltrain.md, "Third round").
+
 The randomness must be secret: a host that could redraw the noise would subtract it. The enclave
 seeds it from its keyed run seed and the step (`step_generator`), so a rerun or a resumed run is
 bit-for-bit the same training.
