@@ -204,7 +204,7 @@ def _leak(head: int, defence: str, channel: str = "gradient", attack: type = Cen
     total = cfg.steps_per_epoch(320) * cfg.epochs
     enc = EnclaveTrainer(front, mapping, PRE, cfg, total, head_mod, DefenceSpec.parse(defence), defence_seed=123,
                          ir_shape=tuple(model.partition_points()[4].out_shape))
-    host = HostTrainer(back, cfg, total)
+    host = HostTrainer(back, cfg, total, objective=DefenceSpec.parse(defence).host_objective())
     namer, attack = ColumnNamer(10), attack(10, window=10)
     guesses, truth = [], []
     for step, _, idx in cfg.batches(320):
@@ -238,6 +238,62 @@ def test_labelfree_leaves_no_label_in_the_gradient_for_any_attack():
     assert _leak(1, "none", attack=KnnAttack) > 0.5 and _leak(1, "none", attack=ProbeAttack) > 0.5  # both read it
     for attack in (CentroidAttack, KnnAttack, ProbeAttack):
         assert _leak(1, "labelfree", attack=attack) < 0.2  # chance is 0.1
+
+
+def test_selfsup_leaves_no_label_in_the_gradient_for_any_attack():
+    for attack in (CentroidAttack, KnnAttack, ProbeAttack):
+        assert _leak(1, "selfsup", attack=attack) < 0.2  # chance is 0.1
+
+
+def test_selfsup_rows_and_the_hosts_own_loss_do_not_depend_on_any_instances_label():
+    """What the host learns from under `selfsup`: rows that are one vector per batch (whatever
+    instance has whatever label, as long as the batch's class mix is the same) and a loss of its
+    own inputs and outputs only; and the host's layers really move by that loss."""
+    torch.manual_seed(0)
+    model = darknet.build(width=4)
+    mapping = ClassMapping.random(10, torch.Generator().manual_seed(1))
+    front, back, head = split_with_head(model, 5, 1, mapping)
+    cfg = TrainConfig(epochs=1, batch=16, lr=0.05, seed=0, augment=False)
+    spec = DefenceSpec.parse("selfsup")
+    x, y = _coloured(16, 4)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    rows, updates = [], []
+    for labels in (y, y[perm]):  # the same images, the same class mix, labels on other instances
+        f, b, h = (copy.deepcopy(m) for m in (front, back, head))
+        enc = EnclaveTrainer(f, mapping, PRE, cfg, 1, h, spec, 5, ir_shape=(16, 8, 8))
+        host = HostTrainer(b, cfg, 1, objective=spec.host_objective())
+        out = host.forward(enc.forward(x, labels))
+        grad = enc.loss_grad(out)
+        rows.append(grad)
+        enc.backward(host.backward(grad))
+        updates.append(torch.cat([p.detach().flatten() for p in b.parameters()]))
+    assert torch.equal(rows[0], rows[0][:1].expand_as(rows[0]))  # one vector per batch
+    assert torch.allclose(rows[0], rows[1], atol=1e-7)  # the same (up to the order of the batch sum)
+    assert torch.allclose(updates[0], updates[1], atol=1e-6)  # the host's layers end up the same
+    before = torch.cat([p.detach().flatten() for p in back.parameters()])
+    zero = HostTrainer(copy.deepcopy(back), cfg, 1, objective=spec.host_objective())
+    ir = torch.randn(16, 16, 8, 8)
+    zero.backward(torch.zeros_like(zero.forward(ir)))  # no row from the enclave at all: its own loss still trains it
+    moved = torch.cat([p.detach().flatten() for p in zero.module.parameters()]) - before
+    assert moved.abs().max() > 1e-3
+    with pytest.raises(UserInputError):
+        DefenceSpec.parse("selfsup:views=3")
+    with pytest.raises(UserInputError):
+        DefenceSpec.parse("selfsup:local=0")
+    assert DefenceSpec.parse("selfsup:weight=0.1,views=1").host_objective().views == 1
+    assert DefenceSpec.parse("labelfree").host_objective() is None
+
+
+def test_host_flops_share_counts_the_hosts_layers():
+    from enclaveml.train.costs import host_flops_share, layer_macs
+
+    model = darknet.build(width=16)
+    macs = layer_macs(model, (3, 32, 32))
+    assert macs[0] == 32 * 32 * 16 * 27 and macs[1] == 0 and macs[-1] == 256 * 10  # conv1, pool1, fc
+    assert abs(host_flops_share(model, 5, 1) - sum(macs[5:12]) / sum(macs)) < 1e-12
+    assert round(host_flops_share(model, 5, 1), 3) == 0.716 and round(host_flops_share(model, 9, 1), 3) == 0.119
+    two = host_flops_share(model, 5, 1, host_passes=2)  # selfsup's second view doubles the host's part
+    assert abs(two - 2 * sum(macs[5:12]) / (sum(macs) + sum(macs[5:12]))) < 1e-12
 
 
 def test_a_local_frontnet_learns_without_the_hosts_gradient():
@@ -412,6 +468,49 @@ def test_train_run_with_a_sealed_head_trains_through_the_worker_and_the_host_nev
         assert len(grads) == cfg.steps_per_epoch(24) * cfg.epochs == 6
         assert all(g.shape == (8, 64) for g in grads)  # dL/dfeatures at the cut, never (8, 10) scores
         assert all(t["ir"].shape == (8, 16, 8, 8) for op, t, _ in host.seen if op == "forward")
+    finally:
+        host.close()
+
+
+def test_train_run_with_selfsup_trains_through_the_worker_with_one_row_per_batch(tmp_path, monkeypatch):
+    """The real system with a thin host: `train run --split 8 --head 3 --defence selfsup`: the
+    enclave hands back one vector per batch, and the host runs its own label-free loss."""
+    import os
+    import time
+
+    from enclaveml.crypto import SigningKey, seal_owner_command
+    from enclaveml.train import selfsup
+    from enclaveml.train.enclave import START
+    from enclaveml.train.instances import make_upload
+    from image_helpers import random_png
+
+    calls = []
+    real = selfsup.HostObjective.loss
+    monkeypatch.setattr(selfsup.HostObjective, "loss", lambda self, *a: calls.append(1) or real(self, *a))
+    owner, part = SigningKey.generate(), SigningKey.generate()
+    host = _RecordingHost.make(tmp_path / "store", owner.public_key().to_bytes().hex())
+    try:
+        ev = host.evidence(os.urandom(16).hex())
+        pub, plan = bytes.fromhex(ev["public_key"]), bytes.fromhex(ev["plan_hash"])
+        res = host.contribute([make_upload(pub, part, random_png(i), i % 10, plan=plan)[1] for i in range(16)])
+        assert all(r["status"] == "accepted" for r in res)
+        cfg = TrainConfig(epochs=1, batch=8, seed=0)
+        cmd = seal_owner_command(owner, pub, START, "thin", os.urandom(16), {
+            "model": "darknet:width=4", "split": 8, "config": cfg.to_dict(), "head": 3, "plan": plan.hex(),
+            "defence": DefenceSpec.parse("selfsup:weight=0.01").to_dict()})
+        st = host.start("thin", cmd, checkpoint_every=2)
+        for _ in range(600):
+            st = host.status("thin")
+            if st["state"] != "running":
+                break
+            time.sleep(0.1)
+        assert st["state"] == "done", st
+        start = next(h for op, _, h in host.seen if op == "start")
+        assert start["split"] == 8 and start["head"] == 3 and start["defence"]["name"] == "selfsup"
+        grads = [t["grad"] for op, t, _ in host.seen if op == "loss"]
+        assert len(grads) == 2 and all(g.shape == (8, 32, 2, 2) for g in grads)  # conv6's, after pool4
+        assert all(torch.equal(g, g[:1].expand_as(g)) for g in grads)  # one vector per batch
+        assert len(calls) == 2  # the host's own loss ran at every step
     finally:
         host.close()
 

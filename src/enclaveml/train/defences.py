@@ -21,11 +21,20 @@ host receives. Each is registered by name and parsed from `NAME[:key=value,...]`
                       vector for the whole batch: rows cannot be told apart, so no per-instance
                       label can be read from them); the FrontNet learns from a local classifier
                       in the enclave (below), not from the host's dL/dIR
+    selfsup:weight=W,views=V   `labelfree`'s rows, and the host trains its layers with a label-free
+                      self-supervised loss of its own inputs and outputs (`selfsup.py`: VICReg
+                      between the IR's output and a second view's, `views=1`: variance and
+                      covariance only), weighted by W (default 0.01, views 2)
 
 `local=1` (noise, mix; always on for labelfree): the FrontNet is trained by a local auxiliary
 classifier on the IR inside the enclave (decoupled greedy learning, Belilovsky et al., ICML 2020)
 instead of by the dL/dIR the host returns, so the defended gradient no longer reaches it; the
 host's reply is still checked and otherwise ignored (`local_classifier`).
+
+Which layers the host holds matters more than the defence: `labelfree` with a thin host (`train run
+--split 8 --head 3` on darknet: the host runs one conv layer, 24% of the work, between a FrontNet
+and a head the enclave trains) takes the gradient channel to chance at 1.4 points of accuracy,
+where at k=5 / head 1 it costs 26 (docs/caltrain.md, "Third round").
 
 The randomness must be secret: a host that could redraw the noise would subtract it. The enclave
 seeds it from its keyed run seed and the step (`step_generator`), so a rerun or a resumed run is
@@ -104,6 +113,14 @@ def batch_mean(grad: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, l
     return g.double().mean(0, keepdim=True).expand_as(g).to(g.dtype).reshape(grad.shape).clone()
 
 
+def self_supervised_rows(grad: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, local: int = 1,
+                         weight: float = 1.0, views: int = 2) -> torch.Tensor:
+    """`selfsup`'s rows: `labelfree`'s (the batch mean); the host's layers learn from their own
+    label-free objective (`selfsup.HostObjective`), which runs on the host."""
+    del weight, views
+    return batch_mean(grad, labels, gen, local)
+
+
 def local_classifier(ir_shape: "tuple[int, ...]", classes: int, gen: torch.Generator) -> torch.nn.Module:
     """The enclave's auxiliary classifier that trains the FrontNet under `local=1`: the IR pooled
     to 2x2 (a feature vector as is), then one Linear layer (DGL's simplest auxiliary problem).
@@ -135,6 +152,8 @@ DEFENCES: dict[str, _Kind] = {
                    {"scale": 2.0, "classwise": 0}),  # a setting without a default (local) is in `to_dict` only when given
     "mix": _Kind(group_mix, {"group": (2, 4096, int), "local": (0, 1, int)}, {"group": 4}),
     "labelfree": _Kind(batch_mean, {"local": (1, 1, int)}, {"local": 1}),
+    "selfsup": _Kind(self_supervised_rows, {"local": (1, 1, int), "weight": (0.0, 100.0, float), "views": (1, 2, int)},
+                     {"local": 1, "weight": 0.01, "views": 2}),
 }
 
 
@@ -203,6 +222,14 @@ class DefenceSpec:
     def local_front(self) -> bool:
         """Whether the FrontNet learns from the enclave's local classifier, not the host's dL/dIR."""
         return bool(self.settings.get("local", 0))
+
+    def host_objective(self):
+        """The label-free loss the host adds to its own training (`selfsup`), else None."""
+        if self.name != "selfsup":
+            return None
+        from .selfsup import HostObjective
+
+        return HostObjective(weight=float(self.settings["weight"]), views=int(self.settings["views"]))
 
     def apply(self, grad: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The rows the host receives in place of `grad` (one row per instance)."""

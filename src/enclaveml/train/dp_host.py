@@ -190,6 +190,8 @@ def run_rank(call: Call, rank: int, world: int, st: dict, device: str = "cpu", c
     spec = ModelSpec.parse(info["model"])
     cfg = TrainConfig.from_dict(info["config"])
     layers = host_layers(spec.build(), int(info["split"]), int(info.get("head", 0)))
+    if info.get("defence", {}).get("name") == "selfsup":  # its second view would sync twice per step
+        raise UserInputError("--defence selfsup is not offered with a data-parallel group (--enclaves 1)")
     host = DDPHostTrainer(layers, cfg, int(info["total_steps"]), device)
     if host_state:
         host.load_state_bytes(host_state)

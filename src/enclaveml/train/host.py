@@ -45,6 +45,7 @@ from ..errors import (DataError, EnclaveMLError, EvidenceRejected, PolicyViolati
                       UserInputError)
 from ..protocol import caltrain as msg
 from ..protocol.attest import EvidenceAnswer
+from .defences import DefenceSpec
 from .partitioned import HostTrainer, TrainConfig, host_layers
 from .plan import TrainingPlan
 from .spec import ModelSpec
@@ -256,7 +257,8 @@ class TrainingHost:
             cfg = TrainConfig.from_dict(info["config"])
             built = self.plan.build_model(spec.text, self.allowed_factories)  # the operator's allow-list
             back = host_layers(built, int(info["split"]), int(info.get("head", 0)))  # without the head
-            host = HostTrainer(back, cfg, int(info["total_steps"]), self.device)
+            objective = DefenceSpec.from_dict(info.get("defence")).host_objective()  # selfsup: its own loss
+            host = HostTrainer(back, cfg, int(info["total_steps"]), self.device, objective=objective)
             if ck:
                 host.load_state_bytes(ck[2])
                 if host.step != info["start_step"]:

@@ -251,25 +251,37 @@ class EnclaveTrainer(_Half):
 
 
 class HostTrainer(_Half):
-    """Host half: BackNet forward/backward on IRs, on CPU or GPU. Sees no label and no loss."""
+    """Host half: BackNet forward/backward on IRs, on CPU or GPU. Sees no label and no loss.
 
-    def __init__(self, back: nn.Module, cfg: TrainConfig, total_steps: int, device: str = "cpu"):
+    `objective` (`selfsup.HostObjective`, under `--defence selfsup`): a label-free loss of the
+    host's own inputs and outputs, added to what the enclave's rows ask of its layers.
+    """
+
+    def __init__(self, back: nn.Module, cfg: TrainConfig, total_steps: int, device: str = "cpu",
+                 objective=None):
         super().__init__(back, cfg, total_steps, device)
+        self.objective = objective
         self._ir: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
+        self._own_loss: torch.Tensor | None = None
 
     def forward(self, ir: torch.Tensor) -> torch.Tensor:
         self.module.train()
         self._ir = ir.detach().to(self.device).requires_grad_(True)
         self._scores = self.module(self._ir)
+        if self.objective is not None:
+            self._own_loss = self.objective.loss(self.module, self._ir, self._scores, self.step)
         return self._scores.detach().cpu()
 
     def backward(self, d_scores: torch.Tensor) -> torch.Tensor:
         if self._scores is None:
             raise UserInputError("backward before forward")
-        self._scores.backward(d_scores.to(self.device))
+        if self._own_loss is None:
+            self._scores.backward(d_scores.to(self.device))
+        else:
+            torch.autograd.backward([self._scores, self._own_loss], [d_scores.to(self.device), None])
         d_ir = self._ir.grad.detach().cpu()
-        self._ir, self._scores = None, None
+        self._ir, self._scores, self._own_loss = None, None, None
         self._apply_step()
         return d_ir
 
