@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from .. import keyfiles
+from ..timing import StageClock
 from ..crypto import HpkeKeyPair, VerifyKey, generate_key, open_owner_command, open_sealed, require_owner, seal
 from ..crypto import seal_request
 from ..errors import (DataError, EnclaveMLError, PolicyViolation, ReplayedMessage, TamperedMessage, Unauthorized,
@@ -191,6 +192,13 @@ class CalTrainEnclave:
         self.trainer: EnclaveTrainer | None = None
         self._final: dict | None = None
         self._order_cache: tuple[int, torch.Tensor] | None = None
+        #: Per-stage totals of this enclave's work (the worker's `stats` op; timing.py): counts and
+        #: times only, nothing about an instance.
+        self.clock = StageClock()
+        self._prefetch: "tuple[int, Any] | None" = None  # (step, Future of the batch for that step)
+        self._pool = None  # one thread that opens, verifies and prepares the next batch
+        #: Torch threads for the fingerprint pass (the host's BackNet is idle then); 0: unchanged.
+        self.finish_threads = 0
 
     def _key(self, label: bytes) -> bytes:
         """A sealing key of this backend, derived for this plan (what one plan seals, no other opens)."""
@@ -232,11 +240,13 @@ class CalTrainEnclave:
 
     def add_data(self, items: list[tuple[str, bytes]], reset: bool = False) -> int:
         """Sealed instances for the next run (`reset` starts a new set and ends the current run)."""
-        if reset:
-            self._items, self.trainer, self.run, self._order_cache = {}, None, None, None
-        for tag, tok in items:
-            self._items[tag] = tok
-        return len(self._items)
+        with self.clock.stage("add_data"):
+            if reset:
+                self._drop_prefetch()
+                self._items, self.trainer, self.run, self._order_cache = {}, None, None, None
+            for tag, tok in items:
+                self._items[tag] = tok
+            return len(self._items)
 
     def _open_command(self, command: bytes, kind: str):
         """Decrypt + verify an owner command of `kind` from the configured owner (nonce: `_consume_nonce`)."""
@@ -268,7 +278,9 @@ class CalTrainEnclave:
         defence = DefenceSpec.from_dict(choice.defence.to_dict())  # the plan's form, normalised
         if not self._items:
             raise DataError("no training instances have been contributed")
-        ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True, plan=self.plan_hash)
+        self._drop_prefetch()
+        with self.clock.stage("start_open_instances"):
+            ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True, plan=self.plan_hash)
         total = cfg.steps_per_epoch(len(ds)) * cfg.epochs
         run = {"run_id": cmd.model_id, "owner": cmd.owner.to_bytes().hex(), "model": spec.text, "split": k,
                "head": choice.head, "defence": choice.defence.to_dict(), "plan": self.plan_hash.hex(),
@@ -363,13 +375,71 @@ class CalTrainEnclave:
         return self._order_cache[1][b * cfg.batch:(b + 1) * cfg.batch]
 
     def forward(self, step: int) -> torch.Tensor:
+        """The IR of step `step` (which must be the next one). Its batch was opened, re-verified
+        and prepared ahead (`_prefetch_next`, while the host ran its BackNet) or is now; a batch
+        that fails its checks fails this step, before any of it reaches the FrontNet."""
         tr = self._need_run()
         if step != tr.step or step >= tr.total_steps:
             raise TamperedMessage(f"host asked for step {step}, the enclave is at step {tr.step} of {tr.total_steps}")
-        x, y = self.ds.batch(self._indices(step))
-        return tr.forward(x, y)
+        pre = self._take_prefetch(step)
+        if pre is None:
+            x, y, prepared = self._load_batch(tr, step, self._indices(step))
+        else:
+            with self.clock.stage("batch_wait"):
+                x, y, prepared = pre.result()  # re-raises a refused instance's error
+        with self.clock.stage("front_forward"):
+            ir = tr.forward(x, y) if prepared is None else tr.forward(x, y, prepared=prepared)
+        if step + 1 < tr.total_steps:
+            self._prefetch_next(tr, step + 1)
+        return ir
+
+    def _prepares_ahead(self, tr: EnclaveTrainer) -> bool:
+        """Whether `tr` uses `EnclaveTrainer.prepare` (a subclass with its own forward does not)."""
+        return type(tr).forward is EnclaveTrainer.forward
+
+    def _load_batch(self, tr: EnclaveTrainer, step: int, idx: torch.Tensor):
+        """(uint8 batch, labels, prepared input or None) of `step`: decrypt + re-verify every
+        instance (raises on the first that fails), then augment + normalise."""
+        with self.clock.stage("batch_open_verify"):
+            x, y = self.ds.batch(idx)
+        if not self._prepares_ahead(tr):
+            return x, y, None
+        with self.clock.stage("batch_prepare"):
+            return x, y, tr.prepare(x, step)
+
+    def _prefetch_next(self, tr: EnclaveTrainer, step: int) -> None:
+        """Start loading `step`'s batch on the enclave's own thread (the order is computed here)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="caltrain-prefetch")
+        idx = self._indices(step)
+        self._prefetch = (step, self._pool.submit(self._load_batch, tr, step, idx))
+
+    def _take_prefetch(self, step: int):
+        """The prefetched batch of `step`, if that is the one loaded (else None; it is dropped)."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is None:
+            return None
+        if pre[0] != step:
+            pre[1].cancel()
+            return None
+        return pre[1]
+
+    def _drop_prefetch(self) -> None:
+        """Forget a prefetched batch (a new run, a reset): wait for it so nothing runs behind us."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is not None and not pre[1].cancel():
+            try:
+                pre[1].result()
+            except Exception:
+                pass
 
     def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
+        with self.clock.stage("loss"):
+            return self._loss_grad(scores)
+
+    def _loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
         tr = self._need_run()
         rows = None if tr._y is None else tr._y.shape[0]  # None: EnclaveTrainer says "before forward"
         if scores.dtype != torch.float32 or tuple(scores.shape[1:]) != self._host_out \
@@ -380,7 +450,8 @@ class CalTrainEnclave:
 
     def backward(self, d_ir: torch.Tensor) -> int:
         tr = self._need_run()
-        tr.backward(d_ir.float())
+        with self.clock.stage("front_backward"):
+            tr.backward(d_ir.float())
         return tr.step
 
     def checkpoint(self) -> bytes:
@@ -409,18 +480,41 @@ class CalTrainEnclave:
         tr = self._need_run()
         if tr.step != tr.total_steps:
             raise UserInputError(f"training is at step {tr.step} of {tr.total_steps}")
+        self._drop_prefetch()
         host_layers(self.model, self.k, self.head).load_state_dict(load(back_state))
         permute_classifier(self.model, tr.mapping, inverse=True)  # the released model is in class order
-        fps = fingerprints(self.model, self.ds.all_pixels(), self.plan.preprocessing())
+        fps = self._fingerprints()
         records = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
         return self._seal_final(records)
+
+    def _fingerprints(self, chunk: int = 512) -> torch.Tensor:
+        """Every instance's fingerprint under the final model (eval mode, no augmentation), chunk
+        by chunk: the same batches of 256 as one `fingerprints` call over `all_pixels`, so the
+        same values, without holding every decrypted image at once. Signatures already checked
+        in this run's batches are not checked again (`EnclaveDataset.all_pixels`). With
+        `finish_threads`, torch uses that many threads meanwhile (the host waits idle)."""
+        pre, n = self.plan.preprocessing(), len(self.ds)
+        before = torch.get_num_threads()
+        if self.finish_threads > 0:
+            torch.set_num_threads(self.finish_threads)
+        try:
+            out = []
+            for i in range(0, n, chunk):
+                with self.clock.stage("fingerprints_open"):
+                    x, _ = self.ds.batch(torch.arange(i, min(i + chunk, n)), reverify=False)
+                with self.clock.stage("fingerprints_forward"):
+                    out.append(fingerprints(self.model, x, pre))
+        finally:
+            torch.set_num_threads(before)
+        return torch.cat(out) if out else torch.zeros(0, 0)
 
     def _seal_final(self, records: list, **extra) -> dict:
         """The end of a run (one enclave or a group's enclave 0): seal the linkage records under a
         fresh key and the released model with its header under the state key."""
         linkage_key = generate_key()
         store_id = self.run["run_id"]
-        tokens, meta_token = seal_records(linkage_key, records, store_id)
+        with self.clock.stage("seal_records"):
+            tokens, meta_token = seal_records(linkage_key, records, store_id)
         front, back = self.model.split(self.k)
         files = {"model.safetensors": _safetensors_bytes(self.model.state_dict()),
                  "front.safetensors": _safetensors_bytes(front.state_dict()),
@@ -431,7 +525,8 @@ class CalTrainEnclave:
                   "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
                   "preprocessing": self.plan.preprocessing().to_dict(), "config": self.run["config"],
                   "instances": len(records), "linkage_key": linkage_key.hex(), "owner": self.run["owner"], **extra}
-        final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
+        with self.clock.stage("seal_final"):
+            final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
         self._records = tokens
         return {"records": len(tokens), "meta_token": meta_token, "final": final}
 
