@@ -197,6 +197,8 @@ class CalTrainEnclave:
         self.clock = StageClock()
         self._prefetch: "tuple[int, Any] | None" = None  # (step, Future of the batch for that step)
         self._pool = None  # one thread that opens, verifies and prepares the next batch
+        #: Load the next step's batch while the host works (False: each batch when its step asks).
+        self.prefetch = True
         #: Torch threads for the fingerprint pass (the host's BackNet is idle then); 0: unchanged.
         self.finish_threads = 0
 
@@ -389,7 +391,7 @@ class CalTrainEnclave:
                 x, y, prepared = pre.result()  # re-raises a refused instance's error
         with self.clock.stage("front_forward"):
             ir = tr.forward(x, y) if prepared is None else tr.forward(x, y, prepared=prepared)
-        if step + 1 < tr.total_steps:
+        if self.prefetch and step + 1 < tr.total_steps:
             self._prefetch_next(tr, step + 1)
         return ir
 
