@@ -52,7 +52,7 @@ from ..crypto import HpkeKeyPair, VerifyKey, generate_key, open_owner_command, o
 from ..crypto import seal_request
 from ..errors import (DataError, EnclaveMLError, PolicyViolation, ReplayedMessage, TamperedMessage, Unauthorized,
                       UserInputError)
-from .fingerprint import fingerprints
+from .fingerprint import channels_last_copy, fingerprints
 from .instances import EnclaveDataset, InstanceIngest
 from .linkage import LinkageRecord, seal_records
 from .defences import DefenceSpec
@@ -199,8 +199,8 @@ class CalTrainEnclave:
         self._pool = None  # one thread that opens, verifies and prepares the next batch
         #: Load the next step's batch while the host works (False: each batch when its step asks).
         self.prefetch = True
-        #: Torch threads for the fingerprint pass (the host's BackNet is idle then); 0: unchanged.
-        self.finish_threads = 0
+        #: The fingerprint pass in channels-last layout (False: the layout `fingerprints` defaults to).
+        self.channels_last = True
 
     def _key(self, label: bytes) -> bytes:
         """A sealing key of this backend, derived for this plan (what one plan seals, no other opens)."""
@@ -493,21 +493,17 @@ class CalTrainEnclave:
         """Every instance's fingerprint under the final model (eval mode, no augmentation), chunk
         by chunk: the same batches of 256 as one `fingerprints` call over `all_pixels`, so the
         same values, without holding every decrypted image at once. Signatures already checked
-        in this run's batches are not checked again (`EnclaveDataset.all_pixels`). With
-        `finish_threads`, torch uses that many threads meanwhile (the host waits idle)."""
+        in this run's batches are not checked again (`EnclaveDataset.all_pixels`). Channels-last
+        (`fingerprints(channels_last=True)`): 1.8x faster, equal up to float rounding. (Two torch
+        threads for this pass, while the host waits, were 3.4x slower at load 9 on 2 cores.)"""
         pre, n = self.plan.preprocessing(), len(self.ds)
-        before = torch.get_num_threads()
-        if self.finish_threads > 0:
-            torch.set_num_threads(self.finish_threads)
-        try:
-            out = []
-            for i in range(0, n, chunk):
-                with self.clock.stage("fingerprints_open"):
-                    x, _ = self.ds.batch(torch.arange(i, min(i + chunk, n)), reverify=False)
-                with self.clock.stage("fingerprints_forward"):
-                    out.append(fingerprints(self.model, x, pre))
-        finally:
-            torch.set_num_threads(before)
+        model = channels_last_copy(self.model) if self.channels_last else self.model  # the released one untouched
+        out = []
+        for i in range(0, n, chunk):
+            with self.clock.stage("fingerprints_open"):
+                x, _ = self.ds.batch(torch.arange(i, min(i + chunk, n)), reverify=False)
+            with self.clock.stage("fingerprints_forward"):
+                out.append(fingerprints(model, x, pre, channels_last=self.channels_last))
         return torch.cat(out) if out else torch.zeros(0, 0)
 
     def _seal_final(self, records: list, **extra) -> dict:

@@ -129,8 +129,6 @@ def _add_arguments(p) -> None:
     p.add_argument("--group", action="store_true", help="one enclave of a data-parallel group (dp_enclave.py)")
     p.add_argument("--allow-factory", action="append", default=[],
                    help="a user architecture (package.module:function) this enclave may build (measured config)")
-    p.add_argument("--finish-threads", type=int, default=0,
-                   help="torch threads for the fingerprint pass after the last step (0: --torch-threads)")
 
 
 def _config(args) -> dict:
@@ -153,7 +151,6 @@ def _build(backend, args, config):
         enc = DistributedEnclave(backend, owner=config["owner"], plan=plan, allowed_factories=factories)
     else:
         enc = CalTrainEnclave(backend, owner=config["owner"], plan=plan, allowed_factories=factories)
-    enc.finish_threads = max(0, int(args.finish_threads))
     _warm_up()
     return _registry(enc), lambda: {"app": "caltrain", "plan_hash": enc.plan_hash.hex()}
 

@@ -136,9 +136,7 @@ class TrainingHost:
         self._run_lock = threading.Lock()
         self.tee = tee
         self.group = None  # data-parallel peers (dp_host.PeerGroup) when enclaves > 1
-        # The fingerprint pass after the last step may use the host's threads too: it waits idle then.
-        finish = ["--finish-threads", str(2 * max(1, threads))] if enclaves == 1 else []
-        self.worker = WorkerSpec(WORKER_MODULE, ["--tee", tee, "--torch-threads", str(threads), *finish,
+        self.worker = WorkerSpec(WORKER_MODULE, ["--tee", tee, "--torch-threads", str(threads),
                                                  *worker_args(owner_hex, plan, self.allowed_factories, enclaves > 1)],
                                  socket_path=worker_socket, launch=worker_launch)
         #: What /healthz reports: "ok", or why the enclave cannot serve now (as the serving host).
