@@ -171,7 +171,7 @@ def phases_of(res: dict, st: dict[str, float]) -> dict[str, float]:
     steps (the host's step loop), finish (fingerprints + sealed linkage records + final state, as
     the owner waits for them), release (attest again + release + the model folder and bundle)."""
     p = res.get("phases", {})
-    steps = sum(v for k, v in st.items() if k.startswith("host.step_") or k == "host.checkpoint")
+    steps = st.get("host.run_steps", 0.0)
     return {"attest": round(p.get("plan", 0) + p.get("attest", 0), 3), "start": p.get("start", 0.0),
             "steps": round(steps, 3), "finish": round(p.get("train", 0) - steps, 3),
             "release": round(p.get("release_attest", 0) + p.get("release", 0), 3)}

@@ -148,6 +148,10 @@ def test_the_fingerprint_pass_equals_one_pass_over_every_instance(enc):
     default = fingerprints(enc.model, x_all, pre)
     assert torch.allclose(separate, default, atol=1e-5)
     assert enc.model.layers[0][0].weight.is_contiguous()  # the released model keeps its layout
+    enc.fingerprint_workers = 1
+    serial = enc._fingerprints(chunk=8)  # 3 chunks
+    enc.fingerprint_workers = 2
+    assert torch.equal(enc._fingerprints(chunk=8), serial)  # chunks on 2 threads: the same values, in order
     enc.channels_last = False
     assert torch.equal(enc._fingerprints(), default)
 

@@ -300,6 +300,7 @@ class TrainingHost:
         try:
             total = st["total"]
             ir = None
+            steps_from = time.perf_counter()
             for step in range(host.step, total):
                 if ir is None:
                     with clock.stage("step_enclave_forward"):
@@ -324,6 +325,8 @@ class TrainingHost:
                         h, _, b = self.call("checkpoint")
                         rs.save_checkpoint(int(h["step"]), b["checkpoint"], host.state_bytes())
                     st["checkpoint"] = int(h["step"])
+            finish_from = time.perf_counter()
+            clock.add("run_steps", int((finish_from - steps_from) * 1e9))  # the whole step loop
             from safetensors.torch import save
 
             with clock.stage("finish_enclave"):  # fingerprints, sealed linkage records, sealed release
@@ -341,6 +344,7 @@ class TrainingHost:
                     store.write_sealed(tokens, b["meta"])
             with clock.stage("finish_save_final"):
                 rs.save_final(b["final"])
+            clock.add("run_finish", int((time.perf_counter() - finish_from) * 1e9))
             self._set_run(st, state="done", seconds=round(time.time() - st["started"], 1))
         except Exception as e:  # the run stops; the server goes on serving
             self.metrics["train_failed"] += 1
