@@ -13,9 +13,20 @@ distribution.)
                             all training steps over the channel (the enclave decrypts and
                             re-verifies each batch), fingerprints + sealed linkage records, and
                             the release sealed to the owner
-    seconds_caltrain_steps  the training steps alone (start answered -> status shows the last
-                            step; polled every 0.1 s)
+    seconds_caltrain_steps  the training steps alone: the host's step loop (its stage clock
+                            `run_steps`, `GET /train/stages`)
     seconds_caltrain_server the host's own count: steps + fingerprints + linkage records
+    phases_caltrain         where the end-to-end time goes (median s): attest (plan + evidence),
+                            start (the start request: sealed instances to the enclave, which opens
+                            them; its model and the host's BackNet), steps, finish (the owner's
+                            wait after the last step: fingerprints, sealed linkage records, the
+                            sealed final state, the long poll's answer), release (attest again,
+                            the sealed release, the model folder and its bundle)
+    fixed_seconds_caltrain  seconds_caltrain - steps (median): the per-run costs outside the steps
+    stages_caltrain         the host's (`host.*`) and the enclave's (`enclave.*`) stage totals per
+                            run (median s; enclave.batch_* run on its prefetch thread, overlapped
+                            with the host's BackNet; `enclave.batch_wait` is what the steps waited
+                            for them). Printed as a table on stderr before the JSON line.
     seconds_plain           the plain training loop on decoded uint8 images already in memory
     time_ratio              seconds_caltrain / seconds_plain (time_ratio_steps: steps only)
     accuracy_*              top-1 on the test images (`--test-per-class`, default all)
