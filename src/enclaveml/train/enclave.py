@@ -497,10 +497,11 @@ class CalTrainEnclave:
         by chunk: the same batches of 256 as one `fingerprints` call over `all_pixels`, so the
         same values, without holding every decrypted image at once. Signatures already checked
         in this run's batches are not checked again (`EnclaveDataset.all_pixels`). Channels-last
-        (`fingerprints(channels_last=True)`): 1.8x faster, equal up to float rounding. Chunks run
+        (`fingerprints(channels_last=True)`): 1.4x faster, equal up to float rounding. Chunks run
         on `fingerprint_workers` threads of one torch thread each (the host's core is idle
         meanwhile), the same values as one after the other. (Two torch intra-op threads instead
-        were 3.4x slower at load 9 on 2 cores: their barriers spin when the cores are busy.)"""
+        were 2.1-3.4x slower than one at load 9-15 on 2 cores: their barriers spin on busy cores;
+        `benchmarks/bench_fingerprint_pass.py`.)"""
         import copy
         from concurrent.futures import ThreadPoolExecutor
 

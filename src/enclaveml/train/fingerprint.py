@@ -36,7 +36,7 @@ def fingerprints(model: nn.Module, x_u8: torch.Tensor, pre: Preprocessing, batch
     """uint8 N,C,H,W -> float32 N,D unit vectors (eval mode, no augmentation).
 
     `channels_last`: run a channels-last copy of the model on channels-last inputs (the training
-    enclave's fingerprint pass: 1.8x faster for darknet on one CPU thread; the same values up to
+    enclave's fingerprint pass: 1.4x faster for darknet on one CPU thread at load 15, `benchmarks/bench_fingerprint_pass.py`; the same values up to
     float rounding, 2.4e-7 at most for `darknet:width=16`, docs/caltrain.md)."""
     if channels_last and not getattr(model, "_channels_last_copy", False):
         model = channels_last_copy(model)
