@@ -13,9 +13,20 @@ distribution.)
                             all training steps over the channel (the enclave decrypts and
                             re-verifies each batch), fingerprints + sealed linkage records, and
                             the release sealed to the owner
-    seconds_caltrain_steps  the training steps alone (start answered -> status shows the last
-                            step; polled every 0.1 s)
+    seconds_caltrain_steps  the training steps alone: the host's step loop (its stage clock
+                            `run_steps`, `GET /train/stages`)
     seconds_caltrain_server the host's own count: steps + fingerprints + linkage records
+    phases_caltrain         where the end-to-end time goes (median s): attest (plan + evidence),
+                            start (the start request: sealed instances to the enclave, which opens
+                            them; its model and the host's BackNet), steps, finish (the owner's
+                            wait after the last step: fingerprints, sealed linkage records, the
+                            sealed final state, the long poll's answer), release (attest again,
+                            the sealed release, the model folder and its bundle)
+    fixed_seconds_caltrain  seconds_caltrain - steps (median): the per-run costs outside the steps
+    stages_caltrain         the host's (`host.*`) and the enclave's (`enclave.*`) stage totals per
+                            run (median s; enclave.batch_* run on its prefetch thread, overlapped
+                            with the host's BackNet; `enclave.batch_wait` is what the steps waited
+                            for them). Printed as a table on stderr before the JSON line.
     seconds_plain           the plain training loop on decoded uint8 images already in memory
     time_ratio              seconds_caltrain / seconds_plain (time_ratio_steps: steps only)
     accuracy_*              top-1 on the test images (`--test-per-class`, default all)
@@ -62,6 +73,7 @@ from enclaveml.crypto import SigningKey
 from enclaveml.data.folder import load_image_folder
 from enclaveml.tee import Evidence, verify_claims_only, write_policy
 from enclaveml.tee.sim import sim_policy
+from enclaveml.timing import diff
 from enclaveml.train.client import HostClient
 from enclaveml.train.enclave import enclave_config
 from enclaveml.train.fingerprint import predict
@@ -143,22 +155,50 @@ def train_plain(spec: ModelSpec, tr, cfg: TrainConfig) -> tuple[torch.nn.Module,
     return model, time.perf_counter() - t0
 
 
+def stages(url: str) -> dict:
+    """The server's per-stage totals (host and enclave, `GET /train/stages`)."""
+    c = HostClient(url)
+    try:
+        return c.get_json("/train/stages")
+    finally:
+        c.close()
+
+
+def stage_seconds(after: dict, before: dict) -> dict[str, float]:
+    """Wall seconds per stage between two `stages` snapshots, host stages as `host.X`, enclave's as `enclave.X`."""
+    out = {}
+    for side in ("host", "enclave"):
+        for k, v in diff(after.get(side, {}), before.get(side, {})).items():
+            out[f"{side}.{k}"] = round(v["wall_ns"] / 1e9, 3)
+    return out
+
+
+#: The run's phases (s) from the owner's clock and the host's stage clock (see the module docstring).
+PHASES = ("attest", "start", "steps", "finish", "release")
+
+
+def phases_of(res: dict, st: dict[str, float]) -> dict[str, float]:
+    """attest (plan + evidence), start (the owner's start request: add_data + the enclave's start),
+    steps (the host's step loop), finish (fingerprints + sealed linkage records + final state, as
+    the owner waits for them), release (attest again + release + the model folder and bundle)."""
+    p = res.get("phases", {})
+    steps = st.get("host.run_steps", 0.0)
+    return {"attest": round(p.get("plan", 0) + p.get("attest", 0), 3), "start": p.get("start", 0.0),
+            "steps": round(steps, 3), "finish": round(p.get("train", 0) - steps, 3),
+            "release": round(p.get("release_attest", 0) + p.get("release", 0), 3)}
+
+
 def train_networked(url: str, work: Path, owner_key: Path, spec: ModelSpec, split: int, cfg: TrainConfig,
                     run_id: str) -> dict:
-    """One `train run` against the server; its times (s) and the release in work/<run_id>."""
-    seen: dict[str, float] = {}
-
-    def progress(st: dict) -> None:
-        seen.setdefault("started", time.perf_counter())
-        if st.get("step") == st.get("total"):
-            seen.setdefault("steps_done", time.perf_counter())
-
+    """One `train run` against the server; its times (s), phases, stages and the release in work/<run_id>."""
+    before = stages(url)
     t0 = time.perf_counter()
     res = owner_run(url, work / "policy.toml", spec.text, split, cfg, owner_key, work / run_id, run_id=run_id,
-                    checkpoint_every=10**6, poll=0.1, progress=progress)
+                    checkpoint_every=10**6, poll=1.0)
     t = time.perf_counter() - t0
-    return {"seconds": t, "steps": seen.get("steps_done", t0 + t) - seen.get("started", t0),
-            "server": res.get("seconds")}
+    st = stage_seconds(stages(url), before)
+    ph = phases_of(res, st)
+    return {"seconds": t, "steps": ph["steps"], "server": res.get("seconds"), "phases": ph, "stages": st}
 
 
 def accuracy(model, te, spec: ModelSpec) -> float:
@@ -217,7 +257,8 @@ def main() -> None:
                 log(f"CalTrain training {r + 1}/{a.repeats} (networked) ...")
                 cal.append(train_networked(url, work, owner_key, spec, a.split, cfg, f"bench-{r}"))
                 log(f"  {cal[-1]['seconds']:.1f} s end to end, steps {cal[-1]['steps']:.1f} s "
-                    f"(server: {cal[-1]['server']} s)")
+                    f"(server: {cal[-1]['server']} s); phases (s): "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in cal[-1]["phases"].items()))
                 t_plains.append(plain_run(r + 1)[1])
         finally:
             os.killpg(proc.pid, signal.SIGTERM)  # the host and its enclave worker: the group we started
@@ -246,6 +287,11 @@ def main() -> None:
         "seconds_caltrain_runs": [round(c["seconds"], 1) for c in cal],
         "seconds_plain_runs": [round(t, 1) for t in t_plains],
         "seconds_contribute": round(t_contribute, 1),
+        # medians over the CalTrain runs: where the end-to-end time goes
+        "phases_caltrain": {k: round(statistics.median(c["phases"][k] for c in cal), 3) for k in PHASES},
+        "fixed_seconds_caltrain": round(statistics.median(c["seconds"] - c["phases"]["steps"] for c in cal), 3),
+        "stages_caltrain": {k: round(statistics.median(c["stages"].get(k, 0.0) for c in cal), 3)
+                            for k in sorted({k for c in cal for k in c["stages"]})},
         "accuracy_caltrain": round(accuracy(caltrain, te, spec), 4),
         "accuracy_plain": round(accuracy(plain, te, spec), 4),
         "networked_runs_identical": identical,
@@ -254,6 +300,11 @@ def main() -> None:
         "config": cfg.to_dict(), "threads": a.threads, "tee": "sim", "device": "cpu",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
     }
+    log("phases of a CalTrain run (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in out["phases_caltrain"].items())
+        + f"; fixed (end to end - steps) {out['fixed_seconds_caltrain']:.2f}")
+    log("stages (median s; host.step_* are the step loop, enclave.* the enclave's own work):")
+    for k, v in out["stages_caltrain"].items():
+        log(f"  {k:<40} {v:8.3f}")
     print(json.dumps(out))
 
 

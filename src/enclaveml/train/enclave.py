@@ -41,17 +41,19 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import struct
 from typing import Any
 
 import torch
 
 from .. import keyfiles
+from ..timing import StageClock
 from ..crypto import HpkeKeyPair, VerifyKey, generate_key, open_owner_command, open_sealed, require_owner, seal
 from ..crypto import seal_request
 from ..errors import (DataError, EnclaveMLError, PolicyViolation, ReplayedMessage, TamperedMessage, Unauthorized,
                       UserInputError)
-from .fingerprint import fingerprints
+from .fingerprint import channels_last_copy, fingerprints
 from .instances import EnclaveDataset, InstanceIngest
 from .linkage import LinkageRecord, seal_records
 from .defences import DefenceSpec
@@ -191,6 +193,17 @@ class CalTrainEnclave:
         self.trainer: EnclaveTrainer | None = None
         self._final: dict | None = None
         self._order_cache: tuple[int, torch.Tensor] | None = None
+        #: Per-stage totals of this enclave's work (the worker's `stats` op; timing.py): counts and
+        #: times only, nothing about an instance.
+        self.clock = StageClock()
+        self._prefetch: "tuple[int, Any] | None" = None  # (step, Future of the batch for that step)
+        self._pool = None  # one thread that opens, verifies and prepares the next batch
+        #: Load the next step's batch while the host works (False: each batch when its step asks).
+        self.prefetch = True
+        #: The fingerprint pass in channels-last layout (False: the layout `fingerprints` defaults to).
+        self.channels_last = True
+        #: Threads of the fingerprint pass (each chunk on one; the host waits idle then).
+        self.fingerprint_workers = min(2, os.cpu_count() or 1)
 
     def _key(self, label: bytes) -> bytes:
         """A sealing key of this backend, derived for this plan (what one plan seals, no other opens)."""
@@ -232,11 +245,13 @@ class CalTrainEnclave:
 
     def add_data(self, items: list[tuple[str, bytes]], reset: bool = False) -> int:
         """Sealed instances for the next run (`reset` starts a new set and ends the current run)."""
-        if reset:
-            self._items, self.trainer, self.run, self._order_cache = {}, None, None, None
-        for tag, tok in items:
-            self._items[tag] = tok
-        return len(self._items)
+        with self.clock.stage("add_data"):
+            if reset:
+                self._drop_prefetch()
+                self._items, self.trainer, self.run, self._order_cache = {}, None, None, None
+            for tag, tok in items:
+                self._items[tag] = tok
+            return len(self._items)
 
     def _open_command(self, command: bytes, kind: str):
         """Decrypt + verify an owner command of `kind` from the configured owner (nonce: `_consume_nonce`)."""
@@ -268,7 +283,9 @@ class CalTrainEnclave:
         defence = DefenceSpec.from_dict(choice.defence.to_dict())  # the plan's form, normalised
         if not self._items:
             raise DataError("no training instances have been contributed")
-        ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True, plan=self.plan_hash)
+        self._drop_prefetch()
+        with self.clock.stage("start_open_instances"):
+            ds = EnclaveDataset(self._data_key, list(self._items.items()), sort=True, plan=self.plan_hash)
         total = cfg.steps_per_epoch(len(ds)) * cfg.epochs
         run = {"run_id": cmd.model_id, "owner": cmd.owner.to_bytes().hex(), "model": spec.text, "split": k,
                "head": choice.head, "defence": choice.defence.to_dict(), "plan": self.plan_hash.hex(),
@@ -363,13 +380,71 @@ class CalTrainEnclave:
         return self._order_cache[1][b * cfg.batch:(b + 1) * cfg.batch]
 
     def forward(self, step: int) -> torch.Tensor:
+        """The IR of step `step` (which must be the next one). Its batch was opened, re-verified
+        and prepared ahead (`_prefetch_next`, while the host ran its BackNet) or is now; a batch
+        that fails its checks fails this step, before any of it reaches the FrontNet."""
         tr = self._need_run()
         if step != tr.step or step >= tr.total_steps:
             raise TamperedMessage(f"host asked for step {step}, the enclave is at step {tr.step} of {tr.total_steps}")
-        x, y = self.ds.batch(self._indices(step))
-        return tr.forward(x, y)
+        pre = self._take_prefetch(step)
+        if pre is None:
+            x, y, prepared = self._load_batch(tr, step, self._indices(step))
+        else:
+            with self.clock.stage("batch_wait"):
+                x, y, prepared = pre.result()  # re-raises a refused instance's error
+        with self.clock.stage("front_forward"):
+            ir = tr.forward(x, y) if prepared is None else tr.forward(x, y, prepared=prepared)
+        if self.prefetch and step + 1 < tr.total_steps:
+            self._prefetch_next(tr, step + 1)
+        return ir
+
+    def _prepares_ahead(self, tr: EnclaveTrainer) -> bool:
+        """Whether `tr` uses `EnclaveTrainer.prepare` (a subclass with its own forward does not)."""
+        return type(tr).forward is EnclaveTrainer.forward
+
+    def _load_batch(self, tr: EnclaveTrainer, step: int, idx: torch.Tensor):
+        """(uint8 batch, labels, prepared input or None) of `step`: decrypt + re-verify every
+        instance (raises on the first that fails), then augment + normalise."""
+        with self.clock.stage("batch_open_verify"):
+            x, y = self.ds.batch(idx)
+        if not self._prepares_ahead(tr):
+            return x, y, None
+        with self.clock.stage("batch_prepare"):
+            return x, y, tr.prepare(x, step)
+
+    def _prefetch_next(self, tr: EnclaveTrainer, step: int) -> None:
+        """Start loading `step`'s batch on the enclave's own thread (the order is computed here)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="caltrain-prefetch")
+        idx = self._indices(step)
+        self._prefetch = (step, self._pool.submit(self._load_batch, tr, step, idx))
+
+    def _take_prefetch(self, step: int):
+        """The prefetched batch of `step`, if that is the one loaded (else None; it is dropped)."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is None:
+            return None
+        if pre[0] != step:
+            pre[1].cancel()
+            return None
+        return pre[1]
+
+    def _drop_prefetch(self) -> None:
+        """Forget a prefetched batch (a new run, a reset): wait for it so nothing runs behind us."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is not None and not pre[1].cancel():
+            try:
+                pre[1].result()
+            except Exception:
+                pass
 
     def loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
+        with self.clock.stage("loss"):
+            return self._loss_grad(scores)
+
+    def _loss_grad(self, scores: torch.Tensor) -> torch.Tensor:
         tr = self._need_run()
         rows = None if tr._y is None else tr._y.shape[0]  # None: EnclaveTrainer says "before forward"
         if scores.dtype != torch.float32 or tuple(scores.shape[1:]) != self._host_out \
@@ -380,7 +455,8 @@ class CalTrainEnclave:
 
     def backward(self, d_ir: torch.Tensor) -> int:
         tr = self._need_run()
-        tr.backward(d_ir.float())
+        with self.clock.stage("front_backward"):
+            tr.backward(d_ir.float())
         return tr.step
 
     def checkpoint(self) -> bytes:
@@ -409,18 +485,51 @@ class CalTrainEnclave:
         tr = self._need_run()
         if tr.step != tr.total_steps:
             raise UserInputError(f"training is at step {tr.step} of {tr.total_steps}")
+        self._drop_prefetch()
         host_layers(self.model, self.k, self.head).load_state_dict(load(back_state))
         permute_classifier(self.model, tr.mapping, inverse=True)  # the released model is in class order
-        fps = fingerprints(self.model, self.ds.all_pixels(), self.plan.preprocessing())
+        fps = self._fingerprints()
         records = [LinkageRecord(fps[i].numpy(), m[3], m[0], m[1], m[2]) for i, m in enumerate(self.ds.meta)]
         return self._seal_final(records)
+
+    def _fingerprints(self, chunk: int = 512) -> torch.Tensor:
+        """Every instance's fingerprint under the final model (eval mode, no augmentation), chunk
+        by chunk: the same batches of 256 as one `fingerprints` call over `all_pixels`, so the
+        same values, without holding every decrypted image at once. Signatures already checked
+        in this run's batches are not checked again (`EnclaveDataset.all_pixels`). Channels-last
+        (`fingerprints(channels_last=True)`): 1.4x faster, equal up to float rounding. Chunks run
+        on `fingerprint_workers` threads of one torch thread each (the host's core is idle
+        meanwhile), the same values as one after the other. (Two torch intra-op threads instead
+        were 2.1-3.4x slower than one at load 9-15 on 2 cores: their barriers spin on busy cores;
+        `benchmarks/bench_fingerprint_pass.py`.)"""
+        import copy
+        from concurrent.futures import ThreadPoolExecutor
+
+        pre, n = self.plan.preprocessing(), len(self.ds)
+        # a copy (the released model is untouched), in eval mode before any thread uses it
+        model = (channels_last_copy(self.model) if self.channels_last else copy.deepcopy(self.model)).eval()
+
+        def one(i: int) -> torch.Tensor:
+            with self.clock.stage("fingerprints_open"):
+                x, _ = self.ds.batch(torch.arange(i, min(i + chunk, n)), reverify=False)
+            with self.clock.stage("fingerprints_forward"):
+                return fingerprints(model, x, pre, channels_last=self.channels_last)
+
+        starts = range(0, n, chunk)
+        if self.fingerprint_workers > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(self.fingerprint_workers, thread_name_prefix="caltrain-fp") as pool:
+                out = list(pool.map(one, starts))  # in order; each chunk computed as it would be alone
+        else:
+            out = [one(i) for i in starts]
+        return torch.cat(out) if out else torch.zeros(0, 0)
 
     def _seal_final(self, records: list, **extra) -> dict:
         """The end of a run (one enclave or a group's enclave 0): seal the linkage records under a
         fresh key and the released model with its header under the state key."""
         linkage_key = generate_key()
         store_id = self.run["run_id"]
-        tokens, meta_token = seal_records(linkage_key, records, store_id)
+        with self.clock.stage("seal_records"):
+            tokens, meta_token = seal_records(linkage_key, records, store_id)
         front, back = self.model.split(self.k)
         files = {"model.safetensors": _safetensors_bytes(self.model.state_dict()),
                  "front.safetensors": _safetensors_bytes(front.state_dict()),
@@ -431,7 +540,8 @@ class CalTrainEnclave:
                   "plan": self.plan.to_dict(), "plan_hash": self.plan_hash.hex(),
                   "preprocessing": self.plan.preprocessing().to_dict(), "config": self.run["config"],
                   "instances": len(records), "linkage_key": linkage_key.hex(), "owner": self.run["owner"], **extra}
-        final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
+        with self.clock.stage("seal_final"):
+            final = seal(self._state_key, pack_files(header, files), b"caltrain/final")
         self._records = tokens
         return {"records": len(tokens), "meta_token": meta_token, "final": final}
 

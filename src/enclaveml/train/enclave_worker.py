@@ -12,7 +12,9 @@ training plan (`--plan`, canonical JSON; default the owner's open plan) is bound
 itself: report data, per-plan keys (plan.py).
 
 Ops (header "op"): info, ping (the runtime's), evidence, ingest, add_data, start, forward, loss,
-backward, checkpoint, finish, records, release, audit_records, audit; with `--group` (one enclave
+backward (`then_forward`: and the next step's forward), checkpoint, finish, records, release,
+audit_records, audit, stats (per-stage time totals, `timing.StageClock`, answered on the reading
+thread); with `--group` (one enclave
 of a data-parallel group, dp_enclave.py) also the `dp_*` ops of dp_worker_ops.py. Failures
 travel back as {"error": kind, "message": text}. `--allow-factory` names the user architectures
 this enclave may build (measured configuration).
@@ -63,9 +65,18 @@ def register_ops(ops: OpRegistry, enc) -> OpRegistry:
     def loss(call):
         return {}, {"grad": enc.loss_grad(call.tensors["scores"])}, None
 
-    @ops.op("backward", tensors=("grad",))
-    def backward(call):
-        return {"step": enc.backward(call.tensors["grad"])}
+    @ops.op("backward", tensors=("grad",), then_forward=Bool())
+    def backward(call, then_forward):
+        """dL/dIR of the current step; with `then_forward`, also the next step's IR in the same
+        answer (one round trip fewer per step; the host asks for it except before a checkpoint)."""
+        step = enc.backward(call.tensors["grad"])
+        if then_forward and step < enc.trainer.total_steps:
+            return {"step": step}, {"ir": enc.forward(step)}, None
+        return {"step": step}
+
+    @ops.op("stats", inline=True)
+    def stats(call):
+        return {"stages": enc.clock.snapshot()}
 
     @ops.op("checkpoint")
     def checkpoint(call):
@@ -140,7 +151,16 @@ def _build(backend, args, config):
         enc = DistributedEnclave(backend, owner=config["owner"], plan=plan, allowed_factories=factories)
     else:
         enc = CalTrainEnclave(backend, owner=config["owner"], plan=plan, allowed_factories=factories)
+    _warm_up()
     return _registry(enc), lambda: {"app": "caltrain", "plan_hash": enc.plan_hash.hex()}
+
+
+def _warm_up() -> None:
+    """Pay torch's one-time lazy imports (the first optimizer pulls in torch._dynamo: seconds) at
+    launch, not inside the first run's `start`."""
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9, nesterov=True)
 
 
 #: One request at a time: a training run is a strict sequence of steps.

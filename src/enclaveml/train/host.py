@@ -9,7 +9,10 @@ HTTP API (JSON; bytes as base64; the messages are `protocol.caltrain`'s and `pro
     GET  /evidence?nonce=HEX         enclave evidence binding its HPKE key to the nonce
     POST /contribute  {uploads}      per upload: accepted | exists | rejected (with reason)
     POST /train/start {run_id, command, checkpoint_every}    owner-signed; resumes a checkpoint
-    GET  /train/status?run_id=R      state, step, total steps
+    GET  /train/status?run_id=R[&wait=S]   state, step, total steps (`wait`: answer as soon as the
+                                     run is no longer running, or after S seconds, at most 30)
+    GET  /train/stages               per-stage time totals of the host and of the enclave
+                                     (`timing.StageClock`: counts and times only)
     POST /train/release {run_id, command}   the model + linkage key, sealed to the owner
     GET  /train/linkage?run_id=R     the encrypted linkage store (SQLite file)
     POST /train/audit {run_id, command}     owner-signed label audit, signed by the enclave, sealed to the owner
@@ -41,6 +44,7 @@ import torch
 from fastapi import Request
 
 from ..runtime.errors import ChannelError
+from ..timing import StageClock
 from ..errors import (DataError, EnclaveMLError, EvidenceRejected, PolicyViolation, TamperedMessage, Unauthorized,
                       UserInputError)
 from ..protocol import caltrain as msg
@@ -126,7 +130,10 @@ class TrainingHost:
         self.data_spec = plan.data_spec()
         self.device = device
         self.metrics: Counter = Counter()
+        #: Where a run's time goes on the host's side (and, through it, waiting on the enclave).
+        self.clock = StageClock()
         self.runs: dict[str, dict] = {}
+        self._run_changed = threading.Condition()  # notified when a run leaves "running"
         self._run_lock = threading.Lock()
         self.tee = tee
         self.group = None  # data-parallel peers (dp_host.PeerGroup) when enclaves > 1
@@ -139,6 +146,7 @@ class TrainingHost:
         self.supervisor = Supervisor(lambda: self.enclave, self.restart, ping_interval_s, ping_timeout_s)
         if supervise:
             self.supervisor.start_thread("caltrain-supervisor")
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # torch's lazy imports now, not in a run
         if enclaves > 1:
             from .dp_host import PeerGroup
 
@@ -164,7 +172,7 @@ class TrainingHost:
         self.metrics[f"enclave_restarts_{reason}"] += 1
         for st in list(self.runs.values()):  # not under _run_lock: `start` may hold it, waiting on the hung worker
             if st.get("state") == "running":
-                st.update(state="failed", error=WORKER_LOST)
+                self._set_run(st, state="failed", error=WORKER_LOST)
         try:
             self.enclave = await replace(dead, reason)
         except Exception:
@@ -218,8 +226,17 @@ class TrainingHost:
 
     # -- training -----------------------------------------------------------------------------
 
-    def status(self, run_id: str) -> dict:
+    def status(self, run_id: str, wait: float = 0.0) -> dict:
+        """The run's state; with `wait` > 0, answer when it stops running or after `wait` seconds
+        (a long poll: the owner learns the end at once instead of at its next poll)."""
         check_run_id(run_id)
+        wait = min(max(0.0, float(wait)), 30.0)
+        if wait > 0:
+            deadline = time.monotonic() + wait
+            with self._run_changed:
+                while self.runs.get(run_id, {}).get("state") == "running" and time.monotonic() < deadline:
+                    # woken by `_set_run`; the slice also sees runs that end elsewhere (dp_host)
+                    self._run_changed.wait(min(0.25, deadline - time.monotonic()))
         st = self.runs.get(run_id)
         if st is None:
             rs = RunStore(self.root, run_id)
@@ -244,14 +261,16 @@ class TrainingHost:
                 from .dp_host import lead_start
 
                 return lead_start(self, self.group, run_id, command, max(1, int(checkpoint_every)), rs)
-            for ci, chunk in enumerate(self.instances.iter_chunks()):
-                self.call("add_data", blobs={f"s{i}": tok for i, (_, tok) in enumerate(chunk)},
-                          tags=[t for t, _ in chunk], reset=ci == 0)
+            with self.clock.stage("start_add_data"):
+                for ci, chunk in enumerate(self.instances.iter_chunks()):
+                    self.call("add_data", blobs={f"s{i}": tok for i, (_, tok) in enumerate(chunk)},
+                              tags=[t for t, _ in chunk], reset=ci == 0)
             ck = rs.load_checkpoint()
             blobs = {"command": command}
             if ck:
                 blobs["checkpoint"] = ck[1]
-            info, _, b = self.call("start", blobs=blobs)
+            with self.clock.stage("start_enclave"):
+                info, _, b = self.call("start", blobs=blobs)
             info.pop("id", None)
             spec = ModelSpec.parse(info["model"])
             cfg = TrainConfig.from_dict(info["config"])
@@ -275,47 +294,88 @@ class TrainingHost:
         return dict(st)
 
     def _train(self, rs: RunStore, host: HostTrainer, st: dict, every: int) -> None:
+        """The steps, then the end of the run. Per step two enclave round trips: `loss`, and
+        `backward` that also answers the next step's IR (`then_forward`), except before a
+        checkpoint (the next forward would move the FrontNet's BatchNorm statistics past the
+        checkpointed step). The host's own SGD step runs while the enclave works on its half."""
+        clock = self.clock
         try:
             total = st["total"]
+            ir = None
+            steps_from = time.perf_counter()
             for step in range(host.step, total):
-                _, t, _ = self.call("forward", step=step)
-                scores = host.forward(t["ir"])
-                _, t, _ = self.call("loss", tensors={"scores": scores})
-                d_ir = host.backward(t["grad"])
-                self.call("backward", tensors={"grad": d_ir})
+                if ir is None:
+                    with clock.stage("step_enclave_forward"):
+                        ir = self.call("forward", step=step)[1]["ir"]
+                with clock.stage("step_host_forward"):
+                    scores = host.forward(ir)
+                with clock.stage("step_enclave_loss"):
+                    grad = self.call("loss", tensors={"scores": scores})[1]["grad"]
+                with clock.stage("step_host_backward"):
+                    d_ir = host.backward_input(grad)
+                ckpt = (step + 1) % every == 0 or step + 1 == total
+                pending = self.enclave.call_async({"op": "backward", "then_forward": not ckpt}, {"grad": d_ir})
+                with clock.stage("step_host_sgd"):
+                    host.apply_step()  # meanwhile the enclave runs its backward (and next forward)
+                with clock.stage("step_enclave_backward_forward"):
+                    _, t, _ = pending.result(600.0)
+                ir = None if t is None else t.get("ir")
                 st["step"] = step + 1
                 self.metrics["train_steps"] += 1
-                if (step + 1) % every == 0 or step + 1 == total:
-                    h, _, b = self.call("checkpoint")
-                    rs.save_checkpoint(int(h["step"]), b["checkpoint"], host.state_bytes())
+                if ckpt:
+                    with clock.stage("checkpoint"):
+                        h, _, b = self.call("checkpoint")
+                        rs.save_checkpoint(int(h["step"]), b["checkpoint"], host.state_bytes())
                     st["checkpoint"] = int(h["step"])
+            finish_from = time.perf_counter()
+            clock.add("run_steps", int((finish_from - steps_from) * 1e9))  # the whole step loop
             from safetensors.torch import save
 
-            back_state = save({k: v.detach().cpu().contiguous() for k, v in host.module.state_dict().items()})
-            h, _, b = self.call("finish", blobs={"back": back_state})
-            tokens: list[bytes] = []
-            while len(tokens) < int(h["records"]):
-                hr, _, br = self.call("records", start=len(tokens), count=2000)
-                if int(hr["n"]) == 0:
-                    raise TamperedMessage("enclave returned fewer linkage records than it announced")
-                tokens += [br[f"r{i}"] for i in range(int(hr["n"]))]
-            with self._linkage(rs, st["run_id"]) as store:
-                store.write_sealed(tokens, b["meta"])
-            rs.save_final(b["final"])
-            st.update(state="done", seconds=round(time.time() - st["started"], 1))
+            with clock.stage("finish_enclave"):  # fingerprints, sealed linkage records, sealed release
+                back_state = save({k: v.detach().cpu().contiguous() for k, v in host.module.state_dict().items()})
+                h, _, b = self.call("finish", blobs={"back": back_state})
+            with clock.stage("finish_fetch_records"):
+                tokens: list[bytes] = []
+                while len(tokens) < int(h["records"]):
+                    hr, _, br = self.call("records", start=len(tokens), count=5000)
+                    if int(hr["n"]) == 0:
+                        raise TamperedMessage("enclave returned fewer linkage records than it announced")
+                    tokens += [br[f"r{i}"] for i in range(int(hr["n"]))]
+            with clock.stage("finish_write_linkage"):
+                with self._linkage(rs, st["run_id"]) as store:
+                    store.write_sealed(tokens, b["meta"])
+            with clock.stage("finish_save_final"):
+                rs.save_final(b["final"])
+            clock.add("run_finish", int((time.perf_counter() - finish_from) * 1e9))
+            self._set_run(st, state="done", seconds=round(time.time() - st["started"], 1))
         except Exception as e:  # the run stops; the server goes on serving
             self.metrics["train_failed"] += 1
             if isinstance(e, ChannelError):  # the worker died or hung: the supervisor replaces it
-                st.update(state="failed", error=WORKER_LOST)
+                self._set_run(st, state="failed", error=WORKER_LOST)
             else:
-                st.update(state="failed", error=f"{type(e).__name__}: {e}"[:300])
+                self._set_run(st, state="failed", error=f"{type(e).__name__}: {e}"[:300])
+
+    def _set_run(self, st: dict, **fields) -> None:
+        """Update a run's status and wake long polls (`status(wait=...)`)."""
+        with self._run_changed:
+            st.update(**fields)
+            self._run_changed.notify_all()
+
+    def stages(self) -> dict:
+        """Per-stage totals: the host's own, and the enclave worker's (its `stats` op)."""
+        try:
+            enclave = self.call("stats", timeout=10.0)[0].get("stages", {})
+        except Exception:
+            enclave = {}
+        return {"host": self.clock.snapshot(), "enclave": enclave}
 
     def release(self, run_id: str, command: bytes) -> bytes:
         rs = RunStore(self.root, check_run_id(run_id))
         final = rs.load_final()
         if final is None:
             raise UserInputError(f"run {run_id!r} has not finished")
-        _, _, b = self.call("release", blobs={"command": command, "final": final})
+        with self.clock.stage("release_enclave"):
+            _, _, b = self.call("release", blobs={"command": command, "final": final})
         return b["release"]
 
     def audit(self, run_id: str, command: bytes) -> bytes:
@@ -439,8 +499,12 @@ def create_app(host_factory) -> "Any":
         return await run(H().start, cmd.run_id, cmd.command, cmd.checkpoint_every)
 
     @app.get("/train/status")
-    async def status(run_id: str):
-        return await run(H().status, run_id)
+    async def status(run_id: str, wait: float = 0.0):
+        return await run(H().status, run_id, wait)
+
+    @app.get("/train/stages")
+    async def stages():
+        return await run(H().stages)
 
     @app.post("/train/release")
     async def release(request: Request):

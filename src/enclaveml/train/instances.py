@@ -194,9 +194,14 @@ class EnclaveDataset:
                 self.dropped += 1
                 continue
             seen.add(inst.hash)
+            if not self.items:
+                self._px_shape = tuple(inst.pixels.shape)
             self.items.append((tag, token))
             self.meta.append((inst.hash, inst.participant, inst.signature, inst.label))
         self.labels = torch.tensor([m[3] for m in self.meta], dtype=torch.long)
+        #: Indices whose signature this object has checked (on these immutable sealed bytes, in
+        #: enclave memory): `all_pixels` re-checks only the others.
+        self._verified: set[int] = set()
 
     def digest(self) -> str:
         """SHA-256 over the (sorted) tags: which data set a checkpoint belongs to."""
@@ -206,19 +211,37 @@ class EnclaveDataset:
         return h.hexdigest()
 
     def all_pixels(self, chunk: int = 512) -> torch.Tensor:
-        return torch.cat([self.batch(torch.arange(i, min(i + chunk, len(self))))[0] for i in range(0, len(self), chunk)])
+        """Every instance, in order (the fingerprint pass). Each is opened (AES-GCM) again; its
+        signature is checked unless this object already checked it during the run's training
+        batches (the same bytes: the host cannot change what the enclave holds)."""
+        if not len(self):
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.cat([self.batch(torch.arange(i, min(i + chunk, len(self))), reverify=False)[0]
+                          for i in range(0, len(self), chunk)])
+
+    def verified_count(self) -> int:
+        """How many instances have had their signature checked by this object."""
+        return len(self._verified)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decrypt instances `idx` -> (uint8 N,C,H,W, labels); re-check each signature."""
-        xs, ys = [], []
-        for i in idx.tolist():
+    def batch(self, idx: torch.Tensor, reverify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decrypt instances `idx` -> (uint8 N,C,H,W, labels); re-check each signature (with
+        `reverify=False`, only those this object has not checked yet)."""
+        idx = idx.tolist()
+        if not idx:
+            return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+        out = np.empty((len(idx), *self._px_shape), dtype=np.uint8)
+        ys = []
+        for row, i in enumerate(idx):
             tag, token = self.items[i]
             inst = open_instance(self._key, tag, token, self.plan)
-            if self.verify_signatures:
+            if self.verify_signatures and (reverify or i not in self._verified):
                 verify_instance(inst, self.plan)
-            xs.append(torch.from_numpy(inst.pixels.copy()))
+                self._verified.add(i)
+            if tuple(inst.pixels.shape) != tuple(out.shape[1:]):
+                raise DataError("instances of one data set must have one shape")
+            out[row] = inst.pixels  # one copy, out of the decrypted buffer
             ys.append(inst.label)
-        return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+        return torch.from_numpy(out), torch.tensor(ys, dtype=torch.long)

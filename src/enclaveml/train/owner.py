@@ -79,6 +79,15 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
     owner = key_path if isinstance(key_path, SigningKey) else keyfiles.load_or_create_signing_key(key_path)
     rules = load_policy(policy).caltrain
     client = HostClient(url)
+    phases: dict[str, float] = {}  # where the owner's wall time went (s), in the answer as "phases"
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        t = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + t - mark, 3)
+        mark = t
+
     try:
         plan, plan_hash = client.plan()
         if plan.owner != owner.public_key().to_bytes().hex():
@@ -91,7 +100,9 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
         spec = ModelSpec.parse(choice.model)
         if not spec.is_factory:
             check_head(spec.build(), choice.split, choice.head)  # before anything is sent
+        phase("plan")
         pub, nonce = client.attest(policy, plan_hash)  # the evidence names the plan
+        phase("attest")
         if spec.is_factory:
             # Only now: an enclave our policy accepts was measured with this factory allowed (its
             # configuration), so the plan's factory is one this owner configured, not the host's.
@@ -101,17 +112,26 @@ def run(url: str, policy: str | Path, model: str | None, split: int | None, cfg:
                                   "defence": choice.defence.to_dict(), "plan": plan_hash.hex(), "config": cfg.to_dict(),
                                   **({"enclaves": int(enclaves)} if enclaves is not None else {})})
         st = client.start(run_id, cmd, checkpoint_every)
+        phase("start")
         if not wait:
             return st
         while st.get("state") == "running":
             if progress:
                 progress(st)
-            time.sleep(poll)
-            st = client.get_json("/train/status", run_id=run_id)
+            asked = time.monotonic()
+            # a long poll: the server answers when the run ends, or after `poll` s with its progress
+            st = client.get_json("/train/status", run_id=run_id, wait=poll)
+            rest = poll - (time.monotonic() - asked)
+            if st.get("state") == "running" and rest > 0:
+                time.sleep(rest)  # a server that does not wait answered at once
+        phase("train")
         if st.get("state") != "done":
             raise UserInputError(f"training did not finish: {st.get('state')} {st.get('error', '')}".strip())
         pub, nonce = client.attest(policy, plan_hash)  # a fresh nonce: the enclave accepts each one once
-        return {**st, **release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name, enclaves=enclaves)}
+        phase("release_attest")
+        out_info = release(client, pub, nonce, owner, run_id, out, bundle=bundle, name=name, enclaves=enclaves)
+        phase("release")
+        return {**st, **out_info, "phases": phases}
     finally:
         client.close()
 

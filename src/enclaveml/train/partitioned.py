@@ -199,12 +199,18 @@ class EnclaveTrainer(_Half):
         self._y: torch.Tensor | None = None
         self.last_loss = math.nan
 
-    def forward(self, x_u8: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Decrypted uint8 batch + labels -> IR for the host (labels stay here)."""
-        self.module.train()
-        gen = self.cfg.batch_generator(self.step)
+    def prepare(self, x_u8: torch.Tensor, step: int) -> torch.Tensor:
+        """The FrontNet's input for global step `step`: augmented (randomness of that step) and
+        normalised. A pure function of (batch, step), so it may run ahead of the step (prefetch)."""
+        gen = self.cfg.batch_generator(step)
         x = augment(x_u8, gen) if self.cfg.augment else x_u8.float()
-        x = self.pre.normalise(x.div_(255.0))
+        return self.pre.normalise(x.div_(255.0))
+
+    def forward(self, x_u8: torch.Tensor, y: torch.Tensor, prepared: "torch.Tensor | None" = None) -> torch.Tensor:
+        """Decrypted uint8 batch + labels -> IR for the host (labels stay here). `prepared`:
+        `prepare(x_u8, self.step)` computed ahead (the same tensor; then `x_u8` is not used)."""
+        self.module.train()
+        x = self.prepare(x_u8, self.step) if prepared is None else prepared
         self._ir = self.front(x)
         self._y = y
         if self.local is not None:  # the FrontNet's own supervision, kept here (labels never leave)
@@ -274,6 +280,13 @@ class HostTrainer(_Half):
         return self._scores.detach().cpu()
 
     def backward(self, d_scores: torch.Tensor) -> torch.Tensor:
+        d_ir = self.backward_input(d_scores)
+        self.apply_step()
+        return d_ir
+
+    def backward_input(self, d_scores: torch.Tensor) -> torch.Tensor:
+        """dL/dscores -> dL/dIR, with the BackNet's gradients computed but not applied yet: the
+        caller sends dL/dIR to the enclave first and steps (`apply_step`) while the enclave works."""
         if self._scores is None:
             raise UserInputError("backward before forward")
         if self._own_loss is None:
@@ -282,8 +295,11 @@ class HostTrainer(_Half):
             torch.autograd.backward([self._scores, self._own_loss], [d_scores.to(self.device), None])
         d_ir = self._ir.grad.detach().cpu()
         self._ir, self._scores, self._own_loss = None, None, None
-        self._apply_step()
         return d_ir
+
+    def apply_step(self) -> None:
+        """The BackNet's SGD step from the gradients `backward_input` left."""
+        self._apply_step()
 
 
 def partitioned_step(enclave: EnclaveTrainer, host: HostTrainer, x_u8: torch.Tensor, y: torch.Tensor) -> float:
