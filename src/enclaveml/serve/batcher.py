@@ -14,6 +14,7 @@ loop: no collector thread, so no thread hop per stage.
 from __future__ import annotations
 
 import asyncio
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -30,6 +31,8 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+#: BackNet passes of at most this many rows use the channels-last copy (`BackNetExecutor`).
+SMALL_ROWS = 4
 #: A CPU BackNet batch of at most this many rows runs on the event loop's thread (measured:
 #: the hop to the BackNet thread and back cost ~0.4 ms of a single request's latency).
 INLINE_ROWS = 1
@@ -58,6 +61,12 @@ class BackNetExecutor:
         #: A `timing.StageClock` for the forward pass (wall and CPU of the thread running it).
         self.clock = clock
         self.backnet = backnet.to(device).eval()
+        #: For passes of at most SMALL_ROWS rows on a CPU: a copy with channels-last convolution
+        #: weights. On one image oneDNN's NCHW path is far slower (darknet's k=10 BackNet: 1734 ->
+        #: 355 us, one thread; outputs equal to ~1e-6), on large batches a little faster (138 vs
+        #: 176 us per image): docs/benchmarks.md, issue 13. The weights are public (host side).
+        self.backnet_small = (copy.deepcopy(self.backnet).to(memory_format=torch.channels_last)
+                              if device.type == "cpu" else self.backnet)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="backnet")
         self.batcher = AsyncBatcher(self._run, max_batch, window_s, concurrency=1, on_batch=on_batch,
                                     weight=lambda ir: int(ir.shape[0]))
@@ -67,11 +76,12 @@ class BackNetExecutor:
         t = now()
         rows = [int(ir.shape[0]) for ir in irs]
         x = (irs[0] if len(irs) == 1 else torch.cat(irs)).to(self.device, non_blocking=True)
+        net = self.backnet_small if sum(rows) <= SMALL_ROWS else self.backnet
         if self.threads is None:
-            y = self.backnet(x)
+            y = net(x)
         else:
             with self.threads.run(sum(rows), self.busy()):
-                y = self.backnet(x)
+                y = net(x)
         out = list(y.float().cpu().split(rows))
         since(self.clock, "backnet_forward", t)
         return out
