@@ -98,7 +98,11 @@ class ChannelClient:
 
     def call(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
              blobs: dict[str, bytes] | None = None) -> "Future[Message]":
-        fut: Future = Future()
+        return self._send_pending(Future(), header, tensors, blobs)
+
+    def _send_pending(self, fut, header: Header, tensors, blobs):
+        """Register `fut` (a concurrent or an asyncio Future) under a fresh id and send the call;
+        a closed channel or a failed send fails `fut` instead."""
         rid = next(self._ids)
         with self._lock:
             if self.closed is not None:
@@ -121,20 +125,7 @@ class ChannelClient:
         loop = self._loop
         if loop is None or _running_loop() is not loop:
             return asyncio.wrap_future(self.call(header, tensors, blobs))
-        fut = loop.create_future()
-        rid = next(self._ids)
-        with self._lock:
-            if self.closed is not None:
-                fut.set_exception(ChannelClosed("the enclave channel is closed"))
-                return fut
-            self._pending[rid] = fut
-        try:
-            self.channel.send({**header, "id": rid}, tensors, blobs)
-        except BaseException as e:
-            with self._lock:
-                self._pending.pop(rid, None)
-            fut.set_exception(e)
-        return fut
+        return self._send_pending(loop.create_future(), header, tensors, blobs)
 
     def request(self, header: Header, tensors: dict[str, torch.Tensor] | None = None,
                 blobs: dict[str, bytes] | None = None, timeout: float | None = 60.0) -> Message:
