@@ -25,7 +25,6 @@ import torch
 from ..runtime.enclave.main import WorkerApp, run_worker
 from ..runtime.enclave.ops import Hex, Int, Ints, OpRegistry, Str, Strs
 from ..runtime.rpc import error_fields
-from ..timing import now, since
 
 #: Largest number of requests (and of handles) in one batch op.
 MAX_BATCH = 4096
@@ -51,11 +50,8 @@ def register_ops(ops: OpRegistry, svc) -> OpRegistry:
 
     @ops.op("front_batch", n=Int(0, MAX_BATCH, default=0), model=_MODEL)
     def front_batch(call, n, model):
-        t = now()
-        try:
+        with svc.clock.stage("op_front_batch"):
             return _front_batch(call, n, model)
-        finally:
-            since(svc.clock, "op_front_batch", t)
 
     def _front_batch(call, n, model):
         outs = svc.front_batch(model, [call.blobs.get(f"r{i}", b"") for i in range(n)])
@@ -72,11 +68,8 @@ def register_ops(ops: OpRegistry, svc) -> OpRegistry:
     @ops.op("finish_batch", inline=True, handles=Strs(MAX_BATCH, 64, default=[]),
             rows=Ints(MAX_BATCH, 0, MAX_BATCH, default=[]))
     def finish_batch(call, handles, rows):
-        t = now()
-        try:
+        with svc.clock.stage("op_finish_batch"):
             return _finish_batch(call, handles, rows)
-        finally:
-            since(svc.clock, "op_finish_batch", t)
 
     def _finish_batch(call, handles, rows):
         if len(rows) != len(handles):
