@@ -6,8 +6,10 @@ Trust side: client and owner (`seal_with`), enclave (`EnclaveKeys`, `open_any`).
 Suites (name, id in the clear; docs/crypto.md "Suites" pins every choice):
 
     "x25519-pyhpke"    untagged   DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-128-GCM, pyhpke,
-                                  caller's info and AAD, response key exported (the original format)
-    "x25519"           id 1       the same RFC 9180 suite, single-shot in `cryptography` (native)
+                                  caller's info and AAD, response key exported (the original format;
+                                  still opened, for old clients)
+    "x25519"           id 1       the same RFC 9180 suite, single-shot in `cryptography` (native;
+                                  the default, `DEFAULT`)
     "mlkem768-x25519"  id 2       KEM MLKEM768-X25519 / HKDF-SHA256 / AES-256-GCM, in `cryptography`
 
 A tagged message is `TAG (7) || id (1) || enc || ct`. Native single-shot HPKE has no AAD and no
@@ -41,6 +43,9 @@ X25519 = "x25519"
 MLKEM768_X25519 = "mlkem768-x25519"
 #: Every suite, weakest first; the enclave accepts all of them unless configured otherwise.
 SUITES = (LEGACY, X25519, MLKEM768_X25519)
+#: The suite of new requests, owner commands and key releases when the policy names none: the
+#: native one (the same RFC 9180 suite as LEGACY, less CPU). LEGACY stays accepted for old clients.
+DEFAULT = X25519
 #: Suites whose key is post-quantum (the hybrid: secure while either half is).
 POST_QUANTUM = frozenset({MLKEM768_X25519})
 TAG = b"\x00EMLv3\x00"

@@ -140,10 +140,11 @@ class InferResult:
         return cls.from_dict(decode_result(data, expected))
 
 
-def seal_infer(enclave_public: bytes, target: Target, framed: bytes, suite: str = "x25519-pyhpke"):
+def seal_infer(enclave_public: bytes, target: Target, framed: bytes, suite: str = "x25519"):
     """Client side: the request body for `target` (its pin in the clear and as the AAD) around the
     HPKE message of `framed` (`crypto.frame_fresh(encode_payload(...))`) in `suite`
-    (`crypto.suites`; `enclave_public` is that suite's attested key) -> (body, context, aad);
+    (`crypto.suites`, default the native "x25519"; `enclave_public` is that suite's attested key)
+    -> (body, context, aad);
     open the answer with `context.open_response(answer, aad)`."""
     from ..crypto import seal_with
     from .identity import frame_target, infer_aad
