@@ -57,7 +57,8 @@ class TinyServer:
                 out = self.answer(body)
                 c.sendall(out)
                 served += 1
-                if b"connection: close" in out.lower() or b"content-length" not in out.lower() and b"chunked" not in out:
+                if (b"connection: close" in out.lower() or out.startswith(b"HTTP/1.0")
+                        or b"content-length" not in out.lower() and b"chunked" not in out and b" 204 " not in out):
                     return
 
 
@@ -120,7 +121,7 @@ def test_a_request_is_never_sent_twice():
         p.close()
 
 
-@pytest.mark.parametrize("kind", ["chunked", "to-close", "interim", "close-header"])
+@pytest.mark.parametrize("kind", ["chunked", "to-close", "interim", "close-header", "http1.0", "no-content"])
 def test_answers_chunked_or_read_to_the_close_or_after_an_interim_answer(kind):
     def answer(body):
         out = body[::-1]
@@ -130,6 +131,10 @@ def test_answers_chunked_or_read_to_the_close_or_after_an_interim_answer(kind):
                     + b"0\r\nTrailer: x\r\n\r\n")
         if kind == "to-close":
             return b"HTTP/1.1 200 OK\r\n\r\n" + out
+        if kind == "http1.0":  # no keep-alive: the client must not reuse the connection
+            return b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)
+        if kind == "no-content":  # no body whatever the headers say
+            return b"HTTP/1.1 204 No Content\r\nContent-Type: x\r\n\r\n"
         if kind == "interim":
             return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)
         return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)
@@ -139,8 +144,11 @@ def test_answers_chunked_or_read_to_the_close_or_after_an_interim_answer(kind):
     try:
         for body in (b"hello world", b"x" * 70_000):
             a = p.post("/x", body)
-            assert a.content == body[::-1] and a.status_code == (403 if kind == "chunked" else 200)
-        assert srv.connections == (1 if kind in ("chunked", "interim") else 2)
+            if kind == "no-content":
+                assert a.status_code == 204 and a.content == b""
+            else:
+                assert a.content == body[::-1] and a.status_code == (403 if kind == "chunked" else 200)
+        assert srv.connections == (1 if kind in ("chunked", "interim", "no-content") else 2)
     finally:
         p.close()
 

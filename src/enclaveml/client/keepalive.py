@@ -112,8 +112,10 @@ class _Connection:
             self.buf += data
 
 
-def _parse_head(head: bytes) -> tuple[int, dict[bytes, bytes]]:
-    """Status code and the headers (names lower-cased; a repeated header's values comma-joined)."""
+def _parse_head(head: bytes) -> tuple[int, dict[bytes, bytes], bool]:
+    """Status code, the headers (names lower-cased; a repeated header's values comma-joined), and
+    whether the server keeps the connection open after this answer (HTTP/1.1 unless it says
+    `close`; HTTP/1.0 only if it says `keep-alive`)."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(None, 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
@@ -127,10 +129,14 @@ def _parse_head(head: bytes) -> tuple[int, dict[bytes, bytes]]:
             raise http.client.HTTPException("malformed header line in the answer")
         name, value = name.lower(), value.strip()
         headers[name] = headers[name] + b", " + value if name in headers else value
-    return int(parts[1]), headers
+    connection = headers.get(b"connection", b"").lower()
+    keep = b"close" not in connection if parts[0] != b"HTTP/1.0" else b"keep-alive" in connection
+    return int(parts[1]), headers, keep
 
 
-def _read_body(conn: _Connection, headers: dict[bytes, bytes]) -> bytes:
+def _read_body(conn: _Connection, status: int, headers: dict[bytes, bytes]) -> bytes:
+    if status in (204, 304):  # no body, whatever the headers say (RFC 9112 section 6.3)
+        return b""
     te = headers.get(b"transfer-encoding")
     if te is not None:
         if te.lower() != b"chunked":
@@ -205,12 +211,12 @@ class KeepAlivePost:
             else:
                 c.sock.sendall(head)
                 c.sock.sendall(body)
-            status, headers = _parse_head(c.read_head())
+            status, headers, keep = _parse_head(c.read_head())
             while 100 <= status < 200:  # interim answers (we send no Expect; skipped as http.client does)
-                status, headers = _parse_head(c.read_head())
-            content = _read_body(c, headers)
-            ends_here = b"content-length" not in headers and b"transfer-encoding" not in headers  # read to its close
-            if ends_here or b"close" in headers.get(b"connection", b"").lower():
+                status, headers, keep = _parse_head(c.read_head())
+            content = _read_body(c, status, headers)
+            read_to_close = status not in (204, 304) and not ({b"content-length", b"transfer-encoding"} & headers.keys())
+            if read_to_close or not keep:
                 c.close()
                 self._local.conn = None
             return Answer(status, content)
