@@ -3,9 +3,10 @@ keep-alive POST (`client/keepalive.py`, stdlib http.client), over loopback to a 
 
 Trust side: client (no enclave; the server is a bare HTTP/1.1 responder in a thread here, so
 the figures are the client's own cost). Prints microseconds of client-thread CPU and wall per
-request (3,000-byte body, 600-byte answer), then one JSON line.
+request (3,000-byte body, 600-byte answer: one image; `--body 131072 --answer 24576` is a
+32-image request of bench-serve's throughput phase), then one JSON line.
 
-    PYTHONPATH=src python benchmarks/bench_client_http.py [--n 2000]
+    PYTHONPATH=src python benchmarks/bench_client_http.py [--n 2000] [--body B] [--answer B]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import httpx
 from enclaveml.client.keepalive import KeepAlivePost
 from enclaveml.client.sdk import NODELAY
 
-ANSWER = b"y" * 600
+ANSWER = [b"y" * 600]
 
 
 def _serve(sock: socket.socket) -> None:
@@ -46,7 +47,7 @@ def _connection(c: socket.socket) -> None:
             rest += c.recv(65536)
         buf = rest[n:]
         c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: %d\r\n\r\n"
-                  % len(ANSWER) + ANSWER)
+                  % len(ANSWER[0]) + ANSWER[0])
 
 
 def _time(f, n: int) -> dict:
@@ -61,13 +62,16 @@ def _time(f, n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--body", type=int, default=3000, help="request body bytes")
+    ap.add_argument("--answer", type=int, default=600, help="answer body bytes")
     args = ap.parse_args()
+    ANSWER[0] = b"y" * args.answer
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     threading.Thread(target=_serve, args=(sock,), daemon=True).start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    body = os.urandom(3000)
+    body = os.urandom(args.body)
     hx = httpx.Client(transport=httpx.HTTPTransport(socket_options=NODELAY))
     lean = KeepAlivePost(url, 60.0)
     headers = {"content-type": "application/octet-stream"}

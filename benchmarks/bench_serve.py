@@ -375,9 +375,10 @@ def main() -> None:
                     help="torch thread counts to try for plain PyTorch; the best throughput is the baseline")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server's host process")
     ap.add_argument("--server-args", default="", help="extra `enclaveml serve` arguments")
-    ap.add_argument("--suite", default="x25519-pyhpke",
-                    help="HPKE suite of the requests and the key release (crypto/suites.py): x25519-pyhpke "
-                         "(the original format), x25519 (native), mlkem768-x25519 (post-quantum hybrid)")
+    ap.add_argument("--suite", default="x25519",
+                    help="HPKE suite of the requests and the key release (crypto/suites.py): x25519 "
+                         "(native, the default), x25519-pyhpke (the original format), mlkem768-x25519 "
+                         "(post-quantum hybrid)")
     ap.add_argument("--head", type=int, default=0, help="also run the last N layers in the enclave (partition --head)")
     ap.add_argument("--lean-connections", type=int, default=None,
                     help="keep-alive connections of the lean load generator for the server-capacity figures "
@@ -442,12 +443,11 @@ def main() -> None:
         extra = ["--torch-threads", str(args.torch_threads), *args.server_args.split()]
         with ServerProcess(tmp / "store", tmp / "server.log", env=server_env(home), extra_args=extra) as srv:
             policy = local_sim_policy(home)
-            if args.suite != "x25519-pyhpke":
-                from dataclasses import replace
+            from dataclasses import replace
 
-                from enclaveml.crypto import check_suite
+            from enclaveml.crypto import check_suite
 
-                policy = replace(policy, crypto={"suite": check_suite(args.suite)})
+            policy = replace(policy, crypto={"suite": check_suite(args.suite)})
             with EnclaveClient(srv.url, policy) as c:
                 c.deploy(tmp / "bundle", key, owner, model_id="darknet")
                 policy = c.policy  # now pins the deployed model, as the owner's policy file would

@@ -16,12 +16,14 @@ class TinyServer:
     """HTTP/1.1 on a real socket: answers each POST with its body reversed; `close_after` requests
     per connection, then it closes it; `drop` closes without answering."""
 
-    def __init__(self, close_after: int = 1000, drop: bool = False):
+    def __init__(self, close_after: int = 1000, drop: bool = False, answer=None):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/base"
         self.close_after, self.drop = close_after, drop
+        #: body -> the raw answer bytes (default: 200, Content-Length, the body reversed)
+        self.answer = answer or (lambda body: b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body[::-1])
         self.connections, self.requests = 0, []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -52,9 +54,12 @@ class TinyServer:
                 self.requests.append((lines[0], body))
                 if self.drop:
                     return
-                out = body[::-1]
-                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(out) + out)
+                out = self.answer(body)
+                c.sendall(out)
                 served += 1
+                if (b"connection: close" in out.lower() or out.startswith(b"HTTP/1.0")
+                        or b"content-length" not in out.lower() and b"chunked" not in out and b" 204 " not in out):
+                    return
 
 
 def test_only_plain_http_without_a_proxy(monkeypatch):
@@ -112,5 +117,55 @@ def test_a_request_is_never_sent_twice():
         assert len(srv.requests) == 1
         srv.drop = False
         assert p.post("/x", b"next").content == b"txen"  # a fresh connection for the next one
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("kind", ["chunked", "to-close", "interim", "close-header", "http1.0", "no-content"])
+def test_answers_chunked_or_read_to_the_close_or_after_an_interim_answer(kind):
+    def answer(body):
+        out = body[::-1]
+        if kind == "chunked":
+            return (b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+                    + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(out[i:i + 3]), out[i:i + 3]) for i in range(0, len(out), 3))
+                    + b"0\r\nTrailer: x\r\n\r\n")
+        if kind == "to-close":
+            return b"HTTP/1.1 200 OK\r\n\r\n" + out
+        if kind == "http1.0":  # no keep-alive: the client must not reuse the connection
+            return b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)
+        if kind == "no-content":  # no body whatever the headers say
+            return b"HTTP/1.1 204 No Content\r\nContent-Type: x\r\n\r\n"
+        if kind == "interim":
+            return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)
+        return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)
+
+    srv = TinyServer(answer=answer)
+    p = KeepAlivePost(srv.url, 10)
+    try:
+        for body in (b"hello world", b"x" * 70_000):
+            a = p.post("/x", body)
+            if kind == "no-content":
+                assert a.status_code == 204 and a.content == b""
+            else:
+                assert a.content == body[::-1] and a.status_code == (403 if kind == "chunked" else 200)
+        assert srv.connections == (1 if kind in ("chunked", "interim", "no-content") else 2)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("raw", [b"HTTP/1.1 2000 OK\r\n\r\n", b"SMTP 200 OK\r\n\r\n",
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
+                                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                                 b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 0\r\n\r\n"])
+def test_malformed_answers_are_transport_errors(raw):
+    import http.client
+
+    srv = TinyServer(answer=lambda body: raw, close_after=1)
+    p = KeepAlivePost(srv.url, 10)
+    try:
+        with pytest.raises((OSError, http.client.HTTPException)):
+            p.post("/x", b"abc")
     finally:
         p.close()

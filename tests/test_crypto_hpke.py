@@ -63,6 +63,22 @@ def test_rfc9180_a1_open_vector(vec):
         open_request(kp, vec["enc"] + vec["ct"], aad=b"Count-1", info=vec["info"])
 
 
+def test_rfc9180_a1_key_pair_in_the_native_default_suite(vec):
+    """The vector's ciphertexts carry AAD, which native single-shot HPKE has no parameter for, so
+    the native suite (the default) is checked through the vector's key pair instead: sealed to
+    pkRm by `cryptography`, opened by pyhpke (checked against the vector above) with skRm."""
+    from enclaveml.crypto import _hazmat as hz
+    from enclaveml.crypto import suites as S
+
+    kp = HpkeKeyPair.from_private_bytes(vec["skRm"])
+    msg, ctx = S.seal_with(S.DEFAULT, vec["pkRm"], b"image", b"aad")
+    body = msg[len(S.TAG) + 1:]
+    pt = hz.SUITE.create_recipient_context(body[:32], kp._sk, info=S._info(S.DEFAULT, S.DEFAULT_INFO, b"aad")).open(body[32:])
+    assert pt[16:] == b"image"
+    out, sealer = S.open_any(kp, msg, b"aad")
+    assert out == b"image" and ctx.open_response(sealer.seal_response(b"r", b"aad"), b"aad") == b"r"
+
+
 def test_rfc9180_a1_exporter_and_response_derivation(vec):
     """Check the pyhpke exporter against the RFC, then our response derivation independently."""
     from enclaveml.crypto import _hazmat as hz

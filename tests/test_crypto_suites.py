@@ -142,7 +142,8 @@ def test_policy_names_the_suite_and_refuses_unknown_ones(tmp_path):
     again = load_policy(write_policy(p, tmp_path / "p.toml"))
     assert again.crypto == p.crypto
     assert again.suite_for("darknet") == S.MLKEM768_X25519 and again.suite_for("other") == S.X25519
-    assert again.suite_for(None) == S.X25519 and Policy().suite_for("darknet") == S.LEGACY
+    assert again.suite_for(None) == S.X25519 and Policy().suite_for("darknet") == S.DEFAULT == S.X25519
+    assert Policy(crypto={"suite": S.LEGACY}).suite_for(None) == S.LEGACY  # old enclaves: still named by a policy
     for bad in ({"suite": "x25519-weak"}, {"models": {"darknet": "none"}}, {"cipher": "x"}, {"models": ["x"]}):
         with pytest.raises(UserInputError, match="crypto"):
             Policy(crypto=bad)

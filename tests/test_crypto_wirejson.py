@@ -25,6 +25,11 @@ def test_depth_limit_is_exact():
     with pytest.raises(ValueError, match="deeper than 4"):
         loads_untrusted("[" * 5 + "1" + "]" * 5, max_depth=4)
     check_depth('{"a": "[[[[[[[[[["}', max_depth=1)  # brackets inside strings do not count
+    # At most max_depth brackets in all skips the regex passes; json.loads still refuses unbalanced ones.
+    assert loads_untrusted('{"a": [1]}', max_depth=2) == {"a": [1]}
+    for few in ("[[", "[1}]", '{"a": [}', "]"):
+        with pytest.raises(ValueError):
+            loads_untrusted(few, max_depth=8)
 
 
 @pytest.mark.parametrize("data", [

@@ -135,3 +135,35 @@ def test_caltrain_envelopes_match_the_old_json_and_refuse_bad_shapes():
     for bad in ({}, {"release": "!!"}, {"audit": "AA=="}, None):
         with pytest.raises(E.TamperedMessage):
             C.decode_sealed_answer("release", bad)
+
+
+def test_results_check_each_distinct_identity_once_and_every_different_one():
+    """`decode_results` parses and checks an identity once per distinct set of fields (a response's
+    items repeat it): an item whose fields differ, even only in a number's JSON type, is still
+    checked, and a cache a caller keeps across responses changes no outcome."""
+    import json
+
+    from enclaveml.protocol.identity import ModelPin, ModelRef, Target
+
+    labels = ["a", "b", "c"]
+    size = P.result_size(IDENT, labels, 1, False)
+
+    def item(**change):
+        d = json.loads(P.encode_result(IDENT, [0.1, 0.7, 0.2], labels, 1).rstrip(b"\x00"))
+        d.update(change)
+        raw = json.dumps(d).encode()
+        return raw + bytes(size - len(raw))
+
+    target = Target(ModelRef(IDENT.owner, "m"), ModelPin(IDENT.owner, (), 3))
+    cache: dict = {}
+    good = item()
+    for checked in (None, cache, cache):  # the second use of `cache` starts with its entry
+        assert len(P.decode_results(good * 3, 3, expected=target, checked=checked)) == 3
+    assert len(cache) == 1
+    for bad, err in ((item(k=2), E.PolicyViolation), (item(owner="ef" * 32), E.PolicyViolation),
+                     (item(k=3.0), E.TamperedMessage), (item(k=True), E.TamperedMessage),
+                     (item(head=[0]), E.TamperedMessage), (item(model="other"), E.PolicyViolation)):
+        for checked in (None, cache):
+            with pytest.raises(err):
+                P.decode_results(good + bad + good, 3, expected=target, checked=checked)
+    assert len(cache) == 1  # nothing refused was remembered

@@ -64,3 +64,28 @@ def test_server_cannot_make_the_client_raise_arbitrary_exception_classes(kind):
     with pytest.raises(E.EnclaveMLError) as ei:
         _client(400, body).attest()
     assert type(ei.value).__module__ == "enclaveml.errors"
+
+
+def test_the_cached_target_follows_every_change_of_the_policys_pin():
+    """The client builds a model's request target once; a pin that changes (a new policy, a pin
+    added by `deploy`, or the policy's table edited in place) is used from the next request on."""
+    from dataclasses import replace
+
+    from enclaveml.protocol import ModelPin
+
+    owner, other = "ab" * 32, "cd" * 32
+    c = _client(200, b"")
+    c.policy = POLICY.with_pin("m", ModelPin(owner, (), 3))
+    t = c.target("m")
+    assert c.target("m") is t and t.pin.min_k == 3
+    c.policy = c.policy.with_pin("m", ModelPin(owner, ("ee" * 32,), 3))
+    assert c.target("m").pin.bundle_ids == ("ee" * 32,)
+    c.policy.models["m"]["min_k"] = 5  # edited in place
+    assert c.target("m").pin.min_k == 5
+    c.policy = replace(c.policy, models={"m": {"owner": other, "bundle_ids": [], "min_k": 1}})
+    assert c.target("m").ref.owner == other
+    c.policy = replace(c.policy, models={})
+    with pytest.raises(E.PolicyViolation):
+        c.target("m")
+    with pytest.raises(E.UserInputError):
+        c.infer_each([b"x"], model=["not", "a", "name"])  # type: ignore[arg-type]

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release, seal_owner_command, seal_request
-from enclaveml.errors import (DataError, EvidenceRejected, ReplayedMessage, TamperedMessage, UnknownModel,
-                              Unauthorized, UserInputError)
+from enclaveml.crypto import suites as S
+from enclaveml.errors import (DataError, EvidenceRejected, PolicyViolation, ReplayedMessage, TamperedMessage,
+                              UnknownModel, Unauthorized, UserInputError)
 from enclaveml.models import zoo
 from enclaveml.models.bundle import bundle_files, make_bundle
 from enclaveml.protocol import ModelPin, ModelRef, Target
@@ -92,6 +93,36 @@ def test_same_request_twice_in_one_batch_is_served_once(world):
     assert ir.shape[0] == 1 and failed == 0
     resp = svc.finish(handle, torch.zeros(10))
     assert ctx(resp)
+
+
+def test_default_enclave_answers_an_old_format_request_and_new_requests_are_native(world):
+    svc, *_, image = world
+    ref = ModelRef.parse(REF)
+    framed = frame_fresh(protocol.encode_payload(image, 1))
+    old, ctx, aad = protocol.seal_infer(svc.public_key(), Target(ref, ModelPin(ref.owner)), framed, S.LEGACY)
+    new, _, _ = protocol.seal_infer(svc.public_key(), Target(ref, ModelPin(ref.owner)), frame_fresh(b"x"))
+    assert S.suite_of(new[new.index(S.TAG):]) == S.DEFAULT == S.X25519 and S.TAG not in old
+    handle, _ = svc.front(REF, old)
+    assert protocol.decode_result(ctx.open_response(svc.finish(handle, torch.zeros(10)), aad))["top"]
+
+
+def test_an_enclave_that_accepts_only_native_x25519_refuses_pyhpke_and_changes_nothing(world):
+    _, owner, key, files, backend, *_, image = world
+    svc = EnclaveService(backend, suites=(S.X25519,))
+    nonce = svc.issue_nonce(b"owner-nonce-0002")
+    with pytest.raises(PolicyViolation, match="does not accept HPKE suite 'x25519-pyhpke' .it accepts x25519."):
+        svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce, S.LEGACY), files)
+    assert svc.models() == []
+    svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce), files)  # nonce not consumed
+    ref = ModelRef(owner.public_key().to_bytes().hex(), MODEL)
+    framed = frame_fresh(protocol.encode_payload(image, 1))
+    old, _, _ = protocol.seal_infer(svc.public_key(), Target(ref, ModelPin(ref.owner)), framed, S.LEGACY)
+    with pytest.raises(PolicyViolation, match="x25519-pyhpke"):
+        svc.front(str(ref), old)
+    assert len(svc.guard) == 0 and svc.clock.snapshot().get("hpke_open", {}).get("n", 0) == 0
+    native, ctx, aad = protocol.seal_infer(svc.public_key(), Target(ref, ModelPin(ref.owner)), framed)
+    handle, _ = svc.front(str(ref), native)  # the same framed request id: the refusal recorded nothing
+    assert protocol.decode_result(ctx.open_response(svc.finish(handle, torch.zeros(10)), aad))["top"]
 
 
 def test_a_handle_is_finished_once_and_bad_scores_are_refused(world):

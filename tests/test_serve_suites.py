@@ -51,7 +51,8 @@ def served(tmp_path_factory, cifar10_dir):
         srv.stop()
 
 
-@pytest.mark.parametrize("crypto", [{}, {"suite": S.X25519}, PQ, {"models": {MODEL: S.MLKEM768_X25519}}])
+@pytest.mark.parametrize("crypto", [{}, {"suite": S.LEGACY}, {"suite": S.X25519}, PQ,
+                                    {"models": {MODEL: S.MLKEM768_X25519}}])
 def test_every_suite_serves_the_same_answer(served, crypto):
     with EnclaveClient(served.srv.url, replace(served.policy, crypto=crypto)) as c:
         res = c.infer([served.img, served.img], model=MODEL, top_k=1)

@@ -92,6 +92,13 @@ class AttestedEnclave:
         return self.public_key
 
 
+def _pin_key(pin: Any) -> "tuple | None":
+    """A policy's pin of one model (its `models` entry) as a comparable value, for the target cache."""
+    if not isinstance(pin, dict):
+        return None
+    return pin.get("owner"), tuple(pin.get("bundle_ids") or ()), pin.get("min_k")
+
+
 def _json_body(r: httpx.Response, what: str = "answer") -> Any:
     """The JSON of a server answer (hostile bytes: bounded depth, finite numbers), or an
     `EnclaveMLError` (never a parser's own exception type)."""
@@ -147,6 +154,11 @@ class EnclaveClient:
         self._prefetched: tuple | None = None  # (nonce, evidence answer, when) from the probe
         #: Per-stage totals of inference on this client: seal, http (the round trip), open.
         self.clock = StageClock()
+        #: model name -> (the policy's pin of it, as a tuple, and its Target): built once, not per
+        #: request; rebuilt whenever the policy's pin of that name differs.
+        self._targets: dict[str, tuple[tuple, Target]] = {}
+        #: Target -> answer identity fields its pin allowed (`protocol.decode_results`), bounded.
+        self._allowed: dict[Target, dict] = {}
 
     def close(self) -> None:
         self.http.close()
@@ -301,8 +313,16 @@ class EnclaveClient:
 
     def target(self, model: str) -> Target:
         """The pinned deployment a request for `model` goes to (`PolicyViolation` if unpinned)."""
-        pin = self.policy.pin(check_model_id(model))
-        return Target(ModelRef(pin.owner, model), pin)
+        policy = self.policy  # one policy for the lookup and the check (deploy may replace it)
+        hit = self._targets.get(model) if isinstance(model, str) else None
+        if hit is not None and hit[0] == _pin_key(policy.models.get(model)):
+            return hit[1]
+        pin = policy.pin(check_model_id(model))
+        target = Target(ModelRef(pin.owner, model), pin)
+        if len(self._targets) >= 256:
+            self._targets.clear()
+        self._targets[model] = (_pin_key(policy.models.get(model)), target)
+        return target
 
     def identity(self, model: str, att: AttestedEnclave | None = None) -> ModelIdentity:
         """Ask the attested enclave what it has deployed as `model` (by the pinned owner), and
@@ -348,7 +368,8 @@ class EnclaveClient:
 
     def infer_each(self, images: Sequence[bytes], model: str, top_k: int = 5,
                    logits: bool = False) -> list[dict | E.EnclaveMLError]:
-        check_model_id(model)
+        if not (isinstance(model, str) and model in self._targets):  # a cached name passed it before
+            check_model_id(model)
         images = [bytes(i) for i in images]
         if self._replicas() is not None:  # one replica per call, round-robin
             return self._fanout.infer_each(images, model, top_k, logits)
@@ -384,7 +405,13 @@ class EnclaveClient:
                 continue
             since(self.clock, "client_http", t)
             t = now()
-            out.extend(protocol.decode_results(ctx.open_response(content, aad), len(chunk), expected=target))
+            allowed = self._allowed.get(target)
+            if allowed is None:
+                if len(self._allowed) >= 64:
+                    self._allowed.clear()
+                allowed = self._allowed.setdefault(target, {})
+            out.extend(protocol.decode_results(ctx.open_response(content, aad), len(chunk), expected=target,
+                                               checked=allowed))
             since(self.clock, "client_open", t)
         return out
 

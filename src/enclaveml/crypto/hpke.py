@@ -15,8 +15,10 @@ picks a random `response_nonce`, and `key`, `nonce` come from HKDF with `salt = 
 response_nonce`. Only the holder of that request's context can open the response, so a response
 cannot be swapped onto another request, and a fresh random response key is used every time.
 
-This is the default suite ("x25519-pyhpke"); `crypto/suites.py` adds native X25519 and the
-ML-KEM-768 + X25519 hybrid, tagged on the wire, with the same response objects (`key_bytes`).
+This is the original suite ("x25519-pyhpke", untagged on the wire; still opened for old
+clients, and used by CalTrain's uploads and replies); `crypto/suites.py` adds native X25519 (the
+default of new requests) and the ML-KEM-768 + X25519 hybrid, tagged on the wire, with the same
+response objects (`key_bytes`).
 """
 
 from __future__ import annotations

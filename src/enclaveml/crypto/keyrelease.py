@@ -8,7 +8,7 @@ enclave accepts them only from the owner key a deployment was created with (`req
 Wire format (docs/crypto.md):
 
     msg       = HPKE request (enc || ct) to the enclave key, info "enclaveml/v1 owner-command", aad ""
-                (in the suite the owner names, `crypto.suites`: the classic one by default, or
+                (in the suite the owner names, `crypto.suites`: native X25519 by default, or
                 e.g. the ML-KEM-768 + X25519 hybrid sealed to the enclave's attested hybrid key)
     plaintext = owner public key (32) || Ed25519 signature (64) || body
     body      = canonical JSON (sorted keys, no spaces, UTF-8) of
@@ -33,7 +33,7 @@ from typing import Any
 from ..errors import TamperedMessage, Unauthorized
 from . import _hazmat as hz
 from .hpke import HpkeKeyPair
-from .suites import LEGACY, MLKEM768_X25519, EnclaveKeys, open_any, seal_with
+from .suites import DEFAULT, MLKEM768_X25519, EnclaveKeys, open_any, seal_with
 from .signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, SigningKey, VerifyKey
 from .wirejson import loads_untrusted
 
@@ -71,7 +71,7 @@ def _canonical(obj: dict) -> bytes:
 
 
 def seal_owner_command(owner: SigningKey, enclave_public: bytes, command: str, model_id: str,
-                       nonce: bytes, args: dict[str, Any] | None = None, suite: str = LEGACY,
+                       nonce: bytes, args: dict[str, Any] | None = None, suite: str = DEFAULT,
                        pq_public: bytes | None = None) -> bytes:
     """Owner side: sign `command` for `model_id`, bound to the enclave key and its nonce, and seal it
     in `suite` (the hybrid suite seals to `pq_public`, the enclave's attested hybrid key; the
@@ -129,7 +129,7 @@ def require_owner(cmd: OwnerCommand, deployment_owner: VerifyKey) -> OwnerComman
 
 
 def seal_key_release(owner: SigningKey, enclave_public: bytes, model_id: str, model_key: bytes,
-                     nonce: bytes, suite: str = LEGACY, pq_public: bytes | None = None) -> bytes:
+                     nonce: bytes, suite: str = DEFAULT, pq_public: bytes | None = None) -> bytes:
     """Owner side: release `model_key` for `model_id` to the attested enclave (signed + sealed)."""
     if len(model_key) != hz.REST_KEY_BYTES:
         raise ValueError("a model key is 32 bytes")

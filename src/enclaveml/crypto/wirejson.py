@@ -12,7 +12,9 @@ so a caller's `except ValueError` turns every malformed input into its one docum
 The nesting check runs before `json.loads`: string literals are blanked, then the innermost arrays
 and objects (those with no bracket inside) are replaced by a scalar, `max_depth` times at most (one
 C-speed regex pass each); if any bracket is left, the input is nested deeper than `max_depth` or its
-brackets do not balance, and it is refused.
+brackets do not balance, and it is refused. A text with at most `max_depth` opening brackets in
+all (strings included) cannot nest deeper, so `loads_untrusted` skips the regex passes for it (one
+`count` each for '[' and '{'); `json.loads` still refuses unbalanced brackets there (`ValueError`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+#: What `json.loads(text, **these options)` would build on every call (it is stateless between
+#: calls, and json's own `loads` shares one decoder across threads the same way).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float,
+                            object_pairs_hook=_no_duplicate_keys)
+
+
 def check_depth(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     """Raise `ValueError` unless the brackets of `text` (outside strings) nest at most `max_depth` deep
     and are balanced."""
@@ -69,9 +77,11 @@ def loads_untrusted(data: "bytes | bytearray | memoryview | str", max_depth: int
     if max_bytes is not None and len(raw) > max_bytes:
         raise ValueError(f"JSON is larger than {max_bytes} bytes")
     text = raw.decode("utf-8")  # UnicodeDecodeError (a ValueError) for anything but UTF-8
-    check_depth(text, max_depth)
+    if text.count("[") + text.count("{") > max_depth:  # else it cannot nest deeper (a result item)
+        check_depth(text, max_depth)
+    if text.startswith("\ufeff"):  # as json.loads refuses it
+        raise ValueError("JSON starts with a UTF-8 byte order mark")
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                          object_pairs_hook=_no_duplicate_keys)
+        return _DECODER.decode(text)
     except RecursionError:  # not reachable after check_depth; kept so that it can never escape
         raise ValueError("JSON is nested too deeply") from None

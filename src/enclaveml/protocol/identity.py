@@ -174,9 +174,14 @@ class Target:
             raise UserInputError("a request's pinned owner must be the owner it addresses")
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"v": 2, "owner": self.ref.owner, "name": self.ref.name,
-                           "bundle_ids": list(self.pin.bundle_ids), "min_k": self.pin.min_k},
-                          sort_keys=True, separators=(",", ":")).encode()
+        """Canonical JSON (made once per target: a client sends it, and binds it, every request)."""
+        raw = self.__dict__.get("_raw")
+        if raw is None:
+            raw = json.dumps({"v": 2, "owner": self.ref.owner, "name": self.ref.name,
+                              "bundle_ids": list(self.pin.bundle_ids), "min_k": self.pin.min_k},
+                             sort_keys=True, separators=(",", ":")).encode()
+            object.__setattr__(self, "_raw", raw)  # not a field: equality and hash are unchanged
+        return raw
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Target":

@@ -140,10 +140,11 @@ class InferResult:
         return cls.from_dict(decode_result(data, expected))
 
 
-def seal_infer(enclave_public: bytes, target: Target, framed: bytes, suite: str = "x25519-pyhpke"):
+def seal_infer(enclave_public: bytes, target: Target, framed: bytes, suite: str = "x25519"):
     """Client side: the request body for `target` (its pin in the clear and as the AAD) around the
     HPKE message of `framed` (`crypto.frame_fresh(encode_payload(...))`) in `suite`
-    (`crypto.suites`; `enclave_public` is that suite's attested key) -> (body, context, aad);
+    (`crypto.suites`, default the native "x25519"; `enclave_public` is that suite's attested key)
+    -> (body, context, aad);
     open the answer with `context.open_response(answer, aad)`."""
     from ..crypto import seal_with
     from .identity import frame_target, infer_aad
@@ -303,14 +304,32 @@ def _item_identity(res: dict) -> ModelIdentity:
                                     "bundle_id": res.get("bundle_id"), "k": res.get("k"), "head": res.get("head")})
 
 
-def _decode_item(data: bytes, expected: "Target | None") -> dict[str, Any]:
+def _identity_key(res: dict) -> "tuple | None":
+    """The item's identity fields, the numbers with their types (`True` == 1 == 1.0; only JSON
+    strings equal strings), or None if one is not hashable: items with equal keys have the same
+    identity, so it is parsed and checked against the pin once per response."""
+    k, head = res.get("k"), res.get("head")
+    key = (res.get("owner"), res.get("model"), res.get("bundle_id"), type(k), k, type(head), head)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _decode_item(data: bytes, expected: "Target | None", checked: "dict | None" = None) -> dict[str, Any]:
     """A result item, or an error item ({"error": "DataError", "message": str}); anything else
-    is malformed. With `expected`, an item from a deployment its pin refuses is a `PolicyViolation`."""
+    is malformed. With `expected`, an item from a deployment its pin refuses is a `PolicyViolation`.
+    `checked` (one response's) remembers identity fields already parsed and allowed."""
     try:
         res = loads_untrusted(bytes(data).rstrip(b"\x00"))
         if not isinstance(res, dict) or type(res.get("v")) is not int or res["v"] != 1:
             raise ValueError
-        ident = _item_identity(res)
+        key = _identity_key(res) if checked is not None else None
+        if key is not None and key in checked:
+            ident = None  # the same fields as an item before: parsed and allowed already
+        else:
+            ident = _item_identity(res)
         if "error" in res:
             if res["error"] != "DataError" or not isinstance(res.get("message"), str):
                 raise ValueError
@@ -323,21 +342,28 @@ def _decode_item(data: bytes, expected: "Target | None") -> dict[str, Any]:
                     raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
         raise TamperedMessage("result is malformed") from None
-    if expected is not None:
-        expected.allows(ident)  # PolicyViolation: the answer comes from a deployment the pin refuses
+    if ident is not None:
+        if expected is not None:
+            expected.allows(ident)  # PolicyViolation: the answer comes from a deployment the pin refuses
+        if key is not None:
+            checked[key] = True
     return res
 
 
-def decode_results(data: bytes, n: int, expected: "Target | None" = None) -> "list[dict[str, Any] | DataError]":
+def decode_results(data: bytes, n: int, expected: "Target | None" = None,
+                   checked: "dict | None" = None) -> "list[dict[str, Any] | DataError]":
     """Client side: the `n` items of an (authenticated) response, in request order; an image the
     enclave could not decode comes back as a `DataError` in its place. Every item must name the
-    deployment that the `expected` target (the client's pin) accepts (`PolicyViolation` otherwise)."""
+    deployment that the `expected` target (the client's pin) accepts (`PolicyViolation` otherwise).
+    `checked`: identity fields already parsed and allowed *for this `expected`* (a caller's dict,
+    kept per target across responses); by default, one response's."""
     data = bytes(data)
     if n < 1 or len(data) % n:
         raise TamperedMessage("response does not hold one equal-sized item per image")
     size = len(data) // n
     out: list[dict[str, Any] | DataError] = []
+    checked = {} if checked is None else checked
     for i in range(n):
-        item = _decode_item(data[i * size:(i + 1) * size], expected)
+        item = _decode_item(data[i * size:(i + 1) * size], expected, checked)
         out.append(DataError(item["message"][:300]) if "error" in item else item)
     return out

@@ -18,10 +18,11 @@ Routes (docs/serving.md):
     POST   /v1/models/{owner}/{name}/identity  the deployed identity, sealed to the asking client
     POST   /v1/models/{owner}/{name}/infer     one HPKE request (1..256 images) -> one sealed response
 
-The inference route is also served by a lean ASGI handler (`_LeanInfer`) ahead of FastAPI's
-router: the same service call, the same answers and errors, without FastAPI's routing, request
-and response objects and exception middlewares (about 0.1 ms of CPU per request, on the latency
-path of every single-image request).
+The inference route is also served by a lean ASGI handler (`_LeanInfer`) ahead of FastAPI: the
+app (`HostApp`) hands it `POST .../infer` before FastAPI's own entry (its telemetry check) and
+Starlette's middleware stack; the same service call, the same answers, errors, request-id
+header, counters and log line, without FastAPI's routing, request and response objects and
+exception middlewares (on the latency path of every single-image request).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from .. import errors as E
 from ..runtime.errors import ChannelError
 from ..runtime.rpc import RemoteError
-from .metrics import json_logger
+from .metrics import json_logger, log_event
 from .service import BodyStream, HostService, ServerConfig, error_kind  # ServerConfig: `serve`'s argument
 
 #: Status code for each error kind; anything not listed is a 500 (and its message is not sent).
@@ -69,6 +70,24 @@ def _body(request: Request) -> BodyStream:
     return BodyStream(request.stream(), request.headers.get("content-length"))
 
 
+class HostApp(FastAPI):
+    """The FastAPI app, with `POST /v1/models/{owner}/{name}/infer` answered by `lean` (a
+    `_LeanInfer`) before anything of FastAPI's or Starlette's runs; every other request (and
+    lifespan) goes the usual way, through `ObserveMiddleware` and the router."""
+
+    lean: "_LeanInfer | None" = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        lean = self.lean
+        if lean is not None and scope["type"] == "http":
+            target = infer_target(scope)
+            if target is not None:
+                scope["app"] = self  # as Starlette sets it
+                await lean.serve(scope, receive, send, target)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(cfg: ServerConfig, service=HostService.open, lean_infer: bool = True) -> FastAPI:
     """The app; `service(cfg)` (awaited at startup) builds the `HostService` and starts its enclave.
     `lean_infer=False` leaves /infer to the FastAPI route too (for comparison)."""
@@ -82,7 +101,7 @@ def create_app(cfg: ServerConfig, service=HostService.open, lean_infer: bool = T
         finally:
             await state["s"].close()
 
-    app = FastAPI(title="enclaveml host", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = HostApp(title="enclaveml host", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     def S() -> HostService:
         return state["s"]
@@ -101,7 +120,8 @@ def create_app(cfg: ServerConfig, service=HostService.open, lean_infer: bool = T
     async def on_error(request: Request, e: Exception):
         return error_response(_route_name(request.url.path, request.method), e)
 
-    app.add_middleware(ObserveMiddleware, state=state, infer=_LeanInfer(S, error_response) if lean_infer else None)
+    app.add_middleware(ObserveMiddleware, state=state)
+    app.lean = _LeanInfer(S, error_response, state) if lean_infer else None
 
     for exc_type in (E.EnclaveMLError, ChannelError, RemoteError, Exception):
         app.add_exception_handler(exc_type, on_error)
@@ -176,54 +196,111 @@ def infer_target(scope) -> "tuple[str, str] | None":
     return parts[0], parts[1]
 
 
+async def _body_chunks(receive):
+    """The request body's chunks as the ASGI server hands them over (no copy, no join)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            from starlette.requests import ClientDisconnect
+
+            raise ClientDisconnect()
+        body = message.get("body", b"")
+        if body:
+            yield body
+        if not message.get("more_body", False):
+            return
+
+
+def _header(scope, name: bytes) -> "bytes | None":
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
 class _LeanInfer:
     """`POST /v1/models/{owner}/{name}/infer` as a plain ASGI app: the body as it arrives (a
     `BodyStream` with its declared length), `HostService.infer`, the sealed response; every
-    failure becomes the same JSON error as the FastAPI routes give (`error_response`)."""
+    failure becomes the same JSON error as the FastAPI routes give (`error_response`), and an
+    exception that escapes gets what Starlette's `ServerErrorMiddleware` would do (the app's
+    500 handler's answer if nothing was sent yet, then raised to the server). The request id
+    header, counters and log line are `ObserveMiddleware`'s (`_observe`)."""
 
-    _HEADERS = [(b"content-type", b"application/octet-stream")]
+    _HEADERS = (b"content-type", b"application/octet-stream")
 
-    def __init__(self, service, error_response):
+    def __init__(self, service, error_response, state: dict):
         self.service = service
         self.error_response = error_response
+        self.state = state
 
-    async def __call__(self, scope, receive, send, target: tuple[str, str]) -> None:
-        declared = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+    async def serve(self, scope, receive, send, target: tuple[str, str]) -> None:
+        t0 = time.perf_counter()
+        rid = os.urandom(8).hex()
+        info = {"status": 500, "bytes_out": 0}
+        started = False
 
-        async def chunks():
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    from starlette.requests import ClientDisconnect
-
-                    raise ClientDisconnect()
-                body = message.get("body", b"")
-                if body:
-                    yield body
-                if not message.get("more_body", False):
-                    return
+        async def send_error(message):  # an error answer (JSONResponse): the request id header added
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                info["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                for k, v in headers:
+                    if k == b"content-length":
+                        info["bytes_out"] = int(v)
+                message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
+            await send(message)
 
         try:
-            out = await self.service().infer(target[0], target[1], BodyStream(chunks(), declared))
+            declared = _header(scope, b"content-length")
+            try:
+                out = await self.service().infer(target[0], target[1], BodyStream(
+                    _body_chunks(receive), declared.decode("latin-1") if declared is not None else None))
+            except Exception as e:
+                await self.error_response("infer", e)(scope, receive, send_error)
+                return
+            n = str(len(out)).encode()
+            started = True
+            info["status"], info["bytes_out"] = 200, len(out)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", n), self._HEADERS, (b"x-request-id", rid.encode())]})
+            await send({"type": "http.response.body", "body": out})
         except Exception as e:
-            await self.error_response("infer", e)(scope, receive, send)
-            return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(out)).encode()), *self._HEADERS]})
-        await send({"type": "http.response.body", "body": out})
+            if not started:
+                await self.error_response("infer", e)(scope, receive, send_error)
+            raise
+        finally:
+            _observe(self.state, scope, t0, rid, info)
+
+
+def _observe(state: dict, scope, t0: float, rid: str, info: dict) -> None:
+    """One request's metrics, stage clock (inference) and JSON log line."""
+    s = state.get("s")
+    if s is None:
+        return
+    dt = time.perf_counter() - t0
+    route = _route_name(scope.get("path", ""), scope.get("method", ""))
+    length = _header(scope, b"content-length")
+    bytes_in = int(length) if length is not None else 0
+    if route == "infer":
+        s.clock.add("http_infer", int(dt * 1e9))
+    s.metrics.inc("http_requests_total", route=route, status=str(info["status"]))
+    s.metrics.observe("http_request_seconds", dt, route=route)
+    log_event(s.log, "request", {
+        "request_id": rid, "method": scope.get("method"), "route": route, "status": info["status"],
+        "bytes_in": bytes_in, "bytes_out": info["bytes_out"], "ms": round(dt * 1000, 3)})
 
 
 class ObserveMiddleware:
-    """Pure ASGI middleware: a request id header, one JSON log line and metrics per request; it
-    hands inference requests to `infer` (the lean route) and the rest to the FastAPI app.
+    """Pure ASGI middleware: a request id header, one JSON log line and metrics per request, for
+    every route but the lean /infer (`HostApp` hands that to `_LeanInfer`, which does the same).
 
     (Starlette's BaseHTTPMiddleware would add a task and a stream copy per request.)
     """
 
-    def __init__(self, app, state: dict, infer: "_LeanInfer | None" = None):
+    def __init__(self, app, state: dict):
         self.app = app
         self.state = state
-        self.infer = infer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -242,25 +319,10 @@ class ObserveMiddleware:
                 message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
             await send(message)
 
-        target = infer_target(scope) if self.infer is not None else None
         try:
-            if target is not None:
-                await self.infer(scope, receive, send_wrapper, target)
-            else:
-                await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         finally:
-            s = self.state.get("s")
-            if s is not None:
-                dt = time.perf_counter() - t0
-                route = _route_name(scope.get("path", ""), scope.get("method", ""))
-                bytes_in = next((int(v) for k, v in scope.get("headers", []) if k == b"content-length"), 0)
-                if route == "infer":
-                    s.clock.add("http_infer", int(dt * 1e9))
-                s.metrics.inc("http_requests_total", route=route, status=str(info["status"]))
-                s.metrics.observe("http_request_seconds", dt, route=route)
-                s.log.info("request", extra={"fields": {
-                    "request_id": rid, "method": scope.get("method"), "route": route, "status": info["status"],
-                    "bytes_in": bytes_in, "bytes_out": info["bytes_out"], "ms": round(dt * 1000, 3)}})
+            _observe(self.state, scope, t0, rid, info)
 
 
 def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8080, torch_threads: int = 1) -> None:

@@ -116,6 +116,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"), default=str)
 
 
+def log_event(log: logging.Logger, event: str, fields: dict, level: int = logging.INFO) -> None:
+    """`log.log(level, event, extra={"fields": fields})`, the same line, made cheaply for the
+    per-request log: when `log` is as `json_logger` set it up (its one handler, no filters), the
+    JSON goes straight to that handler's stream, without building a `LogRecord` (caller lookup,
+    thread and process names: about 3/4 of a log call's CPU). Anything else, and any error
+    writing, takes the standard path."""
+    if not log.isEnabledFor(level):
+        return
+    hs = log.handlers
+    h = hs[0] if len(hs) == 1 else None
+    if (h is None or log.filters or h.filters or not getattr(h, "_enclaveml", False) or level < h.level
+            or type(h.formatter) is not JsonFormatter or not isinstance(h, logging.StreamHandler)):
+        log.log(level, event, extra={"fields": fields})
+        return
+    out = {"ts": round(time.time(), 6), "level": logging.getLevelName(level).lower(), "event": event}
+    out.update(fields)
+    line = json.dumps(out, separators=(",", ":"), default=str) + h.terminator
+    h.acquire()
+    try:
+        h.stream.write(line)
+        h.flush()
+        return
+    except Exception:
+        pass
+    finally:
+        h.release()
+    log.log(level, event, extra={"fields": fields})  # the standard path reports the error
+
+
 def json_logger(name: str = "enclaveml.serve", stream=None, level: int = logging.INFO) -> logging.Logger:
     log = logging.getLogger(name)
     if not any(getattr(h, "_enclaveml", False) for h in log.handlers):

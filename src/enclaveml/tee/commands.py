@@ -234,8 +234,9 @@ def policy_cmd(
     min_k: Optional[int] = typer.Option(None, "--min-k", help="Accept splits from K on (default: each bundle's own k)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write here (default: print)."),
     card: Optional[Path] = typer.Option(None, "--card", help="Model card whose factory the server allows (as `serve --card`)."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="HPKE suite of requests and key releases: x25519-pyhpke "
-                                        "(default), x25519, mlkem768-x25519 (post-quantum hybrid); docs/crypto.md."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="HPKE suite of requests and key releases: x25519 "
+                                        "(default, native), x25519-pyhpke (the original format, for older "
+                                        "enclaves), mlkem768-x25519 (post-quantum hybrid); docs/crypto.md."),
 ) -> None:
     """Write a policy pinning the local sim platform key and this code's sim measurement, and the
     models (`--model BUNDLE`) a client may use."""

@@ -80,8 +80,9 @@ class Policy:
                            {owner, plans, min_split, min_head, defences} (docs/caltrain.md;
                            checked by `train.plan.check_requirements` before any upload)
     crypto                 {suite, models = {name: suite}}: the HPKE suite requests and key
-                           releases use (`crypto.suites`; default "x25519-pyhpke", the original
-                           format), e.g. "mlkem768-x25519" for the post-quantum hybrid, which
+                           releases use (`crypto.suites`; default "x25519", native RFC 9180;
+                           "x25519-pyhpke" is the original format, for enclaves older than the
+                           suites), e.g. "mlkem768-x25519" for the post-quantum hybrid, which
                            makes the client refuse an enclave whose evidence binds no hybrid key
     """
 
@@ -159,9 +160,9 @@ class Policy:
 
     def suite_for(self, name: str | None = None) -> str:
         """The HPKE suite for requests to model `name` (or for owner commands, `None`)."""
-        from ..crypto.suites import LEGACY
+        from ..crypto.suites import DEFAULT
 
-        return self.crypto.get("models", {}).get(name, self.crypto.get("suite", LEGACY))
+        return self.crypto.get("models", {}).get(name, self.crypto.get("suite", DEFAULT))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
