@@ -169,3 +169,25 @@ def test_malformed_answers_are_transport_errors(raw):
             p.post("/x", b"abc")
     finally:
         p.close()
+
+
+def test_an_oversized_answer_is_refused_not_buffered(monkeypatch):
+    """The host is the adversary: a huge head or body is a transport error, not memory spent."""
+    import http.client
+
+    import enclaveml.client.keepalive as ka
+
+    monkeypatch.setattr(ka, "MAX_ANSWER_BYTES", 1000)
+    big_body = TinyServer(answer=lambda body: b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000)
+    big_chunks = TinyServer(answer=lambda body: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            + b"400\r\n" + b"y" * 1024 + b"\r\n0\r\n\r\n")
+    big_head = TinyServer(answer=lambda body: b"HTTP/1.1 200 OK\r\nX-Pad: " + b"z" * (ka.MAX_HEAD_BYTES + 10)
+                          + b"\r\nContent-Length: 0\r\n\r\n", close_after=1)
+    for srv in (big_body, big_chunks, big_head):
+        p = KeepAlivePost(srv.url, 10)
+        try:
+            with pytest.raises(http.client.HTTPException):
+                p.post("/x", b"abc")
+            assert p._local.conn is None  # dropped: the next request starts clean
+        finally:
+            p.close()
