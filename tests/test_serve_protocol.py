@@ -462,3 +462,35 @@ def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_
         else:
             with pytest.raises(E.UserInputError):
                 svc.deploy("fac", release, files)
+
+
+def test_a_small_pass_is_answered_in_one_call_as_the_two_call_path_answers(service, cifar10_dir):
+    """`front_batch(finish_rows=N)` on a deployment holding its BackNet: a call of at most N
+    decoded images is answered sealed in one go (decode, FrontNet, BackNet, class mapping, seal),
+    with the answers of front -> the host's small-pass BackNet -> finish; more images take the
+    two-call path as before."""
+    import copy
+
+    from enclaveml.serve.batcher import SMALL_ROWS
+    from enclaveml.serve.enclave import Answered
+
+    svc, back, *_ = service
+    host_small = copy.deepcopy(back).to(memory_format=torch.channels_last)  # what the host runs at <= SMALL_ROWS
+    images = [p.read_bytes() for p in sorted((cifar10_dir / "test" / "ship").glob("*.jpg"))[:3]]
+    batch = [images[0], b"not an image", images[1], images[2]]
+    msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 3, True))
+    handle, ir = svc.front(D, msg)
+    with torch.no_grad():
+        two = protocol.decode_results(ctx.open_response(svc.finish(handle, host_small(ir)), aad), 4)
+    msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 3, True))
+    (ans,) = svc.front_batch(D, [msg], finish_rows=SMALL_ROWS)
+    assert isinstance(ans, Answered) and ans.failed == 1
+    one = protocol.decode_results(ctx.open_response(ans.sealed, aad), 4, expected=_target(D))
+    assert isinstance(one[1], E.DataError) and isinstance(two[1], E.DataError)
+    for a, b in zip(one[:1] + one[2:], two[:1] + two[2:]):
+        assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+        assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-5
+    msg, *_ = _seal(svc, protocol.encode_payload(batch, 3, True))
+    (o,) = svc.front_batch(D, [msg], finish_rows=2)  # three decoded images: the two-call path
+    assert isinstance(o, tuple) and o[1].shape[0] == 3 and o[2] == 1
+    svc.abort(o[0])
