@@ -84,6 +84,16 @@ def _cpu_pid(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _memory_mib(pid: int) -> dict:
+    """{"rss", "peak"}: a process's resident and peak resident memory (VmRSS, VmHWM) in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss" if key == "VmRSS" else "peak"] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 def recommended_k(assessment: str | None, default: int) -> tuple[int, str]:
     if assessment and Path(assessment).exists():
         rep = json.loads(Path(assessment).read_text())
@@ -306,7 +316,8 @@ def breakdown(before: dict, after: dict, units: int) -> dict:
     rows = {name: {"wall_us": round(wall(side, st), 1), "cpu_us": round(cpu(side, st), 1)}
             for name, side, st in _ROWS if st in d[side]}
     rows["channel hop: front (call - op)"] = {"wall_us": round(wall("host", "front_call") - wall("enclave", "op_front_batch"), 1), "cpu_us": None}
-    rows["channel hop: finish (call - op)"] = {"wall_us": round(wall("host", "finish_call") - wall("enclave", "op_finish_batch"), 1), "cpu_us": None}
+    if "finish_call" in d["host"]:  # none when every request was answered in one round trip
+        rows["channel hop: finish (call - op)"] = {"wall_us": round(wall("host", "finish_call") - wall("enclave", "op_finish_batch"), 1), "cpu_us": None}
     if "client_http" in d["client"]:  # not in the lean load generator's phase (no client clocks)
         rows["HTTP outside the app (httpx, loopback, uvicorn)"] = {
             "wall_us": round(wall("client", "client_http") - wall("host", "http_infer"), 1), "cpu_us": None}
@@ -479,6 +490,7 @@ def main() -> None:
             import httpx
 
             placement = httpx.get(srv.url + "/healthz", timeout=60).json().get("backnet")
+            enclave_memory = {"after_deploy": _memory_mib(srv.enclave_pid())}
             clients = [EnclaveClient(srv.url, policy) for _ in range(args.clients)]
             for c in clients:
                 c.infer([images[0]], model="darknet")  # attest and warm each connection
@@ -541,6 +553,7 @@ def main() -> None:
                 stage_acc["single"].append((s1, s2))
                 m = len(images[part])
                 print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f}{lean_note} images/s", file=sys.stderr)
+            enclave_memory["at_end"] = _memory_mib(srv.enclave_pid())
             for c in clients:
                 c.close()
             if gen is not None:
@@ -596,6 +609,7 @@ def main() -> None:
         "backnet_placement": placement,
         "path_single": path_taken(stages["single_per_request"]),
         "path_throughput": path_taken(stages["throughput_per_image"]),
+        "enclave_memory_mib": enclave_memory,
         # Server capacity: the same sealed requests sent by the lean load generator (loadgen.py),
         # so that only the server's processes (host + enclave) do work in the timed window.
         "images_per_s_service_server": round(server["images_per_s"], 1) if server else None,
