@@ -532,15 +532,17 @@ def test_every_pass_in_the_enclave_answers_as_the_host_would(service, cifar10_di
         handle, ir = svc.front(D, msg)
         with torch.no_grad():
             want.append(protocol.decode_results(ctx.open_response(svc.finish(handle, back(ir)), aad), len(batch)))
-    sealed = [_seal(svc, protocol.encode_payload(batch, 2, True)) for batch in reqs]
-    was, svc.max_pass = svc.max_pass, 2  # five images in three passes
-    try:
-        outs = svc.front_batch(D, [m for m, _, _ in sealed], finish_rows=ALL_ROWS)
-    finally:
-        svc.max_pass = was
-    for o, (_, ctx, aad), batch, w in zip(outs, sealed, reqs, want):
-        assert isinstance(o, Answered) and o.failed == 0
-        got = protocol.decode_results(ctx.open_response(o.sealed, aad), len(batch))
-        for a, b in zip(got, w):
-            assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
-            assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-5
+    for max_pass in (2, 32):  # five images in three small passes (channels-last), or one large (NCHW)
+        sealed = [_seal(svc, protocol.encode_payload(batch, 2, True)) for batch in reqs]
+        was, svc.max_pass = svc.max_pass, max_pass
+        try:
+            outs = svc.front_batch(D, [m for m, _, _ in sealed], finish_rows=ALL_ROWS)
+        finally:
+            svc.max_pass = was
+        for o, (_, ctx, aad), batch, w in zip(outs, sealed, reqs, want):
+            assert isinstance(o, Answered) and o.failed == 0
+            got = protocol.decode_results(ctx.open_response(o.sealed, aad), len(batch))
+            for a, b in zip(got, w):
+                assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+                assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-5
+    assert svc._deployment(ModelRef.parse(D)).back_large is not None  # made by the large pass

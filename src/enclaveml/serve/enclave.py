@@ -33,6 +33,7 @@ seal, the same code as the two-call path, and the host sees neither IR nor score
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
 import math
@@ -61,6 +62,7 @@ from ..tee import bind_report_data, bind_report_data_pq
 from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
 from ..timing import StageClock, now, since
+from .placement import SMALL_ROWS
 from .threads import LoneThreads
 
 DELETE = "delete"
@@ -114,6 +116,8 @@ class Deployment:
     #: The public BackNet, when the host handed it over (verified against the manifest) for passes
     #: run whole here (`front_batch(finish_rows=...)`); None: the host runs every BackNet pass.
     back: "torch.nn.Module | None" = field(default=None, repr=False)
+    #: An NCHW copy of it for passes over SMALL_ROWS (`--backnet enclave`), made at the first one.
+    back_large: "torch.nn.Module | None" = field(default=None, repr=False)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -351,12 +355,23 @@ class EnclaveService:
 
     def _whole_pass(self, dep: Deployment, arrays: list[np.ndarray]) -> torch.Tensor:
         """Pixels of one pass -> BackNet outputs (scores in the secret order, or the head's input),
-        the IR never leaving the enclave; the same FrontNet pass as `_front_pass`."""
-        ir = self._front_pass(dep, arrays, wire=False)
+        the IR never leaving the enclave; the same FrontNet pass as `_front_pass`. The layouts
+        follow the host's `BackNetExecutor`: up to SMALL_ROWS rows the channels-last BackNet on the
+        FrontNet's channels-last IR as it comes; larger passes (only under `--backnet enclave`) an
+        NCHW copy on NCHW IR, a little cheaper there (made at the first such pass, so the
+        enclave holds two copies only in that mode)."""
+        large = len(arrays) > SMALL_ROWS and self.device.type == "cpu"
+        ir = self._front_pass(dep, arrays, wire=large)
         t = now()
-        out = dep.back(ir).float().cpu()
+        out = (self._large_backnet(dep) if large else dep.back)(ir).float().cpu()
         since(self.clock, "backnet", t)
         return out
+
+    def _large_backnet(self, dep: Deployment) -> torch.nn.Module:
+        with self._lock:
+            if dep.back_large is None:
+                dep.back_large = copy.deepcopy(dep.back).to(memory_format=torch.contiguous_format)
+            return dep.back_large
 
     @torch.no_grad()
     def front(self, model_id: str, ciphertext: bytes) -> tuple[str, torch.Tensor]:

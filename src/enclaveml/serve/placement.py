@@ -1,6 +1,8 @@
 """Where a pass's BackNet runs: on the host's executor, or inside the enclave with the rest of it.
 
-Trust side: host (a deployment choice of the operator; pure logic, no I/O). Either way every
+Trust side: host (a deployment choice of the operator), and both sides for `SMALL_ROWS`, the
+pass size up to which host and enclave run a BackNet with channels-last weights; pure logic, no
+I/O, so the enclave may import it. Either way every
 guarantee holds: with the BackNet in the enclave the host sees strictly less (no IR, no scores in
 the secret order), and the enclave runs only the owner's BackNet (it checks the bytes the host
 hands it against the signed manifest, `models.bundle.open_enclave_parts(with_backnet=True)`).
@@ -22,7 +24,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserInputError
-from .batcher import SMALL_ROWS
+
+#: BackNet passes of at most this many rows run their channels-last copy (host: `BackNetExecutor`;
+#: enclave: `EnclaveService._whole_pass`), larger ones NCHW; and the enclave answers passes of at
+#: most this many images whole under backnet_small "enclave".
+SMALL_ROWS = 4
 
 BACKNET_SMALL = ("auto", "enclave", "host")
 BACKNET = ("host", "enclave")
