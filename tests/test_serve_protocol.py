@@ -494,6 +494,10 @@ def test_a_small_pass_is_answered_in_one_call_as_the_two_call_path_answers(servi
     (o,) = svc.front_batch(D, [msg], finish_rows=2)  # three decoded images: the two-call path
     assert isinstance(o, tuple) and o[1].shape[0] == 3 and o[2] == 1
     svc.abort(o[0])
+    msg, ctx, aad = _seal(svc, protocol.encode_payload([b"x", b"y"], 1))  # nothing decodes: still answered
+    (ans,) = svc.front_batch(D, [msg], finish_rows=SMALL_ROWS)
+    assert isinstance(ans, Answered) and ans.failed == 2
+    assert all(isinstance(r, E.DataError) for r in protocol.decode_results(ctx.open_response(ans.sealed, aad), 2))
 
 
 def test_backnet_placement_follows_the_device_and_refuses_contradictions():

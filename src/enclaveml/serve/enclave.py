@@ -411,7 +411,8 @@ class EnclaveService:
         # outgrow the enclave's memory (the assessment's cost figures assume bounded batches).
         with self.lone_threads.run(len(xs_all) if self.device.type == "cpu" else 0):
             passes = [run(dep, xs_all[k:k + self.max_pass]) for k in range(0, len(xs_all), self.max_pass)]
-        irs = (passes[0] if len(passes) == 1 else torch.cat(passes)) if passes else torch.empty(0)
+        # one row per decoded image: its IR, or (whole) its BackNet output
+        outs = (passes[0] if len(passes) == 1 else torch.cat(passes)) if passes else torch.empty(0)
         out: list[tuple[str, torch.Tensor, int] | Answered | Exception] = []
         row = 0
         for o in opened:
@@ -419,13 +420,13 @@ class EnclaveService:
                 out.append(o)
                 continue
             xs, p = o
-            rows, failed = irs[row:row + len(xs)], len(p.slots) - len(xs)
+            rows, failed = outs[row:row + len(xs)], len(p.slots) - len(xs)
             row += len(xs)
             if not whole:
                 out.append((self._remember(p), rows, failed))
                 continue
             try:
-                out.append(Answered(self._answer(p, rows if len(xs) else torch.empty(0)), failed))
+                out.append(Answered(self._answer(p, rows), failed))
             except Exception as e:
                 out.append(e)
         return out
