@@ -6,8 +6,8 @@ loads: one child process per tree (each with its own `enclaveml serve --tee sim`
 at k=10, deployed, warmed by 20 requests) and one plain-PyTorch child (decode + preprocess + the
 whole model, 2 threads); the driver sends single-image requests to A, B and plain in turn
 (alternating the order), so load changes hit all three alike. Prints each tree's per-stage
-breakdown (its own `bench_serve.breakdown`) to stderr and, last, one JSON line with p50, p99 and
-mean ms of A, B and plain. AB_ENV_B=NAME=VALUE sets one environment variable for B only.
+breakdown (its own `bench_serve.breakdown`) to stderr and, last, one JSON line with p50, p90, p99
+and mean ms of A, B and plain. AB_ENV_B=NAME=VALUE sets one environment variable for B only.
 
     python benchmarks/ab_single_latency.py N TREE_A TREE_B [extra `enclaveml serve` args]
     e.g. python benchmarks/ab_single_latency.py 150 /work/main .
@@ -117,7 +117,8 @@ def main() -> None:
         k.stdin.close()
     for k in kids.values():
         k.wait()
-    res = {name: {"p50_ms": round(1000 * pct(v, 50), 3), "p99_ms": round(1000 * pct(v, 99), 3),
+    res = {name: {"p50_ms": round(1000 * pct(v, 50), 3), "p90_ms": round(1000 * pct(v, 90), 3),
+                  "p99_ms": round(1000 * pct(v, 99), 3),
                   "mean_ms": round(1000 * sum(v) / len(v), 3)} for name, v in lat.items()}
     res["load"] = os.getloadavg()
     print(json.dumps(res))

@@ -84,6 +84,16 @@ def _cpu_pid(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _memory_mib(pid: int) -> dict:
+    """{"rss", "peak"}: a process's resident and peak resident memory (VmRSS, VmHWM) in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss" if key == "VmRSS" else "peak"] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 def recommended_k(assessment: str | None, default: int) -> tuple[int, str]:
     if assessment and Path(assessment).exists():
         rep = json.loads(Path(assessment).read_text())
@@ -271,6 +281,8 @@ _ROWS = (
     ("enclave: replay + payload", "enclave", "replay_and_payload"),
     ("enclave: decode + preprocess", "enclave", "decode_preprocess"),
     ("enclave: FrontNet", "enclave", "frontnet"),
+    ("enclave: BackNet (pass answered in one round trip)", "enclave", "backnet"),
+    ("host: answered in one round trip (front stage)", "host", "one_op_answers"),
     ("host: front unpack", "host", "front_unpack"),
     ("host: backnet stage (queue + run)", "host", "backnet_total"),
     ("host: BackNet forward", "host", "backnet_forward"),
@@ -304,7 +316,8 @@ def breakdown(before: dict, after: dict, units: int) -> dict:
     rows = {name: {"wall_us": round(wall(side, st), 1), "cpu_us": round(cpu(side, st), 1)}
             for name, side, st in _ROWS if st in d[side]}
     rows["channel hop: front (call - op)"] = {"wall_us": round(wall("host", "front_call") - wall("enclave", "op_front_batch"), 1), "cpu_us": None}
-    rows["channel hop: finish (call - op)"] = {"wall_us": round(wall("host", "finish_call") - wall("enclave", "op_finish_batch"), 1), "cpu_us": None}
+    if "finish_call" in d["host"]:  # none when every request was answered in one round trip
+        rows["channel hop: finish (call - op)"] = {"wall_us": round(wall("host", "finish_call") - wall("enclave", "op_finish_batch"), 1), "cpu_us": None}
     if "client_http" in d["client"]:  # not in the lean load generator's phase (no client clocks)
         rows["HTTP outside the app (httpx, loopback, uvicorn)"] = {
             "wall_us": round(wall("client", "client_http") - wall("host", "http_infer"), 1), "cpu_us": None}
@@ -317,7 +330,21 @@ def breakdown(before: dict, after: dict, units: int) -> dict:
     rows["client: CPU in no stage (bench threads)" if d["client"] else "load generator: CPU (bench threads)"] = {
         "wall_us": None, "cpu_us": round(cpu_d["client"] - client_staged, 1)}
     rows["process CPU: host / enclave / client"] = {"wall_us": None, "cpu_us": [round(cpu_d[k], 1) for k in ("host", "enclave", "client")]}
+    one, total = (d["host"].get(st, {}).get("n", 0) for st in ("one_op_answers", "front_total"))
+    rows[PATH_ROW] = {"wall_us": None, "cpu_us": None, "requests": [one, total]}
     return rows
+
+
+#: The breakdown's row that says which path requests took: [answered in one enclave round trip, all].
+PATH_ROW = "path: requests answered in one enclave round trip / all"
+
+
+def path_taken(rows: dict) -> str:
+    """'one round trip', 'two round trips' or 'mixed (N of M in one)' for a phase's requests."""
+    one, total = rows.get(PATH_ROW, {}).get("requests", [0, 0])
+    if not total:
+        return "none"
+    return "one round trip" if one == total else "two round trips" if one == 0 else f"mixed ({one} of {total} in one)"
 
 
 def _sum_breakdown(pairs: list, units: int) -> dict:
@@ -342,6 +369,9 @@ def _sum_breakdown(pairs: list, units: int) -> dict:
 def print_breakdown(title: str, rows: dict) -> None:
     print(f"{title:58}{'wall us':>10}{'CPU us':>10}", file=sys.stderr)
     for name, v in rows.items():
+        if "requests" in v:
+            print(f"  {name:56}{'':>10}{'%d / %d' % tuple(v['requests']):>10}", file=sys.stderr)
+            continue
         w = "" if v["wall_us"] is None else f"{v['wall_us']:.1f}"
         c = v["cpu_us"]
         c = "" if c is None else (" / ".join(f"{x:.0f}" for x in c) if isinstance(c, list) else f"{c:.1f}")
@@ -375,6 +405,11 @@ def main() -> None:
                     help="torch thread counts to try for plain PyTorch; the best throughput is the baseline")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server's host process")
     ap.add_argument("--server-args", default="", help="extra `enclaveml serve` arguments")
+    ap.add_argument("--backnet-small", default="auto", choices=("auto", "enclave", "host"),
+                    help="`serve --backnet-small`: where passes of at most 4 images run their BackNet (auto: the "
+                         "enclave on a CPU host, one round trip)")
+    ap.add_argument("--backnet", default="host", choices=("host", "enclave"),
+                    help="`serve --backnet`: where larger passes run their BackNet (enclave: every pass, opt-in)")
     ap.add_argument("--suite", default="x25519",
                     help="HPKE suite of the requests and the key release (crypto/suites.py): x25519 "
                          "(native, the default), x25519-pyhpke (the original format), mlkem768-x25519 "
@@ -440,7 +475,8 @@ def main() -> None:
         _, key = make_bundle(model, k, tmp / "bundle", {"zoo": "darknet"}, entry.preprocessing, classes, owner,
                              head=args.head)
         home = tmp / "home"
-        extra = ["--torch-threads", str(args.torch_threads), *args.server_args.split()]
+        extra = ["--torch-threads", str(args.torch_threads), "--backnet-small", args.backnet_small,
+                 "--backnet", args.backnet, *args.server_args.split()]
         with ServerProcess(tmp / "store", tmp / "server.log", env=server_env(home), extra_args=extra) as srv:
             policy = local_sim_policy(home)
             from dataclasses import replace
@@ -451,6 +487,10 @@ def main() -> None:
             with EnclaveClient(srv.url, policy) as c:
                 c.deploy(tmp / "bundle", key, owner, model_id="darknet")
                 policy = c.policy  # now pins the deployed model, as the owner's policy file would
+            import httpx
+
+            placement = httpx.get(srv.url + "/healthz", timeout=60).json().get("backnet")
+            enclave_memory = {"after_deploy": _memory_mib(srv.enclave_pid())}
             clients = [EnclaveClient(srv.url, policy) for _ in range(args.clients)]
             for c in clients:
                 c.infer([images[0]], model="darknet")  # attest and warm each connection
@@ -513,6 +553,7 @@ def main() -> None:
                 stage_acc["single"].append((s1, s2))
                 m = len(images[part])
                 print(f"round {i + 1}/{r}: plain {m / pdt:.0f}, service {m / sdt:.0f}{lean_note} images/s", file=sys.stderr)
+            enclave_memory["at_end"] = _memory_mib(srv.enclave_pid())
             for c in clients:
                 c.close()
             if gen is not None:
@@ -564,6 +605,11 @@ def main() -> None:
         "load_average_1m": round(os.getloadavg()[0], 2), "trained": trained,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
         "suite": args.suite,
+        # Where the BackNet ran (serve/placement.py) and the path requests took, per phase.
+        "backnet_placement": placement,
+        "path_single": path_taken(stages["single_per_request"]),
+        "path_throughput": path_taken(stages["throughput_per_image"]),
+        "enclave_memory_mib": enclave_memory,
         # Server capacity: the same sealed requests sent by the lean load generator (loadgen.py),
         # so that only the server's processes (host + enclave) do work in the timed window.
         "images_per_s_service_server": round(server["images_per_s"], 1) if server else None,
@@ -593,6 +639,8 @@ def main() -> None:
         print_breakdown(f"server capacity, per image (lean load generator, {lean} connections)",
                         stages["throughput_server_per_image"])
     print_breakdown("single-image requests, per request", stages["single_per_request"])
+    print(f"BackNet placement {placement}; single requests took {out['path_single']}, the throughput phase's "
+          f"{out['path_throughput']}", file=sys.stderr)
     print(f"{'':18}{'service':>12}{'plain':>12}", file=sys.stderr)
     print(f"{'images/s':18}{out['images_per_s_service']:>12}{out['images_per_s_plain']:>12}"
           f"   ({out['images_per_s_plain_processes']} with {args.plain_processes} single-thread processes)",

@@ -272,3 +272,37 @@ def test_sealed_deployments_restore_only_where_and_as_sealed(world, tmp_path):
         with pytest.raises(TamperedMessage):  # other enclave code (measurement) or another machine
             EnclaveService(elsewhere).restore(REF, sealed, files)
     assert other.models() == []
+
+
+def test_a_host_cannot_make_the_enclave_run_other_backnet_weights(world):
+    """For one-op small passes the host hands the enclave the public BackNet (`serve/placement.py`);
+    a host that hands it other weights (changed, truncated) is refused on deploy, on a replacement
+    and on restore, exactly as the host's own check would refuse them, and nothing changes: the
+    answer the enclave seals must be the owner's model, not the host's."""
+    from safetensors.torch import load as st_load, save as st_save
+
+    from enclaveml.models.bundle import BACKNET
+
+    svc, owner, key, files, backend, base, image = world
+    ref = ModelRef.parse(REF)
+    nonce = svc.issue_nonce(b"owner-nonce-bk00")
+    sealed = svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce), files)["sealed"]
+    before = svc._deployment(ref)
+    assert before.back is not None  # handed over and verified: loaded
+    state = st_load(files[BACKNET])
+    name = next(k for k in sorted(state) if state[k].is_floating_point())
+    state[name] = state[name] + 0.01
+    for i, other in enumerate((st_save(state), files[BACKNET][:-1], files[BACKNET] + b"\x00")):
+        parts = {**files, BACKNET: other}
+        nonce = svc.issue_nonce(b"owner-nonce-bk1" + bytes([i]))
+        with pytest.raises(TamperedMessage, match="backnet"):  # a replacement of the live deployment
+            svc.deploy(MODEL, seal_key_release(owner, svc.public_key(), MODEL, key, nonce), parts)
+        assert svc._deployment(ref) is before
+        nonce = svc.issue_nonce(b"owner-nonce-bk2" + bytes([i]))
+        with pytest.raises(TamperedMessage, match="backnet"):  # a fresh name: not installed at all
+            svc.deploy("sec-fresh", seal_key_release(owner, svc.public_key(), "sec-fresh", key, nonce), parts)
+        assert svc.models() == [REF]
+        fresh = EnclaveService(backend)  # a restarted worker, restored by the host
+        with pytest.raises(TamperedMessage, match="backnet"):
+            fresh.restore(REF, sealed, parts)
+        assert fresh.models() == []

@@ -116,9 +116,31 @@ def test_predictions_match_the_plain_model(served):
     if s.trained:  # the trained zoo model gets most of one-per-class right
         labels = [c for c, _ in s.images]
         assert sum(r["top"][0]["label"] == c for r, c in zip(results, labels)) >= 5
-    # the single-request path agrees with the batch path
+    # Small requests (at most SMALL_ROWS images) take one enclave round trip on a CPU host (the
+    # enclave runs the BackNet it checked against the manifest: serve/placement.py), the batch of
+    # ten two (the host's BackNet): the same answers either way. With a GPU the host keeps it.
+    small = "host" if torch.cuda.is_available() else "enclave"
+    assert httpx.get(s.srv.url + "/healthz", timeout=30).json()["backnet"] == {"small": small, "large": "host"}
+    before = _stages(s)
     one = s.client.infer([images[0]], model=MODEL, logits=True)[0]
-    assert max(abs(a - b) for a, b in zip(one["logits"], results[0]["logits"])) < 1e-5
+    three = s.client.infer(images[1:4], model=MODEL, top_k=3, logits=True)
+    after = _stages(s)
+    one_op = 2 if small == "enclave" else 0
+    assert _count(after, "host", "one_op_answers") - _count(before, "host", "one_op_answers") == one_op
+    assert _count(after, "enclave", "backnet") - _count(before, "enclave", "backnet") == one_op
+    assert _count(after, "host", "finish_call") - _count(before, "host", "finish_call") == 2 - one_op
+    for r, want in zip([one, *three], results[:4]):
+        assert [t["index"] for t in r["top"]][:1] == [t["index"] for t in want["top"]][:1]
+        assert max(abs(a - b) for a, b in zip(r["logits"], want["logits"])) < 1e-5
+    assert [t["index"] for t in three[0]["top"]] == [t["index"] for t in results[1]["top"]]
+
+
+def _stages(s) -> dict:
+    return httpx.get(s.srv.url + "/metrics", params={"format": "json", "stages": 1}, timeout=30).json()["stages"]
+
+
+def _count(stages: dict, side: str, name: str) -> int:
+    return int(stages[side].get(name, {}).get("n", 0))
 
 
 def test_tampered_ciphertext_is_rejected_and_counted(served):

@@ -462,3 +462,91 @@ def test_allowed_factories_are_served_only_when_configured_and_are_measured(tmp_
         else:
             with pytest.raises(E.UserInputError):
                 svc.deploy("fac", release, files)
+
+
+def test_a_small_pass_is_answered_in_one_call_as_the_two_call_path_answers(service, cifar10_dir):
+    """`front_batch(finish_rows=N)` on a deployment holding its BackNet: a call of at most N
+    decoded images is answered sealed in one go (decode, FrontNet, BackNet, class mapping, seal),
+    with the answers of front -> the host's small-pass BackNet -> finish; more images take the
+    two-call path as before."""
+    import copy
+
+    from enclaveml.serve.batcher import SMALL_ROWS
+    from enclaveml.serve.enclave import Answered
+
+    svc, back, *_ = service
+    host_small = copy.deepcopy(back).to(memory_format=torch.channels_last)  # what the host runs at <= SMALL_ROWS
+    images = [p.read_bytes() for p in sorted((cifar10_dir / "test" / "ship").glob("*.jpg"))[:3]]
+    batch = [images[0], b"not an image", images[1], images[2]]
+    msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 3, True))
+    handle, ir = svc.front(D, msg)
+    with torch.no_grad():
+        two = protocol.decode_results(ctx.open_response(svc.finish(handle, host_small(ir)), aad), 4)
+    msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 3, True))
+    (ans,) = svc.front_batch(D, [msg], finish_rows=SMALL_ROWS)
+    assert isinstance(ans, Answered) and ans.failed == 1
+    one = protocol.decode_results(ctx.open_response(ans.sealed, aad), 4, expected=_target(D))
+    assert isinstance(one[1], E.DataError) and isinstance(two[1], E.DataError)
+    for a, b in zip(one[:1] + one[2:], two[:1] + two[2:]):
+        assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+        assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-5
+    msg, *_ = _seal(svc, protocol.encode_payload(batch, 3, True))
+    (o,) = svc.front_batch(D, [msg], finish_rows=2)  # three decoded images: the two-call path
+    assert isinstance(o, tuple) and o[1].shape[0] == 3 and o[2] == 1
+    svc.abort(o[0])
+    msg, ctx, aad = _seal(svc, protocol.encode_payload([b"x", b"y"], 1))  # nothing decodes: still answered
+    (ans,) = svc.front_batch(D, [msg], finish_rows=SMALL_ROWS)
+    assert isinstance(ans, Answered) and ans.failed == 2
+    assert all(isinstance(r, E.DataError) for r in protocol.decode_results(ctx.open_response(ans.sealed, aad), 2))
+
+
+def test_backnet_placement_follows_the_device_and_refuses_contradictions():
+    import typer
+    from typer.testing import CliRunner
+
+    from enclaveml.serve.commands import register
+    from enclaveml.serve.placement import ALL_ROWS, describe, enclave_finish_rows
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert enclave_finish_rows("auto", "host", cpu) == 4 and enclave_finish_rows("auto", "host", gpu) == 0
+    assert enclave_finish_rows("enclave", "host", gpu) == 4 and enclave_finish_rows("host", "host", cpu) == 0
+    assert enclave_finish_rows("auto", "enclave", cpu) == ALL_ROWS == enclave_finish_rows("enclave", "enclave", gpu)
+    assert describe(0) == {"small": "host", "large": "host"} and describe(4) == {"small": "enclave", "large": "host"}
+    for small, large in (("gpu", "host"), ("auto", "both"), ("host", "enclave")):
+        with pytest.raises(E.UserInputError):
+            enclave_finish_rows(small, large, cpu)
+    app = typer.Typer()
+    register(app)
+    r = CliRunner().invoke(app, ["--backnet", "enclave", "--backnet-small", "host"])  # refused before starting
+    assert isinstance(r.exception, E.UserInputError) and "cannot keep small ones" in str(r.exception)
+
+
+def test_every_pass_in_the_enclave_answers_as_the_host_would(service, cifar10_dir):
+    """`--backnet enclave` (finish_rows = ALL_ROWS): a call of several requests over several
+    FrontNet passes is answered whole, each request as front -> host BackNet -> finish answers it."""
+    from enclaveml.serve.enclave import Answered
+    from enclaveml.serve.placement import ALL_ROWS
+
+    svc, back, *_ = service
+    images = [p.read_bytes() for p in sorted((cifar10_dir / "test" / "frog").glob("*.jpg"))[:5]]
+    reqs = [images[:3], images[3:]]
+    want = []
+    for batch in reqs:
+        msg, ctx, aad = _seal(svc, protocol.encode_payload(batch, 2, True))
+        handle, ir = svc.front(D, msg)
+        with torch.no_grad():
+            want.append(protocol.decode_results(ctx.open_response(svc.finish(handle, back(ir)), aad), len(batch)))
+    for max_pass in (2, 32):  # five images in three small passes (channels-last), or one large (NCHW)
+        sealed = [_seal(svc, protocol.encode_payload(batch, 2, True)) for batch in reqs]
+        was, svc.max_pass = svc.max_pass, max_pass
+        try:
+            outs = svc.front_batch(D, [m for m, _, _ in sealed], finish_rows=ALL_ROWS)
+        finally:
+            svc.max_pass = was
+        for o, (_, ctx, aad), batch, w in zip(outs, sealed, reqs, want):
+            assert isinstance(o, Answered) and o.failed == 0
+            got = protocol.decode_results(ctx.open_response(o.sealed, aad), len(batch))
+            for a, b in zip(got, w):
+                assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+                assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-5
+    assert svc._deployment(ModelRef.parse(D)).back_large is not None  # made by the large pass

@@ -72,6 +72,9 @@ def test_killed_worker_is_restarted_and_server_restart_restores(tmp_path: Path, 
     with ServerProcess(tmp_path / "store", tmp_path / "server2.log", env=server_env(home, pkg)) as srv:
         with EnclaveClient(srv.url, policy) as c:
             assert [r["top"][0]["index"] for r in c.infer(images, model="m")] == want
+        if not torch.cuda.is_available():  # a CPU host: the restore handed the enclave its BackNet again
+            st = httpx.get(srv.url + "/metrics", params={"format": "json", "stages": 1}, timeout=30).json()["stages"]
+            assert st["enclave"]["backnet"]["n"] >= 1 and st["host"]["one_op_answers"]["n"] >= 1
 
     # A host that edits the sealed record gets nothing restored (and says so in its log).
     sealed = tmp_path / "store" / owner.public_key().to_bytes().hex() / "m" / SEALED_DEPLOYMENT

@@ -1,7 +1,9 @@
 """A partitioned model as a deployable bundle: a signed manifest, a plain BackNet, sealed secrets.
 
 Trust side: owner (`make_bundle`), host (`read_public_bundle`: all it may load) and enclave
-(`open_enclave_parts`: needs the model key, which the owner releases only to an attested enclave).
+(`open_enclave_parts`: needs the model key, which the owner releases only to an attested enclave;
+with `with_backnet` it also loads the public BackNet the host hands over, after the same hash check
+against the signed manifest as the host's, so a host cannot make the enclave run other weights).
 
 Layout of a bundle directory (docs/crypto.md):
 
@@ -481,6 +483,8 @@ class EnclaveParts:
     head: "nn.Sequential | None" = None
     #: Shape of one BackNet output (the head's input), without the batch dimension.
     head_in_shape: tuple[int, ...] = ()
+    #: The BackNet, when asked for (`with_backnet`): its weights checked against the signed manifest.
+    back: "BackNet | None" = None
 
     def __iter__(self):  # `front, mapping = open_enclave_parts(...)` for a bundle without a head
         return iter((self.front, self.mapping))
@@ -496,22 +500,25 @@ def _check_arch(model: LayeredModel, manifest: BundleManifest) -> None:
 
 def open_enclave_parts(bundle: "str | os.PathLike[str] | Mapping[str, bytes]", model_key: bytes,
                        expected_owner: VerifyKey | None = None,
-                       allowed_factories: Iterable[str] = frozenset()) -> EnclaveParts:
-    """Enclave side: decrypt and load the FrontNet and the class mapping.
+                       allowed_factories: Iterable[str] = frozenset(), with_backnet: bool = False) -> EnclaveParts:
+    """Enclave side: decrypt and load the FrontNet and the class mapping (and with `with_backnet`
+    the BackNet, for passes the enclave runs whole: `serve/placement.py`).
 
     `bundle` is a directory or a mapping of file name -> bytes (what the host hands the enclave).
     Pass `expected_owner` = the key-release signer so that only that owner's bundle is accepted.
     Zoo architectures only, unless `allowed_factories` (fixed in the enclave's measured
     configuration) names the manifest's factory; the allow-list is checked before anything is
-    decrypted, and the architecture is built only after both parts authenticate.
+    decrypted, and the architecture is built only after every part authenticates (the BackNet's
+    weights by their SHA-256 in the owner-signed manifest: TamperedMessage for any other bytes).
     """
     files = _read_files(bundle, (MANIFEST, SIGNATURE))
     manifest = BundleManifest.verify(files[MANIFEST], files[SIGNATURE], expected_owner)
     secret_parts = (FRONTNET, CLASSMAP) + ((HEAD,) if manifest.head else ())
-    files.update(_read_files(bundle, secret_parts))
+    checked = secret_parts + ((BACKNET,) if with_backnet else ())
+    files.update(_read_files(bundle, checked))
     allowed = _allow_list(allowed_factories)
     _require_allowed(manifest.arch, allowed)  # before any decryption or import
-    for part in secret_parts:
+    for part in checked:
         _check_part(manifest, part, files[part])
     front_bytes = open_sealed(model_key, files[FRONTNET], aad=manifest.part_aad(FRONTNET))
     mapping = ClassMapping.from_bytes(open_sealed(model_key, files[CLASSMAP], aad=manifest.part_aad(CLASSMAP)))
@@ -520,13 +527,16 @@ def open_enclave_parts(bundle: "str | os.PathLike[str] | Mapping[str, bytes]", m
     head_bytes = open_sealed(model_key, files[HEAD], aad=manifest.part_aad(HEAD)) if manifest.head else b""
     model = build_arch(manifest.arch, manifest.input_shape, manifest.num_classes, allowed)
     _check_arch(model, manifest)
-    front, _, head = _split3(model, manifest.k, manifest.back_stop)
+    front, back, head = _split3(model, manifest.k, manifest.back_stop)
     _load_state(front, front_bytes, FRONTNET)
+    if with_backnet:
+        _load_state(back, files[BACKNET], BACKNET)
+    back = back.eval() if with_backnet else None
     if head is None:
-        return EnclaveParts(front.eval(), mapping)
+        return EnclaveParts(front.eval(), mapping, back=back)
     _load_state(head, head_bytes, HEAD)
     head_in = model.partition_points()[manifest.back_stop - 1].out_shape
-    return EnclaveParts(front.eval(), mapping, head.eval(), tuple(head_in))
+    return EnclaveParts(front.eval(), mapping, head.eval(), tuple(head_in), back=back)
 
 
 def bundle_files(bundle: "str | os.PathLike[str]") -> dict[str, bytes]:

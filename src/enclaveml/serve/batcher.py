@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 
 from ..timing import now, since
+from .placement import SMALL_ROWS  # passes of at most this many rows use the channels-last copy
 from .threads import LoneThreads, spin_bounded
 
 
@@ -31,8 +32,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-#: BackNet passes of at most this many rows use the channels-last copy (`BackNetExecutor`).
-SMALL_ROWS = 4
 #: A CPU BackNet batch of at most this many rows runs on the event loop's thread (measured:
 #: the hop to the BackNet thread and back cost ~0.4 ms of a single request's latency).
 INLINE_ROWS = 1

@@ -17,6 +17,13 @@ def register(app: typer.Typer) -> None:
         store: Path = typer.Option(Path("store"), "--store", help="folder for uploaded bundles (public + sealed parts)"),
         device: str = typer.Option("auto", "--device", help="BackNet device: auto (GPU if any), cpu, cuda, cuda:N"),
         max_batch: int = typer.Option(64, "--max-batch", help="largest BackNet batch"),
+        backnet_small: str = typer.Option("auto", "--backnet-small",
+                                          help="where passes of at most 4 images run their BackNet: auto (the enclave "
+                                               "when the BackNet device is a CPU: one enclave round trip), enclave, "
+                                               "host"),
+        backnet: str = typer.Option("host", "--backnet",
+                                    help="where larger passes run their BackNet: host, or enclave (every pass in the "
+                                         "enclave; an opt-in for CPU-only hosts)"),
         window_ms: float = typer.Option(0.0, "--batch-window-ms", help="how long a BackNet batch waits for more requests (0: take what is queued when the BackNet is free)"),
         enclave_threads: int = typer.Option(2, "--enclave-threads", help="requests the enclave handles at once"),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch threads of the host process"),
@@ -75,8 +82,10 @@ def register(app: typer.Typer) -> None:
         """Serve deployed models: host server (untrusted) + enclave worker process, until Ctrl-C."""
         from ..errors import UserInputError
         from .app import ServerConfig, serve
+        from .placement import check_placement
         from .upload import parse_owner_keys
 
+        check_placement(backnet_small, backnet)
         allow_factory = list(allow_factory or ())
         for c in card or ():
             from ..models.card import read_card
@@ -105,7 +114,8 @@ def register(app: typer.Typer) -> None:
                            worker_socket=worker_socket if launch is None else gramine_socket, worker_launch=launch,
                            allowed_factories=tuple(allow_factory or ()), max_upload_bytes=max_upload_bytes,
                            max_concurrent_uploads=max_uploads, allowed_owners=parse_owner_keys(allow_owner or []),
-                           ping_interval_s=ping_interval, ping_timeout_s=ping_timeout)
+                           ping_interval_s=ping_interval, ping_timeout_s=ping_timeout,
+                           backnet_small=backnet_small, backnet=backnet)
         serve(cfg, host=host, port=port, torch_threads=torch_threads)
 
 
@@ -125,7 +135,7 @@ def _serve_replicas(o: dict) -> None:
             "--enclave-torch-threads", str(o["enclave_torch_threads"]),
             "--max-request-bytes", str(o["max_request_bytes"]), "--max-upload-bytes", str(o["max_upload_bytes"]),
             "--max-uploads", str(o["max_uploads"]), "--ping-interval", str(o["ping_interval"]),
-            "--ping-timeout", str(o["ping_timeout"])]
+            "--ping-timeout", str(o["ping_timeout"]), "--backnet-small", o["backnet_small"], "--backnet", o["backnet"]]
     for f in o["allow_factory"] or ():
         args += ["--allow-factory", f]
     for owner in o["allow_owner"] or ():

@@ -23,10 +23,17 @@ decoded image). The host runs the BackNet and calls
 picks the top k with label names and seals the answer to that request only. Handles not finished
 within `handle_ttl_s` are dropped. `front_batch` runs the images of many requests through one
 FrontNet pass.
+
+One round trip: when the host handed over the BackNet at deployment (its bytes checked against the
+owner-signed manifest, like the host's own copy) and asks for it (`finish_rows`, `serve/placement.py`),
+a `front_batch` whose decoded images number at most `finish_rows` runs the whole model here and
+answers each request sealed (`Answered`): decode -> FrontNet -> BackNet -> head -> class mapping ->
+seal, the same code as the two-call path, and the host sees neither IR nor scores.
 """
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
 import math
@@ -45,7 +52,7 @@ from ..crypto.replay import parse_fresh
 from ..crypto.signing import VerifyKey
 from ..data.preprocess import Preprocessing, decode_array
 from ..errors import DataError, ReplayedMessage, TamperedMessage, UnknownModel
-from ..models.bundle import CLASSMAP, FRONTNET, HEAD, MANIFEST, SIGNATURE, load_manifest, open_enclave_parts
+from ..models.bundle import BACKNET, CLASSMAP, FRONTNET, HEAD, MANIFEST, SIGNATURE, load_manifest, open_enclave_parts
 from ..models.classmap import ClassMapping
 from ..models.layers import FrontNet
 from ..models.servable import check_factory_names, check_servable_arch
@@ -55,6 +62,7 @@ from ..tee import bind_report_data, bind_report_data_pq
 from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
 from ..timing import StageClock, now, since
+from .placement import SMALL_ROWS
 from .threads import LoneThreads
 
 DELETE = "delete"
@@ -70,13 +78,24 @@ MAX_NONCES = 10_000
 MAX_PASS = 32
 
 
-def _inference_layout(front: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The FrontNet with its convolution weights channels-last on a CPU: oneDNN's convolutions
-    run without reordering every pass (darknet k=10: 1102 -> 663 CPU us per image, outputs equal
-    to 1e-6). Other layers and devices are left as they are; the IR leaves contiguous NCHW."""
+def _inference_layout(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The FrontNet (or the BackNet) with its convolution weights channels-last on a CPU: oneDNN's
+    convolutions run without reordering every pass (darknet k=10's FrontNet: 1102 -> 663 CPU us per
+    image, outputs equal to 1e-6; its BackNet on one image: 1734 -> 355 us, and fed the FrontNet's
+    channels-last IR its outputs equal the host's small-pass copy's bit for bit). Other layers and
+    devices are left as they are; the IR leaves contiguous NCHW."""
     if device.type == "cpu":
-        front = front.to(memory_format=torch.channels_last)
-    return front
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A request `front_batch` answered whole (its pass ran the BackNet here): the sealed answer,
+    and how many of its images could not be decoded (the host counts them, as before)."""
+
+    sealed: bytes
+    failed: int = 0
 
 
 @dataclass
@@ -94,6 +113,11 @@ class Deployment:
     head: "torch.nn.Module | None" = field(default=None, repr=False)
     head_layers: int = 0
     head_in_shape: tuple[int, ...] = ()
+    #: The public BackNet, when the host handed it over (verified against the manifest) for passes
+    #: run whole here (`front_batch(finish_rows=...)`); None: the host runs every BackNet pass.
+    back: "torch.nn.Module | None" = field(default=None, repr=False)
+    #: An NCHW copy of it for passes over SMALL_ROWS (`--backnet enclave`), made at the first one.
+    back_large: "torch.nn.Module | None" = field(default=None, repr=False)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -219,13 +243,19 @@ class EnclaveService:
         return self._install(ref, owner, model_key, files)
 
     def _install(self, ref: ModelRef, owner: VerifyKey, model_key: bytes, files: dict[str, bytes]) -> dict:
-        parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP, HEAD) if n in files}
+        """Build a deployment from the bundle files and swap it in only once every part checked out
+        (so a refused part leaves the current deployment as it was). A BackNet among the files
+        (the host's placement: `serve/placement.py`) is loaded only if its bytes are the signed
+        manifest's (TamperedMessage otherwise)."""
+        parts = {n: files[n] for n in (MANIFEST, SIGNATURE, FRONTNET, CLASSMAP, HEAD, BACKNET) if n in files}
         manifest = load_manifest(parts, expected_owner=owner)
         check_servable_arch(manifest.arch, self.allowed_factories)  # before any import
-        ep = open_enclave_parts(parts, model_key, expected_owner=owner, allowed_factories=self.allowed_factories)
+        ep = open_enclave_parts(parts, model_key, expected_owner=owner, allowed_factories=self.allowed_factories,
+                                with_backnet=BACKNET in parts)
         head = ep.head.to(self.device) if ep.head is not None else None
+        back = _inference_layout(ep.back.to(self.device), self.device) if ep.back is not None else None
         dep = Deployment(ref, owner, _inference_layout(ep.front.to(self.device), self.device), ep.mapping, manifest.preprocessing,
-                         manifest.bundle_id, manifest.k, head, manifest.head, ep.head_in_shape)
+                         manifest.bundle_id, manifest.k, head, manifest.head, ep.head_in_shape, back)
         with self._lock:
             current = self._deployments.get(ref)
             self._deployments[ref] = dep
@@ -309,16 +339,39 @@ class EnclaveService:
         since(self.clock, "decode_preprocess", t)
         return xs, _Pending(sealer, dep, opts["top_k"], opts["logits"], aad, time.monotonic(), tuple(slots))
 
-    def _front_pass(self, dep: Deployment, arrays: list[np.ndarray]) -> torch.Tensor:
-        """Pixels of one pass -> the IR (NCHW contiguous, the wire layout): the batch is built in
-        a few tensor operations, channels-last like the FrontNet's weights (`_install`)."""
+    def _front_pass(self, dep: Deployment, arrays: list[np.ndarray], wire: bool = True) -> torch.Tensor:
+        """Pixels of one pass -> the IR (`wire`: NCHW contiguous on the CPU, the wire layout; else
+        as the FrontNet left it, for the BackNet here): the batch is built in a few tensor
+        operations, channels-last like the FrontNet's weights (`_install`)."""
         t = now()
         x = dep.preprocessing.batch(arrays).to(self.device)
         since(self.clock, "decode_preprocess", t)
         t = now()
-        ir = dep.front(x).cpu().contiguous()
+        ir = dep.front(x)
+        if wire:
+            ir = ir.cpu().contiguous()
         since(self.clock, "frontnet", t)
         return ir
+
+    def _whole_pass(self, dep: Deployment, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Pixels of one pass -> BackNet outputs (scores in the secret order, or the head's input),
+        the IR never leaving the enclave; the same FrontNet pass as `_front_pass`. The layouts
+        follow the host's `BackNetExecutor`: up to SMALL_ROWS rows the channels-last BackNet on the
+        FrontNet's channels-last IR as it comes; larger passes (only under `--backnet enclave`) an
+        NCHW copy on NCHW IR, a little cheaper there (made at the first such pass, so the
+        enclave holds two copies only in that mode)."""
+        large = len(arrays) > SMALL_ROWS and self.device.type == "cpu"
+        ir = self._front_pass(dep, arrays, wire=large)
+        t = now()
+        out = (self._large_backnet(dep) if large else dep.back)(ir).float().cpu()
+        since(self.clock, "backnet", t)
+        return out
+
+    def _large_backnet(self, dep: Deployment) -> torch.nn.Module:
+        with self._lock:
+            if dep.back_large is None:
+                dep.back_large = copy.deepcopy(dep.back).to(memory_format=torch.contiguous_format)
+            return dep.back_large
 
     @torch.no_grad()
     def front(self, model_id: str, ciphertext: bytes) -> tuple[str, torch.Tensor]:
@@ -329,11 +382,15 @@ class EnclaveService:
         return out[0], out[1]
 
     @torch.no_grad()
-    def front_batch(self, model_id: str,
-                    ciphertexts: list[bytes]) -> list[tuple[str, torch.Tensor, int] | Exception]:
+    def front_batch(self, model_id: str, ciphertexts: list[bytes],
+                    finish_rows: int = 0) -> list[tuple[str, torch.Tensor, int] | Answered | Exception]:
         """Several requests for one deployment (`model_id` = OWNERHEX/name) through shared FrontNet
         passes (`max_pass` images each) -> per request (handle, IR rows, images that failed to
-        decode), or its error; failures stay per request."""
+        decode), or its error; failures stay per request.
+
+        With `finish_rows` > 0, a deployment that holds its BackNet and a call whose decoded images
+        number at most `finish_rows` is answered here in one go: per request `Answered` (sealed as
+        `finish` would seal it) instead of a handle and IR rows."""
         ref = ModelRef.parse(model_id)
         dep = self._deployment(ref)
         opened: list[tuple[list[torch.Tensor], _Pending] | Exception] = []
@@ -348,20 +405,30 @@ class EnclaveService:
             except Exception as e:
                 opened.append(e)
         xs_all = [x for o in opened if not isinstance(o, Exception) for x in o[0]]
+        whole = finish_rows > 0 and dep.back is not None and len(xs_all) <= finish_rows
+        run = self._whole_pass if whole else self._front_pass
         # At most `max_pass` images per FrontNet pass: many requests of many images must not
         # outgrow the enclave's memory (the assessment's cost figures assume bounded batches).
         with self.lone_threads.run(len(xs_all) if self.device.type == "cpu" else 0):
-            passes = [self._front_pass(dep, xs_all[k:k + self.max_pass]) for k in range(0, len(xs_all), self.max_pass)]
-        irs = (passes[0] if len(passes) == 1 else torch.cat(passes)) if passes else torch.empty(0)
-        out: list[tuple[str, torch.Tensor, int] | Exception] = []
+            passes = [run(dep, xs_all[k:k + self.max_pass]) for k in range(0, len(xs_all), self.max_pass)]
+        # one row per decoded image: its IR, or (whole) its BackNet output
+        outs = (passes[0] if len(passes) == 1 else torch.cat(passes)) if passes else torch.empty(0)
+        out: list[tuple[str, torch.Tensor, int] | Answered | Exception] = []
         row = 0
         for o in opened:
             if isinstance(o, Exception):
                 out.append(o)
                 continue
             xs, p = o
-            out.append((self._remember(p), irs[row:row + len(xs)], len(p.slots) - len(xs)))
+            rows, failed = outs[row:row + len(xs)], len(p.slots) - len(xs)
             row += len(xs)
+            if not whole:
+                out.append((self._remember(p), rows, failed))
+                continue
+            try:
+                out.append(Answered(self._answer(p, rows), failed))
+            except Exception as e:
+                out.append(e)
         return out
 
     def _remember(self, pending: _Pending) -> str:
@@ -382,6 +449,11 @@ class EnclaveService:
             pending = self._pending.pop(handle, None)
         if pending is None:
             raise UnknownModel("unknown or expired request handle")
+        return self._answer(pending, scores_host_order)
+
+    def _answer(self, pending: _Pending, scores_host_order: torch.Tensor) -> bytes:
+        """BackNet outputs of one request (from the host, or from this enclave's own BackNet pass)
+        -> its sealed answer: checks, the head if any, class mapping, top k, seal."""
         t = now()
         dep = pending.dep
         assert dep is not None

@@ -27,6 +27,7 @@ from ..protocol.attest import EvidenceAnswer, check_nonce_hex
 from ..protocol.identity import ModelRef, check_model_id
 from ..timing import StageClock, now, since
 from .batcher import BatcherClosed, pick_device
+from .placement import describe as describe_placement, enclave_finish_rows
 from ..runtime.errors import ChannelError
 from ..runtime.handle import UNRESPONSIVE, Supervisor, replace
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
@@ -73,6 +74,11 @@ class ServerConfig:
     ping_timeout_s: float = 10.0
     #: Seconds a 503 answer tells the client to wait (Retry-After).
     retry_after_s: int = 2
+    #: Where BackNet passes run (`serve/placement.py`): small ones (at most SMALL_ROWS images) in
+    #: the enclave, in one round trip, when "auto" finds the BackNet device a CPU; `backnet`
+    #: "enclave" puts every pass there (an opt-in for CPU-only hosts).
+    backnet_small: str = "auto"
+    backnet: str = "host"
 
 
 def error_kind(e: BaseException) -> str:
@@ -258,6 +264,9 @@ class HostService:
         self.log = json_logger()
         self.store = ModelStore(cfg.store)
         self.device = pick_device(cfg.device)
+        #: Passes of at most this many images the enclave runs whole (0: none); only then does the
+        #: enclave get the BackNet, so that it holds it only when it runs it (enclave memory).
+        self.finish_rows = enclave_finish_rows(cfg.backnet_small, cfg.backnet, self.device)
         self.pipelines: dict = {}
         self.public: dict[str, dict] = {}
         self.lock = threading.Lock()
@@ -277,6 +286,7 @@ class HostService:
                                socket_path=self.cfg.worker_socket, launch=self.cfg.worker_launch, loop=self.loop)
         self.log.info("enclave started", extra={"fields": {
             "enclave_pid": enclave.pid, "tee": self.cfg.tee, "device": str(self.device),
+            "backnet": describe_placement(self.finish_rows),
             "measurement": enclave.info.get("measurement"), "hardening": enclave.info.get("hardening")}})
         return enclave
 
@@ -302,7 +312,7 @@ class HostService:
                              on_batch=lambda n: self.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
                              on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"),
                              on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st),
-                             clock=self.clock)
+                             clock=self.clock, finish_rows=self.finish_rows)
         with self.lock:
             old = self.pipelines.get(model_id)
             self.pipelines[model_id] = pipe
@@ -325,7 +335,7 @@ class HostService:
                 files = await asyncio.to_thread(self.store.load, ref)
                 if SEALED_DEPLOYMENT not in files:
                     raise E.DataError("no sealed deployment stored")
-                parts = {n: files[n] for n in (B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP, B.HEAD) if n in files}
+                parts = {n: files[n] for n in self._enclave_part_names(B) if n in files}
                 h, _, _ = await wait(self.enclave.call_async({"op": "restore", "model": model_id}, None,
                                                              {**parts, "sealed": files[SEALED_DEPLOYMENT]}))
                 manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, self.cfg.allowed_factories)
@@ -373,6 +383,11 @@ class HostService:
         return True
 
 
+    def _enclave_part_names(self, B) -> tuple[str, ...]:
+        """The bundle files the enclave gets: its sealed parts, and the BackNet only where it runs
+        passes whole (`finish_rows`; it checks the BackNet against the signed manifest)."""
+        return (B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP, B.HEAD, *((B.BACKNET,) if self.finish_rows else ()))
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     @classmethod
@@ -399,7 +414,8 @@ class HostService:
         """(serving?, what /healthz reports)."""
         status = self.status if self.enclave.alive() or self.status != STATUS_OK else STATUS_DOWN
         return status == STATUS_OK, {"status": status, "tee": self.cfg.tee, "enclave_pid": self.enclave.pid,
-                                     "device": str(self.device), "models": sorted(self.pipelines)}
+                                     "device": str(self.device), "backnet": describe_placement(self.finish_rows),
+                                     "models": sorted(self.pipelines)}
 
     def models(self) -> dict[str, Any]:
         return {"models": [{"id": m, **self.public.get(m, {})} for m in sorted(self.pipelines)]}
@@ -436,8 +452,7 @@ class HostService:
         if set(files) - {D.KEY_RELEASE, B.MANIFEST, B.SIGNATURE} != set(public.part_names):
             raise E.DataError(f"upload parts do not match the manifest ({', '.join(public.part_names)})")
         manifest, backnet = await asyncio.to_thread(B.read_public_bundle, files, None, cfg.allowed_factories)
-        enclave_parts = {n: files[n] for n in (D.KEY_RELEASE, B.MANIFEST, B.SIGNATURE, B.FRONTNET, B.CLASSMAP,
-                                               B.HEAD) if n in files}
+        enclave_parts = {n: files[n] for n in (D.KEY_RELEASE, *self._enclave_part_names(B)) if n in files}
         h, _, sealed = await wait(self.enclave.call_async({"op": "deploy", "model": name}, None, enclave_parts))
         ref = ModelRef(manifest.owner, name)
         if h.get("bundle_id") != manifest.bundle_id or h.get("model") != str(ref):

@@ -13,7 +13,10 @@ Operations (header "op"): info, ping (the runtime's), stats, evidence, deploy, r
 front_batch, finish_batch, abort. Replies carry the same "id"; failures come back as {"error":
 kind, "message": text}. A request may carry several images: `front_batch` answers per request
 {"handle", "rows", "failed"} with the IR rows of all requests concatenated, and `finish_batch`
-takes per handle its number of rows of scores. "stats" answers the per-stage totals of
+takes per handle its number of rows of scores. With "finish_rows" N > 0 (the host's placement,
+`serve/placement.py`) a `front_batch` of at most N decoded images, for a deployment that holds its
+BackNet, answers each request {"answered": true, "failed"} with its sealed answer in blob "rI"
+(one round trip; no IR leaves). "stats" answers the per-stage totals of
 `EnclaveService.clock` (calls, wall and CPU ns: aggregated timings, no more than the host sees of
 each call's duration) and each batch op's handler time.
 """
@@ -47,23 +50,27 @@ def small_front_batch(header: dict, tensors: dict, blobs: dict) -> bool:
 def register_ops(ops: OpRegistry, svc) -> OpRegistry:
     """The serving ops on `svc` (an `EnclaveService`)."""
     from ..errors import DataError
+    from .enclave import Answered
 
-    @ops.op("front_batch", n=Int(0, MAX_BATCH, default=0), model=_MODEL)
-    def front_batch(call, n, model):
+    @ops.op("front_batch", n=Int(0, MAX_BATCH, default=0), model=_MODEL, finish_rows=Int(0, 1 << 20, default=0))
+    def front_batch(call, n, model, finish_rows):
         with svc.clock.stage("op_front_batch"):
-            return _front_batch(call, n, model)
+            return _front_batch(call, n, model, finish_rows)
 
-    def _front_batch(call, n, model):
-        outs = svc.front_batch(model, [call.blobs.get(f"r{i}", b"") for i in range(n)])
-        items, irs = [], []
-        for o in outs:
+    def _front_batch(call, n, model, finish_rows):
+        outs = svc.front_batch(model, [call.blobs.get(f"r{i}", b"") for i in range(n)], finish_rows)
+        items, irs, answers = [], [], {}
+        for i, o in enumerate(outs):
             if isinstance(o, Exception):
                 items.append(error_fields(o))
+            elif isinstance(o, Answered):  # answered whole here: the sealed answer, no IR
+                items.append({"answered": True, "failed": o.failed})
+                answers[f"r{i}"] = o.sealed
             else:
                 items.append({"handle": o[0], "rows": int(o[1].shape[0]) if o[1].dim() else 0, "failed": o[2]})
                 if o[1].numel():
                     irs.append(o[1])
-        return {"items": items}, ({"ir": torch.cat(irs)} if irs else None), None
+        return {"items": items}, ({"ir": torch.cat(irs)} if irs else None), (answers or None)
 
     @ops.op("finish_batch", inline=True, handles=Strs(MAX_BATCH, 64, default=[]),
             rows=Ints(MAX_BATCH, 0, MAX_BATCH, default=[]))
