@@ -135,3 +135,15 @@ def test_an_in_place_op_after_a_point_leaves_its_ir_alone():
             assert torch.equal(irs[k], m.split(k)[0](x)), k
         assert torch.equal(logits, m(x))
     assert bool((irs[1] < 0).any())  # the conv's IR, not the ReLU's
+
+
+
+def test_a_one_by_one_map_is_decoded_as_the_vector_it_is():
+    from enclaveml.assess.decoder_net import Decoder, channel_stats
+
+    ir = torch.randn(4, 16, 1, 1)
+    square = Decoder((16, 1, 1), (8, 8), *channel_stats(ir), base=32)
+    flat = Decoder((16,), (8, 8), *channel_stats(ir.flatten(1)), base=32)
+    assert isinstance(square.stem[1], nn.Linear) and isinstance(flat.stem[1], nn.Linear)
+    assert [p.shape for p in square.parameters()] == [p.shape for p in flat.parameters()]
+    assert square(ir).shape == flat(ir.flatten(1)).shape == (4, 3, 8, 8)
