@@ -187,7 +187,9 @@ class RMLEInversion(LeakageTest):
         targets = {pt.point.index: pt.ir_test[:n] for pt in points if pt.point.index not in self._copies}
         # forward + backward cost grows with the FrontNet: split the points in sets of equal cost, one
         # per core; each set is one staircase search (in memory-bounded groups), single-threaded
-        sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), torch.get_num_threads())
+        workers = torch.get_num_threads()
+        sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), workers) if workers > 1 and len(targets) > 1 \
+            else [sorted(targets)]
 
         def search(ks: list[int]) -> dict[int, tuple[torch.Tensor, int]]:
             found: dict[int, tuple[torch.Tensor, int]] = {}
