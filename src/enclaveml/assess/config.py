@@ -41,7 +41,10 @@ class AssessConfig:
     rmle_window: int = 30
     rmle_min_delta: float = 0.01
     # KL test and cost
-    kl_batch: int = 512
+    # oracle pass sizes, one thread each: bfloat16 passes of 256 and float32 passes of 128 images beat
+    # 512 by ~10% and ~15% on darknet (activations closer to the caches; docs/benchmarks.md, asm2)
+    kl_batch: int = 256
+    kl_batch_float32: int = 128
     kl_screen: bool = True  # bfloat16 oracle pass first, float32 near each minimum (assess/kl_screen.py)
     latency_repeats: int = 10
     report_images: int = 6

@@ -237,8 +237,9 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
                     _each(pool, order, lambda r: r.train_on(irs[r.point], xs, batch, moments))
                     t_new = t + idx.numel() // batch
                     if early_stop and has_val and t_new // check_every > t // check_every:
+                        # a decoder already in its final decay has nothing left to decide: no check
                         checking = [r for r in active if r.active and r.schedule.decay_start is None
-                                    and r.steps >= r.schedule.warmup]
+                                    and r.schedule.warmup <= r.steps < r.schedule.decaying_from]
                         losses = _each(pool, checking, lambda r: r.validate(ir_val[r.point], x_val))
                         for r, loss in zip(checking, losses):
                             if r.plateau.update(loss):

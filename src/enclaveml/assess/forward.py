@@ -26,6 +26,10 @@ class PointForward:
             raise ValueError("PointForward needs at least one partition point")
         self._chained = callable(getattr(model, "run", None))
         self._fronts = {} if self._chained else {k: model.split(k)[0] for k in self.indices}
+        # a segment that starts with an in-place op (a user's `nn.ReLU(inplace=True)` as its own layer)
+        # would overwrite the IR taken before it: found by the tensors' version counters, then each
+        # segment gets a copy of its input
+        self._copy_inputs = False
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, logits: bool = False, upto: int | None = None
@@ -37,11 +41,14 @@ class PointForward:
         wanted = [k for k in self.indices if upto is None or k <= upto]
         irs: dict[int, torch.Tensor] = {}
         if self._chained:
-            h, at = x, 0
+            h, at, versions = x, 0, {}
             for k in wanted:
-                h = self.model.run(h, at, k)
-                irs[k], at = h, k
-            out = self.model.run(h, at, None) if logits else None
+                h = self.model.run(h.clone() if self._copy_inputs and at else h, at, k)
+                irs[k], at, versions[k] = h, k, h._version
+            out = self.model.run(h.clone() if self._copy_inputs else h, at, None) if logits else None
+            if not self._copy_inputs and any(irs[k]._version != v for k, v in versions.items()):
+                self._copy_inputs = True
+                return self(x, logits, upto)
         else:
             for k in wanted:
                 irs[k] = self._fronts[k](x)

@@ -71,7 +71,8 @@ class KLTest(LeakageTest):
         previous = self._previous[1] if self._previous is not None and self._previous[0] is ctx else None
         kl_all, ctl_all, how, answers = channel_kl(
             lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, self.config.kl_batch, screen,
-            seed=self.config.seed, previous=previous, workers=torch.get_num_threads())
+            seed=self.config.seed, previous=previous, workers=torch.get_num_threads(),
+            batch_float32=self.config.kl_batch_float32)
         self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
         delta, _ = kl_all.min(dim=1)
         base = kl_to_uniform(p)

@@ -9,7 +9,8 @@ bfloat16 error below half the margin, no other channel can hold the minimum, so 
 verdicts and every statistic built from the minima equal a float32-only run's (to float rounding).
 
 The margin is checked, not assumed: a seeded random share of all channel images is computed in
-both precisions as well, and while the largest error seen (there or on the candidates) exceeds a
+both precisions as well (first: the margin starts at four times the largest error there, at most
+0.1), and while the largest error seen (there or on the candidates) exceeds a
 third of the margin, the margin grows to three times that error and the new candidates are
 recomputed. On darknet the bfloat16 KL error is at most ~0.04 (KL values 0.5-5); about a tenth
 of the images end up in float32. Without fast bfloat16, or with `kl_screen` off, everything runs
@@ -105,8 +106,8 @@ def balanced_batch(n: int, batch: int, workers: int) -> int:
 
 def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch.Tensor, size: tuple[int, int],
                batch: int, screen: bool, margin: float = 0.1, check_share: float = 0.03, seed: int = 0,
-               previous: Answers | None = None, same_tol: float = 1e-5, workers: int = 1
-               ) -> tuple[torch.Tensor, torch.Tensor, ScreenReport, Answers]:
+               previous: Answers | None = None, same_tol: float = 1e-5, workers: int = 1,
+               batch_float32: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ScreenReport, Answers]:
     """own[i, c] = KL(p_i || F(image of channel c of sample i)) and ctl[i, c] = KL(p_i || F(image of
     channel c of sample i-1)) (the permutation control, cyclic), each (n, C), exact near each row's
     minimum; how they were computed; and the answers, for the next point.
@@ -115,6 +116,13 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
     image whose normalised map equals the previous one's (within `same_tol`: e.g. after a batch
     norm, whose per-channel affine map normalisation removes) takes that answer, not a new pass.
     The oracle's batches run `workers` at a time, one thread each; the answers do not depend on it.
+    `batch` is the bfloat16 pass's batch size, `batch_float32` (default `batch`) the float32 one's:
+    their best sizes differ (cache-sized passes, docs/benchmarks.md).
+
+    `margin` is the widest starting margin: the float32 check share is computed first and the margin
+    starts at `min(margin, 4 x the largest error seen there)`, so a model whose KL values are tiny
+    (an untrained model's near-uniform outputs) does not put every image through float32 again;
+    it then grows as described in the module docstring.
     """
     norm, blank = normalised_maps(ir)
     n, c = blank.shape
@@ -130,7 +138,7 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
 
     def compute(mask: torch.Tensor, low: bool) -> None:
         pairs = mask.nonzero()
-        per = balanced_batch(pairs.shape[0], batch, workers)
+        per = balanced_batch(pairs.shape[0], batch if low or batch_float32 is None else batch_float32, workers)
         chunks = [pairs[b:b + per].unbind(1) for b in range(0, pairs.shape[0], per)]
         # the batches side by side, one thread each (assess/threads.py); each batch's answer is the same
         outs = side_by_side(lambda ij: oracle(to_images(norm[ij[0], ij[1]], size), low), chunks, workers)
@@ -156,6 +164,14 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
     pick = live[torch.randperm(live.shape[0], generator=gen)[:k]]
     check[pick[:, 0], pick[:, 1]] = True
     fresh = torch.zeros_like(blank)  # computed in float32 here
+    first = check & ~exact  # the check share first: its error sets the starting margin
+    if first.any():
+        compute(first, False)
+        exact |= first
+        fresh |= first
+        own, ctl = kls()
+        seen = torch.cat([(own - own16)[fresh].abs(), (ctl - ctl16)[fresh.roll(1, dims=0)].abs()])
+        margin = min(margin, 4 * float(seen.max()))
     while True:
         near_own = own16 <= own16.min(dim=1, keepdim=True).values + margin
         near_ctl = (ctl16 <= ctl16.min(dim=1, keepdim=True).values + margin).roll(-1, dims=0)  # row i uses sample i-1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .affine import affine_copies
 from .inference import folded
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import psnr, ssim
@@ -168,6 +169,7 @@ class RMLEInversion(LeakageTest):
     def __init__(self, config):
         super().__init__(config)
         self._done: dict[int, tuple[torch.Tensor, int]] = {}
+        self._copies: dict[int, int] = {}  # point -> the earlier point whose search serves it (assess/affine.py)
 
     def prepare(self, ctx: AssessContext, points: list[PointData]) -> None:
         """Search for every point's images together (one staircase batch), when the model can run
@@ -178,10 +180,16 @@ class RMLEInversion(LeakageTest):
         cfg = self.config
         n = min(cfg.rmle_samples, ctx.x_test.shape[0])
         shape = tuple(ctx.x_test.shape[1:])
-        targets = {pt.point.index: pt.ir_test[:n] for pt in points}
+        # a point whose IR is an affine copy or a reshape of an earlier one's (conv -> batch norm,
+        # pool -> flatten) is attacked through the earlier point: the attacker knows the map, so the
+        # source's reconstruction is this point's too; one search instead of two
+        self._copies = {k: c.source for k, c in affine_copies({pt.point.index: pt.ir_test for pt in points}).items()}
+        targets = {pt.point.index: pt.ir_test[:n] for pt in points if pt.point.index not in self._copies}
         # forward + backward cost grows with the FrontNet: split the points in sets of equal cost, one
         # per core; each set is one staircase search (in memory-bounded groups), single-threaded
-        sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), torch.get_num_threads())
+        workers = torch.get_num_threads()
+        sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), workers) if workers > 1 and len(targets) > 1 \
+            else [sorted(targets)]
 
         def search(ks: list[int]) -> dict[int, tuple[torch.Tensor, int]]:
             found: dict[int, tuple[torch.Tensor, int]] = {}
@@ -198,9 +206,11 @@ class RMLEInversion(LeakageTest):
         cfg = self.config
         n = min(cfg.rmle_samples, ctx.x_test.shape[0])
         x = ctx.x_test[:n]
-        if pt.point.index in self._done:
-            recon, steps = self._done.pop(pt.point.index)
+        k = self._copies.get(pt.point.index, pt.point.index)
+        if k in self._done:  # kept (a few images a point): a later copy may need it
+            recon, steps = self._done[k]
         else:
+            k = pt.point.index
             front = folded(pt.front, tuple(x.shape[1:]))  # same function, faster; the target IR is the real FrontNet's
             recon, steps = reconstruct(front, ctx.pre, pt.ir_test[:n], tuple(x.shape[1:]), cfg.rmle_steps,
                                        cfg.rmle_lr, cfg.rmle_tv, cfg.rmle_window if cfg.rmle_early_stop else 0,
@@ -208,4 +218,6 @@ class RMLEInversion(LeakageTest):
         s, p = ssim(recon, x), psnr(recon, x)
         summary = {"ssim": float(s.mean()), "psnr": float(p.mean()), "ssim_min": float(s.min()),
                    "ssim_max": float(s.max()), "samples": n, "steps": steps, "step_budget": cfg.rmle_steps}
+        if k != pt.point.index:
+            summary["search_of"] = k  # this point's IR is an affine copy of point k's: the same search
         return LeakageResult(summary, {"reconstructions": recon[: cfg.report_images]})
