@@ -21,11 +21,16 @@ venv: $(STAMP)
 
 # `make test` stays under 10 minutes on 2 cores; `make test-all` adds the `extended` end-to-end runs
 # (the digits demo, the zoo release, the docs' CalTrain example, ImageNet all the way: about 2 minutes more).
+# Two pytest-xdist workers, a test file each at a time (module fixtures such as a started server
+# stay in one worker): most end-to-end tests wait on process start-up, so two keep 2 cores busy.
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+TEST_ARGS := -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not extended"
+	$(PY) -m pytest $(TEST_ARGS) -m "not extended"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest $(TEST_ARGS)
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
