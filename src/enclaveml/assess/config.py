@@ -41,7 +41,8 @@ class AssessConfig:
     rmle_window: int = 30
     rmle_min_delta: float = 0.01
     # KL test and cost
-    kl_batch: int = 512
+    kl_batch: int = 512  # channel images per oracle batch, at most kl_batch_pixels pixels (H x W) in all:
+    kl_batch_pixels: int = 2 ** 21  # 512 images at 32x32, 41 at 224x224 (bounded memory, cache-friendly)
     kl_screen: bool = True  # bfloat16 oracle pass first, float32 near each minimum (assess/kl_screen.py)
     latency_repeats: int = 10
     report_images: int = 6

@@ -69,8 +69,10 @@ class KLTest(LeakageTest):
         blank_q = oracle_probs(ctx, torch.zeros(1, 1, *size))[0]
         screen = self.config.kl_screen and bf16_is_fast()
         previous = self._previous[1] if self._previous is not None and self._previous[0] is ctx else None
+        # large inputs: fewer images per batch (512 at 224x224 would take 2.5 GB for one activation)
+        batch = max(1, min(self.config.kl_batch, self.config.kl_batch_pixels // (size[0] * size[1])))
         kl_all, ctl_all, how, answers = channel_kl(
-            lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, self.config.kl_batch, screen,
+            lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, batch, screen,
             seed=self.config.seed, previous=previous, workers=torch.get_num_threads())
         self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
         delta, _ = kl_all.min(dim=1)

@@ -9,15 +9,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
-
-
-def _gaussian_window(size: int, sigma: float, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    ax = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(ax**2) / (2 * sigma**2))
-    g = g / g.sum()
-    w = torch.outer(g, g)
-    return w.expand(channels, 1, size, size).contiguous()
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11,
@@ -26,25 +17,18 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
 
     Gaussian-weighted local statistics with the usual K1=0.01, K2=0.03 and 'valid' borders (as
     scikit-image with `gaussian_weights=True`, the convention of He et al.); images smaller than
-    the window shrink it.
+    the window shrink it. Computed in float64; the separable window is two banded matrix products
+    (`_bands`): float64 has no fast depthwise convolution on CPU, and at 224x224 the 11x11 window
+    as one took 8 s for 16 images, the matrix products 0.5 s (the same statistic to 1e-15).
     """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim wants two (N,C,H,W) tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.double(), y.double()
-    win = min(win_size, x.shape[-1], x.shape[-2])
-    win -= (win + 1) % 2  # odd
-    c = x.shape[1]
-    w = _gaussian_window(win, sigma, c, x.dtype)
+    bh, bwt = _bands(x.shape[-2], x.shape[-1], win_size, sigma, x.dtype)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-
-    def filt(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, w, groups=c)
-
-    mx, my = filt(x), filt(y)
+    mx, my, xx, yy, xy = (bh @ torch.stack([x, y, x * x, y * y, x * y]) @ bwt).unbind(0)
     # population (Gaussian-weighted) variances, as Wang et al. (scikit-image: use_sample_covariance=False)
-    vx = filt(x * x) - mx * mx
-    vy = filt(y * y) - my * my
-    vxy = filt(x * y) - mx * my
+    vx, vy, vxy = xx - mx * mx, yy - my * my, xy - mx * my
     s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.mean(dim=(1, 2, 3)).float()
 
