@@ -101,3 +101,22 @@ def test_ssim_by_matrix_products_equals_the_depthwise_window(shape):
         sk = structural_similarity(x[0].numpy(), y[0].numpy(), channel_axis=0, gaussian_weights=True, sigma=1.5,
                                    use_sample_covariance=False, data_range=1.0)
         assert float(ours[0]) == pytest.approx(sk, abs=1e-4)
+
+
+def test_training_ssim_in_strips_at_224_is_the_ssim_statistic():
+    """At 224x224 the training objective filters in strips (`metrics.STRIP`): the same statistic and
+    gradient as the full banded products."""
+    from enclaveml.assess.metrics import _bands, gaussian_filter, ssim_training
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 224, 224, generator=g).requires_grad_()
+    y = (x.detach() + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    s = ssim_training(x, y)
+    assert float(s) == pytest.approx(float(ssim(x.detach(), y).mean()), abs=1e-6)
+    bh, bwt = _bands(224, 224, 11, 1.5, torch.float32)
+    full = bh @ x @ bwt
+    strips = gaussian_filter(x)
+    assert float((strips - full).abs().max()) < 1e-6
+    (ga,) = torch.autograd.grad(strips.square().sum(), x)
+    (gb,) = torch.autograd.grad(full.square().sum(), x)
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-6)

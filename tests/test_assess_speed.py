@@ -373,3 +373,28 @@ def test_the_fold_reaches_conv_subclasses_and_branches_on_default_arguments():
     with torch.no_grad():
         assert torch.allclose(fast(x), block(x), rtol=1e-4, atol=1e-5)
     assert any(isinstance(m, nn.BatchNorm2d) for m in block.modules())  # the original is untouched
+
+
+def test_a_training_set_of_one_chunk_is_passed_through_the_model_once():
+    """4 held-out ImageNet photos, 200 steps: the IRs once, not 200 model passes over the same images;
+    the decoders are those of the streamed training (same minibatches, same IRs)."""
+    m = _darknet()
+    ks = [2, 7]
+    x = torch.rand(24, *m.input_shape)  # < 80 images: no validation split, all train
+    fwd = PointForward(m, ks)
+    shapes = {k: tuple(p.out_shape) for p in m.partition_points() for k in ks if p.index == k}
+    calls = []
+
+    def counted(idx, upto):
+        calls.append(idx.numel())
+        return fwd(x[idx], upto=upto)[0]
+
+    kw = dict(steps=9, batch=8, lr=2e-3, seed=1, early_stop=False)
+    once = train_decoders(counted, x, shapes, workers=1, chunk=32, **kw)
+    assert sum(calls) == 24 and once.chunks == 3  # one pass over the 24 images, 3 epochs of 3 minibatches
+    calls.clear()
+    streamed = train_decoders(counted, x, shapes, workers=1, chunk=8, **kw)  # chunks smaller than the set
+    assert sum(calls) == 24 * 4  # the validation pass, then every epoch again
+    a, b = _params(once.decoders), _params(streamed.decoders)
+    for k in ks:
+        assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a[k], b[k])), k
