@@ -65,3 +65,58 @@ def test_training_ssim_is_the_ssim_statistic_and_differentiable():
     small = torch.rand(2, 3, 8, 8, generator=g)  # smaller than the window: the window shrinks, as in `ssim`
     assert float(ssim_training(small, small)) == pytest.approx(1.0, abs=1e-5)
     assert float(ssim_training(small, 1 - small)) == pytest.approx(float(ssim(small, 1 - small).mean()), abs=1e-5)
+
+
+def _ssim_depthwise_reference(x: torch.Tensor, y: torch.Tensor, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """The previous implementation: the 2-D Gaussian window as one float64 depthwise convolution."""
+    import torch.nn.functional as F
+
+    x, y = x.double(), y.double()
+    win = min(win, x.shape[-1], x.shape[-2])
+    win -= (win + 1) % 2
+    ax = torch.arange(win, dtype=torch.float64) - (win - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    w = torch.outer(g, g).expand(c, 1, win, win).contiguous()
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    mx, my = filt(x), filt(y)
+    vx, vy, vxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return (((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 224, 224), (1, 3, 96, 160), (2, 1, 9, 6)])
+def test_ssim_by_matrix_products_equals_the_depthwise_window(shape):
+    """224x224 (ImageNet) and non-square inputs, and one smaller than the window: the same SSIM."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(*shape, generator=g)
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    ours, ref = ssim(x, y), _ssim_depthwise_reference(x, y)
+    assert float((ours.double() - ref).abs().max()) < 1e-6
+    if shape[-1] >= 11:
+        sk = structural_similarity(x[0].numpy(), y[0].numpy(), channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                   use_sample_covariance=False, data_range=1.0)
+        assert float(ours[0]) == pytest.approx(sk, abs=1e-4)
+
+
+def test_training_ssim_in_strips_at_224_is_the_ssim_statistic():
+    """At 224x224 the training objective filters in strips (`metrics.STRIP`): the same statistic and
+    gradient as the full banded products."""
+    from enclaveml.assess.metrics import _bands, gaussian_filter, ssim_training
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 224, 224, generator=g).requires_grad_()
+    y = (x.detach() + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    s = ssim_training(x, y)
+    assert float(s) == pytest.approx(float(ssim(x.detach(), y).mean()), abs=1e-6)
+    bh, bwt = _bands(224, 224, 11, 1.5, torch.float32)
+    full = bh @ x @ bwt
+    strips = gaussian_filter(x)
+    assert float((strips - full).abs().max()) < 1e-6
+    (ga,) = torch.autograd.grad(strips.square().sum(), x)
+    (gb,) = torch.autograd.grad(full.square().sum(), x)
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-6)

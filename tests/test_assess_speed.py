@@ -330,3 +330,71 @@ def test_kl_and_rmle_side_by_side_give_the_answers_of_one_worker():
         apart = reconstruct_points(fast, pre, {k: targets[k] for k in s}, m.input_shape, 5, 0.05, 0.02)
         for k in s:
             assert torch.allclose(apart[k][0], together[k][0], atol=1e-5), k
+
+
+def test_the_fold_reaches_conv_subclasses_and_branches_on_default_arguments():
+    """TensorFlow-style 'same'-padding convolutions (nn.Conv2d subclasses, as EfficientNet ports write
+    them) and a forward that branches on an optional argument: torch.fx's own `fuse` folds nothing
+    there; this fold removes every batch norm and the symmetric pads, and keeps the function."""
+    from torch import nn
+
+    from enclaveml.assess.inference import folded
+
+    class SameConv(nn.Conv2d):
+        def __init__(self, cin, cout, k, stride=1, groups=1):
+            super().__init__(cin, cout, k, stride, groups=groups, bias=False)
+            total = k - stride  # 'same' for an even input side
+            self.pad = nn.ZeroPad2d((total // 2, total - total // 2, total // 2, total - total // 2))
+
+        def forward(self, x):
+            return nn.functional.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = SameConv(8, 8, 3), nn.BatchNorm2d(8)
+            self.down, self.bn2 = SameConv(8, 8, 3, stride=2, groups=8), nn.BatchNorm2d(8)  # asymmetric pad
+
+        def forward(self, x, drop_rate=None):
+            y = torch.relu(self.bn(self.conv(x)))
+            if drop_rate:  # a branch on an optional argument: traced at its default
+                y = nn.functional.dropout(y, drop_rate)
+            return self.bn2(self.down(y + x))
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    for bn in (block.bn, block.bn2):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    fast = folded(block, (8, 12, 12))
+    assert fast is not block and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert sorted(type(m).__name__ for m in convs) == ["Conv2d", "SameConv"]  # the asymmetric one stays
+    x = torch.randn(3, 8, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), block(x), rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in block.modules())  # the original is untouched
+
+
+def test_a_training_set_of_one_chunk_is_passed_through_the_model_once():
+    """4 held-out ImageNet photos, 200 steps: the IRs once, not 200 model passes over the same images;
+    the decoders are those of the streamed training (same minibatches, same IRs)."""
+    m = _darknet()
+    ks = [2, 7]
+    x = torch.rand(24, *m.input_shape)  # < 80 images: no validation split, all train
+    fwd = PointForward(m, ks)
+    shapes = {k: tuple(p.out_shape) for p in m.partition_points() for k in ks if p.index == k}
+    calls = []
+
+    def counted(idx, upto):
+        calls.append(idx.numel())
+        return fwd(x[idx], upto=upto)[0]
+
+    kw = dict(steps=9, batch=8, lr=2e-3, seed=1, early_stop=False)
+    once = train_decoders(counted, x, shapes, workers=1, chunk=32, **kw)
+    assert sum(calls) == 24 and once.chunks == 3  # one pass over the 24 images, 3 epochs of 3 minibatches
+    calls.clear()
+    streamed = train_decoders(counted, x, shapes, workers=1, chunk=8, **kw)  # chunks smaller than the set
+    assert sum(calls) == 24 * 4  # the validation pass, then every epoch again
+    a, b = _params(once.decoders), _params(streamed.decoders)
+    for k in ks:
+        assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a[k], b[k])), k

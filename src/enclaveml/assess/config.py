@@ -42,9 +42,11 @@ class AssessConfig:
     rmle_min_delta: float = 0.01
     # KL test and cost
     # oracle pass sizes, one thread each: bfloat16 passes of 256 and float32 passes of 128 images beat
-    # 512 by ~10% and ~15% on darknet (activations closer to the caches; docs/benchmarks.md, asm2)
+    # 512 by ~10% and ~15% on darknet (activations closer to the caches; docs/benchmarks.md, asm2);
+    # both at most kl_batch_pixels pixels (H x W) in all: 41 images at 224x224 (bounded memory)
     kl_batch: int = 256
     kl_batch_float32: int = 128
+    kl_batch_pixels: int = 2 ** 21
     kl_screen: bool = True  # bfloat16 oracle pass first, float32 near each minimum (assess/kl_screen.py)
     latency_repeats: int = 10
     report_images: int = 6

@@ -166,7 +166,7 @@ class DecoderRun:
 class TrainingResult:
     decoders: dict[int, Decoder]
     info: dict[int, dict]  # point -> JSON-ready: steps, stopped early, validation losses
-    chunks: int  # model passes over chunks of the attacker's images (the shared forward batches)
+    chunks: int  # chunks of the attacker's images trained on (one model pass each, unless the set is one chunk)
 
 
 def split_validation(m: int, gen: torch.Generator, max_val: int = 256) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -205,6 +205,13 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
     with single_threaded():
         ir_val = forward(val_idx, deepest)
         x_val = x_train[val_idx]
+        # a training set no larger than one chunk (e.g. 4 ImageNet photos): its IRs once, not once per
+        # epoch (200 model passes over the same images otherwise); with no validation split they are ir_val's
+        cached: dict[int, torch.Tensor] | None = None
+        if train_idx.numel() <= chunk:
+            cached = ir_val if not has_val else forward(train_idx, deepest)
+            where = torch.full((x_train.shape[0],), -1, dtype=torch.long)
+            where[train_idx] = torch.arange(train_idx.numel())
         runs = {}
         for k in sorted(shapes):
             torch.manual_seed(seed + k)
@@ -226,7 +233,8 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
                     if not active:
                         break
                     idx = perm[c:c + chunk]
-                    irs = forward(idx, max(r.point for r in active))
+                    irs = forward(idx, max(r.point for r in active)) if cached is None else \
+                        {k: v[where[idx]] for k, v in cached.items()}
                     xs = x_train[idx]
                     chunks += 1
                     # the targets' SSIM moments: once per minibatch for all decoders

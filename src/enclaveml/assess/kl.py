@@ -19,7 +19,11 @@ How sure that verdict is: `ci` holds a confidence interval of leak_fraction - ch
 recommendation reads `ci.verdict`, not the point estimate.
 
 The oracle's passes over the channel images are the whole cost; they run in bfloat16 first and in
-float32 again near each minimum (assess/kl_screen.py), which keeps every minimum exact.
+float32 again near each minimum (assess/kl_screen.py), which keeps every minimum exact. Where the
+bfloat16 error is large against the spread of a sample's KL values (EfficientNet-Lite0: errors of
+0.2-0.5 nats, and an unrelated image's channels all within a nat of each other), most images go
+through float32 again and the screen costs more than it saves: after a point where more than
+`SCREEN_MAX_FLOAT32` of the images needed float32, the later points run in float32 only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from .confidence import kl_confidence
 from .kl_screen import Answers, bf16_is_fast, channel_kl, normalised_maps, to_images
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import kl_divergence, kl_to_uniform
+
+#: a bfloat16 pass costs about 0.55 of a float32 one (darknet, EfficientNet-Lite0 here): when more than
+#: this share of a point's images needed float32 too, later points skip the screen (the same minima)
+SCREEN_MAX_FLOAT32 = 0.45
+#: judged on points with at least this many images (the screen's random check, >= 64 images, is then <= 1/8)
+SCREEN_JUDGED_FROM = 512
 
 
 def channel_images(ir: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +69,7 @@ class KLTest(LeakageTest):
     def __init__(self, config):
         super().__init__(config)
         self._previous: tuple[AssessContext, Answers] | None = None  # the last point's oracle answers
+        self._screen_pays = True  # false once the bfloat16 screen sent most images to float32 anyway
 
     @torch.no_grad()
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
@@ -67,13 +78,19 @@ class KLTest(LeakageTest):
         n, c = ir.shape[0], ir.shape[1]
         p = ctx.probs_test  # (n, K)
         blank_q = oracle_probs(ctx, torch.zeros(1, 1, *size))[0]
-        screen = self.config.kl_screen and bf16_is_fast()
+        screen = self.config.kl_screen and bf16_is_fast() and self._screen_pays
         previous = self._previous[1] if self._previous is not None and self._previous[0] is ctx else None
+        # large inputs: fewer images per batch (512 at 224x224 would take 2.5 GB for one activation)
+        batch = max(1, min(self.config.kl_batch, self.config.kl_batch_pixels // (size[0] * size[1])))
         kl_all, ctl_all, how, answers = channel_kl(
-            lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, self.config.kl_batch, screen,
+            lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, batch, screen,
             seed=self.config.seed, previous=previous, workers=torch.get_num_threads(),
-            batch_float32=self.config.kl_batch_float32)
+            batch_float32=max(1, min(self.config.kl_batch_float32, batch)))
         self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
+        fresh = how.live - how.reused
+        if how.screened and fresh >= SCREEN_JUDGED_FROM and how.float32 > SCREEN_MAX_FLOAT32 * fresh:
+            # the minima were exact either way; computing most images twice costs more than float32 alone
+            self._screen_pays = False
         delta, _ = kl_all.min(dim=1)
         base = kl_to_uniform(p)
         beat = delta < base
@@ -99,7 +116,7 @@ class KLTest(LeakageTest):
             "delta": _quantiles(delta),
             "uniform_dist": _quantiles(base),
             "channels": int(c),
-            "oracle": how.to_dict(),
+            "oracle": {**how.to_dict(), "screen_skipped": bool(self.config.kl_screen and bf16_is_fast() and not screen)},
             "ci": kl_confidence(beat.tolist(), chance.tolist(), self.config.kl_tolerance, self.config.kl_confidence),
         }
         # the report shows, for the first sample, the channels the oracle found most like x

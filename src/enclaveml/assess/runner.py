@@ -30,6 +30,7 @@ from .data import AssessData, load_assess_data
 from .forward import PointForward
 from .inference import folded_layers
 from .leakage import AssessContext, PointData
+from .memory import keep_freed_memory
 from .recommend import recommend
 
 Progress = Callable[[str], None]
@@ -85,6 +86,7 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
     say = progress or (lambda _msg: None)
     clock = PhaseClock()
     load_start = _load_average()
+    keep_freed_memory()  # large inputs: no page faults on every layer's output (assess/memory.py)
     model.eval()
     # channels-last weights: the same values, ~20% faster CPU convolutions for the oracle and the attacks
     model.to(memory_format=torch.channels_last)
