@@ -66,8 +66,12 @@ def runnable_elsewhere(path: str = "/proc/loadavg") -> int:
     """Tasks the kernel has runnable now besides the caller (/proc/loadavg's running count, which
     includes the reader, less one); 0 where it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            return max(0, int(f.read().split()[3].split(b"/")[0]) - 1)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            text = os.read(fd, 256)
+        finally:
+            os.close(fd)
+        return max(0, int(text.split()[3].split(b"/")[0]) - 1)
     except (OSError, ValueError, IndexError):
         return 0
 
