@@ -95,29 +95,3 @@ def test_env_overrides_the_core_count(monkeypatch):
     assert LoneThreads(base=1).pick(1) == 1
     monkeypatch.setenv("ENCLAVEML_LONE_THREADS", "3")
     assert LoneThreads().best == 3
-
-
-def test_more_threads_only_while_the_machine_has_the_cores_free():
-    torch.set_num_threads(1)
-    running = [0]
-    lt = LoneThreads(best=2, base=1, others=lambda: running[0])
-    lt.cores = 2
-    running[0] = 1  # another task runs on the other core: a 2-thread pass would wait for it
-    assert lt.pick(1) == 1
-    with lt.run(1) as n:
-        assert n == 1 and torch.get_num_threads() == 1
-    assert lt._stats == {}  # not a sample: the chooser's figures stay those of free cores
-    running[0] = 0
-    with lt.run(1) as n:
-        assert n == 2
-    assert torch.get_num_threads() == 1 and (1, 2) in lt._stats
-
-
-def test_runnable_elsewhere_reads_the_kernel_count_less_the_reader(tmp_path):
-    from enclaveml.serve.threads import runnable_elsewhere
-
-    (tmp_path / "loadavg").write_text("6.81 6.34 6.10 3/412 51234\n")
-    assert runnable_elsewhere(str(tmp_path / "loadavg")) == 2
-    (tmp_path / "loadavg").write_text("garbage\n")
-    assert runnable_elsewhere(str(tmp_path / "loadavg")) == 0
-    assert runnable_elsewhere(str(tmp_path / "missing")) == 0

@@ -22,7 +22,7 @@ import torch
 
 from ..timing import now, since
 from .placement import SMALL_ROWS  # passes of at most this many rows use the channels-last copy
-from .threads import LoneThreads, runnable_elsewhere, spin_bounded
+from .threads import LoneThreads, spin_bounded
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -55,7 +55,7 @@ class BackNetExecutor:
         self.busy = busy or (lambda: False)
         # More threads only where OpenMP's idle threads stop spinning soon (`threads.spin_bounded`).
         if threads is None and device.type == "cpu":
-            threads = LoneThreads(None if spin_bounded() else 1, others=runnable_elsewhere)
+            threads = LoneThreads(None if spin_bounded() else 1)
         self.threads = threads
         #: A `timing.StageClock` for the forward pass (wall and CPU of the thread running it).
         self.clock = clock

@@ -63,7 +63,7 @@ from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
 from ..timing import StageClock, now, since
 from .placement import SMALL_ROWS
-from .threads import LoneThreads, runnable_elsewhere
+from .threads import LoneThreads
 
 DELETE = "delete"
 UNDECODABLE_IMAGE = protocol.UNDECODABLE_IMAGE
@@ -148,7 +148,7 @@ class EnclaveService:
                  suites: "tuple[str, ...] | list[str]" = SUITES, lone_threads: "LoneThreads | None" = None):
         self.backend = backend
         #: Torch threads of a small FrontNet pass that runs alone (`serve.threads`); 1 otherwise.
-        self.lone_threads = lone_threads if lone_threads is not None else LoneThreads(others=runnable_elsewhere)
+        self.lone_threads = lone_threads if lone_threads is not None else LoneThreads()
         self.max_pass = max(1, int(max_pass))
         #: Model factories (besides the zoo) this enclave builds: fixed at launch from its measured
         #: configuration (`models.servable.enclave_config`), never from an upload.

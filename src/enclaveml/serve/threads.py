@@ -16,14 +16,6 @@ figure is `explore_s` old (doubling up to `MAX_EXPLORE_S` each time a re-measure
 choice, so that a loaded machine pays a slow multi-thread pass rarely). Only small passes (at
 most `max_rows` rows) that start while no other pass runs in the process are eligible; every
 other pass runs at the process's own thread count (`base`, 1 when serving), as before.
-
-And only while the machine has the cores free (`others`, default in serving `runnable_elsewhere`:
-the kernel's count of runnable tasks, /proc/loadavg, less this one): on a 2-core machine where
-another process runs, a 2-thread pass waits at every layer's barrier for a descheduled thread
-(tens of ms at load 6-9 against ~3 ms at one thread), and the chooser's first tries and
-re-measures of it were the slowest requests of a run (docs/benchmarks.md, "Single-request
-latency, second pass"). A pass that starts while other tasks are runnable runs at `base` and is
-not a sample, like a pass in a busy process.
 """
 
 from __future__ import annotations
@@ -62,20 +54,6 @@ def machine_threads() -> int:
 SPIN_COUNT = "5000"
 
 
-def runnable_elsewhere(path: str = "/proc/loadavg") -> int:
-    """Tasks the kernel has runnable now besides the caller (/proc/loadavg's running count, which
-    includes the reader, less one); 0 where it cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            text = os.read(fd, 256)
-        finally:
-            os.close(fd)
-        return max(0, int(text.split()[3].split(b"/")[0]) - 1)
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def spin_bounded(env: "dict[str, str] | None" = None) -> bool:
     """Does this environment (default: the process's) bound OpenMP's spin-wait?"""
     env = os.environ if env is None else env
@@ -104,23 +82,17 @@ def lone_threads_default() -> int:
 class LoneThreads:
     """Picks the thread count of a pass from measured wall times (see the module doc).
 
-    Thread-safe. `clock` (seconds, monotonic) is injectable for tests. `others()`: tasks runnable
-    elsewhere on the machine now (`runnable_elsewhere`); a pass uses more threads only while the
-    cores they need are free (None: not checked).
+    Thread-safe. `clock` (seconds, monotonic) is injectable for tests.
     """
 
     def __init__(self, best: int | None = None, max_rows: int = LONE_MAX_ROWS, explore_s: float = EXPLORE_S,
-                 clock: Callable[[], float] = time.monotonic, base: int | None = None,
-                 others: "Callable[[], int] | None" = None):
+                 clock: Callable[[], float] = time.monotonic, base: int | None = None):
         self.best = max(1, int(best)) if best is not None else lone_threads_default()
         #: The process's configured thread count (every other pass uses it).
         self.base = max(1, int(base)) if base is not None else torch.get_num_threads()
         self.max_rows = int(max_rows)
         self.explore_s = float(explore_s)
         self.clock = clock
-        self.others = others
-        #: The cores a pass may use (its threads count against them).
-        self.cores = machine_threads()
         self._lock = threading.Lock()
         self._active = 0  # passes running now in this process
         #: (rows, threads) -> [running mean of seconds, time of the last sample]
@@ -136,14 +108,10 @@ class LoneThreads:
     def pick(self, rows: int, busy: bool = False, base: int = 1) -> int:
         """Threads for a pass of `rows` rows on a thread set to `base`; `busy`: the caller knows
         other work runs now."""
-        if not self.eligible(rows, busy, base) or self._loaded():
+        if not self.eligible(rows, busy, base):
             return base
         with self._lock:
             return self._pick(rows, base)
-
-    def _loaded(self) -> bool:
-        """Are fewer cores free than the extra threads would need (`others`)?"""
-        return self.others is not None and self.others() > self.cores - self.best
 
     def _pick(self, rows: int, base: int) -> int:  # under the lock
         if self._active:
@@ -190,8 +158,6 @@ class LoneThreads:
         thread started meanwhile takes up at its first parallel region."""
         base = self.base
         eligible = self.eligible(rows, busy, base)
-        if eligible and self._loaded():
-            eligible = False  # the machine runs other work: more threads would wait at barriers
         with self._lock:
             n = self._pick(rows, base) if eligible else base
             eligible = eligible and self._active == 0
