@@ -11,11 +11,13 @@ def _restore(thresholds, monkeypatch):
     gc.set_threshold(*thresholds)
     gc.unfreeze()
     monkeypatch.setitem(heap._state, "tuned", False)
+    monkeypatch.setitem(heap._state, "frozen", False)
 
 
 def test_settle_freezes_the_heap_only_once_configured(monkeypatch):
     before = gc.get_threshold()
     monkeypatch.setitem(heap._state, "tuned", False)
+    monkeypatch.setitem(heap._state, "frozen", False)
     try:
         heap.settle()  # not configured (a test process, a library user): nothing changes
         assert gc.get_freeze_count() == 0
@@ -26,9 +28,14 @@ def test_settle_freezes_the_heap_only_once_configured(monkeypatch):
         monkeypatch.delenv("ENCLAVEML_GC")
         assert heap.configure() is True
         assert gc.get_threshold() == (heap.GEN0_THRESHOLD, before[1], before[2])
+        heap.settle(again=True)  # a restore before the startup heap is frozen: nothing yet
+        assert gc.get_freeze_count() == 0
         heap.settle()  # every live object moves to the permanent generation
         assert gc.get_freeze_count() > 1000
         assert len(gc.get_objects(2)) < gc.get_freeze_count()
+        made_since = [[i] for i in range(100)]
+        heap.settle(again=True)  # after a deploy: what came since joins the frozen heap
+        assert gc.get_objects(2) == [] and made_since
     finally:
         _restore(before, monkeypatch)
 

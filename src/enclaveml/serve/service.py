@@ -322,7 +322,7 @@ class HostService:
                                      "owner": manifest.owner, "owner_fingerprint": owner}
         if old is not None:
             old.close()
-        heap.settle()  # the new pipeline's objects join the frozen heap (a no-op unless `serve` tuned it)
+        heap.settle(again=True)  # the new pipeline's objects join the frozen heap (no-op unless `serve` tuned it)
 
     async def restore_all(self) -> None:
         """Bring back every stored deployment from its sealed record (after a start or a worker

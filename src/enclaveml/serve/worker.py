@@ -120,14 +120,14 @@ def register_ops(ops: OpRegistry, svc) -> OpRegistry:
     def deploy(call, model):
         files = {k: v for k, v in call.blobs.items() if k not in ("key_release", "sealed")}
         out = svc.deploy(model, call.blobs.get("key_release", b""), files)
-        heap.settle()  # the new deployment's objects join the frozen heap
+        heap.settle(again=True)  # the new deployment's objects join the frozen heap
         return {k: v for k, v in out.items() if k != "sealed"}, None, {"sealed": out["sealed"]}
 
     @ops.op("restore", model=_MODEL)
     def restore(call, model):
         files = {k: v for k, v in call.blobs.items() if k not in ("key_release", "sealed")}
         out = svc.restore(model, call.blobs.get("sealed", b""), files)
-        heap.settle()
+        heap.settle(again=True)
         return out
 
     @ops.op("identity", model=_MODEL)
