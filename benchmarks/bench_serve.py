@@ -367,7 +367,7 @@ def breakdown(before: dict, after: dict, units: int) -> dict:
             if n:
                 rows[f"{side}: garbage collections, generation {g}: per unit / mean ms each"] = {
                     "wall_us": None, "cpu_us": None, "requests": [round(n / u, 3),
-                                                                   round(d[side][f"gc_gen{g}"]["wall_ns"] / n / 1e6, 2)]}
+                                                                   round(d[side][f"gc_gen{g}"]["wall_ns"] / n / 1e6, 3)]}
     one, total = (d["host"].get(st, {}).get("n", 0) for st in ("one_op_answers", "front_total"))
     rows[PATH_ROW] = {"wall_us": None, "cpu_us": None, "requests": [one, total]}
     return rows
