@@ -7,7 +7,10 @@ at k=10, deployed, warmed by 20 requests) and one plain-PyTorch child (decode + 
 whole model, 2 threads); the driver sends single-image requests to A, B and plain in turn
 (alternating the order), so load changes hit all three alike. Prints each tree's per-stage
 breakdown (its own `bench_serve.breakdown`) to stderr and, last, one JSON line with p50, p90, p99
-and mean ms of A, B and plain. AB_ENV_B=NAME=VALUE sets one environment variable for B only.
+and mean ms of A, B and plain, and per request each server's process CPU (us: host, enclave,
+client) and context switches (voluntary + involuntary, all threads: host, enclave, client).
+AB_ENV_B=NAME=VALUE sets one environment variable for B only (AB_ENV_A for A: A and B may then be
+one tree, e.g. `AB_ENV_A=ENCLAVEML_GC=0 ... N . .`).
 
     python benchmarks/ab_single_latency.py N TREE_A TREE_B [extra `enclaveml serve` args]
     e.g. python benchmarks/ab_single_latency.py 150 /work/main .
@@ -72,6 +75,8 @@ def child_main(mode: str, tree: str, extra: list[str]) -> None:
                 c.infer([b], model="darknet", top_k=1)
             print("ready", file=out, flush=True)
             s1 = B.stage_snapshot(srv, [c])
+            pids = (srv.pid, srv.enclave_pid(), "self")
+            c1, x1 = [_cpu(p) for p in pids], [_ctx(p) for p in pids]
             n = 0
             for line in sys.stdin:
                 i = int(line)
@@ -79,10 +84,39 @@ def child_main(mode: str, tree: str, extra: list[str]) -> None:
                 c.infer([images[i % len(images)]], model="darknet", top_k=1)
                 print(time.perf_counter() - t, file=out, flush=True)
                 n += 1
+            c2, x2 = [_cpu(p) for p in pids], [_ctx(p) for p in pids]
+            per = max(1, n)
+            print(json.dumps({"cpu_us": [round((b - a) * 1e6 / per) for a, b in zip(c1, c2)],
+                              "ctx": [round(sum(b) / per - sum(a) / per, 2) for a, b in zip(x1, x2)]}), file=out, flush=True)
             s2 = B.stage_snapshot(srv, [c])
             rows = B.breakdown(s1, s2, n)
             B.print_breakdown(f"{tree}", rows)
             c.close()
+
+
+def _cpu(pid) -> float:
+    """User + system CPU seconds of a process ("self": this one)."""
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ctx(pid) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of all of a process's threads."""
+    from pathlib import Path
+
+    vol = inv = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    inv += int(line.split()[1])
+        except OSError:
+            continue
+    return vol, inv
 
 
 def pct(xs, q):
@@ -97,8 +131,8 @@ def main() -> None:
     kids = {}
     for name, tree in (("A", trees[0]), ("B", trees[1]), ("plain", trees[0])):
         env = dict(os.environ, PYTHONPATH=os.path.join(tree, "src"))
-        if name == "B" and os.environ.get("AB_ENV_B"):
-            k, v = os.environ["AB_ENV_B"].split("=", 1)
+        if name in ("A", "B") and os.environ.get(f"AB_ENV_{name}"):
+            k, v = os.environ[f"AB_ENV_{name}"].split("=", 1)
             env[k] = v
         tree = os.path.abspath(tree)
         kids[name] = subprocess.Popen([PY, os.path.abspath(__file__), "--child", "plain" if name == "plain" else "svc", tree, *extra],
@@ -115,11 +149,12 @@ def main() -> None:
             time.sleep(0.005)
     for k in kids.values():
         k.stdin.close()
+    costs = {name: json.loads(k.stdout.readline()) for name, k in kids.items() if name != "plain"}
     for k in kids.values():
         k.wait()
     res = {name: {"p50_ms": round(1000 * pct(v, 50), 3), "p90_ms": round(1000 * pct(v, 90), 3),
-                  "p99_ms": round(1000 * pct(v, 99), 3),
-                  "mean_ms": round(1000 * sum(v) / len(v), 3)} for name, v in lat.items()}
+                  "p99_ms": round(1000 * pct(v, 99), 3), "max_ms": round(1000 * max(v), 3),
+                  "mean_ms": round(1000 * sum(v) / len(v), 3), **costs.get(name, {})} for name, v in lat.items()}
     res["load"] = os.getloadavg()
     print(json.dumps(res))
 

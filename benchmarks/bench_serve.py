@@ -84,6 +84,23 @@ def _cpu_pid(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _ctx_switches(pid: "int | str") -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of all of a process's threads (Linux /proc; a
+    thread that has exited no longer counts)."""
+    vol = inv = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                inv += int(line.split()[1])
+    return vol, inv
+
+
 def _memory_mib(pid: int) -> dict:
     """{"rss", "peak"}: a process's resident and peak resident memory (VmRSS, VmHWM) in MiB."""
     out = {}
@@ -254,7 +271,11 @@ def stage_snapshot(srv, clients: list, end: bool = False, pids: "tuple[int, int]
     def cpu():
         return {"host": _cpu_pid(host), "enclave": _cpu_pid(enclave), "client": _cpu_self()}
 
+    def ctx():
+        return {"host": _ctx_switches(host), "enclave": _ctx_switches(enclave), "client": _ctx_switches("self")}
+
     before = cpu() if end else None
+    before_ctx = ctx() if end else None
     http = _METRICS.get(srv.url) or _METRICS.setdefault(srv.url, httpx.Client(timeout=30))
     r = http.get(srv.url + "/metrics", params={"format": "json", "stages": 1})
     r.raise_for_status()
@@ -263,7 +284,8 @@ def stage_snapshot(srv, clients: list, end: bool = False, pids: "tuple[int, int]
     for c in clients:
         for k, v in c.clock.snapshot().items():
             merged.add(k, v["wall_ns"], v["cpu_ns"], v["n"])
-    return {"host": st["host"], "enclave": st["enclave"], "client": merged.snapshot(), "cpu": before or cpu()}
+    return {"host": st["host"], "enclave": st["enclave"], "client": merged.snapshot(), "cpu": before or cpu(),
+            "ctx": before_ctx or ctx()}
 
 
 #: (row name, side, stage) of the breakdown table, in the order a request meets them.
@@ -294,6 +316,12 @@ _ROWS = (
     ("enclave: encode result", "enclave", "encode_result"),
     ("enclave: HPKE seal response", "enclave", "hpke_seal"),
     ("client: HPKE open + decode", "client", "client_open"),
+    ("host: garbage collection, generation 0", "host", "gc_gen0"),
+    ("host: garbage collection, generation 1", "host", "gc_gen1"),
+    ("host: garbage collection, generation 2 (full)", "host", "gc_gen2"),
+    ("enclave: garbage collection, generation 0", "enclave", "gc_gen0"),
+    ("enclave: garbage collection, generation 1", "enclave", "gc_gen1"),
+    ("enclave: garbage collection, generation 2 (full)", "enclave", "gc_gen2"),
 )
 
 
@@ -330,10 +358,24 @@ def breakdown(before: dict, after: dict, units: int) -> dict:
     rows["client: CPU in no stage (bench threads)" if d["client"] else "load generator: CPU (bench threads)"] = {
         "wall_us": None, "cpu_us": round(cpu_d["client"] - client_staged, 1)}
     rows["process CPU: host / enclave / client"] = {"wall_us": None, "cpu_us": [round(cpu_d[k], 1) for k in ("host", "enclave", "client")]}
+    if "ctx" in after and "ctx" in before:  # per unit: voluntary, involuntary
+        rows[CTX_ROW] = {"wall_us": None, "cpu_us": None, "switches": [
+            [round((after["ctx"][k][i] - before["ctx"][k][i]) / u, 2) for i in (0, 1)] for k in ("host", "enclave", "client")]}
+    for side in ("host", "enclave"):
+        for g in (0, 1, 2):
+            n = d[side].get(f"gc_gen{g}", {}).get("n", 0)
+            if n:
+                rows[f"{side}: garbage collections, generation {g}: per unit / mean ms each"] = {
+                    "wall_us": None, "cpu_us": None, "requests": [round(n / u, 3),
+                                                                   round(d[side][f"gc_gen{g}"]["wall_ns"] / n / 1e6, 3)]}
     one, total = (d["host"].get(st, {}).get("n", 0) for st in ("one_op_answers", "front_total"))
     rows[PATH_ROW] = {"wall_us": None, "cpu_us": None, "requests": [one, total]}
     return rows
 
+
+#: The breakdown's row with each process's context switches per unit: [[voluntary, involuntary]
+#: of the host, the enclave, the client].
+CTX_ROW = "context switches per unit, host / enclave / client (voluntary+involuntary)"
 
 #: The breakdown's row that says which path requests took: [answered in one enclave round trip, all].
 PATH_ROW = "path: requests answered in one enclave round trip / all"
@@ -351,8 +393,9 @@ def _sum_breakdown(pairs: list, units: int) -> dict:
     """One breakdown over several (before, after) snapshot pairs (the rounds of a phase)."""
     if not pairs:
         return {}
-    before = {"host": {}, "enclave": {}, "client": {}, "cpu": {"host": 0.0, "enclave": 0.0, "client": 0.0}}
-    after = {"host": {}, "enclave": {}, "client": {}, "cpu": {"host": 0.0, "enclave": 0.0, "client": 0.0}}
+    zero = {"host": (0, 0), "enclave": (0, 0), "client": (0, 0)}
+    before = {"host": {}, "enclave": {}, "client": {}, "cpu": {"host": 0.0, "enclave": 0.0, "client": 0.0}, "ctx": zero}
+    after = {"host": {}, "enclave": {}, "client": {}, "cpu": {"host": 0.0, "enclave": 0.0, "client": 0.0}, "ctx": dict(zero)}
     from enclaveml.timing import diff
 
     for b, a in pairs:
@@ -363,6 +406,9 @@ def _sum_breakdown(pairs: list, units: int) -> dict:
                     t[f] += v[f]
         for k in after["cpu"]:
             after["cpu"][k] += a["cpu"][k] - b["cpu"][k]
+        if "ctx" in a and "ctx" in b:
+            for k in after["ctx"]:
+                after["ctx"][k] = tuple(x + a["ctx"][k][i] - b["ctx"][k][i] for i, x in enumerate(after["ctx"][k]))
     return breakdown(before, after, units)
 
 
@@ -370,7 +416,10 @@ def print_breakdown(title: str, rows: dict) -> None:
     print(f"{title:58}{'wall us':>10}{'CPU us':>10}", file=sys.stderr)
     for name, v in rows.items():
         if "requests" in v:
-            print(f"  {name:56}{'':>10}{'%d / %d' % tuple(v['requests']):>10}", file=sys.stderr)
+            print(f"  {name:56}{'':>10}{'%g / %g' % tuple(v['requests']):>10}", file=sys.stderr)
+            continue
+        if "switches" in v:
+            print(f"  {name:56}{'':>10}  " + " / ".join("%g+%g" % tuple(x) for x in v["switches"]), file=sys.stderr)
             continue
         w = "" if v["wall_us"] is None else f"{v['wall_us']:.1f}"
         c = v["cpu_us"]

@@ -8,7 +8,9 @@ ciphertext, a replay of an earlier good request, an encrypted non-image, a reque
 model, an oversized body. Checks: the server never crashes (same host and enclave process at the
 end, /healthz ok), every good request gets exactly the plain model's top-1 answer, every bad one
 is refused with its status (400/409/422/404/413), and the server's error counters add up. Prints
-one JSON object as its last line and exits non-zero if any check fails.
+one JSON object as its last line (with the host's and the enclave's resident memory after deploy
+and at the end, "memory_mib"; each process's garbage collections per generation while the requests ran,
+count and mean duration, "garbage_collections") and exits non-zero if any check fails.
 """
 
 from __future__ import annotations
@@ -31,6 +33,21 @@ import torch
 BAD_KINDS = {"tampered": 400, "truncated": 400, "replayed": 409, "non_image": 422, "unknown_model": 404,
              "oversized": 413}
 MAX_REQUEST = 65536
+
+
+def _stages(url: str) -> dict:
+    return httpx.get(url + "/metrics", params={"format": "json", "stages": 1}, timeout=30).json()["stages"]
+
+
+def _memory(host_pid: int, enclave_pid: int) -> dict:
+    """Resident and peak resident memory (VmRSS, VmHWM, MiB) of the host and the enclave worker."""
+    out = {}
+    for side, pid in (("host", host_pid), ("enclave", enclave_pid)):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[f"{side}_{'rss' if key == 'VmRSS' else 'peak'}"] = round(int(value.split()[0]) / 1024, 1)
+    return out
 
 
 def main() -> None:
@@ -93,6 +110,8 @@ def main() -> None:
                 c.deploy(tmp / "bundle", key, owner, model_id="darknet")
                 policy = c.policy  # pins the deployed model
             host_pid, enclave_pid = srv.pid, srv.enclave_pid()
+            memory = {"after_deploy": _memory(host_pid, enclave_pid)}
+            stages0 = _stages(srv.url)
             owner_hex = owner.public_key().to_bytes().hex()
             counter = iter(range(args.requests))
 
@@ -157,6 +176,13 @@ def main() -> None:
             for t in threads:
                 t.join()
             dt = time.perf_counter() - t0
+            memory["end"] = _memory(host_pid, enclave_pid)
+            from enclaveml.timing import diff
+
+            stages = _stages(srv.url)
+            gc_stats = {f"{side}_{k}": {"n": v["n"], "mean_ms": round(v["wall_ns"] / v["n"] / 1e6, 3)}
+                        for side in ("host", "enclave") for k, v in diff(stages[side], stages0[side]).items()
+                        if k.startswith("gc_")}
             health = httpx.get(srv.url + "/healthz", timeout=10)
             alive = health.status_code == 200 and srv.proc.poll() is None
             same_processes = alive and srv.pid == host_pid and health.json()["enclave_pid"] == enclave_pid
@@ -171,6 +197,7 @@ def main() -> None:
         "bad": len(plan) - n_good, "bad_rejected": stats["bad_rejected"], "bad_not_rejected": len(accepted_bad),
         "bad_by_kind": {k: stats[f"bad_{k}"] for k in BAD_KINDS}, "server_errors_by_kind": server_errors,
         "server_alive": alive, "same_processes": same_processes,
+        "memory_mib": memory, "garbage_collections": gc_stats,
     }
     ok = (out["requests"] == args.requests and not wrong and not accepted_bad and alive and same_processes
           and sum(server_errors.values()) == out["bad"])

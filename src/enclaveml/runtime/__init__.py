@@ -8,6 +8,7 @@ Trust side by module (both: each side holds one end):
     rpc.py        both     `ChannelClient` (Futures; a reader thread or the host's event loop),
                            `serve_channel` (the worker's loop), ONE error <-> exception table
     errors.py     both     `ChannelError`, `ChannelClosed`
+    heap.py       both     garbage-collector settings of a serving process (freeze the startup heap)
     enclave/      enclave  `ops.py`: the op registry (name -> handler, argument ranges, inline);
                            `main.py`: the worker main (hardening first, backend, registry, loop)
     spawn.py      host     start a worker by fd, by socket path, or under Gramine (`WorkerSpec`)

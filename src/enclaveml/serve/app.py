@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import errors as E
+from ..runtime import heap
 from ..runtime.errors import ChannelError
 from ..runtime.rpc import RemoteError
 from .metrics import json_logger, log_event
@@ -76,6 +77,8 @@ class HostApp(FastAPI):
     lifespan) goes the usual way, through `ObserveMiddleware` and the router."""
 
     lean: "_LeanInfer | None" = None
+    #: {"s": the HostService} once the lifespan has started it.
+    service_state: "dict | None" = None
 
     async def __call__(self, scope, receive, send) -> None:
         lean = self.lean
@@ -102,6 +105,7 @@ def create_app(cfg: ServerConfig, service=HostService.open, lean_infer: bool = T
             await state["s"].close()
 
     app = HostApp(title="enclaveml host", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.service_state = state
 
     def S() -> HostService:
         return state["s"]
@@ -337,7 +341,9 @@ def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8080, torch_th
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it: no Nagle delays
     sock.bind((host, port))
     log = json_logger()
-    config = uvicorn.Config(create_app(cfg), log_config=None, access_log=False, lifespan="on",
+    heap.configure()  # runtime/heap.py: no collection of the startup heap in a request's path
+    app = create_app(cfg)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
 
@@ -345,6 +351,10 @@ def serve(cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8080, torch_th
 
     async def announce(sockets=None):
         await startup(sockets=sockets)
+        s = (app.service_state or {}).get("s")
+        if s is not None:
+            heap.observe(s.clock)  # collections timed as stages gc_gen0..2
+        heap.settle()
         log.info("listening", extra={"fields": {"host": host, "port": sock.getsockname()[1], "pid": os.getpid()}})
 
     server.startup = announce  # type: ignore[method-assign]

@@ -28,6 +28,7 @@ from ..protocol.identity import ModelRef, check_model_id
 from ..timing import StageClock, now, since
 from .batcher import BatcherClosed, pick_device
 from .placement import describe as describe_placement, enclave_finish_rows
+from ..runtime import heap
 from ..runtime.errors import ChannelError
 from ..runtime.handle import UNRESPONSIVE, Supervisor, replace
 from .metrics import BATCH_BUCKETS, Metrics, json_logger
@@ -321,6 +322,7 @@ class HostService:
                                      "owner": manifest.owner, "owner_fingerprint": owner}
         if old is not None:
             old.close()
+        heap.settle(again=True)  # the new pipeline's objects join the frozen heap (no-op unless `serve` tuned it)
 
     async def restore_all(self) -> None:
         """Bring back every stored deployment from its sealed record (after a start or a worker

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime import heap
 from ..runtime.enclave.main import WorkerApp, run_worker
 from ..runtime.enclave.ops import Hex, Int, Ints, OpRegistry, Str, Strs
 from ..runtime.rpc import error_fields
@@ -119,12 +120,15 @@ def register_ops(ops: OpRegistry, svc) -> OpRegistry:
     def deploy(call, model):
         files = {k: v for k, v in call.blobs.items() if k not in ("key_release", "sealed")}
         out = svc.deploy(model, call.blobs.get("key_release", b""), files)
+        heap.settle(again=True)  # the new deployment's objects join the frozen heap
         return {k: v for k, v in out.items() if k != "sealed"}, None, {"sealed": out["sealed"]}
 
     @ops.op("restore", model=_MODEL)
     def restore(call, model):
         files = {k: v for k, v in call.blobs.items() if k not in ("key_release", "sealed")}
-        return svc.restore(model, call.blobs.get("sealed", b""), files)
+        out = svc.restore(model, call.blobs.get("sealed", b""), files)
+        heap.settle(again=True)
+        return out
 
     @ops.op("identity", model=_MODEL)
     def identity(call, model):
@@ -154,6 +158,7 @@ def _build(backend, args, config):
 
     svc = EnclaveService(backend, replay_window_s=args.replay_window,
                          allowed_factories=config.get("allowed_factories", ()))
+    heap.observe(svc.clock)  # collections timed as stages gc_gen0..2 (the "stats" op)
     public_key = svc.public_key().hex()
     suites = sorted(svc.keys.accepted)
     return register_ops(OpRegistry(), svc), lambda: {"public_key": public_key, "suites": suites, "models": svc.models()}

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import heap
 from ..rpc import serve_channel
 from ..transport import worker_channel_from_argv
 from .ops import OpRegistry
@@ -80,11 +81,13 @@ def run_worker(app: WorkerApp, argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, args.torch_threads))
     measurement = backend.measurement()  # measured at launch, like a TEE
 
+    heap.configure()  # no collection of the startup heap in a request's path (runtime/heap.py)
     registry, app_info = app.build(backend, args, config)
     base = {"tee": args.tee, "measurement": measurement, "hardening": hardening}
     add_builtin_ops(registry, lambda: {**base, **app_info()})
     threads = max(1, args.threads)
     if app.max_threads is not None:
         threads = min(threads, app.max_threads)
+    heap.settle()
     serve_channel(channel, registry.handle, max_workers=threads, inline=registry.is_inline,
                   inline_when_idle=app.inline_when_idle)
