@@ -240,20 +240,8 @@ class _LeanInfer:
     async def serve(self, scope, receive, send, target: tuple[str, str]) -> None:
         t0 = time.perf_counter()
         rid = os.urandom(8).hex()
-        info = {"status": 500, "bytes_out": 0}
-        started = False
-
-        async def send_error(message):  # an error answer (JSONResponse): the request id header added
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                info["status"] = message["status"]
-                headers = list(message.get("headers", []))
-                for k, v in headers:
-                    if k == b"content-length":
-                        info["bytes_out"] = int(v)
-                message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
-            await send(message)
+        info = {"status": 500, "bytes_out": 0, "started": False}
+        send_error = _tagged(send, rid, info)  # an error answer (JSONResponse)
 
         try:
             declared = _header(scope, b"content-length")
@@ -264,17 +252,33 @@ class _LeanInfer:
                 await self.error_response("infer", e)(scope, receive, send_error)
                 return
             n = str(len(out)).encode()
-            started = True
-            info["status"], info["bytes_out"] = 200, len(out)
+            info["status"], info["bytes_out"], info["started"] = 200, len(out), True
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-length", n), self._HEADERS, (b"x-request-id", rid.encode())]})
             await send({"type": "http.response.body", "body": out})
         except Exception as e:
-            if not started:
+            if not info["started"]:
                 await self.error_response("infer", e)(scope, receive, send_error)
             raise
         finally:
             _observe(self.state, scope, t0, rid, info)
+
+
+def _tagged(send, rid: str, info: dict):
+    """`send` with the request id header added to the response's start, whose status, length and
+    sending it notes in `info` (for `_observe`)."""
+
+    async def tagged(message):
+        if message["type"] == "http.response.start":
+            info["status"], info["started"] = message["status"], True
+            headers = list(message.get("headers", []))
+            for k, v in headers:
+                if k == b"content-length":
+                    info["bytes_out"] = int(v)
+            message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
+        await send(message)
+
+    return tagged
 
 
 def _observe(state: dict, scope, t0: float, rid: str, info: dict) -> None:
@@ -311,20 +315,9 @@ class ObserveMiddleware:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         rid = os.urandom(8).hex()
-        info = {"status": 500, "bytes_out": 0}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                info["status"] = message["status"]
-                headers = list(message.get("headers", []))
-                for k, v in headers:
-                    if k == b"content-length":
-                        info["bytes_out"] = int(v)
-                message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
-            await send(message)
-
+        info = {"status": 500, "bytes_out": 0, "started": False}
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, _tagged(send, rid, info))
         finally:
             _observe(self.state, scope, t0, rid, info)
 
