@@ -26,6 +26,10 @@ class AssessConfig:
     decoder_lr: float = 4e-3
     decoder_width: int = 256  # channels x side at each level (Decoder's `base`): 8 at 32x32, 64 at 4x4
     decoder_ssim_weight: float = 0.05
+    # the decoders' forward (and so their backward) under bfloat16 autocast where the CPU has native
+    # bfloat16 (AVX512-BF16/AMX; else float32): ~0.7x the CPU time per step, SSIM per point within
+    # noise of float32 training on darknet (docs/benchmarks.md, asm3); weights, Adam and loss stay float32
+    decoder_bf16: bool = True
     # early stop: every `check_every` steps, validation MSE on held-out attacker images; after
     # `patience` checks without a `min_delta` relative improvement the final decay starts
     decoder_early_stop: bool = True
