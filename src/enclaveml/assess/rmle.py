@@ -64,8 +64,8 @@ def reconstruct(front: torch.nn.Module, pre, target: torch.Tensor, shape: tuple[
 
 
 def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Tensor], shape: tuple[int, ...],
-                       steps: int, lr: float, tv: float, window: int = 0, min_delta: float = 0.01
-                       ) -> dict[int, tuple[torch.Tensor, int]]:
+                       steps: int, lr: float, tv: float, window: int = 0, min_delta: float = 0.01,
+                       bf16: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
     """`reconstruct` for every point k of `targets` (IR_k of the same images) at once, through
     `model.run(x, start, stop)`: {k: (images, steps taken)}.
 
@@ -87,9 +87,10 @@ def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Ten
         x = torch.sigmoid(z)
         h, at, row, total, finished = pre.normalise(x), 0, 0, 0.0, []
         for k in active:
-            h = model.run(h, at, k)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                h = model.run(h, at, k)
             at, n = k, rows[k]
-            out, h = h[:n], h[n:]
+            out, h = h[:n].float(), h[n:]
             fit = (out - targets[k]).flatten(1).pow(2).mean(1) / scale[k]
             loss = (fit + tv * total_variation(x[row:row + n])).sum()
             history[k].append(float(loss.detach()))
