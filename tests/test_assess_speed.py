@@ -241,6 +241,14 @@ def test_batched_rmle_is_each_points_own_search():
         assert early[k][1] == steps[k] and diff < 1e-2, (k, early[k][1], steps[k], diff)  # Adam amplifies rounding
     assert len(set(steps.values())) > 1 and min(steps.values()) < 40, steps  # they left at different steps
     assert point_groups([1, 2, 3], 8, 224 * 224) == [[1, 2], [3]] and point_groups([1, 2], 8, 1024) == [[1, 2]]
+    # bfloat16 passes: other arithmetic (not the float32 images), the same search (as close a fit)
+    low = reconstruct_points(fast, pre, targets, m.input_shape, 12, 0.05, 0.02, bf16=True)
+    with torch.no_grad():
+        for k, t in targets.items():
+            fit = {name: float((m.split(k)[0](pre.normalise(r[k][0])) - t).pow(2).mean() / t.pow(2).mean())
+                   for name, r in (("float32", together), ("bfloat16", low))}
+            assert not torch.equal(low[k][0], together[k][0]) and low[k][1] == 12, k
+            assert fit["bfloat16"] < 1.1 * fit["float32"] + 1e-4, (k, fit)
 
 
 def _toy_oracle(noise: float):

@@ -44,6 +44,10 @@ class AssessConfig:
     rmle_early_stop: bool = True  # stop once the objective improves < rmle_min_delta over rmle_window steps
     rmle_window: int = 30
     rmle_min_delta: float = 0.01
+    # the staircase's FrontNet passes under bfloat16 autocast where the CPU has native bfloat16 (the
+    # objective, TV prior and Adam in float32): 0.67x the CPU time, SSIM per point within 0.011 of
+    # float32 on darknet (docs/benchmarks.md, asm3); the per-point fallback search stays float32
+    rmle_bf16: bool = True
     # KL test and cost
     # oracle pass sizes, one thread each: bfloat16 passes of 256 and float32 passes of 128 images beat
     # 512 by ~10% and ~15% on darknet (activations closer to the caches; docs/benchmarks.md, asm2)
