@@ -21,6 +21,7 @@ class AssessConfig:
     decoder_train: int = 4000
     # 200 steps of a width-256 decoder on MSE + 0.05 (1 - SSIM), peak lr 4e-3: as strong as 400 steps of
     # width 512 on MSE alone at lr 2e-3 (darknet, docs/benchmarks.md), for about a quarter of the work
+    # (150 steps: 0.006-0.025 weaker at every darknet point, measured again by asm3: not the default)
     decoder_steps: int = 200
     decoder_batch: int = 32
     decoder_lr: float = 4e-3
