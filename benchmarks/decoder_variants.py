@@ -36,18 +36,11 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ssim-weight", type=float, default=0.05)
-    ap.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
+    ap.add_argument("--bf16", action="store_true", help="decoder forward under bfloat16 autocast (loss, weights, Adam in float32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", type=Path, default=DATA)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.bf16:
-        plain = dt.DecoderRun.train_on
-
-        def train_on(self, ir, x, batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return plain(self, ir, x, batch)
-        dt.DecoderRun.train_on = train_on
     m = zoo.load("darknet").eval().to(memory_format=torch.channels_last)
     pre = replace(zoo.entry("darknet").preprocessing, resize=False)
     d = load_assess_data(a.data, pre, 64, 4000, 0)
@@ -57,13 +50,14 @@ def main() -> None:
     shapes = {k: tuple(v.shape[1:]) for k, v in irs_test.items()}
     t0, c0 = time.perf_counter(), time.process_time()
     res = dt.train_decoders(lambda idx, upto: fwd(pre.normalise(x_train[idx]), upto=upto)[0], x_train, shapes,
-                            a.steps, a.batch, a.lr, 0, workers=a.threads, width=a.width, ssim_weight=a.ssim_weight)
+                            a.steps, a.batch, a.lr, 0, workers=a.threads, width=a.width, ssim_weight=a.ssim_weight,
+                            bf16=a.bf16)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     points = {}
     for k, dec in res.decoders.items():
         with torch.no_grad():
             y = dec(irs_test[k]).float()
-        points[k] = (round(float(ssim(y, x_test).mean()), 3), res.info[k]["steps"])
+        points[k] = (round(float(ssim(y, x_test).mean()), 4), res.info[k]["steps"])
     print(json.dumps({"variant": a.name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                       "load": [round(v, 2) for v in os.getloadavg()], "points": points}), flush=True)
 

@@ -149,6 +149,32 @@ def test_early_stop_stops_a_decoder_with_nothing_to_learn():
     assert res.info[1]["val_mse"] < 0.5 * res.info[2]["val_mse"]
 
 
+def test_bfloat16_decoder_training_keeps_float32_state_and_learns_as_well():
+    """bfloat16 autocast changes the arithmetic of the decoder's convolutions (the result differs from
+    float32 training), not what it learns: the same validation MSE within a few percent, float32
+    weights and Adam moments, a finite loss from the first step."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(120, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(base, size=(8, 8), mode="bilinear", align_corners=False)
+    source = lambda idx, upto: {1: x[idx] * 2 - 1}  # noqa: E731  (IR: the image, affinely mapped)
+    kw = dict(steps=40, batch=16, lr=4e-3, seed=0, early_stop=False, width=64, ssim_weight=0.05)
+    f32 = train_decoders(source, x, {1: (3, 8, 8)}, **kw)
+    b16 = train_decoders(source, x, {1: (3, 8, 8)}, bf16=True, **kw)
+    assert f32.info[1]["precision"] == "float32" and b16.info[1]["precision"] == "bfloat16 autocast"
+    pf, pb = list(f32.decoders[1].parameters()), list(b16.decoders[1].parameters())
+    assert all(p.dtype == torch.float32 for p in pb)
+    assert not all(torch.equal(p, q) for p, q in zip(pf, pb))  # bfloat16 really ran
+    mf, mb = f32.info[1]["val_mse"], b16.info[1]["val_mse"]
+    assert torch.isfinite(torch.tensor(mb)) and abs(mb - mf) < 0.1 * mf + 1e-4, (mf, mb)
+    dec = train_decoders(source, x, {1: (3, 8, 8)}, **{**kw, "steps": 1}).decoders[1]
+    with torch.no_grad():  # one decoder's output in both precisions: equal to bfloat16 rounding
+        ir = source(torch.arange(16), 1)[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = dec(ir)
+        y32 = dec(ir)
+    assert y16.dtype == torch.bfloat16 and 0 < float((y16.float() - y32).abs().max()) < 0.02
+
+
 def test_the_oracle_copy_is_the_same_function_and_leaves_the_model_alone():
     from enclaveml.assess.inference import folded
 
@@ -215,6 +241,14 @@ def test_batched_rmle_is_each_points_own_search():
         assert early[k][1] == steps[k] and diff < 1e-2, (k, early[k][1], steps[k], diff)  # Adam amplifies rounding
     assert len(set(steps.values())) > 1 and min(steps.values()) < 40, steps  # they left at different steps
     assert point_groups([1, 2, 3], 8, 224 * 224) == [[1, 2], [3]] and point_groups([1, 2], 8, 1024) == [[1, 2]]
+    # bfloat16 passes: other arithmetic (not the float32 images), the same search (as close a fit)
+    low = reconstruct_points(fast, pre, targets, m.input_shape, 12, 0.05, 0.02, bf16=True)
+    with torch.no_grad():
+        for k, t in targets.items():
+            fit = {name: float((m.split(k)[0](pre.normalise(r[k][0])) - t).pow(2).mean() / t.pow(2).mean())
+                   for name, r in (("float32", together), ("bfloat16", low))}
+            assert not torch.equal(low[k][0], together[k][0]) and low[k][1] == 12, k
+            assert fit["bfloat16"] < 1.1 * fit["float32"] + 1e-4, (k, fit)
 
 
 def _toy_oracle(noise: float):

@@ -21,11 +21,16 @@ class AssessConfig:
     decoder_train: int = 4000
     # 200 steps of a width-256 decoder on MSE + 0.05 (1 - SSIM), peak lr 4e-3: as strong as 400 steps of
     # width 512 on MSE alone at lr 2e-3 (darknet, docs/benchmarks.md), for about a quarter of the work
+    # (150 steps: 0.006-0.025 weaker at every darknet point, measured again by asm3: not the default)
     decoder_steps: int = 200
     decoder_batch: int = 32
     decoder_lr: float = 4e-3
     decoder_width: int = 256  # channels x side at each level (Decoder's `base`): 8 at 32x32, 64 at 4x4
     decoder_ssim_weight: float = 0.05
+    # the decoders' forward (and so their backward) under bfloat16 autocast where the CPU has native
+    # bfloat16 (AVX512-BF16/AMX; else float32): ~0.7x the CPU time per step, SSIM per point within
+    # noise of float32 training on darknet (docs/benchmarks.md, asm3); weights, Adam and loss stay float32
+    decoder_bf16: bool = True
     # early stop: every `check_every` steps, validation MSE on held-out attacker images; after
     # `patience` checks without a `min_delta` relative improvement the final decay starts
     decoder_early_stop: bool = True
@@ -40,6 +45,10 @@ class AssessConfig:
     rmle_early_stop: bool = True  # stop once the objective improves < rmle_min_delta over rmle_window steps
     rmle_window: int = 30
     rmle_min_delta: float = 0.01
+    # the staircase's FrontNet passes under bfloat16 autocast where the CPU has native bfloat16 (the
+    # objective, TV prior and Adam in float32): 0.67x the CPU time, SSIM per point within 0.011 of
+    # float32 on darknet (docs/benchmarks.md, asm3); the per-point fallback search stays float32
+    rmle_bf16: bool = True
     # KL test and cost
     # oracle pass sizes, one thread each: bfloat16 passes of 256 and float32 passes of 128 images beat
     # 512 by ~10% and ~15% on darknet (activations closer to the caches; docs/benchmarks.md, asm2);

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .threads import single_threaded
+
 
 def _nbytes(t) -> int:
     if isinstance(t, torch.Tensor):
@@ -73,12 +75,19 @@ def latency_ms(front: nn.Module, input_shape: tuple[int, ...], repeats: int = 10
 
 
 def frontnet_cost(front: nn.Module, input_shape: tuple[int, ...], budget_bytes: int, repeats: int = 10) -> dict:
-    """The `cost` record of one point in assessment.json."""
-    act = peak_activation_bytes(front, input_shape)
+    """The `cost` record of one point in assessment.json.
+
+    The FLOP count and the activation bytes are counts, the same on any thread count: their passes run
+    on one thread (on a busy machine two OpenMP threads on a batch-1 pass mostly spin). The latency is
+    measured on the run's own thread count, as before.
+    """
+    with single_threaded():
+        act = peak_activation_bytes(front, input_shape)
+        n_flops = flops(front, input_shape)
     wb = weight_bytes(front)
     return {
         "params": param_count(front),
-        "flops": flops(front, input_shape),
+        "flops": n_flops,
         "activation_bytes": act,
         "weight_bytes": wb,
         "enclave_bytes": act + wb,

@@ -16,6 +16,7 @@ import torch
 from .affine import AffineCopy, affine_copies
 from .decoder_net import Decoder
 from .decoder_training import train_decoders
+from .kl_screen import bf16_is_fast
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import psnr, ssim
 
@@ -32,11 +33,12 @@ class DecoderInversion(LeakageTest):
 
     def _train(self, ctx: AssessContext, source, shapes: dict[int, tuple[int, ...]]) -> None:
         cfg = self.config
+        self._bf16 = cfg.decoder_bf16 and bf16_is_fast()  # emulated bfloat16 would be slower, not faster
         res = train_decoders(source, ctx.x_train, shapes, cfg.decoder_steps, cfg.decoder_batch, cfg.decoder_lr,
                              cfg.seed, early_stop=cfg.decoder_early_stop, check_every=cfg.decoder_check_every,
                              patience=cfg.decoder_patience, min_delta=cfg.decoder_min_delta,
                              workers=max(1, torch.get_num_threads()), width=cfg.decoder_width,
-                             ssim_weight=cfg.decoder_ssim_weight)
+                             ssim_weight=cfg.decoder_ssim_weight, bf16=self._bf16)
         for k, dec in res.decoders.items():
             self._trained[k] = (dec, res.info[k])
 
@@ -72,7 +74,7 @@ class DecoderInversion(LeakageTest):
         summary = {"ssim": float(s.mean()), "psnr": float(p.mean()), "ssim_min": float(s.min()),
                    "ssim_max": float(s.max()), "samples": int(s.numel()), "train_images": int(ctx.x_train.shape[0]),
                    "steps": info["steps"], "step_budget": info["budget"], "stopped_early": info["stopped_early"],
-                   "val_mse": info["val_mse"]}
+                   "val_mse": info["val_mse"], "precision": info["precision"]}
         if copy is not None and k == copy.source:
             summary["decoder_of"] = k  # this point's IR is an affine copy of point k's
         if not math.isfinite(summary["ssim"]):

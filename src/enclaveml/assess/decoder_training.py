@@ -13,7 +13,11 @@ Why it is faster without being weaker:
   validation split of the attacker's images; when its validation MSE stops improving (a plateau),
   the final decay starts at once instead of at the step budget. A decoder that plateaus early
   (deep points, which learn only a blurry average) stops early; one that keeps improving trains
-  to the budget. The decay phase gives the same final-annealing gain a one-cycle schedule does.
+  to the budget. The decay phase gives the same final-annealing gain a one-cycle schedule does;
+* with `bf16`, each decoder's forward runs under bfloat16 autocast (its convolutions and their
+  backward in bfloat16 on a CPU with native bfloat16), while the weights, Adam's state, the loss
+  and the SSIM term's moments stay float32: ~0.7x the CPU time of a step, the same SSIM within
+  noise on darknet (docs/benchmarks.md, asm3).
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ class DecoderRun:
     val_losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
     seconds: float = 0.0  # wall time of the last chunk's steps: the slowest go to the cores first
-
+    bf16: bool = False  # the decoder's forward under bfloat16 autocast; weights, Adam state and loss in float32
 
     @property
     def active(self) -> bool:
@@ -144,7 +148,9 @@ class DecoderRun:
                 return
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr * self.schedule.factor(self.steps)
-            y, target = self.decoder(ir[i:i + batch]), x[i:i + batch]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                y = self.decoder(ir[i:i + batch])
+            y, target = y.float(), x[i:i + batch]
             loss = F.mse_loss(y, target)
             if self.ssim_weight:
                 tm = moments[b] if moments is not None else None
@@ -185,7 +191,7 @@ def split_validation(m: int, gen: torch.Generator, max_val: int = 256) -> tuple[
 def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tuple[int, ...]], steps: int,
                    batch: int, lr: float, seed: int, early_stop: bool = True, check_every: int = 24,
                    patience: int = 2, min_delta: float = 0.01, workers: int = 1, chunk: int = 256,
-                   width: int = 512, ssim_weight: float = 0.0) -> TrainingResult:
+                   width: int = 512, ssim_weight: float = 0.0, bf16: bool = False) -> TrainingResult:
     """Fit one decoder IR_k -> pixels per point k in `shapes`, all on the same shared batches."""
     if steps < 1 or batch < 1:
         raise ValueError(f"decoder training needs steps >= 1 and batch >= 1 (got {steps}, {batch})")
@@ -220,7 +226,7 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
                           ).to(memory_format=torch.channels_last)
             # fused Adam: one kernel per parameter instead of a dozen small ops (same update rule)
             runs[k] = DecoderRun(k, dec, torch.optim.Adam(dec.parameters(), lr=lr, fused=True), WSDSchedule(steps),
-                                 Plateau(patience, min_delta), lr, ssim_weight)
+                                 Plateau(patience, min_delta), lr, ssim_weight, bf16=bf16)
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         chunks = 0
         try:
@@ -261,6 +267,7 @@ def train_decoders(source: IRSource, x_train: torch.Tensor, shapes: dict[int, tu
         for k, r in runs.items():
             r.decoder.eval()
             info[k] = {"steps": r.steps, "budget": steps, "stopped_early": r.stopped_early,
+                       "precision": "bfloat16 autocast" if bf16 else "float32",
                        "val_mse": r.validate(ir_val[k], x_val) if has_val else None,
                        "val_curve": r.val_losses[:-1] if has_val else []}
     return TrainingResult({k: r.decoder.eval() for k, r in runs.items()}, info, chunks)

@@ -13,7 +13,8 @@ its own depth (a staircase). The work is the same as one search per point; the b
 larger. The points are split in one set per core of equal FrontNet cost (`balanced_sets`), each set
 one staircase search on one thread, side by side (assess/threads.py). Each point keeps its own
 objective, Adam moments and stopping rule, so the searches do not interact: how the points are
-grouped changes nothing but float rounding.
+grouped changes nothing but float rounding. With `bf16` the staircase's passes run under bfloat16
+autocast (the objective, the prior and Adam stay float32): 0.67x the CPU time on darknet.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from .affine import affine_copies
 from .inference import folded
+from .kl_screen import bf16_is_fast
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import psnr, ssim
 from .threads import side_by_side
@@ -64,8 +66,8 @@ def reconstruct(front: torch.nn.Module, pre, target: torch.Tensor, shape: tuple[
 
 
 def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Tensor], shape: tuple[int, ...],
-                       steps: int, lr: float, tv: float, window: int = 0, min_delta: float = 0.01
-                       ) -> dict[int, tuple[torch.Tensor, int]]:
+                       steps: int, lr: float, tv: float, window: int = 0, min_delta: float = 0.01,
+                       bf16: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
     """`reconstruct` for every point k of `targets` (IR_k of the same images) at once, through
     `model.run(x, start, stop)`: {k: (images, steps taken)}.
 
@@ -87,9 +89,10 @@ def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Ten
         x = torch.sigmoid(z)
         h, at, row, total, finished = pre.normalise(x), 0, 0, 0.0, []
         for k in active:
-            h = model.run(h, at, k)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                h = model.run(h, at, k)
             at, n = k, rows[k]
-            out, h = h[:n], h[n:]
+            out, h = h[:n].float(), h[n:]
             fit = (out - targets[k]).flatten(1).pow(2).mean(1) / scale[k]
             loss = (fit + tv * total_variation(x[row:row + n])).sum()
             history[k].append(float(loss.detach()))
@@ -170,6 +173,7 @@ class RMLEInversion(LeakageTest):
         super().__init__(config)
         self._done: dict[int, tuple[torch.Tensor, int]] = {}
         self._copies: dict[int, int] = {}  # point -> the earlier point whose search serves it (assess/affine.py)
+        self._precision = "float32"  # of the staircase searches
 
     def prepare(self, ctx: AssessContext, points: list[PointData]) -> None:
         """Search for every point's images together (one staircase batch), when the model can run
@@ -191,12 +195,15 @@ class RMLEInversion(LeakageTest):
         sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), workers) if workers > 1 and len(targets) > 1 \
             else [sorted(targets)]
 
+        bf16 = cfg.rmle_bf16 and bf16_is_fast()  # emulated bfloat16 would be slower, not faster
+        self._precision = "bfloat16 autocast" if bf16 else "float32"
+
         def search(ks: list[int]) -> dict[int, tuple[torch.Tensor, int]]:
             found: dict[int, tuple[torch.Tensor, int]] = {}
             for group in point_groups(ks, n, shape[-1] * shape[-2]):
                 found.update(reconstruct_points(
                     fast, ctx.pre, {k: targets[k] for k in group}, shape, cfg.rmle_steps, cfg.rmle_lr, cfg.rmle_tv,
-                    cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta))
+                    cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta, bf16=bf16))
             return found
 
         for found in side_by_side(search, sets):
@@ -217,7 +224,8 @@ class RMLEInversion(LeakageTest):
                                        cfg.rmle_min_delta)
         s, p = ssim(recon, x), psnr(recon, x)
         summary = {"ssim": float(s.mean()), "psnr": float(p.mean()), "ssim_min": float(s.min()),
-                   "ssim_max": float(s.max()), "samples": n, "steps": steps, "step_budget": cfg.rmle_steps}
+                   "ssim_max": float(s.max()), "samples": n, "steps": steps, "step_budget": cfg.rmle_steps,
+                   "precision": self._precision if k in self._done else "float32"}
         if k != pt.point.index:
             summary["search_of"] = k  # this point's IR is an affine copy of point k's: the same search
         return LeakageResult(summary, {"reconstructions": recon[: cfg.report_images]})
