@@ -25,6 +25,16 @@ def cifar10_dir() -> Path:
     return CIFAR10
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test of small tensors (attacks on tiny models, small L-BFGS
+    problems): on a shared 2-core machine two threads only contend, up to 50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep decoded-data caches and sim platform keys out of the user's home during tests."""

@@ -17,13 +17,7 @@ from enclaveml.assess.leakage import AssessContext, PointData
 from enclaveml.models import zoo
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine, two threads spin against each other (~4x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: why one thread
 
 
 def _darknet(require_trained: bool):

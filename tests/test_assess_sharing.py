@@ -21,12 +21,7 @@ from enclaveml.data.preprocess import Preprocessing
 from enclaveml.models.layers import LayeredModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: why one thread
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

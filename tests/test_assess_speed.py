@@ -16,13 +16,7 @@ from enclaveml.models import zoo
 from enclaveml.models.layers import LayeredModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny tensors on a shared 2-core machine lose to thread synchronisation."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: why one thread
 
 
 def _darknet():

@@ -17,13 +17,7 @@ from enclaveml.errors import ReplayedMessage, TamperedMessage, Unauthorized
 from enclaveml.train import audit as A
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small L-BFGS problems: threads only contend (a loaded 2-core machine made them 50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: why one thread
 
 
 def _synthetic(n_per=400, parts=4, flip=0.2, noise=2.0, seed=0, bad=(3,)):
