@@ -197,28 +197,18 @@ def service_throughput(clients: list, model_id: str, images: list[bytes], labels
     chunks = [list(range(i, min(i + batch, len(images)))) for i in range(0, len(images), batch)]
     preds: dict[int, int] = {}
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
     def run(ci: int) -> None:
-        try:
-            for k in range(ci, len(chunks), len(clients)):
-                idx = chunks[k]
-                res = clients[ci].infer([images[i] for i in idx], model=model_id, top_k=1)
-                with lock:
-                    for i, r in zip(idx, res):
-                        preds[i] = r["top"][0]["index"]
-        except BaseException as e:  # reported below
-            errors.append(e)
+        for k in range(ci, len(chunks), len(clients)):
+            idx = chunks[k]
+            res = clients[ci].infer([images[i] for i in idx], model=model_id, top_k=1)
+            with lock:
+                for i, r in zip(idx, res):
+                    preds[i] = r["top"][0]["index"]
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    dt = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
+    from loadgen import run_threads
+
+    dt = run_threads(run, len(clients))
     return dt, sum(int(preds[i] == labels[i]) for i in range(len(images)))
 
 

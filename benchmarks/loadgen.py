@@ -103,6 +103,29 @@ class _Conn:
         self.sock.close()
 
 
+def run_threads(work, n: int) -> float:
+    """Run `work(0)` .. `work(n - 1)` on n threads at once -> wall seconds from the first start to
+    the last end; the first worker's exception is raised once all have ended."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as e:  # raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return dt
+
+
 class LoadGenerator:
     """`connections` keep-alive connections to `url`, each sending its share of the requests
     back to back (as many requests in flight as connections, like that many SDK clients). The
@@ -121,28 +144,16 @@ class LoadGenerator:
         self.close()
         self.conns = [_Conn(*self.addr) for _ in range(self.n)]
         answers: list = [None] * len(sealed)
-        errors: list[BaseException] = []
         n = len(self.conns)
 
         def work(ci: int) -> None:
-            try:
-                for k in range(ci, len(sealed), n):
-                    status, body = self.conns[ci].post(sealed[k].path, sealed[k].body)
-                    if status != 200:
-                        raise ConnectionError(f"request {k}: HTTP {status}: {body[:200]!r}")
-                    answers[k] = body
-            except BaseException as e:  # reported below
-                errors.append(e)
+            for k in range(ci, len(sealed), n):
+                status, body = self.conns[ci].post(sealed[k].path, sealed[k].body)
+                if status != 200:
+                    raise ConnectionError(f"request {k}: HTTP {status}: {body[:200]!r}")
+                answers[k] = body
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        dt = time.perf_counter() - t0
-        if errors:
-            raise errors[0]
+        dt = run_threads(work, n)
         return dt, answers
 
     def close(self) -> None:
