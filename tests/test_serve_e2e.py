@@ -176,8 +176,11 @@ def test_request_for_another_model_cannot_be_redirected(served):
 
 
 def test_replayed_request_is_rejected(served):
+    """A host resending a lone request: on a CPU host it takes the one-round-trip path (the
+    enclave runs the BackNet), and the enclave's replay guard refuses it there too."""
     s = served
     before = _errors(s, "ReplayedMessage")
+    stages = _stages(s)
     msg, ctx = _raw_request(s, s.images[2][1])
     r1 = _post(s, msg)
     assert r1.status_code == 200
@@ -185,6 +188,8 @@ def test_replayed_request_is_rejected(served):
     r2 = _post(s, msg)
     assert r2.status_code == 409 and r2.json()["error"] == "ReplayedMessage"
     assert _errors(s, "ReplayedMessage") == before + 1
+    one_op = 0 if torch.cuda.is_available() else 1  # the first one only: the replay is refused before any pass
+    assert _count(_stages(s), "enclave", "backnet") - _count(stages, "enclave", "backnet") == one_op
     _good(s)
 
 

@@ -15,9 +15,11 @@ import torch
 
 from enclaveml import errors as E
 from enclaveml.client import EnclaveClient
-from enclaveml.crypto import SigningKey
+from enclaveml.crypto import SigningKey, frame_fresh
 from enclaveml.models import zoo
 from enclaveml.models.bundle import make_bundle
+from enclaveml.protocol import ModelPin, ModelRef, Target
+from enclaveml.protocol import infer as protocol
 from enclaveml.serve.launcher import ServerProcess, local_sim_policy, server_env, snapshot_package
 from enclaveml.serve.store import SEALED_DEPLOYMENT
 
@@ -56,10 +58,20 @@ def test_killed_worker_is_restarted_and_server_restart_restores(tmp_path: Path, 
             c.deploy(tmp_path / "bundle", key, owner, model_id="m")
             policy = c.policy  # now pins the owner's model "m" (what a client's policy file would hold)
             assert [r["top"][0]["index"] for r in c.infer(images, model="m")] == want
+            # A lone request the host recorded (answered, so the old enclave's replay guard holds it).
+            ref = ModelRef(owner.public_key().to_bytes().hex(), "m")
+            recorded, _, _ = protocol.seal_infer(c.attested().public_key, Target(ref, ModelPin(ref.owner)),
+                                                 frame_fresh(protocol.encode_payload(images[0], 1)))
+            url = f"{srv.url}/v1/models/{ref}/infer"
+            assert httpx.post(url, content=recorded, timeout=60).status_code == 200
             old_pid = srv.enclave_pid()
             os.kill(old_pid, signal.SIGKILL)
             body = _wait_for_new_enclave(srv, old_pid)
             assert body["models"] == [f"{owner.public_key().to_bytes().hex()}/m"]
+            # A host that restarts the enclave to empty its replay guard, then resends the recorded
+            # request: the new enclave's key cannot open it, so it is refused, not answered again.
+            r = httpx.post(url, content=recorded, timeout=60)
+            assert r.status_code == 400 and r.json()["error"] == "TamperedMessage"
             # The new enclave has a new key: the client's old attestation fails closed once ...
             with pytest.raises(E.TamperedMessage):
                 c.infer(images, model="m")

@@ -139,7 +139,7 @@ class EnclaveClient:
         self.url = url.rstrip("/")
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.http = http or httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(socket_options=NODELAY))
-        #: Inference POSTs through stdlib http.client (client/keepalive.py) when this client owns
+        #: Inference POSTs through a kept-alive socket framed by h11 (client/keepalive.py) when this client owns
         #: its HTTP client and the URL is plain HTTP with no proxy; else None (all through httpx).
         self._posts = KeepAlivePost(self.url, timeout) if http is None and usable_for(self.url) else None
         self.reattest_s = reattest_s
