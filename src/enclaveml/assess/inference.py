@@ -6,8 +6,10 @@ before it: the same function, one pass over the activations less, about 1.25x fa
 darknet. The fold traces the model with torch.fx, every convolution a leaf, including subclasses
 of `nn.Conv2d` (TensorFlow-style "same" padding convolutions, as EfficientNet ports and timm
 write them: torch.fx's own `fuse` matches exact types only and folds none of them); such a
-convolution whose padding is a symmetric zero pad becomes a plain `nn.Conv2d` with that padding
-(one copy of the activations less). Outputs agree with the original to float rounding (checked on
+convolution whose padding is a zero pad becomes a plain `nn.Conv2d` with that padding (one copy of
+the activations less; an asymmetric "same" pad at stride 2 becomes the larger symmetric one with
+zero kernel taps, the same windows: 5 of EfficientNet-Lite0's 49 convolutions, whose pad copies were
+10% of an oracle pass). Outputs agree with the original to float rounding (checked on
 every copy; a model that fx cannot trace, or whose copy disagrees, is used as it is). The IRs the
 tests measure always come from the real FrontNet, never from a copy.
 """
@@ -80,9 +82,9 @@ def fold_batch_norm(model: nn.Module) -> fx.GraphModule:
 
 
 def plain_padding_convs(model: nn.Module) -> int:
-    """Replace (in place) each `nn.Conv2d` subclass that zero-pads symmetrically before an unpadded
-    convolution by a plain `nn.Conv2d` with that padding, when the two agree on a random input; the
-    number replaced."""
+    """Replace (in place) each `nn.Conv2d` subclass that zero-pads before an unpadded convolution by a
+    plain `nn.Conv2d` with that padding (an asymmetric pad: the larger one on both sides, with zero
+    kernel taps where it adds rows), when the two agree on a random input; the number replaced."""
     replaced = 0
     for name, m in list(model.named_modules()):
         if type(m) is nn.Conv2d or not isinstance(m, nn.Conv2d) or tuple(m.padding) != (0, 0) \
@@ -91,16 +93,20 @@ def plain_padding_convs(model: nn.Module) -> int:
         pads = [c for c in m.children() if isinstance(c, nn.ZeroPad2d)]
         if len(pads) > 1:
             continue
-        pad = (0, 0)
-        if pads:
-            left, right, top, bottom = pads[0].padding
-            if left != right or top != bottom:
-                continue  # asymmetric ("same" with stride 2): the subclass stays
-            pad = (top, left)
-        plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, pad, m.dilation, m.groups,
-                          bias=m.bias is not None).to(m.weight.dtype)
+        left, right, top, bottom = pads[0].padding if pads else (0, 0, 0, 0)
+        if min(left, right, top, bottom) < 0 or (tuple(m.dilation) != (1, 1) and (left != right or top != bottom)):
+            continue
+        # an asymmetric pad ("same" at stride 2: one more row and column after than before) becomes the
+        # larger symmetric pad with zero taps added to the kernel where the extra rows fall: the same
+        # windows over the same values, no padded copy of the activation
+        ph, pw = max(top, bottom), max(left, right)
+        kh, kw = m.kernel_size
+        weight = m.weight.new_zeros(*m.weight.shape[:2], kh + 2 * ph - top - bottom, kw + 2 * pw - left - right)
+        weight[..., ph - top:ph - top + kh, pw - left:pw - left + kw] = m.weight.detach()
+        plain = nn.Conv2d(m.in_channels, m.out_channels, tuple(weight.shape[-2:]), m.stride, (ph, pw), m.dilation,
+                          m.groups, bias=m.bias is not None).to(m.weight.dtype)
         with torch.no_grad():
-            plain.weight.copy_(m.weight)
+            plain.weight.copy_(weight)
             if m.bias is not None:
                 plain.bias.copy_(m.bias)
         plain.weight.requires_grad_(m.weight.requires_grad)
@@ -108,7 +114,7 @@ def plain_padding_convs(model: nn.Module) -> int:
         x = torch.randn(2, m.in_channels, side, side + 1, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref, out = m(x), plain(x)
-        if ref.shape != out.shape or not torch.allclose(ref, out, rtol=1e-4, atol=1e-5):
+        if ref.shape != out.shape or float((ref - out).abs().max()) > 1e-5 * float(ref.abs().max().clamp_min(1.0)):
             continue
         _set_module(model, name, plain)
         replaced += 1

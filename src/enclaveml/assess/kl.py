@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .confidence import kl_confidence
+from .fused import fused_oracle
 from .kl_screen import Answers, bf16_is_fast, channel_kl, normalised_maps, to_images
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import kl_divergence, kl_to_uniform
@@ -53,11 +54,13 @@ def channel_images(ir: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def oracle_probs(ctx: AssessContext, grey: torch.Tensor, low_precision: bool = False) -> torch.Tensor:
-    """Softmax of the whole model on grey [0, 1] images (n, 1, H, W), in bfloat16 when asked."""
+def oracle_probs(ctx: AssessContext, grey: torch.Tensor, low_precision: bool = False,
+                 oracle: torch.nn.Module | None = None) -> torch.Tensor:
+    """Softmax of the whole model (`oracle`, else the context's) on grey [0, 1] images (n, 1, H, W),
+    in bfloat16 when asked."""
     x = ctx.pre.normalise(grey.expand(-1, 3, -1, -1))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
-        logits = (ctx.oracle or ctx.model)(x)
+        logits = (oracle or ctx.oracle or ctx.model)(x)
     return torch.softmax(logits.float(), dim=-1)
 
 
@@ -70,6 +73,15 @@ class KLTest(LeakageTest):
         super().__init__(config)
         self._previous: tuple[AssessContext, Answers] | None = None  # the last point's oracle answers
         self._screen_pays = True  # false once the bfloat16 screen sent most images to float32 anyway
+        self._fused: tuple[AssessContext, torch.nn.Module] | None = None  # the oracle with fused convolutions
+
+    def _oracle(self, ctx: AssessContext) -> torch.nn.Module:
+        """The context's oracle with each convolution's activation or residual add fused in (assess/fused.py):
+        the same answers, ~0.77x the CPU time on EfficientNet-Lite0; built once per context."""
+        if self._fused is None or self._fused[0] is not ctx:
+            base = ctx.oracle or ctx.model
+            self._fused = (ctx, fused_oracle(base, tuple(ctx.x_test.shape[1:])))
+        return self._fused[1]
 
     @torch.no_grad()
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
@@ -77,13 +89,14 @@ class KLTest(LeakageTest):
         ir = pt.ir_test
         n, c = ir.shape[0], ir.shape[1]
         p = ctx.probs_test  # (n, K)
-        blank_q = oracle_probs(ctx, torch.zeros(1, 1, *size))[0]
+        oracle = self._oracle(ctx)
+        blank_q = oracle_probs(ctx, torch.zeros(1, 1, *size), oracle=oracle)[0]
         screen = self.config.kl_screen and bf16_is_fast() and self._screen_pays
         previous = self._previous[1] if self._previous is not None and self._previous[0] is ctx else None
         # large inputs: fewer images per batch (512 at 224x224 would take 2.5 GB for one activation)
         batch = max(1, min(self.config.kl_batch, self.config.kl_batch_pixels // (size[0] * size[1])))
         kl_all, ctl_all, how, answers = channel_kl(
-            lambda g, low: oracle_probs(ctx, g, low), ir, p, blank_q, size, batch, screen,
+            lambda g, low: oracle_probs(ctx, g, low, oracle), ir, p, blank_q, size, batch, screen,
             seed=self.config.seed, previous=previous, workers=torch.get_num_threads(),
             batch_float32=max(1, min(self.config.kl_batch_float32, batch)))
         self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
