@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from enclaveml.assess.config import AssessConfig
 from enclaveml.assess.decoder_training import Plateau, WSDSchedule, split_validation, train_decoders
 from enclaveml.assess.forward import PointForward
 from enclaveml.models import zoo
@@ -235,6 +236,12 @@ def test_batched_rmle_is_each_points_own_search():
         assert early[k][1] == steps[k] and diff < 1e-2, (k, early[k][1], steps[k], diff)  # Adam amplifies rounding
     assert len(set(steps.values())) > 1 and min(steps.values()) < 40, steps  # they left at different steps
     assert point_groups([1, 2, 3], 8, 224 * 224) == [[1, 2], [3]] and point_groups([1, 2], 8, 1024) == [[1, 2]]
+    # a budget per point: each point searches exactly as it would alone with its own budget
+    budgeted = reconstruct_points(fast, pre, targets, m.input_shape, {1: 12, 4: 5, 10: 8}, 0.05, 0.02)
+    for k, n in ((4, 5), (10, 8)):
+        alone, steps = reconstruct(folded(m.split(k)[0], m.input_shape), pre, targets[k], m.input_shape, n, 0.05, 0.02)
+        assert budgeted[k][1] == steps == n and torch.allclose(budgeted[k][0], alone, atol=1e-4), k
+    assert budgeted[1][1] == 12 and torch.allclose(budgeted[1][0], together[1][0], atol=1e-5)
     # bfloat16 passes: other arithmetic (not the float32 images), the same search (as close a fit)
     low = reconstruct_points(fast, pre, targets, m.input_shape, 12, 0.05, 0.02, bf16=True)
     with torch.no_grad():
@@ -426,3 +433,16 @@ def test_a_training_set_of_one_chunk_is_passed_through_the_model_once():
     a, b = _params(once.decoders), _params(streamed.decoders)
     for k in ks:
         assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a[k], b[k])), k
+
+
+def test_rmle_step_budgets_keep_small_frontnets_whole():
+    """Step budgets per point: every step up to rmle_full_flops, then the same compute, at least the floor."""
+    from enclaveml.assess.rmle import step_budgets
+
+    cfg = AssessConfig()
+    darknet = {1: 1.8e6, 10: 67.8e6, 12: 77.3e6}  # every darknet and cnn26 FrontNet is below 1e8 FLOPs
+    assert step_budgets(darknet, cfg.rmle_steps, cfg.rmle_full_flops, cfg.rmle_min_steps) == {1: 150, 10: 150, 12: 150}
+    lite0 = {1: 22e6, 3: 100e6, 4: 152e6, 5: 188e6, 18: 768e6}
+    assert step_budgets(lite0, 150, 1e8, 50) == {1: 150, 3: 150, 4: 99, 5: 80, 18: 50}
+    assert step_budgets(lite0, 30, 1e8, 50) == {1: 30, 3: 30, 4: 30, 5: 30, 18: 30}  # never above --rmle-steps
+

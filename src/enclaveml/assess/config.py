@@ -42,6 +42,13 @@ class AssessConfig:
     rmle_steps: int = 150
     rmle_lr: float = 0.05
     rmle_tv: float = 0.02
+    # compute per search at large inputs: a point whose FrontNet costs more than rmle_full_flops FLOPs per
+    # image gets rmle_steps x rmle_full_flops / its FLOPs steps, at least rmle_min_steps. Every darknet and
+    # cnn26 point (at most 87 MFLOPs) keeps all its steps; on EfficientNet-Lite0 at 224x224 points 1-3 keep
+    # 150 and the deep ones, whose rMLE SSIM is 0.07-0.09 against the decoder's 0.22-0.29 (the decoder is the
+    # strongest attack at every point past 1), get 50-100: 0.37x the rMLE compute (docs/benchmarks.md, lt)
+    rmle_full_flops: float = 1e8
+    rmle_min_steps: int = 50
     rmle_early_stop: bool = True  # stop once the objective improves < rmle_min_delta over rmle_window steps
     rmle_window: int = 30
     rmle_min_delta: float = 0.01

@@ -66,17 +66,20 @@ def reconstruct(front: torch.nn.Module, pre, target: torch.Tensor, shape: tuple[
 
 
 def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Tensor], shape: tuple[int, ...],
-                       steps: int, lr: float, tv: float, window: int = 0, min_delta: float = 0.01,
+                       steps: "int | dict[int, int]", lr: float, tv: float, window: int = 0, min_delta: float = 0.01,
                        bf16: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
     """`reconstruct` for every point k of `targets` (IR_k of the same images) at once, through
-    `model.run(x, start, stop)`: {k: (images, steps taken)}.
+    `model.run(x, start, stop)`: {k: (images, steps taken)}; `steps` is one budget for all points or
+    one per point.
 
     The rows of the batch are grouped by point, shallowest first; after layer k the rows of point
     k leave the pass, so each row runs exactly its own FrontNet. Adam's update is elementwise, so
-    one update of the whole batch is each point's own update; a point that converges leaves the
-    batch with its moments.
+    one update of the whole batch is each point's own update; a point that converges, or whose
+    budget is spent, leaves the batch with its moments.
     """
     ks = sorted(targets)
+    budget = {k: int(steps[k] if isinstance(steps, dict) else steps) for k in ks}
+    steps = max(budget.values(), default=0)
     rows = {k: int(targets[k].shape[0]) for k in ks}
     scale = {k: targets[k].flatten(1).pow(2).mean(1).clamp_min(1e-8) for k in ks}
     z = torch.zeros(sum(rows.values()), *shape)
@@ -85,6 +88,18 @@ def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Ten
     done: dict[int, tuple[torch.Tensor, int]] = {}
     active = list(ks)
     for step in range(steps):
+        spent = [k for k in active if step >= budget[k]]
+        if spent:  # these points' budgets ran out: they leave with their images after budget[k] steps
+            keep, row = torch.ones(z.shape[0], dtype=torch.bool), 0
+            for k in list(active):
+                if k in spent:
+                    done[k] = (torch.sigmoid(z[row:row + rows[k]]), budget[k])
+                    keep[row:row + rows[k]] = False
+                    active.remove(k)
+                row += rows[k]
+            z, m1, m2 = z[keep], m1[keep], m2[keep]
+            if not active:
+                break
         z.requires_grad_(True)
         x = torch.sigmoid(z)
         h, at, row, total, finished = pre.normalise(x), 0, 0, 0.0, []
@@ -118,9 +133,17 @@ def reconstruct_points(model: torch.nn.Module, pre, targets: dict[int, torch.Ten
         z.addcdiv_(m1, denom, value=-lr / (1 - BETAS[0] ** t))
     row = 0
     for k in active:  # the step budget ran out
-        done[k] = (torch.sigmoid(z[row:row + rows[k]]), steps)
+        done[k] = (torch.sigmoid(z[row:row + rows[k]]), budget[k])
         row += rows[k]
     return done
+
+
+def step_budgets(flops: dict[int, float], steps: int, full_flops: float, min_steps: int) -> dict[int, int]:
+    """Adam steps per point: `steps` for a FrontNet of at most `full_flops` FLOPs per image, else
+    proportionally fewer (the same compute per search), never fewer than `min_steps` (nor more than `steps`)."""
+    floor = min(steps, min_steps)
+    return {k: steps if f <= full_flops else max(floor, min(steps, round(steps * full_flops / f)))
+            for k, f in flops.items()}
 
 
 def converged(history: list[float], window: int, min_delta: float) -> bool:
@@ -174,6 +197,7 @@ class RMLEInversion(LeakageTest):
         self._done: dict[int, tuple[torch.Tensor, int]] = {}
         self._copies: dict[int, int] = {}  # point -> the earlier point whose search serves it (assess/affine.py)
         self._precision = "float32"  # of the staircase searches
+        self._budgets: dict[int, int] = {}  # point -> its search's step budget
 
     def prepare(self, ctx: AssessContext, points: list[PointData]) -> None:
         """Search for every point's images together (one staircase batch), when the model can run
@@ -192,8 +216,12 @@ class RMLEInversion(LeakageTest):
         # forward + backward cost grows with the FrontNet: split the points in sets of equal cost, one
         # per core; each set is one staircase search (in memory-bounded groups), single-threaded
         workers = torch.get_num_threads()
-        sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), workers) if workers > 1 and len(targets) > 1 \
-            else [sorted(targets)]
+        # counted on the model itself (the folded copy's zero-tap kernels would count extra multiplies)
+        flops = frontnet_flops(ctx.model if callable(getattr(ctx.model, "run", None)) else fast, sorted(targets), shape)
+        # large inputs: deep FrontNets search with fewer steps (config.py: rmle_full_flops); darknet, cnn26: all 150
+        self._budgets = step_budgets(flops, cfg.rmle_steps, cfg.rmle_full_flops, cfg.rmle_min_steps)
+        sets = balanced_sets({k: f * self._budgets[k] for k, f in flops.items()}, workers) \
+            if workers > 1 and len(targets) > 1 else [sorted(targets)]
 
         bf16 = cfg.rmle_bf16 and bf16_is_fast()  # emulated bfloat16 would be slower, not faster
         self._precision = "bfloat16 autocast" if bf16 else "float32"
@@ -202,7 +230,8 @@ class RMLEInversion(LeakageTest):
             found: dict[int, tuple[torch.Tensor, int]] = {}
             for group in point_groups(ks, n, shape[-1] * shape[-2]):
                 found.update(reconstruct_points(
-                    fast, ctx.pre, {k: targets[k] for k in group}, shape, cfg.rmle_steps, cfg.rmle_lr, cfg.rmle_tv,
+                    fast, ctx.pre, {k: targets[k] for k in group}, shape, {k: self._budgets[k] for k in group},
+                    cfg.rmle_lr, cfg.rmle_tv,
                     cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta, bf16=bf16))
             return found
 
@@ -224,7 +253,7 @@ class RMLEInversion(LeakageTest):
                                        cfg.rmle_min_delta)
         s, p = ssim(recon, x), psnr(recon, x)
         summary = {"ssim": float(s.mean()), "psnr": float(p.mean()), "ssim_min": float(s.min()),
-                   "ssim_max": float(s.max()), "samples": n, "steps": steps, "step_budget": cfg.rmle_steps,
+                   "ssim_max": float(s.max()), "samples": n, "steps": steps, "step_budget": self._budgets.get(k, cfg.rmle_steps),
                    "precision": self._precision if k in self._done else "float32"}
         if k != pt.point.index:
             summary["search_of"] = k  # this point's IR is an affine copy of point k's: the same search
