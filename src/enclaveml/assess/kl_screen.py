@@ -15,7 +15,8 @@ half the margin of its row's smallest float32 KL so far, and while the largest e
 the images that matter (each row's bfloat16 minimum, and every float32-checked image within three
 margins of its row's exact minimum) exceeds a third of the margin, the margin grows to three
 times that error and the new candidates are recomputed. So a skipped image could hold the
-minimum only with an error more than 1.5 times the largest one measured near the minima. Errors
+minimum only if bfloat16 overestimated its KL by more than 1.5 times the largest overestimate
+measured near the minima (underestimates make candidates, never skipped images). Errors
 far above every minimum do not count: there the answers are peaked on another class and
 bfloat16's error has a heavy tail (up to 1 nat on EfficientNet-Lite0 at 224x224, against at most
 0.13 within three margins of a minimum), which made the margin, measured over all images, cover
@@ -92,7 +93,7 @@ class ScreenReport:
     float32: int  # of those, computed in float32
     screened: bool  # whether a bfloat16 pass screened them first
     margin: float  # final margin around each minimum (KL units)
-    max_error: float  # largest |KL bf16 - KL fp32| seen
+    max_error: float  # largest bfloat16 overestimate of a KL seen near the minima (kl_screen._max_error)
     reused: int = 0  # images identical to the previous point's, answered from its passes
 
     def to_dict(self) -> dict:
@@ -212,13 +213,19 @@ def _exact_minima(own: torch.Tensor, ctl: torch.Tensor, exact: torch.Tensor) -> 
 
 
 def _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, window: float) -> float:
-    """The largest |KL bf16 - KL fp32| among the images computed in both precisions that matter for the
-    minima: each row's bfloat16 minimum, and every image whose bfloat16 KL lies within `window` of its
-    row's exact minimum. Errors far above every minimum (answers peaked on another class: bfloat16's
-    heavy tail, up to 1 nat on EfficientNet-Lite0) cannot hide a minimum."""
+    """The largest overestimate KL bf16 - KL fp32 (0 if none) among the images computed in both precisions
+    that matter for the minima: each row's bfloat16 minimum, and every image whose bfloat16 KL lies
+    within `window` of its row's exact minimum.
+
+    Why one-sided: an image is skipped when its bfloat16 KL lies more than margin / 2 above its row's
+    smallest float32 KL (exact, no error in it), so it could hide a smaller minimum only if bfloat16
+    overestimated it by more than that; an underestimate makes an image a candidate, never a skipped
+    one. (Each row's bfloat16 minimum is picked for its underestimate: on EfficientNet-Lite0 those ran
+    to 0.42 nats and set a two-sided margin.) Why near the minima: errors far above every minimum
+    (answers peaked on another class: bfloat16's heavy tail, up to 1 nat on Lite0) cannot hide one."""
     m_own, m_ctl = _exact_minima(own, ctl, exact)
     use_own = fresh & (anchor | (own16 <= m_own + window))
     use_ctl = fresh.roll(1, dims=0) & (anchor.roll(1, dims=0) | (ctl16 <= m_ctl + window))
-    err = torch.cat([(own - own16)[use_own].abs(), (ctl - ctl16)[use_ctl].abs()])
+    err = torch.cat([(own16 - own)[use_own], (ctl16 - ctl)[use_ctl]]).clamp_min(0)
     return float(err.max()) if err.numel() else 0.0
 
