@@ -446,3 +446,18 @@ def test_rmle_step_budgets_keep_small_frontnets_whole():
     assert step_budgets(lite0, 150, 1e8, 50) == {1: 150, 3: 150, 4: 99, 5: 80, 18: 50}
     assert step_budgets(lite0, 30, 1e8, 50) == {1: 30, 3: 30, 4: 30, 5: 30, 18: 30}  # never above --rmle-steps
 
+
+
+def test_kl_screen_margin_counts_only_overestimates_near_the_minima():
+    """What can hide a minimum: a bfloat16 overestimate near it; not the minimum's own underestimate, nor far errors."""
+    from enclaveml.assess.kl_screen import _max_error
+
+    own = torch.tensor([[1.0, 1.2, 1.3, 5.0]])  # float32 KLs of one row's four channel images
+    own16 = torch.tensor([[0.0, 1.25, 1.6, 8.0]])  # bfloat16: min underestimated by 1, 0.05 and 0.3 over, far 3 over
+    fresh = torch.ones(1, 4, dtype=torch.bool)
+    anchor = torch.tensor([[True, False, False, False]])
+    exact = fresh.clone()
+    ctl, ctl16 = own.clone(), own.clone()  # the control agrees in both precisions
+    assert abs(_max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 1.0) - 0.3) < 1e-6
+    assert abs(_max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 0.3) - 0.05) < 1e-6  # 1.6 is outside
+    assert abs(_max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 10.0) - 3.0) < 1e-6
