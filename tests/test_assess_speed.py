@@ -461,3 +461,12 @@ def test_kl_screen_margin_counts_only_overestimates_near_the_minima():
     assert abs(_max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 1.0) - 0.3) < 1e-6
     assert abs(_max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 0.3) - 0.05) < 1e-6  # 1.6 is outside
     assert abs(_max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 10.0) - 3.0) < 1e-6
+    # far above the minimum, an overestimate counts only when it is large against its distance (1.5 e >= d)
+    from enclaveml.assess.kl_screen import _widest_violation
+
+    m = own.min(1, keepdim=True).values
+    assert _widest_violation(own, ctl, own16, ctl16, fresh, m, m) == 0.0  # 3 over at 7 above: harmless
+    own16_far = torch.tensor([[0.0, 1.25, 1.6, 4.0]])  # 5.0 read as 4.0: an underestimate, harmless too
+    assert _widest_violation(own, ctl, own16_far, ctl16, fresh, m, m) == 0.0
+    own16_bad = torch.tensor([[0.0, 1.25, 1.6, 13.0]])  # 8 over at 12 above the minimum: the band must reach 12
+    assert abs(_widest_violation(own, ctl, own16_bad, ctl16, fresh, m, m) - 12.0) < 1e-6

@@ -12,15 +12,16 @@ The margin is checked, not assumed: a seeded random share of all channel images 
 bfloat16 minimum are computed in both precisions as well (first: the margin starts at four times
 the largest error there, at most 0.1); an image is recomputed when its bfloat16 KL lies within
 half the margin of its row's smallest float32 KL so far, and while the largest error seen among
-the images that matter (each row's bfloat16 minimum, and every float32-checked image within three
-margins of its row's exact minimum) exceeds a third of the margin, the margin grows to three
-times that error and the new candidates are recomputed. So a skipped image could hold the
-minimum only if bfloat16 overestimated its KL by more than 1.5 times the largest overestimate
-measured near the minima (underestimates make candidates, never skipped images). Errors
-far above every minimum do not count: there the answers are peaked on another class and
-bfloat16's error has a heavy tail (up to 1 nat on EfficientNet-Lite0 at 224x224, against at most
-0.13 within three margins of a minimum), which made the margin, measured over all images, cover
-most channels (86-99% recomputed). On darknet the bfloat16 KL error is at most ~0.04 (KL values
+the images that matter (each row's bfloat16 minimum, and every float32-checked image within one
+margin of its row's exact minimum) exceeds a third of the margin, or any checked image farther
+out was overestimated by at least 2/3 of its distance from the minimum, the margin grows to cover
+it and the new candidates are recomputed. So a skipped image could hold the minimum only if
+bfloat16 overestimated its KL by more than 1.5 times what was measured at its distance
+(underestimates make candidates, never skipped images). An error far above every minimum that is
+small against its distance does not widen the margin: there the answers are peaked on another
+class and bfloat16's error has a heavy tail (up to 1 nat on EfficientNet-Lite0 at 224x224,
+against ~0.1-0.2 near a minimum), which made the margin, measured over all images, cover most
+channels (86-99% recomputed). On darknet the bfloat16 KL error is at most ~0.04 (KL values
 0.5-5). Without fast bfloat16, or with `kl_screen` off, everything runs
 in float32, as before.
 """
@@ -35,6 +36,11 @@ import torch.nn.functional as F
 
 from .metrics import kl_divergence
 from .threads import side_by_side
+
+#: the margin is 3x the largest bfloat16 overestimate among float32-checked images within this many
+#: margins of their row's exact minimum (and wide enough that no checked image farther out was
+#: overestimated by 2/3 of its distance): errors measured where they could hide a minimum
+WINDOW = 1.0
 
 #: grey images (B, 1, H, W) in [0, 1], low precision or not -> oracle probabilities (B, K), float32
 Oracle = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -184,14 +190,15 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
         exact |= first
         fresh |= first
     own, ctl = kls()
-    margin = min(margin, 4 * _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 3 * margin))
+    margin = min(margin, 4 * _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, WINDOW * margin))
     while True:
         # a skipped image's float32 KL is above its bfloat16 KL minus the error bound (margin / 3, seen
         # errors x 1.5): below the row's exact minimum only if its bfloat16 KL is within margin / 2 of it
         m_own, m_ctl = _exact_minima(own, ctl, exact)
-        max_error = _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, 3 * margin)
-        if margin < 3 * max_error:
-            margin = 3 * max_error
+        max_error = _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, WINDOW * margin)
+        wide = _widest_violation(own, ctl, own16, ctl16, fresh, m_own, m_ctl)
+        if margin < 3 * max_error or margin < 2 * wide:
+            margin = max(3 * max_error, 2 * wide)
             continue
         near_own = own16 <= m_own + margin / 2
         near_ctl = (ctl16 <= m_ctl + margin / 2).roll(-1, dims=0)  # row i's control uses sample i-1's channels
@@ -228,4 +235,14 @@ def _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, window: float) -> f
     use_ctl = fresh.roll(1, dims=0) & (anchor.roll(1, dims=0) | (ctl16 <= m_ctl + window))
     err = torch.cat([(own16 - own)[use_own], (ctl16 - ctl)[use_ctl]]).clamp_min(0)
     return float(err.max()) if err.numel() else 0.0
+
+
+def _widest_violation(own, ctl, own16, ctl16, fresh, m_own, m_ctl) -> float:
+    """The largest distance d above its row's exact minimum (bfloat16 KL - minimum) of a float32-checked
+    image whose bfloat16 overestimate e would have hidden a minimum there with a 1.5x safety factor
+    (1.5 e >= d): the band must reach at least that far, wherever the error was seen (0 if none)."""
+    d = torch.cat([(own16 - m_own)[fresh], (ctl16 - m_ctl)[fresh.roll(1, dims=0)]])
+    e = torch.cat([(own16 - own)[fresh], (ctl16 - ctl)[fresh.roll(1, dims=0)]])
+    hit = (1.5 * e >= d) & (d > 0)
+    return float(d[hit].max()) if hit.any() else 0.0
 
