@@ -370,7 +370,7 @@ def test_kl_and_rmle_side_by_side_give_the_answers_of_one_worker():
 def test_the_fold_reaches_conv_subclasses_and_branches_on_default_arguments():
     """TensorFlow-style 'same'-padding convolutions (nn.Conv2d subclasses, as EfficientNet ports write
     them) and a forward that branches on an optional argument: torch.fx's own `fuse` folds nothing
-    there; this fold removes every batch norm and the symmetric pads, and keeps the function."""
+    there; this fold removes every batch norm and every pad, and keeps the function."""
     from torch import nn
 
     from enclaveml.assess.inference import folded
@@ -403,7 +403,9 @@ def test_the_fold_reaches_conv_subclasses_and_branches_on_default_arguments():
     fast = folded(block, (8, 12, 12))
     assert fast is not block and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
-    assert sorted(type(m).__name__ for m in convs) == ["Conv2d", "SameConv"]  # the asymmetric one stays
+    # both plain: the asymmetric pad (0, 1) as a symmetric pad of 1 with a zero first row and column of taps
+    assert [type(m).__name__ for m in convs] == ["Conv2d", "Conv2d"]
+    assert sorted((m.kernel_size, m.padding) for m in convs) == [((3, 3), (1, 1)), ((4, 4), (1, 1))]
     x = torch.randn(3, 8, 12, 12)
     with torch.no_grad():
         assert torch.allclose(fast(x), block(x), rtol=1e-4, atol=1e-5)
