@@ -47,8 +47,8 @@ class AssessConfig:
     # cnn26 point (at most 87 MFLOPs) keeps all its steps. On EfficientNet-Lite0 at 224x224 points 1-3 keep
     # 150 (point 1's rMLE SSIM still climbs: 0.64 after 50 steps, 0.90 after 150) and the deeper ones get
     # 99 down to 25: there rMLE's SSIM is flat or falls with more steps (point 5: 0.109 after 25 steps, 0.118
-    # after 150; point 9: 0.094, 0.080) and the decoder is the stronger attack (0.22-0.39 against 0.07-0.12):
-    # about 0.3x the rMLE compute (docs/benchmarks.md, "helper lt, session 6")
+    # after 150; point 9: 0.094, 0.080) and the decoder is the stronger attack at every point past 1: rMLE
+    # 278 vs 594 CPU s for all 19 points, SSIM within 0.05 of 150 steps at each (docs/benchmarks.md, lt)
     rmle_full_flops: float = 1e8
     rmle_min_steps: int = 25
     rmle_early_stop: bool = True  # stop once the objective improves < rmle_min_delta over rmle_window steps
