@@ -18,6 +18,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ def main() -> None:
     from enclaveml.protocol import infer as protocol
     from enclaveml.serve.enclave import EnclaveService, _inference_layout
     from enclaveml.serve.placement import SMALL_ROWS
+    from enclaveml.serve.threads import LoneThreads, machine_threads
     from enclaveml.tee import get_backend
     from enclaveml.timing import diff
 
@@ -43,8 +45,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the worker serves at 1)")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--ab", action="store_true",
-                    help="alternate request by request between the modules (A) and their flat plans (B)")
+    ap.add_argument("--ab", choices=("plans", "threads"),
+                    help="alternate request by request: plans: the modules (A) and their flat plans (B); "
+                         "threads: lone passes on one thread (A) and on every core (B)")
     ap.add_argument("--data", default="../shared/data/cifar10/test")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,11 +74,16 @@ def main() -> None:
             for im in images]
     dep = svc._deployment(ref)
     plans = {"flat": (dep.run_front, dep.run_back), "modules": (dep.front, dep.back)}
+    lone = {"1 thread": LoneThreads(best=1), "cores": LoneThreads(best=machine_threads(), explore_s=1e9)}
     if args.ab:
-        variants = {"modules": ({}, [], []), "flat": ({}, [], [])}
+        names = ("modules", "flat") if args.ab == "plans" else ("1 thread", "cores")
+        variants = {n: ({}, [], []) for n in names}
         for i, (msg, ctx, aad) in enumerate(reqs):
-            name = ("modules", "flat")[i % 2]
-            dep.run_front, dep.run_back = plans[name]
+            name = names[i % 2]
+            if args.ab == "plans":
+                dep.run_front, dep.run_back = plans[name]
+            else:
+                svc.lone_threads = lone[name]
             st, walls, cpus = variants[name]
             before = svc.clock.snapshot()
             w, c = time.perf_counter_ns(), time.thread_time_ns()
@@ -83,18 +91,23 @@ def main() -> None:
             walls.append((time.perf_counter_ns() - w) / 1e3)
             cpus.append((time.thread_time_ns() - c) / 1e3)
             for k, v in diff(svc.clock.snapshot(), before).items():
-                st[k] = st.get(k, 0) + v["cpu_ns"]
+                acc = st.setdefault(k, [0, 0])
+                acc[0] += v["wall_ns"]
+                acc[1] += v["cpu_ns"]
             protocol.decode_result(ctx.open_response(out.sealed, aad))
-        print(f"{len(reqs)} lone requests alternating; thread CPU us per request (median wall us)")
-        print("  " + " ".join(f"{k:>10s}" for k in ("stage", *variants)))
-        for k in sorted(variants["flat"][0], key=lambda k: -variants["flat"][0][k]):
-            print(f"  {k[:22]:22s}" + "".join(f" {v[0][k] / len(v[1]) / 1e3:10.1f}" for v in variants.values()))
-        print(f"  {'front_batch call':22s}" + "".join(f" {sum(v[2]) / len(v[2]):10.1f}" for v in variants.values())
+        print(f"{len(reqs)} lone requests alternating; per request wall / thread CPU us")
+        print(f"  {'stage':22s}" + "".join(f" {k:>17s}" for k in variants))
+        for k in sorted(variants[names[1]][0], key=lambda k: -variants[names[1]][0][k][1]):
+            print(f"  {k[:22]:22s}" + "".join(f" {v[0][k][0] / len(v[1]) / 1e3:8.1f} /{v[0][k][1] / len(v[1]) / 1e3:7.1f}"
+                                              for v in variants.values()))
+        print(f"  {'front_batch call':22s}" + "".join(f" {sum(v[1]) / len(v[1]):8.1f} /{sum(v[2]) / len(v[2]):7.1f}"
+                                                      for v in variants.values())
               + "   wall p50 " + " / ".join(f"{sorted(v[1])[len(v[1]) // 2]:.1f}" for v in variants.values()))
         print(json.dumps({k: {"cpu_us": sum(v[2]) / len(v[2]), "p50_us": sorted(v[1])[len(v[1]) // 2]}
                           for k, v in variants.items()}))
         return
     before = svc.clock.snapshot()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     walls, cpus = [], []
     prof = cProfile.Profile() if args.profile else None
     for msg, ctx, aad in reqs:
@@ -109,7 +122,9 @@ def main() -> None:
         protocol.decode_result(ctx.open_response(out.sealed, aad))
     st = diff(svc.clock.snapshot(), before)
     n = len(reqs)
-    print(f"{n} lone requests, darknet k={args.k}, {args.threads} thread(s); per request wall / CPU us")
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+    print(f"{n} lone requests, darknet k={args.k}, {args.threads} thread(s); {faults:.1f} page faults per request; "
+          "per request wall / CPU us")
     for name, v in sorted(st.items(), key=lambda kv: -kv[1]["wall_ns"]):
         print(f"  {name:22s} {v['wall_ns'] / n / 1e3:8.1f} / {v['cpu_ns'] / n / 1e3:8.1f}")
     walls.sort()
