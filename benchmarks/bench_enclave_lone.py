@@ -74,7 +74,8 @@ def main() -> None:
             for im in images]
     dep = svc._deployment(ref)
     plans = {"flat": (dep.run_front, dep.run_back), "modules": (dep.front, dep.back)}
-    lone = {"1 thread": LoneThreads(best=1), "cores": LoneThreads(best=machine_threads(), explore_s=1e9)}
+    # every lone pass on one thread, or on every core (base = the cores: no choosing)
+    lone = {"1 thread": LoneThreads(best=1, base=1), "cores": LoneThreads(best=1, base=machine_threads())}
     if args.ab:
         names = ("modules", "flat") if args.ab == "plans" else ("1 thread", "cores")
         variants = {n: ({}, [], []) for n in names}
