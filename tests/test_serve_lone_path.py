@@ -83,3 +83,32 @@ def test_class_mapping_on_lists_equals_the_tensor_gather_and_softmax():
         assert torch.softmax(torch.tensor(rows, dtype=torch.float64).reshape(7, 10), dim=1).tolist() == ref_p
     with pytest.raises(ValueError):
         m.rows_to_original([[0.0] * 9])
+
+
+def test_a_head_working_in_place_takes_the_outputs_of_a_whole_pass(tmp_path):
+    """A pass answered whole in the enclave runs in inference mode, so its outputs are inference
+    tensors; a classifier head whose first layer works in place must still take them."""
+    from enclaveml.crypto import SigningKey
+    from enclaveml.data.preprocess import Preprocessing
+    from enclaveml.protocol import ModelRef
+    from enclaveml.protocol import infer as protocol
+    from enclaveml.serve.enclave import Deployment, EnclaveService, _Pending
+    from enclaveml.tee import get_backend
+
+    class Plain:  # seals nothing: the test reads the answer's plaintext
+        def seal_response(self, pt, aad):
+            return pt
+
+    svc = EnclaveService(get_backend("sim", platform_dir=tmp_path / "p", lock_memory=False))
+    owner = SigningKey.generate().public_key()
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3)).eval()
+    mapping = ClassMapping.random(3, ["a", "b", "c"])
+    dep = Deployment(ModelRef(owner.to_bytes().hex(), "m"), owner, nn.Sequential(nn.Identity()).eval(), mapping,
+                     Preprocessing(), "ab" * 32, 1, head, 1, (4,))
+    with torch.inference_mode():
+        out = torch.randn(1, 4)
+    expected = mapping.to_original(head(out.clone()))[0].tolist()
+    sealed = svc._answer(_Pending(Plain(), dep, 3, True, b"", 0.0, (0,)), out)
+    (res,) = protocol.decode_results(sealed, 1)
+    assert res["logits"] == expected

@@ -385,7 +385,8 @@ class EnclaveService:
     def _large_backnet(self, dep: Deployment) -> Callable:
         with self._lock:
             if dep.back_large is None:
-                dep.back_large = copy.deepcopy(dep.back).to(memory_format=torch.contiguous_format)
+                with torch.inference_mode(False):  # ordinary parameters, though called from a pass
+                    dep.back_large = copy.deepcopy(dep.back).to(memory_format=torch.contiguous_format)
                 dep.run_back_large = runner(dep.back_large)
             return dep.run_back_large
 
@@ -482,7 +483,9 @@ class EnclaveService:
         if dep.head is not None:  # the classifier head runs here: the host never saw class scores
             if not torch.isfinite(scores).all():
                 raise bad
-            with torch.no_grad():
+            # inference mode: the outputs of a whole pass here are inference tensors, which a head
+            # whose first layer works in place could not modify outside it
+            with torch.inference_mode():
                 scores = dep.head(scores.reshape(pending.rows, *dep.head_in_shape).to(self.device)).float().cpu()
             if scores.shape != (pending.rows, n):
                 raise DataError("the head's output does not have one score per class")
