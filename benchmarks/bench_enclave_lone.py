@@ -7,9 +7,12 @@ host, channel or HTTP in between).
 darknet (trained weights if present) at split k with its BackNet handed over, then sends --n
 single-image requests one after another (sealed beforehand, as a client would) through
 `front_batch(..., finish_rows=SMALL_ROWS)`, the one-round-trip path of a lone request. Reports the
-enclave's stage clock per request (wall / thread CPU us), the whole call's p50/p99, and the same
-decode -> FrontNet -> BackNet work in a tight loop (plain PyTorch on the same code); `--profile`
-prints cProfile's top functions of the calls.
+enclave's stage clock per request (wall / thread CPU us), the page faults per request, the whole
+call's p50/p99, and the same decode -> FrontNet -> BackNet work in a tight loop (plain PyTorch on
+the same code); `--profile` prints cProfile's top functions of the calls. `--ab plans` alternates
+request by request between the deployment's modules and their flat plans (`serve/flat.py`),
+`--ab threads` between lone passes on one thread and on every core, so that a loaded machine
+treats both alike; each prints a stage table per variant and a JSON line.
 """
 
 from __future__ import annotations
