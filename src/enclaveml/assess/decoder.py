@@ -37,7 +37,7 @@ class DecoderInversion(LeakageTest):
         res = train_decoders(source, ctx.x_train, shapes, cfg.decoder_steps, cfg.decoder_batch, cfg.decoder_lr,
                              cfg.seed, early_stop=cfg.decoder_early_stop, check_every=cfg.decoder_check_every,
                              patience=cfg.decoder_patience, min_delta=cfg.decoder_min_delta,
-                             workers=max(1, torch.get_num_threads()), width=cfg.decoder_width,
+                             workers=ctx.cores(), width=cfg.decoder_width,
                              ssim_weight=cfg.decoder_ssim_weight, bf16=self._bf16)
         for k, dec in res.decoders.items():
             self._trained[k] = (dec, res.info[k])

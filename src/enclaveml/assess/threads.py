@@ -7,10 +7,19 @@ the other spin: on the shared 2-core machine (load 8-10) the KL oracle took 1.75
 CPU time that way (docs/benchmarks.md, "session 4"). One item per core, each single-threaded,
 has no such cost. The items' results do not depend on how many run at once (each is computed
 exactly as it would be alone).
+
+Why one shared pool (`shared_cores`): the tests are independent of each other too, but each has
+stretches where it cannot fill every core (a KL point's last float32 batches, the decoders' last
+steps of a chunk, rMLE's two staircases of unequal speed). With every test submitting its items to
+one pool of `workers` threads, the tests run at once and the cores stay busy; there are never more
+compute threads than cores. `Account` records the CPU seconds of one test's items, so each
+test's CPU time is still known when the tests overlap.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -19,6 +28,9 @@ import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_shared: ThreadPoolExecutor | None = None  # the pool `shared_cores` installed, if any
+_local = threading.local()  # per thread: whether it is a shared-pool worker; the Account it charges
 
 
 @contextmanager
@@ -38,12 +50,76 @@ def single_threaded():
     return torch_threads(1)
 
 
+class Account:
+    """CPU seconds spent for one caller: its own thread's, plus those of the items it sent to the pool."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.items_cpu = 0.0
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.items_cpu += seconds
+
+
+@contextmanager
+def charging(account: Account) -> Iterator[None]:
+    """Items that this thread sends to the pool charge `account` while the block runs."""
+    before = getattr(_local, "account", None)
+    _local.account = account
+    try:
+        yield
+    finally:
+        _local.account = before
+
+
+@contextmanager
+def shared_cores(workers: int) -> Iterator[None]:
+    """While the block runs, `side_by_side` from any thread sends its items to one pool of `workers`
+    single-threaded threads (intra-op threads are 1 for the whole block, in every thread)."""
+    global _shared
+    if _shared is not None:
+        raise RuntimeError("shared_cores is already active")
+
+    def mark() -> None:
+        _local.worker = True
+
+    with single_threaded(), ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="assess-core",
+                                               initializer=mark) as pool:
+        _shared = pool
+        try:
+            yield
+        finally:
+            _shared = None
+
+
 def side_by_side(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
     """`[fn(item) for item in items]`, the items spread over `workers` threads (default: torch's
-    thread count), each single-threaded; in order. With one worker or one item: a plain loop."""
+    thread count), each single-threaded; in order. With one worker or one item: a plain loop.
+    Inside `shared_cores` the items go to its pool instead (a pool worker itself runs them in a loop)."""
     items = list(items)
+    if getattr(_local, "worker", False):
+        return [fn(i) for i in items]
+    pool = _shared
+    if pool is not None:
+        return list(pool.map(_charged(fn), items))
     n = max(1, min(len(items), torch.get_num_threads() if workers is None else workers))
     if n < 2:
         return [fn(i) for i in items]
-    with single_threaded(), ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(fn, items))
+    with single_threaded(), ThreadPoolExecutor(max_workers=n) as ex:
+        return list(ex.map(_charged(fn), items))
+
+
+def _charged(fn: Callable[[T], R]) -> Callable[[T], R]:
+    """`fn`, its thread CPU time charged to the calling thread's account (when it has one)."""
+    account = getattr(_local, "account", None)
+    if account is None:
+        return fn
+
+    def run(item: T) -> R:
+        t0 = time.thread_time()
+        try:
+            return fn(item)
+        finally:
+            account.add(time.thread_time() - t0)
+    return run
