@@ -345,9 +345,9 @@ def test_shared_cores_run_every_callers_items_on_one_pool_and_charge_each_caller
         assert out[c] == [(i, 1, [i + 1, i + 1]) for i in range(6)]
         assert accounts[c].items_cpu >= 6 * 0.002
     assert len(workers_seen) <= 2 and all(n.startswith("assess-core") for n in workers_seen)
-    with pytest.raises(RuntimeError):
-        with shared_cores(2), shared_cores(2):
-            pass
+    with shared_cores(2), shared_cores(2):  # a second block (another assessment) shares the pool
+        assert side_by_side(lambda i: threading.current_thread().name, [0, 1])[0].startswith("assess-core")
+    assert side_by_side(lambda i: threading.current_thread().name, [0], workers=1) == [threading.current_thread().name]
 
 
 def test_balanced_batches_and_point_sets():

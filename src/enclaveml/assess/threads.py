@@ -30,6 +30,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _shared: ThreadPoolExecutor | None = None  # the pool `shared_cores` installed, if any
+_users = 0  # blocks inside `shared_cores` now
+_pool_lock = threading.Lock()
 _local = threading.local()  # per thread: whether it is a shared-pool worker; the Account it charges
 
 
@@ -76,21 +78,29 @@ def charging(account: Account) -> Iterator[None]:
 @contextmanager
 def shared_cores(workers: int) -> Iterator[None]:
     """While the block runs, `side_by_side` from any thread sends its items to one pool of `workers`
-    single-threaded threads (intra-op threads are 1 for the whole block, in every thread)."""
-    global _shared
-    if _shared is not None:
-        raise RuntimeError("shared_cores is already active")
-
-    def mark() -> None:
-        _local.worker = True
-
-    with single_threaded(), ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="assess-core",
-                                               initializer=mark) as pool:
-        _shared = pool
+    single-threaded threads (intra-op threads are 1 for the whole block, in every thread). A block
+    entered while another is active (two assessments in one process) shares the first one's pool."""
+    global _shared, _users
+    with single_threaded():
+        with _pool_lock:
+            if _shared is None:
+                _shared = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="assess-core",
+                                             initializer=_mark_worker)
+            _users += 1
         try:
             yield
         finally:
-            _shared = None
+            with _pool_lock:
+                _users -= 1
+                pool = _shared if _users == 0 else None
+                if pool is not None:
+                    _shared = None
+            if pool is not None:
+                pool.shutdown()
+
+
+def _mark_worker() -> None:
+    _local.worker = True
 
 
 def side_by_side(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
