@@ -350,6 +350,45 @@ def test_shared_cores_run_every_callers_items_on_one_pool_and_charge_each_caller
     assert side_by_side(lambda i: threading.current_thread().name, [0], workers=1) == [threading.current_thread().name]
 
 
+def test_shared_cores_take_lower_priority_items_first():
+    import threading
+
+    from enclaveml.assess.threads import Account, charging, shared_cores, side_by_side
+
+    gate, started, ran = threading.Event(), threading.Event(), []
+
+    def blocker(_):
+        started.set()
+        gate.wait(5)
+
+    def caller(name, priority, n):
+        with charging(Account(priority)):
+            side_by_side(lambda i: ran.append((name, i)), range(n), workers=1)
+
+    with shared_cores(1):
+        first = threading.Thread(target=lambda: side_by_side(blocker, [0], workers=1))
+        first.start()
+        started.wait(5)  # the one worker is busy: what follows queues up
+        late = threading.Thread(target=caller, args=("kl", 1, 3))
+        late.start()
+        while _queued() < 3:
+            pass
+        early = threading.Thread(target=caller, args=("decoder", 0, 2))
+        early.start()
+        while _queued() < 5:
+            pass
+        gate.set()
+        for t in (first, late, early):
+            t.join()
+    assert ran == [("decoder", 0), ("decoder", 1), ("kl", 0), ("kl", 1), ("kl", 2)]
+
+
+def _queued() -> int:
+    from enclaveml.assess import threads
+
+    return threads._shared._queue.qsize() if threads._shared is not None else 0
+
+
 def test_balanced_batches_and_point_sets():
     from enclaveml.assess.kl_screen import balanced_batch
     from enclaveml.assess.rmle import balanced_sets

@@ -65,6 +65,7 @@ def oracle_probs(ctx: AssessContext, grey: torch.Tensor, low_precision: bool = F
 class KLTest(LeakageTest):
     name = "kl"
     kind = "kl"
+    pool_priority = 1  # many independent oracle batches: they fill the cores around the attacks' rounds
 
     def __init__(self, config):
         super().__init__(config)

@@ -66,6 +66,8 @@ class LeakageTest(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "kl" (the paper's oracle test) or "inversion" (reconstruction attack)
+    # order in the shared pool of cores when the tests run at once (lower first, assess/threads.py)
+    pool_priority: ClassVar[int] = 0
 
     def __init__(self, config: AssessConfig):
         self.config = config

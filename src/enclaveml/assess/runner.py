@@ -181,7 +181,7 @@ def _run_tests(tests: list, ctx: AssessContext, pds: list[PointData], say: Progr
     spent: dict[str, tuple[float, float]] = {}
 
     def one(test) -> None:
-        account, w0, c0 = Account(), time.perf_counter(), time.thread_time()
+        account, w0, c0 = Account(test.pool_priority), time.perf_counter(), time.thread_time()
         with charging(account):
             say(f"{test.name}: shared work for all points")
             test.prepare(ctx, pds)

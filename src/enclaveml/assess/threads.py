@@ -12,15 +12,20 @@ Why one shared pool (`shared_cores`): the tests are independent of each other to
 stretches where it cannot fill every core (a KL point's last float32 batches, the decoders' last
 steps of a chunk, rMLE's two staircases of unequal speed). With every test submitting its items to
 one pool of `workers` threads, the tests run at once and the cores stay busy; there are never more
-compute threads than cores. `Account` records the CPU seconds of one test's items, so each
+compute threads than cores. Items are taken by priority: a test whose items come in small rounds
+with a barrier after each (the decoders' chunks) goes first, and one with many independent items
+(the KL oracle's batches) fills the cores around those rounds and finishes last, at full use. `Account` records the CPU seconds of one test's items, so each
 test's CPU time is still known when the tests overlap.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -29,7 +34,7 @@ import torch
 T = TypeVar("T")
 R = TypeVar("R")
 
-_shared: ThreadPoolExecutor | None = None  # the pool `shared_cores` installed, if any
+_shared: "_CorePool | None" = None  # the pool `shared_cores` installed, if any
 _users = 0  # blocks inside `shared_cores` now
 _pool_lock = threading.Lock()
 _local = threading.local()  # per thread: whether it is a shared-pool worker; the Account it charges
@@ -53,11 +58,13 @@ def single_threaded():
 
 
 class Account:
-    """CPU seconds spent for one caller: its own thread's, plus those of the items it sent to the pool."""
+    """CPU seconds spent for one caller: its own thread's, plus those of the items it sent to the pool;
+    and the caller's priority in the shared pool (lower first; equal priorities first come, first served)."""
 
-    def __init__(self) -> None:
+    def __init__(self, priority: int = 0) -> None:
         self._lock = threading.Lock()
         self.items_cpu = 0.0
+        self.priority = priority
 
     def add(self, seconds: float) -> None:
         with self._lock:
@@ -75,17 +82,56 @@ def charging(account: Account) -> Iterator[None]:
         _local.account = before
 
 
+class _CorePool:
+    """`workers` threads taking items from one priority queue (lower priority value first, then in order)."""
+
+    def __init__(self, workers: int) -> None:
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads = [threading.Thread(target=self._work, name=f"assess-core_{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        _local.worker = True
+        while True:
+            _, _, job = self._queue.get()
+            if job is None:
+                return
+            fn, item, fut = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(item))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller, as an executor does
+                    fut.set_exception(e)
+
+    def map(self, fn: Callable[[T], R], items: list[T], priority: int) -> list[R]:
+        futures = []
+        for item in items:
+            fut: Future = Future()
+            self._queue.put((priority, next(self._order), (fn, item, fut)))
+            futures.append(fut)
+        return [f.result() for f in futures]
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put((math.inf, next(self._order), None))
+        for t in self._threads:
+            t.join()
+
+
 @contextmanager
 def shared_cores(workers: int) -> Iterator[None]:
     """While the block runs, `side_by_side` from any thread sends its items to one pool of `workers`
-    single-threaded threads (intra-op threads are 1 for the whole block, in every thread). A block
-    entered while another is active (two assessments in one process) shares the first one's pool."""
+    single-threaded threads (intra-op threads are 1 for the whole block, in every thread), in the
+    order of the callers' `Account.priority`. A block entered while another is active (two
+    assessments in one process) shares the first one's pool."""
     global _shared, _users
     with single_threaded():
         with _pool_lock:
             if _shared is None:
-                _shared = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="assess-core",
-                                             initializer=_mark_worker)
+                _shared = _CorePool(workers)
             _users += 1
         try:
             yield
@@ -99,10 +145,6 @@ def shared_cores(workers: int) -> Iterator[None]:
                 pool.shutdown()
 
 
-def _mark_worker() -> None:
-    _local.worker = True
-
-
 def side_by_side(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
     """`[fn(item) for item in items]`, the items spread over `workers` threads (default: torch's
     thread count), each single-threaded; in order. With one worker or one item: a plain loop.
@@ -112,7 +154,8 @@ def side_by_side(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
         return [fn(i) for i in items]
     pool = _shared
     if pool is not None:
-        return list(pool.map(_charged(fn), items))
+        account = getattr(_local, "account", None)
+        return pool.map(_charged(fn), items, account.priority if account is not None else 0)
     n = max(1, min(len(items), torch.get_num_threads() if workers is None else workers))
     if n < 2:
         return [fn(i) for i in items]
