@@ -371,22 +371,25 @@ def test_shared_cores_take_lower_priority_items_first():
         started.wait(5)  # the one worker is busy: what follows queues up
         late = threading.Thread(target=caller, args=("kl", 1, 3))
         late.start()
-        while _queued() < 3:
-            pass
+        _wait_queued(3)
         early = threading.Thread(target=caller, args=("decoder", 0, 2))
         early.start()
-        while _queued() < 5:
-            pass
+        _wait_queued(5)
         gate.set()
         for t in (first, late, early):
             t.join()
     assert ran == [("decoder", 0), ("decoder", 1), ("kl", 0), ("kl", 1), ("kl", 2)]
 
 
-def _queued() -> int:
+def _wait_queued(n: int) -> None:
+    """Until `n` items wait in the shared pool's queue (at most 5 s)."""
+    import time as _time
+
     from enclaveml.assess import threads
 
-    return threads._shared._queue.qsize() if threads._shared is not None else 0
+    end = _time.monotonic() + 5
+    while threads._shared._queue.qsize() < n and _time.monotonic() < end:
+        _time.sleep(0.001)
 
 
 def test_balanced_batches_and_point_sets():
