@@ -191,7 +191,7 @@ class RMLEInversion(LeakageTest):
         targets = {pt.point.index: pt.ir_test[:n] for pt in points if pt.point.index not in self._copies}
         # forward + backward cost grows with the FrontNet: split the points in sets of equal cost, one
         # per core; each set is one staircase search (in memory-bounded groups), single-threaded
-        workers = torch.get_num_threads()
+        workers = ctx.cores()
         sets = balanced_sets(frontnet_flops(fast, sorted(targets), shape), workers) if workers > 1 and len(targets) > 1 \
             else [sorted(targets)]
 
@@ -206,7 +206,7 @@ class RMLEInversion(LeakageTest):
                     cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta, bf16=bf16))
             return found
 
-        for found in side_by_side(search, sets):
+        for found in side_by_side(search, sets, workers):
             self._done.update(found)
 
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
