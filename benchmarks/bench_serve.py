@@ -447,8 +447,8 @@ def main() -> None:
     ap.add_argument("--backnet-small", default="auto", choices=("auto", "enclave", "host"),
                     help="`serve --backnet-small`: where passes of at most 4 images run their BackNet (auto: the "
                          "enclave on a CPU host, one round trip)")
-    ap.add_argument("--backnet", default="host", choices=("host", "enclave"),
-                    help="`serve --backnet`: where larger passes run their BackNet (enclave: every pass, opt-in)")
+    ap.add_argument("--backnet", default="auto", choices=("auto", "host", "enclave"),
+                    help="`serve --backnet`: where larger passes run their BackNet (auto: the enclave on a CPU host)")
     ap.add_argument("--suite", default="x25519",
                     help="HPKE suite of the requests and the key release (crypto/suites.py): x25519 "
                          "(native, the default), x25519-pyhpke (the original format), mlkem768-x25519 "

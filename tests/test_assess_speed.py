@@ -316,6 +316,89 @@ def test_side_by_side_keeps_order_and_runs_each_item_single_threaded():
     assert side_by_side(lambda i: torch.get_num_threads(), [0], workers=2) == [2]  # one item: a plain call
 
 
+def test_shared_cores_run_every_callers_items_on_one_pool_and_charge_each_caller():
+    """Tests that run at once send their items to one pool of `workers` single-threaded threads;
+    each caller gets its own items' answers in order, and its account holds their CPU time."""
+    import threading
+    import time as _time
+
+    from enclaveml.assess.threads import Account, charging, shared_cores, side_by_side
+
+    torch.set_num_threads(2)
+    workers_seen: set[str] = set()
+
+    def item(i):
+        workers_seen.add(threading.current_thread().name)
+        t = _time.thread_time()
+        while _time.thread_time() - t < 0.002:  # a little CPU time to charge
+            pass
+        return i, torch.get_num_threads(), side_by_side(lambda j: j + 1, [i, i])  # nested: a plain loop there
+
+    out, accounts = {}, {c: Account() for c in "ab"}
+
+    def caller(c):
+        with charging(accounts[c]):
+            out[c] = side_by_side(item, range(6), workers=2)
+
+    with shared_cores(2):
+        assert torch.get_num_threads() == 1
+        threads = [threading.Thread(target=caller, args=(c,)) for c in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert torch.get_num_threads() == 2  # restored
+    for c in "ab":
+        assert out[c] == [(i, 1, [i + 1, i + 1]) for i in range(6)]
+        assert accounts[c].items_cpu >= 6 * 0.002
+    assert len(workers_seen) <= 2 and all(n.startswith("assess-core") for n in workers_seen)
+    with shared_cores(2), shared_cores(2):  # a second block (another assessment) shares the pool
+        assert side_by_side(lambda i: threading.current_thread().name, [0, 1])[0].startswith("assess-core")
+    assert side_by_side(lambda i: threading.current_thread().name, [0], workers=1) == [threading.current_thread().name]
+
+
+def test_shared_cores_take_lower_priority_items_first():
+    import threading
+
+    from enclaveml.assess.threads import Account, charging, shared_cores, side_by_side
+
+    gate, started, ran = threading.Event(), threading.Event(), []
+
+    def blocker(_):
+        started.set()
+        gate.wait(5)
+
+    def caller(name, priority, n):
+        with charging(Account(priority)):
+            side_by_side(lambda i: ran.append((name, i)), range(n), workers=1)
+
+    with shared_cores(1):
+        first = threading.Thread(target=lambda: side_by_side(blocker, [0], workers=1))
+        first.start()
+        started.wait(5)  # the one worker is busy: what follows queues up
+        late = threading.Thread(target=caller, args=("kl", 1, 3))
+        late.start()
+        _wait_queued(3)
+        early = threading.Thread(target=caller, args=("decoder", 0, 2))
+        early.start()
+        _wait_queued(5)
+        gate.set()
+        for t in (first, late, early):
+            t.join()
+    assert ran == [("decoder", 0), ("decoder", 1), ("kl", 0), ("kl", 1), ("kl", 2)]
+
+
+def _wait_queued(n: int) -> None:
+    """Until `n` items wait in the shared pool's queue (at most 5 s)."""
+    import time as _time
+
+    from enclaveml.assess import threads
+
+    end = _time.monotonic() + 5
+    while threads._shared._queue.qsize() < n and _time.monotonic() < end:
+        _time.sleep(0.001)
+
+
 def test_balanced_batches_and_point_sets():
     from enclaveml.assess.kl_screen import balanced_batch
     from enclaveml.assess.rmle import balanced_sets

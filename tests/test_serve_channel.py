@@ -381,3 +381,24 @@ def test_the_serving_worker_runs_only_lone_small_front_batches_inline():
     assert not small_front_batch({"op": "front_batch", "n": 1}, {}, {"r0": b"x" * (IDLE_INLINE_BYTES + 1)})
     assert not small_front_batch({"op": "deploy", "n": 1}, {}, {})
     assert not small_front_batch({"op": "front_batch", "n": 1}, {"t": torch.zeros(1)}, {"r0": b"x"})
+
+
+def test_a_frame_with_more_fds_than_allowed_is_refused():
+    """The peer attaches more descriptors than a frame may carry: the kernel truncates them
+    (MSG_CTRUNC) and the channel refuses the frame rather than lose track of segments."""
+    import array
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ch = transport.Channel(a)
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(transport.MAX_FDS_PER_FRAME + 8)]
+    try:
+        b.sendmsg([b"\x00" * 16], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        with pytest.raises(ChannelError, match="more file descriptors"):
+            ch.recv_frame()
+        assert ch._fds == []  # the ones that came were closed
+    finally:
+        for fd in fds:
+            os.close(fd)
+        ch.close()
+        b.close()

@@ -511,6 +511,9 @@ def test_backnet_placement_follows_the_device_and_refuses_contradictions():
     assert enclave_finish_rows("auto", "host", cpu) == 4 and enclave_finish_rows("auto", "host", gpu) == 0
     assert enclave_finish_rows("enclave", "host", gpu) == 4 and enclave_finish_rows("host", "host", cpu) == 0
     assert enclave_finish_rows("auto", "enclave", cpu) == ALL_ROWS == enclave_finish_rows("enclave", "enclave", gpu)
+    # the default ("auto", "auto"): every pass in the enclave on a CPU host, none with a GPU
+    assert enclave_finish_rows("auto", "auto", cpu) == ALL_ROWS and enclave_finish_rows("auto", "auto", gpu) == 0
+    assert enclave_finish_rows("host", "auto", cpu) == 0 and enclave_finish_rows("enclave", "auto", gpu) == 4
     assert describe(0) == {"small": "host", "large": "host"} and describe(4) == {"small": "enclave", "large": "host"}
     for small, large in (("gpu", "host"), ("auto", "both"), ("host", "enclave")):
         with pytest.raises(E.UserInputError):

@@ -105,11 +105,13 @@ def test_rewritten_suite_id_is_refused_and_a_replay_too(served):
 def test_stage_totals_come_from_host_and_enclave(served):
     with EnclaveClient(served.srv.url, served.policy) as c:
         c.infer([served.img], model=MODEL)  # one enclave round trip (serve/placement.py)
-        c.infer([served.img] * 5, model=MODEL)  # over SMALL_ROWS: the host's BackNet, then finish
+        c.infer([served.img] * 5, model=MODEL)  # over SMALL_ROWS: one round trip too on a CPU host
         assert c.clock.snapshot()["client_seal"]["n"] >= 1
     st = httpx.get(f"{served.srv.url}/metrics", params={"format": "json", "stages": 1}, timeout=30).json()["stages"]
-    one_op = () if torch.cuda.is_available() else (("host", "one_op_answers"), ("enclave", "backnet"))  # CPU host
-    for side, stage in (("host", "front_call"), ("host", "http_infer"), ("host", "backnet_forward"), *one_op,
-                        ("enclave", "hpke_seal"), ("enclave", "hpke_open"), ("enclave", "frontnet"),
-                        ("enclave", "op_finish_batch")):
+    # the default placement (serve/placement.py): every pass in the enclave on a CPU host; with a
+    # GPU the host's BackNet and the finish call
+    placed = ((("host", "backnet_forward"), ("enclave", "op_finish_batch")) if torch.cuda.is_available()
+              else (("host", "one_op_answers"), ("enclave", "backnet")))
+    for side, stage in (("host", "front_call"), ("host", "http_infer"), *placed,
+                        ("enclave", "hpke_seal"), ("enclave", "hpke_open"), ("enclave", "frontnet")):
         assert st[side][stage]["n"] >= 1 and st[side][stage]["wall_ns"] > 0, (side, stage)

@@ -37,7 +37,7 @@ class DecoderInversion(LeakageTest):
         res = train_decoders(source, ctx.x_train, shapes, cfg.decoder_steps, cfg.decoder_batch, cfg.decoder_lr,
                              cfg.seed, early_stop=cfg.decoder_early_stop, check_every=cfg.decoder_check_every,
                              patience=cfg.decoder_patience, min_delta=cfg.decoder_min_delta,
-                             workers=max(1, torch.get_num_threads()), width=cfg.decoder_width,
+                             workers=ctx.cores(), width=cfg.decoder_width,
                              ssim_weight=cfg.decoder_ssim_weight, bf16=self._bf16)
         for k, dec in res.decoders.items():
             self._trained[k] = (dec, res.info[k])
@@ -50,7 +50,9 @@ class DecoderInversion(LeakageTest):
         # a point whose IR is a per-channel affine copy of an earlier one's (conv -> batch norm) needs
         # no decoder of its own: the earlier point's, after the inverse map, is the same attack
         self._copies = affine_copies({pt.point.index: pt.ir_test for pt in points})
-        self._train(ctx, lambda idx, upto: fwd(pre.normalise(x[idx]), upto=upto)[0],
+        # channels-last input: the same IRs (bit-identical on darknet), ~8% less CPU per chunk's pass
+        self._train(ctx, lambda idx, upto: fwd(pre.normalise(x[idx]).contiguous(memory_format=torch.channels_last),
+                                               upto=upto)[0],
                     {pt.point.index: tuple(pt.point.out_shape) for pt in points if pt.point.index not in self._copies})
 
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:

@@ -70,6 +70,7 @@ def oracle_probs(ctx: AssessContext, grey: torch.Tensor, low_precision: bool = F
 class KLTest(LeakageTest):
     name = "kl"
     kind = "kl"
+    pool_priority = 1  # many independent oracle batches: they fill the cores around the attacks' rounds
 
     def __init__(self, config):
         super().__init__(config)
@@ -99,7 +100,7 @@ class KLTest(LeakageTest):
         batch = max(1, min(self.config.kl_batch, self.config.kl_batch_pixels // (size[0] * size[1])))
         kl_all, ctl_all, how, answers = channel_kl(
             lambda g, low: oracle_probs(ctx, g, low, oracle), ir, p, blank_q, size, batch, screen,
-            seed=self.config.seed, previous=previous, workers=torch.get_num_threads(),
+            seed=self.config.seed, previous=previous, workers=ctx.cores(),
             batch_float32=max(1, min(self.config.kl_batch_float32, batch)))
         self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
         fresh = how.live - how.reused

@@ -34,6 +34,12 @@ class AssessContext:
     forward: "PointForward | None" = None
     # the oracle the KL test queries: an inference copy of `model` (assess/inference.py); None: `model`
     oracle: "torch.nn.Module | None" = None
+    # the cores the tests' items spread over (0: torch's thread count when asked); fixed for the run, so
+    # batch sizes and point sets do not depend on the thread count of the moment (assess/threads.py)
+    workers: int = 0
+
+    def cores(self) -> int:
+        return self.workers if self.workers > 0 else max(1, torch.get_num_threads())
 
 
 @dataclass
@@ -60,6 +66,8 @@ class LeakageTest(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "kl" (the paper's oracle test) or "inversion" (reconstruction attack)
+    # order in the shared pool of cores when the tests run at once (lower first, assess/threads.py)
+    pool_priority: ClassVar[int] = 0
 
     def __init__(self, config: AssessConfig):
         self.config = config

@@ -124,6 +124,9 @@ def _time_table(record: dict) -> str:
                    f"<td>{v['share']:.0%}</td></tr>" for k, v in t.items())
     note = (f" Load average (1, 5, 15 min) at the start {load.get('start')}, at the end {load.get('end')}: on a shared "
             "machine the CPU seconds say more than the wall seconds.") if load else ""
+    if "tests" in t:
+        note += (" The tests run at once inside `tests` (one shared pool of cores): their wall spans overlap, and"
+                 " each test's CPU seconds are its own threads' and pool items'.")
     return (f"<h2>Where the time went</h2><p>Wall and process CPU seconds per phase; {record.get('torch_threads', '?')} "
             f"torch threads.{html.escape(note)}</p><table><tr><th>phase</th><th>wall s</th><th>CPU s</th><th>share of wall</th></tr>"
             + rows + "</table>")

@@ -215,7 +215,7 @@ class RMLEInversion(LeakageTest):
         targets = {pt.point.index: pt.ir_test[:n] for pt in points if pt.point.index not in self._copies}
         # forward + backward cost grows with the FrontNet: split the points in sets of equal cost, one
         # per core; each set is one staircase search (in memory-bounded groups), single-threaded
-        workers = torch.get_num_threads()
+        workers = ctx.cores()
         # counted on the model itself (the folded copy's zero-tap kernels would count extra multiplies)
         flops = frontnet_flops(ctx.model if callable(getattr(ctx.model, "run", None)) else fast, sorted(targets), shape)
         # large inputs: deep FrontNets search with fewer steps (config.py: rmle_full_flops); darknet, cnn26: all 150
@@ -235,7 +235,7 @@ class RMLEInversion(LeakageTest):
                     cfg.rmle_window if cfg.rmle_early_stop else 0, cfg.rmle_min_delta, bf16=bf16))
             return found
 
-        for found in side_by_side(search, sets):
+        for found in side_by_side(search, sets, workers):
             self._done.update(found)
 
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:

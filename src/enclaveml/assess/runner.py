@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .inference import folded_layers
 from .leakage import AssessContext, PointData
 from .memory import keep_freed_memory
 from .recommend import recommend
+from .threads import Account, charging, shared_cores
 
 Progress = Callable[[str], None]
 
@@ -70,6 +72,11 @@ class PhaseClock:
         finally:
             self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
             self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    def record(self, name: str, wall: float, cpu: float) -> None:
+        """A phase measured by its own thread (tests that run at once: their CPU from `threads.Account`)."""
+        self.wall[name] = self.wall.get(name, 0.0) + wall
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu
 
     def breakdown(self) -> dict:
         """{phase: {wall_s, cpu_s, share}} plus `total`; `share` is the phase's part of the total wall time."""
@@ -110,12 +117,13 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
         # batch-norm-folded inference copy: the KL oracle, and rMLE's FrontNets (its prefixes)
         oracle = folded_layers(model, tuple(model.input_shape))
     accuracy = _sample_accuracy(logits, data.y_test, data.classes, classes)
-    ctx = AssessContext(model, pre, x_test, x_train, probs, config, forward=forward, oracle=oracle)
+    ctx = AssessContext(model, pre, x_test, x_train, probs, config, forward=forward, oracle=oracle,
+                        workers=max(1, torch.get_num_threads()))
 
-    for test in tests:
-        say(f"{test.name}: shared work for all points")
-        with clock.phase(test.name):
-            test.prepare(ctx, pds)
+    # every test at once, its shared work and then every point, on one pool of single-threaded cores
+    # (assess/threads.py): where one test cannot fill the cores, another's items do
+    with clock.phase("tests"):
+        found = _run_tests(tests, ctx, pds, say, clock)
 
     records, images = [], {}
     for pt in pds:
@@ -124,11 +132,7 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
                      "inversion": None, "cost": None}
         attacks, point_images = {}, {}
         for test in tests:
-            say(f"point {k} ({point.name}): {test.name}")
-            t0 = time.perf_counter()
-            with clock.phase(test.name):
-                res = test.evaluate(ctx, pt)
-            res.summary["seconds"] = round(time.perf_counter() - t0, 3)
+            res = found[test.name][k]
             for name, img in res.images.items():
                 point_images[f"{test.name}.{name}"] = img
             if test.kind == "kl":
@@ -166,6 +170,39 @@ def run_assessment(model: LayeredModel, pre: Preprocessing, data_dir: "str | Pat
         "load_average": {"start": load_start, "end": _load_average()},
     }
     return Assessment(record, images, x_test[: config.report_images])
+
+
+def _run_tests(tests: list, ctx: AssessContext, pds: list[PointData], say: Progress, clock: PhaseClock
+               ) -> dict[str, dict[int, leakage.LeakageResult]]:
+    """{test: {point: result}}: each test's `prepare` then its `evaluate` at every point, in order, the
+    tests side by side (one thread each, all sending their compute to one shared pool of cores). Each
+    test's wall span and CPU seconds (its thread's plus its pool items') go to `clock`."""
+    found: dict[str, dict[int, leakage.LeakageResult]] = {t.name: {} for t in tests}
+    spent: dict[str, tuple[float, float]] = {}
+
+    def one(test) -> None:
+        account, w0, c0 = Account(test.pool_priority), time.perf_counter(), time.thread_time()
+        with charging(account):
+            say(f"{test.name}: shared work for all points")
+            test.prepare(ctx, pds)
+            for pt in pds:
+                say(f"point {pt.point.index} ({pt.point.name}): {test.name}")
+                t0 = time.perf_counter()
+                res = test.evaluate(ctx, pt)
+                res.summary["seconds"] = round(time.perf_counter() - t0, 3)
+                found[test.name][pt.point.index] = res
+        spent[test.name] = (time.perf_counter() - w0, time.thread_time() - c0 + account.items_cpu)
+
+    if len(tests) < 2:
+        for test in tests:
+            one(test)
+    else:
+        with shared_cores(ctx.cores()), ThreadPoolExecutor(max_workers=len(tests), thread_name_prefix="assess-test") as ex:
+            for f in [ex.submit(one, t) for t in tests]:
+                f.result()  # a test's error propagates here
+    for test in tests:  # in the tests' order, whichever finished first
+        clock.record(test.name, *spent[test.name])
+    return found
 
 
 def _load_average() -> list[float] | None:

@@ -11,6 +11,7 @@ out channels-last, which is what the enclave's FrontNet runs fastest on (`serve/
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass, field
 
@@ -80,9 +81,15 @@ class Preprocessing:
             if a.dtype != np.uint8 or a.shape != (h, w, 3):
                 raise DataError(f"expected {h}x{w} RGB uint8 pixels, got {a.dtype} {tuple(a.shape)}")
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
-        return x.sub_(mean).div_(std)
+        return x.sub_(_channel_values(tuple(self.mean))).div_(_channel_values(tuple(self.std)))
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_values(values: tuple[float, ...]) -> torch.Tensor:
+    """`values` as a (1, C, 1, 1) float32 tensor, built once (the enclave normalises every request's
+    batch with it; only ever read). Made outside inference mode, so any caller may use it."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
 
 def decode_image(data: bytes, pre: Preprocessing, name: str = "image") -> Image.Image:

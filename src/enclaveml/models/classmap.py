@@ -140,6 +140,20 @@ class ClassMapping:
         """Scores (..., n) in host order -> original class order (a pure gather: bit-exact)."""
         return scores_in_host_order.index_select(-1, self._inverse(scores_in_host_order.device))
 
+    def rows_to_original(self, rows_in_host_order: "list[list[float]]") -> "list[list[float]]":
+        """`to_original` on plain lists of floats (one list per row): the same gather, for the
+        enclave's per-answer mapping, where a few tensor operations on ten values cost more than
+        the Python."""
+        inv = self.__dict__.get("_inv_list")
+        if inv is None:
+            inv = self._inverse().tolist()
+            object.__setattr__(self, "_inv_list", inv)
+        n = len(inv)
+        for r in rows_in_host_order:
+            if len(r) != n:
+                raise ValueError(f"a row of {len(r)} scores for {n} classes")
+        return [[r[i] for i in inv] for r in rows_in_host_order]
+
     def to_host(self, scores_in_original_order: torch.Tensor) -> torch.Tensor:
         """Inverse of `to_original`."""
         return scores_in_original_order.index_select(-1, self._index(scores_in_original_order.device))

@@ -21,9 +21,10 @@ def register(app: typer.Typer) -> None:
                                           help="where passes of at most 4 images run their BackNet: auto (the enclave "
                                                "when the BackNet device is a CPU: one enclave round trip), enclave, "
                                                "host"),
-        backnet: str = typer.Option("host", "--backnet",
-                                    help="where larger passes run their BackNet: host, or enclave (every pass in the "
-                                         "enclave; an opt-in for CPU-only hosts)"),
+        backnet: str = typer.Option("auto", "--backnet",
+                                    help="where larger passes run their BackNet: auto (every pass in the enclave when "
+                                         "the BackNet device is a CPU and --backnet-small is not host; else the "
+                                         "host), host (the paper's split: the host runs it), enclave (every pass)"),
         window_ms: float = typer.Option(0.0, "--batch-window-ms", help="how long a BackNet batch waits for more requests (0: take what is queued when the BackNet is free)"),
         enclave_threads: int = typer.Option(2, "--enclave-threads", help="requests the enclave handles at once"),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch threads of the host process"),

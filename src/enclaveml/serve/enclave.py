@@ -41,6 +41,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ from ..tee import bind_report_data, bind_report_data_pq
 from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
 from ..timing import StageClock, now, since
+from .flat import runner
 from .placement import SMALL_ROWS
 from .threads import LoneThreads
 
@@ -118,6 +120,17 @@ class Deployment:
     back: "torch.nn.Module | None" = field(default=None, repr=False)
     #: An NCHW copy of it for passes over SMALL_ROWS (`--backnet enclave`), made at the first one.
     back_large: "torch.nn.Module | None" = field(default=None, repr=False)
+    #: How passes run them: their flat plans (`serve/flat.py`, the same ATen calls without the
+    #: module machinery; outputs equal bit for bit), or the modules where there is none.
+    run_front: "Callable | None" = field(default=None, repr=False)
+    run_back: "Callable | None" = field(default=None, repr=False)
+    run_back_large: "Callable | None" = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.run_front is None:
+            self.run_front = runner(self.front)
+        if self.run_back is None and self.back is not None:
+            self.run_back = runner(self.back)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -347,7 +360,7 @@ class EnclaveService:
         x = dep.preprocessing.batch(arrays).to(self.device)
         since(self.clock, "decode_preprocess", t)
         t = now()
-        ir = dep.front(x)
+        ir = dep.run_front(x)
         if wire:
             ir = ir.cpu().contiguous()
         since(self.clock, "frontnet", t)
@@ -361,17 +374,21 @@ class EnclaveService:
         NCHW copy on NCHW IR, a little cheaper there (made at the first such pass, so the
         enclave holds two copies only in that mode)."""
         large = len(arrays) > SMALL_ROWS and self.device.type == "cpu"
-        ir = self._front_pass(dep, arrays, wire=large)
-        t = now()
-        out = (self._large_backnet(dep) if large else dep.back)(ir).float().cpu()
-        since(self.clock, "backnet", t)
+        # inference mode: nothing of this pass leaves the enclave as a tensor (fewer per-op costs)
+        with torch.inference_mode():
+            ir = self._front_pass(dep, arrays, wire=large)
+            t = now()
+            out = (self._large_backnet(dep) if large else dep.run_back)(ir).float().cpu()
+            since(self.clock, "backnet", t)
         return out
 
-    def _large_backnet(self, dep: Deployment) -> torch.nn.Module:
+    def _large_backnet(self, dep: Deployment) -> Callable:
         with self._lock:
             if dep.back_large is None:
-                dep.back_large = copy.deepcopy(dep.back).to(memory_format=torch.contiguous_format)
-            return dep.back_large
+                with torch.inference_mode(False):  # ordinary parameters, though called from a pass
+                    dep.back_large = copy.deepcopy(dep.back).to(memory_format=torch.contiguous_format)
+                dep.run_back_large = runner(dep.back_large)
+            return dep.run_back_large
 
     @torch.no_grad()
     def front(self, model_id: str, ciphertext: bytes) -> tuple[str, torch.Tensor]:
@@ -460,15 +477,27 @@ class EnclaveService:
         labels, n = list(dep.mapping.labels), dep.mapping.num_classes
         scores = scores_host_order.detach().to(torch.float32).cpu()
         width = math.prod(dep.head_in_shape) if dep.head is not None else n
-        if scores.numel() != pending.rows * width or not torch.isfinite(scores).all():
-            raise DataError("BackNet outputs have the wrong size or are not finite")
+        bad = DataError("BackNet outputs have the wrong size or are not finite")
+        if scores.numel() != pending.rows * width:
+            raise bad
         if dep.head is not None:  # the classifier head runs here: the host never saw class scores
-            with torch.no_grad():
+            if not torch.isfinite(scores).all():
+                raise bad
+            # inference mode: the outputs of a whole pass here are inference tensors, which a head
+            # whose first layer works in place could not modify outside it
+            with torch.inference_mode():
                 scores = dep.head(scores.reshape(pending.rows, *dep.head_in_shape).to(self.device)).float().cpu()
             if scores.shape != (pending.rows, n):
                 raise DataError("the head's output does not have one score per class")
-        logits = dep.mapping.to_original(scores.reshape(pending.rows, n))
-        probs = torch.softmax(logits.double(), dim=1).tolist()
+            host_rows = scores.tolist()
+        else:
+            host_rows = scores.reshape(pending.rows, n).tolist()
+            if not all(math.isfinite(v) for r in host_rows for v in r):
+                raise bad
+        # The gather and the float32 -> float64 widening on Python floats (exact), the softmax
+        # in torch as before: the answers are the same bits, with three tensor operations, not ten.
+        logits = dep.mapping.rows_to_original(host_rows)
+        probs = torch.softmax(torch.tensor(logits, dtype=torch.float64).reshape(len(logits), n), dim=1).tolist()
         since(self.clock, "class_mapping", t)
         t = now()
         items = []
@@ -478,7 +507,7 @@ class EnclaveService:
                 items.append(protocol.encode_error_item(ident, labels, pending.top_k, pending.logits))
             else:
                 items.append(protocol.encode_result(ident, probs[row], labels, pending.top_k,
-                                                    logits[row].tolist() if pending.logits else None))
+                                                    logits[row] if pending.logits else None))
         since(self.clock, "encode_result", t)
         t = now()
         out = pending.sealer.seal_response(b"".join(items), pending.aad)

@@ -47,12 +47,23 @@ class EnclaveProxy(EnclaveHandle):
                          timeout_s=timeout_s)
 
 
+def front_calls_in_flight(enclave_threads: int) -> int:
+    """Front calls the host keeps in flight: one per enclave pool thread, plus one that waits in
+    the enclave's queue. Why: with exactly one call per pool thread, a thread that finishes its
+    pass idles for a whole host round trip (reply, unpack, next batch, send) before its next
+    call arrives; under load that left about a tenth of both cores idle (darknet k=10, 2 cores:
+    server-only 1,692-1,808 -> 1,934-2,037 images/s, docs/benchmarks.md). A lone request is
+    unaffected (nothing waits)."""
+    return max(1, int(enclave_threads)) + 1
+
+
 class ModelPipeline:
     """One deployed model on the host: enclave FrontNet calls, BackNet, enclave finish calls.
 
     Each stage batches on its own, in the event loop: `front` sends many ciphertexts in one
     channel call, the BackNet runs one tensor batch on its thread, `finish` seals many responses
-    in one channel call. Two enclave calls per stage may be in flight, so the stages overlap. A
+    in one channel call. `front_in_flight` front calls may be in flight (`front_calls_in_flight`:
+    one more than the enclave's pool threads) and two finish calls, so the stages overlap. A
     request may carry several images: its IR has one row per image the enclave decoded.
 
     With `finish_rows` > 0 (`serve/placement.py`: the enclave holds the BackNet) a `front` call
@@ -62,7 +73,7 @@ class ModelPipeline:
 
     def __init__(self, model_id: str, enclave: EnclaveProxy, backnet: torch.nn.Module, device: torch.device,
                  max_batch: int = 64, window_s: float = 0.0, on_batch=None, on_failed=None, on_stage=None,
-                 clock: "StageClock | None" = None, finish_rows: int = 0):
+                 clock: "StageClock | None" = None, finish_rows: int = 0, front_in_flight: int = 2):
         self.model_id = model_id
         #: Passes of at most this many decoded images are answered whole by the enclave (0: none).
         self.finish_rows = int(finish_rows)
@@ -73,7 +84,7 @@ class ModelPipeline:
         self.on_stage = on_stage
         #: Called with the number of a request's images the enclave could not decode (metrics).
         self.on_failed = on_failed
-        self.front = AsyncBatcher(self._front, max_batch, 0.0, concurrency=2)
+        self.front = AsyncBatcher(self._front, max_batch, 0.0, concurrency=max(1, int(front_in_flight)))
         # busy: a FrontNet pass may be running in the enclave (do not take its cores)
         self.back = BackNetExecutor(backnet, device, max_batch, window_s, on_batch=on_batch, clock=clock,
                                     busy=lambda: self.front.running > 0)

@@ -7,16 +7,19 @@ guarantee holds: with the BackNet in the enclave the host sees strictly less (no
 the secret order), and the enclave runs only the owner's BackNet (it checks the bytes the host
 hands it against the signed manifest, `models.bundle.open_enclave_parts(with_backnet=True)`).
 
-Why: a lone request on a CPU host otherwise makes two enclave round trips (FrontNet, then the
-host's BackNet, then class mapping and sealing in the enclave). A pass of at most `SMALL_ROWS`
-images costs the enclave about as much to run whole as the host's BackNet would (darknet k=10:
-~0.4 ms), and saves a channel round trip, the host's BackNet stage and the finish call. With a GPU
-for the BackNet the host keeps it (the enclave has no GPU). Placing every pass in the enclave
-(`backnet="enclave"`) is an opt-in for CPU-only hosts: it moves the host's BackNet work into the
-enclave process and saves the second call per batch.
+Why: with the BackNet on the host every pass makes two enclave round trips (FrontNet, then the
+host's BackNet, then class mapping and sealing in the enclave). On a CPU host the BackNet costs
+the enclave what it would cost the host (darknet k=10: ~0.4 ms for one image, ~0.12 ms per image
+in passes of 32), so running it there saves a channel round trip, the host's BackNet stage and
+the finish call per pass, and keeps both cores on one pool of passes (docs/benchmarks.md:
+1.15x -> 1.02-1.06x plain's CPU per image, 0.76 -> 0.83 of plain's throughput). With a GPU for the
+BackNet the host keeps it (the enclave has no GPU): that is the paper's ternary split, and what
+`backnet="host"` asks for on a CPU host too.
 
     backnet_small: "auto" (enclave when the BackNet device is a CPU) | "enclave" | "host"
-    backnet:       "host" (passes over SMALL_ROWS images on the host) | "enclave" (every pass)
+    backnet:       "auto" (every pass in the enclave when the BackNet device is a CPU and
+                   backnet_small is not "host"; else as "host") | "host" (passes over
+                   SMALL_ROWS images on the host) | "enclave" (every pass)
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..errors import UserInputError
 SMALL_ROWS = 4
 
 BACKNET_SMALL = ("auto", "enclave", "host")
-BACKNET = ("host", "enclave")
+BACKNET = ("auto", "host", "enclave")
 #: `finish_rows` meaning "every pass" (above any call's image count: 4096 requests x 256 images).
 ALL_ROWS = 1 << 20
 
@@ -50,7 +53,7 @@ def enclave_finish_rows(backnet_small: str, backnet: str, device: torch.device) 
     """The largest pass (decoded images of one `front_batch` call) the enclave answers whole;
     0: none (the host then never hands the enclave its BackNet)."""
     check_placement(backnet_small, backnet)
-    if backnet == "enclave":
+    if backnet == "enclave" or (backnet == "auto" and device.type == "cpu" and backnet_small != "host"):
         return ALL_ROWS
     if backnet_small == "enclave" or (backnet_small == "auto" and device.type == "cpu"):
         return SMALL_ROWS

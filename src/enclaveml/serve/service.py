@@ -75,11 +75,11 @@ class ServerConfig:
     ping_timeout_s: float = 10.0
     #: Seconds a 503 answer tells the client to wait (Retry-After).
     retry_after_s: int = 2
-    #: Where BackNet passes run (`serve/placement.py`): small ones (at most SMALL_ROWS images) in
-    #: the enclave, in one round trip, when "auto" finds the BackNet device a CPU; `backnet`
-    #: "enclave" puts every pass there (an opt-in for CPU-only hosts).
+    #: Where BackNet passes run (`serve/placement.py`): on a CPU host ("auto") every pass in the
+    #: enclave, in one round trip; with a GPU every pass on the host's GPU; "host" / "enclave" pin
+    #: it (`backnet="host"` on a CPU host: passes of at most SMALL_ROWS images still in the enclave).
     backnet_small: str = "auto"
-    backnet: str = "host"
+    backnet: str = "auto"
 
 
 def error_kind(e: BaseException) -> str:
@@ -307,13 +307,14 @@ class HostService:
 
     def install(self, model_id: str, manifest, backnet, owner: str | None):
         """Serve `model_id` through a new pipeline (in the event loop: its batchers live there)."""
-        from .host import ModelPipeline
+        from .host import ModelPipeline, front_calls_in_flight
 
         pipe = ModelPipeline(model_id, self.enclave, backnet, self.device, self.cfg.max_batch, self.cfg.window_ms / 1000.0,
                              on_batch=lambda n: self.metrics.observe("backnet_batch_size", n, BATCH_BUCKETS, model=model_id),
                              on_failed=lambda n: self.metrics.inc("errors_total", n, kind="DataError"),
                              on_stage=lambda st, dt: self.metrics.observe("stage_seconds", dt, model=model_id, stage=st),
-                             clock=self.clock, finish_rows=self.finish_rows)
+                             clock=self.clock, finish_rows=self.finish_rows,
+                             front_in_flight=front_calls_in_flight(self.cfg.enclave_threads))
         with self.lock:
             old = self.pipelines.get(model_id)
             self.pipelines[model_id] = pipe
