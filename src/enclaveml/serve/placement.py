@@ -11,8 +11,9 @@ Why: with the BackNet on the host every pass makes two enclave round trips (Fron
 host's BackNet, then class mapping and sealing in the enclave). On a CPU host the BackNet costs
 the enclave what it would cost the host (darknet k=10: ~0.4 ms for one image, ~0.12 ms per image
 in passes of 32), so running it there saves a channel round trip, the host's BackNet stage and
-the finish call per pass, and keeps both cores on one pool of passes (docs/benchmarks.md:
-1.15x -> 1.02-1.06x plain's CPU per image, 0.76 -> 0.83 of plain's throughput). With a GPU for the
+the finish call per pass, and keeps both cores on one pool of passes (docs/benchmarks.md,
+session 6, one quiet window: 0.75-0.78 -> 0.82-0.84 of plain's best throughput; CPU per image
+1.05-1.19x plain against 1.12-1.18x). With a GPU for the
 BackNet the host keeps it (the enclave has no GPU): that is the paper's ternary split, and what
 `backnet="host"` asks for on a CPU host too.
 
