@@ -555,3 +555,27 @@ def test_kl_screen_margin_counts_only_overestimates_near_the_minima():
     assert _widest_violation(own, ctl, own16_far, ctl16, fresh, m, m) == 0.0
     own16_bad = torch.tensor([[0.0, 1.25, 1.6, 13.0]])  # 8 over at 12 above the minimum: the band must reach 12
     assert abs(_widest_violation(own, ctl, own16_bad, ctl16, fresh, m, m) - 12.0) < 1e-6
+
+
+def test_a_caller_that_finds_the_pool_as_it_shuts_down_runs_its_items_itself():
+    """A caller holding the pool just as the last `shared_cores` block ends must not queue items
+    that no worker will take (its call would hang): a closed pool runs them in the caller; and
+    the intra-op thread count is restored only when the last of two overlapping blocks ends."""
+    from enclaveml.assess import threads
+
+    pool = threads._CorePool(2)
+    assert pool.map(lambda x: x * 2, [1, 2, 3], 0) == [2, 4, 6]
+    pool.shutdown()
+    assert pool.map(lambda x: x + 1, [1, 2], 0) == [2, 3]  # returns at once, in order
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = threads.shared_cores(2), threads.shared_cores(2)
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)  # the first block ends while the second still runs
+        assert torch.get_num_threads() == 1
+        b.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2 and threads._shared is None
+    finally:
+        torch.set_num_threads(before)

@@ -6,7 +6,9 @@ whole cost. So every channel image first goes through the oracle in bfloat16 (ab
 on CPUs with bfloat16 dot products, AVX512-BF16 or AMX), and the images whose bfloat16 KL lies
 within half a margin of their sample's smallest float32 KL go through again in float32. With the
 bfloat16 error below half the margin, no other channel can hold the minimum, so the minimum, the
-verdicts and every statistic built from the minima equal a float32-only run's (to float rounding).
+verdicts and every statistic built from the minima equal a float32-only run's (to float rounding)
+as long as the errors measured (below) bound those of the images skipped: a measured bound, not a
+proof (docs/assessment.md, "KL test"; `kl_screen=False` runs everything in float32).
 
 The margin is checked, not assumed: a seeded random share of all channel images and every row's
 bfloat16 minimum are computed in both precisions as well (first: the margin starts at four times

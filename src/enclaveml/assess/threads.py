@@ -36,6 +36,7 @@ R = TypeVar("R")
 
 _shared: "_CorePool | None" = None  # the pool `shared_cores` installed, if any
 _users = 0  # blocks inside `shared_cores` now
+_threads_before = 1  # the intra-op thread count the first block found (restored when the last ends)
 _pool_lock = threading.Lock()
 _local = threading.local()  # per thread: whether it is a shared-pool worker; the Account it charges
 
@@ -88,6 +89,8 @@ class _CorePool:
     def __init__(self, workers: int) -> None:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False  # after `shutdown`: callers run their items themselves
         self._threads = [threading.Thread(target=self._work, name=f"assess-core_{i}", daemon=True)
                          for i in range(max(1, workers))]
         for t in self._threads:
@@ -108,15 +111,20 @@ class _CorePool:
 
     def map(self, fn: Callable[[T], R], items: list[T], priority: int) -> list[R]:
         futures = []
-        for item in items:
-            fut: Future = Future()
-            self._queue.put((priority, next(self._order), (fn, item, fut)))
-            futures.append(fut)
+        with self._lock:  # queued before any stop signal, whose priority sorts after every item's
+            if self._closed:  # a caller that found the pool just as its last block ended
+                return [fn(i) for i in items]
+            for item in items:
+                fut: Future = Future()
+                self._queue.put((priority, next(self._order), (fn, item, fut)))
+                futures.append(fut)
         return [f.result() for f in futures]
 
     def shutdown(self) -> None:
-        for _ in self._threads:
-            self._queue.put((math.inf, next(self._order), None))
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put((math.inf, next(self._order), None))
         for t in self._threads:
             t.join()
 
@@ -127,22 +135,24 @@ def shared_cores(workers: int) -> Iterator[None]:
     single-threaded threads (intra-op threads are 1 for the whole block, in every thread), in the
     order of the callers' `Account.priority`. A block entered while another is active (two
     assessments in one process) shares the first one's pool."""
-    global _shared, _users
-    with single_threaded():
+    global _shared, _users, _threads_before
+    with _pool_lock:
+        if _shared is None:  # the first block: one intra-op thread until the last block ends
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            _shared = _CorePool(workers)
+        _users += 1
+    try:
+        yield
+    finally:
         with _pool_lock:
-            if _shared is None:
-                _shared = _CorePool(workers)
-            _users += 1
-        try:
-            yield
-        finally:
-            with _pool_lock:
-                _users -= 1
-                pool = _shared if _users == 0 else None
-                if pool is not None:
-                    _shared = None
+            _users -= 1
+            pool = _shared if _users == 0 else None
             if pool is not None:
-                pool.shutdown()
+                _shared = None
+                torch.set_num_threads(_threads_before)
+        if pool is not None:
+            pool.shutdown()
 
 
 def side_by_side(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:

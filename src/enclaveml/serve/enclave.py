@@ -370,9 +370,10 @@ class EnclaveService:
         """Pixels of one pass -> BackNet outputs (scores in the secret order, or the head's input),
         the IR never leaving the enclave; the same FrontNet pass as `_front_pass`. The layouts
         follow the host's `BackNetExecutor`: up to SMALL_ROWS rows the channels-last BackNet on the
-        FrontNet's channels-last IR as it comes; larger passes (only under `--backnet enclave`) an
-        NCHW copy on NCHW IR, a little cheaper there (made at the first such pass, so the
-        enclave holds two copies only in that mode)."""
+        FrontNet's channels-last IR as it comes; larger passes (every pass on a CPU host by default,
+        `serve/placement.py`) an NCHW copy on NCHW IR, cheaper there (darknet k=10, 32 rows: 3.7
+        against 7.0 ms, `benchmarks/bench_split_single.py --rows 32`), made at the first such pass:
+        from then on the enclave holds the BackNet's weights twice."""
         large = len(arrays) > SMALL_ROWS and self.device.type == "cpu"
         # inference mode: nothing of this pass leaves the enclave as a tensor (fewer per-op costs)
         with torch.inference_mode():

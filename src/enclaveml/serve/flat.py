@@ -11,7 +11,7 @@ with zero padding, eval-mode batch norm with running statistics, ReLU / LeakyReL
 pooling, adaptive average pooling, flatten, linear, dropout in eval mode) into a tuple of closures
 that call exactly the ATen functions those modules' `forward` would call, with the same arguments
 and the same parameter tensors (shared, not copied), so that outputs are equal bit for bit
-(checked by tests/test_serve_flat.py). Anything else (a module type not listed, forward hooks,
+(checked by tests/test_serve_lone_path.py). Anything else (a module type not listed, forward hooks,
 training mode, a padding mode other than zeros) makes `flatten` return None and the caller keeps
 the module: correctness never depends on the plan.
 """
