@@ -118,7 +118,8 @@ class Deployment:
     #: The public BackNet, when the host handed it over (verified against the manifest) for passes
     #: run whole here (`front_batch(finish_rows=...)`); None: the host runs every BackNet pass.
     back: "torch.nn.Module | None" = field(default=None, repr=False)
-    #: An NCHW copy of it for passes over SMALL_ROWS (`--backnet enclave`), made at the first one.
+    #: An NCHW copy of it for passes over SMALL_ROWS (every pass on a CPU host by default), made at
+    #: the first one.
     back_large: "torch.nn.Module | None" = field(default=None, repr=False)
     #: How passes run them: their flat plans (`serve/flat.py`, the same ATen calls without the
     #: module machinery; outputs equal bit for bit), or the modules where there is none.

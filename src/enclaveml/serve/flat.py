@@ -41,8 +41,8 @@ def _step(m: nn.Module) -> "Step | None":
             return None
         w, b, rm, rv, eps = m.weight, m.bias, m.running_mean, m.running_var, m.eps
         mom = 0.0 if m.momentum is None else m.momentum
-        cudnn = torch.backends.cudnn.enabled
-        return lambda x: torch.batch_norm(x, w, b, rm, rv, False, mom, eps, cudnn)
+        cudnn = torch.backends.cudnn  # read at each call, as F.batch_norm does
+        return lambda x: torch.batch_norm(x, w, b, rm, rv, False, mom, eps, cudnn.enabled)
     if t is nn.LeakyReLU:
         slope = m.negative_slope
         return (lambda x: torch._C._nn.leaky_relu_(x, slope)) if m.inplace else (lambda x: F.leaky_relu(x, slope))
