@@ -87,6 +87,19 @@ def test_killed_worker_is_restarted_and_server_restart_restores(tmp_path: Path, 
             # The default placement on a CPU host runs every pass in the enclave, a request of more
             # than SMALL_ROWS images too: one round trip, no BackNet or finish call on the host.
             assert [r["top"][0]["index"] for r in c.infer(images * 2, model="m")] == want * 2
+            # A host that records such a request and resends it: answered once, refused the second
+            # time before any pass runs (the replay guard comes before the whole-pass path).
+            ref = ModelRef(owner.public_key().to_bytes().hex(), "m")
+            big, _, _ = protocol.seal_infer(c.attested().public_key, Target(ref, ModelPin(ref.owner)),
+                                            frame_fresh(protocol.encode_payload(images * 2, 1)))
+            url = f"{srv.url}/v1/models/{ref}/infer"
+            assert httpx.post(url, content=big, timeout=60).status_code == 200
+            passes = httpx.get(srv.url + "/metrics", params={"format": "json", "stages": 1},
+                               timeout=30).json()["stages"]["enclave"]["frontnet"]["n"]
+            r = httpx.post(url, content=big, timeout=60)
+            assert r.status_code == 409 and r.json()["error"] == "ReplayedMessage"
+            assert httpx.get(srv.url + "/metrics", params={"format": "json", "stages": 1},
+                             timeout=30).json()["stages"]["enclave"]["frontnet"]["n"] == passes
         if not torch.cuda.is_available():  # a CPU host: the restore handed the enclave its BackNet again
             assert httpx.get(srv.url + "/healthz", timeout=30).json()["backnet"] == {"small": "enclave", "large": "enclave"}
             st = httpx.get(srv.url + "/metrics", params={"format": "json", "stages": 1}, timeout=30).json()["stages"]
