@@ -37,7 +37,7 @@ def test_dry_run_writes_the_manifest_sized_from_the_assessment(tmp_path):
     (tmp_path / "assessment.json").write_text(json.dumps(assessment))
     gdir = tmp_path / "g"
     r = _cli(["serve", "--tee", "gramine-sgx", "--store", str(tmp_path / "store"), "--gramine-dir", str(gdir),
-              "--cost", str(tmp_path / "assessment.json"), "--enclave-threads", "3",
+              "--cost", str(tmp_path / "assessment.json"), "--enclave-threads", "3", "--backnet-copy-mib", "0",
               "--signing-key", str(tmp_path / "key.pem"), "--dry-run"], env=_no_gramine_env(tmp_path))
     assert r.returncode == 0, r.stderr
     m = tomllib.loads(_render((gdir / "worker.manifest.template").read_text()))
@@ -54,6 +54,7 @@ def test_dry_run_writes_the_manifest_sized_from_the_assessment(tmp_path):
     assert argv[1:3] == ["-m", "enclaveml.serve.worker"] and argv[argv.index("--tee") + 1] == "gramine-sgx"
     assert argv[argv.index("--channel-path") + 1] == sock and "--no-shm" in argv
     assert argv[argv.index("--threads") + 1] == "3"
+    assert argv[argv.index("--backnet-copy-max-bytes") + 1] == "0"  # no second BackNet copy in a small EPC
     assert m["sgx"]["allowed_files"] == []
     # the exact commands that would run, in order, and no launch
     lines = r.stdout.splitlines()
@@ -71,6 +72,8 @@ def test_dry_run_without_a_cost_report_uses_the_defaults(tmp_path):
     assert r.returncode == 0, r.stderr
     m = tomllib.loads(_render((tmp_path / "store" / "gramine" / "worker.manifest.template").read_text()))
     assert m["sgx"]["enclave_size"] == "4G" and m["sgx"]["max_threads"] == 16
+    argv = m["loader"]["argv"]
+    assert argv[argv.index("--backnet-copy-max-bytes") + 1] == str(16 << 20)  # placement.NCHW_COPY_MAX_BYTES
 
 
 def test_without_the_gramine_tools_it_fails_with_one_line(tmp_path):
@@ -87,6 +90,8 @@ def test_bad_cost_report_and_misplaced_options_fail_with_one_line(tmp_path):
     assert r.returncode == 2 and "recommended point" in r.stderr and "Traceback" not in r.stderr
     r = _cli(["serve", "--tee", "sim", "--dry-run"], env=_no_gramine_env(tmp_path))
     assert r.returncode == 2 and "--tee gramine-sgx" in r.stderr
+    r = _cli(["serve", "--backnet-copy-mib", "-1"], env=_no_gramine_env(tmp_path))
+    assert r.returncode == 2 and "--backnet-copy-mib must be >= 0" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_serve_launches_the_signed_worker_over_the_socket_path(tmp_path):

@@ -553,3 +553,31 @@ def test_every_pass_in_the_enclave_answers_as_the_host_would(service, cifar10_di
                 assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
                 assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-5
     assert svc._deployment(ModelRef.parse(D)).back_large is not None  # made by the large pass
+
+
+def test_a_backnet_over_the_copy_limit_is_held_once_and_answers_the_same(service, cifar10_dir):
+    """Enclave memory is scarce (SGX1's EPC): past `nchw_copy_max_bytes` a large pass runs the one
+    channels-last BackNet instead of making a second, NCHW copy, with the same answers."""
+    from enclaveml.serve.enclave import Answered
+    from enclaveml.serve.placement import ALL_ROWS, keeps_nchw_copy
+
+    svc, back, *_ = service
+    dep = svc._deployment(ModelRef.parse(D))
+    assert dep.back_bytes == sum(t.numel() * t.element_size() for t in (*back.parameters(), *back.buffers()))
+    assert keeps_nchw_copy(dep.back_bytes, dep.back_bytes) and not keeps_nchw_copy(dep.back_bytes, dep.back_bytes - 1)
+    images = [p.read_bytes() for p in sorted((cifar10_dir / "test" / "ship").glob("*.jpg"))[:6]]
+    answers = []
+    was = svc.nchw_copy_max_bytes, dep.back_large, dep.run_back_large
+    try:
+        for limit in (dep.back_bytes - 1, dep.back_bytes):  # held once, then allowed its second copy
+            svc.nchw_copy_max_bytes, dep.back_large, dep.run_back_large = limit, None, None
+            msg, ctx, aad = _seal(svc, protocol.encode_payload(images, 3, True))
+            (o,) = svc.front_batch(D, [msg], finish_rows=ALL_ROWS)
+            assert isinstance(o, Answered) and o.failed == 0
+            answers.append(protocol.decode_results(ctx.open_response(o.sealed, aad), len(images)))
+            assert (dep.back_large is None) == (limit < dep.back_bytes)
+    finally:
+        svc.nchw_copy_max_bytes, dep.back_large, dep.run_back_large = was
+    for a, b in zip(*answers):
+        assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+        assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-4

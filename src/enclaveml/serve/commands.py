@@ -25,6 +25,10 @@ def register(app: typer.Typer) -> None:
                                     help="where larger passes run their BackNet: auto (every pass in the enclave when "
                                          "the BackNet device is a CPU and --backnet-small is not host; else the "
                                          "host), host (the paper's split: the host runs it), enclave (every pass)"),
+        backnet_copy_mib: float = typer.Option(16.0, "--backnet-copy-mib",
+                                               help="largest BackNet (MiB of weights) of which the enclave keeps a "
+                                                    "second, NCHW copy for passes over 4 images (faster there; 0: "
+                                                    "never, for a small EPC)"),
         window_ms: float = typer.Option(0.0, "--batch-window-ms", help="how long a BackNet batch waits for more requests (0: take what is queued when the BackNet is free)"),
         enclave_threads: int = typer.Option(2, "--enclave-threads", help="requests the enclave handles at once"),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch threads of the host process"),
@@ -87,6 +91,9 @@ def register(app: typer.Typer) -> None:
         from .upload import parse_owner_keys
 
         check_placement(backnet_small, backnet)
+        if backnet_copy_mib < 0:
+            raise UserInputError("--backnet-copy-mib must be >= 0")
+        copy_args = ["--backnet-copy-max-bytes", str(int(backnet_copy_mib * (1 << 20)))]
         allow_factory = list(allow_factory or ())
         for c in card or ():
             from ..models.card import read_card
@@ -105,13 +112,13 @@ def register(app: typer.Typer) -> None:
 
             gramine_socket, launch = _prepare_gramine(
                 gramine_dir or store / "gramine", cost, signing_key, dry_run, enclave_threads,
-                check_factory_names(list(allow_factory or ())))
+                check_factory_names(list(allow_factory or ())), copy_args)
             if launch is None:  # --dry-run
                 return
 
         cfg = ServerConfig(tee=tee, store=store, device=device, max_batch=max_batch, window_ms=window_ms,
                            enclave_threads=enclave_threads, max_request_bytes=max_request_bytes,
-                           worker_args=["--torch-threads", str(max(1, enclave_torch_threads))],
+                           worker_args=["--torch-threads", str(max(1, enclave_torch_threads)), *copy_args],
                            worker_socket=worker_socket if launch is None else gramine_socket, worker_launch=launch,
                            allowed_factories=tuple(allow_factory or ()), max_upload_bytes=max_upload_bytes,
                            max_concurrent_uploads=max_uploads, allowed_owners=parse_owner_keys(allow_owner or []),
@@ -136,7 +143,8 @@ def _serve_replicas(o: dict) -> None:
             "--enclave-torch-threads", str(o["enclave_torch_threads"]),
             "--max-request-bytes", str(o["max_request_bytes"]), "--max-upload-bytes", str(o["max_upload_bytes"]),
             "--max-uploads", str(o["max_uploads"]), "--ping-interval", str(o["ping_interval"]),
-            "--ping-timeout", str(o["ping_timeout"]), "--backnet-small", o["backnet_small"], "--backnet", o["backnet"]]
+            "--ping-timeout", str(o["ping_timeout"]), "--backnet-small", o["backnet_small"], "--backnet", o["backnet"],
+            "--backnet-copy-mib", str(o["backnet_copy_mib"])]
     for f in o["allow_factory"] or ():
         args += ["--allow-factory", f]
     for owner in o["allow_owner"] or ():
@@ -150,12 +158,13 @@ def _serve_replicas(o: dict) -> None:
 
 
 def _prepare_gramine(workdir: Path, cost_path: Optional[Path], signing_key: Optional[Path], dry_run: bool,
-                     threads: int, factories: list[str]):
+                     threads: int, factories: list[str], extra_args: list[str] = ()):
     """The serving worker under Gramine (`runtime.spawn.gramine_launch`): (socket path, launch),
     launch None after a dry run."""
     from ..runtime.spawn import gramine_launch
     from ..tee import gramine
 
-    g = gramine_launch(workdir, lambda sock: gramine.worker_argv(sock, threads=threads, allowed_factories=factories),
+    g = gramine_launch(workdir, lambda sock: gramine.worker_argv(sock, threads=threads, allowed_factories=factories,
+                                                                  extra_args=extra_args),
                        cost_path, signing_key, dry_run, threads)
     return g.socket_path, g.launch

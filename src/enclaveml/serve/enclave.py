@@ -64,7 +64,7 @@ from ..tee.backend import EnclaveBackend
 from ..protocol import infer as protocol
 from ..timing import StageClock, now, since
 from .flat import runner
-from .placement import SMALL_ROWS
+from .placement import NCHW_COPY_MAX_BYTES, SMALL_ROWS, keeps_nchw_copy
 from .threads import LoneThreads
 
 DELETE = "delete"
@@ -119,8 +119,10 @@ class Deployment:
     #: run whole here (`front_batch(finish_rows=...)`); None: the host runs every BackNet pass.
     back: "torch.nn.Module | None" = field(default=None, repr=False)
     #: An NCHW copy of it for passes over SMALL_ROWS (every pass on a CPU host by default), made at
-    #: the first one.
+    #: the first one when the BackNet is small enough (`placement.keeps_nchw_copy`).
     back_large: "torch.nn.Module | None" = field(default=None, repr=False)
+    #: The BackNet's parameter and buffer bytes (0 without one): what a second copy would cost.
+    back_bytes: int = 0
     #: How passes run them: their flat plans (`serve/flat.py`, the same ATen calls without the
     #: module machinery; outputs equal bit for bit), or the modules where there is none.
     run_front: "Callable | None" = field(default=None, repr=False)
@@ -132,6 +134,9 @@ class Deployment:
             self.run_front = runner(self.front)
         if self.run_back is None and self.back is not None:
             self.run_back = runner(self.back)
+        if self.back is not None and not self.back_bytes:
+            self.back_bytes = sum(t.numel() * t.element_size()
+                                  for t in (*self.back.parameters(), *self.back.buffers()))
 
     @property
     def identity(self) -> ModelIdentity:
@@ -159,8 +164,11 @@ class EnclaveService:
 
     def __init__(self, backend: EnclaveBackend, replay_window_s: float = 120.0, handle_ttl_s: float = 60.0,
                  device: str = "cpu", allowed_factories: "tuple[str, ...] | list[str]" = (), max_pass: int = MAX_PASS,
-                 suites: "tuple[str, ...] | list[str]" = SUITES, lone_threads: "LoneThreads | None" = None):
+                 suites: "tuple[str, ...] | list[str]" = SUITES, lone_threads: "LoneThreads | None" = None,
+                 nchw_copy_max_bytes: int = NCHW_COPY_MAX_BYTES):
         self.backend = backend
+        #: The largest BackNet this enclave holds a second (NCHW) copy of (`placement.keeps_nchw_copy`).
+        self.nchw_copy_max_bytes = int(nchw_copy_max_bytes)
         #: Torch threads of a small FrontNet pass that runs alone (`serve.threads`); 1 otherwise.
         self.lone_threads = lone_threads if lone_threads is not None else LoneThreads()
         self.max_pass = max(1, int(max_pass))
@@ -374,8 +382,11 @@ class EnclaveService:
         FrontNet's channels-last IR as it comes; larger passes (every pass on a CPU host by default,
         `serve/placement.py`) an NCHW copy on NCHW IR, cheaper there (darknet k=10, 32 rows: 3.7
         against 7.0 ms, `benchmarks/bench_split_single.py --rows 32`), made at the first such pass:
-        from then on the enclave holds the BackNet's weights twice."""
-        large = len(arrays) > SMALL_ROWS and self.device.type == "cpu"
+        from then on the enclave holds the BackNet's weights twice, so only for a BackNet of at most
+        `nchw_copy_max_bytes` (`placement.keeps_nchw_copy`); a larger one runs every pass on its
+        one channels-last copy."""
+        large = (len(arrays) > SMALL_ROWS and self.device.type == "cpu"
+                 and keeps_nchw_copy(dep.back_bytes, self.nchw_copy_max_bytes))
         # inference mode: nothing of this pass leaves the enclave as a tensor (fewer per-op costs)
         with torch.inference_mode():
             ir = self._front_pass(dep, arrays, wire=large)

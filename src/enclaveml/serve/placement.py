@@ -38,6 +38,12 @@ BACKNET_SMALL = ("auto", "enclave", "host")
 BACKNET = ("auto", "host", "enclave")
 #: `finish_rows` meaning "every pass" (above any call's image count: 4096 requests x 256 images).
 ALL_ROWS = 1 << 20
+#: The largest BackNet (bytes of parameters and buffers) of which the enclave keeps a second, NCHW
+#: copy for its passes over SMALL_ROWS images (twice as fast at 32 rows on darknet k=10's 2x2 map,
+#: docs/benchmarks.md). Enclave memory is the scarce kind (SGX1's usable EPC is about 93 MiB, and
+#: pages past it are swapped at a cost): past this a BackNet is held once, channels-last, and
+#: large passes run on that copy (the same answers). `serve --backnet-copy-mib` sets it; 0: never.
+NCHW_COPY_MAX_BYTES = 16 << 20
 
 
 def check_placement(backnet_small: str, backnet: str) -> None:
@@ -59,6 +65,11 @@ def enclave_finish_rows(backnet_small: str, backnet: str, device: torch.device) 
     if backnet_small == "enclave" or (backnet_small == "auto" and device.type == "cpu"):
         return SMALL_ROWS
     return 0
+
+
+def keeps_nchw_copy(backnet_bytes: int, max_bytes: int = NCHW_COPY_MAX_BYTES) -> bool:
+    """Whether the enclave may hold a second, NCHW copy of a BackNet of `backnet_bytes` (above)."""
+    return 0 < backnet_bytes <= max_bytes
 
 
 def describe(finish_rows: int) -> dict[str, str]:
