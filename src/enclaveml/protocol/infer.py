@@ -285,8 +285,8 @@ def encode_result(identity: ModelIdentity, probs: list[float], labels: list[str]
     depend only on the deployment and the options (the identity fields, each class's
     '{"index":I,"label":L,"score":' text, the padded size) are built once per deployment and
     options (`_result_parts`), so an image costs its top-k selection and its numbers' `repr`
-    (the float text `json` writes) instead of a dict tree through the JSON encoder: about a
-    third of the CPU per image (docs/benchmarks.md, "Tail latency and per-request CPU")."""
+    (the float text `json` writes) instead of a dict tree through the JSON encoder: about half
+    the CPU per image (docs/benchmarks.md, "Tail latency and per-request CPU")."""
     n = len(probs)
     order = sorted(range(n), key=lambda i: (-probs[i], i))[: min(top_k, n)]
     prefix, entries, size = _result_parts(identity, tuple(labels), top_k, logits is not None)
