@@ -283,18 +283,20 @@ def encode_result(identity: ModelIdentity, probs: list[float], labels: list[str]
     The same bytes as `_json` of {identity fields, "top": [{"index", "label", "score"}...],
     "logits"} (tests/test_protocol_messages.py checks them against that encoder): the parts that
     depend only on the deployment and the options (the identity fields, each class's
-    '{"index":I,"label":L,"score":' text, the padded size) are built once per deployment and
-    options (`_result_parts`), so an image costs its top-k selection and its numbers' `repr`
-    (the float text `json` writes) instead of a dict tree through the JSON encoder: about half
-    the CPU per image (docs/benchmarks.md, "Tail latency and per-request CPU")."""
+    '{"index":I,"label":L,"score":' text: `_result_parts`; the padded size: `_result_size`) are
+    built once, so an image costs its top-k selection and its numbers' `repr` (the float text
+    `json` writes) instead of a dict tree through the JSON encoder: about half the CPU per image
+    (docs/benchmarks.md, "Tail latency and per-request CPU")."""
     n = len(probs)
     order = sorted(range(n), key=lambda i: (-probs[i], i))[: min(top_k, n)]
-    prefix, entries, size = _result_parts(identity, tuple(labels), top_k, logits is not None)
+    labels = tuple(labels)
+    prefix, entries = _result_parts(identity, labels)
     parts = [prefix, ",".join([entries[i] + _float_text(probs[i]) + "}" for i in order]), "]"]
     if logits is not None:
         parts += [',"logits":[', ",".join([_float_text(v) for v in logits]), "]"]
     parts.append("}")
     raw = "".join(parts).encode()
+    size = _result_size(identity, labels, top_k, logits is not None)  # after the numbers, as before
     if len(raw) > size:  # cannot happen (result_size is an upper bound); never send a telling length
         raise RuntimeError("result is longer than its padded size")
     return raw + bytes(size - len(raw))
@@ -309,16 +311,15 @@ def _float_text(v) -> str:
     return float.__repr__(v)
 
 
-@functools.lru_cache(maxsize=256)
-def _result_parts(identity: ModelIdentity, labels: tuple, top_k: int, logits: bool) -> tuple[str, tuple, int]:
+@functools.lru_cache(maxsize=32)
+def _result_parts(identity: ModelIdentity, labels: tuple) -> tuple[str, tuple]:
     """(the JSON up to the top list's "[", per class index the text of its top entry up to the
-    score, the padded size) for one deployment and options."""
-    size = _result_size(identity, labels, top_k, logits)
+    score) for one deployment: one string per class, whatever the requests' options."""
     head = _json({**_ident(identity), "top": []})
     if not head.endswith('"top":[]}'):  # the identity fields come first, "top" last: always
         raise RuntimeError("unexpected result layout")
     entries = tuple(_json({"index": i, "label": lab, "score": 0})[:-2] for i, lab in enumerate(labels))
-    return head[:-2], entries, size
+    return head[:-2], entries
 
 
 def decode_result(data: bytes, expected: "Target | None" = None) -> dict[str, Any]:
