@@ -5,7 +5,9 @@ request path on a shared, loaded machine, where back-to-back `bench_serve.py` ru
 loads: one child process per tree (each with its own `enclaveml serve --tee sim`, darknet split
 at k=10, deployed, warmed by 20 requests) and one plain-PyTorch child (decode + preprocess + the
 whole model, 2 threads); the driver sends single-image requests to A, B and plain in turn
-(alternating the order), so load changes hit all three alike. Prints each tree's per-stage
+(A and B alternate going first; plain goes last and is followed by a pause that outlasts its
+OpenMP threads' spin-wait), so load changes hit all three alike and neither tree shares the
+cores with plain's spinning threads. Prints each tree's per-stage
 breakdown (its own `bench_serve.breakdown`) to stderr and, last, one JSON line with p50, p90, p99
 and mean ms of A, B and plain, and per request each server's process CPU (us: host, enclave,
 client) and context switches (voluntary + involuntary, all threads: host, enclave, client).
@@ -22,6 +24,8 @@ import sys
 import time
 
 PY = sys.executable
+#: Pause after each plain request (s): longer than libgomp's default spin of its idle threads.
+PLAIN_PAUSE_S = 0.015
 
 
 def child_main(mode: str, tree: str, extra: list[str]) -> None:
@@ -140,13 +144,20 @@ def main() -> None:
     for k in kids.values():
         assert k.stdout.readline().strip() == "ready"
     lat = {k: [] for k in kids}
-    order = list(kids.items())
+    # A and B take turns going first, and plain goes last, followed by a pause longer than
+    # libgomp's default spin-wait: its two OpenMP threads keep spinning ~9-10 ms after each
+    # pass (measured: process CPU while sleeping after a 2-thread darknet pass), and whatever
+    # runs then shares the cores with them. The earlier order (A B plain, plain B A) put B right
+    # after plain in every other round, and A never: one tree run against itself came out
+    # 0.5-0.9 ms slower at p50 as B (docs/benchmarks.md, "Tail latency and per-request CPU").
+    orders = ((kids["A"], kids["B"], kids["plain"]), (kids["B"], kids["A"], kids["plain"]))
+    names = {id(k): name for name, k in kids.items()}
     for i in range(n):
-        for name, k in (order if i % 2 == 0 else order[::-1]):
+        for k in orders[i % 2]:
             k.stdin.write(f"{i}\n")
             k.stdin.flush()
-            lat[name].append(float(k.stdout.readline()))
-            time.sleep(0.005)
+            lat[names[id(k)]].append(float(k.stdout.readline()))
+            time.sleep(PLAIN_PAUSE_S if k is kids["plain"] else 0.005)
     for k in kids.values():
         k.stdin.close()
     costs = {name: json.loads(k.stdout.readline()) for name, k in kids.items() if name != "plain"}

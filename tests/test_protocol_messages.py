@@ -167,3 +167,40 @@ def test_results_check_each_distinct_identity_once_and_every_different_one():
             with pytest.raises(err):
                 P.decode_results(good + bad + good, 3, expected=target, checked=checked)
     assert len(cache) == 1  # nothing refused was remembered
+
+
+def _result_by_json(identity, probs, labels, top_k, logits=None) -> bytes:
+    """The result item as `encode_result` built it before its parts were cached: a dict through
+    the JSON encoder, padded (the reference the cached encoder must match byte for byte)."""
+    order = sorted(range(len(probs)), key=lambda i: (-probs[i], i))[: min(top_k, len(probs))]
+    res = {**P._ident(identity), "top": [{"index": i, "label": labels[i], "score": float(probs[i])} for i in order]}
+    if logits is not None:
+        res["logits"] = [float(v) for v in logits]
+    raw = P._json(res).encode()
+    return raw + bytes(P.result_size(identity, labels, top_k, logits is not None) - len(raw))
+
+
+def test_result_items_are_the_json_encoders_bytes():
+    import random
+
+    rng = random.Random(7)
+    odd = ['q"uote', "back\\slash", "ünï\u2028cødé", "tab\tnl\n", "\x00ctl", "", "a" * 64, "😀"]
+    for case in range(300):
+        n = rng.randint(1, 12)
+        labels = [rng.choice(odd + [f"c{i}"]) + str(i) for i in range(n)]
+        ident = ModelIdentity("ab" * 32, rng.choice(["m", "darknet", "ñ-1"]), "cd" * 8, rng.randint(0, 30), rng.randint(0, 3))
+        raw = [rng.choice([0.0, 1.0, 1e-300, 5e-324, 0.1, rng.random(), -rng.random() * 1e6]) for _ in range(n)]
+        if case % 5 == 0:
+            raw[rng.randrange(n)] = raw[0]  # ties: the lower index first
+        total = sum(abs(v) for v in raw) or 1.0
+        probs = [abs(v) / total for v in raw]
+        top_k = rng.randint(0, n + 2)
+        logits = raw if case % 2 else None
+        assert P.encode_result(ident, probs, labels, top_k, logits) == _result_by_json(ident, probs, labels, top_k, logits)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # refused as the JSON encoder refuses them
+        with pytest.raises(ValueError):
+            P.encode_result(IDENT, [0.5, bad], ["a", "b"], 2)
+        with pytest.raises(ValueError):
+            P.encode_result(IDENT, [0.5, 0.5], ["a", "b"], 1, [1.0, bad])
+        with pytest.raises(ValueError):
+            _result_by_json(IDENT, [0.5, 0.5], ["a", "b"], 1, [1.0, bad])
