@@ -220,38 +220,3 @@ def test_private_key_restore_and_repr_hide_secrets():
     assert pt == b"x"
     assert kp.private_bytes().hex() not in repr(kp)
     assert "secret" not in repr(ctx) and sealer._secret.hex() not in repr(sealer)
-
-
-def test_hkdf_is_rfc5869_and_cryptographys():
-    """The response keys' HKDF (`_hazmat.hkdf_extract` / `hkdf_expand`, one-shot HMAC calls):
-    RFC 5869's SHA-256 vectors (A.1-A.3), and `cryptography`'s HKDFExpand for every length."""
-    import os
-
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-
-    from enclaveml.crypto import _hazmat as hz
-
-    h = bytes.fromhex
-    vectors = [  # (IKM, salt, info, L, PRK, OKM)
-        (b"\x0b" * 22, h("000102030405060708090a0b0c"), h("f0f1f2f3f4f5f6f7f8f9"), 42,
-         "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5",
-         "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"),
-        (bytes(range(0x00, 0x50)), bytes(range(0x60, 0xb0)), bytes(range(0xb0, 0x100)), 82,
-         "06a6b88c5853361a06104c9ceb35b45cef760014904671014a193f40c15fc244",
-         "b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c59045a99cac7827271cb41c65e590e09"
-         "da3275600c2f09b8367793a9aca3db71cc30c58179ec3e87c14c01d5c1f3434f1d87"),
-        (b"\x0b" * 22, b"", b"", 42,
-         "19ef24a32c717b167f33a91d6f648bdf96596776afdb6377ac434c1c293ccb04",
-         "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"),
-    ]
-    for ikm, salt, info, n, prk, okm in vectors:
-        assert hz.hkdf_extract(salt, ikm).hex() == prk
-        assert hz.hkdf_expand(h(prk), info, n).hex() == okm
-    prk = os.urandom(32)
-    for n in [*range(1, 100), 255, 256, hz.HKDF_MAX_BYTES]:
-        info = os.urandom(n % 40)
-        assert hz.hkdf_expand(prk, info, n) == HKDFExpand(hashes.SHA256(), n, info).derive(prk)
-    for bad in (0, -1, hz.HKDF_MAX_BYTES + 1):
-        with pytest.raises(ValueError):
-            hz.hkdf_expand(prk, b"", bad)

@@ -21,7 +21,9 @@ import hmac
 import os
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId
 
 #: The one HPKE suite enclaveml speaks.
@@ -47,28 +49,12 @@ def random_bytes(n: int) -> bytes:
 
 def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract with SHA-256 (RFC 5869 section 2.2)."""
-    return hmac.digest(salt, ikm, "sha256")
-
-
-#: Longest HKDF-SHA256 output (RFC 5869: 255 blocks of the hash's size).
-HKDF_MAX_BYTES = 255 * 32
+    return hmac.new(salt, ikm, hashlib.sha256).digest()
 
 
 def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-Expand with SHA-256 (RFC 5869 section 2.3): T(i) = HMAC(PRK, T(i-1) || info || i).
-
-    One-shot `hmac.digest` calls (OpenSSL's HMAC, no Python objects): the same bytes as
-    `cryptography`'s `HKDFExpand` (tests/test_crypto_hpke.py, RFC 5869's vectors), at about half
-    its CPU once the caches are cold, as they are for every lone request's response keys (62 -> 35
-    us per request; docs/benchmarks.md, "Tail latency and per-request CPU")."""
-    if not 0 < length <= HKDF_MAX_BYTES:
-        raise ValueError(f"HKDF-SHA256 output must be 1 to {HKDF_MAX_BYTES} bytes")
-    block, out, i = b"", [], 0
-    while 32 * i < length:
-        i += 1
-        block = hmac.digest(prk, block + info + bytes((i,)), "sha256")
-        out.append(block)
-    return b"".join(out)[:length]
+    """HKDF-Expand with SHA-256 (RFC 5869 section 2.3)."""
+    return HKDFExpand(hashes.SHA256(), length, info).derive(prk)
 
 
 def aes_gcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
