@@ -39,7 +39,7 @@ class _Float32InputGrad(torch.autograd.Function):
         (w,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups, dtype = ctx.conf
         g = grad.float().contiguous(memory_format=torch.channels_last)
-        shell = torch.empty(shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)  # shape only
+        shell = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)  # its shape only
         gx = torch.ops.aten.convolution_backward(g, shell, w.float(), None, stride, padding, dilation, False, [0, 0],
                                                  groups, [True, False, False])[0]
         return gx.to(dtype), None, None, None, None, None, None
