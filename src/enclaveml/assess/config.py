@@ -66,6 +66,11 @@ class AssessConfig:
     kl_batch_float32: int = 128
     kl_batch_pixels: int = 2 ** 21
     kl_screen: bool = True  # bfloat16 oracle pass first, float32 near each minimum (assess/kl_screen.py)
+    # the screen's final audit: this share (at least kl_audit_min) of the images it skipped, drawn at random
+    # (seeded) and computed in float32; one below its row's minimum sends the point to float32, one whose
+    # error the margin did not cover widens it (assess/kl_screen.py)
+    kl_audit_share: float = 0.02
+    kl_audit_min: int = 32
     latency_repeats: int = 10
     report_images: int = 6
     seed: int = 0

@@ -101,7 +101,8 @@ class KLTest(LeakageTest):
         kl_all, ctl_all, how, answers = channel_kl(
             lambda g, low: oracle_probs(ctx, g, low, oracle), ir, p, blank_q, size, batch, screen,
             seed=self.config.seed, previous=previous, workers=ctx.cores(),
-            batch_float32=max(1, min(self.config.kl_batch_float32, batch)))
+            batch_float32=max(1, min(self.config.kl_batch_float32, batch)),
+            audit_share=self.config.kl_audit_share, audit_min=self.config.kl_audit_min)
         self._previous = (ctx, answers)  # same samples and oracle: the next point may reuse them
         fresh = how.live - how.reused
         if how.screened and fresh >= SCREEN_JUDGED_FROM and how.float32 > SCREEN_MAX_FLOAT32 * fresh:

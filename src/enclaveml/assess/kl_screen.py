@@ -26,6 +26,13 @@ against ~0.1-0.2 near a minimum), which made the margin, measured over all image
 channels (86-99% recomputed). On darknet the bfloat16 KL error is at most ~0.04 (KL values
 0.5-5). Without fast bfloat16, or with `kl_screen` off, everything runs
 in float32, as before.
+
+The audit (after the screen decided): a seeded random draw of the images it skipped (`audit_share`,
+at least `audit_min`) goes through float32. One below its row's minimum means a minimum was
+missed: the point falls back to float32 for every image. Otherwise the audited errors join the
+measured ones, and one the margin did not cover widens it (new candidates computed). It bounds
+the share of skipped images whose error breaks the measured bound (about 3/m with m audited, 95%),
+not a single adversarial image: that needs `kl_screen` off.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from .threads import side_by_side
 #: margins of their row's exact minimum (and wide enough that no checked image farther out was
 #: overestimated by 2/3 of its distance): errors measured where they could hide a minimum
 WINDOW = 1.0
+
+#: the audit's random draw uses seed + this (a stream apart from the check share's)
+AUDIT_SEED = 7919
 
 #: grey images (B, 1, H, W) in [0, 1], low precision or not -> oracle probabilities (B, K), float32
 Oracle = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -94,6 +104,21 @@ class Answers:
 
 
 @dataclass
+class AuditReport:
+    """The final float32 audit of images the screen skipped (`kl.oracle.audit`)."""
+
+    images: int = 0  # skipped images drawn and computed in float32
+    below_minimum: int = 0  # of those (own or control), a float32 KL below its row's minimum: the screen was wrong
+    fallback: bool = False  # then every image of the point was computed in float32
+    widened: bool = False  # an audited image broke the margin's rules: the margin grew ...
+    rechecked: int = 0  # ... and this many more candidates were computed in float32
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "below_minimum": self.below_minimum, "fallback": self.fallback,
+                "widened": self.widened, "rechecked": self.rechecked}
+
+
+@dataclass
 class ScreenReport:
     """How the oracle's answers were computed, for the JSON (`kl.oracle`)."""
 
@@ -103,12 +128,13 @@ class ScreenReport:
     margin: float  # final margin around each minimum (KL units)
     max_error: float  # largest bfloat16 overestimate of a KL seen near the minima (kl_screen._max_error)
     reused: int = 0  # images identical to the previous point's, answered from its passes
+    audit: AuditReport | None = None  # the screen's final audit (None: no screen)
 
     def to_dict(self) -> dict:
         return {"precision": "bfloat16 screen, float32 near each minimum" if self.screened else "float32",
                 "images": self.live, "float32_images": self.float32,
                 "margin": round(self.margin, 5), "max_bf16_error": round(self.max_error, 5),
-                "reused_images": self.reused}
+                "reused_images": self.reused, **({"audit": self.audit.to_dict()} if self.audit is not None else {})}
 
 
 def balanced_batch(n: int, batch: int, workers: int) -> int:
@@ -123,7 +149,8 @@ def balanced_batch(n: int, batch: int, workers: int) -> int:
 def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch.Tensor, size: tuple[int, int],
                batch: int, screen: bool, margin: float = 0.1, check_share: float = 0.03, seed: int = 0,
                previous: Answers | None = None, same_tol: float = 1e-5, workers: int = 1,
-               batch_float32: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ScreenReport, Answers]:
+               batch_float32: int | None = None, audit_share: float = 0.02,
+               audit_min: int = 32) -> tuple[torch.Tensor, torch.Tensor, ScreenReport, Answers]:
     """own[i, c] = KL(p_i || F(image of channel c of sample i)) and ctl[i, c] = KL(p_i || F(image of
     channel c of sample i-1)) (the permutation control, cyclic), each (n, C), exact near each row's
     minimum; how they were computed; and the answers, for the next point.
@@ -193,25 +220,63 @@ def channel_kl(oracle: Oracle, ir: torch.Tensor, p: torch.Tensor, blank_q: torch
         fresh |= first
     own, ctl = kls()
     margin = min(margin, 4 * _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, WINDOW * margin))
-    while True:
-        # a skipped image's float32 KL is above its bfloat16 KL minus the error bound (margin / 3, seen
-        # errors x 1.5): below the row's exact minimum only if its bfloat16 KL is within margin / 2 of it
+
+    def settle(margin: float) -> tuple[float, float]:
+        """Grow the margin until the errors measured allow it, and compute every candidate in float32."""
+        nonlocal own, ctl, exact, fresh
+        while True:
+            # a skipped image's float32 KL is above its bfloat16 KL minus the error bound (margin / 3, seen
+            # errors x 1.5): below the row's exact minimum only if its bfloat16 KL is within margin / 2 of it
+            m_own, m_ctl = _exact_minima(own, ctl, exact)
+            max_error = _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, WINDOW * margin)
+            wide = _widest_violation(own, ctl, own16, ctl16, fresh, m_own, m_ctl)
+            if margin < 3 * max_error or margin < 2 * wide:
+                margin = max(3 * max_error, 2 * wide)
+                continue
+            near_own = own16 <= m_own + margin / 2
+            near_ctl = (ctl16 <= m_ctl + margin / 2).roll(-1, dims=0)  # row i's control uses sample i-1's channels
+            want = (near_own | near_ctl) & ~exact
+            if not want.any():
+                return margin, max_error
+            compute(want, False)
+            exact |= want
+            fresh |= want
+            own, ctl = kls()
+
+    margin, max_error = settle(margin)
+    # the audit: a seeded random share of the images the screen skipped, in float32 (a draw of its own,
+    # made after the screen decided). One below its row's minimum: the screen missed a minimum, and the
+    # point falls back to float32 for every image. Otherwise the audited images join the measured errors:
+    # one that breaks the margin's rules (an overestimate the bound did not cover) widens it, and the
+    # new candidates are computed, as for the check share.
+    audit = AuditReport()
+    skipped = (~exact).nonzero()
+    k = min(skipped.shape[0], max(audit_min, round(audit_share * skipped.shape[0]))) if audit_share > 0 else 0
+    if k:
+        pick = skipped[torch.randperm(skipped.shape[0], generator=torch.Generator().manual_seed(seed + AUDIT_SEED))[:k]]
+        sel = torch.zeros_like(blank)
+        sel[pick[:, 0], pick[:, 1]] = True
         m_own, m_ctl = _exact_minima(own, ctl, exact)
-        max_error = _max_error(own, ctl, own16, ctl16, fresh, anchor, exact, WINDOW * margin)
-        wide = _widest_violation(own, ctl, own16, ctl16, fresh, m_own, m_ctl)
-        if margin < 3 * max_error or margin < 2 * wide:
-            margin = max(3 * max_error, 2 * wide)
-            continue
-        near_own = own16 <= m_own + margin / 2
-        near_ctl = (ctl16 <= m_ctl + margin / 2).roll(-1, dims=0)  # row i's control uses sample i-1's channels
-        want = (near_own | near_ctl) & ~exact
-        if not want.any():
-            break
-        compute(want, False)
-        exact |= want
-        fresh |= want
+        compute(sel, False)
+        exact |= sel
+        fresh |= sel
         own, ctl = kls()
-    return own, ctl, ScreenReport(int(live.shape[0]), int(fresh.sum()), True, margin, max_error, reused), answers()
+        audit.images = k
+        audit.below_minimum = int(((own < m_own) & sel).sum() + ((ctl < m_ctl) & sel.roll(1, dims=0)).sum())
+        if audit.below_minimum:
+            rest = ~exact
+            compute(rest, False)
+            exact |= rest
+            fresh |= rest
+            own, ctl = kls()
+            audit.fallback = True
+        else:
+            before = int(fresh.sum())
+            wider, max_error = settle(margin)
+            audit.widened = wider > margin
+            audit.rechecked = int(fresh.sum()) - before
+            margin = wider
+    return own, ctl, ScreenReport(int(live.shape[0]), int(fresh.sum()), True, margin, max_error, reused, audit), answers()
 
 
 def _exact_minima(own: torch.Tensor, ctl: torch.Tensor, exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

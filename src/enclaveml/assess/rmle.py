@@ -14,7 +14,9 @@ larger. The points are split in one set per core of equal FrontNet cost (`balanc
 one staircase search on one thread, side by side (assess/threads.py). Each point keeps its own
 objective, Adam moments and stopping rule, so the searches do not interact: how the points are
 grouped changes nothing but float rounding. With `bf16` the staircase's passes run under bfloat16
-autocast (the objective, the prior and Adam stay float32): 0.67x the CPU time on darknet.
+autocast (the objective, the prior and Adam stay float32): 0.67x the CPU time on darknet; a strided
+depthwise convolution's input gradient is then computed by the float32 kernel (assess/strided.py:
+bfloat16's is a slow path, 60% of a step on EfficientNet-Lite0; the same forward, a more precise gradient).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .inference import folded
 from .kl_screen import bf16_is_fast
 from .leakage import AssessContext, LeakageResult, LeakageTest, PointData, register
 from .metrics import psnr, ssim
+from .strided import with_fast_input_grads
 from .threads import side_by_side
 
 #: Adam's constants (torch.optim.Adam's defaults), for the batched search's own update
@@ -198,6 +201,7 @@ class RMLEInversion(LeakageTest):
         self._copies: dict[int, int] = {}  # point -> the earlier point whose search serves it (assess/affine.py)
         self._precision = "float32"  # of the staircase searches
         self._budgets: dict[int, int] = {}  # point -> its search's step budget
+        self._fast_grads = 0  # strided depthwise convolutions given the float32 input gradient (assess/strided.py)
 
     def prepare(self, ctx: AssessContext, points: list[PointData]) -> None:
         """Search for every point's images together (one staircase batch), when the model can run
@@ -225,6 +229,8 @@ class RMLEInversion(LeakageTest):
 
         bf16 = cfg.rmle_bf16 and bf16_is_fast()  # emulated bfloat16 would be slower, not faster
         self._precision = "bfloat16 autocast" if bf16 else "float32"
+        if bf16:  # strided depthwise convolutions: their input gradient by the float32 kernel (assess/strided.py)
+            fast, self._fast_grads = with_fast_input_grads(fast)
 
         def search(ks: list[int]) -> dict[int, tuple[torch.Tensor, int]]:
             found: dict[int, tuple[torch.Tensor, int]] = {}
@@ -255,6 +261,8 @@ class RMLEInversion(LeakageTest):
         summary = {"ssim": float(s.mean()), "psnr": float(p.mean()), "ssim_min": float(s.min()),
                    "ssim_max": float(s.max()), "samples": n, "steps": steps, "step_budget": self._budgets.get(k, cfg.rmle_steps),
                    "precision": self._precision if k in self._done else "float32"}
+        if k in self._done and self._fast_grads:
+            summary["float32_grad_convs"] = self._fast_grads  # strided depthwise convolutions (assess/strided.py)
         if k != pt.point.index:
             summary["search_of"] = k  # this point's IR is an affine copy of point k's: the same search
         return LeakageResult(summary, {"reconstructions": recon[: cfg.report_images]})
