@@ -135,10 +135,11 @@ def _ssim_autograd_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", [(8, 3, 32, 32), (1, 2, 224, 224), (2, 1, 9, 70), (2, 2, 8, 8)])
 def test_training_ssim_gradient_in_closed_form_equals_autograd(shape):
-    """The decoder's SSIM term computes its gradient in closed form (three adjoint filters): the same
-    value and gradient as autograd's through the formula, in strips (224x224), with a shrunken window
-    (8x8) and non-square; a channels-last input gives the same."""
-    from enclaveml.assess.metrics import ssim_target, ssim_training
+    """The decoder's SSIM term in closed form (three adjoint filters; `ssim_training` uses it for images
+    filtered in strips, such as 224x224): the same value and gradient as autograd's through the
+    formula, in strips, with a shrunken window (8x8) and non-square; a channels-last input gives the
+    same; below the strip size `ssim_training` is autograd's formula itself."""
+    from enclaveml.assess.metrics import _SSIMObjective, ssim_target, ssim_training
 
     g = torch.Generator().manual_seed(4)
     y = torch.rand(*shape, generator=g)
@@ -149,8 +150,15 @@ def test_training_ssim_gradient_in_closed_form_equals_autograd(shape):
     (gref,) = torch.autograd.grad(ref, xd)
     for xin in (x.clone(), x.contiguous(memory_format=torch.channels_last)):
         xin.requires_grad_()
-        s = ssim_training(xin, y, target=ssim_target(y))
+        my, yy = ssim_target(y)
+        s = _SSIMObjective.apply(xin, y, my, yy, 11, 1.5)
         (grad,) = torch.autograd.grad(3.0 * s, xin)  # an upstream factor reaches the gradient
+        (used,) = torch.autograd.grad(ssim_training(xin, y, target=(my, yy)), xin)
+        if max(my.shape[-2:]) > 54:  # filtered in strips (metrics.STRIP)
+            assert torch.equal(used, torch.autograd.grad(_SSIMObjective.apply(xin, y, my, yy, 11, 1.5), xin)[0])
+        else:
+            (auto,) = torch.autograd.grad(_ssim_autograd_reference(xin, y), xin)
+            assert torch.equal(used, auto)
         assert float(s) == pytest.approx(float(ref), abs=1e-6)
         assert torch.equal(s.detach(), _ssim_autograd_reference(x, y))  # float32: the same value to the bit
         assert grad.shape == x.shape

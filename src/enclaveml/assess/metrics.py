@@ -189,7 +189,17 @@ def ssim_training(x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: f
     The same statistic as `ssim` (Gaussian window, K1=0.01, K2=0.03, data range 1, 'valid'). The
     separable filter is two small matrix products (`_bands`), about 6x faster on CPU than the same
     filter as a depthwise convolution; `target` (from `ssim_target(y)`) skips the target's moments.
-    The gradient is computed in closed form (`_SSIMObjective`); y gets none.
+    Images filtered in strips (a side above STRIP + win - 1, e.g. 224x224) take the closed-form
+    gradient (`_SSIMObjective`: 0.78x the CPU time of autograd's at 224x224, the same to ~1e-7
+    relative); smaller ones (CIFAR's 32x32, where it saves nothing) keep autograd's, bit for bit
+    the gradient they had. y gets no gradient.
     """
     my, yy = target if target is not None else ssim_target(y, win_size, sigma)
-    return _SSIMObjective.apply(x, y.detach(), my.detach(), yy.detach(), win_size, sigma)
+    y, my, yy = y.detach(), my.detach(), yy.detach()
+    if max(my.shape[-2:]) > STRIP:
+        return _SSIMObjective.apply(x, y, my, yy, win_size, sigma)
+    x, y = x.contiguous(), y.contiguous()
+    mx, xx, xy = gaussian_filter(torch.stack([x, x * x, x * y]), win_size, sigma).unbind(0)
+    mxy, mx2, my2 = mx * my, mx * mx, my * my
+    c1, c2 = 0.01**2, 0.03**2
+    return (((2 * mxy + c1) * (2 * (xy - mxy) + c2)) / ((mx2 + my2 + c1) * (xx - mx2 + yy - my2 + c2))).mean()
