@@ -190,7 +190,7 @@ def ssim_training(x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: f
     separable filter is two small matrix products (`_bands`), about 6x faster on CPU than the same
     filter as a depthwise convolution; `target` (from `ssim_target(y)`) skips the target's moments.
     Images filtered in strips (a side above STRIP + win - 1, e.g. 224x224) take the closed-form
-    gradient (`_SSIMObjective`: 0.78x the CPU time of autograd's at 224x224, the same to ~1e-7
+    gradient (`_SSIMObjective`: 0.70-0.74x the CPU time of autograd's at 224x224, the same to ~1e-7
     relative); smaller ones (CIFAR's 32x32, where it saves nothing) keep autograd's, bit for bit
     the gradient they had. y gets no gradient.
     """
