@@ -120,3 +120,60 @@ def test_training_ssim_in_strips_at_224_is_the_ssim_statistic():
     (ga,) = torch.autograd.grad(strips.square().sum(), x)
     (gb,) = torch.autograd.grad(full.square().sum(), x)
     assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+def _ssim_autograd_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training objective as autograd recorded it before the closed-form gradient (float64 here)."""
+    from enclaveml.assess.metrics import gaussian_filter
+
+    my, yy = gaussian_filter(torch.stack([y, y * y])).unbind(0)
+    mx, xx, xy = gaussian_filter(torch.stack([x, x * x, x * y])).unbind(0)
+    mxy, mx2, my2 = mx * my, mx * mx, my * my
+    c1, c2 = 0.01**2, 0.03**2
+    return (((2 * mxy + c1) * (2 * (xy - mxy) + c2)) / ((mx2 + my2 + c1) * (xx - mx2 + yy - my2 + c2))).mean()
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 32, 32), (1, 2, 224, 224), (2, 1, 9, 70), (2, 2, 8, 8)])
+def test_training_ssim_gradient_in_closed_form_equals_autograd(shape):
+    """The decoder's SSIM term in closed form (three adjoint filters; `ssim_training` uses it for images
+    filtered in strips, such as 224x224): the same value and gradient as autograd's through the
+    formula, in strips, with a shrunken window (8x8) and non-square; a channels-last input gives the
+    same; below the strip size `ssim_training` is autograd's formula itself."""
+    from enclaveml.assess.metrics import _SSIMObjective, ssim_target, ssim_training
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.rand(*shape, generator=g)
+    x = (y + 0.25 * torch.randn(shape, generator=g)).clamp(0, 1)
+    big = shape[-1] > 64  # float64 matrix products are slow: the 224x224 reference in float32
+    xd = (x.clone() if big else x.double()).requires_grad_()
+    ref = _ssim_autograd_reference(xd, y if big else y.double())
+    (gref,) = torch.autograd.grad(ref, xd)
+    for xin in (x.clone(), x.contiguous(memory_format=torch.channels_last)):
+        xin.requires_grad_()
+        my, yy = ssim_target(y)
+        s = _SSIMObjective.apply(xin, y, my, yy, 11, 1.5)
+        (grad,) = torch.autograd.grad(3.0 * s, xin)  # an upstream factor reaches the gradient
+        (used,) = torch.autograd.grad(ssim_training(xin, y, target=(my, yy)), xin)
+        if max(my.shape[-2:]) > 54:  # filtered in strips (metrics.STRIP)
+            assert torch.equal(used, torch.autograd.grad(_SSIMObjective.apply(xin, y, my, yy, 11, 1.5), xin)[0])
+        else:
+            (auto,) = torch.autograd.grad(_ssim_autograd_reference(xin, y), xin)
+            assert torch.equal(used, auto)
+        assert float(s) == pytest.approx(float(ref), abs=1e-6)
+        assert torch.equal(s.detach(), _ssim_autograd_reference(x, y))  # float32: the same value to the bit
+        assert grad.shape == x.shape
+        assert float((grad.double() - 3.0 * gref).abs().max()) <= 1e-5 * float(gref.abs().max() * 3.0)
+
+
+def test_adjoint_filter_is_the_transpose_of_the_filter():
+    """<G u, v> = <u, G^T v> at a small size (one product) and at 224x224 (strips over a padded map)."""
+    from enclaveml.assess.metrics import gaussian_filter, gaussian_filter_t
+
+    g = torch.Generator().manual_seed(5)
+    for h, w in ((32, 32), (224, 224), (9, 70)):
+        u = torch.randn(2, h, w, generator=g, dtype=torch.float64)
+        gu = gaussian_filter(u)
+        v = torch.randn(gu.shape, generator=g, dtype=torch.float64)
+        assert float((gu * v).sum()) == pytest.approx(float((u * gaussian_filter_t(v, h, w)).sum()), rel=1e-10)
+    with pytest.raises(ValueError, match="adjoint"):
+        gaussian_filter_t(torch.zeros(2, 5, 5), 32, 32)

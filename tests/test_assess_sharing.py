@@ -142,3 +142,22 @@ def test_a_one_by_one_map_is_decoded_as_the_vector_it_is():
     assert isinstance(square.stem[1], nn.Linear) and isinstance(flat.stem[1], nn.Linear)
     assert [p.shape for p in square.parameters()] == [p.shape for p in flat.parameters()]
     assert square(ir).shape == flat(ir.flatten(1)).shape == (4, 3, 8, 8)
+
+
+def test_decoder_output_is_a_float32_nchw_sigmoid_with_a_channels_last_gradient():
+    """The decoder's last step (`decoder_net._SigmoidImage`): `sigmoid(z).float()` bit for bit, but NCHW
+    contiguous for the loss, and its gradient, bit for bit, in the logits' channels-last layout."""
+    from enclaveml.assess.decoder_net import _SigmoidImage
+
+    g = torch.Generator().manual_seed(6)
+    up = torch.randn(4, 3, 16, 16, generator=g)
+    for dtype in (torch.bfloat16, torch.float32):
+        z = (3 * torch.randn(4, 3, 16, 16, generator=g)).to(dtype).contiguous(memory_format=torch.channels_last)
+        zr, zi = z.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+        ref = torch.sigmoid(zr).float()
+        ref.backward(up)
+        y = _SigmoidImage.apply(zi)
+        assert y.dtype == torch.float32 and y.is_contiguous() and torch.equal(y, ref.detach())
+        y.backward(up)
+        assert zi.grad.dtype == dtype and zi.grad.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(zi.grad, zr.grad)

@@ -12,6 +12,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _SigmoidImage(torch.autograd.Function):
+    """sigmoid(logits) widened to a float32, NCHW-contiguous image; its gradient in the logits' layout.
+
+    The decoder's convolutions run channels-last (in bfloat16 under autocast) while the loss, its
+    SSIM filter and the targets are NCHW float32. Converting here, once each way, hands the loss
+    contiguous tensors and the last convolution's backward a channels-last gradient; before, the
+    gradient came back NCHW and the sigmoid's backward and that convolution's took it in a layout
+    other than their inputs'. The same values as `torch.sigmoid(z).float()` and its gradient (the
+    sigmoid in the logits' dtype, the incoming gradient rounded to it), bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, z):
+        y = torch.sigmoid(z)
+        ctx.save_for_backward(y)
+        ctx.layout = torch.channels_last if z.dim() == 4 and not z.is_contiguous() \
+            and z.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        g = torch.ops.aten.sigmoid_backward(grad.to(y.dtype), y)
+        return g.contiguous(memory_format=ctx.layout)
+
+
 def _width(r: int, base: int) -> int:
     """Channels at spatial size r: halve the width when the side doubles (constant cost per level)."""
     return int(max(16, min(128, base // max(r, 1))))
@@ -49,8 +75,9 @@ class Decoder(nn.Module):
         self.body = nn.Sequential(*body)
 
     def forward(self, ir: torch.Tensor) -> torch.Tensor:
+        """The reconstruction: float32, NCHW-contiguous, in [0, 1]."""
         z = (ir - self.mean) / self.std
-        y = torch.sigmoid(self.body(self.stem(z)))
+        y = _SigmoidImage.apply(self.body(self.stem(z)))
         if y.shape[-2:] != self.out_hw:
             y = F.interpolate(y, size=self.out_hw, mode="bilinear", align_corners=False)
         return y
