@@ -157,7 +157,7 @@ def main() -> None:
             k.stdin.write(f"{i}\n")
             k.stdin.flush()
             lat[names[id(k)]].append(float(k.stdout.readline()))
-            time.sleep(PLAIN_PAUSE_S if k is kids["plain"] else 0.005)
+            time.sleep(PLAIN_PAUSE_S)  # past libgomp's spin after every child, not only plain (review)
     for k in kids.values():
         k.stdin.close()
     costs = {name: json.loads(k.stdout.readline()) for name, k in kids.items() if name != "plain"}

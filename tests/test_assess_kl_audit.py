@@ -65,6 +65,7 @@ def test_the_audit_finds_the_minima_an_adversary_hid_from_the_check_share():
     assert torch.allclose(new_ctl.min(1).values, ctl.min(1).values, atol=1e-6)
     assert how.audit.images >= 32 and (how.audit.widened or how.audit.fallback), how.audit
     assert how.to_dict()["audit"]["images"] == how.audit.images
+    assert how.to_dict()["audit"]["share_bound"] == (None if how.audit.fallback else round(3 / how.audit.images, 4))
 
 
 def test_an_audited_image_below_its_rows_minimum_sends_the_point_to_float32():
@@ -77,4 +78,5 @@ def test_an_audited_image_below_its_rows_minimum_sends_the_point_to_float32():
     # auditing every skipped image reaches the hidden minima themselves: the screen was wrong, all float32
     new, new_ctl, how, _ = channel_kl(oracle, ir, p, blank_q, (2, 2), 50, screen=True, audit_share=1.0)
     assert how.audit.fallback and how.audit.below_minimum >= 1 and how.float32 == how.live == N * C
+    assert how.to_dict()["audit"]["share_bound"] is None  # every image exact: no bound to state
     assert torch.allclose(new, own, atol=1e-6) and torch.allclose(new_ctl, ctl, atol=1e-6)

@@ -91,7 +91,9 @@ def test_bad_cost_report_and_misplaced_options_fail_with_one_line(tmp_path):
     r = _cli(["serve", "--tee", "sim", "--dry-run"], env=_no_gramine_env(tmp_path))
     assert r.returncode == 2 and "--tee gramine-sgx" in r.stderr
     r = _cli(["serve", "--backnet-copy-mib", "-1"], env=_no_gramine_env(tmp_path))
-    assert r.returncode == 2 and "--backnet-copy-mib must be >= 0" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--backnet-copy-mib must be a finite number >= 0" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["serve", "--backnet-copy-mib", "nan"], env=_no_gramine_env(tmp_path))
+    assert r.returncode == 2 and "--backnet-copy-mib must be a finite" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_serve_launches_the_signed_worker_over_the_socket_path(tmp_path):

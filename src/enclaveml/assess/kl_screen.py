@@ -115,7 +115,12 @@ class AuditReport:
 
     def to_dict(self) -> dict:
         return {"images": self.images, "below_minimum": self.below_minimum, "fallback": self.fallback,
-                "widened": self.widened, "rechecked": self.rechecked}
+                "widened": self.widened, "rechecked": self.rechecked, "share_bound": self.share_bound()}
+
+    def share_bound(self) -> float | None:
+        """What a clean audit guarantees (95%, the rule of three): fewer than 3/m of the skipped images
+        break the screen's error bound; not that no single one does (only `kl_screen=False` does)."""
+        return None if not self.images or self.fallback else round(min(1.0, 3 / self.images), 4)
 
 
 @dataclass

@@ -16,7 +16,7 @@ objective, Adam moments and stopping rule, so the searches do not interact: how 
 grouped changes nothing but float rounding. With `bf16` the staircase's passes run under bfloat16
 autocast (the objective, the prior and Adam stay float32): 0.67x the CPU time on darknet; a strided
 depthwise convolution's input gradient is then computed by the float32 kernel (assess/strided.py:
-bfloat16's is a slow path, 60% of a step on EfficientNet-Lite0; the same forward, a more precise gradient).
+bfloat16's is a slow path, 60% of a step on EfficientNet-Lite0; the same forward and gradient, from a faster kernel).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -91,8 +92,8 @@ def register(app: typer.Typer) -> None:
         from .upload import parse_owner_keys
 
         check_placement(backnet_small, backnet)
-        if backnet_copy_mib < 0:
-            raise UserInputError("--backnet-copy-mib must be >= 0")
+        if not math.isfinite(backnet_copy_mib) or backnet_copy_mib < 0:
+            raise UserInputError("--backnet-copy-mib must be a finite number >= 0")
         copy_args = ["--backnet-copy-max-bytes", str(int(backnet_copy_mib * (1 << 20)))]
         allow_factory = list(allow_factory or ())
         for c in card or ():
