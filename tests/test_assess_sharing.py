@@ -161,3 +161,29 @@ def test_decoder_output_is_a_float32_nchw_sigmoid_with_a_channels_last_gradient(
         y.backward(up)
         assert zi.grad.dtype == dtype and zi.grad.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(zi.grad, zr.grad)
+
+
+def test_rmle_searches_again_with_every_step_where_a_cut_budget_comes_near_the_threshold():
+    """A FrontNet above `rmle_full_flops` gets fewer rMLE steps; where that search's SSIM comes within
+    `rmle_full_near` of the SSIM threshold (or above it) more steps could flip the inversion verdict,
+    so the point is searched again with all `rmle_steps` (the review's safeguard)."""
+    from enclaveml.assess.rmle import near_threshold
+
+    assert near_threshold({1: 0.25, 2: 0.19, 3: 0.9}, 0.3, 0.1) == [1, 3]
+    m = _small_model()
+    pre = Preprocessing(size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    points = m.partition_points()
+    irs, logits = PointForward(m, [p.index for p in points])(pre.normalise(x), logits=True)
+    pds = [PointData(p, m.split(p.index)[0], irs[p.index]) for p in points]
+    steps = {}
+    for threshold in (0.0, 2.0):  # every SSIM near (or above) it; none within reach of it
+        cfg = AssessConfig(samples=3, rmle_samples=3, rmle_steps=6, rmle_early_stop=False, rmle_full_flops=1.0,
+                           rmle_min_steps=2, ssim_threshold=threshold, rmle_full_near=0.1)
+        ctx = AssessContext(m, pre, x, x, torch.softmax(logits, -1), cfg, oracle=m)
+        test = RMLEInversion(cfg)
+        test.prepare(ctx, pds)
+        res = {pt.point.index: test.evaluate(ctx, pt).summary for pt in pds}
+        steps[threshold] = {k: (r["steps"], r["step_budget"], r.get("extended", False)) for k, r in res.items()}
+    assert all(v == (6, 6, True) for v in steps[0.0].values()), steps  # searched again, every step
+    assert all(v == (2, 2, False) for v in steps[2.0].values()), steps  # the cut budget stands

@@ -51,6 +51,9 @@ class AssessConfig:
     # 278 vs 594 CPU s for all 19 points, SSIM within 0.05 of 150 steps at each (docs/benchmarks.md, lt)
     rmle_full_flops: float = 1e8
     rmle_min_steps: int = 25
+    # a point searched with fewer steps whose SSIM comes within this of ssim_threshold (or above it) searches
+    # again with all rmle_steps: the budget is cut only where the attack is far from deciding anything
+    rmle_full_near: float = 0.1
     rmle_early_stop: bool = True  # stop once the objective improves < rmle_min_delta over rmle_window steps
     rmle_window: int = 30
     rmle_min_delta: float = 0.01

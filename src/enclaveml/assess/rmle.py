@@ -149,6 +149,12 @@ def step_budgets(flops: dict[int, float], steps: int, full_flops: float, min_ste
             for k, f in flops.items()}
 
 
+def near_threshold(ssims: dict[int, float], threshold: float, near: float) -> list[int]:
+    """Points (of those searched with a cut budget) whose rMLE SSIM is within `near` of the SSIM
+    threshold or above it: there more steps could change the inversion verdict, so they get all of them."""
+    return sorted(k for k, s in ssims.items() if s >= threshold - near)
+
+
 def converged(history: list[float], window: int, min_delta: float) -> bool:
     """True when the last value is less than `min_delta` (relative) below the value `window` steps before."""
     if len(history) <= window:
@@ -202,6 +208,7 @@ class RMLEInversion(LeakageTest):
         self._precision = "float32"  # of the staircase searches
         self._budgets: dict[int, int] = {}  # point -> its search's step budget
         self._fast_grads = 0  # strided depthwise convolutions given the float32 input gradient (assess/strided.py)
+        self._extended: set[int] = set()  # points searched again with every step (`near_threshold`)
 
     def prepare(self, ctx: AssessContext, points: list[PointData]) -> None:
         """Search for every point's images together (one staircase batch), when the model can run
@@ -243,6 +250,16 @@ class RMLEInversion(LeakageTest):
 
         for found in side_by_side(search, sets, workers):
             self._done.update(found)
+        # a cut budget near the verdict: search those points again with every step (the review's safeguard)
+        x = ctx.x_test[:n]
+        again = near_threshold({k: float(ssim(self._done[k][0], x).mean()) for k in self._done
+                                if self._budgets[k] < cfg.rmle_steps}, cfg.ssim_threshold, cfg.rmle_full_near)
+        if again:
+            self._extended = set(again)
+            self._budgets.update({k: cfg.rmle_steps for k in again})
+            sets = balanced_sets({k: flops[k] for k in again}, workers) if workers > 1 and len(again) > 1 else [again]
+            for found in side_by_side(search, sets, workers):
+                self._done.update(found)
 
     def evaluate(self, ctx: AssessContext, pt: PointData) -> LeakageResult:
         cfg = self.config
@@ -263,6 +280,8 @@ class RMLEInversion(LeakageTest):
                    "precision": self._precision if k in self._done else "float32"}
         if k in self._done and self._fast_grads:
             summary["float32_grad_convs"] = self._fast_grads  # strided depthwise convolutions (assess/strided.py)
+        if k in self._extended:
+            summary["extended"] = True  # its cut budget came near the SSIM threshold: searched again, every step
         if k != pt.point.index:
             summary["search_of"] = k  # this point's IR is an affine copy of point k's: the same search
         return LeakageResult(summary, {"reconstructions": recon[: cfg.report_images]})
