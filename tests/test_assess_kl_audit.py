@@ -47,13 +47,19 @@ def _adversary(p: torch.Tensor, seed: int = 0):
     return oracle, hidden
 
 
-def test_the_audit_finds_the_minima_an_adversary_hid_from_the_check_share():
+def _case():
+    """The adversary's oracle and the exact (float32-only) answers it is judged against."""
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(3 * torch.randn(K, generator=g), -1).expand(N, K)  # one answer: the control is the own test shifted
     oracle, hidden = _adversary(p)
     ir = _encoded_ir()
     blank_q = torch.full((K,), 1.0 / K)
     own, ctl, _, _ = channel_kl(oracle, ir, p, blank_q, (2, 2), 50, screen=False)
+    return oracle, hidden, ir, p, blank_q, own, ctl
+
+
+def test_the_audit_finds_the_minima_an_adversary_hid_from_the_check_share():
+    oracle, hidden, ir, p, blank_q, own, ctl = _case()
     assert torch.equal(own.argmin(1), hidden)
     # without the audit (the screen as it was): the hidden minima are skipped, the minima reported too high
     old, old_ctl, how_old, _ = channel_kl(oracle, ir, p, blank_q, (2, 2), 50, screen=True, audit_share=0.0, audit_min=0)
@@ -69,12 +75,7 @@ def test_the_audit_finds_the_minima_an_adversary_hid_from_the_check_share():
 
 
 def test_an_audited_image_below_its_rows_minimum_sends_the_point_to_float32():
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(3 * torch.randn(K, generator=g), -1).expand(N, K)  # one answer: the control is the own test shifted
-    oracle, _ = _adversary(p)
-    ir = _encoded_ir()
-    blank_q = torch.full((K,), 1.0 / K)
-    own, ctl, _, _ = channel_kl(oracle, ir, p, blank_q, (2, 2), 50, screen=False)
+    oracle, _, ir, p, blank_q, own, ctl = _case()
     # auditing every skipped image reaches the hidden minima themselves: the screen was wrong, all float32
     new, new_ctl, how, _ = channel_kl(oracle, ir, p, blank_q, (2, 2), 50, screen=True, audit_share=1.0)
     assert how.audit.fallback and how.audit.below_minimum >= 1 and how.float32 == how.live == N * C
