@@ -149,7 +149,7 @@ class DecoderRun:
                 g["lr"] = self.lr * self.schedule.factor(self.steps)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 y = self.decoder(ir[i:i + batch])
-            y, target = y.float(), x[i:i + batch]  # float32 already (Decoder), a no-op
+            target = x[i:i + batch]  # y: float32 already (`Decoder` widens it)
             loss = F.mse_loss(y, target)
             if self.ssim_weight:
                 tm = moments[b] if moments is not None else None

@@ -168,7 +168,7 @@ class EnclaveService:
                  nchw_copy_max_bytes: int = NCHW_COPY_MAX_BYTES):
         self.backend = backend
         #: The largest BackNet this enclave holds a second (NCHW) copy of (`placement.keeps_nchw_copy`).
-        self.nchw_copy_max_bytes = int(nchw_copy_max_bytes)
+        self.nchw_copy_max_bytes = max(0, int(nchw_copy_max_bytes))
         #: Torch threads of a small FrontNet pass that runs alone (`serve.threads`); 1 otherwise.
         self.lone_threads = lone_threads if lone_threads is not None else LoneThreads()
         self.max_pass = max(1, int(max_pass))

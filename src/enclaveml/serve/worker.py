@@ -29,6 +29,7 @@ from ..runtime import heap
 from ..runtime.enclave.main import WorkerApp, run_worker
 from ..runtime.enclave.ops import Hex, Int, Ints, OpRegistry, Str, Strs
 from ..runtime.rpc import error_fields
+from .placement import NCHW_COPY_MAX_BYTES
 
 #: Largest number of requests (and of handles) in one batch op.
 MAX_BATCH = 4096
@@ -145,7 +146,7 @@ def _add_arguments(p) -> None:
     p.add_argument("--replay-window", type=float, default=120.0)
     p.add_argument("--allow-factory", action="append", default=[],
                    help="a model factory 'package.module:function' this enclave may build (measured)")
-    p.add_argument("--backnet-copy-max-bytes", type=int, default=None,
+    p.add_argument("--backnet-copy-max-bytes", type=int, default=NCHW_COPY_MAX_BYTES,
                    help="largest BackNet of which this enclave keeps a second, NCHW copy (serve/placement.py)")
 
 
@@ -158,11 +159,9 @@ def _config(args) -> dict:
 def _build(backend, args, config):
     from .enclave import EnclaveService
 
-    from .placement import NCHW_COPY_MAX_BYTES
-
-    copy_max = NCHW_COPY_MAX_BYTES if args.backnet_copy_max_bytes is None else max(0, args.backnet_copy_max_bytes)
     svc = EnclaveService(backend, replay_window_s=args.replay_window,
-                         allowed_factories=config.get("allowed_factories", ()), nchw_copy_max_bytes=copy_max)
+                         allowed_factories=config.get("allowed_factories", ()),
+                         nchw_copy_max_bytes=args.backnet_copy_max_bytes)
     heap.observe(svc.clock)  # collections timed as stages gc_gen0..2 (the "stats" op)
     public_key = svc.public_key().hex()
     suites = sorted(svc.keys.accepted)
