@@ -204,3 +204,17 @@ def test_result_items_are_the_json_encoders_bytes():
             P.encode_result(IDENT, [0.5, 0.5], ["a", "b"], 1, [1.0, bad])
         with pytest.raises(ValueError):
             _result_by_json(IDENT, [0.5, 0.5], ["a", "b"], 1, [1.0, bad])
+
+
+def test_a_redeployed_model_never_answers_with_the_old_deployments_cached_parts():
+    """The host redeploys the same name (a new bundle, or the same bundle relabelled): every answer
+    names the deployment that computed it and its labels, never the parts cached for the old one."""
+    old = ModelIdentity("ab" * 32, "m", "cd" * 8, 3, 0)
+    new = ModelIdentity("ab" * 32, "m", "ef" * 8, 3, 0)
+    probs = [0.7, 0.2, 0.1]
+    first = P.decode_result(P.encode_result(old, probs, ["cat", "dog", "eel"], 3))
+    assert first["bundle_id"] == "cd" * 8 and [t["label"] for t in first["top"]] == ["cat", "dog", "eel"]
+    again = P.decode_result(P.encode_result(new, probs, ["cat", "dog", "eel"], 3))
+    assert again["bundle_id"] == "ef" * 8
+    relabelled = P.decode_result(P.encode_result(old, probs, ["ant", "bee", "cow"], 3))
+    assert relabelled["bundle_id"] == "cd" * 8 and [t["label"] for t in relabelled["top"]] == ["ant", "bee", "cow"]
