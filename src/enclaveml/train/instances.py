@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..crypto import HpkeKeyPair, SigningKey, VerifyKey, open_request, open_sealed, seal, seal_request
-from ..data.preprocess import Preprocessing, decode_image
+from ..data.preprocess import Preprocessing, decode_array
 from ..errors import DataError, PolicyViolation, TamperedMessage
 from .plan import UNPLANNED
 
@@ -139,8 +139,8 @@ class InstanceIngest:
         vk.verify(sig, signed_message(h, label, pid, self.plan))  # TamperedMessage
         if not 0 <= label < self.num_classes:
             raise DataError(f"label {label} is out of range 0..{self.num_classes - 1}")
-        img = decode_image(image, self.pre, name="instance")  # DataError on malformed images
-        pixels = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        # DataError on malformed images; Pillow's pixels (colour JPEGs through libjpeg-turbo directly)
+        pixels = np.ascontiguousarray(decode_array(image, self.pre, name="instance").transpose(2, 0, 1))
         tag = self.tag(h)
         body = _SEALED_HEAD.pack(SEALED_MAGIC, h, pid, pub, sig, label, *pixels.shape) + pixels.tobytes()
         return Accepted(tag, self.owner_tag(pid), seal(self._data_key, body, _sealed_aad(self.plan, tag)), pid.hex())
