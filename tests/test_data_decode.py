@@ -1,9 +1,10 @@
 """The JPEG fast path (libjpeg-turbo through simplejpeg) against Pillow: the same pixels, the same
-verdicts on hostile bytes, the pixel limit before any decoding.
+verdicts on hostile bytes (but for the few files only Pillow's own header parser refuses), the
+pixel and scan limits before any decoding.
 
-`decode_array` (the enclave's decoder, and the owner's folder loader) must give exactly the pixels
-`decode_image` (Pillow) gives, and refuse exactly what Pillow refuses: the served predictions stay
-equal to plain PyTorch on the same bytes whichever path decoded them.
+`decode_array` (the enclave's decoder, the owner's folder loader, the assessment's photos) must
+give exactly the pixels `decode_image` (Pillow) gives wherever Pillow decodes the image: the
+served predictions stay equal to plain PyTorch on the same bytes whichever path decoded them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import itertools
 import random
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -107,17 +109,104 @@ def test_a_truncated_jpeg_gets_pillows_verdict():
         assert _same(data[:cut], CIFAR) == "error"
 
 
-def test_the_pixel_limit_applies_before_any_pixel_is_decoded(monkeypatch):
+def _claiming(h: int, w: int) -> bytes:
     src = _jpeg(_photo(16, 16))
     i = src.index(b"\xff\xc0")  # SOF0: marker, length(2), precision(1), height(2), width(2)
-    bad = src[:i + 5] + struct.pack(">HH", 5000, 5000) + src[i + 9:]
+    return src[:i + 5] + struct.pack(">HH", h, w) + src[i + 9:]
 
-    def no_decoding(*a, **k):
-        raise AssertionError("decoded pixels of an image over the limit")
 
-    monkeypatch.setattr(P._turbo, "decode_jpeg", no_decoding)
-    with pytest.raises(DataError, match="5000x5000 is over the pixel limit"):
-        decode_array(bad, CIFAR)
+@pytest.mark.parametrize("side", [5000, 20000, 65500])
+def test_the_pixel_limit_applies_before_any_pixel_is_decoded(monkeypatch, side):
+    """A tiny file whose header claims side x side pixels: refused with Pillow's text (its own
+    bomb limit above about 179M pixels, ours below), and libjpeg-turbo never decodes a pixel."""
+    assert P._turbo_agrees()  # its check decodes: done before the count starts
+    calls = []
+    real = P._turbo.decode_jpeg
+    monkeypatch.setattr(P._turbo, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bad = _claiming(side, side)
+    assert _same(bad, CIFAR) == "error"
+    assert calls == []
+    if side == 5000:
+        with pytest.raises(DataError, match="5000x5000 is over the pixel limit"):
+            decode_array(bad, CIFAR)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_at_once_by_both_paths():
+    """Each scan of a progressive JPEG re-reads the whole coefficient buffer: 20,000 empty scans
+    of a 512x512 image took 0.6 s in Pillow and 1.3 s in decode_array (decoded twice: libjpeg-turbo
+    warns only at the end, then Pillow decodes again). Both now refuse on the count, before decoding."""
+    prog = _jpeg(_photo(64, 64), quality=90, progressive=True)
+    assert 1 < prog.count(b"\xff\xda") <= P.MAX_JPEG_SCANS and _same(prog, CIFAR) == "ok"
+    i = prog.index(b"\xff\xda")
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x01\x01\x00"  # one component, spectral 1..1, no data
+    bad = prog[:i] + empty_scan * 2000 + prog[i:]
+    t = time.perf_counter()
+    for fn in (decode_array, decode_image):
+        with pytest.raises(DataError, match=f"more than {P.MAX_JPEG_SCANS} scans"):
+            fn(bad, CIFAR)
+    assert time.perf_counter() - t < 0.5
+
+
+def test_a_subsampling_simplejpeg_cannot_name_goes_through_pillow():
+    """4:4:1 (luma sampled 1x4, as `cjpeg -sample 1x4` writes): simplejpeg's header call raised
+    KeyError, which escaped decode_array and failed a whole multi-image request (review, session 8)."""
+    d = bytearray(_jpeg(_photo(32, 32), quality=90, subsampling=0))
+    i = d.index(b"\xff\xc0")
+    d[i + 11] = 0x14  # the first component's sampling factors: h=1, v=4
+    assert _same(bytes(d), CIFAR) == "ok"
+
+
+@pytest.mark.parametrize("extra", [b"\xff\x01",  # TEM, a marker without a segment
+                                   b"\xff\xe0\x00\x08JFIF\x00\x01",  # APP0 shorter than JFIF's
+                                   b"\xff\xee\x00\x08Adobe\x00",  # APP14 shorter than Adobe's
+                                   b"\xff\xe2\x00\x0eICC_PROFILE\x00"])  # APP2 with no profile
+def test_what_only_pillows_header_parser_refuses_is_decoded_to_the_images_pixels(extra):
+    """libjpeg-turbo reads these without a warning; Pillow's Python header parser refuses them
+    (review, session 8). decode_array decodes them, to the pixels of the same file without the
+    extra segment: the superset the module doc states, the image itself unchanged."""
+    src = _jpeg(_photo(32, 32, 5), quality=90)
+    bad = src[:2] + extra + src[2:]
+    with pytest.raises(DataError):
+        decode_image(bad, CIFAR)
+    assert np.array_equal(decode_array(bad, CIFAR), np.asarray(decode_image(src, CIFAR)))
+
+
+def test_a_libjpeg_turbo_that_disagrees_with_pillow_is_switched_off(monkeypatch):
+    """The once-per-process check: a simplejpeg whose pixels differ from Pillow's (another
+    libjpeg build) must not be used, and every image then decodes through Pillow."""
+    real = P._turbo.decode_jpeg
+
+    def off_by_one(*a, **k):
+        px = real(*a, **k)
+        px[0, 0, 0] ^= 1
+        return px
+
+    data = _jpeg(_photo(32, 32, 6), quality=90)
+    monkeypatch.setattr(P._turbo, "decode_jpeg", off_by_one)
+    P._turbo_agrees.cache_clear()
+    try:
+        assert not P._turbo_agrees()
+        assert P._turbo_pixels(data, CIFAR, "x") is None
+        assert _same(data, CIFAR) == "ok"
+    finally:
+        monkeypatch.undo()
+        P._turbo_agrees.cache_clear()
+    assert P._turbo_agrees() and P._turbo_pixels(data, CIFAR, "x") is not None
+
+
+def test_a_strided_memoryview_is_read_as_its_bytes(monkeypatch):
+    """simplejpeg reads a buffer's memory from its first byte on, ignoring strides (review,
+    session 8): a reversed view would be read backwards and past its end. Only plain bytes may
+    reach it; a reversed view of a reversed file decodes as the file."""
+    data = _jpeg(_photo(32, 32, 7), quality=90)
+    view = memoryview(data[::-1])[::-1]
+    assert bytes(view) == data
+    seen = []
+    for fn in ("decode_jpeg_header", "decode_jpeg"):
+        real = getattr(P._turbo, fn)
+        monkeypatch.setattr(P._turbo, fn, lambda d, *a, _real=real, **k: seen.append(type(d)) or _real(d, *a, **k))
+    assert np.array_equal(decode_array(view, CIFAR), decode_array(data, CIFAR))
+    assert seen and set(seen) == {bytes}
 
 
 def test_jpeg_outside_the_allowed_formats_is_never_decoded():
@@ -131,7 +220,8 @@ def test_jpeg_outside_the_allowed_formats_is_never_decoded():
 def test_mutated_jpegs_get_the_same_verdict_and_pixels_as_pillow():
     """A host-side attacker's bytes: flips, cuts, duplicated runs and zeros in real JPEGs (baseline
     and progressive). Whatever libjpeg-turbo makes of them, decode_array must agree with Pillow
-    (both refuse, or both give the same pixels). `benchmarks/check_jpeg_decode.py` runs 60,000
+    (both refuse, or both give the same pixels: random mutations do not reach the few files only
+    Pillow's header parser refuses, above). `benchmarks/check_jpeg_decode.py` runs 60,000
     such cases with no disagreement (docs/benchmarks.md, session 8); this runs 600, seeded."""
     rng = random.Random(8)
     sources = [_jpeg(_photo(32, 32, s), quality=q, progressive=pr) for s, q, pr in ((3, 75, False), (4, 90, True))]

@@ -158,15 +158,16 @@ def _to_uint8_chw(img: Any, pre: "Preprocessing") -> "torch.Tensor":
     """One dataset image (PIL image, CxHxW tensor, HxWxC uint8 array, encoded bytes) as uint8 CxHxW.
 
     Another size is an error unless `pre.resize`; then it is resized as the enclave resizes a
-    photo (`decode_image`'s centre crop), so that the assessment sees what serving will see.
+    photo (`decode_array`, the enclave's decoder and centre crop), so that the assessment sees what
+    serving will see.
     """
     import numpy as np
     import torch
 
-    from ..data.preprocess import decode_image
+    from ..data.preprocess import decode_array
 
     if isinstance(img, (bytes, bytearray, memoryview)):
-        return torch.from_numpy(np.asarray(decode_image(bytes(img), pre), dtype=np.uint8).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.array(decode_array(bytes(img), pre), dtype=np.uint8)).permute(2, 0, 1)
     if isinstance(img, torch.Tensor):
         t = img.detach().cpu()
         if t.dtype.is_floating_point:

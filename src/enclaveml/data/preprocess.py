@@ -10,12 +10,18 @@ out channels-last, which is what the enclave's FrontNet runs fastest on (`serve/
 
 `decode_array` decodes a colour (YCbCr) JPEG with libjpeg-turbo's TurboJPEG API (simplejpeg)
 rather than Pillow: the same library and the same settings (accurate integer IDCT, smooth chroma
-upsampling), so the same pixels bit for bit (checked on all 10,000 CIFAR-10 test JPEGs and on
-every subsampling, progressive and restart-marker variant in tests/test_data_decode.py), without
-Pillow's header parsing in Python: a 32x32 JPEG takes ~10 us instead of ~100, and the decoder
-releases the GIL, so the enclave's pool threads no longer queue on each other's decoding
-(docs/benchmarks.md, session 8). Every other image (PNG, grey or CMYK JPEG, anything libjpeg-turbo
-warns about, which Pillow then refuses or decodes as before) goes through Pillow.
+upsampling), so the same pixels bit for bit (checked on all 10,000 CIFAR-10 test JPEGs, on every
+subsampling, progressive and restart-marker variant in tests/test_data_decode.py, and once per
+process on a few encodings before the first use: `_turbo_agrees`), without Pillow's header
+parsing in Python: a 32x32 JPEG takes ~10 us instead of ~100, and the decoder releases the GIL,
+so the enclave's pool threads no longer queue on each other's decoding (docs/benchmarks.md,
+session 8). Every image Pillow decodes, `decode_array` decodes to the same pixels; every image
+Pillow refuses, it refuses too, except a few that libjpeg-turbo reads without a warning but
+Pillow's own Python header parser does not (a TEM marker, an APP segment shorter than its
+signature): those are decoded. Every other image (PNG, grey or CMYK JPEG, 4:4:1 and other rare
+subsamplings, anything libjpeg-turbo warns about, a large photo to resize) goes through Pillow.
+Every JPEG, either way, may have at most `MAX_JPEG_SCANS` scans (a progressive file is re-read
+whole for every scan: thousands of tiny scans would cost seconds of enclave CPU).
 """
 
 from __future__ import annotations
@@ -106,8 +112,16 @@ def _channel_values(values: tuple[float, ...]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
 
+#: Most scans (SOS markers, FF DA) a JPEG may have. Encoders write about 10; libjpeg-turbo's own
+#: TJFLAG_LIMITSCANS stops at 500. Counted on the raw bytes: in entropy-coded data a 0xFF is always
+#: followed by 0x00 or a marker, so every FF DA there is a scan (one inside a metadata segment is
+#: counted too: the count can only be too high).
+MAX_JPEG_SCANS = 100
 #: The start of every JPEG file (SOI marker, then the next marker's 0xFF).
 _JPEG_SOI = b"\xff\xd8\xff"
+#: A colour JPEG of more pixels than this that must be resized goes through Pillow: otherwise
+#: libjpeg-turbo's array and Pillow's copy of it for the resize would be held at once.
+_TURBO_RESIZE_MAX_PIXELS = 1 << 20
 #: JPEG colour spaces the fast path decodes: those Pillow opens as mode "RGB" by the same
 #: conversion. Grey, CMYK and YCCK (Adobe) JPEGs go through Pillow and its own conversions.
 _TURBO_SPACES = frozenset({"YCbCr"})
@@ -120,6 +134,9 @@ def _check_bytes(data, name: str) -> None:
         raise DataError(f"{name}: empty file")
     if len(data) > MAX_IMAGE_BYTES:
         raise DataError(f"{name}: {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+    raw = bytes(data)  # the same object for bytes
+    if raw[:3] == _JPEG_SOI and raw.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise DataError(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans is refused")
 
 
 def _pixel_limit(width: int, height: int, name: str) -> None:
@@ -164,33 +181,67 @@ def decode_image(data: bytes, pre: Preprocessing, name: str = "image") -> Image.
     return _fit(img, pre, name)
 
 
-def _turbo_pixels(data, pre: Preprocessing, name: str) -> "np.ndarray | None":
+@functools.cache
+def _turbo_agrees() -> bool:
+    """Does this process's libjpeg-turbo (simplejpeg) decode to this process's Pillow's pixels?
+    Checked once, on a few encodings of a small noisy gradient (each subsampling, progressive,
+    restart markers): another Pillow build (say, one linked against IJG libjpeg) or a future
+    simplejpeg that differs switches the fast path off, and every image goes through Pillow."""
+    if _turbo is None:
+        return False
+    y, x = np.mgrid[0:24, 0:40]
+    noise = (np.arange(24 * 40 * 3).reshape(24, 40, 3) * 7919) % 61
+    arr = np.clip(np.stack([x * 6, y * 10, (x + y) * 4], -1) + noise - 30, 0, 255).astype(np.uint8)
+    variants = ({"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2}, {"subsampling": 2, "progressive": True},
+                {"subsampling": 2, "restart_marker_blocks": 2})
+    try:
+        for kw in variants:
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, "JPEG", quality=90, **kw)
+            data = buf.getvalue()
+            with Image.open(io.BytesIO(data)) as img:
+                want = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            got = _turbo.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+            if got.shape != want.shape or not np.array_equal(got, want):
+                return False
+    except Exception:
+        return False
+    return True
+
+
+def _turbo_pixels(data: bytes, pre: Preprocessing, name: str) -> "np.ndarray | None":
     """A colour JPEG's pixels (HWC uint8, its own size) from libjpeg-turbo, or None: Pillow decides.
 
-    The header is read first and the pixel limit applied before any pixel is decoded. `strict`:
-    a recoverable error (a truncated or corrupt file, which libjpeg-turbo would fill in) raises,
-    and Pillow then gives its own verdict, so what is accepted stays what Pillow accepts."""
-    if _turbo is None or "JPEG" not in pre.allowed_formats or bytes(data[:3]) != _JPEG_SOI:
+    The header is read first; an image over the pixel limit, or a large one to resize, is left to
+    Pillow before any pixel is decoded (Pillow reads only its header before refusing it, and
+    gives its own error text). `strict`: a recoverable error (a truncated or corrupt file, which
+    libjpeg-turbo would fill in) raises, and Pillow gives its own verdict; so does any other
+    failure of simplejpeg (e.g. a subsampling it has no name for)."""
+    if _turbo is None or "JPEG" not in pre.allowed_formats or data[:3] != _JPEG_SOI:
         return None
     try:
         height, width, space, _ = _turbo.decode_jpeg_header(data, strict=True)
-    except ValueError:
+    except Exception:
         return None
-    if space not in _TURBO_SPACES:
+    if space not in _TURBO_SPACES or width * height > MAX_IMAGE_PIXELS:
         return None
-    _pixel_limit(width, height, name)
+    if (height, width) != tuple(pre.size) and width * height > _TURBO_RESIZE_MAX_PIXELS:
+        return None
+    if not _turbo_agrees():
+        return None
     try:
         px = _turbo.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
-    except ValueError:
+    except Exception:
         return None
     return px if px.shape == (height, width, 3) else None
 
 
 def decode_array(data: bytes, pre: Preprocessing, name: str = "image") -> np.ndarray:
     """Decode untrusted bytes into `pre.size` RGB pixels (HWC uint8, for `Preprocessing.batch`),
-    or raise `DataError`: equal to `decode_image`'s pixels (colour JPEGs through libjpeg-turbo
-    directly, the module doc)."""
+    or raise `DataError`: `decode_image`'s pixels wherever Pillow decodes the image (colour JPEGs
+    through libjpeg-turbo directly; what else it accepts: the module doc)."""
     _check_bytes(data, name)
+    data = data if type(data) is bytes else bytes(data)  # simplejpeg reads a buffer's memory as laid out
     px = _turbo_pixels(data, pre, name)
     if px is None:
         return np.asarray(decode_image(data, pre, name), dtype=np.uint8)

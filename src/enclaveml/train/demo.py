@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..data.folder import list_image_folder
-from ..data.preprocess import decode_image, load_image_bytes
+from ..data.preprocess import decode_array, load_image_bytes
 from ..errors import UserInputError
 from ..models import zoo
 from . import poison
@@ -28,8 +28,8 @@ def _png(px: torch.Tensor) -> bytes:
 
 
 def _pixels(path: str) -> torch.Tensor:
-    img = decode_image(load_image_bytes(path), zoo.entry("darknet").preprocessing, name=path)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    px = decode_array(load_image_bytes(path), zoo.entry("darknet").preprocessing, name=path)
+    return torch.from_numpy(np.array(px, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def split_folder(src: str | Path, out: str | Path, parts: int, per_class: int, offset: int = 0) -> list[Path]:
