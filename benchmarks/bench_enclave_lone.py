@@ -23,7 +23,6 @@ import json
 import pstats
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,16 +30,11 @@ import torch
 
 
 def main() -> None:
-    from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release
+    from enclaveml.crypto import frame_fresh
     from enclaveml.data.preprocess import decode_array
-    from enclaveml.models import zoo
-    from enclaveml.models.bundle import bundle_files, make_bundle
-    from enclaveml.protocol import ModelPin, ModelRef, Target
     from enclaveml.protocol import infer as protocol
-    from enclaveml.serve.enclave import EnclaveService, _inference_layout
     from enclaveml.serve.placement import SMALL_ROWS
     from enclaveml.serve.threads import LoneThreads, machine_threads
-    from enclaveml.tee import get_backend
     from enclaveml.timing import diff
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,20 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     images = [p.read_bytes() for p in sorted(Path(args.data).glob("*/*.jpg"))[: args.n]]
-    try:
-        model = zoo.load("darknet")
-    except Exception:
-        model = zoo.load("darknet", pretrained=False)
-    entry = zoo.entry("darknet")
-    with tempfile.TemporaryDirectory() as tmp:
-        owner = SigningKey.generate()
-        _, key = make_bundle(model, args.k, Path(tmp) / "b", {"zoo": "darknet"}, entry.preprocessing,
-                             list(entry.classes), owner)
-        svc = EnclaveService(get_backend("sim", platform_dir=Path(tmp) / "platform", lock_memory=False))
-        files = bundle_files(Path(tmp) / "b")
-        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, svc.issue_nonce(b"bench-nonce-1234")), files)
-    ref = ModelRef(owner.public_key().to_bytes().hex(), "d")
-    target = Target(ref, ModelPin(ref.owner))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from inprocess import deployed_darknet
+
+    svc, ref, target = deployed_darknet(args.k)
     reqs = [protocol.seal_infer(svc.public_key(), target, frame_fresh(protocol.encode_payload(im, 5, False)))
             for im in images]
     for msg, _, _ in reqs[:20]:  # warm (oneDNN primitives, caches); these ids are then used

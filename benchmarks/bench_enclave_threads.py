@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,14 +29,10 @@ import torch
 
 def main() -> None:
     from enclaveml import paths
-    from enclaveml.crypto import SigningKey, frame_fresh, seal_key_release
+    from enclaveml.crypto import frame_fresh
     from enclaveml.data.preprocess import decode_array, decode_image
     from enclaveml.models import zoo
-    from enclaveml.models.bundle import bundle_files, make_bundle
-    from enclaveml.protocol import ModelPin, ModelRef, Target
     from enclaveml.protocol import infer as protocol
-    from enclaveml.serve.enclave import EnclaveService
-    from enclaveml.tee import get_backend
 
     shared = paths.shared_dir()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,20 +45,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # the worker's pool threads each run one torch thread
     images = [p.read_bytes() for p in sorted(Path(args.data).glob("*/*.jpg"))[: args.images]]
-    try:
-        model = zoo.load("darknet")
-    except Exception:
-        model = zoo.load("darknet", pretrained=False)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from inprocess import deployed_darknet
+
+    svc, ref, target = deployed_darknet(args.k)
     entry = zoo.entry("darknet")
-    with tempfile.TemporaryDirectory() as tmp:
-        owner = SigningKey.generate()
-        _, key = make_bundle(model, args.k, Path(tmp) / "b", {"zoo": "darknet"}, entry.preprocessing,
-                             list(entry.classes), owner)
-        svc = EnclaveService(get_backend("sim", platform_dir=Path(tmp) / "platform", lock_memory=False))
-        svc.deploy("d", seal_key_release(owner, svc.public_key(), "d", key, svc.issue_nonce(b"bench-nonce-1234")),
-                   bundle_files(Path(tmp) / "b"))
-    ref = ModelRef(owner.public_key().to_bytes().hex(), "d")
-    target = Target(ref, ModelPin(ref.owner))
 
     def sealed() -> list[bytes]:  # fresh ids every run: the replay guard would refuse a second use
         return [protocol.seal_infer(svc.public_key(), target,
