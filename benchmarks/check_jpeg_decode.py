@@ -21,6 +21,25 @@ from pathlib import Path
 import numpy as np
 
 
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """`data` after 1-4 random edits: a byte flipped, the rest cut off, a run of up to 32 bytes
+    duplicated, or a byte zeroed (also used by tests/test_data_decode.py)."""
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(len(b))
+        op = rng.choice(["flip", "cut", "dup", "zero"])
+        if op == "flip":
+            b[i] ^= rng.randint(1, 255)
+        elif op == "cut":
+            del b[i:]
+            b = b or bytearray(b"\xff")
+        elif op == "dup":
+            b[i:i] = b[i:i + rng.randint(1, 32)]
+        else:
+            b[i] = 0
+    return bytes(b)
+
+
 def main() -> None:
     from PIL import Image
 
@@ -55,20 +74,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     cases = fast = disagree = 0
     for _ in range(args.cases):
-        b = bytearray(rng.choice(sources))
-        for _ in range(rng.randint(1, 4)):
-            i = rng.randrange(len(b))
-            op = rng.choice(["flip", "cut", "dup", "zero"])
-            if op == "flip":
-                b[i] ^= rng.randint(1, 255)
-            elif op == "cut":
-                del b[i:]
-                b = b or bytearray(b"\xff")
-            elif op == "dup":
-                b[i:i] = b[i:i + rng.randint(1, 32)]
-            else:
-                b[i] = 0
-        data = bytes(b)
+        data = mutate(rng.choice(sources), rng)
         for pre in (resizing, strict):
             cases += 1
             a = outcome(decode_array, data, pre)
