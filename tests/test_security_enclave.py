@@ -306,3 +306,47 @@ def test_a_host_cannot_make_the_enclave_run_other_backnet_weights(world):
         with pytest.raises(TamperedMessage, match="backnet"):
             fresh.restore(REF, sealed, parts)
         assert fresh.models() == []
+
+
+def test_hostile_jpegs_in_a_batch_fail_alone_and_quickly(world):
+    """The JPEG fast path (session 8) against a host that picks the images' bytes: in one request
+    a good JPEG, a 4:4:1 JPEG (simplejpeg cannot name its subsampling: it must reach Pillow, not
+    fail the request), a valid progressive JPEG with one AC scan sent 3,000 times (Pillow decodes
+    it; at the pixel limit such a file costs minutes of enclave CPU) and a good PNG. The scan
+    bomb alone fails, with the fixed message, refused on its scan count before any decoding; the
+    others are answered; the enclave then serves the next request."""
+    import time
+
+    svc, *_, png = world
+
+    def jpeg(**kw) -> bytes:
+        b = io.BytesIO()
+        Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(b, "JPEG", quality=90, **kw)
+        return b.getvalue()
+
+    good = jpeg()
+    d = bytearray(jpeg(subsampling=0))
+    i = d.index(b"\xff\xc0")
+    d[i + 11] = 0x14  # luma sampled 1x4: 4:4:1
+    prog = jpeg(progressive=True)
+    sos = [k for k in range(len(prog) - 1) if prog[k:k + 2] == b"\xff\xda"]
+    start = sos[2]  # the third scan: an AC scan of one component, which may be sent again
+    end = start + 2 + int.from_bytes(prog[start + 2:start + 4], "big")
+    while not (prog[end] == 0xFF and prog[end + 1] not in (0, *range(0xD0, 0xD8))):
+        end += 1
+    eoi = prog.rindex(b"\xff\xd9")
+    bomb = prog[:eoi] + prog[start:end] * 3000 + prog[eoi:]  # a valid file Pillow decodes, scans unbounded
+    ref = ModelRef.parse(REF)
+    target = Target(ref, ModelPin(ref.owner))
+    body, ctx, aad = protocol.seal_infer(svc.public_key(), target,
+                                         frame_fresh(protocol.encode_payload([good, bytes(d), bomb, png], 1)))
+    t = time.perf_counter()
+    (out,) = svc.front_batch(REF, [body], 1 << 20)
+    assert time.perf_counter() - t < 2.0
+    assert out.failed == 1
+    items = protocol.decode_results(ctx.open_response(out.sealed, aad), 4, expected=target)
+    assert [isinstance(x, DataError) for x in items] == [False, False, True, False]
+    assert "scans" not in str(items[2]) and "3000" not in str(items[2])  # no detail of the bytes crosses
+    msg, opener = _request(svc, good)
+    (again,) = svc.front_batch(REF, [msg], 1 << 20)
+    assert opener(again.sealed)
