@@ -312,7 +312,8 @@ def test_hostile_jpegs_in_a_batch_fail_alone_and_quickly(world):
     """The JPEG fast path (session 8) against a host that picks the images' bytes: in one request
     a good JPEG, a 4:4:1 JPEG (simplejpeg cannot name its subsampling: it must reach Pillow, not
     fail the request), a valid progressive JPEG with one AC scan sent 3,000 times (Pillow decodes
-    it; at the pixel limit such a file costs minutes of enclave CPU) and a good PNG. The scan
+    it; at the byte and pixel limits such a file would cost minutes of enclave CPU, by the
+    reviewer's extrapolation) and a good PNG. The scan
     bomb alone fails, with the fixed message, refused on its scan count before any decoding; the
     others are answered; the enclave then serves the next request."""
     import time
