@@ -17,6 +17,7 @@ import sys
 import textwrap
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from enclaveml.crypto import HpkeKeyPair, SigningKey, seal_request
-from enclaveml.data.preprocess import MAX_IMAGE_BYTES, Preprocessing, decode_image
+from enclaveml.data.preprocess import MAX_IMAGE_BYTES, Preprocessing, decode_array, decode_image
 from enclaveml.errors import (DataError, EnclaveMLError, PolicyViolation, TamperedMessage, UserInputError)
 from enclaveml.models import zoo
 from enclaveml.models import bundle as B
@@ -76,9 +77,15 @@ def _png_claiming(w: int, h: int, idat: bytes = b"", extra: bytes = b"") -> byte
 
 
 def _decoded_or_data_error(data, pre=PRE):
+    """Pillow's decoder and the enclave's (`decode_array`: colour JPEGs through libjpeg-turbo)
+    raise only DataError, and what they give back has the model's size."""
     img = _only((DataError,), decode_image, data, pre)
     if img is not None:
         assert img.mode == "RGB" and (img.height, img.width) == pre.size
+    for view in (data, bytearray(data), memoryview(data)):
+        px = _only((DataError,), decode_array, view, pre)
+        if px is not None:
+            assert px.dtype == np.uint8 and px.shape == (*pre.size, 3)
 
 
 @FUZZ
@@ -116,16 +123,18 @@ def test_decode_image_on_mutated_png_and_jpeg(kind, data):
 def test_png_decompression_bomb_header_is_refused_before_decoding(w, h):
     data = _png_claiming(w, h)
     assert len(data) < 200
-    with pytest.raises(DataError):
-        decode_image(data, PRE)
+    for decode in (decode_image, decode_array):
+        with pytest.raises(DataError):
+            decode(data, PRE)
 
 
 def test_jpeg_claiming_65500_square_is_refused():
     src = _jpeg(16, 16)
     i = src.index(b"\xff\xc0")  # SOF0: marker, length(2), precision(1), height(2), width(2)
     bad = src[: i + 5] + struct.pack(">HH", 65500, 65500) + src[i + 9:]
-    with pytest.raises(DataError):
-        decode_image(bad, PRE)
+    for decode in (decode_image, decode_array):
+        with pytest.raises(DataError):
+            decode(bad, PRE)
 
 
 def test_png_text_chunk_bomb_is_refused_or_ignored():
@@ -142,16 +151,18 @@ def test_png_text_chunk_bomb_is_refused_or_ignored():
 def test_formats_outside_the_allow_list_are_refused(fmt):
     b = io.BytesIO()
     Image.new("RGB", (32, 32)).save(b, fmt)
-    with pytest.raises(DataError):
-        decode_image(b.getvalue(), PRE)
+    for decode in (decode_image, decode_array):
+        with pytest.raises(DataError):
+            decode(b.getvalue(), PRE)
 
 
 def test_oversized_and_non_bytes_inputs_are_data_errors():
-    with pytest.raises(DataError):
-        decode_image(b"\x00" * (MAX_IMAGE_BYTES + 1), PRE)
-    for bad in (None, "a string", 5, [1, 2]):
+    for decode in (decode_image, decode_array):
         with pytest.raises(DataError):
-            decode_image(bad, PRE)
+            decode(b"\x00" * (MAX_IMAGE_BYTES + 1), PRE)
+        for bad in (None, "a string", 5, [1, 2]):
+            with pytest.raises(DataError):
+                decode(bad, PRE)
 
 
 ASPECT_BOMB = textwrap.dedent("""
