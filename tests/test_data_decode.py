@@ -117,20 +117,38 @@ def _claiming(h: int, w: int) -> bytes:
     return src[:i + 5] + struct.pack(">HH", h, w) + src[i + 9:]
 
 
-@pytest.mark.parametrize("side", [5000, 20000, 65500])
-def test_the_pixel_limit_applies_before_any_pixel_is_decoded(monkeypatch, side):
-    """A tiny file whose header claims side x side pixels: refused with Pillow's text (its own
-    bomb limit above about 179M pixels, ours below), and libjpeg-turbo never decodes a pixel."""
+def _count_decodes(monkeypatch) -> list:
+    """Calls of libjpeg-turbo's pixel decoder from now on (its run-time check done before)."""
     assert P._turbo_agrees()  # its check decodes: done before the count starts
     calls = []
     real = P._turbo.decode_jpeg
     monkeypatch.setattr(P._turbo, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("side", [5000, 20000, 65500])
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_pixel_limit_applies_before_any_pixel_is_decoded(monkeypatch, side, exact):
+    """A tiny file whose header claims side x side pixels: refused with Pillow's text (its own
+    bomb limit above about 179M pixels, ours below), and libjpeg-turbo never decodes a pixel,
+    whether the model would resize it or expects exactly that size."""
+    calls = _count_decodes(monkeypatch)
     bad = _claiming(side, side)
-    assert _same(bad, CIFAR) == "error"
+    pre = Preprocessing(size=(side, side), resize=False) if exact else CIFAR
+    assert _same(bad, pre) == "error"
     assert calls == []
     if side == 5000:
         with pytest.raises(DataError, match="5000x5000 is over the pixel limit"):
-            decode_array(bad, CIFAR)
+            decode_array(bad, pre)
+
+
+def test_a_large_photo_to_resize_goes_through_pillow():
+    """libjpeg-turbo's array and Pillow's copy for the resize are never held at once for a large
+    photo (review, session 8: 113 against 66 MB at 4096x4096): over 1M pixels, Pillow alone."""
+    big = _jpeg(_photo(1024, 1025, 8), quality=80)
+    assert P._turbo_pixels(big, CIFAR, "x") is None
+    assert P._turbo_pixels(big, Preprocessing(size=(1024, 1025), resize=False), "x") is not None
+    assert _same(big, CIFAR) == "ok"
 
 
 def test_a_jpeg_of_thousands_of_scans_is_refused_at_once_by_both_paths():
@@ -147,6 +165,46 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_at_once_by_both_paths():
         with pytest.raises(DataError, match=f"more than {P.MAX_JPEG_SCANS} scans"):
             fn(bad, CIFAR)
     assert time.perf_counter() - t < 0.5
+
+
+def _repeat_ac_scan(prog: bytes, times: int) -> bytes:
+    """A valid progressive JPEG with its third scan (an AC scan of one component) sent `times`
+    more times before the end: Pillow and libjpeg-turbo decode it, each scan at full cost."""
+    sos = [k for k in range(len(prog) - 1) if prog[k:k + 2] == b"\xff\xda"]
+    start = sos[2]
+    end = start + 2 + int.from_bytes(prog[start + 2:start + 4], "big")
+    while not (prog[end] == 0xFF and prog[end + 1] not in (0, *range(0xD0, 0xD8))):
+        end += 1
+    eoi = prog.rindex(b"\xff\xd9")
+    return prog[:eoi] + prog[start:end] * times + prog[eoi:]
+
+
+def test_scans_times_pixels_is_bounded_before_any_decoding(monkeypatch):
+    """100 refinement scans of a 4096x4096 image cost 1.5 s (review R8b) though under the scan
+    count: scans x pixels is capped from the header, on both paths, before a pixel is decoded;
+    the same image with its usual scans decodes."""
+    photo = np.zeros((2048, 2048, 3), np.uint8)
+    prog = _jpeg(photo, quality=90, progressive=True)
+    assert _same(prog, CIFAR) == "ok"
+    bad = _repeat_ac_scan(prog, 60)  # ~70 scans of 4.2M pixels: over 2**28
+    assert bad.count(b"\xff\xda") <= P.MAX_JPEG_SCANS
+    calls = _count_decodes(monkeypatch)
+    for pre in (CIFAR, Preprocessing(size=(2048, 2048), resize=False)):
+        for fn in (decode_array, decode_image):
+            with pytest.raises(DataError, match="over the decoding limit"):
+                fn(bad, pre)
+    assert calls == []
+
+
+def test_a_scan_bomb_is_refused_before_libjpeg_turbo_decodes_it(monkeypatch):
+    """The count is checked before the fast path runs (else libjpeg-turbo would decode the bomb,
+    warn, and Pillow decode it again)."""
+    calls = _count_decodes(monkeypatch)
+    bomb = _repeat_ac_scan(_jpeg(_photo(32, 32, 9), quality=90, progressive=True), 3000)
+    for pre in (CIFAR, Preprocessing(size=(32, 32), resize=False)):
+        with pytest.raises(DataError, match="scans"):
+            decode_array(bomb, pre)
+    assert calls == []
 
 
 def test_a_subsampling_simplejpeg_cannot_name_goes_through_pillow():
@@ -185,14 +243,14 @@ def test_a_libjpeg_turbo_that_disagrees_with_pillow_is_switched_off(monkeypatch)
 
     data = _jpeg(_photo(32, 32, 6), quality=90)
     monkeypatch.setattr(P._turbo, "decode_jpeg", off_by_one)
-    P._turbo_agrees.cache_clear()
+    P._TURBO_VERDICT.clear()
     try:
         assert not P._turbo_agrees()
         assert P._turbo_pixels(data, CIFAR, "x") is None
         assert _same(data, CIFAR) == "ok"
     finally:
         monkeypatch.undo()
-        P._turbo_agrees.cache_clear()
+        P._TURBO_VERDICT.clear()
     assert P._turbo_agrees() and P._turbo_pixels(data, CIFAR, "x") is not None
 
 

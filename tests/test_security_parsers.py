@@ -563,3 +563,52 @@ def test_caltrain_upload_with_forged_fields_is_refused(ingest):
 def test_all_documented_errors_share_the_base_class():
     for cls in (DataError, TamperedMessage, PolicyViolation, UserInputError):
         assert issubclass(cls, EnclaveMLError)
+
+
+def _exif_warning_jpeg(tag: int = 0xBEEF) -> bytes:
+    """A grey JPEG (Pillow decodes it) whose EXIF names tag `tag` with data past its end: Pillow
+    warns "Tag data larger than file. Skipping tag 48879", a detail of the user's image."""
+    g = io.BytesIO()
+    Image.linear_gradient("L").resize((32, 32)).save(g, "JPEG")
+    g = g.getvalue()
+    i = g.index(b"\xff\xe0")
+    g = g[:i] + g[i + 2 + int.from_bytes(g[i + 2:i + 4], "big"):]  # no JFIF segment
+    tiff = (b"II*\x00\x08\x00\x00\x00" + (1).to_bytes(2, "little") + tag.to_bytes(2, "little") + b"\x02\x00"
+            + (40).to_bytes(4, "little") + (200).to_bytes(4, "little"))
+    app1 = b"Exif\x00\x00" + tiff
+    return g[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + g[2:]
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_no_warning_about_a_users_image_reaches_the_enclave_workers_stderr(tmp_path, quiet):
+    """An enclave worker's stderr is the host's log (review R8b): Pillow's warnings quote the
+    image's EXIF tags. `runtime.enclave.main.quiet_warnings`, which every worker runs first, keeps
+    them out, even under `-W error`; without it (the control) the tag number is printed."""
+    path = tmp_path / "x.jpg"
+    path.write_bytes(_exif_warning_jpeg())
+    code = textwrap.dedent(f"""
+        import sys
+        from enclaveml.data.preprocess import Preprocessing, decode_array
+        from enclaveml.runtime.enclave.main import quiet_warnings
+        if {quiet}:
+            quiet_warnings()
+        data = open(sys.argv[1], "rb").read()
+        print(decode_array(data, Preprocessing(size=(32, 32))).shape)
+    """)
+    flags = ["-W", "error"] if quiet else ["-W", "always"]
+    r = subprocess.run([sys.executable, *flags, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "(32, 32, 3)" in r.stdout
+    assert ("48879" in r.stderr) is not quiet, r.stderr
+
+
+def test_every_enclave_worker_quiets_warnings_before_it_reads_anything():
+    """Serving's and CalTrain's workers both start in `run_worker`: the filter must come first."""
+    import inspect
+
+    from enclaveml.runtime.enclave import main
+
+    src = inspect.getsource(main.run_worker)
+    assert src.index("quiet_warnings()") < src.index("worker_channel_from_argv(")
+    for module in ("enclaveml.serve.worker", "enclaveml.train.enclave_worker"):
+        assert "run_worker(" in inspect.getsource(__import__(module, fromlist=["x"]))

@@ -20,8 +20,9 @@ Pillow refuses, it refuses too, except a few that libjpeg-turbo reads without a 
 Pillow's own Python header parser does not (a TEM marker, an APP segment shorter than its
 signature): those are decoded. Every other image (PNG, grey or CMYK JPEG, 4:4:1 and other rare
 subsamplings, anything libjpeg-turbo warns about, a large photo to resize) goes through Pillow.
-Every JPEG, either way, may have at most `MAX_JPEG_SCANS` scans (a progressive file is re-read
-whole for every scan: thousands of tiny scans would cost seconds of enclave CPU).
+Every JPEG, either way, may have at most `MAX_JPEG_SCANS` scans and scans x pixels of at most
+`MAX_JPEG_SCAN_PIXELS` (each progressive scan visits every block of its component: thousands of
+tiny scans, or a hundred refinement scans of a large image, would cost seconds of enclave CPU).
 """
 
 from __future__ import annotations
@@ -114,9 +115,14 @@ def _channel_values(values: tuple[float, ...]) -> torch.Tensor:
 
 #: Most scans (SOS markers, FF DA) a JPEG may have. Encoders write about 10; libjpeg-turbo's own
 #: TJFLAG_LIMITSCANS stops at 500. Counted on the raw bytes: in entropy-coded data a 0xFF is always
-#: followed by 0x00 or a marker, so every FF DA there is a scan (one inside a metadata segment is
-#: counted too: the count can only be too high).
+#: followed by 0x00 or a marker, so every FF DA there is a scan (one inside a metadata segment, or
+#: in data after the image's end, is counted too: the count can only be too high).
 MAX_JPEG_SCANS = 100
+#: Most scans x pixels a JPEG may cost: a progressive scan visits every block of its component,
+#: so 100 refinement scans of a 4096x4096 image cost 1.5 s (review R8b). 2**28 allows the usual
+#: ~10 scans up to the pixel limit, 16 at the limit, all 100 up to about 2.7M pixels; checked
+#: from the header, before any pixel is decoded.
+MAX_JPEG_SCAN_PIXELS = 1 << 28
 #: The start of every JPEG file (SOI marker, then the next marker's 0xFF).
 _JPEG_SOI = b"\xff\xd8\xff"
 #: A colour JPEG of more pixels than this that must be resized goes through Pillow: otherwise
@@ -127,21 +133,34 @@ _TURBO_RESIZE_MAX_PIXELS = 1 << 20
 _TURBO_SPACES = frozenset({"YCbCr"})
 
 
-def _check_bytes(data, name: str) -> None:
+def _checked_bytes(data, name: str) -> bytes:
+    """`data` as one immutable copy (the same object for bytes), its size and scan count checked:
+    what is checked is what gets decoded, and a memoryview's size is its bytes, not its items."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DataError(f"{name}: expected encoded image bytes")
-    if len(data) == 0:
+    try:
+        raw = data if type(data) is bytes else bytes(data)
+    except (ValueError, TypeError):  # a released view
+        raise DataError(f"{name}: expected encoded image bytes") from None
+    if len(raw) == 0:
         raise DataError(f"{name}: empty file")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise DataError(f"{name}: {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
-    raw = bytes(data)  # the same object for bytes
-    if raw[:3] == _JPEG_SOI and raw.count(b"\xff\xda") > MAX_JPEG_SCANS:
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise DataError(f"{name}: {len(raw)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+    if _jpeg_scans(raw) > MAX_JPEG_SCANS:
         raise DataError(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans is refused")
+    return raw
 
 
-def _pixel_limit(width: int, height: int, name: str) -> None:
+def _jpeg_scans(raw: bytes) -> int:
+    """The SOS markers of a JPEG file (0 for anything else)."""
+    return raw.count(b"\xff\xda") if raw[:3] == _JPEG_SOI else 0
+
+
+def _pixel_limit(width: int, height: int, name: str, scans: int = 0) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise DataError(f"{name}: {width}x{height} is over the pixel limit")
+    if scans * width * height > MAX_JPEG_SCAN_PIXELS:
+        raise DataError(f"{name}: a {width}x{height} JPEG of {scans} scans is over the decoding limit")
 
 
 def _fit(img: Image.Image, pre: Preprocessing, name: str) -> Image.Image:
@@ -169,10 +188,10 @@ def _fit(img: Image.Image, pre: Preprocessing, name: str) -> Image.Image:
 
 def decode_image(data: bytes, pre: Preprocessing, name: str = "image") -> Image.Image:
     """Decode untrusted bytes into an RGB image of `pre.size` with Pillow, or raise `DataError`."""
-    _check_bytes(data, name)
+    raw = _checked_bytes(data, name)
     try:
-        img = Image.open(io.BytesIO(bytes(data)), formats=sorted(pre.allowed_formats))
-        _pixel_limit(img.width, img.height, name)
+        img = Image.open(io.BytesIO(raw), formats=sorted(pre.allowed_formats))
+        _pixel_limit(img.width, img.height, name, _jpeg_scans(raw))
         img.load()
     except DataError:
         raise
@@ -181,12 +200,25 @@ def decode_image(data: bytes, pre: Preprocessing, name: str = "image") -> Image.
     return _fit(img, pre, name)
 
 
-@functools.cache
 def _turbo_agrees() -> bool:
+    """Whether the fast path may be used (`_turbo_check`, run until it gives a verdict: a failure
+    to run it, say a MemoryError under load, is not cached as a disagreement)."""
+    verdict = _TURBO_VERDICT.get("agrees")
+    if verdict is None:
+        verdict = _turbo_check()
+        if verdict is not None:
+            _TURBO_VERDICT["agrees"] = verdict
+    return bool(verdict)
+
+
+_TURBO_VERDICT: dict = {}
+
+
+def _turbo_check() -> "bool | None":
     """Does this process's libjpeg-turbo (simplejpeg) decode to this process's Pillow's pixels?
     Checked once, on a few encodings of a small noisy gradient (each subsampling, progressive,
     restart markers): another Pillow build (say, one linked against IJG libjpeg) or a future
-    simplejpeg that differs switches the fast path off, and every image goes through Pillow."""
+    simplejpeg that differs switches the fast path off, and every image goes through Pillow. None: it could not run (try again later)."""
     if _turbo is None:
         return False
     y, x = np.mgrid[0:24, 0:40]
@@ -204,7 +236,9 @@ def _turbo_agrees() -> bool:
             got = _turbo.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
             if got.shape != want.shape or not np.array_equal(got, want):
                 return False
-    except Exception:
+    except (MemoryError, OSError):  # could not run now: no verdict yet
+        return None
+    except Exception:  # simplejpeg refused its own check: never use it
         return False
     return True
 
@@ -223,7 +257,8 @@ def _turbo_pixels(data: bytes, pre: Preprocessing, name: str) -> "np.ndarray | N
         height, width, space, _ = _turbo.decode_jpeg_header(data, strict=True)
     except Exception:
         return None
-    if space not in _TURBO_SPACES or width * height > MAX_IMAGE_PIXELS:
+    if (space not in _TURBO_SPACES or width * height > MAX_IMAGE_PIXELS
+            or _jpeg_scans(data) * width * height > MAX_JPEG_SCAN_PIXELS):
         return None
     if (height, width) != tuple(pre.size) and width * height > _TURBO_RESIZE_MAX_PIXELS:
         return None
@@ -240,8 +275,7 @@ def decode_array(data: bytes, pre: Preprocessing, name: str = "image") -> np.nda
     """Decode untrusted bytes into `pre.size` RGB pixels (HWC uint8, for `Preprocessing.batch`),
     or raise `DataError`: `decode_image`'s pixels wherever Pillow decodes the image (colour JPEGs
     through libjpeg-turbo directly; what else it accepts: the module doc)."""
-    _check_bytes(data, name)
-    data = data if type(data) is bytes else bytes(data)  # simplejpeg reads a buffer's memory as laid out
+    data = _checked_bytes(data, name)  # bytes: simplejpeg reads a buffer's memory as laid out
     px = _turbo_pixels(data, pre, name)
     if px is None:
         return np.asarray(decode_image(data, pre, name), dtype=np.uint8)
