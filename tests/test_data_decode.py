@@ -15,6 +15,7 @@ import random
 import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,49 @@ def test_mutated_jpegs_get_the_same_verdict_and_pixels_as_pillow():
         for pre in (CIFAR, Preprocessing(size=(32, 32), resize=False)):
             decoded += _same(data, pre) == "ok"
     assert decoded > 20  # the cases exercise decoding, not only refusals
+
+
+def test_a_jpeg_of_too_many_segments_junk_or_fill_is_refused_before_pillows_loops():
+    """Pillow's header loop runs in Python once per segment and byte by byte over junk and fill,
+    holding the GIL: 8 MB of empty APP1 segments cost 4.4 CPU s (review R8b, F-59). The walk
+    refuses them in a bounded number of steps, before any decoder runs, on both paths."""
+    grey = io.BytesIO()
+    Image.fromarray(_photo(32, 32, 10)).convert("L").save(grey, "JPEG")
+    g = grey.getvalue()
+    cases = {
+        "segments": g[:2] + b"\xff\xe1\x00\x02" * (P.MAX_JPEG_SEGMENTS + 10) + g[2:],
+        "fill bytes": g[:2] + b"\xff" * (P.MAX_JPEG_FILL + 10) + g[2:],
+        "bytes between": g[:4 + int.from_bytes(g[4:6], "big")] + b"junk" + g[4 + int.from_bytes(g[4:6], "big"):],
+    }
+    t = time.perf_counter()
+    for what, bad in cases.items():
+        for fn in (decode_array, decode_image):
+            with pytest.raises(DataError, match=what.split()[0]):
+                fn(bad, CIFAR)
+    assert time.perf_counter() - t < 0.5
+    # a few fill bytes and a few empty segments are fine, as before
+    ok = g[:2] + b"\xff\xe1\x00\x02" * 20 + b"\xff" * 8 + g[2:]
+    assert _same(ok, CIFAR) == "ok"
+
+
+def test_a_png_of_too_many_chunks_is_refused():
+    """8 MB of empty ancillary chunks before IDAT cost Pillow 3.9 CPU s (review R8b, F-59)."""
+    b = io.BytesIO()
+    Image.fromarray(_photo(32, 32, 11)).save(b, "PNG")
+    png = b.getvalue()
+    i = png.index(b"IDAT") - 4
+    chunk = b"\x00\x00\x00\x00abCd" + zlib.crc32(b"abCd").to_bytes(4, "big")
+    for fn in (decode_array, decode_image):
+        with pytest.raises(DataError, match="chunks"):
+            fn(png[:i] + chunk * (P.MAX_PNG_CHUNKS + 1) + png[i:], CIFAR)
+    assert _same(png[:i] + chunk * 50 + png[i:], CIFAR) == "ok"
+
+
+def test_what_follows_a_jpegs_end_is_not_counted():
+    """A phone's motion photo appends its video after the image's end (EOI): near-random bytes with
+    an FF DA every 64 KB or so. Counting them refused such photos (review R8b, F-60); the walk
+    stops at the first image's end, and the photo decodes to its image's pixels."""
+    src = _jpeg(_photo(32, 32, 12), quality=90)
+    video = (b"\xff\xda" + bytes(range(256)) * 3) * 400  # 400 FF DA after EOI
+    assert _same(src + video, CIFAR) == "ok"
+    assert np.array_equal(decode_array(src + video, CIFAR), decode_array(src, CIFAR))

@@ -20,7 +20,9 @@ Pillow refuses, it refuses too, except a few that libjpeg-turbo reads without a 
 Pillow's own Python header parser does not (a TEM marker, an APP segment shorter than its
 signature): those are decoded. Every other image (PNG, grey or CMYK JPEG, 4:4:1 and other rare
 subsamplings, anything libjpeg-turbo warns about, a large photo to resize) goes through Pillow.
-Every JPEG, either way, may have at most `MAX_JPEG_SCANS` scans and scans x pixels of at most
+Before either decoder runs, `_structure` walks a JPEG's segments or a PNG's chunks in a bounded
+number of steps (Pillow's own header loops run in Python, holding the GIL); a JPEG may then have
+at most `MAX_JPEG_SCANS` scans in its first image and scans x pixels of at most
 `MAX_JPEG_SCAN_PIXELS` (each progressive scan visits every block of its component: thousands of
 tiny scans, or a hundred refinement scans of a large image, would cost seconds of enclave CPU).
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,6 +121,12 @@ def _channel_values(values: tuple[float, ...]) -> torch.Tensor:
 #: followed by 0x00 or a marker, so every FF DA there is a scan (one inside a metadata segment, or
 #: in data after the image's end, is counted too: the count can only be too high).
 MAX_JPEG_SCANS = 100
+#: Most segments (markers with a length: APPn, DQT, DHT, SOF, SOS, ...) before a JPEG's end, most
+#: fill bytes (0xFF) before one marker, and most chunks of a PNG: encoders write a few dozen
+#: segments (a 64 KB-split ICC profile in an 8 MB file: about 130) and PNG chunks of 8-64 KB.
+MAX_JPEG_SEGMENTS = 1024
+MAX_JPEG_FILL = 64
+MAX_PNG_CHUNKS = 16384
 #: Most scans x pixels a JPEG may cost: a progressive scan visits every block of its component,
 #: so 100 refinement scans of a 4096x4096 image cost 1.5 s (review R8b). 2**28 allows the usual
 #: ~10 scans up to the pixel limit, 16 at the limit, all 100 up to about 2.7M pixels; checked
@@ -134,8 +143,9 @@ _TURBO_SPACES = frozenset({"YCbCr"})
 
 
 def _checked_bytes(data, name: str) -> bytes:
-    """`data` as one immutable copy (the same object for bytes), its size and scan count checked:
-    what is checked is what gets decoded, and a memoryview's size is its bytes, not its items."""
+    """`data` as one immutable copy (the same object for bytes), its size and structure checked
+    (`_structure`): what is checked is what gets decoded, and a memoryview's size is its bytes,
+    not its items."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DataError(f"{name}: expected encoded image bytes")
     try:
@@ -146,14 +156,76 @@ def _checked_bytes(data, name: str) -> bytes:
         raise DataError(f"{name}: empty file")
     if len(raw) > MAX_IMAGE_BYTES:
         raise DataError(f"{name}: {len(raw)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
-    if _jpeg_scans(raw) > MAX_JPEG_SCANS:
-        raise DataError(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans is refused")
+    _structure(raw, name)
     return raw
 
 
-def _jpeg_scans(raw: bytes) -> int:
-    """The SOS markers of a JPEG file (0 for anything else)."""
-    return raw.count(b"\xff\xda") if raw[:3] == _JPEG_SOI else 0
+#: A marker outside entropy-coded data: fill bytes (0xFF), then its code (not 0x00, not 0xFF).
+_MARKER = re.compile(rb"\xff(\xff*)([^\x00\xff])")
+#: The end of a scan's entropy-coded data: the first 0xFF that is neither a stuffed byte (FF 00)
+#: nor a restart marker (FF D0-D7) nor fill.
+_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _structure(raw: bytes, name: str) -> int:
+    """Walk a JPEG's segments or a PNG's chunks by their lengths, with a bounded number of steps,
+    before any decoder runs: Pillow's own header loops run in Python, byte by byte over junk and
+    fill and once per empty segment or chunk, holding the GIL (8 MB of them: about 4 CPU s, review
+    R8b). Returns the scans of a JPEG's first image (0 for anything else). A JPEG may have at most
+    `MAX_JPEG_SEGMENTS` segments and `MAX_JPEG_SCANS` scans before its end (EOI; what follows it,
+    such as a phone's motion-photo video, is not counted), no bytes between its segments and at
+    most `MAX_JPEG_FILL` fill bytes before a marker; a PNG at most `MAX_PNG_CHUNKS` chunks. A
+    file cut short ends the walk: the decoders then refuse it."""
+    if raw[:3] == _JPEG_SOI:
+        return _jpeg_walk(raw, name)
+    if raw[:8] == _PNG_SIGNATURE:
+        _png_walk(raw, name)
+    return 0
+
+
+def _jpeg_walk(raw: bytes, name: str) -> int:
+    n, i, scans, segments = len(raw), 2, 0, 0
+    while i < n:
+        m = _MARKER.match(raw, i)
+        if m is None:
+            raise DataError(f"{name}: not a decodable JPEG/PNG image (bytes between its segments)")
+        if len(m.group(1)) > MAX_JPEG_FILL:
+            raise DataError(f"{name}: a JPEG with more than {MAX_JPEG_FILL} fill bytes before a marker is refused")
+        code, i = m.group(2)[0], m.end()
+        if code == 0xD9:  # EOI: the first image ends here
+            break
+        if code == 0x01 or 0xD0 <= code <= 0xD7:  # TEM, RSTn: no segment
+            continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise DataError(f"{name}: a JPEG of more than {MAX_JPEG_SEGMENTS} segments is refused")
+        if i + 2 > n:
+            break
+        length = int.from_bytes(raw[i:i + 2], "big")
+        if length < 2:
+            raise DataError(f"{name}: not a decodable JPEG/PNG image (a segment of length {length})")
+        i += length
+        if code == 0xDA:  # SOS: its entropy-coded data follows, up to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise DataError(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans is refused")
+            end = _SCAN_END.search(raw, i)
+            if end is None:
+                break
+            i = end.start()
+    return scans
+
+
+def _png_walk(raw: bytes, name: str) -> None:
+    n, i, chunks = len(raw), 8, 0
+    while i + 8 <= n:
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise DataError(f"{name}: a PNG of more than {MAX_PNG_CHUNKS} chunks is refused")
+        if raw[i + 4:i + 8] == b"IEND":
+            return
+        i += 12 + int.from_bytes(raw[i:i + 4], "big")
 
 
 def _pixel_limit(width: int, height: int, name: str, scans: int = 0) -> None:
@@ -191,7 +263,7 @@ def decode_image(data: bytes, pre: Preprocessing, name: str = "image") -> Image.
     raw = _checked_bytes(data, name)
     try:
         img = Image.open(io.BytesIO(raw), formats=sorted(pre.allowed_formats))
-        _pixel_limit(img.width, img.height, name, _jpeg_scans(raw))
+        _pixel_limit(img.width, img.height, name, _structure(raw, name))
         img.load()
     except DataError:
         raise
@@ -258,7 +330,7 @@ def _turbo_pixels(data: bytes, pre: Preprocessing, name: str) -> "np.ndarray | N
     except Exception:
         return None
     if (space not in _TURBO_SPACES or width * height > MAX_IMAGE_PIXELS
-            or _jpeg_scans(data) * width * height > MAX_JPEG_SCAN_PIXELS):
+            or _structure(data, name) * width * height > MAX_JPEG_SCAN_PIXELS):
         return None
     if (height, width) != tuple(pre.size) and width * height > _TURBO_RESIZE_MAX_PIXELS:
         return None
