@@ -142,10 +142,10 @@ _TURBO_RESIZE_MAX_PIXELS = 1 << 20
 _TURBO_SPACES = frozenset({"YCbCr"})
 
 
-def _checked_bytes(data, name: str) -> bytes:
-    """`data` as one immutable copy (the same object for bytes), its size and structure checked
-    (`_structure`): what is checked is what gets decoded, and a memoryview's size is its bytes,
-    not its items."""
+def _checked_bytes(data, name: str) -> "tuple[bytes, int]":
+    """(`data` as one immutable copy (the same object for bytes), a JPEG's scans), its size and
+    structure checked (`_structure`): what is checked is what gets decoded, and a memoryview's
+    size is its bytes, not its items."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DataError(f"{name}: expected encoded image bytes")
     try:
@@ -156,8 +156,7 @@ def _checked_bytes(data, name: str) -> bytes:
         raise DataError(f"{name}: empty file")
     if len(raw) > MAX_IMAGE_BYTES:
         raise DataError(f"{name}: {len(raw)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
-    _structure(raw, name)
-    return raw
+    return raw, _structure(raw, name)
 
 
 #: A marker outside entropy-coded data: fill bytes (0xFF), then its code (not 0x00, not 0xFF).
@@ -186,13 +185,20 @@ def _structure(raw: bytes, name: str) -> int:
 
 def _jpeg_walk(raw: bytes, name: str) -> int:
     n, i, scans, segments = len(raw), 2, 0, 0
-    while i < n:
-        m = _MARKER.match(raw, i)
-        if m is None:
+    scan_end = _SCAN_END.search
+    while i + 1 < n:
+        if raw[i] != 0xFF:
             raise DataError(f"{name}: not a decodable JPEG/PNG image (bytes between its segments)")
-        if len(m.group(1)) > MAX_JPEG_FILL:
-            raise DataError(f"{name}: a JPEG with more than {MAX_JPEG_FILL} fill bytes before a marker is refused")
-        code, i = m.group(2)[0], m.end()
+        code = raw[i + 1]
+        if code == 0xFF or code == 0x00:  # fill bytes before the code (rare): the bounded slow way
+            m = _MARKER.match(raw, i)
+            if m is None:
+                raise DataError(f"{name}: not a decodable JPEG/PNG image (bytes between its segments)")
+            if len(m.group(1)) > MAX_JPEG_FILL:
+                raise DataError(f"{name}: a JPEG with more than {MAX_JPEG_FILL} fill bytes before a marker is refused")
+            code, i = m.group(2)[0], m.end()
+        else:
+            i += 2
         if code == 0xD9:  # EOI: the first image ends here
             break
         if code == 0x01 or 0xD0 <= code <= 0xD7:  # TEM, RSTn: no segment
@@ -202,7 +208,7 @@ def _jpeg_walk(raw: bytes, name: str) -> int:
             raise DataError(f"{name}: a JPEG of more than {MAX_JPEG_SEGMENTS} segments is refused")
         if i + 2 > n:
             break
-        length = int.from_bytes(raw[i:i + 2], "big")
+        length = (raw[i] << 8) | raw[i + 1]
         if length < 2:
             raise DataError(f"{name}: not a decodable JPEG/PNG image (a segment of length {length})")
         i += length
@@ -210,7 +216,7 @@ def _jpeg_walk(raw: bytes, name: str) -> int:
             scans += 1
             if scans > MAX_JPEG_SCANS:
                 raise DataError(f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans is refused")
-            end = _SCAN_END.search(raw, i)
+            end = scan_end(raw, i)
             if end is None:
                 break
             i = end.start()
@@ -260,10 +266,13 @@ def _fit(img: Image.Image, pre: Preprocessing, name: str) -> Image.Image:
 
 def decode_image(data: bytes, pre: Preprocessing, name: str = "image") -> Image.Image:
     """Decode untrusted bytes into an RGB image of `pre.size` with Pillow, or raise `DataError`."""
-    raw = _checked_bytes(data, name)
+    return _pillow(*_checked_bytes(data, name), pre, name)
+
+
+def _pillow(raw: bytes, scans: int, pre: Preprocessing, name: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(raw), formats=sorted(pre.allowed_formats))
-        _pixel_limit(img.width, img.height, name, _structure(raw, name))
+        _pixel_limit(img.width, img.height, name, scans)
         img.load()
     except DataError:
         raise
@@ -315,7 +324,7 @@ def _turbo_check() -> "bool | None":
     return True
 
 
-def _turbo_pixels(data: bytes, pre: Preprocessing, name: str) -> "np.ndarray | None":
+def _turbo_pixels(data: bytes, pre: Preprocessing, name: str, scans: "int | None" = None) -> "np.ndarray | None":
     """A colour JPEG's pixels (HWC uint8, its own size) from libjpeg-turbo, or None: Pillow decides.
 
     The header is read first; an image over the pixel limit, or a large one to resize, is left to
@@ -330,7 +339,7 @@ def _turbo_pixels(data: bytes, pre: Preprocessing, name: str) -> "np.ndarray | N
     except Exception:
         return None
     if (space not in _TURBO_SPACES or width * height > MAX_IMAGE_PIXELS
-            or _structure(data, name) * width * height > MAX_JPEG_SCAN_PIXELS):
+            or (_structure(data, name) if scans is None else scans) * width * height > MAX_JPEG_SCAN_PIXELS):
         return None
     if (height, width) != tuple(pre.size) and width * height > _TURBO_RESIZE_MAX_PIXELS:
         return None
@@ -347,10 +356,10 @@ def decode_array(data: bytes, pre: Preprocessing, name: str = "image") -> np.nda
     """Decode untrusted bytes into `pre.size` RGB pixels (HWC uint8, for `Preprocessing.batch`),
     or raise `DataError`: `decode_image`'s pixels wherever Pillow decodes the image (colour JPEGs
     through libjpeg-turbo directly; what else it accepts: the module doc)."""
-    data = _checked_bytes(data, name)  # bytes: simplejpeg reads a buffer's memory as laid out
-    px = _turbo_pixels(data, pre, name)
+    data, scans = _checked_bytes(data, name)  # bytes: simplejpeg reads a buffer's memory as laid out
+    px = _turbo_pixels(data, pre, name, scans)
     if px is None:
-        return np.asarray(decode_image(data, pre, name), dtype=np.uint8)
+        return np.asarray(_pillow(data, scans, pre, name), dtype=np.uint8)
     if px.shape[:2] == tuple(pre.size):
         return px
     return np.asarray(_fit(Image.fromarray(px), pre, name), dtype=np.uint8)
