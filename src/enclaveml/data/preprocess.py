@@ -15,13 +15,14 @@ subsampling, progressive and restart-marker variant in tests/test_data_decode.py
 process on a few encodings before the first use: `_turbo_agrees`), without Pillow's header
 parsing in Python: a 32x32 JPEG takes ~10 us instead of ~100, and the decoder releases the GIL,
 so the enclave's pool threads no longer queue on each other's decoding (docs/benchmarks.md,
-session 8). Every image Pillow decodes, `decode_array` decodes to the same pixels; every image
-Pillow refuses, it refuses too, except a few that libjpeg-turbo reads without a warning but
-Pillow's own Python header parser does not (a TEM marker, an APP segment shorter than its
-signature): those are decoded. Every other image (PNG, grey or CMYK JPEG, 4:4:1 and other rare
+session 8). Every image Pillow decodes, `decode_array` decodes to the same pixels, unless the
+structure walk below refuses it first (on both paths); every image Pillow refuses, it refuses
+too, except a few that libjpeg-turbo reads without a warning but Pillow's own Python header
+parser does not (a TEM marker, an APP segment shorter than its signature): those are decoded. Every other image (PNG, grey or CMYK JPEG, 4:4:1 and other rare
 subsamplings, anything libjpeg-turbo warns about, a large photo to resize) goes through Pillow.
 Before either decoder runs, `_structure` walks a JPEG's segments or a PNG's chunks in a bounded
-number of steps (Pillow's own header loops run in Python, holding the GIL); a JPEG may then have
+number of steps (Pillow's own header loops run in Python, holding the GIL), stricter than Pillow
+in one way: bytes between a JPEG's segments, which Pillow skips, are refused; a JPEG may then have
 at most `MAX_JPEG_SCANS` scans in its first image and scans x pixels of at most
 `MAX_JPEG_SCAN_PIXELS` (each progressive scan visits every block of its component: thousands of
 tiny scans, or a hundred refinement scans of a large image, would cost seconds of enclave CPU).
@@ -116,10 +117,10 @@ def _channel_values(values: tuple[float, ...]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
 
-#: Most scans (SOS markers, FF DA) a JPEG may have. Encoders write about 10; libjpeg-turbo's own
-#: TJFLAG_LIMITSCANS stops at 500. Counted on the raw bytes: in entropy-coded data a 0xFF is always
-#: followed by 0x00 or a marker, so every FF DA there is a scan (one inside a metadata segment, or
-#: in data after the image's end, is counted too: the count can only be too high).
+#: Most scans (SOS segments) a JPEG's first image may have. Encoders write about 10; libjpeg-turbo's
+#: own TJFLAG_LIMITSCANS stops at 500. Counted by the structure walk (`_structure`), which skips
+#: other segments (an EXIF thumbnail's scans among them) by their lengths and stops at the end of
+#: the first image.
 MAX_JPEG_SCANS = 100
 #: Most segments (markers with a length: APPn, DQT, DHT, SOF, SOS, ...) before a JPEG's end, most
 #: fill bytes (0xFF) before one marker, and most chunks of a PNG: encoders write a few dozen
