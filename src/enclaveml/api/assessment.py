@@ -167,7 +167,7 @@ def _to_uint8_chw(img: Any, pre: "Preprocessing") -> "torch.Tensor":
     from ..data.preprocess import decode_array
 
     if isinstance(img, (bytes, bytearray, memoryview)):
-        return torch.from_numpy(np.array(decode_array(bytes(img), pre), dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(decode_array(img, pre), dtype=np.uint8)).permute(2, 0, 1)
     if isinstance(img, torch.Tensor):
         t = img.detach().cpu()
         if t.dtype.is_floating_point:

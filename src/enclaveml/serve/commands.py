@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from .placement import NCHW_COPY_MAX_BYTES
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -26,7 +28,7 @@ def register(app: typer.Typer) -> None:
                                     help="where larger passes run their BackNet: auto (every pass in the enclave when "
                                          "the BackNet device is a CPU and --backnet-small is not host; else the "
                                          "host), host (the paper's split: the host runs it), enclave (every pass)"),
-        backnet_copy_mib: float = typer.Option(16.0, "--backnet-copy-mib",
+        backnet_copy_mib: float = typer.Option(NCHW_COPY_MAX_BYTES / (1 << 20), "--backnet-copy-mib",
                                                help="largest BackNet (MiB of weights) of which the enclave keeps a "
                                                     "second, NCHW copy for passes over 4 images (faster there; 0: "
                                                     "never, for a small EPC)"),
