@@ -351,3 +351,26 @@ def test_hostile_jpegs_in_a_batch_fail_alone_and_quickly(world):
     msg, opener = _request(svc, good)
     (again,) = svc.front_batch(REF, [msg], 1 << 20)
     assert opener(again.sealed)
+
+
+def test_a_replayed_hostile_image_is_refused_before_it_is_parsed_again(world, monkeypatch):
+    """A host that resends a request holding a costly image (to make the enclave parse it again
+    and again) gets `ReplayedMessage` from the replay guard, before the image's bytes are looked at."""
+    from enclaveml.data import preprocess as P
+
+    svc, *_, png = world
+    prog = io.BytesIO()
+    Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(prog, "JPEG", quality=90, progressive=True)
+    ref = ModelRef.parse(REF)
+    target = Target(ref, ModelPin(ref.owner))
+    body, ctx, aad = protocol.seal_infer(svc.public_key(), target,
+                                         frame_fresh(protocol.encode_payload([prog.getvalue(), png], 1)))
+    walked = []
+    real = P._structure
+    monkeypatch.setattr(P, "_structure", lambda raw, name: walked.append(1) or real(raw, name))
+    (first,) = svc.front_batch(REF, [body], 1 << 20)
+    assert ctx.open_response(first.sealed, aad) and len(walked) == 2
+    for _ in range(3):
+        (again,) = svc.front_batch(REF, [body], 1 << 20)
+        assert isinstance(again, ReplayedMessage)
+    assert len(walked) == 2  # no image of the replays was parsed
